@@ -1,0 +1,19 @@
+//! Shared types of the ticketing example (seed 001's flow, in natty).
+
+use serde::{Deserialize, Serialize};
+
+/// Published on `tickets.created` when a ticket goes on sale.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TicketCreated {
+    /// Unique ticket id.
+    pub id: String,
+    /// What the ticket is for.
+    pub title: String,
+    /// Price in cents.
+    pub price: u32,
+    /// Version of the ticket, incremented on each change (seed 001's guard against reordering).
+    pub version: u64,
+}
+
+/// The subject tickets are announced on.
+pub const TICKET_CREATED: &str = "tickets.created";

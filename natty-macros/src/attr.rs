@@ -1,0 +1,185 @@
+//! Shared attribute parsing: duplicate-aware key slots, an error collector, and the
+//! compile-time validators for subjects, durable names and durations.
+
+use proc_macro2::{Span, TokenStream};
+use quote::ToTokens;
+use syn::meta::ParseNestedMeta;
+use syn::{Expr, ExprArray, ExprLit, Lit, LitInt, LitStr};
+
+/// Collects every error instead of stopping at the first, like serde_derive's `Ctxt`.
+#[derive(Default)]
+pub struct Errors(Option<syn::Error>);
+
+impl Errors {
+    pub fn push(&mut self, error: syn::Error) {
+        match &mut self.0 {
+            Some(existing) => existing.combine(error),
+            None => self.0 = Some(error),
+        }
+    }
+
+    pub fn spanned(&mut self, tokens: impl ToTokens, message: impl std::fmt::Display) {
+        self.push(syn::Error::new_spanned(tokens, message));
+    }
+
+    pub fn into_result(self) -> Result<(), syn::Error> {
+        match self.0 {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A key that may be given once; the second time is an error at the second key.
+pub struct Slot<T> {
+    name: &'static str,
+    value: Option<(T, Span)>,
+}
+
+impl<T> Slot<T> {
+    pub fn new(name: &'static str) -> Self {
+        Slot { name, value: None }
+    }
+
+    pub fn set(&mut self, meta: &ParseNestedMeta, value: T) -> syn::Result<()> {
+        if self.value.is_some() {
+            return Err(meta.error(format!("`{}` set multiple times", self.name)));
+        }
+        self.value = Some((value, meta.path.span_of()));
+        Ok(())
+    }
+
+    pub fn get(&self) -> Option<&T> {
+        self.value.as_ref().map(|(value, _)| value)
+    }
+
+    pub fn take(self) -> Option<T> {
+        self.value.map(|(value, _)| value)
+    }
+}
+
+trait SpanOf {
+    fn span_of(&self) -> Span;
+}
+
+impl SpanOf for syn::Path {
+    fn span_of(&self) -> Span {
+        syn::spanned::Spanned::span(self)
+    }
+}
+
+/// The error for a key the macro does not know, listing the ones it does.
+pub fn unknown_key(meta: &ParseNestedMeta, macro_name: &str, valid: &[&str]) -> syn::Error {
+    let key = meta.path.to_token_stream().to_string().replace(' ', "");
+    let list = valid
+        .iter()
+        .map(|key| format!("`{key}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    meta.error(format!("unknown `{macro_name}` key `{key}`; valid keys are {list}"))
+}
+
+pub fn lit_str(meta: &ParseNestedMeta) -> syn::Result<LitStr> {
+    meta.value()?.parse::<LitStr>()
+}
+
+pub fn lit_int<T>(meta: &ParseNestedMeta) -> syn::Result<(T, LitInt)>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    let lit = meta.value()?.parse::<LitInt>()?;
+    let value = lit.base10_parse::<T>()?;
+    Ok((value, lit))
+}
+
+/// A string, or a list of strings: `subject = "a.b"` or `subject = ["a.b", "c.>"]`.
+pub fn str_or_list(meta: &ParseNestedMeta) -> syn::Result<Vec<LitStr>> {
+    let expr: Expr = meta.value()?.parse()?;
+    match expr {
+        Expr::Lit(ExprLit { lit: Lit::Str(lit), .. }) => Ok(vec![lit]),
+        Expr::Array(ExprArray { elems, .. }) => elems
+            .into_iter()
+            .map(|elem| match elem {
+                Expr::Lit(ExprLit { lit: Lit::Str(lit), .. }) => Ok(lit),
+                other => Err(syn::Error::new_spanned(other, "expected a string literal")),
+            })
+            .collect(),
+        other => Err(syn::Error::new_spanned(
+            other,
+            "expected a string or a list of strings, e.g. `[\"orders.>\"]`",
+        )),
+    }
+}
+
+/// Parses a duration literal such as `"30s"`, `"15m"` or `"1h 30m"`, into nanoseconds.
+pub fn duration(lit: &LitStr) -> syn::Result<u64> {
+    let text = lit.value();
+    let parsed = humantime::parse_duration(&text).map_err(|error| {
+        syn::Error::new(
+            lit.span(),
+            format!("invalid duration `{text}`: {error}; write e.g. \"500ms\", \"30s\", \"15m\", \"2h\", \"30d\""),
+        )
+    })?;
+    u64::try_from(parsed.as_nanos()).map_err(|_| syn::Error::new(lit.span(), format!("duration `{text}` is too long")))
+}
+
+/// Emits a `core::time::Duration` constant expression.
+pub fn duration_tokens(nanos: u64) -> TokenStream {
+    quote::quote!(::core::time::Duration::from_nanos(#nanos))
+}
+
+/// Checks a subject (or filter subject) the way nats-server does: non-empty tokens separated
+/// by `.`, no whitespace, `*` only as a whole token, `>` only as the whole last token.
+pub fn check_subject(lit: &LitStr) -> syn::Result<()> {
+    let subject = lit.value();
+    let fail = |why: &str| {
+        Err(syn::Error::new(
+            lit.span(),
+            format!("invalid subject `{subject}`: {why}"),
+        ))
+    };
+    if subject.is_empty() {
+        return fail("it is empty");
+    }
+    if subject.chars().any(char::is_whitespace) {
+        return fail("subjects cannot contain whitespace");
+    }
+    let tokens: Vec<&str> = subject.split('.').collect();
+    for (index, token) in tokens.iter().enumerate() {
+        if token.is_empty() {
+            return fail("it has an empty token (a leading, trailing or double `.`)");
+        }
+        if token.len() > 1 && (token.contains('*') || token.contains('>')) {
+            return fail("wildcards `*` and `>` must be whole tokens");
+        }
+        if *token == ">" && index + 1 != tokens.len() {
+            return fail("`>` may only be the last token");
+        }
+    }
+    Ok(())
+}
+
+/// Checks a durable consumer or stream name: nats-server refuses `.`, `*`, `>`, path
+/// separators and whitespace in names because they become subject tokens and file names.
+pub fn check_name(lit: &LitStr, what: &str) -> syn::Result<()> {
+    let name = lit.value();
+    let fail = |why: String| Err(syn::Error::new(lit.span(), format!("invalid {what} `{name}`: {why}")));
+    if name.is_empty() {
+        return fail("it is empty".into());
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| matches!(c, '.' | '*' | '>' | '/' | '\\') || c.is_whitespace() || c.is_control())
+    {
+        return fail(format!(
+            "{what}s cannot contain {}",
+            if bad.is_whitespace() {
+                "whitespace".to_string()
+            } else {
+                format!("`{bad}`")
+            }
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,43 @@
+//! Attribute macros for [natty](https://docs.rs/natty-runtime).
+//!
+//! Depend on `natty-runtime`, not on this crate: it re-exports every macro here and provides
+//! the types the generated code refers to. Each macro checks what it can at compile time
+//! (subjects, durable names, durations, the handler's signature) and points its error at the
+//! token at fault; on error it still emits the user's item so IDEs keep working.
+
+use proc_macro::TokenStream;
+
+mod attr;
+mod consumer;
+mod stream;
+
+/// Declares a durable JetStream pull consumer whose messages are handled by this `async fn`.
+///
+/// ```ignore
+/// #[consumer(stream = "orders", durable = "billing", subject = "orders.created", concurrency = 16)]
+/// async fn bill(order: OrderCreated, ctx: Context) -> anyhow::Result<()> { Ok(()) }
+/// ```
+///
+/// Keys: `stream` and `durable` (required), `subject` (a string or a list of filter subjects),
+/// `ack_wait`, `max_deliver`, `max_ack_pending`, `concurrency`, `prefetch`.
+/// Arguments: at most one payload (any `serde::Deserialize` type, JSON) and a `Context`.
+/// `Ok` or `()` acks; an error naks so the message is redelivered.
+#[proc_macro_attribute]
+pub fn consumer(args: TokenStream, item: TokenStream) -> TokenStream {
+    consumer::expand(args.into(), item.into()).into()
+}
+
+/// Declares a JetStream stream that `natty_runtime::run()` provisions (or verifies).
+///
+/// ```ignore
+/// #[stream(name = "orders", subjects = ["orders.>"], max_age = "30d", duplicate_window = "2m")]
+/// struct Orders;
+/// ```
+///
+/// Keys: `name` and `subjects` (required), `retention` (`"limits"`, `"interest"`, `"workqueue"`),
+/// `max_age`, `max_bytes`, `max_messages`, `storage` (`"file"`, `"memory"`), `replicas`,
+/// `duplicate_window`, `description`.
+#[proc_macro_attribute]
+pub fn stream(args: TokenStream, item: TokenStream) -> TokenStream {
+    stream::expand(args.into(), item.into()).into()
+}

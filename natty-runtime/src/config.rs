@@ -1,0 +1,316 @@
+//! Configuration: read from the environment, overridable through [`crate::Runtime::builder`].
+//!
+//! | variable | meaning | default |
+//! | --- | --- | --- |
+//! | `NATS_URL` | server URL(s), comma-separated | unset: start a development server |
+//! | `NATS_USER`, `NATS_PASSWORD` | user/password auth | |
+//! | `NATS_TOKEN` | token auth | |
+//! | `NATS_NKEY` | nkey seed (`SU...`) | |
+//! | `NATS_CREDS` | path of a `.creds` file (JWT + nkey) | |
+//! | `NATS_CA` | PEM file of CA certificates to trust (enables TLS) | |
+//! | `NATS_CERT`, `NATS_KEY` | client certificate and key, PEM (mutual TLS) | |
+//! | `NATS_TLS_REQUIRED` | `true` to refuse a plain-text connection | `false` |
+//! | `NATTY_NAME` | connection name shown by the server | the binary's name |
+//! | `NATTY_PROVISION` | `create-or-update`, `verify-only` or `off` | `create-or-update` |
+//! | `NATTY_DRAIN_TIMEOUT` | how long in-flight handlers may run after a shutdown signal | `30s` |
+//! | `NATTY_CONNECT_TIMEOUT` | how long one connection attempt may take | `5s` |
+//! | `NATTY_DEV_PORT` | port of the development server | `4222` |
+//! | `NATTY_DEV_DIR` | data folder of the development server | `.natty/dev` |
+//! | `NATTY_NATS_SERVER` | path of the `nats-server` binary for the development server | searched |
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// How `run()` treats declared streams and consumers at startup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Provision {
+    /// Create what is missing and update what differs; a refused change is an error.
+    #[default]
+    CreateOrUpdate,
+    /// Change nothing; a missing or different stream or consumer is an error.
+    VerifyOnly,
+    /// Neither create nor check; consumers must already exist.
+    Off,
+}
+
+impl Provision {
+    /// The name used in `NATTY_PROVISION` and in messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provision::CreateOrUpdate => "create-or-update",
+            Provision::VerifyOnly => "verify-only",
+            Provision::Off => "off",
+        }
+    }
+}
+
+impl std::str::FromStr for Provision {
+    type Err = String;
+
+    fn from_str(text: &str) -> std::result::Result<Self, String> {
+        match text.trim().to_ascii_lowercase().replace('_', "-").as_str() {
+            "create-or-update" | "create" | "update" => Ok(Provision::CreateOrUpdate),
+            "verify-only" | "verify" => Ok(Provision::VerifyOnly),
+            "off" | "none" => Ok(Provision::Off),
+            _ => Err("expected create-or-update, verify-only or off".into()),
+        }
+    }
+}
+
+/// How to authenticate to the server. At most one method is used.
+#[derive(Clone, Default)]
+pub enum Auth {
+    /// No credentials.
+    #[default]
+    None,
+    /// `user` and `password`.
+    UserPassword {
+        /// The user name.
+        user: String,
+        /// The password.
+        password: String,
+    },
+    /// A token.
+    Token(String),
+    /// An nkey seed; the client signs the server's nonce with it.
+    NKey(String),
+    /// A `.creds` file holding a user JWT and its nkey seed.
+    CredsFile(PathBuf),
+}
+
+impl std::fmt::Debug for Auth {
+    // Secrets never reach logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Auth::None => write!(f, "none"),
+            Auth::UserPassword { user, .. } => write!(f, "user {user:?} with password"),
+            Auth::Token(_) => write!(f, "token"),
+            Auth::NKey(_) => write!(f, "nkey"),
+            Auth::CredsFile(path) => write!(f, "creds file {}", path.display()),
+        }
+    }
+}
+
+/// TLS settings. Setting any file turns TLS on.
+#[derive(Debug, Clone, Default)]
+pub struct Tls {
+    /// PEM file with the CA certificates to trust.
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate, for mutual TLS.
+    pub cert: Option<PathBuf>,
+    /// PEM client key, for mutual TLS.
+    pub key: Option<PathBuf>,
+    /// Refuse to connect without TLS.
+    pub required: bool,
+}
+
+/// Every setting the runtime reads. Build with [`Config::from_env`] or
+/// [`crate::Runtime::builder`], which starts from the environment.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Server URL(s); `None` starts the development server.
+    pub url: Option<String>,
+    /// Authentication.
+    pub auth: Auth,
+    /// TLS.
+    pub tls: Tls,
+    /// The connection name shown by the server.
+    pub name: String,
+    /// Provisioning mode.
+    pub provision: Provision,
+    /// How long in-flight handlers may run after a shutdown signal before their messages are naked.
+    pub drain_timeout: Duration,
+    /// Timeout of one connection attempt.
+    pub connect_timeout: Duration,
+    /// Port of the development server.
+    pub dev_port: u16,
+    /// Data folder of the development server.
+    pub dev_dir: PathBuf,
+    /// Explicit path of the `nats-server` binary.
+    pub nats_server: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            url: None,
+            auth: Auth::None,
+            tls: Tls::default(),
+            name: std::env::current_exe()
+                .ok()
+                .and_then(|exe| exe.file_stem().map(|stem| stem.to_string_lossy().into_owned()))
+                .unwrap_or_else(|| "natty".into()),
+            provision: Provision::CreateOrUpdate,
+            drain_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            dev_port: 4222,
+            dev_dir: PathBuf::from(".natty/dev"),
+            nats_server: None,
+        }
+    }
+}
+
+impl Config {
+    /// Reads every variable in the table above.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] naming the variable whose value cannot be used, or when more than
+    /// one authentication method is set.
+    pub fn from_env() -> Result<Config> {
+        Config::from_lookup(|key| std::env::var(key).ok().filter(|value| !value.is_empty()))
+    }
+
+    /// Like [`Config::from_env`], reading through `lookup` (for tests and embedding).
+    ///
+    /// # Errors
+    ///
+    /// As [`Config::from_env`].
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config> {
+        let mut config = Config {
+            url: lookup("NATS_URL"),
+            ..Config::default()
+        };
+
+        let mut methods = Vec::new();
+        match (lookup("NATS_USER"), lookup("NATS_PASSWORD")) {
+            (Some(user), Some(password)) => methods.push(("NATS_USER", Auth::UserPassword { user, password })),
+            (Some(_), None) => {
+                return Err(Error::config(
+                    "NATS_PASSWORD",
+                    "",
+                    "NATS_USER is set but NATS_PASSWORD is not",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(Error::config(
+                    "NATS_USER",
+                    "",
+                    "NATS_PASSWORD is set but NATS_USER is not",
+                ))
+            }
+            (None, None) => {}
+        }
+        if let Some(token) = lookup("NATS_TOKEN") {
+            methods.push(("NATS_TOKEN", Auth::Token(token)));
+        }
+        if let Some(seed) = lookup("NATS_NKEY") {
+            methods.push(("NATS_NKEY", Auth::NKey(seed)));
+        }
+        if let Some(path) = lookup("NATS_CREDS") {
+            methods.push(("NATS_CREDS", Auth::CredsFile(path.into())));
+        }
+        if methods.len() > 1 {
+            let names: Vec<_> = methods.iter().map(|(name, _)| *name).collect();
+            return Err(Error::config(
+                names.join(" and "),
+                "",
+                "set at most one authentication method",
+            ));
+        }
+        if let Some((_, auth)) = methods.pop() {
+            config.auth = auth;
+        }
+
+        config.tls = Tls {
+            ca: lookup("NATS_CA").map(PathBuf::from),
+            cert: lookup("NATS_CERT").map(PathBuf::from),
+            key: lookup("NATS_KEY").map(PathBuf::from),
+            required: match lookup("NATS_TLS_REQUIRED") {
+                Some(value) => parse_bool("NATS_TLS_REQUIRED", &value)?,
+                None => false,
+            },
+        };
+        if config.tls.cert.is_some() != config.tls.key.is_some() {
+            return Err(Error::config(
+                "NATS_CERT/NATS_KEY",
+                "",
+                "a client certificate needs both NATS_CERT and NATS_KEY",
+            ));
+        }
+
+        if let Some(name) = lookup("NATTY_NAME") {
+            config.name = name;
+        }
+        if let Some(mode) = lookup("NATTY_PROVISION") {
+            config.provision = mode
+                .parse()
+                .map_err(|reason: String| Error::config("NATTY_PROVISION", &mode, reason))?;
+        }
+        if let Some(value) = lookup("NATTY_DRAIN_TIMEOUT") {
+            config.drain_timeout = parse_duration("NATTY_DRAIN_TIMEOUT", &value)?;
+        }
+        if let Some(value) = lookup("NATTY_CONNECT_TIMEOUT") {
+            config.connect_timeout = parse_duration("NATTY_CONNECT_TIMEOUT", &value)?;
+        }
+        if let Some(value) = lookup("NATTY_DEV_PORT") {
+            config.dev_port = value
+                .parse()
+                .map_err(|_| Error::config("NATTY_DEV_PORT", &value, "expected a port number"))?;
+        }
+        if let Some(value) = lookup("NATTY_DEV_DIR") {
+            config.dev_dir = value.into();
+        }
+        config.nats_server = lookup("NATTY_NATS_SERVER").map(PathBuf::from);
+        Ok(config)
+    }
+}
+
+/// Parses `"30s"`, `"500ms"`, `"2m"`; the error names the setting.
+pub(crate) fn parse_duration(setting: &str, value: &str) -> Result<Duration> {
+    humantime::parse_duration(value.trim()).map_err(|error| {
+        Error::config(
+            setting,
+            value,
+            format!("{error}; write e.g. \"500ms\", \"30s\", \"2m\""),
+        )
+    })
+}
+
+fn parse_bool(setting: &str, value: &str) -> Result<bool> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(Error::config(setting, value, "expected true or false")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn from(pairs: &[(&str, &str)]) -> Result<Config> {
+        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Config::from_lookup(|key| map.get(key).cloned())
+    }
+
+    #[test]
+    fn reads_settings_and_names_the_bad_one() {
+        let config = from(&[
+            ("NATS_URL", "nats://a:4222"),
+            ("NATS_TOKEN", "s3cret"),
+            ("NATTY_PROVISION", "verify-only"),
+            ("NATTY_DRAIN_TIMEOUT", "2s"),
+        ])
+        .unwrap();
+        assert_eq!(config.url.as_deref(), Some("nats://a:4222"));
+        assert!(matches!(config.auth, Auth::Token(ref t) if t == "s3cret"));
+        assert_eq!(config.provision, Provision::VerifyOnly);
+        assert_eq!(config.drain_timeout, Duration::from_secs(2));
+        assert!(!format!("{:?}", config.auth).contains("s3cret"));
+
+        let error = from(&[("NATTY_DRAIN_TIMEOUT", "soon")]).unwrap_err().to_string();
+        assert!(error.contains("NATTY_DRAIN_TIMEOUT"), "{error}");
+        let error = from(&[("NATTY_PROVISION", "sometimes")]).unwrap_err().to_string();
+        assert!(error.contains("NATTY_PROVISION"), "{error}");
+        let error = from(&[("NATS_TOKEN", "a"), ("NATS_NKEY", "b")])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("at most one"), "{error}");
+        let error = from(&[("NATS_USER", "a")]).unwrap_err().to_string();
+        assert!(error.contains("NATS_PASSWORD"), "{error}");
+    }
+}

@@ -1,0 +1,166 @@
+//! The runtime's error type: each variant says what failed, where, and what to do about it.
+
+use std::fmt;
+
+/// A boxed error from a lower layer (async-nats, I/O, serde).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// `Result` with natty's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can stop a natty service from starting or running.
+///
+/// `Debug` prints the same text as `Display` plus the chain of causes, so that
+/// `fn main() -> natty_runtime::Result<()>` exits with a readable message.
+#[derive(thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An environment variable or builder setting has a value natty cannot use.
+    #[error("invalid configuration: {setting} = {value:?}: {reason}")]
+    Config {
+        /// The environment variable or setting at fault.
+        setting: String,
+        /// The value given.
+        value: String,
+        /// Why it was refused.
+        reason: String,
+    },
+
+    /// Could not connect to the NATS server(s).
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Connect {
+        /// The server URL(s) tried.
+        url: String,
+        /// What the client reported.
+        #[source]
+        source: BoxError,
+    },
+
+    /// The local development server could not be started.
+    #[error("cannot start the development nats-server: {reason}")]
+    DevServer {
+        /// What went wrong and how to fix it.
+        reason: String,
+    },
+
+    /// Nothing was registered, so the service would sit idle.
+    #[error(
+        "nothing to run: no #[consumer] or other handler is registered in this binary. \
+         Likely causes: the handlers live in a module or crate that is never linked \
+         (reference it from main, e.g. `use my_handlers as _;`), or this binary is not the one that declares them"
+    )]
+    NothingRegistered,
+
+    /// A JetStream API request failed while provisioning or checking a stream.
+    #[error("stream `{stream}`: {action} failed: {source}")]
+    Stream {
+        /// The stream's name.
+        stream: String,
+        /// What was attempted.
+        action: &'static str,
+        /// The server's or client's error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// A stream that a consumer needs does not exist and natty may not create it.
+    #[error("stream `{stream}` does not exist{hint}")]
+    StreamNotFound {
+        /// The stream's name.
+        stream: String,
+        /// What to do about it.
+        hint: String,
+    },
+
+    /// The server's stream differs from the declaration (verify-only mode), or refused to
+    /// change a setting (create-or-update mode).
+    #[error("stream `{stream}`: declared {field} = {declared}, but the server has {actual}{hint}")]
+    StreamDrift {
+        /// The stream's name.
+        stream: String,
+        /// The first differing setting.
+        field: &'static str,
+        /// The declared value.
+        declared: String,
+        /// The server's value.
+        actual: String,
+        /// Context: the server's refusal, or the provisioning mode.
+        hint: String,
+    },
+
+    /// A JetStream API request failed while provisioning or binding a consumer.
+    #[error("consumer `{consumer}` on stream `{stream}`: {action} failed: {source}")]
+    Consumer {
+        /// The stream's name.
+        stream: String,
+        /// The durable name.
+        consumer: String,
+        /// What was attempted.
+        action: &'static str,
+        /// The server's or client's error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// A declared consumer does not exist and natty may not create it.
+    #[error("consumer `{consumer}` on stream `{stream}` does not exist (provisioning is {mode}); create it or set NATTY_PROVISION=create-or-update")]
+    ConsumerNotFound {
+        /// The stream's name.
+        stream: String,
+        /// The durable name.
+        consumer: String,
+        /// The provisioning mode in force.
+        mode: &'static str,
+    },
+
+    /// Two handlers declare the same durable consumer with different settings.
+    #[error("{what} is declared twice: at {first} and at {second}")]
+    Duplicate {
+        /// What is declared twice.
+        what: String,
+        /// Where the first declaration is.
+        first: String,
+        /// Where the second one is.
+        second: String,
+    },
+
+    /// Publishing failed.
+    #[error(transparent)]
+    Publish(#[from] crate::publish::PublishError),
+
+    /// An I/O error outside the NATS connection (signals, files).
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")?;
+        let mut source = std::error::Error::source(self);
+        // The top-level Display already embeds the first source; list deeper causes only.
+        if let Some(first) = source {
+            source = first.source();
+        }
+        while let Some(cause) = source {
+            write!(f, "\n  caused by: {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}
+
+impl Error {
+    pub(crate) fn config(setting: impl Into<String>, value: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Config {
+            setting: setting.into(),
+            value: value.into(),
+            reason: reason.into(),
+        }
+    }
+}

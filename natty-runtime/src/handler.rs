@@ -1,0 +1,203 @@
+//! What a handler may take and return: the payload (decoded with serde), the [`Context`]
+//! extractor, and the return types that turn into an ack or a nak.
+
+use std::sync::Arc;
+
+use async_nats::{HeaderMap, Subject};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::BoxError;
+use crate::publish::{Client, PublishAck, PublishError};
+
+/// What a consumer shares with every delivery it hands out.
+pub(crate) struct ConsumerShared {
+    pub(crate) stream: &'static str,
+    pub(crate) durable: &'static str,
+    pub(crate) client: Client,
+}
+
+/// One message as handed to a handler's generated adapter. Not constructed by users.
+#[doc(hidden)]
+pub struct Delivery {
+    pub(crate) subject: Subject,
+    pub(crate) payload: bytes::Bytes,
+    pub(crate) headers: Option<HeaderMap>,
+    pub(crate) stream_sequence: u64,
+    pub(crate) delivery_count: u64,
+    pub(crate) shared: Arc<ConsumerShared>,
+}
+
+/// Message metadata and a publish handle, available to any handler that takes it.
+///
+/// # Examples
+///
+/// ```ignore
+/// #[consumer(stream = "orders", durable = "audit")]
+/// async fn audit(order: Order, ctx: Context) -> anyhow::Result<()> {
+///     tracing::info!(seq = ctx.stream_sequence(), attempt = ctx.delivery_count(), "auditing");
+///     ctx.publish("audit.done", &order.id).await?;
+///     Ok(())
+/// }
+/// ```
+#[derive(Clone)]
+pub struct Context {
+    subject: Subject,
+    headers: Option<HeaderMap>,
+    stream_sequence: u64,
+    delivery_count: u64,
+    shared: Arc<ConsumerShared>,
+}
+
+impl Context {
+    /// The subject the message was published to.
+    pub fn subject(&self) -> &str {
+        &self.subject
+    }
+
+    /// The message's headers, if it has any.
+    pub fn headers(&self) -> Option<&HeaderMap> {
+        self.headers.as_ref()
+    }
+
+    /// The message's sequence number in its stream: unique and stable across redeliveries.
+    pub fn stream_sequence(&self) -> u64 {
+        self.stream_sequence
+    }
+
+    /// 1 on the first delivery, 2 on the first redelivery, and so on.
+    pub fn delivery_count(&self) -> u64 {
+        self.delivery_count
+    }
+
+    /// The stream the message came from.
+    pub fn stream(&self) -> &str {
+        self.shared.stream
+    }
+
+    /// The durable consumer that delivered it.
+    pub fn consumer(&self) -> &str {
+        self.shared.durable
+    }
+
+    /// The connected client, for publishing or anything else.
+    pub fn client(&self) -> &Client {
+        &self.shared.client
+    }
+
+    /// Publishes `value` as JSON to `subject` and waits for the stream's ack.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::publish`].
+    pub async fn publish<T: Serialize + ?Sized>(
+        &self,
+        subject: impl Into<String>,
+        value: &T,
+    ) -> Result<PublishAck, PublishError> {
+        self.shared.client.publish(subject, value).await
+    }
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("stream", &self.shared.stream)
+            .field("consumer", &self.shared.durable)
+            .field("subject", &self.subject)
+            .field("stream_sequence", &self.stream_sequence)
+            .field("delivery_count", &self.delivery_count)
+            .finish()
+    }
+}
+
+/// A handler argument built from the delivery rather than decoded from the payload.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be a handler argument",
+    label = "the runtime cannot provide this",
+    note = "a handler takes one payload (a serde::Deserialize type) and optionally `natty_runtime::Context`"
+)]
+pub trait FromDelivery: Sized {
+    /// Builds the argument.
+    fn from_delivery(delivery: &Delivery) -> Self;
+}
+
+impl FromDelivery for Context {
+    fn from_delivery(delivery: &Delivery) -> Self {
+        Context {
+            subject: delivery.subject.clone(),
+            headers: delivery.headers.clone(),
+            stream_sequence: delivery.stream_sequence,
+            delivery_count: delivery.delivery_count,
+            shared: delivery.shared.clone(),
+        }
+    }
+}
+
+/// A payload that could not be decoded: the message is terminated, never retried.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot decode the payload as {type_name} (JSON): {source}")]
+pub struct DecodeError {
+    /// The Rust type the handler expected.
+    pub type_name: &'static str,
+    /// What serde reported.
+    #[source]
+    pub source: serde_json::Error,
+}
+
+/// A type a consumer can take as its payload.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be a consumer payload",
+    label = "not decodable",
+    note = "derive `serde::Deserialize` for it (JSON is the wire format), or take `natty_runtime::Context` for metadata"
+)]
+pub trait ConsumerPayload: DeserializeOwned + Send + 'static {}
+
+impl<T: DeserializeOwned + Send + 'static> ConsumerPayload for T {}
+
+/// Decodes the payload for a generated adapter.
+#[doc(hidden)]
+pub fn decode_payload<T: ConsumerPayload>(delivery: &Delivery) -> Result<T, DecodeError> {
+    serde_json::from_slice(&delivery.payload).map_err(|source| DecodeError {
+        type_name: std::any::type_name::<T>(),
+        source,
+    })
+}
+
+/// How a delivery ended, as the runtime settles it with the server.
+#[doc(hidden)]
+#[derive(Debug)]
+pub enum Outcome {
+    /// Handled: ack.
+    Ack,
+    /// The handler failed: nak, so the message is redelivered.
+    Failed(BoxError),
+    /// The payload cannot be decoded: terminate, it would fail forever.
+    Undecodable(DecodeError),
+}
+
+/// A handler's return type: `()` or `Ok` acks, `Err` naks for redelivery.
+#[diagnostic::on_unimplemented(
+    message = "a consumer handler cannot return `{Self}`",
+    label = "return `()` or `Result<(), E>`",
+    note = "`Ok(())` acks the message; an `Err` (any std error or anyhow::Error) naks it for redelivery"
+)]
+pub trait IntoOutcome {
+    /// Converts the return value.
+    fn into_outcome(self) -> Outcome;
+}
+
+impl IntoOutcome for () {
+    fn into_outcome(self) -> Outcome {
+        Outcome::Ack
+    }
+}
+
+impl<E: Into<BoxError>> IntoOutcome for Result<(), E> {
+    fn into_outcome(self) -> Outcome {
+        match self {
+            Ok(()) => Outcome::Ack,
+            Err(error) => Outcome::Failed(error.into()),
+        }
+    }
+}

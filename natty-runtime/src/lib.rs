@@ -1,0 +1,96 @@
+//! natty: write NATS JetStream services by annotating plain async functions.
+//!
+//! ```ignore
+//! use natty_runtime::prelude::*;
+//!
+//! #[stream(name = "tickets", subjects = ["tickets.>"])]
+//! struct Tickets;
+//!
+//! #[derive(serde::Deserialize)]
+//! struct TicketCreated { id: String, title: String, price: u32 }
+//!
+//! #[consumer(stream = "tickets", durable = "orders", subject = "tickets.created", concurrency = 8)]
+//! async fn on_ticket(ticket: TicketCreated, ctx: Context) -> anyhow::Result<()> {
+//!     tracing::info!(id = %ticket.id, seq = ctx.stream_sequence(), "ticket created");
+//!     Ok(())
+//! }
+//!
+//! #[tokio::main]
+//! async fn main() -> natty_runtime::Result<()> {
+//!     natty_runtime::run().await
+//! }
+//! ```
+//!
+//! [`run`] reads its settings from the environment (see [`config`]), connects (or starts a
+//! development server when `NATS_URL` is unset), provisions the declared streams and durable
+//! consumers, runs every handler, and drains on SIGINT/SIGTERM: it stops pulling, lets
+//! in-flight handlers finish within the drain timeout, naks what did not, flushes, and returns.
+//!
+//! Delivery is at-least-once: a message is acked only after its handler returned `Ok`; an
+//! error naks it for redelivery; a payload that cannot be decoded is terminated and logged.
+
+pub mod config;
+mod connect;
+pub mod consumer;
+mod dev_server;
+mod error;
+mod handler;
+pub mod publish;
+mod runtime;
+pub mod stream;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use config::{Auth, Config, Provision, Tls};
+pub use consumer::ConsumerDef;
+pub use dev_server::find_nats_server;
+pub use error::{BoxError, Error, Result};
+pub use handler::{ConsumerPayload, Context, DecodeError, FromDelivery, IntoOutcome};
+pub use natty_macros::{consumer, stream};
+pub use publish::{Client, PublishAck, PublishError};
+pub use runtime::{connect, Connection, Runtime, RuntimeBuilder};
+pub use stream::{Location, StreamDef};
+
+/// Re-exports of async-nats, for settings natty passes through.
+pub use async_nats;
+
+/// What a service needs in scope: the macros, [`Context`] and [`Client`].
+pub mod prelude {
+    pub use crate::{consumer, stream, Client, Context};
+}
+
+/// Runs every registered handler with settings from the environment, until SIGINT or SIGTERM.
+///
+/// Sets up logging (`RUST_LOG`, default `info`) unless the program installed its own
+/// `tracing` subscriber.
+///
+/// # Errors
+///
+/// See [`Runtime::run`].
+pub async fn run() -> Result<()> {
+    init_logging();
+    Runtime::builder().build()?.run().await
+}
+
+/// Installs a `tracing` subscriber that prints to stderr, filtered by `RUST_LOG`
+/// (default `info`); does nothing if one is already installed.
+pub fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Used by the code the macros generate. Not part of the API.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::consumer::{ConsumerDef, HandlerFn};
+    pub use crate::handler::{decode_payload, Delivery, FromDelivery, IntoOutcome, Outcome};
+    pub use crate::stream::{Location, StreamDef};
+    pub use async_nats::jetstream::stream::{RetentionPolicy as Retention, StorageType};
+    pub use futures_util::future::BoxFuture;
+    pub use inventory;
+}

@@ -1,0 +1,358 @@
+//! The runtime: collects what was registered, connects, provisions, runs every handler
+//! supervised, and drains on shutdown.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Auth, Config, Provision};
+use crate::consumer::{Consumer, ConsumerDef};
+use crate::dev_server::DevServer;
+use crate::error::{Error, Result};
+use crate::publish::Client;
+use crate::stream::StreamDef;
+
+/// Builds a [`Runtime`]: the environment's settings, overridden by what is set here, plus
+/// handlers registered by the macros and any added by hand.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo() -> natty_runtime::Result<()> {
+/// use natty_runtime::{Provision, Runtime};
+/// use std::time::Duration;
+/// Runtime::builder()
+///     .url("nats://127.0.0.1:4222")
+///     .provision(Provision::VerifyOnly)
+///     .drain_timeout(Duration::from_secs(10))
+///     .build()?
+///     .run()
+///     .await
+/// # }
+/// ```
+#[derive(Debug, Default)]
+#[must_use]
+pub struct RuntimeBuilder {
+    config: Option<Config>,
+    url: Option<String>,
+    auth: Option<Auth>,
+    tls_ca: Option<PathBuf>,
+    tls_client: Option<(PathBuf, PathBuf)>,
+    name: Option<String>,
+    provision: Option<Provision>,
+    drain_timeout: Option<Duration>,
+    connect_timeout: Option<Duration>,
+    registered: bool,
+    streams: Vec<StreamDef>,
+    consumers: Vec<ConsumerDef>,
+}
+
+impl RuntimeBuilder {
+    /// Starts from `config` instead of reading the environment.
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = Some(config);
+        self
+    }
+
+    /// Server URL(s), comma-separated. Overrides `NATS_URL`.
+    pub fn url(mut self, url: impl Into<String>) -> Self {
+        self.url = Some(url.into());
+        self
+    }
+
+    /// Authentication. Overrides the `NATS_*` credentials.
+    pub fn auth(mut self, auth: Auth) -> Self {
+        self.auth = Some(auth);
+        self
+    }
+
+    /// CA certificates to trust (PEM); turns TLS on.
+    pub fn tls_ca(mut self, ca: impl Into<PathBuf>) -> Self {
+        self.tls_ca = Some(ca.into());
+        self
+    }
+
+    /// Client certificate and key (PEM), for mutual TLS.
+    pub fn tls_client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.tls_client = Some((cert.into(), key.into()));
+        self
+    }
+
+    /// The connection name the server shows.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// The provisioning mode. Overrides `NATTY_PROVISION`.
+    pub fn provision(mut self, provision: Provision) -> Self {
+        self.provision = Some(provision);
+        self
+    }
+
+    /// How long in-flight handlers may run after shutdown starts. Overrides `NATTY_DRAIN_TIMEOUT`.
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = Some(timeout);
+        self
+    }
+
+    /// Timeout of one connection attempt. Overrides `NATTY_CONNECT_TIMEOUT`.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = Some(timeout);
+        self
+    }
+
+    /// Leaves out what the macros registered: only handlers added by hand run.
+    pub fn without_registered(mut self) -> Self {
+        self.registered = false;
+        self
+    }
+
+    /// Declares a stream by hand.
+    pub fn stream(mut self, stream: StreamDef) -> Self {
+        self.streams.push(stream);
+        self
+    }
+
+    /// Adds a consumer by hand.
+    pub fn consumer(mut self, consumer: ConsumerDef) -> Self {
+        self.consumers.push(consumer);
+        self
+    }
+
+    /// Reads the environment (unless a config was given) and applies the overrides.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for an environment variable natty cannot use.
+    pub fn build(self) -> Result<Runtime> {
+        let mut config = match self.config {
+            Some(config) => config,
+            None => Config::from_env()?,
+        };
+        if let Some(url) = self.url {
+            config.url = Some(url);
+        }
+        if let Some(auth) = self.auth {
+            config.auth = auth;
+        }
+        if let Some(ca) = self.tls_ca {
+            config.tls.ca = Some(ca);
+        }
+        if let Some((cert, key)) = self.tls_client {
+            config.tls.cert = Some(cert);
+            config.tls.key = Some(key);
+        }
+        if let Some(name) = self.name {
+            config.name = name;
+        }
+        if let Some(provision) = self.provision {
+            config.provision = provision;
+        }
+        if let Some(timeout) = self.drain_timeout {
+            config.drain_timeout = timeout;
+        }
+        if let Some(timeout) = self.connect_timeout {
+            config.connect_timeout = timeout;
+        }
+        let mut streams = self.streams;
+        let mut consumers = self.consumers;
+        if self.registered {
+            streams.extend(inventory::iter::<StreamDef>.into_iter().copied());
+            consumers.extend(inventory::iter::<ConsumerDef>.into_iter().copied());
+        }
+        Ok(Runtime {
+            config,
+            streams,
+            consumers,
+        })
+    }
+}
+
+/// A configured service, ready to [`run`](Runtime::run).
+#[derive(Debug)]
+pub struct Runtime {
+    config: Config,
+    streams: Vec<StreamDef>,
+    consumers: Vec<ConsumerDef>,
+}
+
+impl Runtime {
+    /// A builder starting from the environment and the registered handlers.
+    pub fn builder() -> RuntimeBuilder {
+        RuntimeBuilder {
+            registered: true,
+            ..RuntimeBuilder::default()
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Runs until SIGINT or SIGTERM, then drains and returns `Ok(())`.
+    ///
+    /// # Errors
+    ///
+    /// A startup failure: nothing registered, bad configuration, no connection, a stream or
+    /// consumer that cannot be provisioned or verified.
+    pub async fn run(self) -> Result<()> {
+        let signals = shutdown_signal()?;
+        self.run_until(signals).await
+    }
+
+    /// Runs until `shutdown` completes, then drains and returns `Ok(())`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Runtime::run`].
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        if self.consumers.is_empty() {
+            return Err(Error::NothingRegistered);
+        }
+        let streams = dedup_streams(&self.streams)?;
+        check_consumers(&self.consumers)?;
+
+        let (client, _dev) = connect_config(&self.config).await?;
+        let js = client.jetstream();
+        let provision = self.config.provision;
+        for stream in &streams {
+            stream.provision(js, provision).await?;
+        }
+        let mut bound = Vec::with_capacity(self.consumers.len());
+        for def in &self.consumers {
+            let stream_def = streams.iter().find(|s| s.name == def.stream).copied();
+            let consumer = Consumer::new(*def, client.clone(), provision, stream_def);
+            let handle = consumer.bind().await?;
+            bound.push((consumer, handle));
+        }
+        tracing::info!(
+            consumers = bound.len(),
+            streams = streams.len(),
+            provision = provision.as_str(),
+            "natty is running"
+        );
+
+        let cancel = CancellationToken::new();
+        let hard_stop = CancellationToken::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        for (consumer, handle) in bound {
+            tasks.spawn(consumer.run(handle, cancel.clone(), hard_stop.clone()));
+        }
+
+        tokio::pin!(shutdown);
+        tokio::select! {
+            _ = &mut shutdown => {}
+            Some(result) = tasks.join_next() => {
+                // A consumer task only ends on its own when it panicked: that is a bug, stop loudly.
+                tracing::error!(?result, "a consumer task stopped unexpectedly; shutting down");
+            }
+        }
+
+        tracing::info!(drain_timeout = ?self.config.drain_timeout, "shutting down: draining in-flight handlers");
+        cancel.cancel();
+        let drain = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(self.config.drain_timeout, drain).await.is_err() {
+            tracing::warn!("drain timeout reached: naking what is still in flight");
+            hard_stop.cancel();
+            while tasks.join_next().await.is_some() {}
+        }
+        if let Err(error) = client.flush().await {
+            tracing::warn!(%error, "could not flush the connection on shutdown");
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Connects with `config`, starting the development server when no URL is configured.
+async fn connect_config(config: &Config) -> Result<(Client, Option<Arc<DevServer>>)> {
+    let (url, dev) = match &config.url {
+        Some(url) => (url.clone(), None),
+        None => {
+            let dev = DevServer::ensure(config).await?;
+            (dev.url().to_string(), Some(Arc::new(dev)))
+        }
+    };
+    let client = Client::connect_with(config, &url).await?;
+    Ok((client, dev))
+}
+
+/// Connects using the environment's settings (see [`Config`]), for code outside handlers,
+/// such as a publisher's `main`. With no `NATS_URL`, it uses (or starts) the development
+/// server, which lives as long as the returned [`Connection`].
+///
+/// # Errors
+///
+/// [`Error::Config`], [`Error::DevServer`] or [`Error::Connect`].
+pub async fn connect() -> Result<Connection> {
+    let config = Config::from_env()?;
+    let (client, dev) = connect_config(&config).await?;
+    Ok(Connection { client, _dev: dev })
+}
+
+/// A [`Client`] that keeps the development server it started alive. Derefs to [`Client`].
+#[derive(Clone)]
+pub struct Connection {
+    client: Client,
+    _dev: Option<Arc<DevServer>>,
+}
+
+impl std::ops::Deref for Connection {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+fn dedup_streams(streams: &[StreamDef]) -> Result<Vec<StreamDef>> {
+    let mut seen: HashMap<&str, StreamDef> = HashMap::new();
+    for stream in streams {
+        if let Some(first) = seen.get(stream.name) {
+            return Err(Error::Duplicate {
+                what: format!("stream `{}`", stream.name),
+                first: first.location.to_string(),
+                second: stream.location.to_string(),
+            });
+        }
+        seen.insert(stream.name, *stream);
+    }
+    Ok(streams.to_vec())
+}
+
+fn check_consumers(consumers: &[ConsumerDef]) -> Result<()> {
+    let mut seen: HashMap<(&str, &str), &ConsumerDef> = HashMap::new();
+    for consumer in consumers {
+        if let Some(first) = seen.insert((consumer.stream, consumer.durable), consumer) {
+            return Err(Error::Duplicate {
+                what: format!("consumer `{}` on stream `{}`", consumer.durable, consumer.stream),
+                first: first.location.to_string(),
+                second: consumer.location.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+fn shutdown_signal() -> Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let io = |source| Error::Io {
+        what: "cannot install the SIGTERM/SIGINT handler".into(),
+        source,
+    };
+    let mut term = signal(SignalKind::terminate()).map_err(io)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(io)?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("received SIGTERM"),
+            _ = int.recv() => tracing::info!("received SIGINT"),
+        }
+    })
+}

@@ -1,0 +1,308 @@
+//! Streams: the [`StreamDef`] a `#[stream]` registers, and its provisioning
+//! (create-or-update, verify-only, off).
+
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    self,
+    stream::{Config as StreamConfig, RetentionPolicy, StorageType},
+};
+
+use crate::config::Provision;
+use crate::error::{Error, Result};
+
+/// Where a declaration was written, for error messages and `--list`.
+#[derive(Debug, Clone, Copy)]
+pub struct Location {
+    /// Source file.
+    pub file: &'static str,
+    /// Line in that file.
+    pub line: u32,
+    /// Module path.
+    pub module: &'static str,
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.file, self.line)
+    }
+}
+
+impl Location {
+    pub(crate) const UNKNOWN: Location = Location {
+        file: "<built by hand>",
+        line: 0,
+        module: "",
+    };
+}
+
+/// A declared stream. `#[stream(...)]` registers one; [`StreamDef::new`] builds one by hand.
+///
+/// Only the settings given are enforced: the server keeps its value for the rest.
+///
+/// # Examples
+///
+/// ```
+/// use natty_runtime::StreamDef;
+/// use std::time::Duration;
+/// const ORDERS: StreamDef = StreamDef::new("orders", &["orders.>"]).max_age(Duration::from_secs(86_400));
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct StreamDef {
+    pub(crate) name: &'static str,
+    pub(crate) subjects: &'static [&'static str],
+    pub(crate) retention: Option<RetentionPolicy>,
+    pub(crate) storage: Option<StorageType>,
+    pub(crate) max_age: Option<Duration>,
+    pub(crate) max_bytes: Option<i64>,
+    pub(crate) max_messages: Option<i64>,
+    pub(crate) replicas: Option<usize>,
+    pub(crate) duplicate_window: Option<Duration>,
+    pub(crate) description: Option<&'static str>,
+    pub(crate) location: Location,
+}
+
+impl StreamDef {
+    /// A stream named `name` capturing `subjects`.
+    pub const fn new(name: &'static str, subjects: &'static [&'static str]) -> Self {
+        StreamDef {
+            name,
+            subjects,
+            retention: None,
+            storage: None,
+            max_age: None,
+            max_bytes: None,
+            max_messages: None,
+            replicas: None,
+            duplicate_window: None,
+            description: None,
+            location: Location::UNKNOWN,
+        }
+    }
+
+    /// Retention policy: limits, interest or work queue.
+    pub const fn retention(mut self, retention: RetentionPolicy) -> Self {
+        self.retention = Some(retention);
+        self
+    }
+
+    /// File or memory storage.
+    pub const fn storage(mut self, storage: StorageType) -> Self {
+        self.storage = Some(storage);
+        self
+    }
+
+    /// Messages older than this are removed.
+    pub const fn max_age(mut self, max_age: Duration) -> Self {
+        self.max_age = Some(max_age);
+        self
+    }
+
+    /// Size limit of the stream, in bytes.
+    pub const fn max_bytes(mut self, max_bytes: i64) -> Self {
+        self.max_bytes = Some(max_bytes);
+        self
+    }
+
+    /// Message-count limit of the stream.
+    pub const fn max_messages(mut self, max_messages: i64) -> Self {
+        self.max_messages = Some(max_messages);
+        self
+    }
+
+    /// Number of replicas (1, 3 or 5 in practice).
+    pub const fn replicas(mut self, replicas: usize) -> Self {
+        self.replicas = Some(replicas);
+        self
+    }
+
+    /// Window within which a repeated `Nats-Msg-Id` is dropped as a duplicate.
+    pub const fn duplicate_window(mut self, window: Duration) -> Self {
+        self.duplicate_window = Some(window);
+        self
+    }
+
+    /// Human-readable description.
+    pub const fn description(mut self, description: &'static str) -> Self {
+        self.description = Some(description);
+        self
+    }
+
+    /// Records where the declaration was written (the macros set this).
+    pub const fn at(mut self, location: Location) -> Self {
+        self.location = location;
+        self
+    }
+
+    /// The stream's name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The stream's subjects.
+    pub fn subjects(&self) -> &'static [&'static str] {
+        self.subjects
+    }
+
+    /// Where it was declared.
+    pub fn location(&self) -> Location {
+        self.location
+    }
+
+    /// The full config for a new stream: declared values over the server's defaults.
+    fn new_config(&self) -> StreamConfig {
+        let mut config = StreamConfig {
+            name: self.name.to_string(),
+            ..Default::default()
+        };
+        self.apply(&mut config);
+        config
+    }
+
+    /// Overwrites the declared settings in `config`, leaving the rest as the server has them.
+    fn apply(&self, config: &mut StreamConfig) {
+        config.subjects = self.subjects.iter().map(|s| s.to_string()).collect();
+        if let Some(value) = self.retention {
+            config.retention = value;
+        }
+        if let Some(value) = self.storage {
+            config.storage = value;
+        }
+        if let Some(value) = self.max_age {
+            config.max_age = value;
+        }
+        if let Some(value) = self.max_bytes {
+            config.max_bytes = value;
+        }
+        if let Some(value) = self.max_messages {
+            config.max_messages = value;
+        }
+        if let Some(value) = self.replicas {
+            config.num_replicas = value;
+        }
+        if let Some(value) = self.duplicate_window {
+            config.duplicate_window = value;
+        }
+        if let Some(value) = self.description {
+            config.description = Some(value.to_string());
+        }
+    }
+
+    /// The first declared setting that differs from `actual`: (field, declared, actual).
+    pub(crate) fn drift(&self, actual: &StreamConfig) -> Option<(&'static str, String, String)> {
+        let mut subjects: Vec<&str> = self.subjects.to_vec();
+        let mut server: Vec<&str> = actual.subjects.iter().map(String::as_str).collect();
+        subjects.sort_unstable();
+        server.sort_unstable();
+        if subjects != server {
+            return Some(("subjects", format!("{subjects:?}"), format!("{server:?}")));
+        }
+        fn check<T: PartialEq + std::fmt::Debug>(
+            field: &'static str,
+            declared: Option<T>,
+            actual: T,
+        ) -> Option<(&'static str, String, String)> {
+            match declared {
+                Some(declared) if declared != actual => Some((field, format!("{declared:?}"), format!("{actual:?}"))),
+                _ => None,
+            }
+        }
+        check("retention", self.retention, actual.retention)
+            .or_else(|| check("storage", self.storage, actual.storage))
+            .or_else(|| check("max_age", self.max_age, actual.max_age))
+            .or_else(|| check("max_bytes", self.max_bytes, actual.max_bytes))
+            .or_else(|| check("max_messages", self.max_messages, actual.max_messages))
+            .or_else(|| check("replicas", self.replicas, actual.num_replicas))
+            .or_else(|| check("duplicate_window", self.duplicate_window, actual.duplicate_window))
+            .or_else(|| {
+                check(
+                    "description",
+                    self.description,
+                    actual.description.as_deref().unwrap_or(""),
+                )
+            })
+    }
+
+    /// Brings the server in line with this declaration, or checks it, per `mode`.
+    pub(crate) async fn provision(&self, js: &jetstream::Context, mode: Provision) -> Result<()> {
+        if mode == Provision::Off {
+            return Ok(());
+        }
+        let stream_error = |action: &'static str| {
+            let name = self.name.to_string();
+            move |source: crate::error::BoxError| Error::Stream {
+                stream: name,
+                action,
+                source,
+            }
+        };
+        let existing = match js.get_stream(self.name).await {
+            Ok(mut stream) => Some(
+                stream
+                    .info()
+                    .await
+                    .map_err(|e| stream_error("reading its info")(Box::new(e)))?
+                    .config
+                    .clone(),
+            ),
+            Err(error) if is_stream_not_found(&error) => None,
+            Err(error) => return Err(stream_error("looking it up")(Box::new(error))),
+        };
+        match (existing, mode) {
+            (None, Provision::VerifyOnly) => Err(Error::StreamNotFound {
+                stream: self.name.into(),
+                hint: format!(
+                    " (declared at {}; provisioning is verify-only, so natty does not create it)",
+                    self.location
+                ),
+            }),
+            (None, _) => {
+                js.create_stream(self.new_config())
+                    .await
+                    .map_err(|e| stream_error("creating it")(Box::new(e)))?;
+                tracing::info!(stream = self.name, "created stream");
+                Ok(())
+            }
+            (Some(actual), mode) => {
+                let Some((field, declared, server)) = self.drift(&actual) else {
+                    return Ok(());
+                };
+                if mode == Provision::VerifyOnly {
+                    return Err(Error::StreamDrift {
+                        stream: self.name.into(),
+                        field,
+                        declared,
+                        actual: server,
+                        hint: " (provisioning is verify-only)".into(),
+                    });
+                }
+                let mut config = actual.clone();
+                self.apply(&mut config);
+                match js.update_stream(&config).await {
+                    Ok(_) => {
+                        tracing::info!(stream = self.name, field, from = %server, to = %declared, "updated stream");
+                        Ok(())
+                    }
+                    Err(error) => Err(Error::StreamDrift {
+                        stream: self.name.into(),
+                        field,
+                        declared,
+                        actual: server,
+                        hint: format!("; the server refused to change it: {error}"),
+                    }),
+                }
+            }
+        }
+    }
+}
+
+/// Whether a JetStream API error is "stream not found" (10059).
+pub(crate) fn is_stream_not_found(error: &jetstream::context::GetStreamError) -> bool {
+    matches!(
+        error.kind(),
+        jetstream::context::GetStreamErrorKind::JetStream(ref e)
+            if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+    )
+}
+
+inventory::collect!(StreamDef);

@@ -1,0 +1,145 @@
+//! Helpers shared by the integration tests: the job type, publishing, waiting on a
+//! condition with a deadline, and running the test services as real processes.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use serde::{Deserialize, Serialize};
+
+/// The payload of the `jobs` stream used by the process-level tests.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Job {
+    /// Unique id, also the order of publication.
+    pub id: u64,
+}
+
+/// Polls `condition` every 25 ms until it holds; panics with `what` after `timeout`.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Publishes `jobs.<id>` for each id, up to 256 acks in flight, and checks every ack.
+pub async fn publish_jobs(client: &async_nats::Client, ids: impl IntoIterator<Item = u64>) {
+    let js = async_nats::jetstream::new(client.clone());
+    let mut in_flight = FuturesUnordered::new();
+    for id in ids {
+        let payload = serde_json::to_vec(&Job { id }).expect("encode");
+        let ack = js.publish(format!("jobs.{id}"), payload.into()).await.expect("publish");
+        in_flight.push(std::future::IntoFuture::into_future(ack));
+        if in_flight.len() >= 256 {
+            in_flight.next().await.expect("pending ack").expect("publish ack");
+        }
+    }
+    while let Some(ack) = in_flight.next().await {
+        ack.expect("publish ack");
+    }
+}
+
+/// Creates the `jobs` stream as the worker declares it, so tests can publish before a worker runs.
+pub async fn create_jobs_stream(client: &async_nats::Client) {
+    let js = async_nats::jetstream::new(client.clone());
+    js.get_or_create_stream(async_nats::jetstream::stream::Config {
+        name: "jobs".into(),
+        subjects: vec!["jobs.>".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("create the jobs stream");
+}
+
+/// What a worker's log says: how many times each id was started and finished.
+#[derive(Debug, Default)]
+pub struct WorkLog {
+    /// id → number of "start" lines.
+    pub started: BTreeMap<u64, usize>,
+    /// id → number of "done" lines.
+    pub done: BTreeMap<u64, usize>,
+}
+
+impl WorkLog {
+    /// Reads and merges the logs at `paths` (missing files count as empty).
+    pub fn read(paths: &[&Path]) -> WorkLog {
+        let mut log = WorkLog::default();
+        for path in paths {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            for line in text.lines() {
+                let mut parts = line.split(' ');
+                let (Some(kind), Some(id)) = (parts.next(), parts.next().and_then(|id| id.parse().ok())) else {
+                    continue;
+                };
+                let map = if kind == "start" {
+                    &mut log.started
+                } else {
+                    &mut log.done
+                };
+                *map.entry(id).or_default() += 1;
+            }
+        }
+        log
+    }
+}
+
+/// Starts a test service process with `NATS_URL` = `url` plus `env`, output captured.
+pub fn spawn_service(binary: &Path, url: Option<&str>, env: &[(&str, &str)]) -> tokio::process::Child {
+    let mut command = tokio::process::Command::new(binary);
+    command.env_remove("NATS_URL").env("RUST_LOG", "info,async_nats=warn");
+    if let Some(url) = url {
+        command.env("NATS_URL", url);
+    }
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|error| panic!("cannot start {}: {error}", binary.display()))
+}
+
+/// Runs a service to completion (at most `timeout`) and returns its exit code and stderr.
+pub async fn run_to_exit(
+    binary: &Path,
+    url: Option<&str>,
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> (Option<i32>, String) {
+    let child = spawn_service(binary, url, env);
+    let output = tokio::time::timeout(timeout, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{} did not exit within {timeout:?}", binary.display()))
+        .expect("wait for the service");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Sends `signal` (e.g. "TERM", "KILL") to a process.
+pub fn send_signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} {pid} failed");
+}
