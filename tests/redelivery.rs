@@ -1,4 +1,5 @@
-//! A handler error naks the message, which is redelivered; the success after it is acked once.
+//! A handler error (or panic) naks the message, which is redelivered; the success after it is
+//! acked once.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -23,6 +24,9 @@ async fn fails_first_time(job: Job, ctx: Context) -> Result<(), std::io::Error> 
         .or_default()
         .push(ctx.delivery_count());
     if ctx.delivery_count() == 1 {
+        if job.id % 5 == 0 {
+            panic!("a handler bug on job {}", job.id);
+        }
         return Err(std::io::Error::other("the first attempt always fails"));
     }
     Ok(())

@@ -19,13 +19,19 @@ pub(crate) async fn connect(config: &Config, url: &str) -> Result<async_nats::Cl
         .name(&config.name)
         .connection_timeout(config.connect_timeout)
         .max_reconnects(None::<usize>)
-        .event_callback(|event| async move {
-            match event {
-                Event::Connected => tracing::info!("connected to NATS"),
-                Event::Disconnected => tracing::warn!("disconnected from NATS; reconnecting"),
-                Event::LameDuckMode => tracing::warn!("the NATS server entered lame duck mode"),
-                Event::SlowConsumer(sid) => tracing::warn!(sid, "slow consumer: the client dropped messages"),
-                other => tracing::info!("NATS connection event: {other}"),
+        .event_callback({
+            let url = url.to_string();
+            move |event| {
+                let url = url.clone();
+                async move {
+                    match event {
+                        Event::Connected => tracing::info!(%url, "connected to NATS"),
+                        Event::Disconnected => tracing::warn!(%url, "disconnected from NATS; reconnecting"),
+                        Event::LameDuckMode => tracing::warn!(%url, "the NATS server entered lame duck mode"),
+                        Event::SlowConsumer(sid) => tracing::warn!(sid, "slow consumer: the client dropped messages"),
+                        other => tracing::info!(%url, "NATS connection event: {other}"),
+                    }
+                }
             }
         });
     options = match &config.auth {

@@ -72,11 +72,12 @@ pub async fn run() -> Result<()> {
     Runtime::builder().build()?.run().await
 }
 
-/// Installs a `tracing` subscriber that prints to stderr, filtered by `RUST_LOG`
-/// (default `info`); does nothing if one is already installed.
+/// Installs a `tracing` subscriber that prints to stderr, filtered by `RUST_LOG` (default:
+/// `info`, with async-nats at `warn` since natty logs connection events itself); does nothing
+/// if one is already installed.
 pub fn init_logging() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

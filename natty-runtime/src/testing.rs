@@ -787,6 +787,9 @@ impl NatsCluster {
         Ok(cluster)
     }
 
+    /// Waits until every node is healthy, JetStream answers on node 1, and every existing stream
+    /// has a leader. The last matters after [`restart_all`](Self::restart_all): `/healthz` and
+    /// account info are fine seconds before the streams' own elections finish.
     async fn wait_ready(&self, deadline: Instant) -> io::Result<()> {
         for node in &self.nodes {
             node.wait_healthy(deadline).await?;
@@ -797,29 +800,34 @@ impl NatsCluster {
             let probe = deadline
                 .saturating_duration_since(Instant::now())
                 .clamp(POLL, PROBE_TIMEOUT);
-            let outcome = match &client {
-                None => connect_probe(first.port(), probe).await.map(|c| {
-                    client = Some(c);
-                }),
-                Some(c) => match jetstream_probe(c, probe).await {
-                    Ok(()) => return Ok(()),
-                    Err(reason) => Err(reason),
+            let reason = match &client {
+                None => match connect_probe(first.port(), probe).await {
+                    Ok(connected) => {
+                        client = Some(connected);
+                        continue;
+                    }
+                    Err(reason) => reason,
+                },
+                Some(connected) => match jetstream_probe(connected, probe).await {
+                    Ok(()) => match streams_have_leaders(connected, probe).await {
+                        Ok(()) => return Ok(()),
+                        Err(reason) => reason,
+                    },
+                    Err(reason) => reason,
                 },
             };
-            if let Err(reason) = outcome {
-                if Instant::now() >= deadline {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!(
-                            "test cluster has no working JetStream on {} after {CLUSTER_DEADLINE:?}: \
-                             {reason}; see the log in {}",
-                            first.name,
-                            first.server.log_file().display()
-                        ),
-                    ));
-                }
-                tokio::time::sleep(POLL).await;
+            if Instant::now() >= deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "test cluster JetStream is not ready on {} after {CLUSTER_DEADLINE:?}: \
+                         {reason}; see the log in {}",
+                        first.name,
+                        first.server.log_file().display()
+                    ),
+                ));
             }
+            tokio::time::sleep(POLL).await;
         }
     }
 
@@ -990,6 +998,40 @@ impl ClusterNode {
             tokio::time::sleep(POLL).await;
         }
     }
+}
+
+/// Whether every stream of the account has an elected leader (stream info is answered by the
+/// leader, and names it).
+async fn streams_have_leaders(client: &async_nats::Client, timeout: Duration) -> Result<(), String> {
+    let mut js = async_nats::jetstream::new(client.clone());
+    js.set_timeout(timeout);
+    let names: serde_json::Value = js
+        .request("STREAM.NAMES", &serde_json::json!({}))
+        .await
+        .map_err(|err| format!("listing streams: {err}"))?;
+    if let Some(error) = names.get("error") {
+        return Err(format!("listing streams: {error}"));
+    }
+    let names = names["streams"].as_array().cloned().unwrap_or_default();
+    for name in names.iter().filter_map(|name| name.as_str()) {
+        let mut stream = js
+            .get_stream(name)
+            .await
+            .map_err(|err| format!("stream {name}: {err}"))?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|err| format!("stream {name} info: {err}"))?;
+        let led = info
+            .cluster
+            .as_ref()
+            .and_then(|cluster| cluster.leader.as_deref())
+            .is_some_and(|leader| !leader.is_empty());
+        if !led {
+            return Err(format!("stream {name} has no leader yet"));
+        }
+    }
+    Ok(())
 }
 
 /// One `GET /healthz` on the monitoring port; `Err` carries the answer for the error message.

@@ -29,9 +29,7 @@ async fn publish_until_acked(js: &jetstream::Context, subject: &str, id: &str, d
         let attempt = async {
             js.send_publish(
                 subject.to_owned(),
-                PublishMessage::build()
-                    .message_id(id)
-                    .payload(id.to_owned().into()),
+                PublishMessage::build().message_id(id).payload(id.to_owned().into()),
             )
             .await?
             .await
@@ -56,9 +54,7 @@ async fn single_server_runs_jetstream() {
     assert!(server.store_dir().is_dir());
 
     let js = jetstream::new(server.client().await);
-    js.create_stream(file_stream("ORDERS", 1))
-        .await
-        .expect("create stream");
+    js.create_stream(file_stream("ORDERS", 1)).await.expect("create stream");
     let ack = js
         .publish("orders.created", "one".into())
         .await
@@ -76,9 +72,7 @@ async fn restart_keeps_file_stream_and_url() {
     let pid = server.pid();
     {
         let js = jetstream::new(server.client().await);
-        js.create_stream(file_stream("EVENTS", 1))
-            .await
-            .expect("create stream");
+        js.create_stream(file_stream("EVENTS", 1)).await.expect("create stream");
         for i in 1..=3 {
             js.publish(format!("events.{i}"), format!("event {i}").into())
                 .await
@@ -125,9 +119,7 @@ async fn config_file_reaches_the_server() {
         .await
         .expect("start nats-server with a token");
 
-    let refused = async_nats::ConnectOptions::new()
-        .connect(server.url())
-        .await;
+    let refused = async_nats::ConnectOptions::new().connect(server.url()).await;
     assert!(refused.is_err(), "a client without the token got in");
 
     let client = async_nats::ConnectOptions::with_token("s3cret".into())
@@ -148,10 +140,7 @@ async fn signal_freezes_and_thaws_the_server() {
     js.set_timeout(Duration::from_millis(300));
 
     server.signal(SIGSTOP);
-    assert!(
-        js.query_account().await.is_err(),
-        "a SIGSTOPped server answered"
-    );
+    assert!(js.query_account().await.is_err(), "a SIGSTOPped server answered");
     server.signal(SIGCONT);
     js.set_timeout(Duration::from_secs(5));
     js.query_account().await.expect("answer after SIGCONT");

@@ -1,0 +1,144 @@
+//! The ticketing example end to end: with `NATS_URL` unset the listener starts its own
+//! development server and handles a ticket; two listeners split the tickets between them.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use natty_runtime::testing::{nats_server_binary, NatsServer};
+use natty_tests::{send_signal, spawn_service, wait_until};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+const LISTENER: &str = env!("CARGO_BIN_EXE_ticket-listener");
+const PUBLISHER: &str = env!("CARGO_BIN_EXE_ticket-publisher");
+
+/// Collects a child's stdout lines as they come.
+fn collect_lines(child: &mut tokio::process::Child) -> Arc<Mutex<Vec<String>>> {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let mut reader = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+    let sink = lines.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = reader.next_line().await {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    lines
+}
+
+fn handled_ids(lines: &Mutex<Vec<String>>) -> BTreeSet<String> {
+    lines
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|line| line.split("handled ticket ").nth(1))
+        .filter_map(|rest| rest.split(' ').next())
+        .map(str::to_string)
+        .collect()
+}
+
+async fn publish(url: &str, count: u32) {
+    let status = tokio::process::Command::new(PUBLISHER)
+        .arg(count.to_string())
+        .env("NATS_URL", url)
+        .stdout(Stdio::null())
+        .status()
+        .await
+        .expect("run the publisher");
+    assert!(status.success(), "the publisher failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_nats_url_the_listener_starts_a_dev_server_and_handles_a_ticket() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let binary = nats_server_binary().expect("a nats-server binary (run scripts/install-nats-server.sh)");
+    let mut listener = tokio::process::Command::new(LISTENER)
+        .env_remove("NATS_URL")
+        .env("NATTY_DEV_PORT", port.to_string())
+        .env("NATTY_NATS_SERVER", &binary)
+        .env("INSTANCE", "solo")
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the listener");
+    let lines = collect_lines(&mut listener);
+    let url = format!("nats://127.0.0.1:{port}");
+
+    // The listener provisions the stream on the server it started; then a ticket goes through.
+    wait_until(
+        Duration::from_secs(30),
+        "the dev server and the tickets stream",
+        || async {
+            match async_nats::connect(&url).await {
+                Ok(client) => async_nats::jetstream::new(client).get_stream("tickets").await.is_ok(),
+                Err(_) => false,
+            }
+        },
+    )
+    .await;
+    publish(&url, 1).await;
+    wait_until(Duration::from_secs(20), "the ticket to be handled", || async {
+        handled_ids(&lines).contains("t-1")
+    })
+    .await;
+    assert!(
+        dir.path().join(".natty/dev/jetstream").is_dir(),
+        "dev data lives in the local folder"
+    );
+
+    send_signal(listener.id().expect("pid"), "TERM");
+    let output = tokio::time::timeout(Duration::from_secs(20), listener.wait_with_output())
+        .await
+        .expect("exits")
+        .expect("wait");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "stderr:\n{stderr}");
+    assert!(
+        stderr.contains(&format!("started a development nats-server at {url}")),
+        "stderr:\n{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_listeners_split_the_tickets() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let url = server.url();
+    let mut a = spawn_service(Path::new(LISTENER), Some(&url), &[("INSTANCE", "a")]);
+    let mut b = spawn_service(Path::new(LISTENER), Some(&url), &[("INSTANCE", "b")]);
+    let (a_lines, b_lines) = (collect_lines(&mut a), collect_lines(&mut b));
+    wait_until(
+        Duration::from_secs(20),
+        "both listeners to bind the durable",
+        || async {
+            let js = async_nats::jetstream::new(server.client().await);
+            match js.get_stream("tickets").await {
+                Ok(stream) => stream.consumer_info("ticket-listener").await.is_ok(),
+                Err(_) => false,
+            }
+        },
+    )
+    .await;
+
+    publish(&url, 200).await;
+    wait_until(Duration::from_secs(30), "every ticket to be handled", || async {
+        handled_ids(&a_lines).len() + handled_ids(&b_lines).len() >= 200
+    })
+    .await;
+    let (by_a, by_b) = (handled_ids(&a_lines), handled_ids(&b_lines));
+    assert!(by_a.is_disjoint(&by_b), "a ticket was handled by both listeners");
+    assert_eq!(by_a.len() + by_b.len(), 200);
+    assert!(
+        !by_a.is_empty() && !by_b.is_empty(),
+        "both took work: a={} b={}",
+        by_a.len(),
+        by_b.len()
+    );
+}

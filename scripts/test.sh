@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Runs every test: installs the pinned nats-server when it is missing, then the whole
+# workspace's tests (unit, integration against real servers, trybuild UI tests, doc tests).
+# Extra arguments go to `cargo test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NATTY_NATS_SERVER="$(NATTY_PIN=1 scripts/install-nats-server.sh)"
+export NATTY_NATS_SERVER
+exec cargo test --workspace --all-targets --locked "$@"

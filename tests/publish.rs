@@ -1,0 +1,100 @@
+//! Typed publish: from `main` through `connect`-style clients and from handlers through the
+//! context, each awaiting the stream's ack; a subject no stream captures is a clear error.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use natty_runtime::prelude::*;
+use natty_runtime::testing::NatsServer;
+use natty_runtime::{Config, PublishError};
+use natty_tests::{wait_until, Job};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct Receipt {
+    job: u64,
+    handled_by: String,
+    sequence: u64,
+}
+
+#[stream(name = "work", subjects = ["work.>"])]
+struct Work;
+
+#[stream(name = "receipts", subjects = ["receipts.>"])]
+struct Receipts;
+
+#[consumer(stream = "work", durable = "relay")]
+async fn relay(job: Job, ctx: Context) -> Result<(), PublishError> {
+    let receipt = Receipt {
+        job: job.id,
+        handled_by: ctx.consumer().to_string(),
+        sequence: ctx.stream_sequence(),
+    };
+    let ack = ctx.publish(format!("receipts.{}", job.id), &receipt).await?;
+    assert_eq!(ack.stream, "receipts");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_and_main_publish_typed_values_and_await_the_ack() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let runtime = natty_runtime::Runtime::builder()
+        .url(server.url())
+        .build()
+        .expect("runtime");
+    let running = tokio::spawn(runtime.run_until(async {
+        let _ = stopped.await;
+    }));
+
+    let config = Config::from_lookup(|_| None).unwrap();
+    let client = Client::connect_with(&config, &server.url()).await.expect("connect");
+    let js = client.jetstream().clone();
+    wait_until(Duration::from_secs(10), "the streams to be provisioned", || async {
+        js.get_stream("work").await.is_ok() && js.get_stream("receipts").await.is_ok()
+    })
+    .await;
+
+    for id in 1..=3 {
+        let ack = client
+            .publish(format!("work.{id}"), &Job { id })
+            .await
+            .expect("publish");
+        assert_eq!((ack.stream.as_str(), ack.sequence), ("work", id));
+    }
+
+    let receipts = js.get_stream("receipts").await.unwrap();
+    let reader = receipts
+        .create_consumer(async_nats::jetstream::consumer::pull::Config::default())
+        .await
+        .unwrap();
+    let mut messages = reader
+        .fetch()
+        .max_messages(3)
+        .expires(Duration::from_secs(10))
+        .messages()
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    while let Some(message) = messages.next().await {
+        let receipt: Receipt = serde_json::from_slice(&message.unwrap().payload).unwrap();
+        seen.push(receipt);
+    }
+    seen.sort_by_key(|receipt| receipt.job);
+    let expected: Vec<Receipt> = (1..=3)
+        .map(|id| Receipt {
+            job: id,
+            handled_by: "relay".into(),
+            sequence: id,
+        })
+        .collect();
+    assert_eq!(seen, expected);
+
+    // No stream captures this subject: the publish fails, naming it, instead of vanishing.
+    let error = client.publish("nowhere.1", &Job { id: 9 }).await.unwrap_err();
+    assert!(matches!(error, PublishError::Publish { .. }), "{error}");
+    assert!(error.to_string().contains("nowhere.1"), "{error}");
+
+    stop.send(()).unwrap();
+    running.await.unwrap().expect("clean shutdown");
+}
