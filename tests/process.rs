@@ -231,3 +231,20 @@ async fn a_wrong_password_is_a_clear_error() {
         "no secret in logs; stderr:\n{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_handler_name_in_natty_handlers_is_a_clear_error() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let (code, stderr) = run_to_exit(
+        Path::new(WORKER),
+        Some(&server.url()),
+        &[("NATTY_HANDLERS", "wrok")],
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_ne!(code, Some(0));
+    assert!(
+        stderr.contains("NATTY_HANDLERS") && stderr.contains("`wrok`") && stderr.contains("registered: work"),
+        "stderr:\n{stderr}"
+    );
+}

@@ -11,6 +11,7 @@
 //! | `NATS_CERT`, `NATS_KEY` | client certificate and key, PEM (mutual TLS) | |
 //! | `NATS_TLS_REQUIRED` | `true` to refuse a plain-text connection | `false` |
 //! | `NATTY_NAME` | connection name shown by the server | the binary's name |
+//! | `NATTY_HANDLERS` | comma-separated handler names: run only these | all registered |
 //! | `NATTY_PROVISION` | `create-or-update`, `verify-only` or `off` | `create-or-update` |
 //! | `NATTY_DRAIN_TIMEOUT` | how long in-flight handlers may run after a shutdown signal | `30s` |
 //! | `NATTY_CONNECT_TIMEOUT` | how long one connection attempt may take | `5s` |
@@ -130,6 +131,8 @@ pub struct Config {
     pub dev_dir: PathBuf,
     /// Explicit path of the `nats-server` binary.
     pub nats_server: Option<PathBuf>,
+    /// Run only the registered handlers with these names.
+    pub handlers: Option<Vec<String>>,
 }
 
 impl Default for Config {
@@ -148,6 +151,7 @@ impl Default for Config {
             dev_port: 4222,
             dev_dir: PathBuf::from(".natty/dev"),
             nats_server: None,
+            handlers: None,
         }
     }
 }
@@ -254,6 +258,14 @@ impl Config {
             config.dev_dir = value.into();
         }
         config.nats_server = lookup("NATTY_NATS_SERVER").map(PathBuf::from);
+        config.handlers = lookup("NATTY_HANDLERS").map(|names| {
+            names
+                .split(',')
+                .map(str::trim)
+                .filter(|name| !name.is_empty())
+                .map(String::from)
+                .collect()
+        });
         Ok(config)
     }
 }

@@ -111,12 +111,18 @@ async fn listening(port: u16) -> bool {
 ///
 /// A message naming what was tried and how to install one.
 pub fn find_nats_server(explicit: Option<&Path>) -> std::result::Result<PathBuf, String> {
+    let roots: Vec<PathBuf> = std::env::current_dir().into_iter().collect();
+    locate_nats_server(explicit, &roots)
+}
+
+/// [`find_nats_server`] with the folders whose ancestors may hold `.natty/bin/nats-server`.
+pub(crate) fn locate_nats_server(explicit: Option<&Path>, roots: &[PathBuf]) -> std::result::Result<PathBuf, String> {
     let mut candidates: Vec<PathBuf> = Vec::new();
     if let Some(path) = explicit {
         candidates.push(path.to_path_buf());
     } else {
-        if let Ok(current) = std::env::current_dir() {
-            candidates.extend(current.ancestors().map(|dir| dir.join(".natty/bin/nats-server")));
+        for root in roots {
+            candidates.extend(root.ancestors().map(|dir| dir.join(".natty/bin/nats-server")));
         }
         if let Some(paths) = std::env::var_os("PATH") {
             candidates.extend(std::env::split_paths(&paths).map(|dir| dir.join("nats-server")));
@@ -125,6 +131,9 @@ pub fn find_nats_server(explicit: Option<&Path>) -> std::result::Result<PathBuf,
     let mut tried = Vec::new();
     for candidate in candidates {
         if !candidate.is_file() {
+            if explicit.is_some() {
+                tried.push(format!("{} does not exist", candidate.display()));
+            }
             continue;
         }
         match version(&candidate) {

@@ -47,6 +47,7 @@ pub struct RuntimeBuilder {
     drain_timeout: Option<Duration>,
     connect_timeout: Option<Duration>,
     registered: bool,
+    only: Option<Vec<String>>,
     streams: Vec<StreamDef>,
     consumers: Vec<ConsumerDef>,
 }
@@ -112,6 +113,18 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Runs only the registered handlers with these names (a handler's name is its function's
+    /// name), e.g. to deploy one binary's handlers as separate services. Overrides
+    /// `NATTY_HANDLERS`. Declared streams are still provisioned.
+    pub fn handlers<I, S>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.only = Some(names.into_iter().map(Into::into).collect());
+        self
+    }
+
     /// Declares a stream by hand.
     pub fn stream(mut self, stream: StreamDef) -> Self {
         self.streams.push(stream);
@@ -163,7 +176,23 @@ impl RuntimeBuilder {
         let mut consumers = self.consumers;
         if self.registered {
             streams.extend(inventory::iter::<StreamDef>.into_iter().copied());
-            consumers.extend(inventory::iter::<ConsumerDef>.into_iter().copied());
+            let registered: Vec<ConsumerDef> = inventory::iter::<ConsumerDef>.into_iter().copied().collect();
+            let only = self.only.or_else(|| config.handlers.clone());
+            if let Some(only) = &only {
+                if let Some(unknown) = only.iter().find(|name| !registered.iter().any(|c| c.name == name.as_str())) {
+                    let known: Vec<&str> = registered.iter().map(|c| c.name).collect();
+                    return Err(Error::config(
+                        "NATTY_HANDLERS",
+                        only.join(","),
+                        format!("no handler named `{unknown}` is registered; registered: {}", known.join(", ")),
+                    ));
+                }
+            }
+            consumers.extend(
+                registered
+                    .into_iter()
+                    .filter(|c| only.as_ref().is_none_or(|only| only.iter().any(|name| name == c.name))),
+            );
         }
         Ok(Runtime {
             config,

@@ -33,7 +33,6 @@
 use std::fmt::Write as _;
 use std::io;
 use std::net::TcpListener;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
@@ -63,7 +62,6 @@ const INSTALL_HINT: &str = "run `scripts/install-nats-server.sh` from the worksp
 
 const LOG_FILE: &str = "nats-server.log";
 const CONFIG_FILE: &str = "server.conf";
-const BINARY_NAME: &str = "nats-server";
 
 /// Finds the `nats-server` binary the harness runs.
 ///
@@ -76,56 +74,14 @@ const BINARY_NAME: &str = "nats-server";
 /// `NotFound` when none of these exists, with a message saying how to install one; also when
 /// `NATTY_NATS_SERVER` names a file that does not exist.
 pub fn nats_server_binary() -> io::Result<PathBuf> {
-    if let Some(path) = std::env::var_os(NATS_SERVER_ENV).filter(|v| !v.is_empty()) {
-        let path = PathBuf::from(path);
-        if is_executable(&path) {
-            return Ok(path);
-        }
-        return Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            format!(
-                "{NATS_SERVER_ENV}={} is not an executable file; {INSTALL_HINT}",
-                path.display()
-            ),
-        ));
-    }
-
-    let installed = Path::new(".natty").join("bin").join(BINARY_NAME);
+    let explicit = std::env::var_os(NATS_SERVER_ENV).filter(|v| !v.is_empty()).map(PathBuf::from);
     // The manifest dir finds the workspace's install from any test of this crate; the current
     // dir covers a crate outside this workspace that installed its own copy.
-    let roots = [
-        Some(PathBuf::from(env!("CARGO_MANIFEST_DIR"))),
-        std::env::current_dir().ok(),
-    ];
-    for root in roots.iter().flatten() {
-        if let Some(found) = root
-            .ancestors()
-            .map(|dir| dir.join(&installed))
-            .find(|candidate| is_executable(candidate))
-        {
-            return Ok(found);
-        }
-    }
-
-    if let Some(path) = std::env::var_os("PATH") {
-        if let Some(found) = std::env::split_paths(&path)
-            .map(|dir| dir.join(BINARY_NAME))
-            .find(|candidate| is_executable(candidate))
-        {
-            return Ok(found);
-        }
-    }
-
-    Err(io::Error::new(
-        io::ErrorKind::NotFound,
-        format!("no nats-server found; {INSTALL_HINT}"),
-    ))
-}
-
-fn is_executable(path: &Path) -> bool {
-    std::fs::metadata(path)
-        .map(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
+    let roots: Vec<PathBuf> = std::iter::once(PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+        .chain(std::env::current_dir().ok())
+        .collect();
+    crate::dev_server::locate_nats_server(explicit.as_deref(), &roots)
+        .map_err(|reason| io::Error::new(io::ErrorKind::NotFound, reason))
 }
 
 /// A `nats-server` child process with JetStream on, listening on `127.0.0.1`, killed on drop.
