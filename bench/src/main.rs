@@ -1,0 +1,395 @@
+//! natty against raw async-nats, measured in the same run on the same server.
+//!
+//! ```text
+//! cargo run --release -p natty-bench -- [--rounds 5] [--messages 200000] [--only consume,publish,...]
+//! ```
+//!
+//! Starts its own nats-server (file storage, loopback), then for each scenario alternates raw
+//! and natty rounds on the same workload and prints messages/s for both and the ratio
+//! natty/raw, as the median of the rounds.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer::pull, stream::StorageType};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use natty_runtime::prelude::*;
+use natty_runtime::testing::NatsServer;
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::Notify;
+
+/// A ~128-byte JSON event, like the issue's workload.
+#[derive(Debug, Serialize, Deserialize)]
+struct Order {
+    id: u64,
+    region: String,
+    customer: String,
+    amount: u64,
+    note: String,
+}
+
+impl Order {
+    fn new(id: u64) -> Order {
+        Order {
+            id,
+            region: "eu-west-1".into(),
+            customer: format!("customer-{:06}", id % 1_000_000),
+            amount: id * 7 % 100_000,
+            note: "x".repeat(32),
+        }
+    }
+}
+
+/// Handled-message counter shared by natty's handlers and the measuring loop.
+static HANDLED: AtomicU64 = AtomicU64::new(0);
+static TARGET: AtomicU64 = AtomicU64::new(u64::MAX);
+static DONE: Notify = Notify::const_new();
+
+fn count_one() {
+    if HANDLED.fetch_add(1, Ordering::Relaxed) + 1 == TARGET.load(Ordering::Relaxed) {
+        DONE.notify_one();
+    }
+}
+
+#[stream(name = "bench", subjects = ["bench.>"], storage = "file")]
+struct Bench;
+
+/// The consume scenario with natty's defaults (concurrency 1, prefetch 32).
+#[consumer(stream = "bench", durable = "natty-default", max_ack_pending = 20000)]
+async fn consume_default(_order: Order) {
+    count_one();
+}
+
+/// The consume scenario with a prefetch like the raw baseline's batch.
+#[consumer(stream = "bench", durable = "natty-prefetch", max_ack_pending = 20000, prefetch = 1000)]
+async fn consume_prefetch(_order: Order) {
+    count_one();
+}
+
+/// The concurrency scenario: 5 ms of simulated I/O per message, 64 at a time.
+#[consumer(stream = "bench", durable = "natty-io", max_ack_pending = 20000, concurrency = 64)]
+async fn consume_io(_order: Order) {
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    count_one();
+}
+
+#[stream(name = "idle", subjects = ["idle.>"], storage = "file")]
+struct Idle;
+
+macro_rules! idle_consumers {
+    ($($name:ident => $durable:literal),* $(,)?) => {$(
+        /// One of the footprint scenario's ten consumers; prints when it handles a message.
+        #[consumer(stream = "idle", durable = $durable, subject = "idle.go")]
+        async fn $name(_order: Order) {
+            println!("handled");
+        }
+    )*};
+}
+
+idle_consumers! {
+    idle0 => "idle0", idle1 => "idle1", idle2 => "idle2", idle3 => "idle3", idle4 => "idle4",
+    idle5 => "idle5", idle6 => "idle6", idle7 => "idle7", idle8 => "idle8", idle9 => "idle9",
+}
+
+const IDLE: [&str; 10] = [
+    "idle0", "idle1", "idle2", "idle3", "idle4", "idle5", "idle6", "idle7", "idle8", "idle9",
+];
+
+struct Args {
+    rounds: usize,
+    messages: u64,
+    only: Option<Vec<String>>,
+}
+
+fn args() -> Args {
+    let mut args = Args {
+        rounds: 5,
+        messages: 200_000,
+        only: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--rounds" => args.rounds = it.next().and_then(|v| v.parse().ok()).expect("--rounds N"),
+            "--messages" => args.messages = it.next().and_then(|v| v.parse().ok()).expect("--messages N"),
+            "--only" => args.only = it.next().map(|v| v.split(',').map(String::from).collect()),
+            other => panic!("unknown argument {other}; use --rounds N, --messages N, --only a,b"),
+        }
+    }
+    args
+}
+
+async fn purge(js: &jetstream::Context, stream: &str) {
+    js.get_stream(stream).await.expect("stream").purge().await.expect("purge");
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    values[values.len() / 2]
+}
+
+fn rate(count: u64, elapsed: Duration) -> f64 {
+    count as f64 / elapsed.as_secs_f64()
+}
+
+/// Publishes `count` orders to `subject` with up to 2000 acks in flight (setup, not measured).
+async fn fill(js: &jetstream::Context, subject: &str, count: u64) {
+    let mut in_flight = FuturesUnordered::new();
+    for id in 0..count {
+        let payload = serde_json::to_vec(&Order::new(id)).expect("encode");
+        let ack = js.publish(subject.to_string(), payload.into()).await.expect("publish");
+        in_flight.push(std::future::IntoFuture::into_future(ack));
+        if in_flight.len() >= 2000 {
+            in_flight.next().await.expect("ack").expect("publish ack");
+        }
+    }
+    while let Some(ack) = in_flight.next().await {
+        ack.expect("publish ack");
+    }
+}
+
+/// Raw async-nats: a well-tuned pull loop (batch 1000), serde decode, explicit ack each.
+async fn raw_consume(js: &jetstream::Context, count: u64) -> Duration {
+    let stream = js.get_stream("bench").await.expect("stream");
+    let _ = stream.delete_consumer("raw").await;
+    let consumer = stream
+        .create_consumer(pull::Config {
+            durable_name: Some("raw".into()),
+            max_ack_pending: 20_000,
+            ..Default::default()
+        })
+        .await
+        .expect("consumer");
+    let started = Instant::now();
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(1000)
+        .messages()
+        .await
+        .expect("messages");
+    let mut seen = 0;
+    while let Some(message) = messages.next().await {
+        let message = message.expect("message");
+        let _order: Order = serde_json::from_slice(&message.payload).expect("decode");
+        message.ack().await.expect("ack");
+        seen += 1;
+        if seen == count {
+            break;
+        }
+    }
+    let elapsed = started.elapsed();
+    drop(messages);
+    elapsed
+}
+
+/// natty: runs only `handler` until it has handled `count` messages, from a fresh durable.
+async fn natty_consume(server: &NatsServer, js: &jetstream::Context, handler: &str, durable: &str, count: u64) -> Duration {
+    let stream = js.get_stream("bench").await.expect("stream");
+    let _ = stream.delete_consumer(durable).await;
+    HANDLED.store(0, Ordering::SeqCst);
+    TARGET.store(count, Ordering::SeqCst);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let runtime = natty_runtime::Runtime::builder()
+        .url(server.url())
+        .handlers([handler])
+        .build()
+        .expect("runtime");
+    let done = DONE.notified();
+    let started = Instant::now();
+    let running = tokio::spawn(runtime.run_until(async {
+        let _ = stopped.await;
+    }));
+    done.await;
+    let elapsed = started.elapsed();
+    let _ = stop.send(());
+    running.await.expect("join").expect("natty run");
+    elapsed
+}
+
+fn report(name: &str, raw: &[f64], natty: &[f64], goal: &str) {
+    let (raw, natty) = (median(raw.to_vec()), median(natty.to_vec()));
+    println!(
+        "{name:<28} raw {raw:>10.0} msg/s   natty {natty:>10.0} msg/s   natty/raw {:>5.2}x   (goal {goal})",
+        natty / raw
+    );
+}
+
+async fn scenario_consume(server: &NatsServer, js: &jetstream::Context, args: &Args) {
+    purge(js, "bench").await;
+    fill(js, "bench.orders", args.messages).await;
+    let (mut raw, mut default, mut tuned) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..args.rounds {
+        // Alternate which side goes first, so neither always runs on a warmer server.
+        let natty_first = round % 2 == 1;
+        if natty_first {
+            default.push(rate(args.messages, natty_consume(server, js, "consume_default", "natty-default", args.messages).await));
+            tuned.push(rate(args.messages, natty_consume(server, js, "consume_prefetch", "natty-prefetch", args.messages).await));
+        }
+        raw.push(rate(args.messages, raw_consume(js, args.messages).await));
+        if !natty_first {
+            default.push(rate(args.messages, natty_consume(server, js, "consume_default", "natty-default", args.messages).await));
+            tuned.push(rate(args.messages, natty_consume(server, js, "consume_prefetch", "natty-prefetch", args.messages).await));
+        }
+        eprintln!(
+            "  consume round {round}: raw {:.0}, natty default {:.0}, natty prefetch 1000 {:.0}",
+            raw[round], default[round], tuned[round]
+        );
+    }
+    report("consume (defaults)", &raw, &default, ">= 1.00x");
+    report("consume (prefetch 1000)", &raw, &tuned, ">= 1.00x");
+}
+
+async fn scenario_publish(server: &NatsServer, js: &jetstream::Context, args: &Args) {
+    const WINDOW: usize = 2000;
+    let config = natty_runtime::Config::from_lookup(|_| None).expect("config");
+    let client = natty_runtime::Client::connect_with(&config, &server.url()).await.expect("connect");
+    let payloads: Vec<Order> = (0..args.messages).map(Order::new).collect();
+    let (mut raw, mut natty) = (Vec::new(), Vec::new());
+    for round in 0..args.rounds {
+        purge(js, "bench").await;
+        let started = Instant::now();
+        let mut in_flight = FuturesUnordered::new();
+        for order in &payloads {
+            let payload = serde_json::to_vec(order).expect("encode");
+            let ack = js.publish("bench.raw", payload.into()).await.expect("publish");
+            in_flight.push(std::future::IntoFuture::into_future(ack));
+            if in_flight.len() >= WINDOW {
+                in_flight.next().await.expect("ack").expect("publish ack");
+            }
+        }
+        while let Some(ack) = in_flight.next().await {
+            ack.expect("publish ack");
+        }
+        raw.push(rate(args.messages, started.elapsed()));
+
+        purge(js, "bench").await;
+        let started = Instant::now();
+        let mut in_flight = FuturesUnordered::new();
+        for order in &payloads {
+            in_flight.push(client.publish("bench.natty", order));
+            if in_flight.len() >= WINDOW {
+                in_flight.next().await.expect("ack").expect("publish ack");
+            }
+        }
+        while let Some(ack) = in_flight.next().await {
+            ack.expect("publish ack");
+        }
+        natty.push(rate(args.messages, started.elapsed()));
+        eprintln!("  publish round {round}: raw {:.0}, natty {:.0}", raw[round], natty[round]);
+    }
+    report("publish (2000 acks in flight)", &raw, &natty, ">= 0.97x");
+}
+
+async fn scenario_concurrency(server: &NatsServer, js: &jetstream::Context, args: &Args) {
+    // 5 ms per message, 64 at a time: at most 12,800 msg/s.
+    let count = (args.messages / 10).max(1000);
+    purge(js, "bench").await;
+    fill(js, "bench.orders", count).await;
+    let mut rates = Vec::new();
+    for round in 0..args.rounds {
+        rates.push(rate(count, natty_consume(server, js, "consume_io", "natty-io", count).await));
+        eprintln!("  concurrency round {round}: natty {:.0}", rates[round]);
+    }
+    let ideal = 64.0 / 0.005;
+    let natty = median(rates);
+    println!(
+        "{:<28} ideal {ideal:>8.0} msg/s   natty {natty:>10.0} msg/s   natty/ideal {:>5.2}x   (goal >= 0.90x)",
+        "concurrency (64 x 5 ms)",
+        natty / ideal
+    );
+}
+
+async fn scenario_footprint(server: &NatsServer, js: &jetstream::Context) {
+    purge(js, "idle").await;
+    js.publish("idle.go", serde_json::to_vec(&Order::new(1)).expect("encode").into())
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+    let exe = std::env::current_exe().expect("current exe");
+    let started = Instant::now();
+    let mut child = tokio::process::Command::new(exe)
+        .arg("--idle-service")
+        .env("NATS_URL", server.url())
+        .env("NATTY_HANDLERS", IDLE.join(","))
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn the idle service");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("a handled message within 30 s")
+        .expect("read");
+    let to_first = started.elapsed();
+    assert_eq!(first.as_deref(), Some("handled"));
+    // Let the other nine handle their copy too, then let it sit idle before reading its memory.
+    let mut handled = 1;
+    while handled < IDLE.len() {
+        if tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await.is_err() {
+            break;
+        }
+        handled += 1;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pid = child.id().expect("pid");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find(|line| line.starts_with("VmRSS:"))
+        .map(|line| line.trim_start_matches("VmRSS:").trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let _ = child.kill().await;
+    println!(
+        "{:<28} idle RSS with 10 consumers {rss}; process start to first handled message {:.0} ms",
+        "footprint",
+        to_first.as_secs_f64() * 1000.0
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    if std::env::args().any(|arg| arg == "--idle-service") {
+        // The footprint scenario's child: a service with ten idle consumers.
+        if let Err(error) = natty_runtime::run().await {
+            eprintln!("{error:?}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    let args = args();
+    let wants = |name: &str| args.only.as_ref().is_none_or(|only| only.iter().any(|o| o == name));
+    let server = NatsServer::start().await.expect("nats-server");
+    let js = jetstream::new(server.client().await);
+    for (name, subjects) in [("bench", "bench.>"), ("idle", "idle.>")] {
+        js.create_stream(jetstream::stream::Config {
+            name: name.into(),
+            subjects: vec![subjects.into()],
+            storage: StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .expect("create stream");
+    }
+    println!(
+        "natty-bench: {} messages, {} rounds, nats-server at {} (file storage), {} cores",
+        args.messages,
+        args.rounds,
+        server.url(),
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    );
+    if wants("consume") {
+        scenario_consume(&server, &js, &args).await;
+    }
+    if wants("publish") {
+        scenario_publish(&server, &js, &args).await;
+    }
+    if wants("concurrency") {
+        scenario_concurrency(&server, &js, &args).await;
+    }
+    if wants("footprint") {
+        scenario_footprint(&server, &js).await;
+    }
+}

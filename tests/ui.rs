@@ -1,0 +1,8 @@
+//! Wrong macro arguments are compile errors that point at the token at fault.
+#[test]
+fn ui() {
+    let t = trybuild::TestCases::new();
+    t.pass("ui/pass/*.rs");
+    t.compile_fail("ui/consumer/fail/*.rs");
+    t.compile_fail("ui/stream/fail/*.rs");
+}

@@ -1,0 +1,12 @@
+use natty_runtime::prelude::*;
+
+struct Job {
+    id: u64,
+}
+
+#[consumer(stream = "jobs", durable = "workers")]
+async fn work(job: Job) {
+    let _ = job.id;
+}
+
+fn main() {}
