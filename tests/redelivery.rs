@@ -24,7 +24,7 @@ async fn fails_first_time(job: Job, ctx: Context) -> Result<(), std::io::Error> 
         .or_default()
         .push(ctx.delivery_count());
     if ctx.delivery_count() == 1 {
-        if job.id % 5 == 0 {
+        if job.id.is_multiple_of(5) {
             panic!("a handler bug on job {}", job.id);
         }
         return Err(std::io::Error::other("the first attempt always fails"));

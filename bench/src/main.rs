@@ -62,7 +62,12 @@ async fn consume_default(_order: Order) {
 }
 
 /// The consume scenario with a prefetch like the raw baseline's batch.
-#[consumer(stream = "bench", durable = "natty-prefetch", max_ack_pending = 20000, prefetch = 1000)]
+#[consumer(
+    stream = "bench",
+    durable = "natty-prefetch",
+    max_ack_pending = 20000,
+    prefetch = 1000
+)]
 async fn consume_prefetch(_order: Order) {
     count_one();
 }
@@ -121,7 +126,12 @@ fn args() -> Args {
 }
 
 async fn purge(js: &jetstream::Context, stream: &str) {
-    js.get_stream(stream).await.expect("stream").purge().await.expect("purge");
+    js.get_stream(stream)
+        .await
+        .expect("stream")
+        .purge()
+        .await
+        .expect("purge");
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -184,7 +194,13 @@ async fn raw_consume(js: &jetstream::Context, count: u64) -> Duration {
 }
 
 /// natty: runs only `handler` until it has handled `count` messages, from a fresh durable.
-async fn natty_consume(server: &NatsServer, js: &jetstream::Context, handler: &str, durable: &str, count: u64) -> Duration {
+async fn natty_consume(
+    server: &NatsServer,
+    js: &jetstream::Context,
+    handler: &str,
+    durable: &str,
+    count: u64,
+) -> Duration {
     let stream = js.get_stream("bench").await.expect("stream");
     let _ = stream.delete_consumer(durable).await;
     HANDLED.store(0, Ordering::SeqCst);
@@ -223,13 +239,25 @@ async fn scenario_consume(server: &NatsServer, js: &jetstream::Context, args: &A
         // Alternate which side goes first, so neither always runs on a warmer server.
         let natty_first = round % 2 == 1;
         if natty_first {
-            default.push(rate(args.messages, natty_consume(server, js, "consume_default", "natty-default", args.messages).await));
-            tuned.push(rate(args.messages, natty_consume(server, js, "consume_prefetch", "natty-prefetch", args.messages).await));
+            default.push(rate(
+                args.messages,
+                natty_consume(server, js, "consume_default", "natty-default", args.messages).await,
+            ));
+            tuned.push(rate(
+                args.messages,
+                natty_consume(server, js, "consume_prefetch", "natty-prefetch", args.messages).await,
+            ));
         }
         raw.push(rate(args.messages, raw_consume(js, args.messages).await));
         if !natty_first {
-            default.push(rate(args.messages, natty_consume(server, js, "consume_default", "natty-default", args.messages).await));
-            tuned.push(rate(args.messages, natty_consume(server, js, "consume_prefetch", "natty-prefetch", args.messages).await));
+            default.push(rate(
+                args.messages,
+                natty_consume(server, js, "consume_default", "natty-default", args.messages).await,
+            ));
+            tuned.push(rate(
+                args.messages,
+                natty_consume(server, js, "consume_prefetch", "natty-prefetch", args.messages).await,
+            ));
         }
         eprintln!(
             "  consume round {round}: raw {:.0}, natty default {:.0}, natty prefetch 1000 {:.0}",
@@ -243,7 +271,9 @@ async fn scenario_consume(server: &NatsServer, js: &jetstream::Context, args: &A
 async fn scenario_publish(server: &NatsServer, js: &jetstream::Context, args: &Args) {
     const WINDOW: usize = 2000;
     let config = natty_runtime::Config::from_lookup(|_| None).expect("config");
-    let client = natty_runtime::Client::connect_with(&config, &server.url()).await.expect("connect");
+    let client = natty_runtime::Client::connect_with(&config, &server.url())
+        .await
+        .expect("connect");
     let payloads: Vec<Order> = (0..args.messages).map(Order::new).collect();
     let (mut raw, mut natty) = (Vec::new(), Vec::new());
     for round in 0..args.rounds {
@@ -276,7 +306,10 @@ async fn scenario_publish(server: &NatsServer, js: &jetstream::Context, args: &A
             ack.expect("publish ack");
         }
         natty.push(rate(args.messages, started.elapsed()));
-        eprintln!("  publish round {round}: raw {:.0}, natty {:.0}", raw[round], natty[round]);
+        eprintln!(
+            "  publish round {round}: raw {:.0}, natty {:.0}",
+            raw[round], natty[round]
+        );
     }
     report("publish (2000 acks in flight)", &raw, &natty, ">= 0.97x");
 }
@@ -288,7 +321,10 @@ async fn scenario_concurrency(server: &NatsServer, js: &jetstream::Context, args
     fill(js, "bench.orders", count).await;
     let mut rates = Vec::new();
     for round in 0..args.rounds {
-        rates.push(rate(count, natty_consume(server, js, "consume_io", "natty-io", count).await));
+        rates.push(rate(
+            count,
+            natty_consume(server, js, "consume_io", "natty-io", count).await,
+        ));
         eprintln!("  concurrency round {round}: natty {:.0}", rates[round]);
     }
     let ideal = 64.0 / 0.005;
@@ -328,7 +364,10 @@ async fn scenario_footprint(server: &NatsServer, js: &jetstream::Context) {
     // Let the other nine handle their copy too, then let it sit idle before reading its memory.
     let mut handled = 1;
     while handled < IDLE.len() {
-        if tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .is_err()
+        {
             break;
         }
         handled += 1;

@@ -4,7 +4,7 @@
 use proc_macro2::{Span, TokenStream};
 use quote::ToTokens;
 use syn::meta::ParseNestedMeta;
-use syn::{Expr, ExprArray, ExprLit, Lit, LitInt, LitStr};
+use syn::{Expr, ExprArray, ExprLit, Lit, LitStr};
 
 /// Collects every error instead of stopping at the first, like serde_derive's `Ctxt`.
 #[derive(Default)]
@@ -41,11 +41,12 @@ impl<T> Slot<T> {
         Slot { name, value: None }
     }
 
-    pub fn set(&mut self, meta: &ParseNestedMeta, value: T) -> syn::Result<()> {
+    /// Stores `value`, given at `span` (the literal, for later errors about it).
+    pub fn set(&mut self, meta: &ParseNestedMeta, value: T, span: Span) -> syn::Result<()> {
         if self.value.is_some() {
             return Err(meta.error(format!("`{}` set multiple times", self.name)));
         }
-        self.value = Some((value, meta.path.span_of()));
+        self.value = Some((value, span));
         Ok(())
     }
 
@@ -53,44 +54,89 @@ impl<T> Slot<T> {
         self.value.as_ref().map(|(value, _)| value)
     }
 
+    pub fn span(&self) -> Option<Span> {
+        self.value.as_ref().map(|(_, span)| *span)
+    }
+
     pub fn take(self) -> Option<T> {
         self.value.map(|(value, _)| value)
     }
 }
 
-trait SpanOf {
-    fn span_of(&self) -> Span;
-}
-
-impl SpanOf for syn::Path {
-    fn span_of(&self) -> Span {
-        syn::spanned::Spanned::span(self)
+/// Parses `key = value` pairs with `key`, recording a key's invalid value in `errors` and going
+/// on, so that every mistake is reported at once and a key given with a bad value is not also
+/// reported as missing. Returns the names of the keys seen.
+pub fn parse_keys(
+    args: TokenStream,
+    errors: &mut Errors,
+    mut key: impl FnMut(&str, &ParseNestedMeta) -> syn::Result<Result<(), syn::Error>>,
+) -> Vec<String> {
+    let mut seen = Vec::new();
+    let parser = syn::meta::parser(|meta| {
+        let name = meta.path.to_token_stream().to_string().replace(' ', "");
+        seen.push(name.clone());
+        match key(&name, &meta)? {
+            Ok(()) => Ok(()),
+            Err(invalid) => {
+                errors.push(invalid);
+                Ok(())
+            }
+        }
+    });
+    if let Err(error) = syn::parse::Parser::parse2(parser, args) {
+        errors.push(error);
     }
+    seen
 }
 
-/// The error for a key the macro does not know, listing the ones it does.
-pub fn unknown_key(meta: &ParseNestedMeta, macro_name: &str, valid: &[&str]) -> syn::Error {
+/// The error for a key the macro does not know, listing the ones it does. Its value is
+/// consumed so parsing can go on to the next key.
+pub fn unknown_key(meta: &ParseNestedMeta, macro_name: &str, valid: &[&str]) -> syn::Result<Result<(), syn::Error>> {
     let key = meta.path.to_token_stream().to_string().replace(' ', "");
     let list = valid
         .iter()
         .map(|key| format!("`{key}`"))
         .collect::<Vec<_>>()
         .join(", ");
-    meta.error(format!("unknown `{macro_name}` key `{key}`; valid keys are {list}"))
+    let error = meta.error(format!("unknown `{macro_name}` key `{key}`; valid keys are {list}"));
+    if meta.input.peek(syn::Token![=]) {
+        meta.value()?.parse::<Expr>()?;
+    }
+    Ok(Err(error))
 }
 
 pub fn lit_str(meta: &ParseNestedMeta) -> syn::Result<LitStr> {
     meta.value()?.parse::<LitStr>()
 }
 
-pub fn lit_int<T>(meta: &ParseNestedMeta) -> syn::Result<(T, LitInt)>
-where
-    T: std::str::FromStr,
-    T::Err: std::fmt::Display,
-{
-    let lit = meta.value()?.parse::<LitInt>()?;
-    let value = lit.base10_parse::<T>()?;
-    Ok((value, lit))
+/// An integer literal (optionally negative) that must be at least `min`; the error names `key`
+/// and points at the literal.
+pub fn int_at_least(meta: &ParseNestedMeta, key: &str, min: i64) -> syn::Result<Result<(i64, Span), syn::Error>> {
+    let expr: Expr = meta.value()?.parse()?;
+    let span = syn::spanned::Spanned::span(&expr);
+    let value = match &expr {
+        Expr::Lit(ExprLit { lit: Lit::Int(lit), .. }) => lit.base10_parse::<i64>().ok(),
+        Expr::Unary(syn::ExprUnary {
+            op: syn::UnOp::Neg(_),
+            expr: inner,
+            ..
+        }) => match &**inner {
+            Expr::Lit(ExprLit { lit: Lit::Int(lit), .. }) => lit.base10_parse::<i64>().ok().map(|v| -v),
+            _ => None,
+        },
+        _ => None,
+    };
+    Ok(match value {
+        Some(value) if value >= min => Ok((value, span)),
+        Some(_) => Err(syn::Error::new_spanned(
+            &expr,
+            format!("`{key}` must be at least {min}"),
+        )),
+        None => Err(syn::Error::new_spanned(
+            &expr,
+            format!("`{key}` takes an integer, e.g. `{key} = {}`", min.max(1)),
+        )),
+    })
 }
 
 /// A string, or a list of strings: `subject = "a.b"` or `subject = ["a.b", "c.>"]`.
@@ -98,6 +144,10 @@ pub fn str_or_list(meta: &ParseNestedMeta) -> syn::Result<Vec<LitStr>> {
     let expr: Expr = meta.value()?.parse()?;
     match expr {
         Expr::Lit(ExprLit { lit: Lit::Str(lit), .. }) => Ok(vec![lit]),
+        Expr::Array(array) if array.elems.is_empty() => Err(syn::Error::new_spanned(
+            array,
+            "the list is empty: give at least one subject",
+        )),
         Expr::Array(ExprArray { elems, .. }) => elems
             .into_iter()
             .map(|elem| match elem {

@@ -36,7 +36,7 @@ struct Args {
 }
 
 impl Args {
-    fn parse(args: TokenStream, errors: &mut Errors) -> Args {
+    fn parse(args: TokenStream, errors: &mut Errors) -> (Args, Vec<String>) {
         let mut parsed = Args {
             stream: Slot::new("stream"),
             durable: Slot::new("durable"),
@@ -47,73 +47,54 @@ impl Args {
             concurrency: Slot::new("concurrency"),
             prefetch: Slot::new("prefetch"),
         };
-        let parser = syn::meta::parser(|meta| parsed.key(&meta));
-        if let Err(error) = syn::parse::Parser::parse2(parser, args) {
-            errors.push(error);
-        }
-        parsed
+        let seen = attr::parse_keys(args, errors, |key, meta| parsed.key(key, meta));
+        (parsed, seen)
     }
 
-    fn key(&mut self, meta: &syn::meta::ParseNestedMeta) -> syn::Result<()> {
-        let Some(key) = meta.path.get_ident().map(|ident| ident.to_string()) else {
-            return Err(attr::unknown_key(meta, "consumer", KEYS));
-        };
-        match key.as_str() {
+    /// Outer error: the attribute cannot be parsed further. Inner error: this key's value is
+    /// wrong; parsing goes on.
+    fn key(&mut self, key: &str, meta: &syn::meta::ParseNestedMeta) -> syn::Result<syn::Result<()>> {
+        Ok(match key {
             "stream" => {
                 let lit = attr::lit_str(meta)?;
-                attr::check_name(&lit, "stream name")?;
-                self.stream.set(meta, lit)
+                attr::check_name(&lit, "stream name").and_then(|()| self.stream.set(meta, lit.clone(), lit.span()))
             }
             "durable" => {
                 let lit = attr::lit_str(meta)?;
-                attr::check_name(&lit, "durable name")?;
-                self.durable.set(meta, lit)
+                attr::check_name(&lit, "durable name").and_then(|()| self.durable.set(meta, lit.clone(), lit.span()))
             }
             "subject" | "subjects" => {
                 let subjects = attr::str_or_list(meta)?;
-                for subject in &subjects {
-                    attr::check_subject(subject)?;
-                }
-                self.subjects.set(meta, subjects)
+                let span = subjects
+                    .first()
+                    .map_or_else(proc_macro2::Span::call_site, |lit| lit.span());
+                subjects
+                    .iter()
+                    .try_for_each(attr::check_subject)
+                    .and_then(|()| self.subjects.set(meta, subjects, span))
             }
             "ack_wait" => {
                 let lit = attr::lit_str(meta)?;
-                let nanos = attr::duration(&lit)?;
-                if nanos < 1_000_000 {
-                    return Err(syn::Error::new(lit.span(), "`ack_wait` must be at least 1ms"));
-                }
-                self.ack_wait.set(meta, nanos)
+                attr::duration(&lit)
+                    .and_then(|nanos| {
+                        if nanos < 1_000_000 {
+                            Err(syn::Error::new(lit.span(), "`ack_wait` must be at least 1ms"))
+                        } else {
+                            Ok(nanos)
+                        }
+                    })
+                    .and_then(|nanos| self.ack_wait.set(meta, nanos, lit.span()))
             }
-            "max_deliver" => {
-                let (value, lit) = attr::lit_int::<i64>(meta)?;
-                if value < 1 {
-                    return Err(syn::Error::new(lit.span(), "`max_deliver` must be at least 1"));
-                }
-                self.max_deliver.set(meta, value)
-            }
-            "max_ack_pending" => {
-                let (value, lit) = attr::lit_int::<i64>(meta)?;
-                if value < 1 {
-                    return Err(syn::Error::new(lit.span(), "`max_ack_pending` must be at least 1"));
-                }
-                self.max_ack_pending.set(meta, value)
-            }
-            "concurrency" => {
-                let (value, lit) = attr::lit_int::<usize>(meta)?;
-                if value < 1 {
-                    return Err(syn::Error::new(lit.span(), "`concurrency` must be at least 1"));
-                }
-                self.concurrency.set(meta, value)
-            }
-            "prefetch" => {
-                let (value, lit) = attr::lit_int::<usize>(meta)?;
-                if value < 1 {
-                    return Err(syn::Error::new(lit.span(), "`prefetch` must be at least 1"));
-                }
-                self.prefetch.set(meta, value)
-            }
-            _ => Err(attr::unknown_key(meta, "consumer", KEYS)),
-        }
+            "max_deliver" => attr::int_at_least(meta, "max_deliver", 1)?
+                .and_then(|(value, span)| self.max_deliver.set(meta, value, span)),
+            "max_ack_pending" => attr::int_at_least(meta, "max_ack_pending", 1)?
+                .and_then(|(value, span)| self.max_ack_pending.set(meta, value, span)),
+            "concurrency" => attr::int_at_least(meta, "concurrency", 1)?
+                .and_then(|(value, span)| self.concurrency.set(meta, value as usize, span)),
+            "prefetch" => attr::int_at_least(meta, "prefetch", 1)?
+                .and_then(|(value, span)| self.prefetch.set(meta, value as usize, span)),
+            _ => return attr::unknown_key(meta, "consumer", KEYS),
+        })
     }
 }
 
@@ -128,11 +109,23 @@ fn signature(function: &ItemFn, errors: &mut Errors) -> Vec<Arg> {
     if sig.asyncness.is_none() {
         errors.spanned(sig.fn_token, "a consumer handler must be an `async fn`");
     }
-    if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
+    if let Some(token) = &sig.unsafety {
         errors.spanned(
-            &sig.generics,
-            "a consumer handler cannot be generic: the runtime must know the payload type",
+            token,
+            "a consumer handler cannot be `unsafe`: the runtime calls it with no safety contract",
         );
+    }
+    if let Some(token) = &sig.constness {
+        errors.spanned(token, "a consumer handler cannot be `const`");
+    }
+    if let Some(abi) = &sig.abi {
+        errors.spanned(abi, "a consumer handler cannot have an `extern` ABI");
+    }
+    const GENERIC: &str = "a consumer handler cannot be generic: the runtime must know the payload type";
+    if !sig.generics.params.is_empty() {
+        errors.spanned(&sig.generics, GENERIC);
+    } else if let Some(where_clause) = &sig.generics.where_clause {
+        errors.spanned(where_clause, GENERIC);
     }
     if let Some(variadic) = &sig.variadic {
         errors.spanned(variadic, "a consumer handler cannot be variadic");
@@ -196,7 +189,7 @@ fn is_extractor(ty: &Type) -> bool {
 
 pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     let mut errors = Errors::default();
-    let parsed = Args::parse(args, &mut errors);
+    let (parsed, seen) = Args::parse(args, &mut errors);
     let function: ItemFn = match syn::parse2(item.clone()) {
         Ok(function) => function,
         Err(_) => {
@@ -205,25 +198,23 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         }
     };
     let handler_args = signature(&function, &mut errors);
-    for (slot, example) in [
-        (
-            parsed.stream.get().is_none(),
-            "missing `stream`, e.g. #[consumer(stream = \"orders\", durable = \"billing\")]",
-        ),
-        (
-            parsed.durable.get().is_none(),
-            "missing `durable`, e.g. #[consumer(stream = \"orders\", durable = \"billing\")]",
-        ),
-    ] {
-        if slot {
-            errors.push(syn::Error::new(Span::call_site(), example));
+    for key in ["stream", "durable"] {
+        // A key given with a bad value was already reported; it is not also "missing".
+        if !seen.iter().any(|seen| seen == key) {
+            errors.push(syn::Error::new(
+                Span::call_site(),
+                format!("missing `{key}`, e.g. #[consumer(stream = \"orders\", durable = \"billing\")]"),
+            ));
         }
     }
     if let (Some(prefetch), Some(max_ack_pending)) = (parsed.prefetch.get(), parsed.max_ack_pending.get()) {
         if *prefetch as i64 > *max_ack_pending {
             errors.push(syn::Error::new(
-                Span::call_site(),
-                "`prefetch` exceeds `max_ack_pending`: the server would stop delivering before the prefetch fills",
+                parsed.prefetch.span().unwrap_or_else(Span::call_site),
+                format!(
+                    "`prefetch` ({prefetch}) exceeds `max_ack_pending` ({max_ack_pending}): \
+                     the server would stop delivering before the prefetch fills"
+                ),
             ));
         }
     }
@@ -239,6 +230,10 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     let stream = parsed.stream.take().map(|lit| lit.value()).unwrap_or_default();
     let durable = parsed.durable.take().map(|lit| lit.value()).unwrap_or_default();
 
+    // Interpolated (call-site) idents: a token written inside `quote_spanned!` would take the
+    // user's span and, inside a `macro_rules!`, that macro's hygiene.
+    let delivery = format_ident!("__natty_delivery");
+    let result = format_ident!("__natty_result");
     let mut bindings = Vec::new();
     let mut call_args = Vec::new();
     for (index, arg) in handler_args.iter().enumerate() {
@@ -247,22 +242,22 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         bindings.push(match arg {
             // Spanned at the type so a payload that is not `Deserialize` is reported there.
             Arg::Payload(ty) => quote_spanned! {ty.span()=>
-                let #var: #ty = match #p::decode_payload::<#ty>(&__delivery) {
+                let #var: #ty = match #p::decode_payload::<#ty>(&#delivery) {
                     ::core::result::Result::Ok(value) => value,
                     ::core::result::Result::Err(error) => return #p::Outcome::Undecodable(error),
                 };
             },
             Arg::Extractor(ty) => quote_spanned! {ty.span()=>
-                let #var: #ty = <#ty as #p::FromDelivery>::from_delivery(&__delivery);
+                let #var: #ty = <#ty as #p::FromDelivery>::from_delivery(&#delivery);
             },
         });
     }
-    let output_span = match &function.sig.output {
-        syn::ReturnType::Default => function.sig.ident.span(),
-        syn::ReturnType::Type(_, ty) => ty.span(),
-    };
-    let outcome = quote_spanned! {output_span=>
-        #p::IntoOutcome::into_outcome(#ident(#(#call_args),*).await)
+    // Named through the declared return type so that a wrong one is reported at that type.
+    let outcome = match &function.sig.output {
+        syn::ReturnType::Default => quote!(#p::IntoOutcome::into_outcome(#result)),
+        syn::ReturnType::Type(_, ty) => quote_spanned! {ty.span()=>
+            <#ty as #p::IntoOutcome>::into_outcome(#result)
+        },
     };
 
     let mut setters = Vec::new();
@@ -291,9 +286,10 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
 
         const _: () = {
             #[automatically_derived]
-            fn #adapter(__delivery: #p::Delivery) -> #p::BoxFuture<'static, #p::Outcome> {
+            fn #adapter(#delivery: #p::Delivery) -> #p::BoxFuture<'static, #p::Outcome> {
                 ::std::boxed::Box::pin(async move {
                     #(#bindings)*
+                    let #result = #ident(#(#call_args),*).await;
                     #outcome
                 })
             }

@@ -33,7 +33,7 @@ struct Args {
 }
 
 impl Args {
-    fn parse(args: TokenStream, errors: &mut Errors) -> Args {
+    fn parse(args: TokenStream, errors: &mut Errors) -> (Args, Vec<String>) {
         let mut parsed = Args {
             name: Slot::new("name"),
             subjects: Slot::new("subjects"),
@@ -46,119 +46,100 @@ impl Args {
             duplicate_window: Slot::new("duplicate_window"),
             description: Slot::new("description"),
         };
-        let parser = syn::meta::parser(|meta| parsed.key(&meta));
-        if let Err(error) = syn::parse::Parser::parse2(parser, args) {
-            errors.push(error);
-        }
-        parsed
+        let seen = attr::parse_keys(args, errors, |key, meta| parsed.key(key, meta));
+        (parsed, seen)
     }
 
-    fn key(&mut self, meta: &syn::meta::ParseNestedMeta) -> syn::Result<()> {
-        let Some(key) = meta.path.get_ident().map(|ident| ident.to_string()) else {
-            return Err(attr::unknown_key(meta, "stream", KEYS));
-        };
-        match key.as_str() {
+    /// Outer error: the attribute cannot be parsed further. Inner error: this key's value is
+    /// wrong; parsing goes on.
+    fn key(&mut self, key: &str, meta: &syn::meta::ParseNestedMeta) -> syn::Result<syn::Result<()>> {
+        Ok(match key {
             "name" => {
                 let lit = attr::lit_str(meta)?;
-                attr::check_name(&lit, "stream name")?;
-                self.name.set(meta, lit)
+                attr::check_name(&lit, "stream name").and_then(|()| self.name.set(meta, lit.clone(), lit.span()))
             }
             "subjects" => {
                 let subjects = attr::str_or_list(meta)?;
-                for subject in &subjects {
-                    attr::check_subject(subject)?;
-                }
-                self.subjects.set(meta, subjects)
+                let span = subjects
+                    .first()
+                    .map_or_else(proc_macro2::Span::call_site, |lit| lit.span());
+                subjects
+                    .iter()
+                    .try_for_each(attr::check_subject)
+                    .and_then(|()| self.subjects.set(meta, subjects, span))
             }
             "retention" => {
                 let lit = attr::lit_str(meta)?;
-                let tokens = match lit.value().as_str() {
-                    "limits" => quote!(Limits),
-                    "interest" => quote!(Interest),
-                    "workqueue" | "work_queue" => quote!(WorkQueue),
-                    other => {
-                        return Err(syn::Error::new(
-                            lit.span(),
-                            format!("unknown retention `{other}`; expected \"limits\", \"interest\" or \"workqueue\""),
-                        ))
-                    }
-                };
-                self.retention.set(meta, tokens)
+                match lit.value().as_str() {
+                    "limits" => Ok(quote!(Limits)),
+                    "interest" => Ok(quote!(Interest)),
+                    "workqueue" | "work_queue" => Ok(quote!(WorkQueue)),
+                    other => Err(syn::Error::new(
+                        lit.span(),
+                        format!("unknown retention `{other}`; expected \"limits\", \"interest\" or \"workqueue\""),
+                    )),
+                }
+                .and_then(|tokens| self.retention.set(meta, tokens, lit.span()))
             }
             "storage" => {
                 let lit = attr::lit_str(meta)?;
-                let tokens = match lit.value().as_str() {
-                    "file" => quote!(File),
-                    "memory" => quote!(Memory),
-                    other => {
-                        return Err(syn::Error::new(
-                            lit.span(),
-                            format!("unknown storage `{other}`; expected \"file\" or \"memory\""),
-                        ))
-                    }
-                };
-                self.storage.set(meta, tokens)
+                match lit.value().as_str() {
+                    "file" => Ok(quote!(File)),
+                    "memory" => Ok(quote!(Memory)),
+                    other => Err(syn::Error::new(
+                        lit.span(),
+                        format!("unknown storage `{other}`; expected \"file\" or \"memory\""),
+                    )),
+                }
+                .and_then(|tokens| self.storage.set(meta, tokens, lit.span()))
             }
             "max_age" => {
-                let nanos = attr::duration(&attr::lit_str(meta)?)?;
-                self.max_age.set(meta, nanos)
+                let lit = attr::lit_str(meta)?;
+                attr::duration(&lit).and_then(|nanos| self.max_age.set(meta, nanos, lit.span()))
             }
             "duplicate_window" => {
-                let nanos = attr::duration(&attr::lit_str(meta)?)?;
-                self.duplicate_window.set(meta, nanos)
+                let lit = attr::lit_str(meta)?;
+                attr::duration(&lit).and_then(|nanos| self.duplicate_window.set(meta, nanos, lit.span()))
             }
-            "max_bytes" => {
-                let (value, lit) = attr::lit_int::<i64>(meta)?;
-                if value < 1 {
-                    return Err(syn::Error::new(lit.span(), "`max_bytes` must be at least 1"));
+            "max_bytes" => attr::int_at_least(meta, "max_bytes", 1)?
+                .and_then(|(value, span)| self.max_bytes.set(meta, value, span)),
+            "max_messages" => attr::int_at_least(meta, "max_messages", 1)?
+                .and_then(|(value, span)| self.max_messages.set(meta, value, span)),
+            "replicas" => attr::int_at_least(meta, "replicas", 1)?.and_then(|(value, span)| {
+                if value > 5 {
+                    Err(syn::Error::new(span, "`replicas` must be between 1 and 5"))
+                } else {
+                    self.replicas.set(meta, value as usize, span)
                 }
-                self.max_bytes.set(meta, value)
-            }
-            "max_messages" => {
-                let (value, lit) = attr::lit_int::<i64>(meta)?;
-                if value < 1 {
-                    return Err(syn::Error::new(lit.span(), "`max_messages` must be at least 1"));
-                }
-                self.max_messages.set(meta, value)
-            }
-            "replicas" => {
-                let (value, lit) = attr::lit_int::<usize>(meta)?;
-                if !(1..=5).contains(&value) {
-                    return Err(syn::Error::new(lit.span(), "`replicas` must be between 1 and 5"));
-                }
-                self.replicas.set(meta, value)
-            }
+            }),
             "description" => {
                 let lit = attr::lit_str(meta)?;
-                self.description.set(meta, lit)
+                self.description.set(meta, lit.clone(), lit.span())
             }
-            _ => Err(attr::unknown_key(meta, "stream", KEYS)),
-        }
+            _ => return attr::unknown_key(meta, "stream", KEYS),
+        })
     }
 }
 
 pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     let mut errors = Errors::default();
-    let parsed = Args::parse(args, &mut errors);
+    let (parsed, seen) = Args::parse(args, &mut errors);
     let item_tokens = item.clone();
-    let item: Item = match syn::parse2(item) {
-        Ok(item) => item,
-        Err(error) => return error.to_compile_error(),
-    };
-    if !matches!(item, Item::Struct(_) | Item::Enum(_)) {
-        errors.spanned(&item, "`#[stream]` goes on a struct, e.g. `struct Orders;`");
+    match syn::parse2::<Item>(item) {
+        Ok(Item::Struct(item)) if item.generics.params.is_empty() => {}
+        Ok(Item::Struct(item)) => errors.spanned(&item.generics, "a `#[stream]` struct cannot be generic"),
+        Ok(Item::Fn(item)) => errors.spanned(item.sig.fn_token, "`#[stream]` goes on a struct, e.g. `struct Orders;`"),
+        Ok(other) => errors.spanned(other, "`#[stream]` goes on a struct, e.g. `struct Orders;`"),
+        Err(error) => errors.push(error),
     }
-    if parsed.name.get().is_none() {
-        errors.push(syn::Error::new(
-            proc_macro2::Span::call_site(),
-            "missing `name`, e.g. #[stream(name = \"orders\", subjects = [\"orders.>\"])]",
-        ));
-    }
-    if parsed.subjects.get().is_none() {
-        errors.push(syn::Error::new(
-            proc_macro2::Span::call_site(),
-            "missing `subjects`, e.g. #[stream(name = \"orders\", subjects = [\"orders.>\"])]",
-        ));
+    for key in ["name", "subjects"] {
+        // A key given with a bad value was already reported; it is not also "missing".
+        if !seen.iter().any(|seen| seen == key) {
+            errors.push(syn::Error::new(
+                proc_macro2::Span::call_site(),
+                format!("missing `{key}`, e.g. #[stream(name = \"orders\", subjects = [\"orders.>\"])]"),
+            ));
+        }
     }
     if let Err(error) = errors.into_result() {
         let error = error.to_compile_error();

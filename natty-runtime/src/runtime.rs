@@ -179,12 +179,18 @@ impl RuntimeBuilder {
             let registered: Vec<ConsumerDef> = inventory::iter::<ConsumerDef>.into_iter().copied().collect();
             let only = self.only.or_else(|| config.handlers.clone());
             if let Some(only) = &only {
-                if let Some(unknown) = only.iter().find(|name| !registered.iter().any(|c| c.name == name.as_str())) {
+                if let Some(unknown) = only
+                    .iter()
+                    .find(|name| !registered.iter().any(|c| c.name == name.as_str()))
+                {
                     let known: Vec<&str> = registered.iter().map(|c| c.name).collect();
                     return Err(Error::config(
                         "NATTY_HANDLERS",
                         only.join(","),
-                        format!("no handler named `{unknown}` is registered; registered: {}", known.join(", ")),
+                        format!(
+                            "no handler named `{unknown}` is registered; registered: {}",
+                            known.join(", ")
+                        ),
                     ));
                 }
             }

@@ -74,7 +74,9 @@ const CONFIG_FILE: &str = "server.conf";
 /// `NotFound` when none of these exists, with a message saying how to install one; also when
 /// `NATTY_NATS_SERVER` names a file that does not exist.
 pub fn nats_server_binary() -> io::Result<PathBuf> {
-    let explicit = std::env::var_os(NATS_SERVER_ENV).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let explicit = std::env::var_os(NATS_SERVER_ENV)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from);
     // The manifest dir finds the workspace's install from any test of this crate; the current
     // dir covers a crate outside this workspace that installed its own copy.
     let roots: Vec<PathBuf> = std::iter::once(PathBuf::from(env!("CARGO_MANIFEST_DIR")))

@@ -1,0 +1,6 @@
+use natty_runtime::prelude::*;
+
+#[stream(name = "jobs", subjects = [])]
+struct Jobs;
+
+fn main() {}
