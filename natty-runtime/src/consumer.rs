@@ -3,6 +3,7 @@
 //! a consumer whose server-side state disappeared, and drains on shutdown.
 
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use async_nats::jetstream::{
 use async_nats::Subject;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::FutureExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -22,17 +23,20 @@ use crate::config::Provision;
 use crate::error::{Error, Result};
 use crate::handler::{ConsumerShared, Delivery, Outcome};
 use crate::publish::Client;
+use crate::puller::{delivery_info, Pulled, Puller};
 use crate::stream::{is_stream_not_found, Location, StreamDef};
 
 /// The adapter a `#[consumer]` generates: decodes, calls the handler, reports the outcome.
 pub type HandlerFn = fn(Delivery) -> BoxFuture<'static, Outcome>;
 
-/// How long a pull request waits on the server before it is renewed.
-const PULL_EXPIRES: Duration = Duration::from_secs(10);
-/// Idle heartbeat of a pull request: two missed ones mean the pull (or the consumer) is gone.
-const PULL_HEARTBEAT: Duration = Duration::from_secs(3);
-/// On shutdown, prefetched messages are handed back until none arrives for this long.
-const HAND_BACK_QUIET: Duration = Duration::from_millis(50);
+/// How much work, in handler time, may wait in this instance's prefetch: enough to hide the
+/// pull round trip, small enough that a slow handler does not hoard messages other instances
+/// could take, or let them age towards `ack_wait` while they wait.
+const PREFETCH_BUDGET: Duration = Duration::from_millis(250);
+/// Upper bound of the adaptive prefetch (also async-nats' largest useful batch).
+const MAX_PREFETCH: usize = 1000;
+/// On shutdown, how long to wait for prefetched messages still on their way, to hand them back.
+const HAND_BACK_WITHIN: Duration = Duration::from_secs(2);
 
 /// A declared durable pull consumer. `#[consumer(...)]` registers one; [`ConsumerDef::new`]
 /// builds one by hand with the same defaults.
@@ -144,12 +148,11 @@ impl ConsumerDef {
         self.location
     }
 
-    /// Messages requested ahead: 32 per handler slot by default (enough to hide the pull
-    /// round trip for fast handlers), so what waits behind a slow handler grows with its
-    /// concurrency rather than with the stream; capped by `max_ack_pending` so the server
-    /// never stalls delivery with a request half-filled.
-    pub(crate) fn effective_prefetch(&self) -> usize {
-        let wanted = self.prefetch.unwrap_or((self.concurrency * 32).min(1000));
+    /// The most messages this instance may have prefetched (beyond those being handled):
+    /// the declared `prefetch`, or up to 1000, and never more than `max_ack_pending`, at
+    /// which the server would stop delivering with a request half-filled.
+    pub(crate) fn max_prefetch(&self) -> usize {
+        let wanted = self.prefetch.unwrap_or(MAX_PREFETCH);
         let cap = self.max_ack_pending.unwrap_or(1000).max(1) as usize;
         wanted.min(cap).max(1)
     }
@@ -197,6 +200,7 @@ pub(crate) struct Consumer {
     /// The declaration of this consumer's stream, if the service declares it: used to
     /// re-create a stream that vanished (a memory stream after a server restart).
     stream_def: Option<StreamDef>,
+    pacing: Pacing,
 }
 
 impl Consumer {
@@ -211,6 +215,7 @@ impl Consumer {
             shared,
             provision,
             stream_def,
+            pacing: Pacing::default(),
         }
     }
 
@@ -273,54 +278,48 @@ impl Consumer {
     /// started, and lets in-flight handlers finish until `hard_stop`, when their messages are naked.
     pub(crate) async fn run(
         self,
-        mut consumer: PullConsumer,
+        _bound: PullConsumer,
         cancel: CancellationToken,
         hard_stop: CancellationToken,
     ) -> Result<()> {
         let this = Arc::new(self);
         let concurrency = this.def.concurrency;
         let permits = Arc::new(Semaphore::new(concurrency));
-        let prefetch = this.def.effective_prefetch();
         let mut failures = 0u32;
-        loop {
-            let mut messages = match consumer
-                .stream()
-                .max_messages_per_batch(prefetch)
-                .expires(PULL_EXPIRES)
-                .heartbeat(PULL_HEARTBEAT)
-                .messages()
-                .await
-            {
-                Ok(messages) => messages,
+        'session: loop {
+            let mut puller = match Puller::start(this.shared.client.nats(), this.def.stream, this.def.durable).await {
+                Ok(puller) => puller,
                 Err(error) => {
-                    tracing::warn!(stream = this.def.stream, consumer = this.def.durable, %error, "cannot start pulling; retrying");
+                    tracing::warn!(stream = this.def.stream, consumer = this.def.durable, %error, "cannot subscribe; retrying");
                     if !pause(&cancel, &mut failures).await {
                         break;
                     }
-                    consumer = match this.bind().await {
-                        Ok(consumer) => consumer,
-                        Err(error) => {
-                            tracing::error!(%error, "cannot bind the consumer; retrying");
-                            continue;
-                        }
-                    };
                     continue;
                 }
             };
-            // Pull until cancelled or until the consumer must be re-bound.
             let rebind = loop {
                 let permit = tokio::select! {
                     biased;
                     _ = cancel.cancelled() => break false,
                     permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
                 };
-                let next = tokio::select! {
+                // Credits cover the handlers that are free plus the prefetch: a message is asked
+                // for only when there is room to start it soon.
+                let busy = concurrency - permits.available_permits() - 1;
+                let target = concurrency - busy
+                    + this
+                        .pacing
+                        .prefetch(concurrency, this.def.max_prefetch(), this.def.prefetch.is_some());
+                if let Err(error) = puller.top_up(target).await {
+                    tracing::warn!(stream = this.def.stream, consumer = this.def.durable, %error, "cannot send a pull request");
+                }
+                let pulled = tokio::select! {
                     biased;
                     _ = cancel.cancelled() => break false,
-                    next = messages.next() => next,
+                    pulled = puller.next() => pulled,
                 };
-                match next {
-                    Some(Ok(message)) => {
+                match pulled {
+                    Pulled::Message(message) => {
                         failures = 0;
                         let delivery = this.clone().deliver(message, permit, hard_stop.clone());
                         if concurrency == 1 {
@@ -330,35 +329,46 @@ impl Consumer {
                             tokio::spawn(delivery);
                         }
                     }
-                    Some(Err(error)) => {
+                    Pulled::ConsumerDeleted => {
+                        tracing::warn!(
+                            stream = this.def.stream,
+                            consumer = this.def.durable,
+                            "the consumer was deleted on the server; re-binding"
+                        );
+                        break true;
+                    }
+                    Pulled::Stalled(why) => {
                         drop(permit);
-                        if this.must_rebind(&error).await {
+                        if this.must_rebind(why).await {
                             break true;
                         }
                     }
-                    None => break true,
+                    Pulled::Refused(why) => {
+                        tracing::error!(stream = this.def.stream, consumer = this.def.durable, reason = %why,
+                            "the server refuses this consumer's pull requests; re-binding");
+                        drop(permit);
+                        if !pause(&cancel, &mut failures).await {
+                            break false;
+                        }
+                        break true;
+                    }
+                    Pulled::Closed => break false,
                 }
             };
             if !rebind {
                 // Prefetched messages that no handler started go back to the server at once,
-                // so another instance can take them instead of waiting out ack_wait. They are
-                // collected first and naked only once the pull subscription is gone: naked
-                // while the pull request is open, the server would deliver them straight back.
-                // Collection is bounded by count and by a quiet period, because an open pull
-                // request keeps receiving newly published messages.
-                let mut prefetched = Vec::new();
-                while prefetched.len() < 2 * prefetch {
-                    match tokio::time::timeout(HAND_BACK_QUIET, messages.next()).await {
-                        Ok(Some(Ok(message))) => prefetched.push(message),
-                        Ok(Some(Err(_))) => continue,
-                        Ok(None) | Err(_) => break,
-                    }
-                }
-                drop(messages);
+                // so another instance can take them instead of waiting out ack_wait.
+                let prefetched = puller.stop(HAND_BACK_WITHIN).await;
                 let handed_back = prefetched.len();
                 for message in prefetched {
-                    let (_, acker) = message.split();
-                    let _ = acker.ack_with(jetstream::AckKind::Nak(None)).await;
+                    if let Some(reply) = message.reply {
+                        Settle {
+                            client: this.shared.client.nats().clone(),
+                            reply,
+                        }
+                        .send(Bytes::from_static(b"-NAK"))
+                        .await;
+                    }
                 }
                 if handed_back > 0 {
                     tracing::info!(
@@ -370,28 +380,24 @@ impl Consumer {
                 }
                 break;
             }
-            drop(messages);
+            drop(puller);
             loop {
                 match this.bind().await {
-                    Ok(rebound) => {
+                    Ok(_) => {
                         tracing::info!(
                             stream = this.def.stream,
                             consumer = this.def.durable,
                             "consumer re-bound; resuming"
                         );
-                        consumer = rebound;
-                        break;
+                        continue 'session;
                     }
                     Err(error) => {
                         tracing::error!(%error, "cannot re-bind the consumer; retrying");
                         if !pause(&cancel, &mut failures).await {
-                            break;
+                            break 'session;
                         }
                     }
                 }
-            }
-            if cancel.is_cancelled() {
-                break;
             }
         }
         // In-flight handlers hold permits; they release them when settled (or naked at hard_stop).
@@ -399,49 +405,42 @@ impl Consumer {
         Ok(())
     }
 
-    /// After an error from the message stream: whether the consumer must be bound again
-    /// (it or its stream vanished), or pulling can go on (a transient miss, e.g. during a reconnect).
-    async fn must_rebind(&self, error: &pull::MessagesError) -> bool {
-        use pull::MessagesErrorKind as Kind;
+    /// After the pull stalled: whether the consumer must be bound again (it or its stream
+    /// vanished), or pulling can go on (a transient gap, e.g. during a reconnect).
+    async fn must_rebind(&self, why: &str) -> bool {
+        use jetstream::context::ConsumerInfoErrorKind as Kind;
         let (stream, durable) = (self.def.stream, self.def.durable);
-        match error.kind() {
-            Kind::ConsumerDeleted => {
+        let gone = match self.js().get_stream(stream).await {
+            Ok(handle) => match handle.consumer_info(durable).await {
+                Ok(_) => Some(false),
+                Err(error) if matches!(error.kind(), Kind::NotFound | Kind::StreamNotFound) => Some(true),
+                Err(_) => None,
+            },
+            Err(error) if is_stream_not_found(&error) => Some(true),
+            Err(_) => None,
+        };
+        match gone {
+            Some(false) => {
+                tracing::debug!(stream, consumer = durable, why, "pull interrupted; continuing");
+                false
+            }
+            Some(true) => {
                 tracing::warn!(
                     stream,
                     consumer = durable,
-                    "the consumer was deleted on the server; re-binding"
+                    why,
+                    "the consumer or its stream is gone on the server; re-binding"
                 );
                 true
             }
-            Kind::MissingHeartbeat | Kind::NoResponders | Kind::Pull | Kind::Other => {
-                let info = match self.js().get_stream(stream).await {
-                    Ok(handle) => handle.consumer_info(durable).await.map(|_| ()).map_err(|e| {
-                        matches!(
-                            e.kind(),
-                            jetstream::context::ConsumerInfoErrorKind::NotFound
-                                | jetstream::context::ConsumerInfoErrorKind::StreamNotFound
-                        )
-                    }),
-                    Err(error) => Err(is_stream_not_found(&error)),
-                };
-                match info {
-                    Ok(()) => {
-                        tracing::debug!(stream, consumer = durable, %error, "pull interrupted; continuing");
-                        false
-                    }
-                    Err(true) => {
-                        tracing::warn!(stream, consumer = durable, %error, "the consumer or its stream is gone on the server; re-binding");
-                        true
-                    }
-                    Err(false) => {
-                        tracing::warn!(stream, consumer = durable, %error, "pull interrupted and the server does not answer; waiting");
-                        false
-                    }
-                }
-            }
-            Kind::RequestLimitExceeded | Kind::PushBasedConsumer => {
-                tracing::error!(stream, consumer = durable, %error, "the server refuses this consumer's pull requests; re-binding");
-                true
+            None => {
+                tracing::warn!(
+                    stream,
+                    consumer = durable,
+                    why,
+                    "pull interrupted and the server does not answer; waiting"
+                );
+                false
             }
         }
     }
@@ -449,20 +448,16 @@ impl Consumer {
     /// Runs the handler for one message and settles it. Holds `permit` until settled.
     async fn deliver(
         self: Arc<Self>,
-        message: jetstream::Message,
+        message: async_nats::Message,
         permit: OwnedSemaphorePermit,
         hard_stop: CancellationToken,
     ) {
         let _permit = permit;
-        let (stream_sequence, delivery_count) = match message.info() {
-            Ok(info) => (info.stream_sequence, info.delivered.max(0) as u64),
-            Err(error) => {
-                tracing::warn!(%error, "received a message that is not a JetStream delivery; ignored");
-                return;
-            }
-        };
-        let jetstream::Message { message, .. } = message;
         let Some(reply) = message.reply else {
+            return;
+        };
+        let Some((stream_sequence, delivery_count)) = delivery_info(&reply) else {
+            tracing::warn!(reply = %reply, "received a message that is not a JetStream delivery; ignored");
             return;
         };
         let settle = Settle {
@@ -488,9 +483,13 @@ impl Consumer {
             delivery_count,
         );
         let handled = AssertUnwindSafe((def.handler)(delivery).instrument(span)).catch_unwind();
+        let started = std::time::Instant::now();
         let outcome = tokio::select! {
             biased;
-            outcome = handled => outcome,
+            outcome = handled => {
+                self.pacing.record(started.elapsed());
+                outcome
+            }
             _ = hard_stop.cancelled() => {
                 tracing::warn!(stream = def.stream, consumer = def.durable, sequence = stream_sequence,
                     "drain timeout: handler still running; nak so the message is redelivered");
@@ -532,6 +531,42 @@ impl Consumer {
                 settle.nak(delay).await;
             }
         }
+    }
+}
+
+/// The handlers' recent speed, from which the prefetch follows: about [`PREFETCH_BUDGET`] of
+/// work per handler slot, between one message and the maximum. Until a handler has finished
+/// once, the prefetch is one message per slot, so a slow handler never starts with a hoard.
+#[derive(Default)]
+struct Pacing {
+    /// Exponentially weighted mean handler time in nanoseconds; 0 until the first sample.
+    mean_nanos: AtomicU64,
+}
+
+impl Pacing {
+    fn record(&self, took: Duration) {
+        let sample = took.as_nanos().min(u64::MAX as u128) as u64;
+        let mean = self.mean_nanos.load(Ordering::Relaxed);
+        // Racing updates from concurrent handlers may lose a sample; the mean stays a mean.
+        let next = if mean == 0 {
+            sample.max(1)
+        } else {
+            (mean * 7 + sample) / 8
+        }
+        .max(1);
+        self.mean_nanos.store(next, Ordering::Relaxed);
+    }
+
+    fn prefetch(&self, concurrency: usize, max: usize, fixed: bool) -> usize {
+        if fixed {
+            return max;
+        }
+        let mean = self.mean_nanos.load(Ordering::Relaxed);
+        if mean == 0 {
+            return concurrency.min(max);
+        }
+        let per_slot = (PREFETCH_BUDGET.as_nanos() as u64 / mean).max(1) as usize;
+        per_slot.saturating_mul(concurrency).clamp(1, max)
     }
 }
 
@@ -582,13 +617,23 @@ mod tests {
     }
 
     #[test]
-    fn prefetch_is_bounded_by_concurrency_and_max_ack_pending() {
+    fn prefetch_follows_handler_speed_within_bounds() {
         let base = ConsumerDef::new("h", "s", "d", handler);
-        assert_eq!(base.effective_prefetch(), 32);
-        assert_eq!(base.concurrency(4).effective_prefetch(), 128);
-        assert_eq!(base.concurrency(500).effective_prefetch(), 1000);
-        assert_eq!(base.max_ack_pending(10).effective_prefetch(), 10);
-        assert_eq!(base.prefetch(5).effective_prefetch(), 5);
+        assert_eq!(base.max_prefetch(), 1000);
+        assert_eq!(base.max_ack_pending(10).max_prefetch(), 10);
+        assert_eq!(base.prefetch(5).max_prefetch(), 5);
+
+        let pacing = Pacing::default();
+        assert_eq!(pacing.prefetch(4, 1000, false), 4, "one per slot before any sample");
+        assert_eq!(pacing.prefetch(4, 5, true), 5, "a declared prefetch is fixed");
+        pacing.record(Duration::from_micros(5));
+        assert_eq!(pacing.prefetch(1, 1000, false), 1000, "fast handlers: the maximum");
+        let slow = Pacing::default();
+        slow.record(Duration::from_secs(2));
+        assert_eq!(slow.prefetch(8, 1000, false), 8, "slow handlers: one per slot");
+        let medium = Pacing::default();
+        medium.record(Duration::from_millis(10));
+        assert_eq!(medium.prefetch(2, 1000, false), 50, "250 ms of work per slot");
     }
 
     #[test]

@@ -36,6 +36,7 @@ mod dev_server;
 mod error;
 mod handler;
 pub mod publish;
+mod puller;
 mod runtime;
 pub mod stream;
 #[cfg(feature = "testing")]

@@ -77,16 +77,25 @@ impl Client {
         subject: impl Into<String>,
         value: &T,
     ) -> std::result::Result<PublishAck, PublishError> {
-        let subject = subject.into();
+        // A `Subject` shares its bytes, so keeping it for the error costs no copy.
+        let subject = async_nats::Subject::from(subject.into());
         let payload = match serde_json::to_vec(value) {
             Ok(payload) => payload,
-            Err(source) => return Err(PublishError::Encode { subject, source }),
+            Err(source) => {
+                return Err(PublishError::Encode {
+                    subject: subject.to_string(),
+                    source,
+                })
+            }
         };
         let ack = match self.jetstream.publish(subject.clone(), payload.into()).await {
             Ok(ack) => ack.await,
             Err(error) => Err(error),
         };
-        ack.map_err(|source| PublishError::Publish { subject, source })
+        ack.map_err(|source| PublishError::Publish {
+            subject: subject.to_string(),
+            source,
+        })
     }
 
     /// The underlying async-nats client, for anything natty does not wrap.

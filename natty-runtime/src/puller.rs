@@ -1,0 +1,205 @@
+//! The pull protocol for one durable consumer, with credit-based flow control.
+//!
+//! natty speaks it directly instead of using async-nats' `messages()` stream because it needs
+//! to vary how much it asks for as it goes: the window follows the handlers' speed (see
+//! [`crate::consumer`]), and a fixed batch size cannot. The protocol (ADR-13): publish
+//! `{"batch": n, "expires": ns, "idle_heartbeat": ns}` to `$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>`
+//! with our inbox as reply; the server sends up to `n` messages there, idle heartbeats
+//! (status 100) while it has none, and a 408/409 status carrying `Nats-Pending-Messages` when
+//! a request ends with credits unused.
+
+use std::time::Duration;
+
+use async_nats::{StatusCode, Subject};
+use futures_util::StreamExt;
+use tokio::time::Instant;
+
+/// How long one pull request waits on the server.
+const EXPIRES: Duration = Duration::from_secs(30);
+/// Idle heartbeat of a pull request.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+/// Silence for this long while credits are outstanding means the requests are gone (server
+/// restart, consumer deleted, connection lost).
+const STALL: Duration = Duration::from_secs(11);
+
+/// What the server sent.
+pub(crate) enum Pulled {
+    /// A message to handle.
+    Message(async_nats::Message),
+    /// The consumer was deleted on the server.
+    ConsumerDeleted,
+    /// No message, heartbeat or status for too long, or no responder: the pull may be gone.
+    Stalled(&'static str),
+    /// The server refuses these pull requests (e.g. a request limit of the consumer).
+    Refused(String),
+    /// The subscription closed (the client is shutting down).
+    Closed,
+}
+
+/// One consumer's pull subscription and its outstanding credits.
+pub(crate) struct Puller {
+    client: async_nats::Client,
+    next_subject: Subject,
+    inbox: Subject,
+    subscriber: async_nats::Subscriber,
+    /// Messages requested and neither received nor returned: what the server may still send,
+    /// including what already sits in the subscription's channel.
+    outstanding: usize,
+    last_heard: Instant,
+}
+
+impl Puller {
+    /// Subscribes a fresh inbox for `durable` on `stream`.
+    pub(crate) async fn start(
+        client: &async_nats::Client,
+        stream: &str,
+        durable: &str,
+    ) -> Result<Puller, async_nats::SubscribeError> {
+        let inbox: Subject = client.new_inbox().into();
+        let subscriber = client.subscribe(inbox.clone()).await?;
+        Ok(Puller {
+            client: client.clone(),
+            next_subject: format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}").into(),
+            inbox,
+            subscriber,
+            outstanding: 0,
+            last_heard: Instant::now(),
+        })
+    }
+
+    /// Asks for more once the credits outstanding fall to half of `target`, so the server
+    /// never holds more than `target` for us and requests stay few and large.
+    pub(crate) async fn top_up(&mut self, target: usize) -> Result<(), async_nats::PublishError> {
+        if target == 0 || self.outstanding > target / 2 {
+            return Ok(());
+        }
+        let batch = target - self.outstanding;
+        let body = format!(
+            r#"{{"batch":{batch},"expires":{},"idle_heartbeat":{}}}"#,
+            EXPIRES.as_nanos(),
+            HEARTBEAT.as_nanos()
+        );
+        self.client
+            .publish_with_reply(self.next_subject.clone(), self.inbox.clone(), body.into())
+            .await?;
+        if self.outstanding == 0 {
+            // The stall clock starts with the first credit, not with the last idle period.
+            self.last_heard = Instant::now();
+        }
+        self.outstanding += batch;
+        Ok(())
+    }
+
+    /// The next message or event.
+    pub(crate) async fn next(&mut self) -> Pulled {
+        loop {
+            let stall_at = self.last_heard + STALL;
+            let message = tokio::select! {
+                biased;
+                message = self.subscriber.next() => message,
+                _ = tokio::time::sleep_until(stall_at), if self.outstanding > 0 => {
+                    self.outstanding = 0;
+                    return Pulled::Stalled("no message or heartbeat from the server");
+                }
+            };
+            let Some(message) = message else {
+                return Pulled::Closed;
+            };
+            self.last_heard = Instant::now();
+            match message.status {
+                None | Some(StatusCode::OK) => {
+                    self.outstanding = self.outstanding.saturating_sub(1);
+                    return Pulled::Message(message);
+                }
+                Some(StatusCode::IDLE_HEARTBEAT) => {}
+                Some(StatusCode::NO_RESPONDERS) => {
+                    self.outstanding = 0;
+                    return Pulled::Stalled("no responders: JetStream or the consumer is unavailable");
+                }
+                Some(StatusCode::TIMEOUT | StatusCode::REQUEST_TERMINATED | StatusCode::NOT_FOUND) => {
+                    let description = message.description.unwrap_or_default();
+                    if description == "Consumer Deleted" {
+                        self.outstanding = 0;
+                        return Pulled::ConsumerDeleted;
+                    }
+                    if description.starts_with("Exceeded MaxRequest") || description == "Consumer is push based" {
+                        self.outstanding = 0;
+                        return Pulled::Refused(description);
+                    }
+                    // A request ended: its unused credits come back. Without the header (leadership
+                    // change, server shutdown) every request is gone.
+                    let returned = message
+                        .headers
+                        .as_ref()
+                        .and_then(|headers| headers.get("Nats-Pending-Messages"))
+                        .and_then(|value| value.as_str().parse::<usize>().ok());
+                    match returned {
+                        Some(returned) => self.outstanding = self.outstanding.saturating_sub(returned),
+                        None => self.outstanding = 0,
+                    }
+                }
+                Some(other) => {
+                    tracing::debug!(status = %other, description = ?message.description, "unexpected pull status");
+                }
+            }
+        }
+    }
+
+    /// Stops the subscription and returns the messages already sent to it, so they can be
+    /// handed back; waits at most `within`.
+    pub(crate) async fn stop(mut self, within: Duration) -> Vec<async_nats::Message> {
+        let mut left = Vec::new();
+        // Drain, not drop: messages the server sent before it saw the unsubscribe still arrive.
+        if self.subscriber.drain().await.is_err() {
+            return left;
+        }
+        let deadline = Instant::now() + within;
+        while let Ok(Some(message)) = tokio::time::timeout_at(deadline, self.subscriber.next()).await {
+            if matches!(message.status, None | Some(StatusCode::OK)) {
+                left.push(message);
+            }
+        }
+        left
+    }
+}
+
+/// Stream sequence and delivery count from a JetStream reply subject:
+/// `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>` (v1),
+/// or `$JS.ACK.<domain>.<account hash>.<stream>.<consumer>.<delivered>.<stream seq>...` (v2).
+pub(crate) fn delivery_info(reply: &str) -> Option<(u64, u64)> {
+    let tokens: Vec<&str> = reply.split('.').collect();
+    if tokens.first() != Some(&"$JS") || tokens.get(1) != Some(&"ACK") {
+        return None;
+    }
+    let offset = match tokens.len() {
+        9 => 4,
+        n if n >= 11 => 6,
+        _ => return None,
+    };
+    let delivered = tokens.get(offset)?.parse().ok()?;
+    let sequence = tokens.get(offset + 1)?.parse().ok()?;
+    Some((sequence, delivered))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::delivery_info;
+
+    #[test]
+    fn parses_both_reply_formats() {
+        assert_eq!(
+            delivery_info("$JS.ACK.orders.billing.3.100.7.1790230470084404000.42"),
+            Some((100, 3))
+        );
+        assert_eq!(
+            delivery_info("$JS.ACK._.szMpdrwD.orders.billing.1.5.1.1790230470084404000.1"),
+            Some((5, 1))
+        );
+        assert_eq!(
+            delivery_info("$JS.ACK.hub.szMpdrwD.orders.billing.2.9.4.1790230470084404000.0.tok"),
+            Some((9, 2))
+        );
+        assert_eq!(delivery_info("_INBOX.abc"), None);
+        assert_eq!(delivery_info("$JS.ACK.orders.billing.x.5.1.1.1"), None);
+    }
+}
