@@ -248,3 +248,44 @@ async fn an_unknown_handler_name_in_natty_handlers_is_a_clear_error() {
         "stderr:\n{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_still_running_at_the_drain_timeout_are_naked_for_prompt_redelivery() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let client = server.client().await;
+    create_jobs_stream(&client).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("work.log");
+    // Jobs take 30 s; the drain allows 300 ms: every handler in flight is cut off.
+    let slow = [
+        ("WORKER_LOG", log.to_str().unwrap()),
+        ("WORKER_DELAY_MS", "30000"),
+        ("NATTY_DRAIN_TIMEOUT", "300ms"),
+    ];
+    publish_jobs(&client, 1..=16).await;
+    let worker = spawn_service(Path::new(WORKER), Some(&server.url()), &slow);
+    wait_until(Duration::from_secs(20), "8 handlers in flight", || async {
+        WorkLog::read(&[&log]).started.len() == 8
+    })
+    .await;
+    send_signal(worker.id().expect("pid"), "TERM");
+    let output = tokio::time::timeout(Duration::from_secs(10), worker.wait_with_output())
+        .await
+        .expect("exits soon after the drain timeout")
+        .expect("wait");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "stderr:\n{stderr}");
+    assert!(stderr.contains("drain timeout"), "stderr:\n{stderr}");
+    assert!(WorkLog::read(&[&log]).done.is_empty());
+
+    // The cut-off messages were naked, so they come back at once rather than after the
+    // worker's 10 s ack_wait: a fast worker finishes all 16 well before that.
+    let fast = [("WORKER_LOG", log.to_str().unwrap())];
+    let _next = spawn_service(Path::new(WORKER), Some(&server.url()), &fast);
+    wait_until(
+        Duration::from_secs(6),
+        "all jobs, sooner than ack_wait would allow",
+        || async { WorkLog::read(&[&log]).done.len() == 16 },
+    )
+    .await;
+}
