@@ -6,4 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 NATTY_NATS_SERVER="$(NATTY_PIN=1 scripts/install-nats-server.sh)"
 export NATTY_NATS_SERVER
-exec cargo test --workspace --all-targets --locked "$@"
+cargo test --workspace --all-targets --locked "$@"
+# --all-targets leaves out doc tests; the examples in the docs must compile and run too.
+cargo test --workspace --doc --locked "$@"

@@ -2,7 +2,10 @@
 //!
 //! ```text
 //! cargo run --release -p natty-bench -- [--rounds 5] [--messages 200000] [--only consume,publish,...]
+//!     [--faststream <python of bench/faststream's venv>]
 //! ```
+//!
+//! `scripts/bench.sh` installs everything and runs it all.
 //!
 //! Starts its own nats-server (file storage, loopback), then for each scenario alternates raw
 //! and natty rounds on the same workload and prints messages/s for both and the ratio
@@ -111,6 +114,7 @@ struct Args {
     rounds: usize,
     messages: u64,
     only: Option<Vec<String>>,
+    faststream: Option<String>,
 }
 
 fn args() -> Args {
@@ -118,6 +122,7 @@ fn args() -> Args {
         rounds: 5,
         messages: 200_000,
         only: None,
+        faststream: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -125,7 +130,8 @@ fn args() -> Args {
             "--rounds" => args.rounds = it.next().and_then(|v| v.parse().ok()).expect("--rounds N"),
             "--messages" => args.messages = it.next().and_then(|v| v.parse().ok()).expect("--messages N"),
             "--only" => args.only = it.next().map(|v| v.split(',').map(String::from).collect()),
-            other => panic!("unknown argument {other}; use --rounds N, --messages N, --only a,b"),
+            "--faststream" => args.faststream = it.next(),
+            other => panic!("unknown argument {other}; use --rounds N, --messages N, --only a,b, --faststream PYTHON"),
         }
     }
     args
@@ -229,15 +235,17 @@ async fn natty_consume(
     elapsed
 }
 
-fn report(name: &str, raw: &[f64], natty: &[f64], goal: &str) {
+/// Prints one comparison line; returns natty's median.
+fn report(name: &str, raw: &[f64], natty: &[f64], goal: &str) -> f64 {
     let (raw, natty) = (median(raw.to_vec()), median(natty.to_vec()));
     println!(
         "{name:<28} raw {raw:>10.0} msg/s   natty {natty:>10.0} msg/s   natty/raw {:>5.2}x   (goal {goal})",
         natty / raw
     );
+    natty
 }
 
-async fn scenario_consume(server: &NatsServer, js: &jetstream::Context, args: &Args) {
+async fn scenario_consume(server: &NatsServer, js: &jetstream::Context, args: &Args) -> f64 {
     purge(js, "bench").await;
     fill(js, "bench.orders", args.messages).await;
     let (mut raw, mut default, mut tuned) = (Vec::new(), Vec::new(), Vec::new());
@@ -270,11 +278,12 @@ async fn scenario_consume(server: &NatsServer, js: &jetstream::Context, args: &A
             raw[round], default[round], tuned[round]
         );
     }
-    report("consume (defaults)", &raw, &default, ">= 1.00x");
+    let natty = report("consume (defaults)", &raw, &default, ">= 1.00x");
     report("consume (prefetch 1000)", &raw, &tuned, ">= 1.00x");
+    natty
 }
 
-async fn scenario_publish(server: &NatsServer, js: &jetstream::Context, args: &Args) {
+async fn scenario_publish(server: &NatsServer, js: &jetstream::Context, args: &Args) -> f64 {
     const WINDOW: usize = 2000;
     let config = natty_runtime::Config::from_lookup(|_| None).expect("config");
     let client = natty_runtime::Client::connect_with(&config, &server.url())
@@ -303,7 +312,8 @@ async fn scenario_publish(server: &NatsServer, js: &jetstream::Context, args: &A
         let started = Instant::now();
         let mut in_flight = FuturesUnordered::new();
         for order in &payloads {
-            in_flight.push(client.publish("bench.natty", order));
+            let pending = client.send("bench.natty", order).await.expect("send");
+            in_flight.push(pending);
             if in_flight.len() >= WINDOW {
                 in_flight.next().await.expect("ack").expect("publish ack");
             }
@@ -317,7 +327,47 @@ async fn scenario_publish(server: &NatsServer, js: &jetstream::Context, args: &A
             raw[round], natty[round]
         );
     }
-    report("publish (2000 acks in flight)", &raw, &natty, ">= 0.97x");
+    report("publish (2000 acks in flight)", &raw, &natty, ">= 0.97x")
+}
+
+/// The peer framework: bench/faststream/bench.py on the same server, per-message handlers
+/// (the shape of natty's) and batch handlers (FastStream's fastest), against natty's medians.
+async fn scenario_faststream(server: &NatsServer, python: &str, args: &Args, natty_consume: f64, natty_publish: f64) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/faststream/bench.py");
+    // FastStream is two orders of magnitude slower: a tenth of the messages keeps it to a minute.
+    let messages = (args.messages / 10).max(1000).to_string();
+    let rounds = args.rounds.min(3).to_string();
+    for handler in ["message", "batch"] {
+        let output = tokio::process::Command::new(python)
+            .args([
+                script,
+                "--url",
+                &server.url(),
+                "--messages",
+                &messages,
+                "--rounds",
+                &rounds,
+            ])
+            .args(["--handler", handler])
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .await
+            .expect("run the FastStream bench");
+        assert!(output.status.success(), "the FastStream bench failed");
+        let text = String::from_utf8_lossy(&output.stdout);
+        let figure = |workload: &str| -> f64 {
+            text.lines()
+                .find_map(|line| line.strip_prefix(&format!("faststream {workload} ")))
+                .and_then(|value| value.trim().parse().ok())
+                .unwrap_or(f64::NAN)
+        };
+        let (consume, publish) = (figure("consume"), figure("publish"));
+        println!(
+            "faststream ({handler:<7} handler) consume {consume:>8.0} msg/s (natty {:>5.1}x)   publish {publish:>8.0} msg/s (natty {:>5.1}x)   (goal natty >= 10x)",
+            natty_consume / consume,
+            natty_publish / publish
+        );
+    }
 }
 
 /// Raw async-nats with the same concurrency: a pull loop (batch 1000) spawning each message
@@ -477,16 +527,25 @@ async fn main() {
         server.url(),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
-    if wants("consume") {
-        scenario_consume(&server, &js, &args).await;
-    }
-    if wants("publish") {
-        scenario_publish(&server, &js, &args).await;
-    }
+    let consume = if wants("consume") {
+        scenario_consume(&server, &js, &args).await
+    } else {
+        f64::NAN
+    };
+    let publish = if wants("publish") {
+        scenario_publish(&server, &js, &args).await
+    } else {
+        f64::NAN
+    };
     if wants("concurrency") {
         scenario_concurrency(&server, &js, &args).await;
     }
     if wants("footprint") {
         scenario_footprint(&server, &js).await;
+    }
+    match &args.faststream {
+        Some(python) if wants("faststream") => scenario_faststream(&server, python, &args, consume, publish).await,
+        Some(_) => {}
+        None => println!("faststream: skipped (pass --faststream PYTHON, as scripts/bench.sh does)"),
     }
 }

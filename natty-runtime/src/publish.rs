@@ -77,6 +77,35 @@ impl Client {
         subject: impl Into<String>,
         value: &T,
     ) -> std::result::Result<PublishAck, PublishError> {
+        self.send(subject, value).await?.await
+    }
+
+    /// Sends `value` as JSON to `subject` and returns at once with a [`PendingAck`] to await
+    /// later: many publishes can be in flight, each still confirmed.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo(client: natty_runtime::Client) -> Result<(), natty_runtime::PublishError> {
+    /// let mut pending = Vec::new();
+    /// for id in 0..100 {
+    ///     pending.push(client.send("tickets.created", &id).await?);
+    /// }
+    /// for ack in pending {
+    ///     ack.await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`PublishError::Encode`] if serialization fails, [`PublishError::Publish`] if the
+    /// message cannot be sent; the [`PendingAck`] reports a missing or refused ack.
+    pub async fn send<T: Serialize + ?Sized>(
+        &self,
+        subject: impl Into<String>,
+        value: &T,
+    ) -> std::result::Result<PendingAck, PublishError> {
         // A `Subject` shares its bytes, so keeping it for the error costs no copy.
         let subject = async_nats::Subject::from(subject.into());
         let payload = match serde_json::to_vec(value) {
@@ -88,14 +117,16 @@ impl Client {
                 })
             }
         };
-        let ack = match self.jetstream.publish(subject.clone(), payload.into()).await {
-            Ok(ack) => ack.await,
-            Err(error) => Err(error),
-        };
-        ack.map_err(|source| PublishError::Publish {
-            subject: subject.to_string(),
-            source,
-        })
+        match self.jetstream.publish(subject.clone(), payload.into()).await {
+            Ok(ack) => Ok(PendingAck {
+                subject,
+                ack: std::future::IntoFuture::into_future(ack),
+            }),
+            Err(source) => Err(PublishError::Publish {
+                subject: subject.to_string(),
+                source,
+            }),
+        }
     }
 
     /// The underlying async-nats client, for anything natty does not wrap.
@@ -115,5 +146,28 @@ impl Client {
     /// When the connection is gone.
     pub async fn flush(&self) -> std::result::Result<(), async_nats::client::FlushError> {
         self.nats.flush().await
+    }
+}
+
+/// A publish that was sent and whose ack has not arrived yet; await it for the [`PublishAck`].
+#[must_use = "a publish is confirmed only when its ack is awaited"]
+pub struct PendingAck {
+    subject: async_nats::Subject,
+    ack: AckFuture,
+}
+
+/// async-nats' ack future, already boxed by async-nats: polled in place, with no second box.
+type AckFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = std::result::Result<PublishAck, jetstream::context::PublishError>> + Send>,
+>;
+
+impl std::future::Future for PendingAck {
+    type Output = std::result::Result<PublishAck, PublishError>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        self.ack.as_mut().poll(cx).map_err(|source| PublishError::Publish {
+            subject: self.subject.to_string(),
+            source,
+        })
     }
 }
