@@ -175,8 +175,14 @@ async def consume_round(url: str, js, count: int, args) -> float:
     await broker.stop()  # waits for the handlers in flight and their acks
     if handled != count:
         raise SystemExit(f"consume: handled {handled}, expected {count}")
-    # Not timed: every message was acked (FastStream acks after the handler).
-    info = await js.consumer_info(STREAM, DURABLE)
+    # Not timed: every message was acked (FastStream acks after the handler). The last
+    # batch's acks may still be on their way when the broker stops: wait for them, bounded.
+    deadline = time.monotonic() + 10
+    while True:
+        info = await js.consumer_info(STREAM, DURABLE)
+        if (info.ack_floor.stream_seq >= count and not info.num_ack_pending) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
     if info.ack_floor.stream_seq < count or info.num_ack_pending:
         raise SystemExit(
             f"consume: ack floor {info.ack_floor.stream_seq}, "

@@ -361,10 +361,14 @@ async fn scenario_faststream(server: &NatsServer, python: &str, args: &Args, nat
                 &rounds,
             ])
             .args(["--handler", handler])
+            .stdout(std::process::Stdio::piped())
+            // Its per-round figures and any failure reach the terminal (`output()` would capture them).
             .stderr(std::process::Stdio::inherit())
-            .output()
+            .spawn()
+            .expect("run the FastStream bench")
+            .wait_with_output()
             .await
-            .expect("run the FastStream bench");
+            .expect("wait for the FastStream bench");
         assert!(output.status.success(), "the FastStream bench failed");
         let text = String::from_utf8_lossy(&output.stdout);
         let figure = |workload: &str| -> f64 {
