@@ -90,6 +90,21 @@ async fn handlers_and_main_publish_typed_values_and_await_the_ack() {
         .collect();
     assert_eq!(seen, expected);
 
+    // Windowed: many sends in flight, each ack awaited afterwards, in order of sequence.
+    let mut pending = Vec::new();
+    for id in 100..200 {
+        pending.push(client.send("receipts.windowed", &Job { id }).await.expect("send"));
+    }
+    let mut sequences = Vec::new();
+    for ack in pending {
+        sequences.push(ack.await.expect("ack").sequence);
+    }
+    assert!(
+        sequences.windows(2).all(|w| w[0] < w[1]),
+        "acks in publish order: {sequences:?}"
+    );
+    assert_eq!(sequences.len(), 100);
+
     // No stream captures this subject: the publish fails, naming it, instead of vanishing.
     let error = client.publish("nowhere.1", &Job { id: 9 }).await.unwrap_err();
     assert!(matches!(error, PublishError::Publish { .. }), "{error}");

@@ -18,6 +18,8 @@ const KEYS: &[&str] = &[
     "max_ack_pending",
     "concurrency",
     "prefetch",
+    "backoff",
+    "dead_letter",
 ];
 
 /// Argument types the runtime provides by extraction rather than by decoding the payload.
@@ -33,6 +35,8 @@ struct Args {
     max_ack_pending: Slot<i64>,
     concurrency: Slot<usize>,
     prefetch: Slot<usize>,
+    backoff: Slot<Vec<u64>>,
+    dead_letter: Slot<LitStr>,
 }
 
 impl Args {
@@ -46,6 +50,8 @@ impl Args {
             max_ack_pending: Slot::new("max_ack_pending"),
             concurrency: Slot::new("concurrency"),
             prefetch: Slot::new("prefetch"),
+            backoff: Slot::new("backoff"),
+            dead_letter: Slot::new("dead_letter"),
         };
         let seen = attr::parse_keys(args, errors, |key, meta| parsed.key(key, meta));
         (parsed, seen)
@@ -93,6 +99,32 @@ impl Args {
                 .and_then(|(value, span)| self.concurrency.set(meta, value as usize, span)),
             "prefetch" => attr::int_at_least(meta, "prefetch", 1)?
                 .and_then(|(value, span)| self.prefetch.set(meta, value as usize, span)),
+            "backoff" => {
+                let steps = attr::str_or_list(meta)?;
+                let span = steps
+                    .first()
+                    .map_or_else(proc_macro2::Span::call_site, |lit| lit.span());
+                steps
+                    .iter()
+                    .map(attr::duration)
+                    .collect::<syn::Result<Vec<u64>>>()
+                    .and_then(|nanos| self.backoff.set(meta, nanos, span))
+            }
+            "dead_letter" => {
+                let lit = attr::lit_str(meta)?;
+                attr::check_subject(&lit)
+                    .and_then(|()| {
+                        if lit.value().contains(['*', '>']) {
+                            Err(syn::Error::new(
+                                lit.span(),
+                                "a dead-letter subject cannot contain wildcards",
+                            ))
+                        } else {
+                            Ok(())
+                        }
+                    })
+                    .and_then(|()| self.dead_letter.set(meta, lit.clone(), lit.span()))
+            }
             _ => return attr::unknown_key(meta, "consumer", KEYS),
         })
     }
@@ -279,6 +311,13 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     }
     if let Some(value) = parsed.prefetch.take() {
         setters.push(quote!(.prefetch(#value)));
+    }
+    if let Some(steps) = parsed.backoff.take() {
+        let steps = steps.into_iter().map(attr::duration_tokens);
+        setters.push(quote!(.backoff(&[#(#steps),*])));
+    }
+    if let Some(subject) = parsed.dead_letter.take() {
+        setters.push(quote!(.dead_letter(#subject)));
     }
 
     quote! {

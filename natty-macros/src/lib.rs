@@ -19,9 +19,11 @@ mod stream;
 /// ```
 ///
 /// Keys: `stream` and `durable` (required), `subject` (a string or a list of filter subjects),
-/// `ack_wait`, `max_deliver`, `max_ack_pending`, `concurrency`, `prefetch`.
+/// `ack_wait`, `max_deliver`, `max_ack_pending`, `concurrency`, `prefetch`, `backoff` (a list of
+/// durations: the delay before each redelivery after an error), `dead_letter` (a subject).
 /// Arguments: at most one payload (any `serde::Deserialize` type, JSON) and a `Context`.
-/// `Ok` or `()` acks; an error naks so the message is redelivered.
+/// `Ok` or `()` acks; `Err(Reject::...)` naks now, naks after a delay, or terminates; any other
+/// error retries with the backoff; after `max_deliver`, the message goes to the dead-letter subject.
 #[proc_macro_attribute]
 pub fn consumer(args: TokenStream, item: TokenStream) -> TokenStream {
     consumer::expand(args.into(), item.into()).into()

@@ -21,7 +21,7 @@ use tracing::Instrument;
 
 use crate::config::Provision;
 use crate::error::{Error, Result};
-use crate::handler::{ConsumerShared, Delivery, Outcome};
+use crate::handler::{ConsumerShared, Delivery, Outcome, Reject, RejectKind};
 use crate::publish::Client;
 use crate::puller::{delivery_info, Pulled, Puller};
 use crate::stream::{is_stream_not_found, Location, StreamDef};
@@ -35,6 +35,10 @@ pub type HandlerFn = fn(Delivery) -> BoxFuture<'static, Outcome>;
 const PREFETCH_BUDGET: Duration = Duration::from_millis(250);
 /// Upper bound of the adaptive prefetch (also async-nats' largest useful batch).
 const MAX_PREFETCH: usize = 1000;
+/// Default dead-letter subjects are `natty.dead.<stream>.<durable>`, kept by [`DEAD_LETTER_STREAM`].
+pub const DEAD_LETTER_PREFIX: &str = "natty.dead";
+/// The stream natty provisions for default dead-letter subjects.
+pub const DEAD_LETTER_STREAM: &str = "natty-dead-letters";
 /// On shutdown, how long to wait for prefetched messages still on their way, to hand them back.
 const HAND_BACK_WITHIN: Duration = Duration::from_secs(2);
 
@@ -51,6 +55,8 @@ pub struct ConsumerDef {
     pub(crate) max_ack_pending: Option<i64>,
     pub(crate) concurrency: usize,
     pub(crate) prefetch: Option<usize>,
+    pub(crate) backoff: &'static [Duration],
+    pub(crate) dead_letter: Option<&'static str>,
     pub(crate) handler: HandlerFn,
     pub(crate) location: Location,
 }
@@ -81,6 +87,8 @@ impl ConsumerDef {
             max_ack_pending: None,
             concurrency: 1,
             prefetch: None,
+            backoff: &[],
+            dead_letter: None,
             handler,
             location: Location::UNKNOWN,
         }
@@ -122,10 +130,41 @@ impl ConsumerDef {
         self
     }
 
+    /// Redelivery delays after a handler error, by attempt: the first error waits
+    /// `backoff[0]`, the second `backoff[1]`, and so on, the last repeating. Without it, 100 ms
+    /// doubling to 10 s.
+    pub const fn backoff(mut self, backoff: &'static [Duration]) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// Where messages go when they are terminated or run out of deliveries (default
+    /// `natty.dead.<stream>.<durable>`, stored in the `natty-dead-letters` stream).
+    pub const fn dead_letter(mut self, subject: &'static str) -> Self {
+        self.dead_letter = Some(subject);
+        self
+    }
+
     /// Records where the declaration was written (the macros set this).
     pub const fn at(mut self, location: Location) -> Self {
         self.location = location;
         self
+    }
+
+    /// The dead-letter subject in force.
+    pub fn dead_letter_subject(&self) -> String {
+        match self.dead_letter {
+            Some(subject) => subject.to_string(),
+            None => format!("{DEAD_LETTER_PREFIX}.{}.{}", self.stream, self.durable),
+        }
+    }
+
+    /// How long to wait before redelivering after the `attempt`-th delivery failed.
+    pub(crate) fn retry_delay(&self, attempt: u64) -> Duration {
+        match self.backoff {
+            [] => default_retry_delay(attempt),
+            steps => steps[(attempt.saturating_sub(1) as usize).min(steps.len() - 1)],
+        }
     }
 
     /// The handler's name.
@@ -201,6 +240,9 @@ pub(crate) struct Consumer {
     /// re-create a stream that vanished (a memory stream after a server restart).
     stream_def: Option<StreamDef>,
     pacing: Pacing,
+    /// The consumer's `ack_wait` as the server has it (read at each bind), for in-progress pings.
+    ack_wait_nanos: AtomicU64,
+    dead_letter: async_nats::Subject,
 }
 
 impl Consumer {
@@ -216,6 +258,8 @@ impl Consumer {
             provision,
             stream_def,
             pacing: Pacing::default(),
+            ack_wait_nanos: AtomicU64::new(Duration::from_secs(30).as_nanos() as u64),
+            dead_letter: def.dead_letter_subject().into(),
         }
     }
 
@@ -223,8 +267,17 @@ impl Consumer {
         self.shared.client.jetstream()
     }
 
-    /// Creates, updates or looks up the durable consumer according to the provisioning mode.
+    /// Creates, updates or looks up the durable consumer according to the provisioning mode,
+    /// and records its `ack_wait`.
     pub(crate) async fn bind(&self) -> Result<PullConsumer> {
+        let consumer = self.bind_inner().await?;
+        let ack_wait = consumer.cached_info().config.ack_wait;
+        self.ack_wait_nanos
+            .store(ack_wait.as_nanos().max(1) as u64, Ordering::Relaxed);
+        Ok(consumer)
+    }
+
+    async fn bind_inner(&self) -> Result<PullConsumer> {
         let def = &self.def;
         let stream = match self.js().get_stream(def.stream).await {
             Ok(stream) => stream,
@@ -462,10 +515,19 @@ impl Consumer {
         };
         let settle = Settle {
             client: self.shared.client.nats().clone(),
-            reply,
+            reply: reply.clone(),
+        };
+        // Kept for a dead letter: the handler takes the delivery. Cheap: shared bytes.
+        let original = Original {
+            subject: message.subject.clone(),
+            payload: message.payload.clone(),
+            headers: message.headers.clone(),
+            stream_sequence,
+            delivery_count,
         };
         let delivery = Delivery {
             subject: message.subject,
+            reply,
             payload: message.payload,
             headers: message.headers,
             stream_sequence,
@@ -483,31 +545,54 @@ impl Consumer {
             delivery_count,
         );
         let handled = AssertUnwindSafe((def.handler)(delivery).instrument(span)).catch_unwind();
+        tokio::pin!(handled);
         let started = std::time::Instant::now();
-        let outcome = tokio::select! {
-            biased;
-            outcome = handled => {
-                self.pacing.record(started.elapsed());
-                outcome
-            }
-            _ = hard_stop.cancelled() => {
-                tracing::warn!(stream = def.stream, consumer = def.durable, sequence = stream_sequence,
-                    "drain timeout: handler still running; nak so the message is redelivered");
-                settle.send(Bytes::from_static(b"-NAK")).await;
-                return;
+        // A running handler never loses its message to ack_wait: ping every half ack_wait.
+        let ping_every =
+            Duration::from_nanos(self.ack_wait_nanos.load(Ordering::Relaxed) / 2).max(Duration::from_millis(1));
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+        let outcome = loop {
+            tokio::select! {
+                biased;
+                outcome = &mut handled => {
+                    self.pacing.record(started.elapsed());
+                    break outcome;
+                }
+                _ = hard_stop.cancelled() => {
+                    tracing::warn!(stream = def.stream, consumer = def.durable, sequence = stream_sequence,
+                        "drain timeout: handler still running; nak so the message is redelivered");
+                    settle.send(Bytes::from_static(b"-NAK")).await;
+                    return;
+                }
+                _ = ping.tick() => settle.send(Bytes::from_static(b"+WPI")).await,
             }
         };
-        match outcome {
-            Ok(Outcome::Ack) => settle.send(Bytes::from_static(b"+ACK")).await,
-            Ok(Outcome::Failed(error)) => {
-                let delay = retry_delay(delivery_count);
-                tracing::warn!(
-                    handler = def.name, stream = def.stream, consumer = def.durable, sequence = stream_sequence,
-                    delivery_count, error = %error, retry_in = ?delay,
-                    "handler failed; the message will be redelivered"
-                );
-                settle.nak(delay).await;
+        let last_attempt = def.max_deliver.is_some_and(|max| delivery_count >= max as u64);
+        let failure = match outcome {
+            Ok(Outcome::Ack) => {
+                settle.send(Bytes::from_static(b"+ACK")).await;
+                return;
             }
+            Ok(Outcome::Failed(error)) => match error.downcast::<Reject>() {
+                Ok(reject) => match reject.0 {
+                    RejectKind::Terminate(reason) => {
+                        tracing::warn!(handler = def.name, stream = def.stream, consumer = def.durable,
+                            sequence = stream_sequence, %reason, "handler terminated the message");
+                        self.dead_letter_and_terminate(&settle, original, &reason).await;
+                        return;
+                    }
+                    RejectKind::Retry if !last_attempt => {
+                        settle.send(Bytes::from_static(b"-NAK")).await;
+                        return;
+                    }
+                    RejectKind::RetryAfter(delay) if !last_attempt => {
+                        settle.nak(delay).await;
+                        return;
+                    }
+                    _ => "the handler asked for a retry".to_string(),
+                },
+                Err(error) => error.to_string(),
+            },
             Ok(Outcome::Undecodable(error)) => {
                 tracing::error!(
                     handler = def.name, stream = def.stream, consumer = def.durable, sequence = stream_sequence,
@@ -515,23 +600,95 @@ impl Consumer {
                     "terminating a message whose payload cannot be decoded (stream {}, consumer {}, sequence {})",
                     def.stream, def.durable, stream_sequence
                 );
-                settle.send(format!("+TERM {error}").into()).await;
+                self.dead_letter_and_terminate(&settle, original, &error.to_string())
+                    .await;
+                return;
             }
             Err(panic) => {
-                let delay = retry_delay(delivery_count);
                 let what = panic
                     .downcast_ref::<&str>()
                     .map(|s| s.to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "a non-string panic".into());
-                tracing::error!(
-                    handler = def.name, stream = def.stream, consumer = def.durable, sequence = stream_sequence,
-                    panic = %what, "handler panicked; the message will be redelivered"
-                );
-                settle.nak(delay).await;
+                format!("the handler panicked: {what}")
             }
+        };
+        if last_attempt {
+            let reason = format!("failed on the last of {delivery_count} deliveries: {failure}");
+            tracing::error!(handler = def.name, stream = def.stream, consumer = def.durable,
+                sequence = stream_sequence, %reason, "giving up on the message");
+            self.dead_letter_and_terminate(&settle, original, &reason).await;
+            return;
+        }
+        let delay = def.retry_delay(delivery_count);
+        tracing::warn!(
+            handler = def.name, stream = def.stream, consumer = def.durable, sequence = stream_sequence,
+            delivery_count, error = %failure, retry_in = ?delay,
+            "handler failed; the message will be redelivered"
+        );
+        settle.nak(delay).await;
+    }
+
+    /// Republishes the message to the dead-letter subject, with where it came from and why in
+    /// its headers, then terminates it. The copy carries a message id derived from the stream
+    /// and sequence, so a retried dead letter is stored once. If the copy cannot be stored,
+    /// the message is naked instead of terminated: it is never dropped unrecorded.
+    async fn dead_letter_and_terminate(&self, settle: &Settle, original: Original, reason: &str) {
+        let def = &self.def;
+        // Header values are single lines.
+        let reason = reason.replace(['\r', '\n'], " ");
+        let mut headers = original.headers.unwrap_or_default();
+        headers.insert("Natty-Dead-Letter-Reason", reason.as_str());
+        headers.insert("Natty-Original-Subject", original.subject.as_str());
+        headers.insert("Natty-Original-Stream", def.stream);
+        headers.insert("Natty-Original-Consumer", def.durable);
+        headers.insert("Natty-Original-Sequence", original.stream_sequence.to_string().as_str());
+        headers.insert("Natty-Delivery-Count", original.delivery_count.to_string().as_str());
+        headers.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            format!("natty-dead-letter:{}:{}", def.stream, original.stream_sequence).as_str(),
+        );
+        let mut stored = false;
+        for attempt in 0..3u32 {
+            let sent = self
+                .js()
+                .publish_with_headers(self.dead_letter.clone(), headers.clone(), original.payload.clone())
+                .await;
+            match sent {
+                Ok(ack) => match ack.await {
+                    Ok(_) => {
+                        stored = true;
+                        break;
+                    }
+                    Err(error) => tracing::warn!(%error, attempt, subject = %self.dead_letter, "dead letter not acked"),
+                },
+                Err(error) => {
+                    tracing::warn!(%error, attempt, subject = %self.dead_letter, "cannot publish the dead letter")
+                }
+            }
+            settle.send(Bytes::from_static(b"+WPI")).await;
+            tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
+        }
+        if stored {
+            settle.send(format!("+TERM {reason}").into()).await;
+        } else {
+            tracing::error!(
+                stream = def.stream, consumer = def.durable, sequence = original.stream_sequence,
+                dead_letter = %self.dead_letter, %reason,
+                "cannot store the dead letter (is a stream capturing its subject?); the message stays in its stream, naked"
+            );
+            settle.nak(Duration::from_secs(30)).await;
         }
     }
+}
+
+/// What a dead letter needs of the original message.
+struct Original {
+    subject: async_nats::Subject,
+    payload: Bytes,
+    headers: Option<async_nats::HeaderMap>,
+    stream_sequence: u64,
+    delivery_count: u64,
 }
 
 /// The handlers' recent speed, from which the prefetch follows: about [`PREFETCH_BUDGET`] of
@@ -570,9 +727,10 @@ impl Pacing {
     }
 }
 
-/// Redelivery delay after a handler error: 100 ms, doubling per attempt, at most 10 s, so a
-/// failing dependency is not hammered and a transient failure is retried quickly.
-fn retry_delay(delivery_count: u64) -> Duration {
+/// Redelivery delay after a handler error, without a declared backoff: 100 ms, doubling per
+/// attempt, at most 10 s, so a failing dependency is not hammered and a transient failure is
+/// retried quickly.
+fn default_retry_delay(delivery_count: u64) -> Duration {
     let exponent = delivery_count.saturating_sub(1).min(7) as u32;
     Duration::from_millis(100 * 2u64.pow(exponent)).min(Duration::from_secs(10))
 }
@@ -638,8 +796,13 @@ mod tests {
 
     #[test]
     fn retry_delay_grows_and_is_capped() {
-        assert_eq!(retry_delay(1), Duration::from_millis(100));
-        assert_eq!(retry_delay(2), Duration::from_millis(200));
-        assert_eq!(retry_delay(50), Duration::from_secs(10));
+        assert_eq!(default_retry_delay(1), Duration::from_millis(100));
+        assert_eq!(default_retry_delay(2), Duration::from_millis(200));
+        assert_eq!(default_retry_delay(50), Duration::from_secs(10));
+        const STEPS: &[Duration] = &[Duration::from_secs(1), Duration::from_secs(10)];
+        let def = ConsumerDef::new("h", "s", "d", handler).backoff(STEPS);
+        assert_eq!(def.retry_delay(1), Duration::from_secs(1));
+        assert_eq!(def.retry_delay(2), Duration::from_secs(10));
+        assert_eq!(def.retry_delay(9), Duration::from_secs(10));
     }
 }

@@ -21,6 +21,7 @@ pub(crate) struct ConsumerShared {
 #[doc(hidden)]
 pub struct Delivery {
     pub(crate) subject: Subject,
+    pub(crate) reply: Subject,
     pub(crate) payload: bytes::Bytes,
     pub(crate) headers: Option<HeaderMap>,
     pub(crate) stream_sequence: u64,
@@ -43,6 +44,7 @@ pub struct Delivery {
 #[derive(Clone)]
 pub struct Context {
     subject: Subject,
+    reply: Subject,
     headers: Option<HeaderMap>,
     stream_sequence: u64,
     delivery_count: u64,
@@ -85,6 +87,21 @@ impl Context {
         &self.shared.client
     }
 
+    /// Tells the server the message is still being worked on, resetting its `ack_wait` timer.
+    /// natty already does this on its own every half `ack_wait` while the handler runs; call it
+    /// to be explicit, e.g. before a step known to be long.
+    ///
+    /// # Errors
+    ///
+    /// When the connection is gone.
+    pub async fn in_progress(&self) -> Result<(), async_nats::PublishError> {
+        self.shared
+            .client
+            .nats()
+            .publish(self.reply.clone(), bytes::Bytes::from_static(b"+WPI"))
+            .await
+    }
+
     /// Publishes `value` as JSON to `subject` and waits for the stream's ack.
     ///
     /// # Errors
@@ -111,6 +128,71 @@ impl std::fmt::Debug for Context {
     }
 }
 
+/// A handler's decision not to process a message now, returned as its error: `Err(Reject::...)`.
+///
+/// Any other error retries with the consumer's backoff; a `Reject` says exactly what to do.
+/// It converts into `anyhow::Error` and back, so `?` works in handlers returning `anyhow::Result`.
+///
+/// # Examples
+///
+/// ```ignore
+/// #[consumer(stream = "orders", durable = "billing")]
+/// async fn bill(order: Order, ctx: Context) -> Result<(), Reject> {
+///     if order.amount == 0 {
+///         return Err(Reject::terminate("an order of nothing cannot be billed"));
+///     }
+///     if !payments_up().await {
+///         return Err(Reject::retry_after(Duration::from_secs(30)));
+///     }
+///     Ok(())
+/// }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reject(pub(crate) RejectKind);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum RejectKind {
+    Retry,
+    RetryAfter(std::time::Duration),
+    Terminate(String),
+}
+
+impl Reject {
+    /// Redeliver now (a nak without delay).
+    pub fn retry() -> Reject {
+        Reject(RejectKind::Retry)
+    }
+
+    /// Redeliver after `delay` (a nak with delay), not sooner.
+    pub fn retry_after(delay: std::time::Duration) -> Reject {
+        Reject(RejectKind::RetryAfter(delay))
+    }
+
+    /// Redeliver after the delay `decide` picks from the attempt number (1 for the first
+    /// delivery) and the message's headers.
+    pub fn retry_with(ctx: &Context, decide: impl FnOnce(u64, Option<&HeaderMap>) -> std::time::Duration) -> Reject {
+        Reject::retry_after(decide(ctx.delivery_count(), ctx.headers()))
+    }
+
+    /// Never redeliver: the message is terminated (`+TERM` with `reason`) and sent to the
+    /// consumer's dead-letter subject.
+    pub fn terminate(reason: impl Into<String>) -> Reject {
+        Reject(RejectKind::Terminate(reason.into()))
+    }
+}
+
+impl std::fmt::Display for Reject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            RejectKind::Retry => write!(f, "rejected: retry now"),
+            RejectKind::RetryAfter(delay) => write!(f, "rejected: retry after {delay:?}"),
+            RejectKind::Terminate(reason) => write!(f, "rejected for good: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for Reject {}
+
 /// A handler argument built from the delivery rather than decoded from the payload.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be a handler argument",
@@ -126,6 +208,7 @@ impl FromDelivery for Context {
     fn from_delivery(delivery: &Delivery) -> Self {
         Context {
             subject: delivery.subject.clone(),
+            reply: delivery.reply.clone(),
             headers: delivery.headers.clone(),
             stream_sequence: delivery.stream_sequence,
             delivery_count: delivery.delivery_count,

@@ -46,7 +46,7 @@ pub use config::{Auth, Config, Provision, Tls};
 pub use consumer::ConsumerDef;
 pub use dev_server::find_nats_server;
 pub use error::{BoxError, Error, Result};
-pub use handler::{ConsumerPayload, Context, DecodeError, FromDelivery, IntoOutcome};
+pub use handler::{ConsumerPayload, Context, DecodeError, FromDelivery, IntoOutcome, Reject};
 pub use natty_macros::{consumer, stream};
 pub use publish::{Client, PendingAck, PublishAck, PublishError};
 pub use runtime::{connect, Connection, Runtime, RuntimeBuilder};
@@ -57,7 +57,7 @@ pub use async_nats;
 
 /// What a service needs in scope: the macros, [`Context`] and [`Client`].
 pub mod prelude {
-    pub use crate::{consumer, stream, Client, Context};
+    pub use crate::{consumer, stream, Client, Context, Reject};
 }
 
 /// Runs every registered handler with settings from the environment, until SIGINT or SIGTERM.

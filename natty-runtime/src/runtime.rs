@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Auth, Config, Provision};
-use crate::consumer::{Consumer, ConsumerDef};
+use crate::consumer::{Consumer, ConsumerDef, DEAD_LETTER_STREAM};
 use crate::dev_server::DevServer;
 use crate::error::{Error, Result};
 use crate::publish::Client;
@@ -259,6 +259,18 @@ impl Runtime {
         for stream in &streams {
             stream.provision(js, provision).await?;
         }
+        // Default dead-letter subjects need a stream to land in; a service that names its own
+        // dead-letter subjects (or provisions by other means) does not get one.
+        let default_dead_letters = self.consumers.iter().any(|c| c.dead_letter.is_none());
+        if default_dead_letters
+            && provision == Provision::CreateOrUpdate
+            && !streams.iter().any(|s| s.name == DEAD_LETTER_STREAM)
+        {
+            StreamDef::new(DEAD_LETTER_STREAM, DEAD_LETTER_SUBJECTS)
+                .description("messages natty terminated or gave up on, with the reason in their headers")
+                .provision(js, provision)
+                .await?;
+        }
         let mut bound = Vec::with_capacity(self.consumers.len());
         for def in &self.consumers {
             let stream_def = streams.iter().find(|s| s.name == def.stream).copied();
@@ -304,6 +316,9 @@ impl Runtime {
         Ok(())
     }
 }
+
+/// What the dead-letter stream captures: every default dead-letter subject.
+const DEAD_LETTER_SUBJECTS: &[&str] = &["natty.dead.>"];
 
 /// Connects with `config`, starting the development server when no URL is configured.
 async fn connect_config(config: &Config) -> Result<(Client, Option<Arc<DevServer>>)> {
