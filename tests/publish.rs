@@ -113,3 +113,83 @@ async fn handlers_and_main_publish_typed_values_and_await_the_ack() {
     stop.send(()).unwrap();
     running.await.unwrap().expect("clean shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_stores_once_and_racing_writers_get_a_typed_conflict() {
+    use natty_runtime::Publish;
+    let server = NatsServer::start().await.expect("nats-server");
+    let config = Config::from_lookup(|_| None).unwrap();
+    let client = Client::connect_with(&config, &server.url()).await.expect("connect");
+    let js = client.jetstream().clone();
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "ledger".into(),
+        subjects: vec!["ledger.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    // The same publish five times with one key: stored once, the repeats acked as duplicates.
+    let mut duplicates = 0;
+    for _ in 0..5 {
+        let ack = client
+            .publish_with("ledger.deposits", &Job { id: 1 }, Publish::new().id("deposit-1"))
+            .await
+            .expect("publish");
+        assert_eq!(ack.sequence, 1);
+        duplicates += usize::from(ack.duplicate);
+    }
+    assert_eq!(duplicates, 4);
+    let mut stream = js.get_stream("ledger").await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 1);
+
+    // Two writers race on one subject, each expecting the last sequence it saw: every
+    // sequence is won by exactly one of them, and the loser gets PublishError::Conflict.
+    async fn writer(client: Client, name: &'static str, rounds: usize) -> (Vec<u64>, usize) {
+        let (mut won, mut conflicts) = (Vec::new(), 0);
+        let js = client.jetstream().clone();
+        for round in 0..rounds {
+            let last = match js
+                .get_stream("ledger")
+                .await
+                .unwrap()
+                .get_last_raw_message_by_subject("ledger.account")
+                .await
+            {
+                Ok(message) => message.sequence,
+                Err(_) => 0,
+            };
+            let options = Publish::new()
+                .expected_last_subject_sequence(last)
+                .with_header("Writer", name);
+            match client
+                .publish_with("ledger.account", &Job { id: round as u64 }, options)
+                .await
+            {
+                Ok(ack) => won.push(ack.sequence),
+                Err(PublishError::Conflict { .. }) => conflicts += 1,
+                Err(other) => panic!("unexpected error: {other}"),
+            }
+        }
+        (won, conflicts)
+    }
+    let (a, b) = tokio::join!(
+        tokio::spawn(writer(client.clone(), "a", 100)),
+        tokio::spawn(writer(client.clone(), "b", 100))
+    );
+    let ((won_a, conflicts_a), (won_b, conflicts_b)) = (a.unwrap(), b.unwrap());
+    let mut all: Vec<u64> = won_a.iter().chain(&won_b).copied().collect();
+    all.sort_unstable();
+    let before = all.len();
+    all.dedup();
+    assert_eq!(all.len(), before, "a sequence was won twice");
+    assert_eq!(won_a.len() + conflicts_a, 100);
+    assert_eq!(won_b.len() + conflicts_b, 100);
+    assert!(
+        conflicts_a + conflicts_b > 0,
+        "the writers never raced; the test proves nothing"
+    );
+    // Every message on the subject was written by exactly one winning publish.
+    let info = stream.info().await.unwrap();
+    assert_eq!(info.state.messages as usize, 1 + all.len());
+}

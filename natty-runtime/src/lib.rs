@@ -48,7 +48,7 @@ pub use dev_server::find_nats_server;
 pub use error::{BoxError, Error, Result};
 pub use handler::{ConsumerPayload, Context, DecodeError, FromDelivery, IntoOutcome, Reject};
 pub use natty_macros::{consumer, stream};
-pub use publish::{Client, PendingAck, PublishAck, PublishError};
+pub use publish::{Client, PendingAck, Publish, PublishAck, PublishError};
 pub use runtime::{connect, Connection, Runtime, RuntimeBuilder};
 pub use stream::{Location, StreamDef};
 

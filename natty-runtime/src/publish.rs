@@ -8,10 +8,34 @@ pub use async_nats::jetstream::publish::PublishAck;
 use crate::config::Config;
 use crate::error::Result;
 
-/// Publishing failed; nothing is known to be stored.
+/// Publishing failed. Except for [`PublishError::Unconfirmed`], nothing was stored.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PublishError {
+    /// An optimistic-concurrency expectation did not hold (`expected_last_*`): another writer
+    /// got there first. Nothing was stored; re-read and decide.
+    #[error("publish to `{subject}` rejected: {expectation} does not hold ({source})")]
+    Conflict {
+        /// The target subject.
+        subject: String,
+        /// Which expectation failed, e.g. "expected last subject sequence 41".
+        expectation: String,
+        /// The server's answer.
+        #[source]
+        source: jetstream::context::PublishError,
+    },
+    /// No ack came in time, even after retries: the message may or may not be stored.
+    /// Publishing again with the same [`Publish::id`] is safe: the stream keeps one copy.
+    #[error("publish to `{subject}` unconfirmed after {attempts} attempts (it may be stored): {source}")]
+    Unconfirmed {
+        /// The target subject.
+        subject: String,
+        /// How many times it was sent.
+        attempts: u32,
+        /// The last error.
+        #[source]
+        source: jetstream::context::PublishError,
+    },
     /// The value could not be serialized.
     #[error("cannot encode the message for `{subject}` as JSON: {source}")]
     Encode {
@@ -77,11 +101,82 @@ impl Client {
         subject: impl Into<String>,
         value: &T,
     ) -> std::result::Result<PublishAck, PublishError> {
-        self.send(subject, value).await?.await
+        self.publish_with(subject, value, Publish::new()).await
+    }
+
+    /// Publishes `value` as JSON to `subject` with `options` (idempotency key, expectations,
+    /// headers, event time) and waits until the stream has stored it.
+    ///
+    /// While a stream has no leader (an election, a restart), the server answers "no
+    /// responders": natty retries that, bounded, since nothing was stored. A publish with an
+    /// [`id`](Publish::id) whose ack is lost is retried with the same id, which the stream
+    /// deduplicates within its `duplicate_window`, so a retry never stores a second copy.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo(client: natty_runtime::Client) -> Result<(), natty_runtime::PublishError> {
+    /// use natty_runtime::{Publish, PublishError};
+    /// let options = Publish::new().id("order-42-created").expected_last_subject_sequence(7);
+    /// match client.publish_with("orders.42", &"created", options).await {
+    ///     Ok(ack) if ack.duplicate => println!("already stored"),
+    ///     Ok(ack) => println!("stored as #{}", ack.sequence),
+    ///     Err(PublishError::Conflict { .. }) => println!("someone else wrote orders.42 first"),
+    ///     Err(other) => return Err(other),
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`PublishError::Conflict`] when an expectation fails; [`PublishError::Unconfirmed`]
+    /// when no ack came after the retries; [`PublishError::Encode`] and
+    /// [`PublishError::Publish`] otherwise.
+    pub async fn publish_with<T: Serialize + ?Sized>(
+        &self,
+        subject: impl Into<String>,
+        value: &T,
+        options: Publish,
+    ) -> std::result::Result<PublishAck, PublishError> {
+        let subject = async_nats::Subject::from(subject.into());
+        let payload = encode(&subject, value)?;
+        let retry_lost_ack = options.msg_id.is_some();
+        let headers = options.into_headers();
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let result = match self.send_raw(&subject, headers.clone(), payload.clone()).await {
+                Ok(pending) => pending.await,
+                Err(error) => Err(error),
+            };
+            let Err(error) = result else {
+                return result;
+            };
+            let retry = match &error {
+                // "No responders": nothing received it, so a retry cannot duplicate.
+                PublishError::Publish { source, .. } => {
+                    matches!(source.kind(), jetstream::context::PublishErrorKind::StreamNotFound)
+                }
+                PublishError::Unconfirmed { .. } => retry_lost_ack,
+                _ => false,
+            };
+            if !retry || attempt >= PUBLISH_ATTEMPTS {
+                return Err(match error {
+                    PublishError::Unconfirmed { subject, source, .. } => PublishError::Unconfirmed {
+                        subject,
+                        attempts: attempt,
+                        source,
+                    },
+                    other => other,
+                });
+            }
+            tracing::debug!(%subject, attempt, %error, "publish not confirmed; retrying");
+            tokio::time::sleep(PUBLISH_RETRY_DELAY * attempt).await;
+        }
     }
 
     /// Sends `value` as JSON to `subject` and returns at once with a [`PendingAck`] to await
-    /// later: many publishes can be in flight, each still confirmed.
+    /// later: many publishes can be in flight, each still confirmed. It does not retry.
     ///
     /// # Examples
     ///
@@ -106,20 +201,44 @@ impl Client {
         subject: impl Into<String>,
         value: &T,
     ) -> std::result::Result<PendingAck, PublishError> {
+        self.send_with(subject, value, Publish::new()).await
+    }
+
+    /// [`send`](Client::send) with `options`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::send`].
+    pub async fn send_with<T: Serialize + ?Sized>(
+        &self,
+        subject: impl Into<String>,
+        value: &T,
+        options: Publish,
+    ) -> std::result::Result<PendingAck, PublishError> {
         // A `Subject` shares its bytes, so keeping it for the error costs no copy.
         let subject = async_nats::Subject::from(subject.into());
-        let payload = match serde_json::to_vec(value) {
-            Ok(payload) => payload,
-            Err(source) => {
-                return Err(PublishError::Encode {
-                    subject: subject.to_string(),
-                    source,
-                })
+        let payload = encode(&subject, value)?;
+        self.send_raw(&subject, options.into_headers(), payload).await
+    }
+
+    async fn send_raw(
+        &self,
+        subject: &async_nats::Subject,
+        headers: Option<async_nats::HeaderMap>,
+        payload: bytes::Bytes,
+    ) -> std::result::Result<PendingAck, PublishError> {
+        let sent = match headers {
+            // The common case stays header-free: no header block to encode or parse.
+            None => self.jetstream.publish(subject.clone(), payload).await,
+            Some(headers) => {
+                self.jetstream
+                    .publish_with_headers(subject.clone(), headers, payload)
+                    .await
             }
         };
-        match self.jetstream.publish(subject.clone(), payload.into()).await {
+        match sent {
             Ok(ack) => Ok(PendingAck {
-                subject,
+                subject: subject.clone(),
                 ack: std::future::IntoFuture::into_future(ack),
             }),
             Err(source) => Err(PublishError::Publish {
@@ -165,9 +284,124 @@ impl std::future::Future for PendingAck {
     type Output = std::result::Result<PublishAck, PublishError>;
 
     fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
-        self.ack.as_mut().poll(cx).map_err(|source| PublishError::Publish {
-            subject: self.subject.to_string(),
-            source,
-        })
+        self.ack
+            .as_mut()
+            .poll(cx)
+            .map_err(|source| classify(&self.subject, source))
     }
 }
+
+/// How many times [`Client::publish_with`] sends a message at most.
+const PUBLISH_ATTEMPTS: u32 = 4;
+/// Pause before the first retry; it grows linearly (250, 500, 750 ms: about what a stream
+/// leader election takes on a healthy cluster).
+const PUBLISH_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(250);
+
+fn encode<T: Serialize + ?Sized>(
+    subject: &async_nats::Subject,
+    value: &T,
+) -> std::result::Result<bytes::Bytes, PublishError> {
+    serde_json::to_vec(value)
+        .map(Into::into)
+        .map_err(|source| PublishError::Encode {
+            subject: subject.to_string(),
+            source,
+        })
+}
+
+/// Maps async-nats' ack errors onto natty's: conflicts and lost acks are their own cases.
+fn classify(subject: &async_nats::Subject, source: jetstream::context::PublishError) -> PublishError {
+    use jetstream::context::PublishErrorKind as Kind;
+    let subject = subject.to_string();
+    match source.kind() {
+        Kind::WrongLastSequence | Kind::WrongLastMessageId => PublishError::Conflict {
+            subject,
+            expectation: match source.kind() {
+                Kind::WrongLastMessageId => "the expected last message id".into(),
+                _ => "the expected last sequence".into(),
+            },
+            source,
+        },
+        Kind::TimedOut | Kind::BrokenPipe => PublishError::Unconfirmed {
+            subject,
+            attempts: 1,
+            source,
+        },
+        _ => PublishError::Publish { subject, source },
+    }
+}
+
+/// Options of one publish: idempotency key, optimistic-concurrency expectations, headers and
+/// event time. Starts empty; each setter adds one.
+#[derive(Debug, Clone, Default)]
+#[must_use]
+pub struct Publish {
+    msg_id: Option<String>,
+    headers: Option<async_nats::HeaderMap>,
+}
+
+impl Publish {
+    /// No options.
+    pub fn new() -> Publish {
+        Publish::default()
+    }
+
+    fn header(mut self, name: impl async_nats::header::IntoHeaderName, value: impl AsRef<str>) -> Publish {
+        self.headers
+            .get_or_insert_with(async_nats::HeaderMap::new)
+            .insert(name, value.as_ref());
+        self
+    }
+
+    /// Idempotency key (`Nats-Msg-Id`): the stream stores one message per key within its
+    /// `duplicate_window`; a repeat is acked with `duplicate: true`. Also makes a publish whose
+    /// ack was lost safe to retry, which natty then does.
+    pub fn id(mut self, id: impl Into<String>) -> Publish {
+        let id = id.into();
+        self = self.header(async_nats::header::NATS_MESSAGE_ID, &id);
+        self.msg_id = Some(id);
+        self
+    }
+
+    /// Store only if the stream's last sequence is `sequence`.
+    pub fn expected_last_sequence(self, sequence: u64) -> Publish {
+        self.header(async_nats::header::NATS_EXPECTED_LAST_SEQUENCE, sequence.to_string())
+    }
+
+    /// Store only if the last message on this subject has stream sequence `sequence`
+    /// (0: there is none yet). The building block of per-entity optimistic concurrency.
+    pub fn expected_last_subject_sequence(self, sequence: u64) -> Publish {
+        self.header(
+            async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+            sequence.to_string(),
+        )
+    }
+
+    /// Store only if the stream's last message has idempotency key `id`.
+    pub fn expected_last_id(self, id: impl AsRef<str>) -> Publish {
+        self.header(async_nats::header::NATS_EXPECTED_LAST_MESSAGE_ID, id)
+    }
+
+    /// Store only if the subject belongs to stream `stream`.
+    pub fn expected_stream(self, stream: impl AsRef<str>) -> Publish {
+        self.header(async_nats::header::NATS_EXPECTED_STREAM, stream)
+    }
+
+    /// When the event happened (as opposed to when it was stored), as an RFC 3339
+    /// `Natty-Event-Time` header.
+    pub fn event_time(self, at: std::time::SystemTime) -> Publish {
+        self.header(EVENT_TIME_HEADER, humantime::format_rfc3339_nanos(at).to_string())
+    }
+
+    /// Any other header.
+    pub fn with_header(self, name: &str, value: impl AsRef<str>) -> Publish {
+        self.header(name, value)
+    }
+
+    fn into_headers(self) -> Option<async_nats::HeaderMap> {
+        self.headers
+    }
+}
+
+/// The header [`Publish::event_time`] sets.
+pub const EVENT_TIME_HEADER: &str = "Natty-Event-Time";
