@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use natty_runtime::prelude::*;
-use natty_runtime::testing::NatsServer;
+use natty_runtime::testing::{NatsServer, RunningRuntime};
 use natty_tests::{wait_until, Job};
 
 static HANDLED: AtomicUsize = AtomicUsize::new(0);
@@ -50,14 +50,7 @@ async fn an_undecodable_payload_is_terminated_and_logged() {
         .subscribe("$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.mixed.decoder")
         .await
         .unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let runtime = natty_runtime::Runtime::builder()
-        .url(server.url())
-        .build()
-        .expect("runtime");
-    let running = tokio::spawn(runtime.run_until(async {
-        let _ = stopped.await;
-    }));
+    let running = RunningRuntime::registered(server.url());
 
     let js = async_nats::jetstream::new(client.clone());
     wait_until(Duration::from_secs(10), "the stream to be provisioned", || async {
@@ -111,6 +104,5 @@ async fn an_undecodable_payload_is_terminated_and_logged() {
         assert!(line.contains(needle), "log line lacks {needle:?}: {line}");
     }
 
-    stop.send(()).unwrap();
-    running.await.unwrap().expect("clean shutdown");
+    running.stop().await.expect("clean shutdown");
 }

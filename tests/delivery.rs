@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use futures_util::StreamExt;
 use natty_runtime::prelude::*;
-use natty_runtime::testing::NatsServer;
+use natty_runtime::testing::{NatsServer, RunningRuntime};
 use natty_tests::{wait_until, Job};
 
 /// (consumer, job id) → when each delivery reached the handler.
@@ -129,14 +129,7 @@ async fn read_all(js: &jetstream::Context, stream: &str, expected: usize) -> Vec
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejects_backoff_dead_letters_and_in_progress() {
     let server = NatsServer::start().await.expect("nats-server");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let runtime = natty_runtime::Runtime::builder()
-        .url(server.url())
-        .build()
-        .expect("runtime");
-    let running = tokio::spawn(runtime.run_until(async {
-        let _ = stopped.await;
-    }));
+    let running = RunningRuntime::registered(server.url());
     let js = jetstream::new(server.client().await);
     wait_until(Duration::from_secs(10), "provisioning", || async {
         js.get_stream("natty-dead-letters").await.is_ok() && js.get_stream("retrying").await.is_ok()
@@ -250,6 +243,5 @@ async fn rejects_backoff_dead_letters_and_in_progress() {
     assert_eq!(info.delivered.consumer_sequence, 1, "no redelivery: {info:?}");
     assert_eq!(times("slow", 1).len(), 1);
 
-    stop.send(()).unwrap();
-    running.await.unwrap().expect("clean shutdown");
+    running.stop().await.expect("clean shutdown");
 }

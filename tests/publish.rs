@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use natty_runtime::prelude::*;
-use natty_runtime::testing::NatsServer;
+use natty_runtime::testing::{NatsServer, RunningRuntime};
 use natty_runtime::{Config, PublishError};
 use natty_tests::{wait_until, Job};
 use serde::{Deserialize, Serialize};
@@ -38,14 +38,7 @@ async fn relay(job: Job, ctx: Context) -> Result<(), PublishError> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handlers_and_main_publish_typed_values_and_await_the_ack() {
     let server = NatsServer::start().await.expect("nats-server");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let runtime = natty_runtime::Runtime::builder()
-        .url(server.url())
-        .build()
-        .expect("runtime");
-    let running = tokio::spawn(runtime.run_until(async {
-        let _ = stopped.await;
-    }));
+    let running = RunningRuntime::registered(server.url());
 
     let config = Config::from_lookup(|_| None).unwrap();
     let client = Client::connect_with(&config, &server.url()).await.expect("connect");
@@ -110,8 +103,7 @@ async fn handlers_and_main_publish_typed_values_and_await_the_ack() {
     assert!(matches!(error, PublishError::Publish { .. }), "{error}");
     assert!(error.to_string().contains("nowhere.1"), "{error}");
 
-    stop.send(()).unwrap();
-    running.await.unwrap().expect("clean shutdown");
+    running.stop().await.expect("clean shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

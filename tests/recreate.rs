@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use natty_runtime::prelude::*;
-use natty_runtime::testing::NatsServer;
+use natty_runtime::testing::{NatsServer, RunningRuntime};
 use natty_tests::{wait_until, Job};
 
 static HANDLED: Mutex<BTreeSet<u64>> = Mutex::new(BTreeSet::new());
@@ -41,14 +41,7 @@ fn handled(id: u64) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vanished_consumer_is_recreated_and_resumes() {
     let mut server = NatsServer::start().await.expect("nats-server");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let runtime = natty_runtime::Runtime::builder()
-        .url(server.url())
-        .build()
-        .expect("runtime");
-    let running = tokio::spawn(runtime.run_until(async {
-        let _ = stopped.await;
-    }));
+    let running = RunningRuntime::registered(server.url());
 
     let js = async_nats::jetstream::new(server.client().await);
     publish(&js, 1).await;
@@ -84,6 +77,5 @@ async fn a_vanished_consumer_is_recreated_and_resumes() {
     })
     .await;
 
-    stop.send(()).unwrap();
-    running.await.unwrap().expect("clean shutdown");
+    running.stop().await.expect("clean shutdown");
 }

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use natty_runtime::prelude::*;
-use natty_runtime::testing::NatsServer;
+use natty_runtime::testing::{NatsServer, RunningRuntime};
 use natty_tests::{wait_until, Job};
 
 /// id → the delivery counts the handler saw for it.
@@ -35,14 +35,7 @@ async fn fails_first_time(job: Job, ctx: Context) -> Result<(), std::io::Error> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_handler_is_redelivered_and_the_success_is_acked_once() {
     let server = NatsServer::start().await.expect("nats-server");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let runtime = natty_runtime::Runtime::builder()
-        .url(server.url())
-        .build()
-        .expect("runtime");
-    let running = tokio::spawn(runtime.run_until(async {
-        let _ = stopped.await;
-    }));
+    let running = RunningRuntime::registered(server.url());
 
     let client = server.client().await;
     let js = async_nats::jetstream::new(client.clone());
@@ -77,6 +70,5 @@ async fn a_failed_handler_is_redelivered_and_the_success_is_acked_once() {
         assert_eq!(seen, vec![1, 2], "delivery counts seen for job {id}");
     }
 
-    stop.send(()).unwrap();
-    running.await.unwrap().expect("clean shutdown");
+    running.stop().await.expect("clean shutdown");
 }

@@ -171,18 +171,23 @@ async fn fill(js: &jetstream::Context, subject: &str, count: u64) {
     }
 }
 
-/// Raw async-nats: a well-tuned pull loop (batch 1000), serde decode, explicit ack each.
-async fn raw_consume(js: &jetstream::Context, count: u64) -> Duration {
+/// A new durable on `bench` that starts from the first message (the raw side's rounds).
+async fn fresh_consumer(js: &jetstream::Context, durable: &str) -> jetstream::consumer::PullConsumer {
     let stream = js.get_stream("bench").await.expect("stream");
-    let _ = stream.delete_consumer("raw").await;
-    let consumer = stream
+    let _ = stream.delete_consumer(durable).await;
+    stream
         .create_consumer(pull::Config {
-            durable_name: Some("raw".into()),
+            durable_name: Some(durable.into()),
             max_ack_pending: 20_000,
             ..Default::default()
         })
         .await
-        .expect("consumer");
+        .expect("consumer")
+}
+
+/// Raw async-nats: a well-tuned pull loop (batch 1000), serde decode, explicit ack each.
+async fn raw_consume(js: &jetstream::Context, count: u64) -> Duration {
+    let consumer = fresh_consumer(js, "raw").await;
     let started = Instant::now();
     let mut messages = consumer
         .stream()
@@ -389,16 +394,7 @@ async fn scenario_faststream(server: &NatsServer, python: &str, args: &Args, nat
 /// Raw async-nats with the same concurrency: a pull loop (batch 1000) spawning each message
 /// under a 64-permit semaphore, sleeping 5 ms, then acking: what this machine's timers allow.
 async fn raw_concurrency(js: &jetstream::Context, count: u64) -> Duration {
-    let stream = js.get_stream("bench").await.expect("stream");
-    let _ = stream.delete_consumer("raw-io").await;
-    let consumer = stream
-        .create_consumer(pull::Config {
-            durable_name: Some("raw-io".into()),
-            max_ack_pending: 20_000,
-            ..Default::default()
-        })
-        .await
-        .expect("consumer");
+    let consumer = fresh_consumer(js, "raw-io").await;
     let started = Instant::now();
     let mut messages = consumer
         .stream()

@@ -1033,3 +1033,63 @@ fn free_ports(count: usize) -> io::Result<Vec<u16>> {
 fn quoted(path: &Path) -> String {
     serde_json::Value::from(path.to_string_lossy().into_owned()).to_string()
 }
+
+/// A [`crate::Runtime`] running in the background of a test, stopped (and drained) on demand.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn example() -> natty_runtime::Result<()> {
+/// use natty_runtime::testing::{NatsServer, RunningRuntime};
+///
+/// let server = NatsServer::start().await.expect("nats-server");
+/// let running = RunningRuntime::spawn(natty_runtime::Runtime::builder().url(server.url()).build()?);
+/// // ... publish, wait for the handlers' effects ...
+/// running.stop().await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct RunningRuntime {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<crate::Result<()>>,
+}
+
+impl RunningRuntime {
+    /// Runs `runtime` on a background task until [`stop`](Self::stop).
+    pub fn spawn(runtime: crate::Runtime) -> RunningRuntime {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(runtime.run_until(async {
+            let _ = stopped.await;
+        }));
+        RunningRuntime { stop, task }
+    }
+
+    /// Runs every registered handler against the server at `url`, with the rest of the
+    /// settings from the environment.
+    ///
+    /// # Panics
+    ///
+    /// If the environment holds a setting natty cannot use.
+    pub fn registered(url: impl Into<String>) -> RunningRuntime {
+        let runtime = crate::Runtime::builder()
+            .url(url)
+            .build()
+            .expect("a runtime from the environment's settings");
+        RunningRuntime::spawn(runtime)
+    }
+
+    /// Starts the drain, as SIGTERM would, and waits until the runtime has returned.
+    ///
+    /// # Errors
+    ///
+    /// What the runtime returned: a startup error, if it never got going.
+    ///
+    /// # Panics
+    ///
+    /// If the runtime's task panicked.
+    pub async fn stop(self) -> crate::Result<()> {
+        let _ = self.stop.send(());
+        self.task.await.expect("the runtime task panicked")
+    }
+}
