@@ -20,6 +20,9 @@ const KEYS: &[&str] = &[
     "prefetch",
     "backoff",
     "dead_letter",
+    "deliver",
+    "start_sequence",
+    "start_time",
 ];
 
 /// Argument types the runtime provides by extraction rather than by decoding the payload.
@@ -37,6 +40,8 @@ struct Args {
     prefetch: Slot<usize>,
     backoff: Slot<Vec<u64>>,
     dead_letter: Slot<LitStr>,
+    /// `deliver`, `start_sequence` and `start_time` all choose where to start: one slot.
+    deliver: Slot<TokenStream>,
 }
 
 impl Args {
@@ -52,6 +57,7 @@ impl Args {
             prefetch: Slot::new("prefetch"),
             backoff: Slot::new("backoff"),
             dead_letter: Slot::new("dead_letter"),
+            deliver: Slot::new("deliver` / `start_sequence` / `start_time"),
         };
         let seen = attr::parse_keys(args, errors, |key, meta| parsed.key(key, meta));
         (parsed, seen)
@@ -124,6 +130,38 @@ impl Args {
                         }
                     })
                     .and_then(|()| self.dead_letter.set(meta, lit.clone(), lit.span()))
+            }
+            "deliver" => {
+                let lit = attr::lit_str(meta)?;
+                match lit.value().as_str() {
+                    "all" => Ok(quote!(All)),
+                    "new" => Ok(quote!(New)),
+                    "last" => Ok(quote!(Last)),
+                    "last_per_subject" => Ok(quote!(LastPerSubject)),
+                    other => Err(syn::Error::new(
+                        lit.span(),
+                        format!(
+                            "unknown deliver policy `{other}`; expected \"all\", \"new\", \"last\" or \"last_per_subject\" \
+                             (start from a sequence or a time with `start_sequence` or `start_time`)"
+                        ),
+                    )),
+                }
+                .and_then(|tokens| self.deliver.set(meta, tokens, lit.span()))
+            }
+            "start_sequence" => attr::int_at_least(meta, "start_sequence", 1)?.and_then(|(value, span)| {
+                let value = value as u64;
+                self.deliver.set(meta, quote!(FromSequence(#value)), span)
+            }),
+            "start_time" => {
+                let lit = attr::lit_str(meta)?;
+                humantime::parse_rfc3339(&lit.value())
+                    .map_err(|error| {
+                        syn::Error::new(
+                            lit.span(),
+                            format!("invalid `start_time`: {error}; write an RFC 3339 UTC time, e.g. \"2026-11-01T00:00:00Z\""),
+                        )
+                    })
+                    .and_then(|_| self.deliver.set(meta, quote!(FromTime(#lit)), lit.span()))
             }
             _ => return attr::unknown_key(meta, "consumer", KEYS),
         })
@@ -318,6 +356,9 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     }
     if let Some(subject) = parsed.dead_letter.take() {
         setters.push(quote!(.dead_letter(#subject)));
+    }
+    if let Some(deliver) = parsed.deliver.take() {
+        setters.push(quote!(.deliver(#p::Deliver::#deliver)));
     }
 
     quote! {

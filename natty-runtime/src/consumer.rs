@@ -57,6 +57,7 @@ pub struct ConsumerDef {
     pub(crate) prefetch: Option<usize>,
     pub(crate) backoff: &'static [Duration],
     pub(crate) dead_letter: Option<&'static str>,
+    pub(crate) deliver: Deliver,
     pub(crate) handler: HandlerFn,
     pub(crate) location: Location,
 }
@@ -89,6 +90,7 @@ impl ConsumerDef {
             prefetch: None,
             backoff: &[],
             dead_letter: None,
+            deliver: Deliver::All,
             handler,
             location: Location::UNKNOWN,
         }
@@ -145,6 +147,13 @@ impl ConsumerDef {
         self
     }
 
+    /// Where a new consumer starts in its stream (default: the first message). The server
+    /// refuses to change it for an existing durable consumer.
+    pub const fn deliver(mut self, deliver: Deliver) -> Self {
+        self.deliver = deliver;
+        self
+    }
+
     /// Records where the declaration was written (the macros set this).
     pub const fn at(mut self, location: Location) -> Self {
         self.location = location;
@@ -196,10 +205,28 @@ impl ConsumerDef {
         wanted.min(cap).max(1)
     }
 
-    fn server_config(&self) -> pull::Config {
+    fn server_config(&self) -> Result<pull::Config> {
+        use async_nats::jetstream::consumer::DeliverPolicy;
+        let deliver_policy = match self.deliver {
+            Deliver::All => DeliverPolicy::All,
+            Deliver::New => DeliverPolicy::New,
+            Deliver::Last => DeliverPolicy::Last,
+            Deliver::LastPerSubject => DeliverPolicy::LastPerSubject,
+            Deliver::FromSequence(start_sequence) => DeliverPolicy::ByStartSequence { start_sequence },
+            Deliver::FromTime(rfc3339) => DeliverPolicy::ByStartTime {
+                start_time: async_nats::datetime::parse_rfc3339(rfc3339).map_err(|error| {
+                    Error::config(
+                        format!("start_time of consumer `{}`", self.durable),
+                        rfc3339,
+                        format!("not an RFC 3339 time: {error}"),
+                    )
+                })?,
+            },
+        };
         let mut config = pull::Config {
             durable_name: Some(self.durable.to_string()),
             ack_policy: AckPolicy::Explicit,
+            deliver_policy,
             ..Default::default()
         };
         match self.subjects {
@@ -216,7 +243,7 @@ impl ConsumerDef {
         if let Some(value) = self.max_ack_pending {
             config.max_ack_pending = value;
         }
-        config
+        Ok(config)
     }
 
     fn error(&self, action: &'static str) -> impl FnOnce(crate::error::BoxError) -> Error + '_ {
@@ -230,6 +257,24 @@ impl ConsumerDef {
 }
 
 inventory::collect!(ConsumerDef);
+
+/// Where a new consumer starts reading its stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Deliver {
+    /// From the first message still in the stream.
+    #[default]
+    All,
+    /// Only messages stored after the consumer was created.
+    New,
+    /// From the last message in the stream.
+    Last,
+    /// From the last message of each subject.
+    LastPerSubject,
+    /// From this stream sequence.
+    FromSequence(u64),
+    /// From the first message stored at or after this RFC 3339 time, e.g. `"2026-11-01T00:00:00Z"`.
+    FromTime(&'static str),
+}
 
 /// A running consumer: the definition plus what it needs to bind and recover.
 pub(crate) struct Consumer {
@@ -303,7 +348,7 @@ impl Consumer {
         };
         match self.provision {
             Provision::CreateOrUpdate => stream
-                .create_consumer(def.server_config())
+                .create_consumer(def.server_config()?)
                 .await
                 .map_err(|e| def.error("creating or updating it")(Box::new(e))),
             Provision::VerifyOnly | Provision::Off => {

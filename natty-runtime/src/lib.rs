@@ -43,7 +43,7 @@ pub mod stream;
 pub mod testing;
 
 pub use config::{Auth, Config, Provision, Tls};
-pub use consumer::ConsumerDef;
+pub use consumer::{ConsumerDef, Deliver};
 pub use dev_server::find_nats_server;
 pub use error::{BoxError, Error, Result};
 pub use handler::{ConsumerPayload, Context, DecodeError, FromDelivery, IntoOutcome, Reject};
@@ -89,7 +89,7 @@ pub fn init_logging() {
 /// Used by the code the macros generate. Not part of the API.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::consumer::{ConsumerDef, HandlerFn};
+    pub use crate::consumer::{ConsumerDef, Deliver, HandlerFn};
     pub use crate::handler::{decode_payload, Delivery, FromDelivery, IntoOutcome, Outcome};
     pub use crate::stream::{Location, StreamDef};
     pub use async_nats::jetstream::stream::{RetentionPolicy as Retention, StorageType};
