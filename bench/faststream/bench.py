@@ -19,8 +19,8 @@ handler takes the decoded pydantic `Order`s and counts them (by default a batch 
 acks each message after the handler returns (its default AckPolicy.REJECT_ON_ERROR). Timed
 from `broker.start()` (connect, consumer creation, subscriber start) until N handled.
 
-publish: N `broker.publish(order, subject, stream="fsbench")` calls, each awaiting its
-PubAck, at most 2000 in flight (asyncio tasks bounded by a semaphore), on a connected broker.
+publish: N `broker.publish(order, subject, stream="fsbench", headers={"Nats-Msg-Id": ...})`
+calls (an idempotency key each), each awaiting its PubAck, at most 2000 in flight (asyncio tasks bounded by a semaphore), on a connected broker.
 """
 
 from __future__ import annotations
@@ -191,15 +191,20 @@ async def consume_round(url: str, js, count: int, args) -> float:
     return count / elapsed
 
 
-async def publish_round(broker: NatsBroker, js, orders: list[Order], args) -> float:
+async def publish_round(broker: NatsBroker, js, orders: list[Order], args, round_id: int) -> float:
     await js.purge_stream(STREAM)
     permits = asyncio.Semaphore(WINDOW)
     failures: list[BaseException] = []
 
     async def publish_one(item: Order) -> None:
         try:
+            # An idempotency key each, as the Rust bench's raw and natty publishes carry.
             await broker.publish(
-                item, PUBLISH_SUBJECT, stream=STREAM, timeout=PUBLISH_TIMEOUT
+                item,
+                PUBLISH_SUBJECT,
+                stream=STREAM,
+                timeout=PUBLISH_TIMEOUT,
+                headers={"Nats-Msg-Id": f"fs-{round_id}-{item.id}"},
             )
         except Exception as error:  # noqa: BLE001 - reported below
             failures.append(error)
@@ -280,7 +285,7 @@ async def main() -> None:
             try:
                 rates = []
                 for round_ in range(args.rounds):
-                    rates.append(await publish_round(broker, js, orders, args))
+                    rates.append(await publish_round(broker, js, orders, args, round_))
                     log(f"  publish round {round_}: faststream {rates[-1]:.0f} msg/s")
             finally:
                 await broker.stop()
