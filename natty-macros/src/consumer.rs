@@ -23,6 +23,7 @@ const KEYS: &[&str] = &[
     "deliver",
     "start_sequence",
     "start_time",
+    "inactive_threshold",
 ];
 
 /// Argument types the runtime provides by extraction rather than by decoding the payload.
@@ -42,6 +43,7 @@ struct Args {
     dead_letter: Slot<LitStr>,
     /// `deliver`, `start_sequence` and `start_time` all choose where to start: one slot.
     deliver: Slot<TokenStream>,
+    inactive_threshold: Slot<u64>,
 }
 
 impl Args {
@@ -58,6 +60,7 @@ impl Args {
             backoff: Slot::new("backoff"),
             dead_letter: Slot::new("dead_letter"),
             deliver: Slot::new("deliver` / `start_sequence` / `start_time"),
+            inactive_threshold: Slot::new("inactive_threshold"),
         };
         let seen = attr::parse_keys(args, errors, |key, meta| parsed.key(key, meta));
         (parsed, seen)
@@ -152,6 +155,10 @@ impl Args {
                 let value = value as u64;
                 self.deliver.set(meta, quote!(FromSequence(#value)), span)
             }),
+            "inactive_threshold" => {
+                let lit = attr::lit_str(meta)?;
+                attr::duration(&lit).and_then(|nanos| self.inactive_threshold.set(meta, nanos, lit.span()))
+            }
             "start_time" => {
                 let lit = attr::lit_str(meta)?;
                 humantime::parse_rfc3339(&lit.value())
@@ -268,14 +275,19 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         }
     };
     let handler_args = signature(&function, &mut errors);
-    for key in ["stream", "durable"] {
-        // A key given with a bad value was already reported; it is not also "missing".
-        if !seen.iter().any(|seen| seen == key) {
-            errors.push(syn::Error::new(
-                Span::call_site(),
-                format!("missing `{key}`, e.g. #[consumer(stream = \"orders\", durable = \"billing\")]"),
-            ));
-        }
+    // A key given with a bad value was already reported; it is not also "missing".
+    if !seen.iter().any(|seen| seen == "stream") {
+        errors.push(syn::Error::new(
+            Span::call_site(),
+            "missing `stream`, e.g. #[consumer(stream = \"orders\", durable = \"billing\")]",
+        ));
+    }
+    let durable_given = seen.iter().any(|seen| seen == "durable");
+    if let (true, Some(span)) = (durable_given, parsed.inactive_threshold.span()) {
+        errors.push(syn::Error::new(
+            span,
+            "`inactive_threshold` applies to ephemeral consumers: leave out `durable` for one",
+        ));
     }
     if let (Some(prefetch), Some(max_ack_pending)) = (parsed.prefetch.get(), parsed.max_ack_pending.get()) {
         if *prefetch as i64 > *max_ack_pending {
@@ -298,7 +310,11 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     let adapter = format_ident!("__natty_consumer_{}", ident);
     let name = ident.to_string();
     let stream = parsed.stream.take().map(|lit| lit.value()).unwrap_or_default();
-    let durable = parsed.durable.take().map(|lit| lit.value()).unwrap_or_default();
+    // Without a durable name, each instance gets its own ephemeral consumer.
+    let constructor = match parsed.durable.take().map(|lit| lit.value()) {
+        Some(durable) => quote!(#p::ConsumerDef::new(#name, #stream, #durable, #adapter)),
+        None => quote!(#p::ConsumerDef::ephemeral(#name, #stream, #adapter)),
+    };
 
     // Interpolated (call-site) idents: a token written inside `quote_spanned!` would take the
     // user's span and, inside a `macro_rules!`, that macro's hygiene.
@@ -357,6 +373,10 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     if let Some(subject) = parsed.dead_letter.take() {
         setters.push(quote!(.dead_letter(#subject)));
     }
+    if let Some(nanos) = parsed.inactive_threshold.take() {
+        let duration = attr::duration_tokens(nanos);
+        setters.push(quote!(.inactive_threshold(#duration)));
+    }
     if let Some(deliver) = parsed.deliver.take() {
         setters.push(quote!(.deliver(#p::Deliver::#deliver)));
     }
@@ -375,7 +395,7 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
             }
 
             #p::inventory::submit! {
-                #p::ConsumerDef::new(#name, #stream, #durable, #adapter)
+                #constructor
                     #(#setters)*
                     .at(#p::Location { file: ::core::file!(), line: ::core::line!(), module: ::core::module_path!() })
             }

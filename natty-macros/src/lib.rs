@@ -11,16 +11,18 @@ mod attr;
 mod consumer;
 mod stream;
 
-/// Declares a durable JetStream pull consumer whose messages are handled by this `async fn`.
+/// Declares a JetStream pull consumer whose messages are handled by this `async fn`: durable
+/// and shared by every instance when `durable` is given, else ephemeral, one per instance.
 ///
 /// ```ignore
 /// #[consumer(stream = "orders", durable = "billing", subject = "orders.created", concurrency = 16)]
 /// async fn bill(order: OrderCreated, ctx: Context) -> anyhow::Result<()> { Ok(()) }
 /// ```
 ///
-/// Keys: `stream` and `durable` (required), `subject` (a string or a list of filter subjects),
+/// Keys: `stream` (required), `durable`, `subject` (a string or a list of filter subjects),
 /// `ack_wait`, `max_deliver`, `max_ack_pending`, `concurrency`, `prefetch`, `backoff` (a list of
-/// durations: the delay before each redelivery after an error), `dead_letter` (a subject).
+/// durations: the delay before each redelivery after an error), `dead_letter` (a subject),
+/// `deliver` / `start_sequence` / `start_time` (where to start), `inactive_threshold` (ephemeral only).
 /// Arguments: at most one payload (any `serde::Deserialize` type, JSON) and a `Context`.
 /// `Ok` or `()` acks; `Err(Reject::...)` naks now, naks after a delay, or terminates; any other
 /// error retries with the backoff; after `max_deliver`, the message goes to the dead-letter subject.

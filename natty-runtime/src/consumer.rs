@@ -39,6 +39,8 @@ const MAX_PREFETCH: usize = 1000;
 pub const DEAD_LETTER_PREFIX: &str = "natty.dead";
 /// The stream natty provisions for default dead-letter subjects.
 pub const DEAD_LETTER_STREAM: &str = "natty-dead-letters";
+/// How long an ephemeral consumer outlives its last pull by default.
+const EPHEMERAL_INACTIVE_THRESHOLD: Duration = Duration::from_secs(300);
 /// On shutdown, how long to wait for prefetched messages still on their way, to hand them back.
 const HAND_BACK_WITHIN: Duration = Duration::from_secs(2);
 
@@ -58,6 +60,8 @@ pub struct ConsumerDef {
     pub(crate) backoff: &'static [Duration],
     pub(crate) dead_letter: Option<&'static str>,
     pub(crate) deliver: Deliver,
+    pub(crate) ephemeral: bool,
+    pub(crate) inactive_threshold: Option<Duration>,
     pub(crate) handler: HandlerFn,
     pub(crate) location: Location,
 }
@@ -91,9 +95,27 @@ impl ConsumerDef {
             backoff: &[],
             dead_letter: None,
             deliver: Deliver::All,
+            ephemeral: false,
+            inactive_threshold: None,
             handler,
             location: Location::UNKNOWN,
         }
+    }
+
+    /// An ephemeral consumer: each instance of the service gets its own, sees every message,
+    /// and the server removes it after [`inactive_threshold`](Self::inactive_threshold)
+    /// without a pull (natty also deletes it on a clean shutdown). For one-off processing,
+    /// caches, projections per instance.
+    pub const fn ephemeral(name: &'static str, stream: &'static str, handler: HandlerFn) -> Self {
+        let mut def = ConsumerDef::new(name, stream, "", handler);
+        def.ephemeral = true;
+        def
+    }
+
+    /// How long an ephemeral consumer survives without a pull (default 5 minutes).
+    pub const fn inactive_threshold(mut self, threshold: Duration) -> Self {
+        self.inactive_threshold = Some(threshold);
+        self
     }
 
     /// Filter subjects; none means every subject of the stream.
@@ -164,7 +186,7 @@ impl ConsumerDef {
     pub fn dead_letter_subject(&self) -> String {
         match self.dead_letter {
             Some(subject) => subject.to_string(),
-            None => format!("{DEAD_LETTER_PREFIX}.{}.{}", self.stream, self.durable),
+            None => format!("{DEAD_LETTER_PREFIX}.{}.{}", self.stream, self.label()),
         }
     }
 
@@ -186,9 +208,19 @@ impl ConsumerDef {
         self.stream
     }
 
-    /// The durable name, shared by every instance of the service.
-    pub fn durable(&self) -> &'static str {
-        self.durable
+    /// The durable name, shared by every instance of the service (`None` for an ephemeral consumer).
+    pub fn durable(&self) -> Option<&'static str> {
+        (!self.ephemeral).then_some(self.durable)
+    }
+
+    /// The durable name, or the handler's name for an ephemeral consumer: what logs and the
+    /// default dead-letter subject use.
+    pub(crate) fn label(&self) -> &'static str {
+        if self.ephemeral {
+            self.name
+        } else {
+            self.durable
+        }
     }
 
     /// Where it was declared.
@@ -205,7 +237,7 @@ impl ConsumerDef {
         wanted.min(cap).max(1)
     }
 
-    fn server_config(&self) -> Result<pull::Config> {
+    fn server_config(&self, consumer: &str) -> Result<pull::Config> {
         use async_nats::jetstream::consumer::DeliverPolicy;
         let deliver_policy = match self.deliver {
             Deliver::All => DeliverPolicy::All,
@@ -216,7 +248,7 @@ impl ConsumerDef {
             Deliver::FromTime(rfc3339) => DeliverPolicy::ByStartTime {
                 start_time: async_nats::datetime::parse_rfc3339(rfc3339).map_err(|error| {
                     Error::config(
-                        format!("start_time of consumer `{}`", self.durable),
+                        format!("start_time of consumer `{consumer}`"),
                         rfc3339,
                         format!("not an RFC 3339 time: {error}"),
                     )
@@ -224,11 +256,16 @@ impl ConsumerDef {
             },
         };
         let mut config = pull::Config {
-            durable_name: Some(self.durable.to_string()),
             ack_policy: AckPolicy::Explicit,
             deliver_policy,
             ..Default::default()
         };
+        if self.ephemeral {
+            config.name = Some(consumer.to_string());
+            config.inactive_threshold = self.inactive_threshold.unwrap_or(EPHEMERAL_INACTIVE_THRESHOLD);
+        } else {
+            config.durable_name = Some(consumer.to_string());
+        }
         match self.subjects {
             [] => {}
             [one] => config.filter_subject = one.to_string(),
@@ -246,10 +283,14 @@ impl ConsumerDef {
         Ok(config)
     }
 
-    fn error(&self, action: &'static str) -> impl FnOnce(crate::error::BoxError) -> Error + '_ {
+    fn error<'a>(
+        &'a self,
+        consumer: &'a str,
+        action: &'static str,
+    ) -> impl FnOnce(crate::error::BoxError) -> Error + 'a {
         move |source| Error::Consumer {
             stream: self.stream.into(),
-            consumer: self.durable.into(),
+            consumer: consumer.into(),
             action,
             source,
         }
@@ -288,13 +329,20 @@ pub(crate) struct Consumer {
     /// The consumer's `ack_wait` as the server has it (read at each bind), for in-progress pings.
     ack_wait_nanos: AtomicU64,
     dead_letter: async_nats::Subject,
+    /// The consumer's name on the server: the durable name, or a fresh one per ephemeral instance.
+    name: Arc<str>,
 }
 
 impl Consumer {
     pub(crate) fn new(def: ConsumerDef, client: Client, provision: Provision, stream_def: Option<StreamDef>) -> Self {
+        let name: Arc<str> = if def.ephemeral {
+            format!("{}-{}", def.name, unique_suffix()).into()
+        } else {
+            def.durable.into()
+        };
         let shared = Arc::new(ConsumerShared {
             stream: def.stream,
-            durable: def.durable,
+            name: name.clone(),
             client,
         });
         Consumer {
@@ -305,6 +353,7 @@ impl Consumer {
             pacing: Pacing::default(),
             ack_wait_nanos: AtomicU64::new(Duration::from_secs(30).as_nanos() as u64),
             dead_letter: def.dead_letter_subject().into(),
+            name,
         }
     }
 
@@ -332,42 +381,48 @@ impl Consumer {
                     self.js()
                         .get_stream(def.stream)
                         .await
-                        .map_err(|e| def.error("looking up its stream")(Box::new(e)))?
+                        .map_err(|e| def.error(&self.name, "looking up its stream")(Box::new(e)))?
                 }
                 _ => {
                     return Err(Error::StreamNotFound {
                         stream: def.stream.into(),
                         hint: format!(
                             " (consumer `{}` at {} reads it); declare it with #[stream(name = \"{}\", subjects = [...])] or create it on the server",
-                            def.durable, def.location, def.stream
+                            def.label(), def.location, def.stream
                         ),
                     })
                 }
             },
-            Err(error) => return Err(def.error("looking up its stream")(Box::new(error))),
+            Err(error) => return Err(def.error(&self.name, "looking up its stream")(Box::new(error))),
         };
+        // An ephemeral consumer is this instance's own state, not shared infrastructure: it is
+        // created whatever the provisioning mode.
         match self.provision {
-            Provision::CreateOrUpdate => stream
-                .create_consumer(def.server_config()?)
+            _ if def.ephemeral => stream
+                .create_consumer(def.server_config(&self.name)?)
                 .await
-                .map_err(|e| def.error("creating or updating it")(Box::new(e))),
+                .map_err(|e| def.error(&self.name, "creating it")(Box::new(e))),
+            Provision::CreateOrUpdate => stream
+                .create_consumer(def.server_config(&self.name)?)
+                .await
+                .map_err(|e| def.error(&self.name, "creating or updating it")(Box::new(e))),
             Provision::VerifyOnly | Provision::Off => {
                 use jetstream::context::ConsumerInfoErrorKind as Kind;
-                match stream.consumer_info(def.durable).await {
+                match stream.consumer_info(&*self.name).await {
                     Ok(_) => {}
                     Err(error) if matches!(error.kind(), Kind::NotFound) => {
                         return Err(Error::ConsumerNotFound {
                             stream: def.stream.into(),
-                            consumer: def.durable.into(),
+                            consumer: self.name.to_string(),
                             mode: self.provision.as_str(),
                         })
                     }
-                    Err(error) => return Err(def.error("looking it up")(Box::new(error))),
+                    Err(error) => return Err(def.error(&self.name, "looking it up")(Box::new(error))),
                 }
                 stream
-                    .get_consumer::<pull::Config>(def.durable)
+                    .get_consumer::<pull::Config>(&self.name)
                     .await
-                    .map_err(def.error("binding it"))
+                    .map_err(def.error(&self.name, "binding it"))
             }
         }
     }
@@ -385,10 +440,10 @@ impl Consumer {
         let permits = Arc::new(Semaphore::new(concurrency));
         let mut failures = 0u32;
         'session: loop {
-            let mut puller = match Puller::start(this.shared.client.nats(), this.def.stream, this.def.durable).await {
+            let mut puller = match Puller::start(this.shared.client.nats(), this.def.stream, &this.name).await {
                 Ok(puller) => puller,
                 Err(error) => {
-                    tracing::warn!(stream = this.def.stream, consumer = this.def.durable, %error, "cannot subscribe; retrying");
+                    tracing::warn!(stream = this.def.stream, consumer = &*this.name, %error, "cannot subscribe; retrying");
                     if !pause(&cancel, &mut failures).await {
                         break;
                     }
@@ -409,7 +464,7 @@ impl Consumer {
                         .pacing
                         .prefetch(concurrency, this.def.max_prefetch(), this.def.prefetch.is_some());
                 if let Err(error) = puller.top_up(target).await {
-                    tracing::warn!(stream = this.def.stream, consumer = this.def.durable, %error, "cannot send a pull request");
+                    tracing::warn!(stream = this.def.stream, consumer = &*this.name, %error, "cannot send a pull request");
                 }
                 let pulled = tokio::select! {
                     biased;
@@ -430,7 +485,7 @@ impl Consumer {
                     Pulled::ConsumerDeleted => {
                         tracing::warn!(
                             stream = this.def.stream,
-                            consumer = this.def.durable,
+                            consumer = &*this.name,
                             "the consumer was deleted on the server; re-binding"
                         );
                         break true;
@@ -442,7 +497,7 @@ impl Consumer {
                         }
                     }
                     Pulled::Refused(why) => {
-                        tracing::error!(stream = this.def.stream, consumer = this.def.durable, reason = %why,
+                        tracing::error!(stream = this.def.stream, consumer = &*this.name, reason = %why,
                             "the server refuses this consumer's pull requests; re-binding");
                         drop(permit);
                         if !pause(&cancel, &mut failures).await {
@@ -471,7 +526,7 @@ impl Consumer {
                 if handed_back > 0 {
                     tracing::info!(
                         stream = this.def.stream,
-                        consumer = this.def.durable,
+                        consumer = &*this.name,
                         handed_back,
                         "returned prefetched messages"
                     );
@@ -484,7 +539,7 @@ impl Consumer {
                     Ok(_) => {
                         tracing::info!(
                             stream = this.def.stream,
-                            consumer = this.def.durable,
+                            consumer = &*this.name,
                             "consumer re-bound; resuming"
                         );
                         continue 'session;
@@ -500,6 +555,12 @@ impl Consumer {
         }
         // In-flight handlers hold permits; they release them when settled (or naked at hard_stop).
         let _ = permits.acquire_many(concurrency as u32).await;
+        if this.def.ephemeral {
+            // Nobody else will read it: remove it now rather than after the inactive threshold.
+            if let Ok(stream) = this.js().get_stream(this.def.stream).await {
+                let _ = stream.delete_consumer(&this.name).await;
+            }
+        }
         Ok(())
     }
 
@@ -507,7 +568,7 @@ impl Consumer {
     /// vanished), or pulling can go on (a transient gap, e.g. during a reconnect).
     async fn must_rebind(&self, why: &str) -> bool {
         use jetstream::context::ConsumerInfoErrorKind as Kind;
-        let (stream, durable) = (self.def.stream, self.def.durable);
+        let (stream, durable) = (self.def.stream, &*self.name);
         let gone = match self.js().get_stream(stream).await {
             Ok(handle) => match handle.consumer_info(durable).await {
                 Ok(_) => Some(false),
@@ -584,7 +645,7 @@ impl Consumer {
             "delivery",
             handler = def.name,
             stream = def.stream,
-            consumer = def.durable,
+            consumer = &*self.name,
             subject = %delivery.subject,
             sequence = stream_sequence,
             delivery_count,
@@ -604,7 +665,7 @@ impl Consumer {
                     break outcome;
                 }
                 _ = hard_stop.cancelled() => {
-                    tracing::warn!(stream = def.stream, consumer = def.durable, sequence = stream_sequence,
+                    tracing::warn!(stream = def.stream, consumer = &*self.name, sequence = stream_sequence,
                         "drain timeout: handler still running; nak so the message is redelivered");
                     settle.send(Bytes::from_static(b"-NAK")).await;
                     return;
@@ -621,7 +682,7 @@ impl Consumer {
             Ok(Outcome::Failed(error)) => match error.downcast::<Reject>() {
                 Ok(reject) => match reject.0 {
                     RejectKind::Terminate(reason) => {
-                        tracing::warn!(handler = def.name, stream = def.stream, consumer = def.durable,
+                        tracing::warn!(handler = def.name, stream = def.stream, consumer = &*self.name,
                             sequence = stream_sequence, %reason, "handler terminated the message");
                         self.dead_letter_and_terminate(&settle, original, &reason).await;
                         return;
@@ -640,10 +701,10 @@ impl Consumer {
             },
             Ok(Outcome::Undecodable(error)) => {
                 tracing::error!(
-                    handler = def.name, stream = def.stream, consumer = def.durable, sequence = stream_sequence,
+                    handler = def.name, stream = def.stream, consumer = &*self.name, sequence = stream_sequence,
                     payload_type = error.type_name, error = %error,
                     "terminating a message whose payload cannot be decoded (stream {}, consumer {}, sequence {})",
-                    def.stream, def.durable, stream_sequence
+                    def.stream, self.name, stream_sequence
                 );
                 self.dead_letter_and_terminate(&settle, original, &error.to_string())
                     .await;
@@ -660,14 +721,14 @@ impl Consumer {
         };
         if last_attempt {
             let reason = format!("failed on the last of {delivery_count} deliveries: {failure}");
-            tracing::error!(handler = def.name, stream = def.stream, consumer = def.durable,
+            tracing::error!(handler = def.name, stream = def.stream, consumer = &*self.name,
                 sequence = stream_sequence, %reason, "giving up on the message");
             self.dead_letter_and_terminate(&settle, original, &reason).await;
             return;
         }
         let delay = def.retry_delay(delivery_count);
         tracing::warn!(
-            handler = def.name, stream = def.stream, consumer = def.durable, sequence = stream_sequence,
+            handler = def.name, stream = def.stream, consumer = &*self.name, sequence = stream_sequence,
             delivery_count, error = %failure, retry_in = ?delay,
             "handler failed; the message will be redelivered"
         );
@@ -686,7 +747,7 @@ impl Consumer {
         headers.insert("Natty-Dead-Letter-Reason", reason.as_str());
         headers.insert("Natty-Original-Subject", original.subject.as_str());
         headers.insert("Natty-Original-Stream", def.stream);
-        headers.insert("Natty-Original-Consumer", def.durable);
+        headers.insert("Natty-Original-Consumer", &*self.name);
         headers.insert("Natty-Original-Sequence", original.stream_sequence.to_string().as_str());
         headers.insert("Natty-Delivery-Count", original.delivery_count.to_string().as_str());
         headers.insert(
@@ -718,13 +779,27 @@ impl Consumer {
             settle.send(format!("+TERM {reason}").into()).await;
         } else {
             tracing::error!(
-                stream = def.stream, consumer = def.durable, sequence = original.stream_sequence,
+                stream = def.stream, consumer = &*self.name, sequence = original.stream_sequence,
                 dead_letter = %self.dead_letter, %reason,
                 "cannot store the dead letter (is a stream capturing its subject?); the message stays in its stream, naked"
             );
             settle.nak(Duration::from_secs(30)).await;
         }
     }
+}
+
+/// A short random suffix for an ephemeral consumer's name: unique per instance and start.
+fn unique_suffix() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    format!("{:012x}", hasher.finish() & 0xffff_ffff_ffff)
 }
 
 /// What a dead letter needs of the original message.

@@ -13,7 +13,7 @@ use crate::publish::{Client, PublishAck, PublishError};
 /// What a consumer shares with every delivery it hands out.
 pub(crate) struct ConsumerShared {
     pub(crate) stream: &'static str,
-    pub(crate) durable: &'static str,
+    pub(crate) name: std::sync::Arc<str>,
     pub(crate) client: Client,
 }
 
@@ -77,9 +77,9 @@ impl Context {
         self.shared.stream
     }
 
-    /// The durable consumer that delivered it.
+    /// The consumer that delivered it: the durable name, or an ephemeral consumer's own name.
     pub fn consumer(&self) -> &str {
-        self.shared.durable
+        &self.shared.name
     }
 
     /// The connected client, for publishing or anything else.
@@ -120,7 +120,7 @@ impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Context")
             .field("stream", &self.shared.stream)
-            .field("consumer", &self.shared.durable)
+            .field("consumer", &self.shared.name)
             .field("subject", &self.subject)
             .field("stream_sequence", &self.stream_sequence)
             .field("delivery_count", &self.delivery_count)

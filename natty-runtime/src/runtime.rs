@@ -378,7 +378,7 @@ fn dedup_streams(streams: &[StreamDef]) -> Result<Vec<StreamDef>> {
 
 fn check_consumers(consumers: &[ConsumerDef]) -> Result<()> {
     let mut seen: HashMap<(&str, &str), &ConsumerDef> = HashMap::new();
-    for consumer in consumers {
+    for consumer in consumers.iter().filter(|c| !c.ephemeral) {
         if let Some(first) = seen.insert((consumer.stream, consumer.durable), consumer) {
             return Err(Error::Duplicate {
                 what: format!("consumer `{}` on stream `{}`", consumer.durable, consumer.stream),

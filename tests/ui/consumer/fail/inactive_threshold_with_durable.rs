@@ -5,7 +5,7 @@ struct Job {
     id: u64,
 }
 
-#[consumer(stream = "jobs")]
+#[consumer(stream = "jobs", durable = "workers", inactive_threshold = "30s")]
 async fn work(job: Job) {
     let _ = job.id;
 }
