@@ -5,4 +5,5 @@ fn ui() {
     t.pass("ui/pass/*.rs");
     t.compile_fail("ui/consumer/fail/*.rs");
     t.compile_fail("ui/stream/fail/*.rs");
+    t.compile_fail("ui/core/fail/*.rs");
 }

@@ -5,9 +5,19 @@
 use proc_macro2::{Span, TokenStream};
 use quote::{format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
-use syn::{FnArg, ItemFn, LitStr, Pat, Type};
+use syn::{ItemFn, LitStr};
 
 use crate::attr::{self, Errors, Slot};
+use crate::handler::{self, HandlerKind};
+
+const CONSUMER: HandlerKind = HandlerKind {
+    what: "a consumer handler",
+    extractors: &["Context"],
+    decode: "decode_payload",
+    from_trait: "FromDelivery",
+    undecodable: "Outcome::Undecodable",
+    delivery_type: "Delivery",
+};
 
 const KEYS: &[&str] = &[
     "stream",
@@ -25,10 +35,6 @@ const KEYS: &[&str] = &[
     "start_time",
     "inactive_threshold",
 ];
-
-/// Argument types the runtime provides by extraction rather than by decoding the payload.
-/// Matched on the last path segment so `natty_runtime::Context` and `Context` both work.
-const EXTRACTORS: &[&str] = &["Context"];
 
 struct Args {
     stream: Slot<LitStr>,
@@ -175,95 +181,6 @@ impl Args {
     }
 }
 
-/// How one handler argument is produced.
-enum Arg {
-    Payload(Type),
-    Extractor(Type),
-}
-
-fn signature(function: &ItemFn, errors: &mut Errors) -> Vec<Arg> {
-    let sig = &function.sig;
-    if sig.asyncness.is_none() {
-        errors.spanned(sig.fn_token, "a consumer handler must be an `async fn`");
-    }
-    if let Some(token) = &sig.unsafety {
-        errors.spanned(
-            token,
-            "a consumer handler cannot be `unsafe`: the runtime calls it with no safety contract",
-        );
-    }
-    if let Some(token) = &sig.constness {
-        errors.spanned(token, "a consumer handler cannot be `const`");
-    }
-    if let Some(abi) = &sig.abi {
-        errors.spanned(abi, "a consumer handler cannot have an `extern` ABI");
-    }
-    const GENERIC: &str = "a consumer handler cannot be generic: the runtime must know the payload type";
-    if !sig.generics.params.is_empty() {
-        errors.spanned(&sig.generics, GENERIC);
-    } else if let Some(where_clause) = &sig.generics.where_clause {
-        errors.spanned(where_clause, GENERIC);
-    }
-    if let Some(variadic) = &sig.variadic {
-        errors.spanned(variadic, "a consumer handler cannot be variadic");
-    }
-    let mut args = Vec::new();
-    let mut payload_seen = false;
-    for input in &sig.inputs {
-        let typed = match input {
-            FnArg::Receiver(receiver) => {
-                errors.spanned(receiver, "a consumer handler cannot take `self`: write a free function");
-                continue;
-            }
-            FnArg::Typed(typed) => typed,
-        };
-        if let Pat::Ident(ident) = &*typed.pat {
-            if ident.by_ref.is_some() {
-                errors.spanned(ident, "handler arguments are taken by value");
-                continue;
-            }
-        }
-        let ty = &*typed.ty;
-        match ty {
-            Type::Reference(reference) => {
-                errors.spanned(
-                    reference.and_token,
-                    "handler arguments are taken by value: the runtime owns nothing it could lend",
-                );
-                continue;
-            }
-            Type::ImplTrait(_) | Type::Infer(_) | Type::Never(_) | Type::TraitObject(_) => {
-                errors.spanned(ty, "the runtime cannot provide this argument: name a concrete type");
-                continue;
-            }
-            _ => {}
-        }
-        if is_extractor(ty) {
-            args.push(Arg::Extractor(ty.clone()));
-        } else if payload_seen {
-            errors.spanned(
-                ty,
-                "the runtime cannot provide this argument: a consumer takes one payload \
-                 (the decoded message) and otherwise only `Context`",
-            );
-        } else {
-            payload_seen = true;
-            args.push(Arg::Payload(ty.clone()));
-        }
-    }
-    args
-}
-
-fn is_extractor(ty: &Type) -> bool {
-    let Type::Path(path) = ty else { return false };
-    path.qself.is_none()
-        && path
-            .path
-            .segments
-            .last()
-            .is_some_and(|last| last.arguments.is_none() && EXTRACTORS.contains(&last.ident.to_string().as_str()))
-}
-
 pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     let mut errors = Errors::default();
     let (parsed, seen) = Args::parse(args, &mut errors);
@@ -274,7 +191,7 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
             return quote!(#item #error);
         }
     };
-    let handler_args = signature(&function, &mut errors);
+    let handler_args = handler::signature(&function, &mut errors, &CONSUMER);
     // A key given with a bad value was already reported; it is not also "missing".
     if !seen.iter().any(|seen| seen == "stream") {
         errors.push(syn::Error::new(
@@ -316,28 +233,9 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         None => quote!(#p::ConsumerDef::ephemeral(#name, #stream, #adapter)),
     };
 
-    // Interpolated (call-site) idents: a token written inside `quote_spanned!` would take the
-    // user's span and, inside a `macro_rules!`, that macro's hygiene.
-    let delivery = format_ident!("__natty_delivery");
     let result = format_ident!("__natty_result");
-    let mut bindings = Vec::new();
-    let mut call_args = Vec::new();
-    for (index, arg) in handler_args.iter().enumerate() {
-        let var = format_ident!("__arg{}", index);
-        call_args.push(var.clone());
-        bindings.push(match arg {
-            // Spanned at the type so a payload that is not `Deserialize` is reported there.
-            Arg::Payload(ty) => quote_spanned! {ty.span()=>
-                let #var: #ty = match #p::decode_payload::<#ty>(&#delivery) {
-                    ::core::result::Result::Ok(value) => value,
-                    ::core::result::Result::Err(error) => return #p::Outcome::Undecodable(error),
-                };
-            },
-            Arg::Extractor(ty) => quote_spanned! {ty.span()=>
-                let #var: #ty = <#ty as #p::FromDelivery>::from_delivery(&#delivery);
-            },
-        });
-    }
+    let (delivery, bindings, call_args) = handler::bindings(&handler_args, &CONSUMER);
+    let delivery_type = CONSUMER.delivery_type();
     // Named through the declared return type so that a wrong one is reported at that type.
     let outcome = match &function.sig.output {
         syn::ReturnType::Default => quote!(#p::IntoOutcome::into_outcome(#result)),
@@ -386,7 +284,7 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
 
         const _: () = {
             #[automatically_derived]
-            fn #adapter(#delivery: #p::Delivery) -> #p::BoxFuture<'static, #p::Outcome> {
+            fn #adapter(#delivery: #delivery_type) -> #p::BoxFuture<'static, #p::Outcome> {
                 ::std::boxed::Box::pin(async move {
                     #(#bindings)*
                     let #result = #ident(#(#call_args),*).await;

@@ -9,6 +9,8 @@ use proc_macro::TokenStream;
 
 mod attr;
 mod consumer;
+mod core_nats;
+mod handler;
 mod stream;
 
 /// Declares a JetStream pull consumer whose messages are handled by this `async fn`: durable
@@ -29,6 +31,34 @@ mod stream;
 #[proc_macro_attribute]
 pub fn consumer(args: TokenStream, item: TokenStream) -> TokenStream {
     consumer::expand(args.into(), item.into()).into()
+}
+
+/// Handles core-NATS messages on `subject` (wildcards allowed): at-most-once publish-subscribe.
+///
+/// ```ignore
+/// #[subscribe(subject = "prices.>", queue = "pricing", concurrency = 4)]
+/// async fn on_price(price: Price, envelope: Envelope) { /* ... */ }
+/// ```
+///
+/// Keys: `subject` (required), `queue` (a queue group: each message to one member),
+/// `concurrency`. Arguments: one payload and optionally an `Envelope`. Errors are logged;
+/// nothing is redelivered (use `#[consumer]` for that).
+#[proc_macro_attribute]
+pub fn subscribe(args: TokenStream, item: TokenStream) -> TokenStream {
+    core_nats::expand(core_nats::Kind::Subscribe, args.into(), item.into()).into()
+}
+
+/// Answers requests on `subject`: the handler's `Ok` value is the JSON reply, its `Err` reaches
+/// the requester as `RequestError::Remote`. Instances share a queue group (the subject, unless
+/// `queue` is given), so each request is answered once.
+///
+/// ```ignore
+/// #[service(subject = "orders.lookup")]
+/// async fn lookup(query: Lookup) -> anyhow::Result<Order> { /* ... */ }
+/// ```
+#[proc_macro_attribute]
+pub fn service(args: TokenStream, item: TokenStream) -> TokenStream {
+    core_nats::expand(core_nats::Kind::Service, args.into(), item.into()).into()
 }
 
 /// Declares a JetStream stream that `natty_runtime::run()` provisions (or verifies).

@@ -32,6 +32,7 @@
 pub mod config;
 mod connect;
 pub mod consumer;
+pub mod core_nats;
 mod dev_server;
 mod error;
 mod handler;
@@ -44,10 +45,11 @@ pub mod testing;
 
 pub use config::{Auth, Config, Provision, Tls};
 pub use consumer::{ConsumerDef, Deliver};
+pub use core_nats::{Envelope, RequestError, SubscriptionDef};
 pub use dev_server::find_nats_server;
 pub use error::{BoxError, Error, Result};
 pub use handler::{ConsumerPayload, Context, DecodeError, FromDelivery, IntoOutcome, Reject};
-pub use natty_macros::{consumer, stream};
+pub use natty_macros::{consumer, service, stream, subscribe};
 pub use publish::{Client, PendingAck, Publish, PublishAck, PublishError};
 pub use runtime::{connect, Connection, Runtime, RuntimeBuilder};
 pub use stream::{Location, StreamDef};
@@ -57,7 +59,7 @@ pub use async_nats;
 
 /// What a service needs in scope: the macros, [`Context`] and [`Client`].
 pub mod prelude {
-    pub use crate::{consumer, stream, Client, Context, Reject};
+    pub use crate::{consumer, service, stream, subscribe, Client, Context, Envelope, Reject};
 }
 
 /// Runs every registered handler with settings from the environment, until SIGINT or SIGTERM.
@@ -90,6 +92,9 @@ pub fn init_logging() {
 #[doc(hidden)]
 pub mod __private {
     pub use crate::consumer::{ConsumerDef, Deliver, HandlerFn};
+    pub use crate::core_nats::{
+        decode_core_payload, CoreDelivery, CoreHandlerFn, CoreOutcome, FromCoreDelivery, IntoReply, SubscriptionDef,
+    };
     pub use crate::handler::{decode_payload, Delivery, FromDelivery, IntoOutcome, Outcome};
     pub use crate::stream::{Location, StreamDef};
     pub use async_nats::jetstream::stream::{RetentionPolicy as Retention, StorageType};

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Auth, Config, Provision};
 use crate::consumer::{Consumer, ConsumerDef, DEAD_LETTER_STREAM};
+use crate::core_nats::SubscriptionDef;
 use crate::dev_server::DevServer;
 use crate::error::{Error, Result};
 use crate::publish::Client;
@@ -50,6 +51,7 @@ pub struct RuntimeBuilder {
     only: Option<Vec<String>>,
     streams: Vec<StreamDef>,
     consumers: Vec<ConsumerDef>,
+    subscriptions: Vec<SubscriptionDef>,
 }
 
 impl RuntimeBuilder {
@@ -137,6 +139,12 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Adds a core-NATS subscription or service by hand.
+    pub fn subscription(mut self, subscription: SubscriptionDef) -> Self {
+        self.subscriptions.push(subscription);
+        self
+    }
+
     /// Reads the environment (unless a config was given) and applies the overrides.
     ///
     /// # Errors
@@ -174,16 +182,20 @@ impl RuntimeBuilder {
         }
         let mut streams = self.streams;
         let mut consumers = self.consumers;
+        let mut subscriptions = self.subscriptions;
         if self.registered {
             streams.extend(inventory::iter::<StreamDef>.into_iter().copied());
             let registered: Vec<ConsumerDef> = inventory::iter::<ConsumerDef>.into_iter().copied().collect();
+            let registered_subs: Vec<SubscriptionDef> =
+                inventory::iter::<SubscriptionDef>.into_iter().copied().collect();
             let only = self.only.or_else(|| config.handlers.clone());
             if let Some(only) = &only {
-                if let Some(unknown) = only
+                let known: Vec<&str> = registered
                     .iter()
-                    .find(|name| !registered.iter().any(|c| c.name == name.as_str()))
-                {
-                    let known: Vec<&str> = registered.iter().map(|c| c.name).collect();
+                    .map(|c| c.name)
+                    .chain(registered_subs.iter().map(|s| s.name))
+                    .collect();
+                if let Some(unknown) = only.iter().find(|name| !known.contains(&name.as_str())) {
                     return Err(Error::config(
                         "NATTY_HANDLERS",
                         only.join(","),
@@ -194,16 +206,15 @@ impl RuntimeBuilder {
                     ));
                 }
             }
-            consumers.extend(
-                registered
-                    .into_iter()
-                    .filter(|c| only.as_ref().is_none_or(|only| only.iter().any(|name| name == c.name))),
-            );
+            let selected = |name: &str| only.as_ref().is_none_or(|only| only.iter().any(|o| o == name));
+            consumers.extend(registered.into_iter().filter(|c| selected(c.name)));
+            subscriptions.extend(registered_subs.into_iter().filter(|s| selected(s.name)));
         }
         Ok(Runtime {
             config,
             streams,
             consumers,
+            subscriptions,
         })
     }
 }
@@ -214,6 +225,7 @@ pub struct Runtime {
     config: Config,
     streams: Vec<StreamDef>,
     consumers: Vec<ConsumerDef>,
+    subscriptions: Vec<SubscriptionDef>,
 }
 
 impl Runtime {
@@ -247,7 +259,7 @@ impl Runtime {
     ///
     /// As [`Runtime::run`].
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<()> {
-        if self.consumers.is_empty() {
+        if self.consumers.is_empty() && self.subscriptions.is_empty() {
             return Err(Error::NothingRegistered);
         }
         let streams = dedup_streams(&self.streams)?;
@@ -280,6 +292,7 @@ impl Runtime {
         }
         tracing::info!(
             consumers = bound.len(),
+            subscriptions = self.subscriptions.len(),
             streams = streams.len(),
             provision = provision.as_str(),
             "natty is running"
@@ -290,6 +303,14 @@ impl Runtime {
         let mut tasks = tokio::task::JoinSet::new();
         for (consumer, handle) in bound {
             tasks.spawn(consumer.run(handle, cancel.clone(), hard_stop.clone()));
+        }
+        for subscription in &self.subscriptions {
+            let (client, cancel, hard_stop) = (client.clone(), cancel.clone(), hard_stop.clone());
+            let subscription = *subscription;
+            tasks.spawn(async move {
+                crate::core_nats::run(subscription, client, cancel, hard_stop).await;
+                Ok(())
+            });
         }
 
         tokio::pin!(shutdown);

@@ -1,0 +1,444 @@
+//! Core NATS handlers, outside JetStream: `#[subscribe]` (at-most-once publish-subscribe, with
+//! optional queue groups) and `#[service]` (request-reply), plus the typed request client.
+//!
+//! Core NATS keeps nothing: a message published while no subscriber listens is gone, and one
+//! whose handler fails is not redelivered. Use a `#[consumer]` where that matters.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::{HeaderMap, Subject};
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, StreamExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::BoxError;
+use crate::handler::{ConsumerPayload, DecodeError, IntoOutcome, Outcome};
+use crate::publish::Client;
+use crate::stream::Location;
+
+/// The adapter a `#[subscribe]` or `#[service]` generates.
+pub type CoreHandlerFn = fn(CoreDelivery) -> BoxFuture<'static, CoreOutcome>;
+
+/// The header carrying a service handler's error back to the requester.
+pub const ERROR_HEADER: &str = "Natty-Error";
+
+/// Default time [`Client::request`] waits for a reply.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Which pattern a [`SubscriptionDef`] serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CoreKind {
+    /// Publish-subscribe: the handler's result is only logged.
+    Subscribe,
+    /// Request-reply: the handler's result is the reply.
+    Service,
+}
+
+/// A declared core-NATS subscription. `#[subscribe]` and `#[service]` register one.
+#[derive(Clone, Copy)]
+pub struct SubscriptionDef {
+    pub(crate) name: &'static str,
+    pub(crate) subject: &'static str,
+    pub(crate) queue: Option<&'static str>,
+    pub(crate) concurrency: usize,
+    pub(crate) kind: CoreKind,
+    pub(crate) handler: CoreHandlerFn,
+    pub(crate) location: Location,
+}
+
+impl std::fmt::Debug for SubscriptionDef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SubscriptionDef")
+            .field("name", &self.name)
+            .field("subject", &self.subject)
+            .field("queue", &self.queue)
+            .field("kind", &self.kind)
+            .field("location", &self.location)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SubscriptionDef {
+    /// A publish-subscribe handler named `name` on `subject` (wildcards allowed).
+    pub const fn subscribe(name: &'static str, subject: &'static str, handler: CoreHandlerFn) -> Self {
+        SubscriptionDef {
+            name,
+            subject,
+            queue: None,
+            concurrency: 1,
+            kind: CoreKind::Subscribe,
+            handler,
+            location: Location::UNKNOWN,
+        }
+    }
+
+    /// A request-reply handler. Instances share the queue group `subject` unless told
+    /// otherwise, so each request is answered once.
+    pub const fn service(name: &'static str, subject: &'static str, handler: CoreHandlerFn) -> Self {
+        SubscriptionDef {
+            name,
+            subject,
+            queue: Some(subject),
+            concurrency: 1,
+            kind: CoreKind::Service,
+            handler,
+            location: Location::UNKNOWN,
+        }
+    }
+
+    /// A queue group: each message goes to one member of the group.
+    pub const fn queue(mut self, queue: &'static str) -> Self {
+        self.queue = Some(queue);
+        self
+    }
+
+    /// How many handlers run at once in this instance (default 1).
+    pub const fn concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = if concurrency == 0 { 1 } else { concurrency };
+        self
+    }
+
+    /// Records where the declaration was written (the macros set this).
+    pub const fn at(mut self, location: Location) -> Self {
+        self.location = location;
+        self
+    }
+
+    /// The handler's name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
+inventory::collect!(SubscriptionDef);
+
+/// One core message as handed to a generated adapter. Not constructed by users.
+#[doc(hidden)]
+pub struct CoreDelivery {
+    pub(crate) subject: Subject,
+    pub(crate) payload: Bytes,
+    pub(crate) headers: Option<HeaderMap>,
+    pub(crate) client: Client,
+}
+
+/// A core message's subject and headers, and the client: what a `#[subscribe]` or `#[service]`
+/// handler may take besides its payload.
+#[derive(Clone, Debug)]
+pub struct Envelope {
+    subject: Subject,
+    headers: Option<HeaderMap>,
+    client: Client,
+}
+
+impl Envelope {
+    /// The subject the message was published to.
+    pub fn subject(&self) -> &str {
+        &self.subject
+    }
+
+    /// The message's headers, if any.
+    pub fn headers(&self) -> Option<&HeaderMap> {
+        self.headers.as_ref()
+    }
+
+    /// The connected client.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+}
+
+/// An argument of a core handler built from the message rather than decoded from it.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be a handler argument",
+    label = "the runtime cannot provide this",
+    note = "a #[subscribe] or #[service] handler takes one payload (a serde::Deserialize type) and optionally `natty_runtime::Envelope`"
+)]
+pub trait FromCoreDelivery: Sized {
+    /// Builds the argument.
+    fn from_delivery(delivery: &CoreDelivery) -> Self;
+}
+
+impl FromCoreDelivery for Envelope {
+    fn from_delivery(delivery: &CoreDelivery) -> Self {
+        Envelope {
+            subject: delivery.subject.clone(),
+            headers: delivery.headers.clone(),
+            client: delivery.client.clone(),
+        }
+    }
+}
+
+/// Decodes a core message's payload for a generated adapter.
+#[doc(hidden)]
+pub fn decode_core_payload<T: ConsumerPayload>(delivery: &CoreDelivery) -> Result<T, DecodeError> {
+    serde_json::from_slice(&delivery.payload).map_err(|source| DecodeError {
+        type_name: std::any::type_name::<T>(),
+        source,
+    })
+}
+
+/// How a core handler ended.
+#[doc(hidden)]
+#[derive(Debug)]
+pub enum CoreOutcome {
+    /// Done; nothing to send.
+    Done,
+    /// The reply to send.
+    Reply(Bytes),
+    /// The handler failed.
+    Failed(BoxError),
+    /// The payload cannot be decoded.
+    Undecodable(DecodeError),
+}
+
+impl CoreOutcome {
+    /// A `#[subscribe]` handler's result.
+    pub fn from_outcome(outcome: Outcome) -> CoreOutcome {
+        match outcome {
+            Outcome::Ack => CoreOutcome::Done,
+            Outcome::Failed(error) => CoreOutcome::Failed(error),
+            Outcome::Undecodable(error) => CoreOutcome::Undecodable(error),
+        }
+    }
+
+    /// For the `#[subscribe]` adapter: any handler return type a consumer may have.
+    pub fn subscribed(result: impl IntoOutcome) -> CoreOutcome {
+        CoreOutcome::from_outcome(result.into_outcome())
+    }
+}
+
+/// A `#[service]` handler's return type: `Result<R, E>` where the reply `R` is serialized as
+/// JSON and an error `E` is sent back in the `Natty-Error` header.
+#[diagnostic::on_unimplemented(
+    message = "a service handler cannot return `{Self}`",
+    label = "return `Result<R, E>` with `R: Serialize`",
+    note = "`Ok(reply)` is sent as JSON; an `Err` reaches the requester as `RequestError::Remote`"
+)]
+pub trait IntoReply {
+    /// Converts the return value.
+    fn into_reply(self) -> CoreOutcome;
+}
+
+impl<R: Serialize, E: Into<BoxError>> IntoReply for Result<R, E> {
+    fn into_reply(self) -> CoreOutcome {
+        match self {
+            Ok(reply) => match serde_json::to_vec(&reply) {
+                Ok(bytes) => CoreOutcome::Reply(bytes.into()),
+                Err(error) => CoreOutcome::Failed(format!("cannot encode the reply as JSON: {error}").into()),
+            },
+            Err(error) => CoreOutcome::Failed(error.into()),
+        }
+    }
+}
+
+/// Runs one subscription until `cancel`, then drains: stops receiving and lets in-flight
+/// handlers finish until `hard_stop`.
+pub(crate) async fn run(def: SubscriptionDef, client: Client, cancel: CancellationToken, hard_stop: CancellationToken) {
+    let subject = def.subject.to_string();
+    let mut subscriber = loop {
+        let subscribed = match def.queue {
+            Some(queue) => client.nats().queue_subscribe(subject.clone(), queue.to_string()).await,
+            None => client.nats().subscribe(subject.clone()).await,
+        };
+        match subscribed {
+            Ok(subscriber) => break subscriber,
+            Err(error) => {
+                tracing::warn!(handler = def.name, subject = def.subject, %error, "cannot subscribe; retrying");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    };
+    let permits = Arc::new(Semaphore::new(def.concurrency));
+    loop {
+        let permit = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+        };
+        let message = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            message = subscriber.next() => message,
+        };
+        let Some(message) = message else { break };
+        let (client, hard_stop) = (client.clone(), hard_stop.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            handle(def, client, message, hard_stop).await;
+        });
+    }
+    // Messages already delivered to the subscription are still handled: drain, not drop.
+    if subscriber.unsubscribe().await.is_ok() {
+        while let Ok(Some(message)) = tokio::time::timeout(Duration::from_millis(100), subscriber.next()).await {
+            handle(def, client.clone(), message, hard_stop.clone()).await;
+        }
+    }
+    let _ = permits.acquire_many(def.concurrency as u32).await;
+}
+
+async fn handle(def: SubscriptionDef, client: Client, message: async_nats::Message, hard_stop: CancellationToken) {
+    let reply = message.reply.clone();
+    let delivery = CoreDelivery {
+        subject: message.subject,
+        payload: message.payload,
+        headers: message.headers,
+        client: client.clone(),
+    };
+    let handled = AssertUnwindSafe((def.handler)(delivery)).catch_unwind();
+    let outcome = tokio::select! {
+        biased;
+        outcome = handled => outcome.unwrap_or_else(|_| CoreOutcome::Failed("the handler panicked".into())),
+        _ = hard_stop.cancelled() => CoreOutcome::Failed("the service is shutting down".into()),
+    };
+    let failure = match outcome {
+        CoreOutcome::Done => return,
+        CoreOutcome::Reply(body) => {
+            if let Some(reply) = reply {
+                if let Err(error) = client.nats().publish(reply, body).await {
+                    tracing::warn!(handler = def.name, %error, "cannot send the reply");
+                }
+            }
+            return;
+        }
+        CoreOutcome::Failed(error) => error.to_string(),
+        CoreOutcome::Undecodable(error) => error.to_string(),
+    };
+    tracing::warn!(handler = def.name, subject = def.subject, error = %failure, "handler failed");
+    if let (CoreKind::Service, Some(reply)) = (def.kind, reply) {
+        let mut headers = HeaderMap::new();
+        headers.insert(ERROR_HEADER, failure.replace(['\r', '\n'], " ").as_str());
+        if let Err(error) = client.nats().publish_with_headers(reply, headers, Bytes::new()).await {
+            tracing::warn!(handler = def.name, %error, "cannot send the error reply");
+        }
+    }
+}
+
+/// A request that got no good reply.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// The request could not be encoded.
+    #[error("cannot encode the request to `{subject}` as JSON: {source}")]
+    Encode {
+        /// The subject.
+        subject: String,
+        /// What serde reported.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Nobody listens on the subject.
+    #[error("no service answers on `{subject}`")]
+    NoResponders {
+        /// The subject.
+        subject: String,
+    },
+    /// No reply within the timeout.
+    #[error("no reply from `{subject}` within {timeout:?}")]
+    Timeout {
+        /// The subject.
+        subject: String,
+        /// How long it waited.
+        timeout: Duration,
+    },
+    /// The service's handler returned an error.
+    #[error("the service on `{subject}` failed: {message}")]
+    Remote {
+        /// The subject.
+        subject: String,
+        /// The handler's error, as the service sent it.
+        message: String,
+    },
+    /// The reply is not the expected type.
+    #[error("cannot decode the reply from `{subject}` as {type_name}: {source}")]
+    Decode {
+        /// The subject.
+        subject: String,
+        /// The expected Rust type.
+        type_name: &'static str,
+        /// What serde reported.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Anything else the client reported.
+    #[error("request to `{subject}` failed: {source}")]
+    Other {
+        /// The subject.
+        subject: String,
+        /// The client's error.
+        #[source]
+        source: async_nats::RequestError,
+    },
+}
+
+impl Client {
+    /// Sends `request` as JSON to `subject` and decodes the JSON reply, waiting at most
+    /// [`REQUEST_TIMEOUT`].
+    ///
+    /// # Errors
+    ///
+    /// See [`RequestError`]: no responder, timeout, the service's own error, an undecodable reply.
+    pub async fn request<Req: Serialize + ?Sized, Resp: DeserializeOwned>(
+        &self,
+        subject: impl Into<String>,
+        request: &Req,
+    ) -> Result<Resp, RequestError> {
+        self.request_with_timeout(subject, request, REQUEST_TIMEOUT).await
+    }
+
+    /// [`request`](Client::request) with its own timeout.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::request`].
+    pub async fn request_with_timeout<Req: Serialize + ?Sized, Resp: DeserializeOwned>(
+        &self,
+        subject: impl Into<String>,
+        request: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, RequestError> {
+        let subject = subject.into();
+        let payload = serde_json::to_vec(request).map_err(|source| RequestError::Encode {
+            subject: subject.clone(),
+            source,
+        })?;
+        let sent = self
+            .nats()
+            .send_request(
+                subject.clone(),
+                async_nats::Request::new()
+                    .payload(payload.into())
+                    .timeout(Some(timeout)),
+            )
+            .await;
+        let reply = match sent {
+            Ok(reply) => reply,
+            Err(source) => {
+                return Err(match source.kind() {
+                    async_nats::RequestErrorKind::NoResponders => RequestError::NoResponders { subject },
+                    async_nats::RequestErrorKind::TimedOut => RequestError::Timeout { subject, timeout },
+                    _ => RequestError::Other { subject, source },
+                })
+            }
+        };
+        if let Some(message) = reply.headers.as_ref().and_then(|headers| headers.get(ERROR_HEADER)) {
+            return Err(RequestError::Remote {
+                subject,
+                message: message.to_string(),
+            });
+        }
+        serde_json::from_slice(&reply.payload).map_err(|source| RequestError::Decode {
+            subject,
+            type_name: std::any::type_name::<Resp>(),
+            source,
+        })
+    }
+}
