@@ -34,6 +34,7 @@ const KEYS: &[&str] = &[
     "start_sequence",
     "start_time",
     "inactive_threshold",
+    "order_by",
 ];
 
 struct Args {
@@ -50,6 +51,7 @@ struct Args {
     /// `deliver`, `start_sequence` and `start_time` all choose where to start: one slot.
     deliver: Slot<TokenStream>,
     inactive_threshold: Slot<u64>,
+    order_by: Slot<TokenStream>,
 }
 
 impl Args {
@@ -67,6 +69,7 @@ impl Args {
             dead_letter: Slot::new("dead_letter"),
             deliver: Slot::new("deliver` / `start_sequence` / `start_time"),
             inactive_threshold: Slot::new("inactive_threshold"),
+            order_by: Slot::new("order_by"),
         };
         let seen = attr::parse_keys(args, errors, |key, meta| parsed.key(key, meta));
         (parsed, seen)
@@ -161,6 +164,26 @@ impl Args {
                 let value = value as u64;
                 self.deliver.set(meta, quote!(FromSequence(#value)), span)
             }),
+            "order_by" => {
+                let lit = attr::lit_str(meta)?;
+                let text = lit.value();
+                let token = text
+                    .strip_prefix("subject[")
+                    .and_then(|rest| rest.strip_suffix(']'))
+                    .map(|index| index.parse::<usize>());
+                match (text.as_str(), token) {
+                    ("subject", _) => Ok(quote!(Subject)),
+                    (_, Some(Ok(index))) => Ok(quote!(Token(#index))),
+                    _ => Err(syn::Error::new(
+                        lit.span(),
+                        format!(
+                            "unknown `order_by` `{text}`; expected \"subject\" (the whole subject) \
+                             or \"subject[N]\" (its N-th token, from 0)"
+                        ),
+                    )),
+                }
+                .and_then(|tokens| self.order_by.set(meta, tokens, lit.span()))
+            }
             "inactive_threshold" => {
                 let lit = attr::lit_str(meta)?;
                 attr::duration(&lit).and_then(|nanos| self.inactive_threshold.set(meta, nanos, lit.span()))
@@ -274,6 +297,9 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     if let Some(nanos) = parsed.inactive_threshold.take() {
         let duration = attr::duration_tokens(nanos);
         setters.push(quote!(.inactive_threshold(#duration)));
+    }
+    if let Some(order_by) = parsed.order_by.take() {
+        setters.push(quote!(.order_by(#p::OrderBy::#order_by)));
     }
     if let Some(deliver) = parsed.deliver.take() {
         setters.push(quote!(.deliver(#p::Deliver::#deliver)));

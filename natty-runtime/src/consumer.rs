@@ -62,6 +62,7 @@ pub struct ConsumerDef {
     pub(crate) deliver: Deliver,
     pub(crate) ephemeral: bool,
     pub(crate) inactive_threshold: Option<Duration>,
+    pub(crate) order_by: Option<OrderBy>,
     pub(crate) handler: HandlerFn,
     pub(crate) location: Location,
 }
@@ -97,6 +98,7 @@ impl ConsumerDef {
             deliver: Deliver::All,
             ephemeral: false,
             inactive_threshold: None,
+            order_by: None,
             handler,
             location: Location::UNKNOWN,
         }
@@ -173,6 +175,15 @@ impl ConsumerDef {
     /// refuses to change it for an existing durable consumer.
     pub const fn deliver(mut self, deliver: Deliver) -> Self {
         self.deliver = deliver;
+        self
+    }
+
+    /// Handles messages with the same key one at a time, in stream order, while different
+    /// keys run in parallel (up to the concurrency). A failed message is retried in place,
+    /// holding its key, so the next one never overtakes it. The order holds within one
+    /// instance: for several instances, give each its own subjects.
+    pub const fn order_by(mut self, order_by: OrderBy) -> Self {
+        self.order_by = Some(order_by);
         self
     }
 
@@ -298,6 +309,25 @@ impl ConsumerDef {
 }
 
 inventory::collect!(ConsumerDef);
+
+/// What makes messages "the same key" for [`ConsumerDef::order_by`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrderBy {
+    /// The whole subject.
+    Subject,
+    /// One token of the subject, counted from 0: `orders.<id>.created` is keyed by token 1.
+    Token(usize),
+}
+
+impl OrderBy {
+    /// The key of a message on `subject`; a subject too short for the token is its own key.
+    pub(crate) fn key<'a>(&self, subject: &'a str) -> &'a str {
+        match self {
+            OrderBy::Subject => subject,
+            OrderBy::Token(index) => subject.split('.').nth(*index).unwrap_or(subject),
+        }
+    }
+}
 
 /// Where a new consumer starts reading its stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -438,6 +468,7 @@ impl Consumer {
         let this = Arc::new(self);
         let concurrency = this.def.concurrency;
         let permits = Arc::new(Semaphore::new(concurrency));
+        let lanes = Lanes::default();
         let mut failures = 0u32;
         'session: loop {
             let mut puller = match Puller::start(this.shared.client.nats(), this.def.stream, &this.name).await {
@@ -474,6 +505,11 @@ impl Consumer {
                 match pulled {
                     Pulled::Message(message) => {
                         failures = 0;
+                        if let Some(order_by) = this.def.order_by {
+                            let key = order_by.key(&message.subject).to_string();
+                            lanes.dispatch(this.clone(), key, message, permit, hard_stop.clone());
+                            continue;
+                        }
                         let delivery = this.clone().deliver(message, permit, hard_stop.clone());
                         if concurrency == 1 {
                             // One at a time: run inline, sparing a task spawn per message.
@@ -623,116 +659,169 @@ impl Consumer {
             client: self.shared.client.nats().clone(),
             reply: reply.clone(),
         };
-        // Kept for a dead letter: the handler takes the delivery. Cheap: shared bytes.
+        // Kept for a dead letter and for retries in place: the handler takes its delivery.
         let original = Original {
-            subject: message.subject.clone(),
-            payload: message.payload.clone(),
-            headers: message.headers.clone(),
-            stream_sequence,
-            delivery_count,
-        };
-        let delivery = Delivery {
             subject: message.subject,
-            reply,
             payload: message.payload,
             headers: message.headers,
             stream_sequence,
             delivery_count,
-            shared: self.shared.clone(),
         };
         let def = &self.def;
+        // Ordered consumers retry in place, holding their key's lane, so that the message
+        // after this one never overtakes it; others nak and let the server redeliver.
+        let in_place = def.order_by.is_some();
+        let mut attempt = delivery_count;
+        loop {
+            let delivery = Delivery {
+                subject: original.subject.clone(),
+                reply: reply.clone(),
+                payload: original.payload.clone(),
+                headers: original.headers.clone(),
+                stream_sequence,
+                delivery_count: attempt,
+                shared: self.shared.clone(),
+            };
+            let Some(outcome) = self.attempt(delivery, &settle, &hard_stop).await else {
+                return;
+            };
+            let last_attempt = def.max_deliver.is_some_and(|max| attempt >= max as u64);
+            let failure = match outcome {
+                Ok(Outcome::Ack) => {
+                    settle.send(Bytes::from_static(b"+ACK")).await;
+                    return;
+                }
+                Ok(Outcome::Failed(error)) => match error.downcast::<Reject>() {
+                    Ok(reject) => match reject.0 {
+                        RejectKind::Terminate(reason) => {
+                            tracing::warn!(handler = def.name, stream = def.stream, consumer = &*self.name,
+                                sequence = stream_sequence, %reason, "handler terminated the message");
+                            self.dead_letter_and_terminate(&settle, original, &reason).await;
+                            return;
+                        }
+                        RejectKind::Retry if !last_attempt && !in_place => {
+                            settle.send(Bytes::from_static(b"-NAK")).await;
+                            return;
+                        }
+                        RejectKind::RetryAfter(delay) if !last_attempt && !in_place => {
+                            settle.nak(delay).await;
+                            return;
+                        }
+                        RejectKind::Retry => (Duration::ZERO, "the handler asked for a retry".to_string()),
+                        RejectKind::RetryAfter(delay) => (delay, "the handler asked for a retry".to_string()),
+                    },
+                    Err(error) => (def.retry_delay(attempt), error.to_string()),
+                },
+                Ok(Outcome::Undecodable(error)) => {
+                    tracing::error!(
+                        handler = def.name, stream = def.stream, consumer = &*self.name, sequence = stream_sequence,
+                        payload_type = error.type_name, error = %error,
+                        "terminating a message whose payload cannot be decoded (stream {}, consumer {}, sequence {})",
+                        def.stream, self.name, stream_sequence
+                    );
+                    self.dead_letter_and_terminate(&settle, original, &error.to_string())
+                        .await;
+                    return;
+                }
+                Err(panic) => {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a non-string panic".into());
+                    (def.retry_delay(attempt), format!("the handler panicked: {what}"))
+                }
+            };
+            let (delay, failure) = failure;
+            if last_attempt {
+                let reason = format!("failed on the last of {attempt} deliveries: {failure}");
+                tracing::error!(handler = def.name, stream = def.stream, consumer = &*self.name,
+                    sequence = stream_sequence, %reason, "giving up on the message");
+                self.dead_letter_and_terminate(&settle, original, &reason).await;
+                return;
+            }
+            tracing::warn!(
+                handler = def.name, stream = def.stream, consumer = &*self.name, sequence = stream_sequence,
+                delivery_count = attempt, error = %failure, retry_in = ?delay,
+                "handler failed; the message will be redelivered"
+            );
+            if !in_place {
+                settle.nak(delay).await;
+                return;
+            }
+            // Wait out the delay holding the message (pinging so it stays ours), then go again.
+            if !self.hold(&settle, &hard_stop, delay).await {
+                return;
+            }
+            attempt += 1;
+        }
+    }
+
+    /// Runs the handler once, pinging `+WPI` while it runs; `None` if the drain timeout cut it
+    /// off (the message was naked).
+    async fn attempt(
+        &self,
+        delivery: Delivery,
+        settle: &Settle,
+        hard_stop: &CancellationToken,
+    ) -> Option<std::thread::Result<Outcome>> {
+        let def = &self.def;
+        let sequence = delivery.stream_sequence;
         let span = tracing::debug_span!(
             "delivery",
             handler = def.name,
             stream = def.stream,
             consumer = &*self.name,
             subject = %delivery.subject,
-            sequence = stream_sequence,
-            delivery_count,
+            sequence,
+            delivery_count = delivery.delivery_count,
         );
         let handled = AssertUnwindSafe((def.handler)(delivery).instrument(span)).catch_unwind();
         tokio::pin!(handled);
         let started = std::time::Instant::now();
         // A running handler never loses its message to ack_wait: ping every half ack_wait.
-        let ping_every =
-            Duration::from_nanos(self.ack_wait_nanos.load(Ordering::Relaxed) / 2).max(Duration::from_millis(1));
-        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
-        let outcome = loop {
+        let mut ping = self.pinger();
+        loop {
             tokio::select! {
                 biased;
                 outcome = &mut handled => {
                     self.pacing.record(started.elapsed());
-                    break outcome;
+                    return Some(outcome);
                 }
                 _ = hard_stop.cancelled() => {
-                    tracing::warn!(stream = def.stream, consumer = &*self.name, sequence = stream_sequence,
+                    tracing::warn!(stream = def.stream, consumer = &*self.name, sequence,
                         "drain timeout: handler still running; nak so the message is redelivered");
                     settle.send(Bytes::from_static(b"-NAK")).await;
-                    return;
+                    return None;
                 }
                 _ = ping.tick() => settle.send(Bytes::from_static(b"+WPI")).await,
             }
-        };
-        let last_attempt = def.max_deliver.is_some_and(|max| delivery_count >= max as u64);
-        let failure = match outcome {
-            Ok(Outcome::Ack) => {
-                settle.send(Bytes::from_static(b"+ACK")).await;
-                return;
-            }
-            Ok(Outcome::Failed(error)) => match error.downcast::<Reject>() {
-                Ok(reject) => match reject.0 {
-                    RejectKind::Terminate(reason) => {
-                        tracing::warn!(handler = def.name, stream = def.stream, consumer = &*self.name,
-                            sequence = stream_sequence, %reason, "handler terminated the message");
-                        self.dead_letter_and_terminate(&settle, original, &reason).await;
-                        return;
-                    }
-                    RejectKind::Retry if !last_attempt => {
-                        settle.send(Bytes::from_static(b"-NAK")).await;
-                        return;
-                    }
-                    RejectKind::RetryAfter(delay) if !last_attempt => {
-                        settle.nak(delay).await;
-                        return;
-                    }
-                    _ => "the handler asked for a retry".to_string(),
-                },
-                Err(error) => error.to_string(),
-            },
-            Ok(Outcome::Undecodable(error)) => {
-                tracing::error!(
-                    handler = def.name, stream = def.stream, consumer = &*self.name, sequence = stream_sequence,
-                    payload_type = error.type_name, error = %error,
-                    "terminating a message whose payload cannot be decoded (stream {}, consumer {}, sequence {})",
-                    def.stream, self.name, stream_sequence
-                );
-                self.dead_letter_and_terminate(&settle, original, &error.to_string())
-                    .await;
-                return;
-            }
-            Err(panic) => {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "a non-string panic".into());
-                format!("the handler panicked: {what}")
-            }
-        };
-        if last_attempt {
-            let reason = format!("failed on the last of {delivery_count} deliveries: {failure}");
-            tracing::error!(handler = def.name, stream = def.stream, consumer = &*self.name,
-                sequence = stream_sequence, %reason, "giving up on the message");
-            self.dead_letter_and_terminate(&settle, original, &reason).await;
-            return;
         }
-        let delay = def.retry_delay(delivery_count);
-        tracing::warn!(
-            handler = def.name, stream = def.stream, consumer = &*self.name, sequence = stream_sequence,
-            delivery_count, error = %failure, retry_in = ?delay,
-            "handler failed; the message will be redelivered"
-        );
-        settle.nak(delay).await;
+    }
+
+    /// Keeps a message for `delay` without handling it; false if the drain timeout came first
+    /// (the message was naked).
+    async fn hold(&self, settle: &Settle, hard_stop: &CancellationToken, delay: Duration) -> bool {
+        let until = tokio::time::sleep(delay);
+        tokio::pin!(until);
+        let mut ping = self.pinger();
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut until => return true,
+                _ = hard_stop.cancelled() => {
+                    settle.send(Bytes::from_static(b"-NAK")).await;
+                    return false;
+                }
+                _ = ping.tick() => settle.send(Bytes::from_static(b"+WPI")).await,
+            }
+        }
+    }
+
+    /// Ticks every half `ack_wait`, first after one period.
+    fn pinger(&self) -> tokio::time::Interval {
+        let every = Duration::from_nanos(self.ack_wait_nanos.load(Ordering::Relaxed) / 2).max(Duration::from_millis(1));
+        tokio::time::interval_at(tokio::time::Instant::now() + every, every)
     }
 
     /// Republishes the message to the dead-letter subject, with where it came from and why in
@@ -785,6 +874,48 @@ impl Consumer {
             );
             settle.nak(Duration::from_secs(30)).await;
         }
+    }
+}
+
+/// Per-key queues of an ordered consumer: a key with a message in progress gets later messages
+/// queued behind it; each busy key has one task working through its queue in order.
+#[derive(Default, Clone)]
+struct Lanes(Arc<std::sync::Mutex<std::collections::HashMap<String, std::collections::VecDeque<Waiting>>>>);
+
+/// A message waiting in its lane, with the permit that counts it against the concurrency.
+type Waiting = (async_nats::Message, OwnedSemaphorePermit);
+
+impl Lanes {
+    fn dispatch(
+        &self,
+        consumer: Arc<Consumer>,
+        key: String,
+        message: async_nats::Message,
+        permit: OwnedSemaphorePermit,
+        hard_stop: CancellationToken,
+    ) {
+        {
+            let mut lanes = self.0.lock().expect("lanes lock");
+            if let Some(queue) = lanes.get_mut(&key) {
+                queue.push_back((message, permit));
+                return;
+            }
+            lanes.insert(key.clone(), std::collections::VecDeque::new());
+        }
+        let lanes = self.clone();
+        tokio::spawn(async move {
+            let mut next = Some((message, permit));
+            while let Some((message, permit)) = next.take() {
+                consumer.clone().deliver(message, permit, hard_stop.clone()).await;
+                let mut all = lanes.0.lock().expect("lanes lock");
+                match all.get_mut(&key).and_then(std::collections::VecDeque::pop_front) {
+                    Some(waiting) => next = Some(waiting),
+                    None => {
+                        all.remove(&key);
+                    }
+                }
+            }
+        });
     }
 }
 

@@ -44,7 +44,7 @@ pub mod stream;
 pub mod testing;
 
 pub use config::{Auth, Config, Provision, Tls};
-pub use consumer::{ConsumerDef, Deliver};
+pub use consumer::{ConsumerDef, Deliver, OrderBy};
 pub use core_nats::{Envelope, RequestError, SubscriptionDef};
 pub use dev_server::find_nats_server;
 pub use error::{BoxError, Error, Result};
@@ -91,7 +91,7 @@ pub fn init_logging() {
 /// Used by the code the macros generate. Not part of the API.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::consumer::{ConsumerDef, Deliver, HandlerFn};
+    pub use crate::consumer::{ConsumerDef, Deliver, HandlerFn, OrderBy};
     pub use crate::core_nats::{
         decode_core_payload, CoreDelivery, CoreHandlerFn, CoreOutcome, FromCoreDelivery, IntoReply, SubscriptionDef,
     };

@@ -11,7 +11,9 @@ struct Job {
     durable = "workers",
     max_deliver = 5,
     backoff = ["1s", "10s", "1m"],
-    dead_letter = "jobs.dead"
+    dead_letter = "jobs.dead",
+    order_by = "subject[1]",
+    concurrency = 8
 )]
 async fn work(job: Job, ctx: Context) -> Result<(), Reject> {
     match job.id {
