@@ -29,7 +29,7 @@ async fn apply(job: Job, ctx: Context) -> Result<(), std::io::Error> {
     tokio::time::sleep(Duration::from_micros(job.id % 7 * 150)).await;
     RUNNING.fetch_sub(1, Ordering::SeqCst);
     // Every 97th job fails once: its successors must wait for its retry.
-    if job.id % 97 == 0 && !FAILED_ONCE.lock().unwrap().contains(&job.id) {
+    if job.id.is_multiple_of(97) && !FAILED_ONCE.lock().unwrap().contains(&job.id) {
         FAILED_ONCE.lock().unwrap().push(job.id);
         return Err(std::io::Error::other("a transient failure"));
     }
