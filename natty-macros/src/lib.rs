@@ -11,6 +11,7 @@ mod attr;
 mod consumer;
 mod core_nats;
 mod handler;
+mod kv_watch;
 mod stream;
 
 /// Declares a JetStream pull consumer whose messages are handled by this `async fn`: durable
@@ -59,6 +60,20 @@ pub fn subscribe(args: TokenStream, item: TokenStream) -> TokenStream {
 #[proc_macro_attribute]
 pub fn service(args: TokenStream, item: TokenStream) -> TokenStream {
     core_nats::expand(core_nats::Kind::Service, args.into(), item.into()).into()
+}
+
+/// Calls this `async fn` on each change of a KV key, in revision order.
+///
+/// ```ignore
+/// #[kv_watch(bucket = "config", key = "features.>", history = true)]
+/// async fn on_feature(change: KvChange<Feature>) { /* ... */ }
+/// ```
+///
+/// Keys: `bucket` (required), `key` (wildcards allowed; default every key), `history` (start with
+/// the current values; default only later changes). The handler takes one `KvChange<T>`.
+#[proc_macro_attribute]
+pub fn kv_watch(args: TokenStream, item: TokenStream) -> TokenStream {
+    kv_watch::expand(args.into(), item.into()).into()
 }
 
 /// Declares a JetStream stream that `natty_runtime::run()` provisions (or verifies).

@@ -36,6 +36,7 @@ pub mod core_nats;
 mod dev_server;
 mod error;
 mod handler;
+pub mod kv_watch;
 pub mod publish;
 mod puller;
 mod runtime;
@@ -49,7 +50,8 @@ pub use core_nats::{Envelope, RequestError, SubscriptionDef};
 pub use dev_server::find_nats_server;
 pub use error::{BoxError, Error, Result};
 pub use handler::{ConsumerPayload, Context, DecodeError, FromDelivery, IntoOutcome, Reject};
-pub use natty_macros::{consumer, service, stream, subscribe};
+pub use kv_watch::{KvChange, KvOperation, KvWatchDef};
+pub use natty_macros::{consumer, kv_watch, service, stream, subscribe};
 pub use publish::{Client, PendingAck, Publish, PublishAck, PublishError};
 pub use runtime::{connect, Connection, Runtime, RuntimeBuilder};
 pub use stream::{Location, StreamDef};
@@ -59,7 +61,7 @@ pub use async_nats;
 
 /// What a service needs in scope: the macros, [`Context`] and [`Client`].
 pub mod prelude {
-    pub use crate::{consumer, service, stream, subscribe, Client, Context, Envelope, Reject};
+    pub use crate::{consumer, kv_watch, service, stream, subscribe, Client, Context, Envelope, KvChange, Reject};
 }
 
 /// Runs every registered handler with settings from the environment, until SIGINT or SIGTERM.
@@ -96,6 +98,7 @@ pub mod __private {
         decode_core_payload, CoreDelivery, CoreHandlerFn, CoreOutcome, FromCoreDelivery, IntoReply, SubscriptionDef,
     };
     pub use crate::handler::{decode_payload, Delivery, FromDelivery, IntoOutcome, Outcome};
+    pub use crate::kv_watch::{decode_kv_change, FromKvDelivery, KvDelivery, KvHandlerFn, KvWatchDef};
     pub use crate::stream::{Location, StreamDef};
     pub use async_nats::jetstream::stream::{RetentionPolicy as Retention, StorageType};
     pub use futures_util::future::BoxFuture;

@@ -14,6 +14,7 @@ use crate::consumer::{Consumer, ConsumerDef, DEAD_LETTER_STREAM};
 use crate::core_nats::SubscriptionDef;
 use crate::dev_server::DevServer;
 use crate::error::{Error, Result};
+use crate::kv_watch::KvWatchDef;
 use crate::publish::Client;
 use crate::stream::StreamDef;
 
@@ -52,6 +53,7 @@ pub struct RuntimeBuilder {
     streams: Vec<StreamDef>,
     consumers: Vec<ConsumerDef>,
     subscriptions: Vec<SubscriptionDef>,
+    kv_watches: Vec<KvWatchDef>,
 }
 
 impl RuntimeBuilder {
@@ -145,6 +147,12 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Adds a KV watch by hand.
+    pub fn kv_watch(mut self, watch: KvWatchDef) -> Self {
+        self.kv_watches.push(watch);
+        self
+    }
+
     /// Reads the environment (unless a config was given) and applies the overrides.
     ///
     /// # Errors
@@ -183,11 +191,13 @@ impl RuntimeBuilder {
         let mut streams = self.streams;
         let mut consumers = self.consumers;
         let mut subscriptions = self.subscriptions;
+        let mut kv_watches = self.kv_watches;
         if self.registered {
             streams.extend(inventory::iter::<StreamDef>.into_iter().copied());
             let registered: Vec<ConsumerDef> = inventory::iter::<ConsumerDef>.into_iter().copied().collect();
             let registered_subs: Vec<SubscriptionDef> =
                 inventory::iter::<SubscriptionDef>.into_iter().copied().collect();
+            let registered_watches: Vec<KvWatchDef> = inventory::iter::<KvWatchDef>.into_iter().copied().collect();
             let only = self.only.or_else(|| config.handlers.clone());
             if let Some(only) = &only {
                 let known: Vec<&str> = registered
@@ -209,12 +219,14 @@ impl RuntimeBuilder {
             let selected = |name: &str| only.as_ref().is_none_or(|only| only.iter().any(|o| o == name));
             consumers.extend(registered.into_iter().filter(|c| selected(c.name)));
             subscriptions.extend(registered_subs.into_iter().filter(|s| selected(s.name)));
+            kv_watches.extend(registered_watches.into_iter().filter(|w| selected(w.name)));
         }
         Ok(Runtime {
             config,
             streams,
             consumers,
             subscriptions,
+            kv_watches,
         })
     }
 }
@@ -226,6 +238,7 @@ pub struct Runtime {
     streams: Vec<StreamDef>,
     consumers: Vec<ConsumerDef>,
     subscriptions: Vec<SubscriptionDef>,
+    kv_watches: Vec<KvWatchDef>,
 }
 
 impl Runtime {
@@ -259,7 +272,7 @@ impl Runtime {
     ///
     /// As [`Runtime::run`].
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<()> {
-        if self.consumers.is_empty() && self.subscriptions.is_empty() {
+        if self.consumers.is_empty() && self.subscriptions.is_empty() && self.kv_watches.is_empty() {
             return Err(Error::NothingRegistered);
         }
         let streams = dedup_streams(&self.streams)?;
@@ -303,6 +316,13 @@ impl Runtime {
         let mut tasks = tokio::task::JoinSet::new();
         for (consumer, handle) in bound {
             tasks.spawn(consumer.run(handle, cancel.clone(), hard_stop.clone()));
+        }
+        for watch in &self.kv_watches {
+            let (client, cancel, watch) = (client.clone(), cancel.clone(), *watch);
+            tasks.spawn(async move {
+                crate::kv_watch::run(watch, client, provision, cancel).await;
+                Ok(())
+            });
         }
         for subscription in &self.subscriptions {
             let (client, cancel, hard_stop) = (client.clone(), cancel.clone(), hard_stop.clone());

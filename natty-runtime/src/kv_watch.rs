@@ -1,0 +1,238 @@
+//! `#[kv_watch]`: a handler called on each change of a KV key (or of every key), in revision
+//! order, resuming after the last revision it saw when the watch is interrupted.
+
+use std::panic::AssertUnwindSafe;
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, StreamExt};
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Provision;
+use crate::core_nats::CoreOutcome;
+use crate::handler::DecodeError;
+use crate::publish::Client;
+use crate::stream::Location;
+
+/// The adapter a `#[kv_watch]` generates.
+pub type KvHandlerFn = fn(KvDelivery) -> BoxFuture<'static, CoreOutcome>;
+
+/// A declared KV watch. `#[kv_watch(bucket = "...", key = "...")]` registers one.
+#[derive(Debug, Clone, Copy)]
+pub struct KvWatchDef {
+    pub(crate) name: &'static str,
+    pub(crate) bucket: &'static str,
+    pub(crate) key: &'static str,
+    pub(crate) history: bool,
+    pub(crate) handler: KvHandlerFn,
+    pub(crate) location: Location,
+}
+
+impl KvWatchDef {
+    /// Watches `key` (wildcards allowed; `>` for every key) of `bucket` with `handler`.
+    pub const fn new(name: &'static str, bucket: &'static str, key: &'static str, handler: KvHandlerFn) -> Self {
+        KvWatchDef {
+            name,
+            bucket,
+            key,
+            history: false,
+            handler,
+            location: Location::UNKNOWN,
+        }
+    }
+
+    /// Starts with the current value of each watched key, not only with later changes.
+    pub const fn history(mut self, history: bool) -> Self {
+        self.history = history;
+        self
+    }
+
+    /// Records where the declaration was written (the macros set this).
+    pub const fn at(mut self, location: Location) -> Self {
+        self.location = location;
+        self
+    }
+
+    /// The handler's name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
+inventory::collect!(KvWatchDef);
+
+/// What happened to a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvOperation {
+    /// A value was put.
+    Put,
+    /// The key was deleted.
+    Delete,
+    /// The key and its history were purged.
+    Purge,
+}
+
+/// One change of a watched key, with its value decoded from JSON (absent for a delete or purge).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvChange<T> {
+    /// The key that changed.
+    pub key: String,
+    /// The bucket's revision of this change: strictly increasing.
+    pub revision: u64,
+    /// What happened.
+    pub operation: KvOperation,
+    /// The new value, for a put.
+    pub value: Option<T>,
+}
+
+/// One KV entry as handed to a generated adapter. Not constructed by users.
+#[doc(hidden)]
+pub struct KvDelivery {
+    pub(crate) entry: kv::Entry,
+}
+
+/// A type a `#[kv_watch]` handler can take: [`KvChange`] of any JSON value.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be a #[kv_watch] argument",
+    label = "take `KvChange<T>`",
+    note = "a #[kv_watch] handler takes one `natty_runtime::KvChange<T>` with `T: serde::Deserialize`"
+)]
+pub trait FromKvEntry: Sized {
+    /// Decodes the entry.
+    fn from_entry(delivery: &KvDelivery) -> Result<Self, DecodeError>;
+}
+
+impl<T: DeserializeOwned> FromKvEntry for KvChange<T> {
+    fn from_entry(delivery: &KvDelivery) -> Result<Self, DecodeError> {
+        let entry = &delivery.entry;
+        let operation = match entry.operation {
+            kv::Operation::Put => KvOperation::Put,
+            kv::Operation::Delete => KvOperation::Delete,
+            kv::Operation::Purge => KvOperation::Purge,
+        };
+        let value = match operation {
+            KvOperation::Put => Some(serde_json::from_slice(&entry.value).map_err(|source| DecodeError {
+                type_name: std::any::type_name::<T>(),
+                source,
+            })?),
+            KvOperation::Delete | KvOperation::Purge => None,
+        };
+        Ok(KvChange {
+            key: entry.key.clone(),
+            revision: entry.revision,
+            operation,
+            value,
+        })
+    }
+}
+
+/// Decodes an entry for a generated adapter.
+#[doc(hidden)]
+pub fn decode_kv_change<T: FromKvEntry>(delivery: &KvDelivery) -> Result<T, DecodeError> {
+    T::from_entry(delivery)
+}
+
+/// Extractors of a `#[kv_watch]` handler: none yet; the trait keeps the macros uniform.
+#[doc(hidden)]
+pub trait FromKvDelivery: Sized {
+    /// Builds the argument.
+    fn from_delivery(delivery: &KvDelivery) -> Self;
+}
+
+/// Runs one watch until `cancel`. Changes are handled one at a time, in revision order; a
+/// handler error is logged and the watch goes on (a watch has no redelivery: make the
+/// handler retry what must not be skipped, or consume the bucket's stream with a `#[consumer]`).
+pub(crate) async fn run(def: KvWatchDef, client: Client, provision: Provision, cancel: CancellationToken) {
+    let js = client.jetstream();
+    // After an interruption, resume after the last revision handled, so no change is missed.
+    let mut last_revision: Option<u64> = None;
+    loop {
+        let store = match js.get_key_value(def.bucket).await {
+            Ok(store) => store,
+            Err(error) if provision == Provision::CreateOrUpdate => {
+                tracing::info!(bucket = def.bucket, %error, "creating the watched KV bucket");
+                match js
+                    .create_key_value(kv::Config {
+                        bucket: def.bucket.to_string(),
+                        history: 64,
+                        ..Default::default()
+                    })
+                    .await
+                {
+                    Ok(store) => store,
+                    Err(error) => {
+                        tracing::warn!(bucket = def.bucket, %error, "cannot create the KV bucket; retrying");
+                        if !wait(&cancel).await {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(bucket = def.bucket, %error, "the watched KV bucket is not there; retrying");
+                if !wait(&cancel).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        let watch = match last_revision {
+            Some(revision) => store.watch_from_revision(def.key, revision + 1).await,
+            None if def.history => store.watch_with_history(def.key).await,
+            None => store.watch(def.key).await,
+        };
+        let mut watch = match watch {
+            Ok(watch) => watch,
+            Err(error) => {
+                tracing::warn!(bucket = def.bucket, key = def.key, %error, "cannot watch; retrying");
+                if !wait(&cancel).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return,
+                next = watch.next() => next,
+            };
+            let entry = match next {
+                Some(Ok(entry)) => entry,
+                Some(Err(error)) => {
+                    tracing::warn!(bucket = def.bucket, key = def.key, %error, "watch interrupted; resuming");
+                    break;
+                }
+                None => break,
+            };
+            if last_revision.is_some_and(|last| entry.revision <= last) {
+                continue;
+            }
+            last_revision = Some(entry.revision);
+            let (key, revision) = (entry.key.clone(), entry.revision);
+            let handled = AssertUnwindSafe((def.handler)(KvDelivery { entry }))
+                .catch_unwind()
+                .await;
+            let failure = match handled {
+                Ok(CoreOutcome::Done | CoreOutcome::Reply(_)) => continue,
+                Ok(CoreOutcome::Failed(error)) => error.to_string(),
+                Ok(CoreOutcome::Undecodable(error)) => error.to_string(),
+                Err(_) => "the handler panicked".to_string(),
+            };
+            tracing::warn!(handler = def.name, bucket = def.bucket, %key, revision, error = %failure, "KV watch handler failed");
+        }
+        if !wait(&cancel).await {
+            return;
+        }
+    }
+}
+
+async fn wait(cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = cancel.cancelled() => false,
+        _ = tokio::time::sleep(Duration::from_millis(500)) => true,
+    }
+}
