@@ -9,8 +9,10 @@ use natty_runtime::testing::{NatsServer, RunningRuntime};
 use natty_runtime::KvOperation;
 use natty_tests::{wait_until, Job};
 
-/// (key, revision, operation, value) as the handler saw them.
-static SEEN: Mutex<Vec<(String, u64, KvOperation, Option<u64>)>> = Mutex::new(Vec::new());
+/// One change as the handler saw it: key, revision, operation, value.
+type Seen = (String, u64, KvOperation, Option<u64>);
+
+static SEEN: Mutex<Vec<Seen>> = Mutex::new(Vec::new());
 
 #[kv_watch(bucket = "settings", key = "limits.>", history = true)]
 async fn on_limit(change: KvChange<Job>) {
