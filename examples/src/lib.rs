@@ -17,3 +17,21 @@ pub struct TicketCreated {
 
 /// The subject tickets are announced on.
 pub const TICKET_CREATED: &str = "tickets.created";
+
+/// A price request for the `ticket-pricing` service (`tickets.price`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PriceQuery {
+    /// How many seats.
+    pub seats: u32,
+    /// Price of one seat, in cents.
+    pub unit_price: u32,
+}
+
+/// The `ticket-pricing` service's answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PriceQuote {
+    /// How many seats.
+    pub seats: u32,
+    /// Total in cents, discounts applied.
+    pub total: u32,
+}

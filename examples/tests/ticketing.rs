@@ -13,6 +13,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 const LISTENER: &str = env!("CARGO_BIN_EXE_ticket-listener");
 const PUBLISHER: &str = env!("CARGO_BIN_EXE_ticket-publisher");
+const PRICING: &str = env!("CARGO_BIN_EXE_ticket-pricing");
 
 /// Collects a child's stdout lines as they come.
 fn collect_lines(child: &mut tokio::process::Child) -> Arc<Mutex<Vec<String>>> {
@@ -141,4 +142,39 @@ async fn two_listeners_split_the_tickets() {
         by_a.len(),
         by_b.len()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pricing_instances_quote_and_report_errors() {
+    use natty_examples::{PriceQuery, PriceQuote};
+    let server = NatsServer::start().await.expect("nats-server");
+    let url = server.url();
+    let _a = spawn_service(Path::new(PRICING), Some(&url), &[]);
+    let _b = spawn_service(Path::new(PRICING), Some(&url), &[]);
+    let config = natty_runtime::Config::from_lookup(|_| None).unwrap();
+    let client = natty_runtime::Client::connect_with(&config, &url)
+        .await
+        .expect("connect");
+    let ask = |seats| {
+        let client = client.clone();
+        async move {
+            client
+                .request::<_, PriceQuote>(
+                    "tickets.price",
+                    &PriceQuery {
+                        seats,
+                        unit_price: 2000,
+                    },
+                )
+                .await
+        }
+    };
+    wait_until(Duration::from_secs(20), "the service to answer", || async {
+        ask(1).await.is_ok()
+    })
+    .await;
+    assert_eq!(ask(2).await.unwrap(), PriceQuote { seats: 2, total: 4000 });
+    assert_eq!(ask(5).await.unwrap(), PriceQuote { seats: 5, total: 9000 });
+    let error = ask(0).await.unwrap_err();
+    assert!(error.to_string().contains("at least one seat"), "{error}");
 }
