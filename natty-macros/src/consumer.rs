@@ -256,9 +256,7 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         None => quote!(#p::ConsumerDef::ephemeral(#name, #stream, #adapter)),
     };
 
-    let result = format_ident!("__natty_result");
-    let (delivery, bindings, call_args) = handler::bindings(&handler_args, &CONSUMER);
-    let delivery_type = CONSUMER.delivery_type();
+    let result = handler::result_ident();
     // Named through the declared return type so that a wrong one is reported at that type.
     let outcome = match &function.sig.output {
         syn::ReturnType::Default => quote!(#p::IntoOutcome::into_outcome(#result)),
@@ -305,24 +303,13 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         setters.push(quote!(.deliver(#p::Deliver::#deliver)));
     }
 
-    quote! {
-        #function
-
-        const _: () = {
-            #[automatically_derived]
-            fn #adapter(#delivery: #delivery_type) -> #p::BoxFuture<'static, #p::Outcome> {
-                ::std::boxed::Box::pin(async move {
-                    #(#bindings)*
-                    let #result = #ident(#(#call_args),*).await;
-                    #outcome
-                })
-            }
-
-            #p::inventory::submit! {
-                #constructor
-                    #(#setters)*
-                    .at(#p::Location { file: ::core::file!(), line: ::core::line!(), module: ::core::module_path!() })
-            }
-        };
-    }
+    handler::emit(
+        &function,
+        &CONSUMER,
+        &handler_args,
+        &adapter,
+        quote!(#p::Outcome),
+        outcome,
+        quote!(#constructor #(#setters)*),
+    )
 }

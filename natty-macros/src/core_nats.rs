@@ -92,7 +92,7 @@ pub fn expand(kind: Kind, args: TokenStream, item: TokenStream) -> TokenStream {
             ),
         ));
     }
-    if kind == Kind::Service && function.sig.output == syn::ReturnType::Default {
+    if kind == Kind::Service && matches!(function.sig.output, syn::ReturnType::Default) {
         errors.spanned(
             &function.sig.ident,
             "a #[service] handler returns its reply: `-> Result<Reply, E>` with `Reply: Serialize`",
@@ -108,9 +108,7 @@ pub fn expand(kind: Kind, args: TokenStream, item: TokenStream) -> TokenStream {
     let adapter = format_ident!("__natty_{}_{}", kind.name(), ident);
     let name = ident.to_string();
     let subject = parsed.subject.take().map(|lit| lit.value()).unwrap_or_default();
-    let result = format_ident!("__natty_result");
-    let (delivery, bindings, call_args) = handler::bindings(&handler_args, &handler_kind);
-    let delivery_type = handler_kind.delivery_type();
+    let result = handler::result_ident();
     let (constructor, outcome) = match kind {
         Kind::Subscribe => (
             quote!(#p::SubscriptionDef::subscribe(#name, #subject, #adapter)),
@@ -139,24 +137,13 @@ pub fn expand(kind: Kind, args: TokenStream, item: TokenStream) -> TokenStream {
         setters.push(quote!(.concurrency(#concurrency)));
     }
 
-    quote! {
-        #function
-
-        const _: () = {
-            #[automatically_derived]
-            fn #adapter(#delivery: #delivery_type) -> #p::BoxFuture<'static, #p::CoreOutcome> {
-                ::std::boxed::Box::pin(async move {
-                    #(#bindings)*
-                    let #result = #ident(#(#call_args),*).await;
-                    #outcome
-                })
-            }
-
-            #p::inventory::submit! {
-                #constructor
-                    #(#setters)*
-                    .at(#p::Location { file: ::core::file!(), line: ::core::line!(), module: ::core::module_path!() })
-            }
-        };
-    }
+    handler::emit(
+        &function,
+        &handler_kind,
+        &handler_args,
+        &adapter,
+        quote!(#p::CoreOutcome),
+        outcome,
+        quote!(#constructor #(#setters)*),
+    )
 }

@@ -165,3 +165,46 @@ pub fn bindings(args: &[Arg], kind: &HandlerKind) -> (Ident, Vec<TokenStream>, V
     }
     (delivery, bindings, call_args)
 }
+
+/// The local the adapter binds the handler's return value to, for the outcome expression.
+pub fn result_ident() -> Ident {
+    format_ident!("__natty_result")
+}
+
+/// Emits the user's function unchanged, its adapter (decode, call, convert the result with
+/// `outcome`, an expression of [`result_ident`]), and the registration of `definition` with
+/// where it was written.
+pub fn emit(
+    function: &ItemFn,
+    kind: &HandlerKind,
+    args: &[Arg],
+    adapter: &Ident,
+    outcome_type: TokenStream,
+    outcome: TokenStream,
+    definition: TokenStream,
+) -> TokenStream {
+    let p = quote::quote!(::natty_runtime::__private);
+    let ident = &function.sig.ident;
+    let result = result_ident();
+    let (delivery, bindings, call_args) = bindings(args, kind);
+    let delivery_type = kind.delivery_type();
+    quote::quote! {
+        #function
+
+        const _: () = {
+            #[automatically_derived]
+            fn #adapter(#delivery: #delivery_type) -> #p::BoxFuture<'static, #outcome_type> {
+                ::std::boxed::Box::pin(async move {
+                    #(#bindings)*
+                    let #result = #ident(#(#call_args),*).await;
+                    #outcome
+                })
+            }
+
+            #p::inventory::submit! {
+                #definition
+                    .at(#p::Location { file: ::core::file!(), line: ::core::line!(), module: ::core::module_path!() })
+            }
+        };
+    }
+}

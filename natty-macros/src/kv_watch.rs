@@ -67,33 +67,20 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     let bucket = bucket.take().map(|lit| lit.value()).unwrap_or_default();
     let key = key.take().map_or_else(|| ">".to_string(), |lit| lit.value());
     let history = history.take().unwrap_or(false);
-    let result = format_ident!("__natty_result");
-    let (delivery, bindings, call_args) = handler::bindings(&handler_args, &KV_WATCH);
-    let delivery_type = KV_WATCH.delivery_type();
+    let result = handler::result_ident();
     let outcome = match &function.sig.output {
         syn::ReturnType::Default => quote!(#p::CoreOutcome::subscribed(#result)),
         syn::ReturnType::Type(_, ty) => quote_spanned! {ty.span()=>
             #p::CoreOutcome::from_outcome(<#ty as #p::IntoOutcome>::into_outcome(#result))
         },
     };
-    quote! {
-        #function
-
-        const _: () = {
-            #[automatically_derived]
-            fn #adapter(#delivery: #delivery_type) -> #p::BoxFuture<'static, #p::CoreOutcome> {
-                ::std::boxed::Box::pin(async move {
-                    #(#bindings)*
-                    let #result = #ident(#(#call_args),*).await;
-                    #outcome
-                })
-            }
-
-            #p::inventory::submit! {
-                #p::KvWatchDef::new(#name, #bucket, #key, #adapter)
-                    .history(#history)
-                    .at(#p::Location { file: ::core::file!(), line: ::core::line!(), module: ::core::module_path!() })
-            }
-        };
-    }
+    handler::emit(
+        &function,
+        &KV_WATCH,
+        &handler_args,
+        &adapter,
+        quote!(#p::CoreOutcome),
+        outcome,
+        quote!(#p::KvWatchDef::new(#name, #bucket, #key, #adapter).history(#history)),
+    )
 }
