@@ -87,6 +87,44 @@ impl Context {
         &self.shared.client
     }
 
+    /// Seed 001's guard against reordering, in one line: an event carrying `incoming` version
+    /// of an entity whose stored version is `current` is applied only if it is the next one.
+    ///
+    /// Returns `Ok(true)` to apply it; `Ok(false)` for a version already applied (a
+    /// duplicate or redelivery: return `Ok(())` so it is acked and skipped); and
+    /// `Err(Reject)` for a version that came too early, so that it is redelivered after its
+    /// predecessor had a chance to arrive (with a short delay growing per attempt).
+    ///
+    /// # Examples
+    ///
+    /// ```ignore
+    /// #[consumer(stream = "tickets", durable = "orders")]
+    /// async fn on_ticket_updated(ticket: TicketUpdated, ctx: Context) -> Result<(), Reject> {
+    ///     if !ctx.in_version_order(db.version_of(&ticket.id), ticket.version)? {
+    ///         return Ok(());
+    ///     }
+    ///     db.apply(&ticket); // stores ticket.version
+    ///     Ok(())
+    /// }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Reject::retry_after`] when `incoming > current + 1`.
+    pub fn in_version_order(&self, current: u64, incoming: u64) -> Result<bool, Reject> {
+        match incoming.cmp(&(current + 1)) {
+            std::cmp::Ordering::Equal => Ok(true),
+            std::cmp::Ordering::Less => Ok(false),
+            std::cmp::Ordering::Greater => {
+                // 50 ms, doubling per attempt, at most 1 s: the predecessor is usually close.
+                let exponent = self.delivery_count.saturating_sub(1).min(7) as u32;
+                let delay =
+                    std::time::Duration::from_millis(50 * 2u64.pow(exponent)).min(std::time::Duration::from_secs(1));
+                Err(Reject::retry_after(delay))
+            }
+        }
+    }
+
     /// Tells the server the message is still being worked on, resetting its `ack_wait` timer.
     /// natty already does this on its own every half `ack_wait` while the handler runs; call it
     /// to be explicit, e.g. before a step known to be long.
