@@ -18,23 +18,25 @@ unset NATS_URL
 pids=()
 cleanup() { for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
+# Waits (10 s at most) until listener $1 logs that it runs.
+wait_running() {
+    for _ in $(seq 1 200); do
+        grep -q "natty is running" "$work/$1.err" 2>/dev/null && return 0
+        sleep 0.05
+    done
+    cat "$work/$1.err"; return 1
+}
 
 echo "== starting listener A (starts the development nats-server on port $NATTY_DEV_PORT)"
 INSTANCE=A "$bin/ticket-listener" >"$work/a.out" 2>"$work/a.err" &
 pids+=($!)
-for _ in $(seq 1 200); do
-    grep -q "natty is running" "$work/a.err" 2>/dev/null && break
-    sleep 0.05
-done
+wait_running a
 grep "development nats-server" "$work/a.err" | sed 's/^.*INFO [^ ]* //' || { cat "$work/a.err"; exit 1; }
 
 echo "== starting listener B (same durable: the two share the work)"
 INSTANCE=B "$bin/ticket-listener" >"$work/b.out" 2>"$work/b.err" &
 pids+=($!)
-for _ in $(seq 1 200); do
-    grep -q "natty is running" "$work/b.err" 2>/dev/null && break
-    sleep 0.05
-done
+wait_running b
 
 echo "== publishing 20 tickets"
 NATS_URL="nats://127.0.0.1:$NATTY_DEV_PORT" "$bin/ticket-publisher" 20 | tail -n 3

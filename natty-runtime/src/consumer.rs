@@ -459,12 +459,7 @@ impl Consumer {
 
     /// Runs until `cancel`, then drains: stops pulling, naks what was prefetched but not
     /// started, and lets in-flight handlers finish until `hard_stop`, when their messages are naked.
-    pub(crate) async fn run(
-        self,
-        _bound: PullConsumer,
-        cancel: CancellationToken,
-        hard_stop: CancellationToken,
-    ) -> Result<()> {
+    pub(crate) async fn run(self, cancel: CancellationToken, hard_stop: CancellationToken) -> Result<()> {
         let this = Arc::new(self);
         let concurrency = this.def.concurrency;
         let permits = Arc::new(Semaphore::new(concurrency));

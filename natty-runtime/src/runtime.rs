@@ -300,8 +300,9 @@ impl Runtime {
         for def in &self.consumers {
             let stream_def = streams.iter().find(|s| s.name == def.stream).copied();
             let consumer = Consumer::new(*def, client.clone(), provision, stream_def);
-            let handle = consumer.bind().await?;
-            bound.push((consumer, handle));
+            // Bound here so a missing or refused consumer is a startup error, not a retry loop.
+            consumer.bind().await?;
+            bound.push(consumer);
         }
         tracing::info!(
             consumers = bound.len(),
@@ -314,8 +315,8 @@ impl Runtime {
         let cancel = CancellationToken::new();
         let hard_stop = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
-        for (consumer, handle) in bound {
-            tasks.spawn(consumer.run(handle, cancel.clone(), hard_stop.clone()));
+        for consumer in bound {
+            tasks.spawn(consumer.run(cancel.clone(), hard_stop.clone()));
         }
         for watch in &self.kv_watches {
             let (client, cancel, watch) = (client.clone(), cancel.clone(), *watch);
