@@ -10,7 +10,7 @@ use async_nats::jetstream;
 use futures_util::StreamExt;
 use natty_runtime::prelude::*;
 use natty_runtime::testing::{NatsServer, RunningRuntime};
-use natty_tests::{wait_until, Job};
+use natty_tests::{read_all, wait_until, Job};
 
 /// (consumer, job id) → when each delivery reached the handler.
 static SEEN: Mutex<BTreeMap<(&'static str, u64), Vec<Instant>>> = Mutex::new(BTreeMap::new());
@@ -101,29 +101,6 @@ async fn consumer_info(js: &jetstream::Context, stream: &str, durable: &str) -> 
         .consumer_info(durable)
         .await
         .unwrap()
-}
-
-/// Every message of `stream` (read with an ephemeral consumer), within a deadline.
-async fn read_all(js: &jetstream::Context, stream: &str, expected: usize) -> Vec<jetstream::Message> {
-    let consumer = js
-        .get_stream(stream)
-        .await
-        .unwrap()
-        .create_consumer(jetstream::consumer::pull::Config::default())
-        .await
-        .unwrap();
-    let mut messages = consumer
-        .fetch()
-        .max_messages(expected + 1)
-        .expires(Duration::from_secs(2))
-        .messages()
-        .await
-        .unwrap();
-    let mut all = Vec::new();
-    while let Some(message) = messages.next().await {
-        all.push(message.unwrap());
-    }
-    all
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

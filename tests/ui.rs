@@ -6,4 +6,5 @@ fn ui() {
     t.compile_fail("ui/consumer/fail/*.rs");
     t.compile_fail("ui/stream/fail/*.rs");
     t.compile_fail("ui/core/fail/*.rs");
+    t.compile_fail("ui/payload/fail/*.rs");
 }

@@ -51,7 +51,7 @@ struct Args {
     /// `deliver`, `start_sequence` and `start_time` all choose where to start: one slot.
     deliver: Slot<TokenStream>,
     inactive_threshold: Slot<u64>,
-    order_by: Slot<TokenStream>,
+    order_by: Slot<OrderBy>,
 }
 
 impl Args {
@@ -165,24 +165,38 @@ impl Args {
                 self.deliver.set(meta, quote!(FromSequence(#value)), span)
             }),
             "order_by" => {
-                let lit = attr::lit_str(meta)?;
-                let text = lit.value();
-                let token = text
-                    .strip_prefix("subject[")
-                    .and_then(|rest| rest.strip_suffix(']'))
-                    .map(|index| index.parse::<usize>());
-                match (text.as_str(), token) {
-                    ("subject", _) => Ok(quote!(Subject)),
-                    (_, Some(Ok(index))) => Ok(quote!(Token(#index))),
-                    _ => Err(syn::Error::new(
-                        lit.span(),
-                        format!(
-                            "unknown `order_by` `{text}`; expected \"subject\" (the whole subject) \
-                             or \"subject[N]\" (its N-th token, from 0)"
-                        ),
+                let expr: syn::Expr = meta.value()?.parse()?;
+                let span = syn::spanned::Spanned::span(&expr);
+                match expr {
+                    syn::Expr::Lit(syn::ExprLit {
+                        lit: syn::Lit::Str(lit),
+                        ..
+                    }) => {
+                        let text = lit.value();
+                        let token = text
+                            .strip_prefix("subject[")
+                            .and_then(|rest| rest.strip_suffix(']'))
+                            .map(|index| index.parse::<usize>());
+                        match (text.as_str(), token) {
+                            ("subject", _) => Ok(OrderBy::Subject),
+                            (_, Some(Ok(index))) => Ok(OrderBy::Token(index)),
+                            _ => Err(syn::Error::new(
+                                lit.span(),
+                                format!(
+                                    "unknown `order_by` `{text}`; expected \"subject\" (the whole subject), \
+                                     \"subject[N]\" (its N-th token, from 0) or a key function's path"
+                                ),
+                            )),
+                        }
+                    }
+                    syn::Expr::Path(path) if path.qself.is_none() => Ok(OrderBy::Key(path.path)),
+                    other => Err(syn::Error::new_spanned(
+                        other,
+                        "`order_by` takes \"subject\", \"subject[N]\" or the path of a function \
+                         `fn(&Payload) -> impl Hash`",
                     )),
                 }
-                .and_then(|tokens| self.order_by.set(meta, tokens, lit.span()))
+                .and_then(|order_by| self.order_by.set(meta, order_by, span))
             }
             "inactive_threshold" => {
                 let lit = attr::lit_str(meta)?;
@@ -202,6 +216,14 @@ impl Args {
             _ => return attr::unknown_key(meta, "consumer", KEYS),
         })
     }
+}
+
+/// How an ordered consumer keys its messages.
+enum OrderBy {
+    Subject,
+    Token(usize),
+    /// A function from the payload to its key.
+    Key(syn::Path),
 }
 
 pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
@@ -238,6 +260,14 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
                      the server would stop delivering before the prefetch fills"
                 ),
             ));
+        }
+    }
+    if let Some(OrderBy::Key(path)) = parsed.order_by.get() {
+        if !handler_args.iter().any(|arg| matches!(arg, handler::Arg::Payload(_))) {
+            errors.spanned(
+                path,
+                "a key function is called with the handler's payload: the handler takes none",
+            );
         }
     }
     if let Err(error) = errors.into_result() {
@@ -297,7 +327,26 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         setters.push(quote!(.inactive_threshold(#duration)));
     }
     if let Some(order_by) = parsed.order_by.take() {
-        setters.push(quote!(.order_by(#p::OrderBy::#order_by)));
+        let order_by = match order_by {
+            OrderBy::Subject => quote!(#p::OrderBy::Subject),
+            OrderBy::Token(index) => quote!(#p::OrderBy::Token(#index)),
+            OrderBy::Key(path) => {
+                // The key function's argument is the handler's payload, decoded once more here
+                // so the lane is known before the handler starts.
+                let payload = handler_args.iter().find_map(|arg| match arg {
+                    handler::Arg::Payload(ty) => Some(ty),
+                    handler::Arg::Extractor(_) => None,
+                });
+                let payload = payload.expect("checked above: a key function needs a payload");
+                quote_spanned! {path.span()=>
+                    #p::OrderBy::Key(|headers, bytes| {
+                        let payload: #payload = #p::decode(headers, bytes).ok()?;
+                        ::core::option::Option::Some(#p::hash_key(&#path(&payload)))
+                    })
+                }
+            }
+        };
+        setters.push(quote!(.order_by(#order_by)));
     }
     if let Some(deliver) = parsed.deliver.take() {
         setters.push(quote!(.deliver(#p::Deliver::#deliver)));

@@ -12,6 +12,7 @@ mod consumer;
 mod core_nats;
 mod handler;
 mod kv_watch;
+mod payload;
 mod stream;
 
 /// Declares a JetStream pull consumer whose messages are handled by this `async fn`: durable
@@ -89,4 +90,24 @@ pub fn kv_watch(args: TokenStream, item: TokenStream) -> TokenStream {
 #[proc_macro_attribute]
 pub fn stream(args: TokenStream, item: TokenStream) -> TokenStream {
     stream::expand(args.into(), item.into()).into()
+}
+
+/// Gives a message type its subject and wire format, so that `client.emit(&value)` needs no
+/// subject and consumers check the format of what they receive.
+///
+/// ```ignore
+/// #[derive(Serialize, Deserialize, Payload)]
+/// #[payload(subject = "orders.{store}.created")]
+/// struct OrderCreated { store: String, total_cents: u64 }
+///
+/// #[derive(Clone, PartialEq, prost::Message, Payload)]
+/// #[payload(subject = "billing.invoiced", format = "protobuf")]
+/// struct Invoiced { #[prost(string, tag = "1")] order_id: String }
+/// ```
+///
+/// Keys: `subject` (placeholders `{field}` are whole tokens, formatted with `Display`; required
+/// for JSON), `format` (`"json"`, the default, through serde; `"protobuf"` through prost).
+#[proc_macro_derive(Payload, attributes(payload))]
+pub fn derive_payload(input: TokenStream) -> TokenStream {
+    payload::expand(input.into()).into()
 }

@@ -311,22 +311,42 @@ impl ConsumerDef {
 inventory::collect!(ConsumerDef);
 
 /// What makes messages "the same key" for [`ConsumerDef::order_by`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub enum OrderBy {
     /// The whole subject.
     Subject,
     /// One token of the subject, counted from 0: `orders.<id>.created` is keyed by token 1.
     Token(usize),
+    /// A key computed from the message (headers and payload), as the hash of the key; `None`
+    /// (a payload that does not decode) falls back to the subject. `#[consumer(order_by =
+    /// key_fn)]` generates one that decodes the payload and calls `key_fn(&payload)`.
+    Key(KeyFn),
 }
 
+/// Computes an [`OrderBy::Key`] from a message's headers and payload.
+pub type KeyFn = fn(Option<&async_nats::HeaderMap>, &[u8]) -> Option<u64>;
+
 impl OrderBy {
-    /// The key of a message on `subject`; a subject too short for the token is its own key.
-    pub(crate) fn key<'a>(&self, subject: &'a str) -> &'a str {
+    /// The lane of `message`. Keys are compared by hash: two keys sharing one are merely
+    /// handled one after the other, which keeps each key's order.
+    pub(crate) fn lane(&self, message: &async_nats::Message) -> u64 {
+        let subject: &str = &message.subject;
         match self {
-            OrderBy::Subject => subject,
-            OrderBy::Token(index) => subject.split('.').nth(*index).unwrap_or(subject),
+            OrderBy::Subject => hash_key(subject),
+            // A subject too short for the token is its own key.
+            OrderBy::Token(index) => hash_key(subject.split('.').nth(*index).unwrap_or(subject)),
+            OrderBy::Key(key) => key(message.headers.as_ref(), &message.payload).unwrap_or_else(|| hash_key(subject)),
         }
     }
+}
+
+/// Hashes an ordering key; the same key always gives the same lane within a process.
+#[doc(hidden)]
+pub fn hash_key<K: std::hash::Hash + ?Sized>(key: &K) -> u64 {
+    use std::hash::Hasher;
+    let mut hasher = std::hash::DefaultHasher::new();
+    key.hash(&mut hasher);
+    hasher.finish()
 }
 
 /// Where a new consumer starts reading its stream.
@@ -501,7 +521,7 @@ impl Consumer {
                     Pulled::Message(message) => {
                         failures = 0;
                         if let Some(order_by) = this.def.order_by {
-                            let key = order_by.key(&message.subject).to_string();
+                            let key = order_by.lane(&message);
                             lanes.dispatch(this.clone(), key, message, permit, hard_stop.clone());
                             continue;
                         }
@@ -875,7 +895,7 @@ impl Consumer {
 /// Per-key queues of an ordered consumer: a key with a message in progress gets later messages
 /// queued behind it; each busy key has one task working through its queue in order.
 #[derive(Default, Clone)]
-struct Lanes(Arc<std::sync::Mutex<std::collections::HashMap<String, std::collections::VecDeque<Waiting>>>>);
+struct Lanes(Arc<std::sync::Mutex<std::collections::HashMap<u64, std::collections::VecDeque<Waiting>>>>);
 
 /// A message waiting in its lane, with the permit that counts it against the concurrency.
 type Waiting = (async_nats::Message, OwnedSemaphorePermit);
@@ -884,7 +904,7 @@ impl Lanes {
     fn dispatch(
         &self,
         consumer: Arc<Consumer>,
-        key: String,
+        key: u64,
         message: async_nats::Message,
         permit: OwnedSemaphorePermit,
         hard_stop: CancellationToken,
@@ -895,7 +915,7 @@ impl Lanes {
                 queue.push_back((message, permit));
                 return;
             }
-            lanes.insert(key.clone(), std::collections::VecDeque::new());
+            lanes.insert(key, std::collections::VecDeque::new());
         }
         let lanes = self.clone();
         tokio::spawn(async move {

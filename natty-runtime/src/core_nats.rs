@@ -12,13 +12,12 @@ use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::BoxError;
-use crate::handler::{ConsumerPayload, DecodeError, IntoOutcome, Outcome};
+use crate::handler::{IntoOutcome, Outcome};
+use crate::payload::{DecodeError, DecodePayload, EncodePayload, Format, CONTENT_TYPE};
 use crate::publish::Client;
 use crate::stream::Location;
 
@@ -157,7 +156,7 @@ impl Envelope {
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be a handler argument",
     label = "the runtime cannot provide this",
-    note = "a #[subscribe] or #[service] handler takes one payload (a serde::Deserialize type) and optionally `natty_runtime::Envelope`"
+    note = "a #[subscribe] or #[service] handler takes one payload (a serde::Deserialize type, or a Protobuf `Payload`) and optionally `natty_runtime::Envelope`"
 )]
 pub trait FromCoreDelivery: Sized {
     /// Builds the argument.
@@ -176,11 +175,8 @@ impl FromCoreDelivery for Envelope {
 
 /// Decodes a core message's payload for a generated adapter.
 #[doc(hidden)]
-pub fn decode_core_payload<T: ConsumerPayload>(delivery: &CoreDelivery) -> Result<T, DecodeError> {
-    serde_json::from_slice(&delivery.payload).map_err(|source| DecodeError {
-        type_name: std::any::type_name::<T>(),
-        source,
-    })
+pub fn decode_core_payload<T: DecodePayload>(delivery: &CoreDelivery) -> Result<T, DecodeError> {
+    crate::payload::decode(delivery.headers.as_ref(), &delivery.payload)
 }
 
 /// How a core handler ended.
@@ -189,8 +185,8 @@ pub fn decode_core_payload<T: ConsumerPayload>(delivery: &CoreDelivery) -> Resul
 pub enum CoreOutcome {
     /// Done; nothing to send.
     Done,
-    /// The reply to send.
-    Reply(Bytes),
+    /// The reply to send, and its format.
+    Reply(Bytes, Format),
     /// The handler failed.
     Failed(BoxError),
     /// The payload cannot be decoded.
@@ -213,24 +209,24 @@ impl CoreOutcome {
     }
 }
 
-/// A `#[service]` handler's return type: `Result<R, E>` where the reply `R` is serialized as
-/// JSON and an error `E` is sent back in the `Natty-Error` header.
+/// A `#[service]` handler's return type: `Result<R, E>` where the reply `R` is encoded (JSON,
+/// or Protobuf for a Protobuf `Payload`) and an error `E` is sent back in the `Natty-Error` header.
 #[diagnostic::on_unimplemented(
     message = "a service handler cannot return `{Self}`",
     label = "return `Result<R, E>` with `R: Serialize`",
-    note = "`Ok(reply)` is sent as JSON; an `Err` reaches the requester as `RequestError::Remote`"
+    note = "`Ok(reply)` is sent encoded; an `Err` reaches the requester as `RequestError::Remote`"
 )]
 pub trait IntoReply {
     /// Converts the return value.
     fn into_reply(self) -> CoreOutcome;
 }
 
-impl<R: Serialize, E: Into<BoxError>> IntoReply for Result<R, E> {
+impl<R: EncodePayload, E: Into<BoxError>> IntoReply for Result<R, E> {
     fn into_reply(self) -> CoreOutcome {
         match self {
-            Ok(reply) => match serde_json::to_vec(&reply) {
-                Ok(bytes) => CoreOutcome::Reply(bytes.into()),
-                Err(error) => CoreOutcome::Failed(format!("cannot encode the reply as JSON: {error}").into()),
+            Ok(reply) => match reply.to_bytes() {
+                Ok(bytes) => CoreOutcome::Reply(bytes, R::FORMAT),
+                Err(error) => CoreOutcome::Failed(format!("cannot encode the reply as {}: {error}", R::FORMAT).into()),
             },
             Err(error) => CoreOutcome::Failed(error.into()),
         }
@@ -301,9 +297,11 @@ async fn handle(def: SubscriptionDef, client: Client, message: async_nats::Messa
     };
     let failure = match outcome {
         CoreOutcome::Done => return,
-        CoreOutcome::Reply(body) => {
+        CoreOutcome::Reply(body, format) => {
             if let Some(reply) = reply {
-                if let Err(error) = client.nats().publish(reply, body).await {
+                let mut headers = HeaderMap::new();
+                headers.insert(CONTENT_TYPE, format.content_type());
+                if let Err(error) = client.nats().publish_with_headers(reply, headers, body).await {
                     tracing::warn!(handler = def.name, %error, "cannot send the reply");
                 }
             }
@@ -327,13 +325,15 @@ async fn handle(def: SubscriptionDef, client: Client, message: async_nats::Messa
 #[non_exhaustive]
 pub enum RequestError {
     /// The request could not be encoded.
-    #[error("cannot encode the request to `{subject}` as JSON: {source}")]
+    #[error("cannot encode the request to `{subject}` as {format}: {source}")]
     Encode {
         /// The subject.
         subject: String,
-        /// What serde reported.
+        /// The format it was encoded in.
+        format: Format,
+        /// What the encoder reported.
         #[source]
-        source: serde_json::Error,
+        source: BoxError,
     },
     /// Nobody listens on the subject.
     #[error("no service answers on `{subject}`")]
@@ -358,15 +358,13 @@ pub enum RequestError {
         message: String,
     },
     /// The reply is not the expected type.
-    #[error("cannot decode the reply from `{subject}` as {type_name}: {source}")]
+    #[error("cannot decode the reply from `{subject}`: {source}")]
     Decode {
         /// The subject.
         subject: String,
-        /// The expected Rust type.
-        type_name: &'static str,
-        /// What serde reported.
+        /// What is wrong with the reply.
         #[source]
-        source: serde_json::Error,
+        source: DecodeError,
     },
     /// Anything else the client reported.
     #[error("request to `{subject}` failed: {source}")]
@@ -380,13 +378,13 @@ pub enum RequestError {
 }
 
 impl Client {
-    /// Sends `request` as JSON to `subject` and decodes the JSON reply, waiting at most
+    /// Sends `request` to `subject` and decodes the reply, waiting at most
     /// [`REQUEST_TIMEOUT`].
     ///
     /// # Errors
     ///
     /// See [`RequestError`]: no responder, timeout, the service's own error, an undecodable reply.
-    pub async fn request<Req: Serialize + ?Sized, Resp: DeserializeOwned>(
+    pub async fn request<Req: EncodePayload + ?Sized, Resp: DecodePayload>(
         &self,
         subject: impl Into<String>,
         request: &Req,
@@ -399,23 +397,27 @@ impl Client {
     /// # Errors
     ///
     /// As [`Client::request`].
-    pub async fn request_with_timeout<Req: Serialize + ?Sized, Resp: DeserializeOwned>(
+    pub async fn request_with_timeout<Req: EncodePayload + ?Sized, Resp: DecodePayload>(
         &self,
         subject: impl Into<String>,
         request: &Req,
         timeout: Duration,
     ) -> Result<Resp, RequestError> {
         let subject = subject.into();
-        let payload = serde_json::to_vec(request).map_err(|source| RequestError::Encode {
+        let payload = request.to_bytes().map_err(|source| RequestError::Encode {
             subject: subject.clone(),
+            format: Req::FORMAT,
             source,
         })?;
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, Req::FORMAT.content_type());
         let sent = self
             .nats()
             .send_request(
                 subject.clone(),
                 async_nats::Request::new()
-                    .payload(payload.into())
+                    .payload(payload)
+                    .headers(headers)
                     .timeout(Some(timeout)),
             )
             .await;
@@ -435,10 +437,7 @@ impl Client {
                 message: message.to_string(),
             });
         }
-        serde_json::from_slice(&reply.payload).map_err(|source| RequestError::Decode {
-            subject,
-            type_name: std::any::type_name::<Resp>(),
-            source,
-        })
+        crate::payload::decode(reply.headers.as_ref(), &reply.payload)
+            .map_err(|source| RequestError::Decode { subject, source })
     }
 }

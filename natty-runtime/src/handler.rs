@@ -3,12 +3,10 @@
 
 use std::sync::Arc;
 
-use async_nats::{HeaderMap, Subject};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
-
 use crate::error::BoxError;
+use crate::payload::{DecodeError, DecodePayload, EncodePayload, Payload};
 use crate::publish::{Client, PublishAck, PublishError};
+use async_nats::{HeaderMap, Subject};
 
 /// What a consumer shares with every delivery it hands out.
 pub(crate) struct ConsumerShared {
@@ -140,17 +138,26 @@ impl Context {
             .await
     }
 
-    /// Publishes `value` as JSON to `subject` and waits for the stream's ack.
+    /// Publishes `value` to `subject` and waits for the stream's ack.
     ///
     /// # Errors
     ///
     /// As [`Client::publish`].
-    pub async fn publish<T: Serialize + ?Sized>(
+    pub async fn publish<T: EncodePayload + ?Sized>(
         &self,
         subject: impl Into<String>,
         value: &T,
     ) -> Result<PublishAck, PublishError> {
         self.shared.client.publish(subject, value).await
+    }
+
+    /// Publishes a [`Payload`] to its own subject and waits for the stream's ack.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::emit`].
+    pub async fn emit<T: Payload + ?Sized>(&self, value: &T) -> Result<PublishAck, PublishError> {
+        self.shared.client.emit(value).await
     }
 }
 
@@ -235,7 +242,7 @@ impl std::error::Error for Reject {}
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be a handler argument",
     label = "the runtime cannot provide this",
-    note = "a handler takes one payload (a serde::Deserialize type) and optionally `natty_runtime::Context`"
+    note = "a handler takes one payload (a serde::Deserialize type, or a Protobuf `Payload`) and optionally `natty_runtime::Context`"
 )]
 pub trait FromDelivery: Sized {
     /// Builds the argument.
@@ -255,34 +262,10 @@ impl FromDelivery for Context {
     }
 }
 
-/// A payload that could not be decoded: the message is terminated, never retried.
-#[derive(Debug, thiserror::Error)]
-#[error("cannot decode the payload as {type_name} (JSON): {source}")]
-pub struct DecodeError {
-    /// The Rust type the handler expected.
-    pub type_name: &'static str,
-    /// What serde reported.
-    #[source]
-    pub source: serde_json::Error,
-}
-
-/// A type a consumer can take as its payload.
-#[diagnostic::on_unimplemented(
-    message = "`{Self}` cannot be a consumer payload",
-    label = "not decodable",
-    note = "derive `serde::Deserialize` for it (JSON is the wire format), or take `natty_runtime::Context` for metadata"
-)]
-pub trait ConsumerPayload: DeserializeOwned + Send + 'static {}
-
-impl<T: DeserializeOwned + Send + 'static> ConsumerPayload for T {}
-
 /// Decodes the payload for a generated adapter.
 #[doc(hidden)]
-pub fn decode_payload<T: ConsumerPayload>(delivery: &Delivery) -> Result<T, DecodeError> {
-    serde_json::from_slice(&delivery.payload).map_err(|source| DecodeError {
-        type_name: std::any::type_name::<T>(),
-        source,
-    })
+pub fn decode_payload<T: DecodePayload>(delivery: &Delivery) -> Result<T, DecodeError> {
+    crate::payload::decode(delivery.headers.as_ref(), &delivery.payload)
 }
 
 /// How a delivery ended, as the runtime settles it with the server.

@@ -7,12 +7,11 @@ use std::time::Duration;
 use async_nats::jetstream::kv;
 use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
-use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Provision;
 use crate::core_nats::CoreOutcome;
-use crate::handler::DecodeError;
+use crate::payload::{DecodeError, DecodePayload};
 use crate::publish::Client;
 use crate::stream::Location;
 
@@ -104,7 +103,7 @@ pub trait FromKvEntry: Sized {
     fn from_entry(delivery: &KvDelivery) -> Result<Self, DecodeError>;
 }
 
-impl<T: DeserializeOwned> FromKvEntry for KvChange<T> {
+impl<T: DecodePayload> FromKvEntry for KvChange<T> {
     fn from_entry(delivery: &KvDelivery) -> Result<Self, DecodeError> {
         let entry = &delivery.entry;
         let operation = match entry.operation {
@@ -113,10 +112,8 @@ impl<T: DeserializeOwned> FromKvEntry for KvChange<T> {
             kv::Operation::Purge => KvOperation::Purge,
         };
         let value = match operation {
-            KvOperation::Put => Some(serde_json::from_slice(&entry.value).map_err(|source| DecodeError {
-                type_name: std::any::type_name::<T>(),
-                source,
-            })?),
+            // KV entries carry no headers: the value is read in `T`'s format.
+            KvOperation::Put => Some(crate::payload::decode::<T>(None, &entry.value)?),
             KvOperation::Delete | KvOperation::Purge => None,
         };
         Ok(KvChange {
@@ -217,7 +214,7 @@ pub(crate) async fn run(def: KvWatchDef, client: Client, provision: Provision, c
                 .catch_unwind()
                 .await;
             let failure = match handled {
-                Ok(CoreOutcome::Done | CoreOutcome::Reply(_)) => continue,
+                Ok(CoreOutcome::Done | CoreOutcome::Reply(..)) => continue,
                 Ok(CoreOutcome::Failed(error)) => error.to_string(),
                 Ok(CoreOutcome::Undecodable(error)) => error.to_string(),
                 Err(_) => "the handler panicked".to_string(),

@@ -37,6 +37,7 @@ mod dev_server;
 mod error;
 mod handler;
 pub mod kv_watch;
+pub mod payload;
 pub mod publish;
 mod puller;
 mod runtime;
@@ -45,13 +46,15 @@ pub mod stream;
 pub mod testing;
 
 pub use config::{Auth, Config, Provision, Tls};
-pub use consumer::{ConsumerDef, Deliver, OrderBy};
+pub use consumer::{ConsumerDef, Deliver, KeyFn, OrderBy};
 pub use core_nats::{Envelope, RequestError, SubscriptionDef};
 pub use dev_server::find_nats_server;
 pub use error::{BoxError, Error, Result};
-pub use handler::{ConsumerPayload, Context, DecodeError, FromDelivery, IntoOutcome, Reject};
+pub use handler::{Context, FromDelivery, IntoOutcome, Reject};
 pub use kv_watch::{KvChange, KvOperation, KvWatchDef};
+pub use natty_macros::Payload;
 pub use natty_macros::{consumer, kv_watch, service, stream, subscribe};
+pub use payload::{DecodeError, DecodePayload, EncodePayload, Format, Payload};
 pub use publish::{Client, PendingAck, Publish, PublishAck, PublishError};
 pub use runtime::{connect, Connection, Runtime, RuntimeBuilder};
 pub use stream::{Location, StreamDef};
@@ -61,7 +64,9 @@ pub use async_nats;
 
 /// What a service needs in scope: the macros, [`Context`] and [`Client`].
 pub mod prelude {
-    pub use crate::{consumer, kv_watch, service, stream, subscribe, Client, Context, Envelope, KvChange, Reject};
+    pub use crate::{
+        consumer, kv_watch, service, stream, subscribe, Client, Context, Envelope, KvChange, Payload, Reject,
+    };
 }
 
 /// Runs every registered handler with settings from the environment, until SIGINT or SIGTERM.
@@ -93,14 +98,19 @@ pub fn init_logging() {
 /// Used by the code the macros generate. Not part of the API.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::consumer::{ConsumerDef, Deliver, HandlerFn, OrderBy};
+    pub use crate::consumer::{hash_key, ConsumerDef, Deliver, HandlerFn, OrderBy};
     pub use crate::core_nats::{
         decode_core_payload, CoreDelivery, CoreHandlerFn, CoreOutcome, FromCoreDelivery, IntoReply, SubscriptionDef,
     };
+    pub use crate::error::BoxError;
     pub use crate::handler::{decode_payload, Delivery, FromDelivery, IntoOutcome, Outcome};
     pub use crate::kv_watch::{decode_kv_change, FromKvDelivery, KvDelivery, KvHandlerFn, KvWatchDef};
+    pub use crate::payload::decode;
+    pub use crate::payload::{DecodePayload, EncodePayload, Format, Payload};
     pub use crate::stream::{Location, StreamDef};
     pub use async_nats::jetstream::stream::{RetentionPolicy as Retention, StorageType};
+    pub use bytes::Bytes;
     pub use futures_util::future::BoxFuture;
     pub use inventory;
+    pub use prost;
 }

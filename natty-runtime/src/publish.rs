@@ -1,6 +1,6 @@
-//! Typed publishing: serde values to JetStream subjects, each awaited until the stream acks it.
+//! Typed publishing: values to JetStream subjects, each awaited until the stream acks it.
 
-use serde::Serialize;
+use crate::payload::{EncodePayload, Format, Payload, CONTENT_TYPE};
 
 use async_nats::jetstream;
 pub use async_nats::jetstream::publish::PublishAck;
@@ -36,14 +36,16 @@ pub enum PublishError {
         #[source]
         source: jetstream::context::PublishError,
     },
-    /// The value could not be serialized.
-    #[error("cannot encode the message for `{subject}` as JSON: {source}")]
+    /// The value could not be encoded.
+    #[error("cannot encode the message for `{subject}` as {format}: {source}")]
     Encode {
         /// The target subject.
         subject: String,
-        /// What serde reported.
+        /// The format it was encoded in.
+        format: Format,
+        /// What the encoder reported.
         #[source]
-        source: serde_json::Error,
+        source: crate::error::BoxError,
     },
     /// The server did not ack the message (no stream for the subject, timeout, refused).
     #[error("publish to `{subject}` was not acknowledged: {source}")]
@@ -81,7 +83,7 @@ impl Client {
         Ok(Client::new(crate::connect::connect(config, url).await?))
     }
 
-    /// Publishes `value` as JSON to `subject` and waits until the stream has stored it.
+    /// Publishes `value` to `subject` (as JSON, or Protobuf for a Protobuf [`Payload`]) and waits until the stream has stored it.
     ///
     /// # Examples
     ///
@@ -96,7 +98,7 @@ impl Client {
     ///
     /// [`PublishError::Encode`] if serialization fails; [`PublishError::Publish`] if no
     /// stream captures the subject, or the ack does not come.
-    pub async fn publish<T: Serialize + ?Sized>(
+    pub async fn publish<T: EncodePayload + ?Sized>(
         &self,
         subject: impl Into<String>,
         value: &T,
@@ -104,7 +106,7 @@ impl Client {
         self.publish_with(subject, value, Publish::new()).await
     }
 
-    /// Publishes `value` as JSON to `subject` with `options` (idempotency key, expectations,
+    /// Publishes `value` to `subject` with `options` (idempotency key, expectations,
     /// headers, event time) and waits until the stream has stored it.
     ///
     /// While a stream has no leader (an election, a restart), the server answers "no
@@ -132,16 +134,16 @@ impl Client {
     /// [`PublishError::Conflict`] when an expectation fails; [`PublishError::Unconfirmed`]
     /// when no ack came after the retries; [`PublishError::Encode`] and
     /// [`PublishError::Publish`] otherwise.
-    pub async fn publish_with<T: Serialize + ?Sized>(
+    pub async fn publish_with<T: EncodePayload + ?Sized>(
         &self,
         subject: impl Into<String>,
         value: &T,
         options: Publish,
     ) -> std::result::Result<PublishAck, PublishError> {
         let subject = async_nats::Subject::from(subject.into());
-        let payload = encode(&subject, value)?;
+        let (payload, format) = encode(&subject, value)?;
         let retry_lost_ack = options.msg_id.is_some();
-        let headers = options.into_headers();
+        let headers = options.into_headers(format);
         let mut attempt = 0u32;
         loop {
             attempt += 1;
@@ -175,7 +177,7 @@ impl Client {
         }
     }
 
-    /// Sends `value` as JSON to `subject` and returns at once with a [`PendingAck`] to await
+    /// Sends `value` to `subject` and returns at once with a [`PendingAck`] to await
     /// later: many publishes can be in flight, each still confirmed. It does not retry.
     ///
     /// # Examples
@@ -196,7 +198,7 @@ impl Client {
     ///
     /// [`PublishError::Encode`] if serialization fails, [`PublishError::Publish`] if the
     /// message cannot be sent; the [`PendingAck`] reports a missing or refused ack.
-    pub async fn send<T: Serialize + ?Sized>(
+    pub async fn send<T: EncodePayload + ?Sized>(
         &self,
         subject: impl Into<String>,
         value: &T,
@@ -209,7 +211,7 @@ impl Client {
     /// # Errors
     ///
     /// As [`Client::send`].
-    pub async fn send_with<T: Serialize + ?Sized>(
+    pub async fn send_with<T: EncodePayload + ?Sized>(
         &self,
         subject: impl Into<String>,
         value: &T,
@@ -217,26 +219,63 @@ impl Client {
     ) -> std::result::Result<PendingAck, PublishError> {
         // A `Subject` shares its bytes, so keeping it for the error costs no copy.
         let subject = async_nats::Subject::from(subject.into());
-        let payload = encode(&subject, value)?;
-        self.send_raw(&subject, options.into_headers(), payload).await
+        let (payload, format) = encode(&subject, value)?;
+        self.send_raw(&subject, options.into_headers(format), payload).await
+    }
+
+    /// Publishes a [`Payload`] to its own subject and waits until the stream has stored it.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use serde::Serialize;
+    /// # use natty_runtime::Payload;
+    /// #[derive(Serialize, Payload)]
+    /// #[payload(subject = "orders.{store}.created")]
+    /// struct OrderCreated {
+    ///     store: String,
+    ///     total_cents: u64,
+    /// }
+    ///
+    /// # async fn demo(client: natty_runtime::Client) -> Result<(), natty_runtime::PublishError> {
+    /// let order = OrderCreated { store: "north".into(), total_cents: 1250 };
+    /// client.emit(&order).await?; // to orders.north.created
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::publish`].
+    #[doc(alias = "publish")]
+    pub async fn emit<T: Payload + ?Sized>(&self, value: &T) -> std::result::Result<PublishAck, PublishError> {
+        self.publish_with(value.subject().into_owned(), value, Publish::new())
+            .await
+    }
+
+    /// [`emit`](Client::emit) with `options`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::publish_with`].
+    pub async fn emit_with<T: Payload + ?Sized>(
+        &self,
+        value: &T,
+        options: Publish,
+    ) -> std::result::Result<PublishAck, PublishError> {
+        self.publish_with(value.subject().into_owned(), value, options).await
     }
 
     async fn send_raw(
         &self,
         subject: &async_nats::Subject,
-        headers: Option<async_nats::HeaderMap>,
+        headers: async_nats::HeaderMap,
         payload: bytes::Bytes,
     ) -> std::result::Result<PendingAck, PublishError> {
-        let sent = match headers {
-            // The common case stays header-free: no header block to encode or parse.
-            None => self.jetstream.publish(subject.clone(), payload).await,
-            Some(headers) => {
-                self.jetstream
-                    .publish_with_headers(subject.clone(), headers, payload)
-                    .await
-            }
-        };
-        match sent {
+        match self
+            .jetstream
+            .publish_with_headers(subject.clone(), headers, payload)
+            .await
+        {
             Ok(ack) => Ok(PendingAck {
                 subject: subject.clone(),
                 ack: std::future::IntoFuture::into_future(ack),
@@ -297,16 +336,15 @@ const PUBLISH_ATTEMPTS: u32 = 4;
 /// leader election takes on a healthy cluster).
 const PUBLISH_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(250);
 
-fn encode<T: Serialize + ?Sized>(
+fn encode<T: EncodePayload + ?Sized>(
     subject: &async_nats::Subject,
     value: &T,
-) -> std::result::Result<bytes::Bytes, PublishError> {
-    serde_json::to_vec(value)
-        .map(Into::into)
-        .map_err(|source| PublishError::Encode {
-            subject: subject.to_string(),
-            source,
-        })
+) -> std::result::Result<(bytes::Bytes, Format), PublishError> {
+    crate::payload::encode(value).map_err(|source| PublishError::Encode {
+        subject: subject.to_string(),
+        format: T::FORMAT,
+        source,
+    })
 }
 
 /// Maps async-nats' ack errors onto natty's: conflicts and lost acks are their own cases.
@@ -398,8 +436,11 @@ impl Publish {
         self.header(name, value)
     }
 
-    fn into_headers(self) -> Option<async_nats::HeaderMap> {
-        self.headers
+    /// The headers to send: the options' plus the payload's `Content-Type`.
+    fn into_headers(self, format: Format) -> async_nats::HeaderMap {
+        let mut headers = self.headers.unwrap_or_default();
+        headers.insert(CONTENT_TYPE, format.content_type());
+        headers
     }
 }
 

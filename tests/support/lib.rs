@@ -143,3 +143,31 @@ pub fn send_signal(pid: u32, signal: &str) {
         .expect("run kill");
     assert!(status.success(), "kill -{signal} {pid} failed");
 }
+
+/// The first `expected` messages of `stream` (read with an ephemeral consumer); fewer if no
+/// more arrive within two seconds.
+pub async fn read_all(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    expected: usize,
+) -> Vec<async_nats::jetstream::Message> {
+    let consumer = js
+        .get_stream(stream)
+        .await
+        .unwrap()
+        .create_consumer(async_nats::jetstream::consumer::pull::Config::default())
+        .await
+        .unwrap();
+    let mut messages = consumer
+        .fetch()
+        .max_messages(expected + 1)
+        .expires(Duration::from_secs(2))
+        .messages()
+        .await
+        .unwrap();
+    let mut all = Vec::new();
+    while let Some(message) = messages.next().await {
+        all.push(message.unwrap());
+    }
+    all
+}

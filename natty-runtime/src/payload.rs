@@ -1,0 +1,248 @@
+//! How values become message bytes and back: JSON through serde for any `Serialize` /
+//! `Deserialize` type, Protobuf through prost for types deriving [`Payload`](crate::Payload)
+//! with `format = "protobuf"`. The format travels in a `Content-Type` header, so a consumer
+//! handed the other format reports exactly that instead of a confusing parse error.
+
+use std::borrow::Cow;
+
+use async_nats::HeaderMap;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::BoxError;
+
+/// The header carrying a message's [`Format`].
+pub const CONTENT_TYPE: &str = "Content-Type";
+
+/// A wire format natty encodes and decodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Format {
+    /// JSON through serde: `application/json`.
+    Json,
+    /// Protocol Buffers through prost: `application/protobuf`.
+    Protobuf,
+}
+
+impl Format {
+    /// The media type written to the `Content-Type` header.
+    pub const fn content_type(self) -> &'static str {
+        match self {
+            Format::Json => "application/json",
+            Format::Protobuf => "application/protobuf",
+        }
+    }
+
+    /// The format a `Content-Type` value names, ignoring parameters such as `charset`;
+    /// `None` for a media type natty does not know.
+    pub fn from_content_type(value: &str) -> Option<Format> {
+        let media = value.split(';').next().unwrap_or_default().trim();
+        if media.eq_ignore_ascii_case("application/json") {
+            Some(Format::Json)
+        } else if [
+            "application/protobuf",
+            "application/x-protobuf",
+            "application/vnd.google.protobuf",
+        ]
+        .iter()
+        .any(|known| media.eq_ignore_ascii_case(known))
+        {
+            Some(Format::Protobuf)
+        } else {
+            None
+        }
+    }
+}
+
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Format::Json => "JSON",
+            Format::Protobuf => "Protobuf",
+        })
+    }
+}
+
+/// A value that can be published: every `serde::Serialize` type as JSON, and Protobuf
+/// messages that derive [`Payload`](crate::Payload) with `format = "protobuf"`.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be published",
+    label = "not encodable",
+    note = "derive `serde::Serialize` for it (JSON), or `prost::Message` plus `natty_runtime::Payload` \
+            with `#[payload(format = \"protobuf\")]`"
+)]
+pub trait EncodePayload {
+    /// The format [`to_bytes`](EncodePayload::to_bytes) writes.
+    const FORMAT: Format;
+
+    /// Encodes the value.
+    ///
+    /// # Errors
+    ///
+    /// When the value cannot be represented (e.g. a map with non-string keys in JSON).
+    fn to_bytes(&self) -> Result<bytes::Bytes, BoxError>;
+}
+
+impl<T: Serialize + ?Sized> EncodePayload for T {
+    const FORMAT: Format = Format::Json;
+
+    fn to_bytes(&self) -> Result<bytes::Bytes, BoxError> {
+        Ok(serde_json::to_vec(self)?.into())
+    }
+}
+
+/// A value a handler can take as its payload: every `serde::Deserialize` type as JSON, and
+/// Protobuf messages that derive [`Payload`](crate::Payload) with `format = "protobuf"`.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be a message payload",
+    label = "not decodable",
+    note = "derive `serde::Deserialize` for it (JSON), or `prost::Message` plus `natty_runtime::Payload` \
+            with `#[payload(format = \"protobuf\")]`; for metadata take `natty_runtime::Context`"
+)]
+pub trait DecodePayload: Sized + Send + 'static {
+    /// The format [`from_bytes`](DecodePayload::from_bytes) reads.
+    const FORMAT: Format;
+
+    /// Decodes the value.
+    ///
+    /// # Errors
+    ///
+    /// When the bytes are not a valid encoding of `Self`.
+    fn from_bytes(bytes: &[u8]) -> Result<Self, BoxError>;
+}
+
+impl<T: DeserializeOwned + Send + 'static> DecodePayload for T {
+    const FORMAT: Format = Format::Json;
+
+    fn from_bytes(bytes: &[u8]) -> Result<Self, BoxError> {
+        Ok(serde_json::from_slice(bytes)?)
+    }
+}
+
+/// A message type that knows its subject and format: derive it.
+///
+/// ```ignore
+/// #[derive(Serialize, Deserialize, Payload)]
+/// #[payload(subject = "orders.{store}.created")]
+/// struct OrderCreated { store: String, total_cents: u64 }
+///
+/// #[derive(Clone, PartialEq, prost::Message, Payload)]
+/// #[payload(subject = "billing.invoiced", format = "protobuf")]
+/// struct Invoiced { #[prost(string, tag = "1")] order_id: String }
+/// ```
+///
+/// `subject` may name fields in braces; each is formatted with `Display`. The default format
+/// is JSON through serde; `format = "protobuf"` encodes and decodes with prost instead (the
+/// type must then not also implement serde's traits). Publish one with
+/// [`Client::emit`](crate::Client::emit), no subject needed.
+pub trait Payload: EncodePayload {
+    /// The subject this value is published to.
+    fn subject(&self) -> Cow<'_, str>;
+}
+
+/// A payload that could not be decoded: the message is terminated, never retried.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", describe(self))]
+pub struct DecodeError {
+    /// The Rust type the handler expected.
+    pub type_name: &'static str,
+    /// The format that type is decoded from.
+    pub expected: Format,
+    /// The message's `Content-Type`, when it named a different format (or one natty does not know).
+    pub content_type: Option<String>,
+    /// What the decoder reported; `None` when the content type alone ruled the message out.
+    #[source]
+    pub source: Option<BoxError>,
+}
+
+fn describe(error: &DecodeError) -> String {
+    match (&error.content_type, &error.source) {
+        (Some(found), _) => format!(
+            "the payload is `{found}` but {} is decoded from {} (`{}`)",
+            error.type_name,
+            error.expected,
+            error.expected.content_type()
+        ),
+        (None, Some(source)) => format!(
+            "cannot decode the payload as {} ({}): {source}",
+            error.type_name, error.expected
+        ),
+        (None, None) => format!("cannot decode the payload as {}", error.type_name),
+    }
+}
+
+/// Decodes `payload` as `T`, first checking the `Content-Type` header when there is one: a
+/// message without it is tried in `T`'s format (publishers other than natty rarely set it).
+///
+/// # Errors
+///
+/// [`DecodeError`] naming the type, the formats and the decoder's complaint.
+pub fn decode<T: DecodePayload>(headers: Option<&HeaderMap>, payload: &[u8]) -> Result<T, DecodeError> {
+    if let Some(found) = headers.and_then(|headers| headers.get(CONTENT_TYPE)) {
+        let found = found.as_str();
+        if Format::from_content_type(found) != Some(T::FORMAT) {
+            return Err(DecodeError {
+                type_name: std::any::type_name::<T>(),
+                expected: T::FORMAT,
+                content_type: Some(found.to_owned()),
+                source: None,
+            });
+        }
+    }
+    T::from_bytes(payload).map_err(|source| DecodeError {
+        type_name: std::any::type_name::<T>(),
+        expected: T::FORMAT,
+        content_type: None,
+        source: Some(source),
+    })
+}
+
+/// Encodes `value` and returns its bytes with the `Content-Type` header for its format.
+pub(crate) fn encode<T: EncodePayload + ?Sized>(value: &T) -> Result<(bytes::Bytes, Format), BoxError> {
+    value.to_bytes().map(|bytes| (bytes, T::FORMAT))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_types_round_trip_and_ignore_parameters() {
+        for format in [Format::Json, Format::Protobuf] {
+            assert_eq!(Format::from_content_type(format.content_type()), Some(format));
+        }
+        assert_eq!(
+            Format::from_content_type("Application/JSON; charset=utf-8"),
+            Some(Format::Json)
+        );
+        assert_eq!(
+            Format::from_content_type("application/x-protobuf"),
+            Some(Format::Protobuf)
+        );
+        assert_eq!(Format::from_content_type("text/plain"), None);
+    }
+
+    #[test]
+    fn a_mismatched_content_type_is_named_in_the_error() {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, Format::Protobuf.content_type());
+        let error = decode::<u32>(Some(&headers), b"1").unwrap_err();
+        assert_eq!(error.content_type.as_deref(), Some("application/protobuf"));
+        assert!(
+            error
+                .to_string()
+                .contains("`application/protobuf` but u32 is decoded from JSON"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn without_a_content_type_the_decoder_decides() {
+        assert_eq!(decode::<u32>(None, b"7").unwrap(), 7);
+        let error = decode::<u32>(None, b"{").unwrap_err();
+        assert!(
+            error.to_string().starts_with("cannot decode the payload as u32 (JSON)"),
+            "{error}"
+        );
+    }
+}

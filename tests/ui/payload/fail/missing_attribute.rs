@@ -1,0 +1,6 @@
+#[derive(serde::Serialize, natty_runtime::Payload)]
+struct Order {
+    id: u64,
+}
+
+fn main() {}

@@ -1,0 +1,7 @@
+#[derive(serde::Serialize, natty_runtime::Payload)]
+#[payload(subject = "orders.>")]
+struct Order {
+    id: u64,
+}
+
+fn main() {}
