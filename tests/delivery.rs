@@ -7,7 +7,6 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use futures_util::StreamExt;
 use natty_runtime::prelude::*;
 use natty_runtime::testing::{NatsServer, RunningRuntime};
 use natty_tests::{read_all, wait_until, Job};
