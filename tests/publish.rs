@@ -185,3 +185,42 @@ async fn an_idempotency_key_stores_once_and_racing_writers_get_a_typed_conflict(
     let info = stream.info().await.unwrap();
     assert_eq!(info.state.messages as usize, 1 + all.len());
 }
+
+/// "No responders" (no stream leader yet, as during an election or before provisioning) is
+/// retried, bounded: a stream that appears meanwhile stores the message, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_is_retried_while_no_stream_answers() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let server = NatsServer::start().await.expect("nats-server");
+    let nats = server.client().await;
+    let stats = nats.statistics();
+    let client = Client::new(nats);
+    let (sent, received) = (stats.out_messages.load(Relaxed), stats.in_messages.load(Relaxed));
+    let publish = tokio::spawn({
+        let client = client.clone();
+        async move {
+            client
+                .publish_with("late.1", &Job { id: 1 }, natty_runtime::Publish::new().id("late-1"))
+                .await
+        }
+    });
+    // The first attempt went out and its "no responders" status came back.
+    wait_until(Duration::from_secs(5), "the first attempt to be refused", || async {
+        stats.out_messages.load(Relaxed) > sent && stats.in_messages.load(Relaxed) > received
+    })
+    .await;
+    assert!(!publish.is_finished(), "the publish gave up after one attempt");
+    let js = async_nats::jetstream::new(server.client().await);
+    let mut stream = js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "late".into(),
+            subjects: vec!["late.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let ack = publish.await.unwrap().expect("stored once the stream exists");
+    assert_eq!((ack.stream.as_str(), ack.sequence), ("late", 1));
+    assert!(stats.out_messages.load(Relaxed) >= sent + 2, "it was sent again");
+    assert_eq!(stream.info().await.unwrap().state.messages, 1);
+}

@@ -4,29 +4,15 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use natty_runtime::testing::{nats_server_binary, NatsServer};
-use natty_tests::{send_signal, spawn_service, wait_until};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use natty_tests::{collect_lines, send_signal, spawn_service, wait_until};
 
 const LISTENER: &str = env!("CARGO_BIN_EXE_ticket-listener");
 const PUBLISHER: &str = env!("CARGO_BIN_EXE_ticket-publisher");
 const PRICING: &str = env!("CARGO_BIN_EXE_ticket-pricing");
-
-/// Collects a child's stdout lines as they come.
-fn collect_lines(child: &mut tokio::process::Child) -> Arc<Mutex<Vec<String>>> {
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let mut reader = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
-    let sink = lines.clone();
-    tokio::spawn(async move {
-        while let Ok(Some(line)) = reader.next_line().await {
-            sink.lock().unwrap().push(line);
-        }
-    });
-    lines
-}
 
 fn handled_ids(lines: &Mutex<Vec<String>>) -> BTreeSet<String> {
     lines

@@ -171,3 +171,17 @@ pub async fn read_all(
     }
     all
 }
+
+/// Collects a child's stdout lines as they come.
+pub fn collect_lines(child: &mut tokio::process::Child) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    use tokio::io::AsyncBufReadExt;
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut reader = tokio::io::BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+    let sink = lines.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = reader.next_line().await {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    lines
+}
