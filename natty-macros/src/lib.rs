@@ -8,10 +8,12 @@
 use proc_macro::TokenStream;
 
 mod attr;
+mod bucket;
 mod consumer;
 mod core_nats;
 mod handler;
 mod kv_watch;
+mod leader;
 mod payload;
 mod stream;
 
@@ -110,4 +112,37 @@ pub fn stream(args: TokenStream, item: TokenStream) -> TokenStream {
 #[proc_macro_derive(Payload, attributes(payload))]
 pub fn derive_payload(input: TokenStream) -> TokenStream {
     payload::expand(input.into()).into()
+}
+
+/// Declares a KV bucket that `natty_runtime::run()` provisions (or verifies).
+///
+/// ```ignore
+/// #[kv_bucket(name = "config", history = 5, ttl = "1h")]
+/// struct ConfigBucket;
+/// ```
+#[proc_macro_attribute]
+pub fn kv_bucket(args: TokenStream, item: TokenStream) -> TokenStream {
+    bucket::expand_kv(args.into(), item.into()).into()
+}
+
+/// Declares an object store that `natty_runtime::run()` provisions (or verifies).
+///
+/// ```ignore
+/// #[object_store(name = "reports")]
+/// struct Reports;
+/// ```
+#[proc_macro_attribute]
+pub fn object_store(args: TokenStream, item: TokenStream) -> TokenStream {
+    bucket::expand_object_store(args.into(), item.into()).into()
+}
+
+/// Runs this `async fn` in exactly one instance at a time, across every process of the service.
+///
+/// ```ignore
+/// #[leader(bucket = "election", key = "scheduler", ttl = "10s")]
+/// async fn scheduler(lease: Lease) -> anyhow::Result<()> { /* ... */ }
+/// ```
+#[proc_macro_attribute]
+pub fn leader(args: TokenStream, item: TokenStream) -> TokenStream {
+    leader::expand(args.into(), item.into()).into()
 }

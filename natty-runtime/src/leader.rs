@@ -1,0 +1,1 @@
+//! Leader election that is safe under pauses.

@@ -1,0 +1,1 @@
+//! Object stores: declarations that natty provisions, and streaming access to large objects.
