@@ -1,1 +1,281 @@
-//! placeholder
+//! Leader election across processes: at no moment do two instances believe they lead (their
+//! lease intervals never overlap and terms strictly increase); a successor takes over within
+//! 1 s of a SIGTERM and within TTL + 1 s of a SIGKILL; a leader paused past its TTL has
+//! stepped down by its own deadline when it resumes, and its late fenced write is refused.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use natty_runtime::testing::NatsServer;
+use natty_tests::{collect_lines, send_signal, spawn_service, wait_until};
+
+const WORKER: &str = env!("CARGO_BIN_EXE_natty-test-leader");
+/// The worker's lease TTL.
+const TTL: Duration = Duration::from_secs(2);
+
+struct Instance {
+    name: &'static str,
+    child: tokio::process::Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Instance {
+    fn start(url: &str, name: &'static str) -> Instance {
+        let mut child = spawn_service(Path::new(WORKER), Some(url), &[("INSTANCE", name)]);
+        let lines = collect_lines(&mut child);
+        Instance { name, child, lines }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
+    fn lines_starting(&self, prefix: &str) -> Vec<String> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|line| line.starts_with(prefix))
+            .cloned()
+            .collect()
+    }
+}
+
+/// A tick: (instance, term, unix nanos).
+fn ticks(instances: &[Instance]) -> Vec<(String, u64, u128)> {
+    let mut all = Vec::new();
+    for instance in instances {
+        for line in instance.lines_starting("tick ") {
+            let words: Vec<&str> = line.split(' ').collect();
+            all.push((
+                words[1].to_string(),
+                words[2].parse().unwrap(),
+                words[3].parse().unwrap(),
+            ));
+        }
+    }
+    all
+}
+
+/// The instance leading now: the one with the newest term that has ticked.
+fn leader(instances: &[Instance]) -> Option<(String, u64)> {
+    ticks(instances)
+        .into_iter()
+        .max_by_key(|(_, term, _)| *term)
+        .map(|(name, term, _)| (name, term))
+}
+
+fn unix_nanos() -> u128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos()
+}
+
+/// Per term, the interval from its first to its last tick; checks that terms follow one
+/// another without overlap and with strictly increasing tokens.
+fn check_no_overlap(instances: &[Instance]) -> BTreeMap<u64, (String, u128, u128)> {
+    let mut terms: BTreeMap<u64, (String, u128, u128)> = BTreeMap::new();
+    for (name, term, at) in ticks(instances) {
+        let entry = terms.entry(term).or_insert((name.clone(), at, at));
+        assert_eq!(entry.0, name, "term {term} held by two instances");
+        entry.1 = entry.1.min(at);
+        entry.2 = entry.2.max(at);
+    }
+    let mut by_start: Vec<(u64, &(String, u128, u128))> = terms.iter().map(|(t, i)| (*t, i)).collect();
+    by_start.sort_by_key(|(_, (_, start, _))| *start);
+    for pair in by_start.windows(2) {
+        let ((t1, (n1, _, end1)), (t2, (n2, start2, _))) = (pair[0], pair[1]);
+        assert!(
+            t1 < t2,
+            "terms must increase over time: {t1} ({n1}) came before {t2} ({n2})"
+        );
+        assert!(
+            end1 < start2,
+            "{n1} (term {t1}) still led {} ms after {n2} (term {t2}) began",
+            (end1 - start2) / 1_000_000
+        );
+    }
+    terms
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_leader_at_a_time_with_fast_takeover_after_sigterm_and_sigkill() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let url = server.url();
+    let mut instances = vec![
+        Instance::start(&url, "a"),
+        Instance::start(&url, "b"),
+        Instance::start(&url, "c"),
+    ];
+    wait_until(Duration::from_secs(20), "a first leader", || async {
+        leader(&instances).is_some()
+    })
+    .await;
+    let (first, first_term) = leader(&instances).unwrap();
+
+    // SIGTERM: the leader releases on its way out; a successor leads within 1 s.
+    let stopped_at = unix_nanos();
+    let index = instances.iter().position(|i| i.name == first).unwrap();
+    send_signal(instances[index].pid(), "TERM");
+    wait_until(Duration::from_secs(10), "a leader after SIGTERM", || async {
+        leader(&instances).is_some_and(|(_, term)| term > first_term)
+    })
+    .await;
+    let (second, second_term) = leader(&instances).unwrap();
+    let took = first_tick(&instances, second_term) - stopped_at;
+    assert!(
+        took < 1_000_000_000,
+        "{second} took {} ms to lead after {first} got SIGTERM",
+        took / 1_000_000
+    );
+    let status = instances[index].child.wait().await.unwrap();
+    assert!(status.success(), "{first} exits cleanly: {status:?}");
+    assert_eq!(
+        instances[index].lines_starting("fenced-write ").len(),
+        1,
+        "while leading, its fenced write was taken"
+    );
+
+    // SIGKILL: nothing is released; the lease runs out on the server; a successor leads
+    // within TTL + 1 s.
+    let killed_at = unix_nanos();
+    let index = instances.iter().position(|i| i.name == second).unwrap();
+    send_signal(instances[index].pid(), "KILL");
+    wait_until(Duration::from_secs(10), "a leader after SIGKILL", || async {
+        leader(&instances).is_some_and(|(_, term)| term > second_term)
+    })
+    .await;
+    let (third, third_term) = leader(&instances).unwrap();
+    let took = first_tick(&instances, third_term) - killed_at;
+    assert!(
+        took < (TTL + Duration::from_secs(1)).as_nanos(),
+        "{third} took {} ms to lead after {second} got SIGKILL",
+        took / 1_000_000
+    );
+    // The last instance standing: it goes on leading while it stays up.
+    wait_until(
+        Duration::from_secs(5),
+        "the third leader to keep its lease past one TTL",
+        || async {
+            ticks(&instances)
+                .iter()
+                .filter(|(_, term, _)| *term >= third_term)
+                .map(|(_, _, at)| *at)
+                .max()
+                .is_some_and(|last| last - first_tick(&instances, third_term) > TTL.as_nanos())
+        },
+    )
+    .await;
+
+    for instance in &mut instances {
+        instance.child.start_kill().ok();
+    }
+    let terms = check_no_overlap(&instances);
+    assert!(terms.len() >= 3, "{terms:?}");
+}
+
+fn first_tick(instances: &[Instance], term: u64) -> u128 {
+    ticks(instances)
+        .into_iter()
+        .filter(|(_, t, _)| *t == term)
+        .map(|(_, _, at)| at)
+        .min()
+        .expect("the term ticked")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_paused_past_its_ttl_has_stepped_down_when_it_resumes() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let url = server.url();
+    let mut instances = vec![Instance::start(&url, "a"), Instance::start(&url, "b")];
+    wait_until(Duration::from_secs(20), "a first leader", || async {
+        leader(&instances).is_some()
+    })
+    .await;
+    let (paused, paused_term) = leader(&instances).unwrap();
+    let index = instances.iter().position(|i| i.name == paused).unwrap();
+
+    send_signal(instances[index].pid(), "STOP");
+    let stopped_at = unix_nanos();
+    wait_until(Duration::from_secs(10), "the other instance to lead", || async {
+        leader(&instances).is_some_and(|(_, term)| term > paused_term)
+    })
+    .await;
+    let (successor, successor_term) = leader(&instances).unwrap();
+    assert_ne!(successor, paused);
+    assert!(
+        first_tick(&instances, successor_term) - stopped_at >= TTL.as_nanos() - 200_000_000,
+        "the successor waited for the paused leader's lease to run out"
+    );
+    send_signal(instances[index].pid(), "CONT");
+
+    // Awake again, it knows its lease is over without asking anyone; its write is refused.
+    wait_until(Duration::from_secs(10), "the resumed leader's late write", || async {
+        !instances[index].lines_starting("late-write ").is_empty()
+    })
+    .await;
+    assert_eq!(
+        instances[index].lines_starting("late-write "),
+        vec![format!("late-write {paused} {paused_term} refused")]
+    );
+    let resumed_ticks: Vec<_> = ticks(&instances)
+        .into_iter()
+        .filter(|(name, _, at)| *name == paused && *at > stopped_at)
+        .collect();
+    assert!(
+        resumed_ticks.is_empty(),
+        "the paused leader worked after resuming: {resumed_ticks:?}"
+    );
+    // The successor keeps leading.
+    let successor_ticks = |instances: &[Instance]| {
+        ticks(instances)
+            .into_iter()
+            .filter(|(_, term, _)| *term == successor_term)
+            .count()
+    };
+    let before = successor_ticks(&instances);
+    wait_until(Duration::from_secs(5), "the successor to go on", || async {
+        successor_ticks(&instances) > before + 10
+    })
+    .await;
+
+    for instance in &mut instances {
+        instance.child.start_kill().ok();
+    }
+    check_no_overlap(&instances);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successor_waits_out_a_lease_whose_key_vanished_early() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let url = server.url();
+    let mut instances = vec![Instance::start(&url, "a"), Instance::start(&url, "b")];
+    wait_until(Duration::from_secs(20), "a first leader", || async {
+        leader(&instances).is_some()
+    })
+    .await;
+    let (first, first_term) = leader(&instances).unwrap();
+
+    // The key disappears under a live leader (an operator's purge, a lost bucket): the other
+    // instance may take the key at once, but must not act before the old lease could be over.
+    let js = async_nats::jetstream::new(server.client().await);
+    let kv = js.get_key_value("election").await.unwrap();
+    let purged_at = unix_nanos();
+    kv.purge("worker").await.unwrap();
+    wait_until(Duration::from_secs(10), "a new term", || async {
+        leader(&instances).is_some_and(|(_, term)| term > first_term)
+    })
+    .await;
+    let (second, second_term) = leader(&instances).unwrap();
+    let waited = first_tick(&instances, second_term) - purged_at;
+    assert!(
+        waited >= (TTL / 2).as_nanos(),
+        "{second} acted {} ms after the purge, while {first}'s lease could still run",
+        waited / 1_000_000
+    );
+
+    for instance in &mut instances {
+        instance.child.start_kill().ok();
+    }
+    check_no_overlap(&instances);
+}

@@ -1,7 +1,125 @@
-//! `#[leader]`: a task that runs in one instance at a time.
+//! `#[leader(bucket = "...", key = "...", ttl = "10s")]`: a task that runs in one instance at a time.
 
-use proc_macro2::TokenStream;
+use proc_macro2::{Span, TokenStream};
+use quote::{format_ident, quote, quote_spanned};
+use syn::spanned::Spanned;
+use syn::{ItemFn, LitStr};
 
-pub fn expand(_args: TokenStream, item: TokenStream) -> TokenStream {
-    item
+use crate::attr::{self, Errors, Slot};
+use crate::handler::{self, Arg, HandlerKind};
+
+const KEYS: &[&str] = &["bucket", "key", "ttl"];
+
+const LEADER: HandlerKind = HandlerKind {
+    what: "a #[leader] task",
+    extractors: &["Lease"],
+    // Never used: a leader task has no payload, which `expand` reports.
+    decode: "decode",
+    from_trait: "FromLease",
+    undecodable: "Outcome::Undecodable",
+    delivery_type: "Lease",
+};
+
+/// Leases shorter than this cannot be kept: the server counts TTLs in whole seconds.
+const MIN_TTL_NANOS: u64 = 1_000_000_000;
+
+pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
+    let mut errors = Errors::default();
+    let mut bucket: Slot<LitStr> = Slot::new("bucket");
+    let mut key: Slot<LitStr> = Slot::new("key");
+    let mut ttl: Slot<u64> = Slot::new("ttl");
+    let seen = attr::parse_keys(args, &mut errors, |name, meta| {
+        Ok(match name {
+            "bucket" => {
+                let lit = attr::lit_str(meta)?;
+                attr::check_name(&lit, "bucket name").and_then(|()| bucket.set(meta, lit.clone(), lit.span()))
+            }
+            "key" => {
+                let lit = attr::lit_str(meta)?;
+                check_key(&lit).and_then(|()| key.set(meta, lit.clone(), lit.span()))
+            }
+            "ttl" => {
+                let lit = attr::lit_str(meta)?;
+                attr::duration(&lit)
+                    .and_then(|nanos| {
+                        if nanos < MIN_TTL_NANOS {
+                            Err(syn::Error::new(
+                                lit.span(),
+                                "`ttl` must be at least 1s: the server counts lease TTLs in whole seconds",
+                            ))
+                        } else {
+                            Ok(nanos)
+                        }
+                    })
+                    .and_then(|nanos| ttl.set(meta, nanos, lit.span()))
+            }
+            _ => return attr::unknown_key(meta, "leader", KEYS),
+        })
+    });
+    let function: ItemFn = match syn::parse2(item.clone()) {
+        Ok(function) => function,
+        Err(_) => {
+            let error = syn::Error::new_spanned(&item, "`#[leader]` goes on an `async fn`").to_compile_error();
+            return quote!(#item #error);
+        }
+    };
+    let handler_args = handler::signature(&function, &mut errors, &LEADER);
+    for arg in &handler_args {
+        if let Arg::Payload(ty) = arg {
+            errors.spanned(
+                ty,
+                "a #[leader] task takes no message: its only argument can be a `natty_runtime::Lease`",
+            );
+        }
+    }
+    for required in ["bucket", "key"] {
+        if !seen.iter().any(|seen| seen == required) {
+            errors.push(syn::Error::new(
+                Span::call_site(),
+                format!(
+                    "missing `{required}`, e.g. #[leader(bucket = \"election\", key = \"scheduler\", ttl = \"10s\")]"
+                ),
+            ));
+        }
+    }
+    if let Err(error) = errors.into_result() {
+        let error = error.to_compile_error();
+        return quote!(#item #error);
+    }
+
+    let p = quote!(::natty_runtime::__private);
+    let ident = &function.sig.ident;
+    let adapter = format_ident!("__natty_leader_{}", ident);
+    let name = ident.to_string();
+    let bucket = bucket.take().map(|lit| lit.value()).unwrap_or_default();
+    let key = key.take().map(|lit| lit.value()).unwrap_or_default();
+    let ttl = attr::duration_tokens(ttl.take().unwrap_or(10 * MIN_TTL_NANOS));
+    let result = handler::result_ident();
+    let outcome = match &function.sig.output {
+        syn::ReturnType::Default => quote!(#p::IntoOutcome::into_outcome(#result)),
+        syn::ReturnType::Type(_, ty) => quote_spanned! {ty.span()=>
+            <#ty as #p::IntoOutcome>::into_outcome(#result)
+        },
+    };
+    handler::emit(
+        &function,
+        &LEADER,
+        &handler_args,
+        &adapter,
+        quote!(#p::Outcome),
+        outcome,
+        quote!(#p::LeaderDef::new(#name, #bucket, #key, #ttl, #adapter)),
+    )
+}
+
+/// A KV key: subject tokens without wildcards (one key, not a pattern).
+fn check_key(lit: &LitStr) -> syn::Result<()> {
+    attr::check_subject(lit)?;
+    if lit.value().split('.').any(|token| token == "*" || token == ">") {
+        return Err(syn::Error::new(
+            lit.span(),
+            "an election key is one key: no wildcards `*` or `>`",
+        ));
+    }
+    Ok(())
 }

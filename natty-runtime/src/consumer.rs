@@ -935,7 +935,7 @@ impl Lanes {
 }
 
 /// A short random suffix for an ephemeral consumer's name: unique per instance and start.
-fn unique_suffix() -> String {
+pub(crate) fn unique_suffix() -> String {
     use std::hash::{BuildHasher, Hasher};
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     hasher.write_u32(std::process::id());

@@ -1,1 +1,747 @@
-//! Leader election that is safe under pauses.
+//! Leader election that is safe under pauses: `#[leader(bucket, key, ttl)]` runs a task in one
+//! instance at a time.
+//!
+//! The election key in a KV bucket is written only with compare-and-set on its revision (the
+//! stream sequence of its last write) and a per-message TTL (`Nats-TTL`), so a leader that stops
+//! renewing loses the key when its TTL runs out on the server. The lease deadline is measured
+//! locally, from the monotonic clock read *before* the renewal was sent: the server starts the
+//! TTL when it stores the write, which is later, so the local deadline (minus a margin) always
+//! ends first. A leader steps down at that deadline without waiting for any error — a process
+//! paused past it (GC, SIGSTOP, a frozen VM) wakes up already knowing it is no longer leader.
+//!
+//! The revision is also a fencing token: [`Lease::fenced_put`] writes to the bucket only while
+//! the election key's last revision is still the lease's, checked by the server in the same
+//! write (`Nats-Expected-Last-Subject-Sequence-Subject`), so a stale leader's late write is
+//! rejected by the server rather than by hope.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, context::PublishErrorKind, stream::LastRawMessageErrorKind};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, StreamExt};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Provision;
+use crate::error::{BoxError, Error, Result};
+use crate::handler::Outcome;
+use crate::payload::{EncodePayload, CONTENT_TYPE};
+use crate::publish::Client;
+use crate::stream::Location;
+
+/// The adapter a `#[leader]` generates: runs the task for one lease.
+pub type LeaderFn = fn(Lease) -> BoxFuture<'static, Outcome>;
+
+/// A declared leader task. `#[leader(...)]` registers one; [`LeaderDef::new`] builds one by hand.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaderDef {
+    pub(crate) name: &'static str,
+    pub(crate) bucket: &'static str,
+    pub(crate) key: &'static str,
+    pub(crate) ttl: Duration,
+    pub(crate) handler: LeaderFn,
+    pub(crate) location: Location,
+}
+
+impl LeaderDef {
+    /// A task named `name` led through key `key` of KV bucket `bucket`, with leases of `ttl`
+    /// (at least one second: the server counts TTLs in whole seconds).
+    pub const fn new(
+        name: &'static str,
+        bucket: &'static str,
+        key: &'static str,
+        ttl: Duration,
+        handler: LeaderFn,
+    ) -> Self {
+        LeaderDef {
+            name,
+            bucket,
+            key,
+            ttl,
+            handler,
+            location: Location::UNKNOWN,
+        }
+    }
+
+    /// Records where the declaration was written (the macros set this).
+    pub const fn at(mut self, location: Location) -> Self {
+        self.location = location;
+        self
+    }
+
+    /// The handler's name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn subject(&self) -> String {
+        format!("$KV.{}.{}", self.bucket, self.key)
+    }
+}
+
+inventory::collect!(LeaderDef);
+
+/// The header giving a write its time to live on the server.
+const TTL_HEADER: &str = "Nats-TTL";
+/// Makes a write's expected-last-subject-sequence refer to another subject: the fence.
+const EXPECTED_SUBJECT_HEADER: &str = "Nats-Expected-Last-Subject-Sequence-Subject";
+/// How KV marks a delete.
+const KV_OPERATION_HEADER: &str = "KV-Operation";
+/// Set on the delete that releases a lease, so a successor knows it need not wait.
+const RELEASED_HEADER: &str = "Natty-Released";
+
+/// Leadership of one key, handed to a `#[leader]` task. Cheap to clone.
+///
+/// When leadership ends — at the local deadline without a renewal, when the key was taken,
+/// or on shutdown — [`lost`](Lease::lost) resolves, [`is_valid`](Lease::is_valid) turns false,
+/// and the task is cancelled at its next `.await`. Check `is_valid()` before an action that
+/// must not run twice, and make writes that must be fenced with [`fenced_put`](Lease::fenced_put).
+#[derive(Clone)]
+pub struct Lease {
+    inner: Arc<LeaseState>,
+}
+
+struct LeaseState {
+    bucket: &'static str,
+    key: &'static str,
+    term: u64,
+    token: AtomicU64,
+    deadline: Mutex<Instant>,
+    lost: CancellationToken,
+    client: Client,
+}
+
+impl Lease {
+    /// The current fencing token: the election key's revision, which every renewal advances.
+    /// Tokens only grow, within a term and from one leader to the next.
+    pub fn token(&self) -> u64 {
+        self.inner.token.load(Ordering::SeqCst)
+    }
+
+    /// The revision that won this term: constant while it lasts, and larger than every earlier
+    /// term's.
+    pub fn term(&self) -> u64 {
+        self.inner.term
+    }
+
+    /// Whether this instance still leads: false from the local deadline on, or once leadership
+    /// was lost. Judged on the monotonic clock, so it is right even just after a pause.
+    pub fn is_valid(&self) -> bool {
+        !self.inner.lost.is_cancelled() && Instant::now() < self.deadline()
+    }
+
+    /// When the lease ends unless renewed (renewals push it forward).
+    pub fn deadline(&self) -> Instant {
+        *self.inner.deadline.lock().expect("lease lock")
+    }
+
+    /// Resolves when leadership is gone.
+    pub async fn lost(&self) {
+        self.inner.lost.cancelled().await;
+    }
+
+    /// The KV bucket of the election.
+    pub fn bucket(&self) -> &str {
+        self.inner.bucket
+    }
+
+    /// The election key.
+    pub fn key(&self) -> &str {
+        self.inner.key
+    }
+
+    /// Writes `value` to `key` of the election's bucket only if this lease is still the
+    /// current one: the server checks, in the same write, that the election key's last
+    /// revision is this lease's token. After a pause, a deleted key or a new leader, the write
+    /// is refused with [`FencedError::Fenced`]. Returns the written revision.
+    ///
+    /// # Errors
+    ///
+    /// [`FencedError::Fenced`] when leadership has moved on; [`FencedError::Write`] when the
+    /// write failed otherwise.
+    pub async fn fenced_put<T: EncodePayload + ?Sized>(&self, key: &str, value: &T) -> Result<u64, FencedError> {
+        let payload = value.to_bytes().map_err(|source| FencedError::Write {
+            key: key.to_string(),
+            source,
+        })?;
+        let subject = format!("$KV.{}.{key}", self.inner.bucket);
+        let fence = format!("$KV.{}.{}", self.inner.bucket, self.inner.key);
+        loop {
+            let token = self.token();
+            let mut headers = HeaderMap::new();
+            headers.insert(CONTENT_TYPE, T::FORMAT.content_type());
+            headers.insert(
+                async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                token.to_string().as_str(),
+            );
+            headers.insert(EXPECTED_SUBJECT_HEADER, fence.as_str());
+            let written = async {
+                self.inner
+                    .client
+                    .jetstream()
+                    .publish_with_headers(subject.clone(), headers, payload.clone())
+                    .await?
+                    .await
+            }
+            .await;
+            match written {
+                Ok(ack) => return Ok(ack.sequence),
+                Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => {
+                    // A renewal may have advanced the token between reading and writing it.
+                    if self.token() != token && self.is_valid() {
+                        continue;
+                    }
+                    return Err(FencedError::Fenced {
+                        key: key.to_string(),
+                        token,
+                    });
+                }
+                Err(error) => {
+                    return Err(FencedError::Write {
+                        key: key.to_string(),
+                        source: error.into(),
+                    })
+                }
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("bucket", &self.inner.bucket)
+            .field("key", &self.inner.key)
+            .field("term", &self.inner.term)
+            .field("token", &self.token())
+            .field("valid", &self.is_valid())
+            .finish()
+    }
+}
+
+/// A fenced write that did not happen.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FencedError {
+    /// The server refused it: the election key is no longer at this lease's token, so this
+    /// instance is not the leader any more.
+    #[error("fenced write to `{key}` refused: the lease with token {token} is no longer current")]
+    Fenced {
+        /// The key written.
+        key: String,
+        /// The token the write was fenced by.
+        token: u64,
+    },
+    /// Encoding or publishing failed.
+    #[error("fenced write to `{key}` failed: {source}")]
+    Write {
+        /// The key written.
+        key: String,
+        /// The cause.
+        #[source]
+        source: BoxError,
+    },
+}
+
+/// For a generated adapter: builds the task's argument.
+#[doc(hidden)]
+pub trait FromLease: Sized {
+    /// Builds the argument.
+    fn from_delivery(lease: &Lease) -> Self;
+}
+
+impl FromLease for Lease {
+    fn from_delivery(lease: &Lease) -> Self {
+        lease.clone()
+    }
+}
+
+/// What the election key holds.
+enum KeyState {
+    /// Nobody leads: the key is absent (never written, or its TTL ran out) or deleted.
+    Free {
+        /// The revision a create must expect (0 when absent).
+        expected: u64,
+        /// Deleted by a leader that stepped down cleanly: nothing to wait out.
+        released: bool,
+    },
+    /// A lease is held, as of `revision`.
+    Held { revision: u64 },
+}
+
+/// What the value of the election key says, for people looking at the bucket.
+#[derive(serde::Serialize)]
+struct Holder<'a> {
+    holder: &'a str,
+    ttl_ms: u128,
+}
+
+/// One instance's side of one election.
+struct Election {
+    def: LeaderDef,
+    client: Client,
+    subject: String,
+    stream: String,
+    holder: String,
+    /// The TTL sent to the server: whole seconds, rounded up, so the server never expires a
+    /// lease before the local deadline.
+    server_ttl: String,
+    /// How much earlier than the TTL the local deadline falls: room for clock-rate differences
+    /// and for servers in a cluster judging the TTL with their own clocks.
+    margin: Duration,
+    /// How often a follower looks at the key when nothing woke it.
+    poll: Duration,
+}
+
+/// How a term ended.
+enum TermEnd {
+    /// Lost (deadline, taken over): contest again.
+    Lost,
+    /// The task returned `Ok`: released; contest again after a pause.
+    Finished,
+    /// Shutdown.
+    Shutdown,
+}
+
+impl Election {
+    fn new(def: LeaderDef, client: Client) -> Election {
+        let ttl = def.ttl.max(Duration::from_secs(1));
+        let seconds = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+        Election {
+            subject: def.subject(),
+            stream: format!("KV_{}", def.bucket),
+            holder: format!("{}-{}", std::process::id(), crate::consumer::unique_suffix()),
+            server_ttl: format!("{seconds}s"),
+            margin: (ttl / 5).max(Duration::from_millis(200)).min(ttl / 2),
+            poll: (ttl / 8).clamp(Duration::from_millis(50), Duration::from_millis(500)),
+            def,
+            client,
+        }
+    }
+
+    fn ttl(&self) -> Duration {
+        self.def.ttl.max(Duration::from_secs(1))
+    }
+
+    /// Reads the key from the stream leader (not a direct get, which a replica may answer late).
+    async fn read(&self) -> std::result::Result<KeyState, BoxError> {
+        let stream = self.client.jetstream().get_stream_no_info(&self.stream).await?;
+        match stream.get_last_raw_message_by_subject(&self.subject).await {
+            Ok(message) => {
+                let deleted = message
+                    .headers
+                    .get(KV_OPERATION_HEADER)
+                    .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"));
+                Ok(if deleted {
+                    KeyState::Free {
+                        expected: message.sequence,
+                        released: message.headers.get(RELEASED_HEADER).is_some(),
+                    }
+                } else {
+                    KeyState::Held {
+                        revision: message.sequence,
+                    }
+                })
+            }
+            Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(KeyState::Free {
+                expected: 0,
+                released: false,
+            }),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Writes the key if its last revision is `expected`, with a TTL; `Ok(None)` when someone
+    /// else wrote it first.
+    async fn write(&self, expected: u64, limit: Duration) -> std::result::Result<Option<u64>, BoxError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+            expected.to_string().as_str(),
+        );
+        headers.insert(TTL_HEADER, self.server_ttl.as_str());
+        let value = serde_json::to_vec(&Holder {
+            holder: &self.holder,
+            ttl_ms: self.ttl().as_millis(),
+        })?;
+        let js = self.client.jetstream();
+        let written = tokio::time::timeout(limit, async {
+            js.publish_with_headers(self.subject.clone(), headers, Bytes::from(value))
+                .await?
+                .await
+        })
+        .await
+        .map_err(|_| format!("no answer within {limit:?}"))?;
+        match written {
+            Ok(ack) => Ok(Some(ack.sequence)),
+            Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => Ok(None),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Deletes the key if it is still at `revision`, marking the delete as a release.
+    async fn release(&self, revision: u64) {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+            revision.to_string().as_str(),
+        );
+        headers.insert(KV_OPERATION_HEADER, "DEL");
+        headers.insert(RELEASED_HEADER, self.holder.as_str());
+        let released = tokio::time::timeout(Duration::from_secs(2), async {
+            self.client
+                .jetstream()
+                .publish_with_headers(self.subject.clone(), headers, Bytes::new())
+                .await?
+                .await
+        })
+        .await;
+        match released {
+            Ok(Ok(_)) => tracing::info!(
+                handler = self.def.name,
+                bucket = self.def.bucket,
+                key = self.def.key,
+                "leadership released"
+            ),
+            Ok(Err(error)) => {
+                tracing::warn!(handler = self.def.name, %error, "cannot release leadership; it ends with its TTL")
+            }
+            Err(_) => tracing::warn!(
+                handler = self.def.name,
+                "no answer to the release; leadership ends with its TTL"
+            ),
+        }
+    }
+
+    /// Contests the key until this instance wins it; returns the revision, when the write was
+    /// sent, and until when the previous leader might still act. `None` on shutdown.
+    async fn campaign(&self, cancel: &CancellationToken) -> Option<(u64, Instant, Instant)> {
+        // Every write to the key, a renewal or a release, wakes the followers at once.
+        let mut activity = match self.client.nats().subscribe(self.subject.clone()).await {
+            Ok(subscriber) => Some(subscriber),
+            Err(error) => {
+                tracing::warn!(handler = self.def.name, %error, "cannot watch the election key; polling it");
+                None
+            }
+        };
+        // The holder's revision and when this instance first saw it: that holder cannot act
+        // past then + TTL, since its deadline counts from before its write reached the server.
+        let mut seen: Option<(u64, Instant)> = None;
+        let mut failures = 0u32;
+        loop {
+            if cancel.is_cancelled() {
+                return None;
+            }
+            let state = match self.read().await {
+                Ok(state) => {
+                    failures = 0;
+                    state
+                }
+                Err(error) => {
+                    failures += 1;
+                    if failures == 1 || failures % 20 == 0 {
+                        tracing::warn!(handler = self.def.name, bucket = self.def.bucket, %error, "cannot read the election key; retrying");
+                    }
+                    if !self.pause(cancel, &mut activity, &mut seen).await {
+                        return None;
+                    }
+                    continue;
+                }
+            };
+            match state {
+                KeyState::Held { revision } => {
+                    if seen.is_none_or(|(known, _)| known != revision) {
+                        seen = Some((revision, Instant::now()));
+                    }
+                }
+                KeyState::Free { expected, released } => {
+                    let sent_at = Instant::now();
+                    match self.write(expected, self.ttl() - self.margin).await {
+                        Ok(Some(revision)) => {
+                            let previous_until = match seen {
+                                Some((_, at)) if !released => at + self.ttl(),
+                                _ => sent_at,
+                            };
+                            return Some((revision, sent_at, previous_until));
+                        }
+                        Ok(None) => {}
+                        Err(error) => {
+                            tracing::warn!(handler = self.def.name, %error, "cannot write the election key; retrying");
+                        }
+                    }
+                }
+            }
+            if !self.pause(cancel, &mut activity, &mut seen).await {
+                return None;
+            }
+        }
+    }
+
+    /// Waits for activity on the key or the poll interval; false on shutdown.
+    async fn pause(
+        &self,
+        cancel: &CancellationToken,
+        activity: &mut Option<async_nats::Subscriber>,
+        seen: &mut Option<(u64, Instant)>,
+    ) -> bool {
+        let woken = async {
+            match activity {
+                Some(subscriber) => subscriber.next().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => false,
+            message = woken => {
+                if let Some(message) = message {
+                    let released = message.headers.as_ref().is_some_and(|h| h.get(RELEASED_HEADER).is_some());
+                    if !released {
+                        // A renewal: the holder's lease now runs from about now.
+                        if let Some((_, at)) = seen {
+                            *at = Instant::now();
+                        }
+                    }
+                } else {
+                    *activity = None;
+                }
+                true
+            }
+            _ = tokio::time::sleep(self.poll) => true,
+        }
+    }
+
+    /// Leads one term: waits out the previous leader, runs the task (restarting it after an
+    /// error while still leading), renews, and steps down at the deadline or on shutdown.
+    async fn lead(
+        &self,
+        revision: u64,
+        sent_at: Instant,
+        previous_until: Instant,
+        cancel: &CancellationToken,
+    ) -> TermEnd {
+        let lease = Lease {
+            inner: Arc::new(LeaseState {
+                bucket: self.def.bucket,
+                key: self.def.key,
+                term: revision,
+                token: AtomicU64::new(revision),
+                deadline: Mutex::new(sent_at + self.ttl() - self.margin),
+                lost: CancellationToken::new(),
+                client: self.client.clone(),
+            }),
+        };
+        tracing::info!(
+            handler = self.def.name,
+            bucket = self.def.bucket,
+            key = self.def.key,
+            term = revision,
+            "leading"
+        );
+        let renewing = self.renew(lease.clone());
+        tokio::pin!(renewing);
+        // The previous leader's lease may not be over yet (it was not released): wait it out.
+        let mut start_at = Some(previous_until);
+        let mut task: Option<tokio::task::JoinHandle<Outcome>> = None;
+        let mut failures = 0u32;
+        let end = loop {
+            let started = async {
+                match (&mut task, start_at) {
+                    (Some(handle), _) => Err(handle.await),
+                    (None, Some(at)) => {
+                        tokio::time::sleep_until(at).await;
+                        Ok(())
+                    }
+                    (None, None) => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break TermEnd::Shutdown,
+                _ = lease.lost() => break TermEnd::Lost,
+                _ = &mut renewing => break TermEnd::Lost,
+                ended = started => match ended {
+                    Ok(()) => {
+                        start_at = None;
+                        if lease.is_valid() {
+                            let run = (self.def.handler)(lease.clone());
+                            task = Some(tokio::spawn(AssertUnwindSafe(run).catch_unwind().map(|outcome| {
+                                outcome.unwrap_or_else(|_| Outcome::Failed("the task panicked".into()))
+                            })));
+                        }
+                    }
+                    Err(joined) => {
+                        task = None;
+                        let failure = match joined {
+                            Ok(Outcome::Ack) => break TermEnd::Finished,
+                            Ok(Outcome::Failed(error)) => error.to_string(),
+                            Ok(Outcome::Undecodable(error)) => error.to_string(),
+                            Err(error) => error.to_string(),
+                        };
+                        failures += 1;
+                        let delay = restart_delay(failures);
+                        tracing::warn!(handler = self.def.name, error = %failure, ?delay,
+                            "the leader task failed; restarting it while still leading");
+                        start_at = Some(Instant::now() + delay);
+                    }
+                },
+            }
+        };
+        // Leadership ends here for the task: it is told, then cancelled and awaited, and only
+        // then is the key released, so a successor never overlaps with it.
+        lease.inner.lost.cancel();
+        if let Some(handle) = task {
+            handle.abort();
+            if tokio::time::timeout(Duration::from_secs(5), handle).await.is_err() {
+                tracing::error!(
+                    handler = self.def.name,
+                    "the leader task does not yield to cancellation; it may still be running"
+                );
+            }
+        }
+        match end {
+            TermEnd::Lost => {
+                tracing::warn!(
+                    handler = self.def.name,
+                    term = revision,
+                    "leadership lost: stepped down"
+                );
+            }
+            // Conditional on the token: if the lease ran out meanwhile, this changes nothing.
+            TermEnd::Finished | TermEnd::Shutdown => self.release(lease.token()).await,
+        }
+        end
+    }
+
+    /// Renews the lease every third of its TTL until it cannot: returns (and the term ends)
+    /// at the local deadline, or when the key was taken or deleted.
+    async fn renew(&self, lease: Lease) {
+        let period = self.ttl() / 3;
+        let mut next = Instant::now() + period;
+        loop {
+            let deadline = lease.deadline();
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    if Instant::now() >= lease.deadline() {
+                        tracing::warn!(handler = self.def.name, "lease deadline reached without a renewal");
+                        return;
+                    }
+                    continue;
+                }
+            }
+            let sent_at = Instant::now();
+            let remaining = lease.deadline().saturating_duration_since(sent_at);
+            if remaining.is_zero() {
+                return;
+            }
+            match self.write(lease.token(), remaining).await {
+                Ok(Some(revision)) => {
+                    lease.inner.token.store(revision, Ordering::SeqCst);
+                    *lease.inner.deadline.lock().expect("lease lock") = sent_at + self.ttl() - self.margin;
+                    next = sent_at + period;
+                }
+                Ok(None) => {
+                    tracing::warn!(handler = self.def.name, "the election key was taken or deleted");
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(handler = self.def.name, %error, "cannot renew the lease; retrying until its deadline");
+                    next = Instant::now() + Duration::from_millis(100);
+                }
+            }
+        }
+    }
+}
+
+/// 100 ms doubling per failure, at most 10 s.
+fn restart_delay(failures: u32) -> Duration {
+    Duration::from_millis(100 * 2u64.pow(failures.saturating_sub(1).min(7))).min(Duration::from_secs(10))
+}
+
+/// Makes sure the leader's bucket exists and accepts per-message TTLs.
+pub(crate) async fn provision(def: &LeaderDef, js: &jetstream::Context, mode: Provision) -> Result<()> {
+    if mode == Provision::Off {
+        return Ok(());
+    }
+    let stream_name = format!("KV_{}", def.bucket);
+    let error = |action: &'static str, source: BoxError| Error::Stream {
+        stream: stream_name.clone(),
+        action,
+        source,
+    };
+    let mut stream = match js.get_stream(format!("KV_{}", def.bucket)).await {
+        Ok(stream) => stream,
+        Err(_) if mode == Provision::CreateOrUpdate => {
+            js.create_key_value(jetstream::kv::Config {
+                bucket: def.bucket.to_string(),
+                history: 1,
+                description: "natty leader election".into(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| error("creating the leader election bucket", e.into()))?;
+            js.get_stream(format!("KV_{}", def.bucket))
+                .await
+                .map_err(|e| error("reading the leader election bucket", e.into()))?
+        }
+        Err(_) => {
+            return Err(Error::StreamNotFound {
+                stream: format!("KV_{}", def.bucket),
+                hint: format!(
+                    " (the KV bucket `{}` of leader `{}`; provisioning is {})",
+                    def.bucket,
+                    def.name,
+                    mode.as_str()
+                ),
+            })
+        }
+    };
+    let mut config = stream
+        .info()
+        .await
+        .map_err(|e| error("reading the leader election bucket", e.into()))?
+        .config
+        .clone();
+    if !config.allow_message_ttl {
+        if mode != Provision::CreateOrUpdate {
+            return Err(Error::StreamDrift {
+                stream: format!("KV_{}", def.bucket),
+                field: "allow_msg_ttl",
+                declared: "true (leader election needs per-key TTLs)".into(),
+                actual: "false".into(),
+                hint: String::new(),
+            });
+        }
+        config.allow_message_ttl = true;
+        js.update_stream(&config)
+            .await
+            .map_err(|e| error("allowing per-key TTLs for leader election", e.into()))?;
+    }
+    Ok(())
+}
+
+/// Contests and leads until `cancel`, then releases leadership.
+pub(crate) async fn run(def: LeaderDef, client: Client, cancel: CancellationToken) {
+    let election = Election::new(def, client);
+    loop {
+        let Some((revision, sent_at, previous_until)) = election.campaign(&cancel).await else {
+            return;
+        };
+        match election.lead(revision, sent_at, previous_until, &cancel).await {
+            TermEnd::Shutdown => return,
+            TermEnd::Lost => {}
+            TermEnd::Finished => {
+                // Let a waiting instance try first: leadership is contested again, not kept.
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(election.poll * 2) => {}
+                }
+            }
+        }
+    }
+}

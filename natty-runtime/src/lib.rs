@@ -36,8 +36,8 @@ pub mod core_nats;
 mod dev_server;
 mod error;
 mod handler;
-pub mod kv_watch;
 pub mod kv;
+pub mod kv_watch;
 pub mod leader;
 pub mod object_store;
 pub mod payload;
@@ -55,6 +55,7 @@ pub use dev_server::find_nats_server;
 pub use error::{BoxError, Error, Result};
 pub use handler::{Context, FromDelivery, IntoOutcome, Reject};
 pub use kv_watch::{KvChange, KvOperation, KvWatchDef};
+pub use leader::{FencedError, LeaderDef, Lease};
 pub use natty_macros::Payload;
 pub use natty_macros::{consumer, kv_bucket, kv_watch, leader, object_store, service, stream, subscribe};
 pub use payload::{DecodeError, DecodePayload, EncodePayload, Format, Payload};
@@ -68,7 +69,8 @@ pub use async_nats;
 /// What a service needs in scope: the macros, [`Context`] and [`Client`].
 pub mod prelude {
     pub use crate::{
-        consumer, kv_watch, service, stream, subscribe, Client, Context, Envelope, KvChange, Payload, Reject,
+        consumer, kv_watch, leader, service, stream, subscribe, Client, Context, Envelope, KvChange, Lease, Payload,
+        Reject,
     };
 }
 
@@ -107,7 +109,10 @@ pub mod __private {
     };
     pub use crate::error::BoxError;
     pub use crate::handler::{decode_payload, Delivery, FromDelivery, IntoOutcome, Outcome};
+    // pub use crate::kv::KvBucketDef; (restored once defined)
+    // pub use crate::object_store::ObjectStoreDef; (restored once defined)
     pub use crate::kv_watch::{decode_kv_change, FromKvDelivery, KvDelivery, KvHandlerFn, KvWatchDef};
+    pub use crate::leader::{FromLease, LeaderDef, LeaderFn, Lease};
     pub use crate::payload::decode;
     pub use crate::payload::{DecodePayload, EncodePayload, Format, Payload};
     pub use crate::stream::{Location, StreamDef};

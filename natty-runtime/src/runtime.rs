@@ -15,6 +15,7 @@ use crate::core_nats::SubscriptionDef;
 use crate::dev_server::DevServer;
 use crate::error::{Error, Result};
 use crate::kv_watch::KvWatchDef;
+use crate::leader::LeaderDef;
 use crate::publish::Client;
 use crate::stream::StreamDef;
 
@@ -54,6 +55,7 @@ pub struct RuntimeBuilder {
     consumers: Vec<ConsumerDef>,
     subscriptions: Vec<SubscriptionDef>,
     kv_watches: Vec<KvWatchDef>,
+    leaders: Vec<LeaderDef>,
 }
 
 impl RuntimeBuilder {
@@ -153,6 +155,12 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Adds a leader task by hand.
+    pub fn leader(mut self, leader: LeaderDef) -> Self {
+        self.leaders.push(leader);
+        self
+    }
+
     /// Reads the environment (unless a config was given) and applies the overrides.
     ///
     /// # Errors
@@ -192,18 +200,22 @@ impl RuntimeBuilder {
         let mut consumers = self.consumers;
         let mut subscriptions = self.subscriptions;
         let mut kv_watches = self.kv_watches;
+        let mut leaders = self.leaders;
         if self.registered {
             streams.extend(inventory::iter::<StreamDef>.into_iter().copied());
             let registered: Vec<ConsumerDef> = inventory::iter::<ConsumerDef>.into_iter().copied().collect();
             let registered_subs: Vec<SubscriptionDef> =
                 inventory::iter::<SubscriptionDef>.into_iter().copied().collect();
             let registered_watches: Vec<KvWatchDef> = inventory::iter::<KvWatchDef>.into_iter().copied().collect();
+            let registered_leaders: Vec<LeaderDef> = inventory::iter::<LeaderDef>.into_iter().copied().collect();
             let only = self.only.or_else(|| config.handlers.clone());
             if let Some(only) = &only {
                 let known: Vec<&str> = registered
                     .iter()
                     .map(|c| c.name)
                     .chain(registered_subs.iter().map(|s| s.name))
+                    .chain(registered_watches.iter().map(|w| w.name))
+                    .chain(registered_leaders.iter().map(|l| l.name))
                     .collect();
                 if let Some(unknown) = only.iter().find(|name| !known.contains(&name.as_str())) {
                     return Err(Error::config(
@@ -220,6 +232,7 @@ impl RuntimeBuilder {
             consumers.extend(registered.into_iter().filter(|c| selected(c.name)));
             subscriptions.extend(registered_subs.into_iter().filter(|s| selected(s.name)));
             kv_watches.extend(registered_watches.into_iter().filter(|w| selected(w.name)));
+            leaders.extend(registered_leaders.into_iter().filter(|l| selected(l.name)));
         }
         Ok(Runtime {
             config,
@@ -227,6 +240,7 @@ impl RuntimeBuilder {
             consumers,
             subscriptions,
             kv_watches,
+            leaders,
         })
     }
 }
@@ -239,6 +253,7 @@ pub struct Runtime {
     consumers: Vec<ConsumerDef>,
     subscriptions: Vec<SubscriptionDef>,
     kv_watches: Vec<KvWatchDef>,
+    leaders: Vec<LeaderDef>,
 }
 
 impl Runtime {
@@ -272,7 +287,11 @@ impl Runtime {
     ///
     /// As [`Runtime::run`].
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<()> {
-        if self.consumers.is_empty() && self.subscriptions.is_empty() && self.kv_watches.is_empty() {
+        if self.consumers.is_empty()
+            && self.subscriptions.is_empty()
+            && self.kv_watches.is_empty()
+            && self.leaders.is_empty()
+        {
             return Err(Error::NothingRegistered);
         }
         let streams = dedup_streams(&self.streams)?;
@@ -296,6 +315,9 @@ impl Runtime {
                 .provision(js, provision)
                 .await?;
         }
+        for leader in &self.leaders {
+            crate::leader::provision(leader, js, provision).await?;
+        }
         let mut bound = Vec::with_capacity(self.consumers.len());
         for def in &self.consumers {
             let stream_def = streams.iter().find(|s| s.name == def.stream).copied();
@@ -307,6 +329,7 @@ impl Runtime {
         tracing::info!(
             consumers = bound.len(),
             subscriptions = self.subscriptions.len(),
+            leaders = self.leaders.len(),
             streams = streams.len(),
             provision = provision.as_str(),
             "natty is running"
@@ -322,6 +345,13 @@ impl Runtime {
             let (client, cancel, watch) = (client.clone(), cancel.clone(), *watch);
             tasks.spawn(async move {
                 crate::kv_watch::run(watch, client, provision, cancel).await;
+                Ok(())
+            });
+        }
+        for leader in &self.leaders {
+            let (client, cancel, leader) = (client.clone(), cancel.clone(), *leader);
+            tasks.spawn(async move {
+                crate::leader::run(leader, client, cancel).await;
                 Ok(())
             });
         }
