@@ -145,6 +145,11 @@ impl Lease {
         self.inner.lost.cancelled().await;
     }
 
+    /// The connected client, for publishing or anything else.
+    pub fn client(&self) -> &Client {
+        &self.inner.client
+    }
+
     /// The KV bucket of the election.
     pub fn bucket(&self) -> &str {
         self.inner.bucket
