@@ -1,17 +1,19 @@
 //! Leader election across processes: at no moment do two instances believe they lead (their
 //! lease intervals never overlap and terms strictly increase); a successor takes over within
 //! 1 s of a SIGTERM and within TTL + 1 s of a SIGKILL; a leader paused past its TTL has
-//! stepped down by its own deadline when it resumes, and its late fenced write is refused.
+//! stepped down by its own deadline when it resumes, and its late fenced write is refused. A
+//! consumer bound to the lease handles messages only in the instance that leads.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use natty_runtime::testing::NatsServer;
-use natty_tests::{collect_lines, send_signal, spawn_service, wait_until};
+use natty_runtime::testing::{NatsCluster, NatsServer};
+use natty_tests::{collect_lines, collect_stderr, send_signal, spawn_service, wait_until};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_natty-test-leader");
+const CLUSTER_WORKER: &str = env!("CARGO_BIN_EXE_natty-test-leader-cluster");
 /// The worker's lease TTL.
 const TTL: Duration = Duration::from_secs(2);
 
@@ -19,13 +21,32 @@ struct Instance {
     name: &'static str,
     child: tokio::process::Child,
     lines: Arc<Mutex<Vec<String>>>,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- {} logged:\n{}", self.name, self.logs.lock().unwrap().join("\n"));
+        }
+    }
 }
 
 impl Instance {
     fn start(url: &str, name: &'static str) -> Instance {
-        let mut child = spawn_service(Path::new(WORKER), Some(url), &[("INSTANCE", name)]);
+        Instance::start_binary(WORKER, url, name)
+    }
+
+    fn start_binary(binary: &str, url: &str, name: &'static str) -> Instance {
+        let mut child = spawn_service(Path::new(binary), Some(url), &[("INSTANCE", name)]);
         let lines = collect_lines(&mut child);
-        Instance { name, child, lines }
+        let logs = collect_stderr(&mut child);
+        Instance {
+            name,
+            child,
+            lines,
+            logs,
+        }
     }
 
     fn pid(&self) -> u32 {
@@ -112,6 +133,19 @@ async fn one_leader_at_a_time_with_fast_takeover_after_sigterm_and_sigkill() {
     })
     .await;
     let (first, first_term) = leader(&instances).unwrap();
+    // Work for the consumer bound to the lease, all along.
+    let publishing = tokio::spawn({
+        let client = server.client().await;
+        async move {
+            for id in 1.. {
+                let job = serde_json::to_vec(&natty_tests::Job { id }).unwrap();
+                if client.publish("work.job", job.into()).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    });
 
     // SIGTERM: the leader releases on its way out; a successor leads within 1 s.
     let stopped_at = unix_nanos();
@@ -167,11 +201,29 @@ async fn one_leader_at_a_time_with_fast_takeover_after_sigterm_and_sigkill() {
     )
     .await;
 
+    publishing.abort();
     for instance in &mut instances {
         instance.child.start_kill().ok();
     }
     let terms = check_no_overlap(&instances);
     assert!(terms.len() >= 3, "{terms:?}");
+
+    // The bound consumer handled messages only where and while its instance led.
+    let mut handlers = std::collections::BTreeSet::new();
+    for instance in &instances {
+        for line in instance.lines_starting("handled ") {
+            let at: u128 = line.split(' ').nth(3).unwrap().parse().unwrap();
+            handlers.insert(instance.name);
+            for (term, (holder, start, end)) in &terms {
+                assert!(
+                    holder == instance.name || at < *start || at > *end,
+                    "{} handled a message at {at} while {holder} led (term {term})",
+                    instance.name
+                );
+            }
+        }
+    }
+    assert!(handlers.len() >= 2, "the consumer followed the lease: {handlers:?}");
 }
 
 fn first_tick(instances: &[Instance], term: u64) -> u128 {
@@ -278,4 +330,48 @@ async fn a_successor_waits_out_a_lease_whose_key_vanished_early() {
         instance.child.start_kill().ok();
     }
     check_no_overlap(&instances);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_node_that_leads_the_election_stream_never_yields_two_leaders() {
+    let mut cluster = NatsCluster::start(3).await.expect("a 3-node cluster");
+    let url = cluster.urls().join(",");
+    let mut instances = vec![
+        Instance::start_binary(CLUSTER_WORKER, &url, "a"),
+        Instance::start_binary(CLUSTER_WORKER, &url, "b"),
+        Instance::start_binary(CLUSTER_WORKER, &url, "c"),
+    ];
+    wait_until(Duration::from_secs(30), "a first leader", || async {
+        leader(&instances).is_some()
+    })
+    .await;
+    let (_, first_term) = leader(&instances).unwrap();
+
+    let js = async_nats::jetstream::new(cluster.client().await);
+    let mut stream = js.get_stream("KV_election").await.unwrap();
+    let info = stream.info().await.unwrap().clone();
+    assert_eq!(info.config.num_replicas, 3, "the election bucket is replicated");
+    let node = info.cluster.and_then(|c| c.leader).expect("the stream has a leader");
+    let killed_at = unix_nanos();
+    cluster.node_named(&node).expect("a node of the cluster").kill().await;
+
+    // Leadership goes on (renewed through the new stream leader, or won again after the lease
+    // runs out), and at no moment do two instances lead.
+    let ticking_after_kill = |instances: &[Instance]| {
+        ticks(instances)
+            .into_iter()
+            .filter(|(_, _, at)| *at > killed_at + (TTL * 2).as_nanos())
+            .count()
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "a leader after the node was killed",
+        || async { ticking_after_kill(&instances) > 20 },
+    )
+    .await;
+    for instance in &mut instances {
+        instance.child.start_kill().ok();
+    }
+    let terms = check_no_overlap(&instances);
+    assert!(terms.keys().any(|term| *term >= first_term), "{terms:?}");
 }

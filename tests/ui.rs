@@ -7,4 +7,6 @@ fn ui() {
     t.compile_fail("ui/stream/fail/*.rs");
     t.compile_fail("ui/core/fail/*.rs");
     t.compile_fail("ui/payload/fail/*.rs");
+    t.compile_fail("ui/leader/fail/*.rs");
+    t.compile_fail("ui/bucket/fail/*.rs");
 }

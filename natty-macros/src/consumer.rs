@@ -35,6 +35,7 @@ const KEYS: &[&str] = &[
     "start_time",
     "inactive_threshold",
     "order_by",
+    "while_leading",
 ];
 
 struct Args {
@@ -52,6 +53,8 @@ struct Args {
     deliver: Slot<TokenStream>,
     inactive_threshold: Slot<u64>,
     order_by: Slot<OrderBy>,
+    /// (bucket, key) of the election this consumer follows.
+    while_leading: Slot<(String, String)>,
 }
 
 impl Args {
@@ -70,6 +73,7 @@ impl Args {
             deliver: Slot::new("deliver` / `start_sequence` / `start_time"),
             inactive_threshold: Slot::new("inactive_threshold"),
             order_by: Slot::new("order_by"),
+            while_leading: Slot::new("while_leading"),
         };
         let seen = attr::parse_keys(args, errors, |key, meta| parsed.key(key, meta));
         (parsed, seen)
@@ -197,6 +201,33 @@ impl Args {
                     )),
                 }
                 .and_then(|order_by| self.order_by.set(meta, order_by, span))
+            }
+            "while_leading" => {
+                let lit = attr::lit_str(meta)?;
+                let text = lit.value();
+                match text.split_once('/') {
+                    Some((bucket, key)) => {
+                        let bucket_lit = LitStr::new(bucket, lit.span());
+                        let key_lit = LitStr::new(key, lit.span());
+                        attr::check_name(&bucket_lit, "bucket name")
+                            .and_then(|()| attr::check_subject(&key_lit))
+                            .and_then(|()| {
+                                if key.split('.').any(|token| token == "*" || token == ">") {
+                                    Err(syn::Error::new(lit.span(), "an election key is one key: no wildcards"))
+                                } else {
+                                    Ok(())
+                                }
+                            })
+                            .and_then(|()| {
+                                self.while_leading
+                                    .set(meta, (bucket.to_string(), key.to_string()), lit.span())
+                            })
+                    }
+                    None => Err(syn::Error::new(
+                        lit.span(),
+                        format!("`while_leading` takes \"bucket/key\", e.g. \"election/scheduler\"; got `{text}`"),
+                    )),
+                }
             }
             "inactive_threshold" => {
                 let lit = attr::lit_str(meta)?;
@@ -347,6 +378,9 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
             }
         };
         setters.push(quote!(.order_by(#order_by)));
+    }
+    if let Some((bucket, key)) = parsed.while_leading.take() {
+        setters.push(quote!(.while_leading(#bucket, #key)));
     }
     if let Some(deliver) = parsed.deliver.take() {
         setters.push(quote!(.deliver(#p::Deliver::#deliver)));

@@ -63,6 +63,7 @@ pub struct ConsumerDef {
     pub(crate) ephemeral: bool,
     pub(crate) inactive_threshold: Option<Duration>,
     pub(crate) order_by: Option<OrderBy>,
+    pub(crate) while_leading: Option<(&'static str, &'static str)>,
     pub(crate) handler: HandlerFn,
     pub(crate) location: Location,
 }
@@ -99,6 +100,7 @@ impl ConsumerDef {
             ephemeral: false,
             inactive_threshold: None,
             order_by: None,
+            while_leading: None,
             handler,
             location: Location::UNKNOWN,
         }
@@ -184,6 +186,14 @@ impl ConsumerDef {
     /// instance: for several instances, give each its own subjects.
     pub const fn order_by(mut self, order_by: OrderBy) -> Self {
         self.order_by = Some(order_by);
+        self
+    }
+
+    /// Runs this consumer only while this instance leads `key` of KV bucket `bucket` (the
+    /// election of a `#[leader]` on the same key, or its own with a 10 s TTL): it starts when
+    /// the lease is won and stops, naking what is in flight, when the lease ends.
+    pub const fn while_leading(mut self, bucket: &'static str, key: &'static str) -> Self {
+        self.while_leading = Some((bucket, key));
         self
     }
 

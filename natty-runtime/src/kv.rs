@@ -1,1 +1,926 @@
-//! Typed KV buckets: declarations that natty provisions, and typed access over serde values.
+//! Typed KV buckets: the [`KvBucketDef`] a `#[kv_bucket]` registers and its provisioning, and
+//! [`Kv`], typed access to a bucket's values (get, put, create, compare-and-set, delete, purge,
+//! keys, and watches that resume after an interruption without losing or repeating a change).
+
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    self, kv,
+    stream::{Config as StreamConfig, StorageType},
+};
+use futures_util::stream::BoxStream;
+use futures_util::{Stream, StreamExt, TryStreamExt};
+
+use crate::config::Provision;
+use crate::error::{BoxError, Error, Result};
+use crate::kv_watch::{FromKvEntry, KvChange, KvDelivery};
+use crate::payload::{DecodeError, DecodePayload, EncodePayload, Format};
+use crate::publish::Client;
+use crate::stream::{is_stream_not_found, Location};
+
+/// The most revisions per key a bucket may keep: the server's limit.
+pub const MAX_HISTORY: i64 = 64;
+
+/// A declared KV bucket. `#[kv_bucket(...)]` registers one; [`KvBucketDef::new`] builds one by hand.
+///
+/// Only the settings given are enforced: the server keeps its value for the rest. The bucket is
+/// the stream `KV_<name>`.
+///
+/// # Examples
+///
+/// ```
+/// use natty_runtime::kv::KvBucketDef;
+/// use std::time::Duration;
+/// const CONFIG: KvBucketDef = KvBucketDef::new("config").history(5).ttl(Duration::from_secs(3600));
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct KvBucketDef {
+    name: &'static str,
+    history: Option<i64>,
+    ttl: Option<Duration>,
+    replicas: Option<usize>,
+    max_value_size: Option<i32>,
+    max_bytes: Option<i64>,
+    storage: Option<StorageType>,
+    description: Option<&'static str>,
+    location: Location,
+}
+
+impl KvBucketDef {
+    /// A bucket named `name` (letters, digits, `-` and `_`).
+    pub const fn new(name: &'static str) -> Self {
+        KvBucketDef {
+            name,
+            history: None,
+            ttl: None,
+            replicas: None,
+            max_value_size: None,
+            max_bytes: None,
+            storage: None,
+            description: None,
+            location: Location::UNKNOWN,
+        }
+    }
+
+    /// How many revisions of each key are kept, 1 to [`MAX_HISTORY`] (the default is 1).
+    pub const fn history(mut self, history: i64) -> Self {
+        self.history = Some(history);
+        self
+    }
+
+    /// Entries older than this are removed.
+    pub const fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// Number of replicas (1, 3 or 5 in practice).
+    pub const fn replicas(mut self, replicas: usize) -> Self {
+        self.replicas = Some(replicas);
+        self
+    }
+
+    /// The largest value accepted, in bytes.
+    pub const fn max_value_size(mut self, max_value_size: i32) -> Self {
+        self.max_value_size = Some(max_value_size);
+        self
+    }
+
+    /// Size limit of the whole bucket, in bytes.
+    pub const fn max_bytes(mut self, max_bytes: i64) -> Self {
+        self.max_bytes = Some(max_bytes);
+        self
+    }
+
+    /// File or memory storage.
+    pub const fn storage(mut self, storage: StorageType) -> Self {
+        self.storage = Some(storage);
+        self
+    }
+
+    /// Human-readable description.
+    pub const fn description(mut self, description: &'static str) -> Self {
+        self.description = Some(description);
+        self
+    }
+
+    /// Records where the declaration was written (the macros set this).
+    pub const fn at(mut self, location: Location) -> Self {
+        self.location = location;
+        self
+    }
+
+    /// The bucket's name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Where it was declared.
+    pub fn location(&self) -> Location {
+        self.location
+    }
+
+    /// Creates the bucket or brings it in line with this declaration (`CreateOrUpdate`),
+    /// checks it (`VerifyOnly`), or does nothing (`Off`).
+    ///
+    /// An update changes only the declared settings of the bucket's stream and keeps its
+    /// entries; the server refuses some changes (e.g. the storage type).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo(client: natty_runtime::Client) -> natty_runtime::Result<()> {
+    /// use natty_runtime::{kv::KvBucketDef, Provision};
+    /// KvBucketDef::new("config").history(5).ensure(&client, Provision::CreateOrUpdate).await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for a history outside 1..=64; [`Error::StreamNotFound`] when the bucket
+    /// is missing in verify-only mode; [`Error::StreamDrift`] naming the first differing setting
+    /// in verify-only mode, or the setting the server refused to change; [`Error::Stream`] when
+    /// a request fails.
+    pub async fn ensure(&self, client: &Client, mode: Provision) -> Result<()> {
+        if let Some(history) = self.history.filter(|history| !(1..=MAX_HISTORY).contains(history)) {
+            return Err(Error::config(
+                format!(
+                    "history of the KV bucket `{}` (declared at {})",
+                    self.name, self.location
+                ),
+                history.to_string(),
+                format!("must be between 1 and {MAX_HISTORY}"),
+            ));
+        }
+        let js = client.jetstream();
+        let bucket = Bucket {
+            kind: "KV bucket",
+            name: self.name,
+            stream: format!("KV_{}", self.name),
+            location: self.location,
+        };
+        bucket
+            .ensure(
+                js,
+                mode,
+                |actual| self.drift(actual),
+                |config| self.apply(config),
+                async {
+                    js.create_key_value(self.new_config())
+                        .await
+                        .map(drop)
+                        .map_err(|error| Box::new(error) as BoxError)
+                },
+            )
+            .await
+    }
+
+    fn new_config(&self) -> kv::Config {
+        kv::Config {
+            bucket: self.name.to_string(),
+            description: self.description.unwrap_or_default().to_string(),
+            history: self.history.unwrap_or(1),
+            max_age: self.ttl.unwrap_or_default(),
+            // -1 is what the server stores for "no limit".
+            max_value_size: self.max_value_size.unwrap_or(-1),
+            max_bytes: self.max_bytes.unwrap_or(-1),
+            storage: self.storage.unwrap_or(StorageType::File),
+            num_replicas: self.replicas.unwrap_or(1),
+            ..Default::default()
+        }
+    }
+
+    /// Overwrites the declared settings in the bucket's stream config.
+    fn apply(&self, config: &mut StreamConfig) {
+        if let Some(value) = self.history {
+            config.max_messages_per_subject = value;
+        }
+        if let Some(value) = self.ttl {
+            config.max_age = value;
+        }
+        if let Some(value) = self.replicas {
+            config.num_replicas = value;
+        }
+        if let Some(value) = self.max_value_size {
+            config.max_message_size = value;
+        }
+        if let Some(value) = self.max_bytes {
+            config.max_bytes = value;
+        }
+        if let Some(value) = self.storage {
+            config.storage = value;
+        }
+        if let Some(value) = self.description {
+            config.description = Some(value.to_string());
+        }
+    }
+
+    /// The first declared setting that differs from the bucket's stream: (field, declared, actual).
+    fn drift(&self, actual: &StreamConfig) -> Option<(&'static str, String, String)> {
+        check("history", self.history, actual.max_messages_per_subject)
+            .or_else(|| check("ttl", self.ttl, actual.max_age))
+            .or_else(|| check("replicas", self.replicas, actual.num_replicas))
+            .or_else(|| check("max_value_size", self.max_value_size, actual.max_message_size))
+            .or_else(|| check("max_bytes", self.max_bytes, actual.max_bytes))
+            .or_else(|| check("storage", self.storage, actual.storage))
+            .or_else(|| {
+                check(
+                    "description",
+                    self.description,
+                    actual.description.as_deref().unwrap_or(""),
+                )
+            })
+    }
+}
+
+inventory::collect!(KvBucketDef);
+
+/// `Some((field, declared, actual))` when a declared setting differs from the server's.
+pub(crate) fn check<T: PartialEq + fmt::Debug>(
+    field: &'static str,
+    declared: Option<T>,
+    actual: T,
+) -> Option<(&'static str, String, String)> {
+    match declared {
+        Some(declared) if declared != actual => Some((field, format!("{declared:?}"), format!("{actual:?}"))),
+        _ => None,
+    }
+}
+
+/// A bucket backed by one stream (a KV bucket or an object store), for provisioning.
+pub(crate) struct Bucket {
+    /// "KV bucket" or "object store", for messages.
+    pub(crate) kind: &'static str,
+    pub(crate) name: &'static str,
+    /// The stream behind it: `KV_<name>` or `OBJ_<name>`.
+    pub(crate) stream: String,
+    pub(crate) location: Location,
+}
+
+impl Bucket {
+    /// Creates the bucket with `create`, or checks and updates its stream like a declared
+    /// stream: only the declared settings (`drift`, `apply`) are compared and changed.
+    pub(crate) async fn ensure(
+        &self,
+        js: &jetstream::Context,
+        mode: Provision,
+        drift: impl Fn(&StreamConfig) -> Option<(&'static str, String, String)>,
+        apply: impl Fn(&mut StreamConfig),
+        create: impl Future<Output = std::result::Result<(), BoxError>>,
+    ) -> Result<()> {
+        if mode == Provision::Off {
+            return Ok(());
+        }
+        let failed = |action: &'static str, source: BoxError| Error::Stream {
+            stream: self.stream.clone(),
+            action,
+            source,
+        };
+        let existing = match js.get_stream(&self.stream).await {
+            Ok(mut stream) => Some(
+                stream
+                    .info()
+                    .await
+                    .map_err(|error| failed("reading its info", Box::new(error)))?
+                    .config
+                    .clone(),
+            ),
+            Err(error) if is_stream_not_found(&error) => None,
+            Err(error) => return Err(failed("looking it up", Box::new(error))),
+        };
+        match (existing, mode) {
+            (None, Provision::VerifyOnly) => Err(Error::StreamNotFound {
+                stream: self.stream.clone(),
+                hint: format!(
+                    " (the {} `{}` declared at {}; provisioning is verify-only, so natty does not create it)",
+                    self.kind, self.name, self.location
+                ),
+            }),
+            (None, _) => {
+                create.await.map_err(|error| failed("creating it", error))?;
+                tracing::info!(bucket = self.name, kind = self.kind, "created {}", self.kind);
+                Ok(())
+            }
+            (Some(actual), mode) => {
+                let Some((field, declared, server)) = drift(&actual) else {
+                    return Ok(());
+                };
+                if mode == Provision::VerifyOnly {
+                    return Err(Error::StreamDrift {
+                        stream: self.stream.clone(),
+                        field,
+                        declared,
+                        actual: server,
+                        hint: format!(" (the {} `{}`; provisioning is verify-only)", self.kind, self.name),
+                    });
+                }
+                let mut config = actual.clone();
+                apply(&mut config);
+                match js.update_stream(&config).await {
+                    Ok(_) => {
+                        tracing::info!(bucket = self.name, kind = self.kind, field, from = %server, to = %declared, "updated {}", self.kind);
+                        Ok(())
+                    }
+                    Err(error) => Err(Error::StreamDrift {
+                        stream: self.stream.clone(),
+                        field,
+                        declared,
+                        actual: server,
+                        hint: format!(
+                            " (the {} `{}`); the server refused to change it: {error}",
+                            self.kind, self.name
+                        ),
+                    }),
+                }
+            }
+        }
+    }
+}
+
+/// A KV operation failed. Each variant names the bucket, and the key where there is one.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KvError {
+    /// The bucket does not exist.
+    #[error("KV bucket `{bucket}` does not exist; declare it with #[kv_bucket(name = \"{bucket}\")] or create it")]
+    BucketNotFound {
+        /// The bucket's name.
+        bucket: String,
+    },
+    /// `create` found a value already there.
+    #[error("KV bucket `{bucket}`: key `{key}` already exists")]
+    Exists {
+        /// The bucket's name.
+        bucket: String,
+        /// The key.
+        key: String,
+    },
+    /// A compare-and-set (`update`, `delete_expect`) found the key at another revision: another
+    /// writer changed it first. Nothing was written; read it again and decide.
+    #[error("KV bucket `{bucket}`: key `{key}` is no longer at revision {expected}: another writer changed it first")]
+    Conflict {
+        /// The bucket's name.
+        bucket: String,
+        /// The key.
+        key: String,
+        /// The revision the write expected to replace.
+        expected: u64,
+        /// The server's answer.
+        #[source]
+        source: kv::UpdateError,
+    },
+    /// The key is not a valid KV key (letters, digits, `-`, `_`, `/`, `=` and `.`-separated
+    /// tokens; a watch may use the wildcards `*` and `>`).
+    #[error("KV bucket `{bucket}`: invalid key `{key}`")]
+    InvalidKey {
+        /// The bucket's name.
+        bucket: String,
+        /// The key.
+        key: String,
+    },
+    /// The value could not be encoded.
+    #[error("KV bucket `{bucket}`: cannot encode the value of `{key}` as {format}: {source}")]
+    Encode {
+        /// The bucket's name.
+        bucket: String,
+        /// The key.
+        key: String,
+        /// The format it was encoded in.
+        format: Format,
+        /// What the encoder reported.
+        #[source]
+        source: BoxError,
+    },
+    /// A stored value could not be decoded as the handle's type.
+    #[error("KV bucket `{bucket}`: key `{key}` at revision {revision}: {source}")]
+    Decode {
+        /// The bucket's name.
+        bucket: String,
+        /// The key.
+        key: String,
+        /// The revision of the value.
+        revision: u64,
+        /// What the decoder reported.
+        #[source]
+        source: DecodeError,
+    },
+    /// A request about one key failed (no server, timeout, refused).
+    #[error("KV bucket `{bucket}`: {action} `{key}` failed: {source}")]
+    Request {
+        /// The bucket's name.
+        bucket: String,
+        /// The key (or the watched pattern).
+        key: String,
+        /// What was attempted.
+        action: &'static str,
+        /// The client's or the server's error.
+        #[source]
+        source: BoxError,
+    },
+    /// A request about the whole bucket failed.
+    #[error("KV bucket `{bucket}`: {action} failed: {source}")]
+    Bucket {
+        /// The bucket's name.
+        bucket: String,
+        /// What was attempted.
+        action: &'static str,
+        /// The client's or the server's error.
+        #[source]
+        source: BoxError,
+    },
+}
+
+/// A value read from a bucket, with its revision (the token for [`Kv::update`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvEntry<T> {
+    /// The key.
+    pub key: String,
+    /// The decoded value.
+    pub value: T,
+    /// The bucket's revision of this value.
+    pub revision: u64,
+}
+
+/// A typed handle on a KV bucket: values of `T`, as JSON through serde (or Protobuf for a
+/// Protobuf [`Payload`](crate::Payload)). Cheap to clone.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo(client: natty_runtime::Client) -> Result<(), natty_runtime::kv::KvError> {
+/// use natty_runtime::kv::KvError;
+/// #[derive(serde::Serialize, serde::Deserialize)]
+/// struct Limits { max_orders: u32 }
+///
+/// let limits = client.kv::<Limits>("config").await?;
+/// let revision = limits.put("north", &Limits { max_orders: 10 }).await?;
+/// match limits.update("north", &Limits { max_orders: 11 }, revision).await {
+///     Ok(revision) => println!("now at revision {revision}"),
+///     Err(KvError::Conflict { .. }) => println!("someone else changed it first"),
+///     Err(other) => return Err(other),
+/// }
+/// # Ok(()) }
+/// ```
+pub struct Kv<T> {
+    store: kv::Store,
+    _value: PhantomData<fn() -> T>,
+}
+
+impl<T> Clone for Kv<T> {
+    fn clone(&self) -> Self {
+        Kv {
+            store: self.store.clone(),
+            _value: PhantomData,
+        }
+    }
+}
+
+impl<T> fmt::Debug for Kv<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Kv")
+            .field("bucket", &self.store.name)
+            .field("value", &std::any::type_name::<T>())
+            .finish()
+    }
+}
+
+impl Client {
+    /// A typed handle on the existing KV bucket `bucket`.
+    ///
+    /// # Errors
+    ///
+    /// [`KvError::BucketNotFound`] when there is no such bucket; [`KvError::Bucket`] for an
+    /// invalid name or a failed request.
+    pub async fn kv<T>(&self, bucket: &str) -> std::result::Result<Kv<T>, KvError> {
+        match self.jetstream().get_key_value(bucket).await {
+            Ok(store) => Ok(Kv {
+                store,
+                _value: PhantomData,
+            }),
+            Err(error)
+                if error.kind() == jetstream::context::KeyValueErrorKind::GetBucket
+                    && source_is_stream_not_found(&error) =>
+            {
+                Err(KvError::BucketNotFound { bucket: bucket.into() })
+            }
+            Err(error) => Err(KvError::Bucket {
+                bucket: bucket.into(),
+                action: "opening it",
+                source: Box::new(error),
+            }),
+        }
+    }
+}
+
+/// Whether the cause of `error` is "stream not found".
+pub(crate) fn source_is_stream_not_found(error: &(dyn std::error::Error + 'static)) -> bool {
+    std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<jetstream::context::GetStreamError>())
+        .is_some_and(is_stream_not_found)
+}
+
+impl<T> Kv<T> {
+    /// The bucket's name.
+    pub fn bucket(&self) -> &str {
+        &self.store.name
+    }
+
+    /// The underlying async-nats store, for what this handle does not cover.
+    pub fn raw(&self) -> &kv::Store {
+        &self.store
+    }
+
+    fn request(&self, key: &str, action: &'static str) -> impl FnOnce(BoxError) -> KvError {
+        let (bucket, key) = (self.store.name.clone(), key.to_string());
+        move |source| KvError::Request {
+            bucket,
+            key,
+            action,
+            source,
+        }
+    }
+
+    fn invalid_key(&self, key: &str) -> KvError {
+        KvError::InvalidKey {
+            bucket: self.store.name.clone(),
+            key: key.into(),
+        }
+    }
+
+    /// Maps a failed compare-and-set style write (update, delete, purge).
+    fn update_error(&self, key: &str, expected: Option<u64>, action: &'static str, error: kv::UpdateError) -> KvError {
+        match (error.kind(), expected) {
+            (kv::UpdateErrorKind::WrongLastRevision, Some(expected)) => KvError::Conflict {
+                bucket: self.store.name.clone(),
+                key: key.into(),
+                expected,
+                source: error,
+            },
+            (kv::UpdateErrorKind::InvalidKey, _) => self.invalid_key(key),
+            _ => self.request(key, action)(Box::new(error)),
+        }
+    }
+
+    /// The current value of `key`, or `None` if it has none (never set, deleted or purged).
+    ///
+    /// # Errors
+    ///
+    /// [`KvError::Decode`] when the stored value is not a `T`; [`KvError::InvalidKey`];
+    /// [`KvError::Request`] when the request fails.
+    pub async fn get(&self, key: &str) -> std::result::Result<Option<KvEntry<T>>, KvError>
+    where
+        T: DecodePayload,
+    {
+        let entry = match self.store.entry(key).await {
+            Ok(entry) => entry,
+            Err(error) if error.kind() == kv::EntryErrorKind::InvalidKey => return Err(self.invalid_key(key)),
+            Err(error) => return Err(self.request(key, "reading")(Box::new(error))),
+        };
+        let Some(entry) = entry.filter(|entry| entry.operation == kv::Operation::Put) else {
+            return Ok(None);
+        };
+        // KV entries carry no headers: the value is read in `T`'s format.
+        let value = crate::payload::decode::<T>(None, &entry.value).map_err(|source| KvError::Decode {
+            bucket: self.store.name.clone(),
+            key: key.into(),
+            revision: entry.revision,
+            source,
+        })?;
+        Ok(Some(KvEntry {
+            key: entry.key,
+            value,
+            revision: entry.revision,
+        }))
+    }
+
+    fn encode(&self, key: &str, value: &T) -> std::result::Result<bytes::Bytes, KvError>
+    where
+        T: EncodePayload,
+    {
+        value.to_bytes().map_err(|source| KvError::Encode {
+            bucket: self.store.name.clone(),
+            key: key.into(),
+            format: T::FORMAT,
+            source,
+        })
+    }
+
+    /// Stores `value` under `key`, whatever is there, and returns its revision.
+    ///
+    /// # Errors
+    ///
+    /// [`KvError::Encode`], [`KvError::InvalidKey`], or [`KvError::Request`] when the bucket does
+    /// not acknowledge the write (e.g. the value is larger than `max_value_size`).
+    pub async fn put(&self, key: &str, value: &T) -> std::result::Result<u64, KvError>
+    where
+        T: EncodePayload,
+    {
+        let bytes = self.encode(key, value)?;
+        self.store.put(key, bytes).await.map_err(|error| match error.kind() {
+            kv::PutErrorKind::InvalidKey => self.invalid_key(key),
+            _ => self.request(key, "putting")(Box::new(error)),
+        })
+    }
+
+    /// Stores `value` under `key` only if the key has no value (never set, deleted or purged),
+    /// and returns its revision.
+    ///
+    /// # Errors
+    ///
+    /// [`KvError::Exists`] when it has one; otherwise as [`Kv::put`].
+    pub async fn create(&self, key: &str, value: &T) -> std::result::Result<u64, KvError>
+    where
+        T: EncodePayload,
+    {
+        let bytes = self.encode(key, value)?;
+        self.store.create(key, bytes).await.map_err(|error| match error.kind() {
+            kv::CreateErrorKind::AlreadyExists => KvError::Exists {
+                bucket: self.store.name.clone(),
+                key: key.into(),
+            },
+            kv::CreateErrorKind::InvalidKey => self.invalid_key(key),
+            _ => self.request(key, "creating")(Box::new(error)),
+        })
+    }
+
+    /// Replaces the value of `key` only if it is still at `revision` (compare-and-set), and
+    /// returns the new revision. Of writers racing from the same revision, exactly one wins.
+    ///
+    /// # Errors
+    ///
+    /// [`KvError::Conflict`] when the key has moved on; otherwise as [`Kv::put`].
+    pub async fn update(&self, key: &str, value: &T, revision: u64) -> std::result::Result<u64, KvError>
+    where
+        T: EncodePayload,
+    {
+        let bytes = self.encode(key, value)?;
+        self.store
+            .update(key, bytes, revision)
+            .await
+            .map_err(|error| self.update_error(key, Some(revision), "updating", error))
+    }
+
+    /// Deletes `key`: a delete marker becomes its latest revision (watches see it), earlier
+    /// revisions stay in its history.
+    ///
+    /// # Errors
+    ///
+    /// [`KvError::InvalidKey`], [`KvError::Request`].
+    pub async fn delete(&self, key: &str) -> std::result::Result<(), KvError> {
+        self.store
+            .delete(key)
+            .await
+            .map_err(|error| self.update_error(key, None, "deleting", error))
+    }
+
+    /// Deletes `key` only if it is still at `revision`.
+    ///
+    /// # Errors
+    ///
+    /// [`KvError::Conflict`] when the key has moved on; otherwise as [`Kv::delete`].
+    pub async fn delete_expect(&self, key: &str, revision: u64) -> std::result::Result<(), KvError> {
+        self.store
+            .delete_expect_revision(key, Some(revision))
+            .await
+            .map_err(|error| self.update_error(key, Some(revision), "deleting", error))
+    }
+
+    /// Purges `key`: removes every revision, leaving a purge marker (watches see it).
+    ///
+    /// # Errors
+    ///
+    /// [`KvError::InvalidKey`], [`KvError::Request`].
+    pub async fn purge(&self, key: &str) -> std::result::Result<(), KvError> {
+        self.store
+            .purge(key)
+            .await
+            .map_err(|error| self.update_error(key, None, "purging", error))
+    }
+
+    /// The keys that have a value (not deleted or purged), in the order of their latest revision.
+    ///
+    /// # Errors
+    ///
+    /// [`KvError::Bucket`] when the request fails.
+    pub async fn keys(&self) -> std::result::Result<Vec<String>, KvError> {
+        let failed = |source: BoxError| KvError::Bucket {
+            bucket: self.store.name.clone(),
+            action: "listing its keys",
+            source,
+        };
+        let keys = self.store.keys().await.map_err(|error| failed(Box::new(error)))?;
+        keys.try_collect().await.map_err(|error| failed(Box::new(error)))
+    }
+
+    /// Every change of the keys matching `key` (`*` and `>` wildcards allowed) made from now on,
+    /// in revision order, each once. An interrupted watch (server restart, lost connection) is
+    /// set up again after the last revision delivered, so no change is lost or repeated.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo(kv: natty_runtime::kv::Kv<u32>) -> Result<(), natty_runtime::kv::KvError> {
+    /// use futures_util::StreamExt;
+    /// let mut changes = kv.watch("limits.>").await?;
+    /// while let Some(change) = changes.next().await {
+    ///     let change = change?;
+    ///     println!("{} is now {:?} (revision {})", change.key, change.value, change.revision);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`KvError::InvalidKey`] or [`KvError::Request`] when the watch cannot be set up; the
+    /// stream then yields [`KvError::Decode`] for a value that is not a `T` and goes on.
+    pub async fn watch(&self, key: &str) -> std::result::Result<KvWatch<T>, KvError> {
+        self.watch_starting(key, WatchStart::New).await
+    }
+
+    /// Like [`Kv::watch`], starting with the current value of each matching key.
+    ///
+    /// # Errors
+    ///
+    /// As [`Kv::watch`].
+    pub async fn watch_with_history(&self, key: &str) -> std::result::Result<KvWatch<T>, KvError> {
+        self.watch_starting(key, WatchStart::LastPerKey).await
+    }
+
+    /// Like [`Kv::watch`], starting at `revision`: every change of the matching keys still in
+    /// the bucket's history with that revision or a later one. To resume a watch, pass the last
+    /// revision handled plus one.
+    ///
+    /// # Errors
+    ///
+    /// As [`Kv::watch`].
+    pub async fn watch_from(&self, key: &str, revision: u64) -> std::result::Result<KvWatch<T>, KvError> {
+        self.watch_starting(key, WatchStart::Revision(revision.max(1))).await
+    }
+
+    async fn watch_starting(&self, key: &str, start: WatchStart) -> std::result::Result<KvWatch<T>, KvError> {
+        let entries = Entries::open(self.store.clone(), key.to_string(), start)
+            .await
+            .map_err(|error| match error.kind() {
+                kv::WatchErrorKind::InvalidKey => self.invalid_key(key),
+                _ => self.request(key, "watching")(Box::new(error)),
+            })?;
+        Ok(KvWatch {
+            bucket: self.store.name.clone(),
+            entries: entries.into_stream(),
+            _value: PhantomData,
+        })
+    }
+}
+
+/// The changes a [`Kv`] watch delivers: [`KvChange`]s in revision order, or
+/// [`KvError::Decode`] for a value that is not a `T` (the watch goes on). It never ends by
+/// itself; drop it to stop watching.
+///
+/// When the connection drops, the watch is set up again as soon as the client reconnects;
+/// when its consumer vanished unnoticed (a quick server restart), after two missed heartbeats
+/// (about 10 s). Either way it goes on from the revision after the last one delivered.
+pub struct KvWatch<T> {
+    bucket: String,
+    entries: BoxStream<'static, kv::Entry>,
+    _value: PhantomData<fn() -> T>,
+}
+
+impl<T> fmt::Debug for KvWatch<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KvWatch").field("bucket", &self.bucket).finish()
+    }
+}
+
+impl<T: DecodePayload> Stream for KvWatch<T> {
+    type Item = std::result::Result<KvChange<T>, KvError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
+        let Some(entry) = std::task::ready!(self.entries.poll_next_unpin(cx)) else {
+            return Poll::Ready(None);
+        };
+        let (key, revision) = (entry.key.clone(), entry.revision);
+        Poll::Ready(Some(KvChange::<T>::from_entry(&KvDelivery { entry }).map_err(
+            |source| KvError::Decode {
+                bucket: self.bucket.clone(),
+                key,
+                revision,
+                source,
+            },
+        )))
+    }
+}
+
+/// Where a watch starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WatchStart {
+    /// With the changes made after it is set up.
+    New,
+    /// With the current value of each matching key.
+    LastPerKey,
+    /// With this revision.
+    Revision(u64),
+}
+
+/// Pause before setting a broken watch up again, so a server that is down is not hammered.
+const RESUME_DELAY: Duration = Duration::from_millis(250);
+
+/// The raw entries of the keys matching `key`, each once and in revision order, surviving
+/// interruptions: a watch that errors or ends is set up again from the revision after the last
+/// one delivered. Shared by [`Kv`] watches and `#[kv_watch]`.
+pub(crate) struct Entries {
+    store: kv::Store,
+    key: String,
+    /// The next revision wanted; `None` until the first entry of a [`WatchStart::LastPerKey`] watch.
+    next: Option<u64>,
+    watch: Option<kv::Watch>,
+}
+
+impl Entries {
+    /// Sets the watch up once, so that a key or bucket that cannot be watched is reported to the
+    /// caller rather than retried.
+    pub(crate) async fn open(
+        store: kv::Store,
+        key: String,
+        start: WatchStart,
+    ) -> std::result::Result<Entries, kv::WatchError> {
+        let next = match start {
+            // A start revision rather than "new" makes the start point survive an interruption
+            // before the first change: async-nats would otherwise replay the whole history.
+            WatchStart::New => {
+                let info = store
+                    .stream
+                    .get_info()
+                    .await
+                    .map_err(|error| kv::WatchError::with_source(kv::WatchErrorKind::Other, error))?;
+                Some(info.state.last_sequence + 1)
+            }
+            WatchStart::LastPerKey => None,
+            WatchStart::Revision(revision) => Some(revision),
+        };
+        let mut entries = Entries {
+            store,
+            key,
+            next,
+            watch: None,
+        };
+        entries.watch = Some(Entries::watch(&entries.store, &entries.key, entries.next).await?);
+        Ok(entries)
+    }
+
+    // Not a method on `&self`: `kv::Watch` is not `Sync`, so a future holding `&Entries` would not be `Send`.
+    async fn watch(store: &kv::Store, key: &str, next: Option<u64>) -> std::result::Result<kv::Watch, kv::WatchError> {
+        match next {
+            Some(revision) => store.watch_from_revision(key, revision).await,
+            None => store.watch_with_history(key).await,
+        }
+    }
+
+    /// The next entry, waiting as long as it takes (setting the watch up again as needed).
+    pub(crate) async fn next(&mut self) -> kv::Entry {
+        loop {
+            let watch = match &mut self.watch {
+                Some(watch) => watch,
+                None => match Entries::watch(&self.store, &self.key, self.next).await {
+                    Ok(watch) => self.watch.insert(watch),
+                    Err(error) => {
+                        tracing::warn!(bucket = %self.store.name, key = %self.key, %error, "cannot watch; retrying");
+                        tokio::time::sleep(RESUME_DELAY).await;
+                        continue;
+                    }
+                },
+            };
+            match watch.next().await {
+                Some(Ok(entry)) => {
+                    // async-nats re-creates its consumer after a reconnect, from the beginning of
+                    // the bucket if it had delivered nothing yet: skip what precedes the start.
+                    if self.next.is_some_and(|next| entry.revision < next) {
+                        continue;
+                    }
+                    self.next = Some(entry.revision + 1);
+                    return entry;
+                }
+                Some(Err(error)) => {
+                    tracing::warn!(bucket = %self.store.name, key = %self.key, %error, "watch interrupted; resuming");
+                }
+                None => {
+                    tracing::debug!(bucket = %self.store.name, key = %self.key, "watch ended; resuming");
+                }
+            }
+            self.watch = None;
+            tokio::time::sleep(RESUME_DELAY).await;
+        }
+    }
+
+    pub(crate) fn into_stream(self) -> BoxStream<'static, kv::Entry> {
+        futures_util::stream::unfold(self, |mut entries| async move {
+            let entry = entries.next().await;
+            Some((entry, entries))
+        })
+        .boxed()
+    }
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use futures_util::future::BoxFuture;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::FutureExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Provision;
@@ -143,8 +143,6 @@ pub trait FromKvDelivery: Sized {
 /// handler retry what must not be skipped, or consume the bucket's stream with a `#[consumer]`).
 pub(crate) async fn run(def: KvWatchDef, client: Client, provision: Provision, cancel: CancellationToken) {
     let js = client.jetstream();
-    // After an interruption, resume after the last revision handled, so no change is missed.
-    let mut last_revision: Option<u64> = None;
     loop {
         let store = match js.get_key_value(def.bucket).await {
             Ok(store) => store,
@@ -176,13 +174,15 @@ pub(crate) async fn run(def: KvWatchDef, client: Client, provision: Provision, c
                 continue;
             }
         };
-        let watch = match last_revision {
-            Some(revision) => store.watch_from_revision(def.key, revision + 1).await,
-            None if def.history => store.watch_with_history(def.key).await,
-            None => store.watch(def.key).await,
+        // Resumes on its own after an interruption, from the revision after the last one
+        // delivered, so no change is missed or repeated.
+        let start = if def.history {
+            crate::kv::WatchStart::LastPerKey
+        } else {
+            crate::kv::WatchStart::New
         };
-        let mut watch = match watch {
-            Ok(watch) => watch,
+        let mut entries = match crate::kv::Entries::open(store, def.key.to_string(), start).await {
+            Ok(entries) => entries,
             Err(error) => {
                 tracing::warn!(bucket = def.bucket, key = def.key, %error, "cannot watch; retrying");
                 if !wait(&cancel).await {
@@ -192,23 +192,11 @@ pub(crate) async fn run(def: KvWatchDef, client: Client, provision: Provision, c
             }
         };
         loop {
-            let next = tokio::select! {
+            let entry = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return,
-                next = watch.next() => next,
+                entry = entries.next() => entry,
             };
-            let entry = match next {
-                Some(Ok(entry)) => entry,
-                Some(Err(error)) => {
-                    tracing::warn!(bucket = def.bucket, key = def.key, %error, "watch interrupted; resuming");
-                    break;
-                }
-                None => break,
-            };
-            if last_revision.is_some_and(|last| entry.revision <= last) {
-                continue;
-            }
-            last_revision = Some(entry.revision);
             let (key, revision) = (entry.key.clone(), entry.revision);
             let handled = AssertUnwindSafe((def.handler)(KvDelivery { entry }))
                 .catch_unwind()
@@ -220,9 +208,6 @@ pub(crate) async fn run(def: KvWatchDef, client: Client, provision: Provision, c
                 Err(_) => "the handler panicked".to_string(),
             };
             tracing::warn!(handler = def.name, bucket = def.bucket, %key, revision, error = %failure, "KV watch handler failed");
-        }
-        if !wait(&cancel).await {
-            return;
         }
     }
 }

@@ -286,10 +286,29 @@ struct Holder<'a> {
     ttl_ms: u128,
 }
 
+/// A consumer that runs only while this instance leads (see [`crate::ConsumerDef::while_leading`]).
+#[derive(Clone)]
+pub(crate) struct BoundConsumer {
+    pub(crate) def: crate::consumer::ConsumerDef,
+    pub(crate) provision: Provision,
+    pub(crate) stream: Option<crate::stream::StreamDef>,
+}
+
+/// The task of an election that only exists for bound consumers: it holds the lease.
+pub(crate) fn idle(lease: Lease) -> BoxFuture<'static, Outcome> {
+    Box::pin(async move {
+        lease.lost().await;
+        Outcome::Ack
+    })
+}
+
 /// One instance's side of one election.
 struct Election {
     def: LeaderDef,
     client: Client,
+    bound: Vec<BoundConsumer>,
+    /// The runtime's hard stop: bound consumers nak what is in flight when it fires.
+    hard_stop: CancellationToken,
     subject: String,
     stream: String,
     holder: String,
@@ -314,7 +333,7 @@ enum TermEnd {
 }
 
 impl Election {
-    fn new(def: LeaderDef, client: Client) -> Election {
+    fn new(def: LeaderDef, client: Client, bound: Vec<BoundConsumer>, hard_stop: CancellationToken) -> Election {
         let ttl = def.ttl.max(Duration::from_secs(1));
         let seconds = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
         Election {
@@ -326,6 +345,8 @@ impl Election {
             poll: (ttl / 8).clamp(Duration::from_millis(50), Duration::from_millis(500)),
             def,
             client,
+            bound,
+            hard_stop,
         }
     }
 
@@ -553,6 +574,12 @@ impl Election {
         let mut start_at = Some(previous_until);
         let mut task: Option<tokio::task::JoinHandle<Outcome>> = None;
         let mut failures = 0u32;
+        // Bound consumers run for the whole term (not restarted with the task); on shutdown
+        // they drain like any consumer, on a lost lease they stop at once.
+        let term_cancel = cancel.child_token();
+        let term_hard_stop = self.hard_stop.child_token();
+        let mut consumers = tokio::task::JoinSet::new();
+        let mut consumers_started = false;
         let end = loop {
             let started = async {
                 match (&mut task, start_at) {
@@ -572,6 +599,13 @@ impl Election {
                 ended = started => match ended {
                     Ok(()) => {
                         start_at = None;
+                        if !consumers_started && lease.is_valid() {
+                            consumers_started = true;
+                            for bound in &self.bound {
+                                let consumer = crate::consumer::Consumer::new(bound.def, self.client.clone(), bound.provision, bound.stream);
+                                consumers.spawn(consumer.run(term_cancel.clone(), term_hard_stop.clone()));
+                            }
+                        }
                         if lease.is_valid() {
                             let run = (self.def.handler)(lease.clone());
                             task = Some(tokio::spawn(AssertUnwindSafe(run).catch_unwind().map(|outcome| {
@@ -599,6 +633,11 @@ impl Election {
         // Leadership ends here for the task: it is told, then cancelled and awaited, and only
         // then is the key released, so a successor never overlaps with it.
         lease.inner.lost.cancel();
+        if !matches!(end, TermEnd::Shutdown) {
+            term_hard_stop.cancel();
+        }
+        term_cancel.cancel();
+        while consumers.join_next().await.is_some() {}
         if let Some(handle) = task {
             handle.abort();
             if tokio::time::timeout(Duration::from_secs(5), handle).await.is_err() {
@@ -682,17 +721,26 @@ pub(crate) async fn provision(def: &LeaderDef, js: &jetstream::Context, mode: Pr
     let mut stream = match js.get_stream(format!("KV_{}", def.bucket)).await {
         Ok(stream) => stream,
         Err(_) if mode == Provision::CreateOrUpdate => {
-            js.create_key_value(jetstream::kv::Config {
-                bucket: def.bucket.to_string(),
-                history: 1,
-                description: "natty leader election".into(),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| error("creating the leader election bucket", e.into()))?;
-            js.get_stream(format!("KV_{}", def.bucket))
-                .await
-                .map_err(|e| error("reading the leader election bucket", e.into()))?
+            let created = js
+                .create_key_value(jetstream::kv::Config {
+                    bucket: def.bucket.to_string(),
+                    history: 1,
+                    description: "natty leader election".into(),
+                    ..Default::default()
+                })
+                .await;
+            // Another instance starting at the same time may have created it (and already
+            // allowed TTLs, so that this create sees a different configuration): use theirs.
+            match js.get_stream(format!("KV_{}", def.bucket)).await {
+                Ok(stream) => stream,
+                Err(read) => {
+                    let source: BoxError = match created {
+                        Err(create) => create.into(),
+                        Ok(_) => read.into(),
+                    };
+                    return Err(error("creating the leader election bucket", source));
+                }
+            }
         }
         Err(_) => {
             return Err(Error::StreamNotFound {
@@ -731,17 +779,22 @@ pub(crate) async fn provision(def: &LeaderDef, js: &jetstream::Context, mode: Pr
 }
 
 /// Contests and leads until `cancel`, then releases leadership.
-pub(crate) async fn run(def: LeaderDef, client: Client, cancel: CancellationToken) {
-    let election = Election::new(def, client);
+pub(crate) async fn run(
+    def: LeaderDef,
+    client: Client,
+    bound: Vec<BoundConsumer>,
+    cancel: CancellationToken,
+    hard_stop: CancellationToken,
+) {
+    let election = Election::new(def, client, bound, hard_stop);
     loop {
         let Some((revision, sent_at, previous_until)) = election.campaign(&cancel).await else {
             return;
         };
         match election.lead(revision, sent_at, previous_until, &cancel).await {
             TermEnd::Shutdown => return,
-            TermEnd::Lost => {}
-            TermEnd::Finished => {
-                // Let a waiting instance try first: leadership is contested again, not kept.
+            // Let a waiting instance try first: leadership is contested again, not kept.
+            TermEnd::Lost | TermEnd::Finished => {
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(election.poll * 2) => {}

@@ -54,10 +54,12 @@ pub use core_nats::{Envelope, RequestError, SubscriptionDef};
 pub use dev_server::find_nats_server;
 pub use error::{BoxError, Error, Result};
 pub use handler::{Context, FromDelivery, IntoOutcome, Reject};
+pub use kv::{Kv, KvBucketDef, KvEntry, KvError, KvWatch};
 pub use kv_watch::{KvChange, KvOperation, KvWatchDef};
 pub use leader::{FencedError, LeaderDef, Lease};
 pub use natty_macros::Payload;
 pub use natty_macros::{consumer, kv_bucket, kv_watch, leader, object_store, service, stream, subscribe};
+pub use object_store::{ObjectStore, ObjectStoreDef, ObjectStoreError};
 pub use payload::{DecodeError, DecodePayload, EncodePayload, Format, Payload};
 pub use publish::{Client, PendingAck, Publish, PublishAck, PublishError};
 pub use runtime::{connect, Connection, Runtime, RuntimeBuilder};
@@ -69,8 +71,8 @@ pub use async_nats;
 /// What a service needs in scope: the macros, [`Context`] and [`Client`].
 pub mod prelude {
     pub use crate::{
-        consumer, kv_watch, leader, service, stream, subscribe, Client, Context, Envelope, KvChange, Lease, Payload,
-        Reject,
+        consumer, kv_bucket, kv_watch, leader, object_store, service, stream, subscribe, Client, Context, Envelope,
+        KvChange, Lease, Payload, Reject,
     };
 }
 
@@ -109,10 +111,10 @@ pub mod __private {
     };
     pub use crate::error::BoxError;
     pub use crate::handler::{decode_payload, Delivery, FromDelivery, IntoOutcome, Outcome};
-    // pub use crate::kv::KvBucketDef; (restored once defined)
-    // pub use crate::object_store::ObjectStoreDef; (restored once defined)
+    pub use crate::kv::KvBucketDef;
     pub use crate::kv_watch::{decode_kv_change, FromKvDelivery, KvDelivery, KvHandlerFn, KvWatchDef};
     pub use crate::leader::{FromLease, LeaderDef, LeaderFn, Lease};
+    pub use crate::object_store::ObjectStoreDef;
     pub use crate::payload::decode;
     pub use crate::payload::{DecodePayload, EncodePayload, Format, Payload};
     pub use crate::stream::{Location, StreamDef};

@@ -14,8 +14,10 @@ use crate::consumer::{Consumer, ConsumerDef, DEAD_LETTER_STREAM};
 use crate::core_nats::SubscriptionDef;
 use crate::dev_server::DevServer;
 use crate::error::{Error, Result};
+use crate::kv::KvBucketDef;
 use crate::kv_watch::KvWatchDef;
 use crate::leader::LeaderDef;
+use crate::object_store::ObjectStoreDef;
 use crate::publish::Client;
 use crate::stream::StreamDef;
 
@@ -56,6 +58,8 @@ pub struct RuntimeBuilder {
     subscriptions: Vec<SubscriptionDef>,
     kv_watches: Vec<KvWatchDef>,
     leaders: Vec<LeaderDef>,
+    kv_buckets: Vec<KvBucketDef>,
+    object_stores: Vec<ObjectStoreDef>,
 }
 
 impl RuntimeBuilder {
@@ -155,6 +159,18 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Declares a KV bucket by hand.
+    pub fn kv_bucket(mut self, bucket: KvBucketDef) -> Self {
+        self.kv_buckets.push(bucket);
+        self
+    }
+
+    /// Declares an object store by hand.
+    pub fn object_store(mut self, store: ObjectStoreDef) -> Self {
+        self.object_stores.push(store);
+        self
+    }
+
     /// Adds a leader task by hand.
     pub fn leader(mut self, leader: LeaderDef) -> Self {
         self.leaders.push(leader);
@@ -201,8 +217,12 @@ impl RuntimeBuilder {
         let mut subscriptions = self.subscriptions;
         let mut kv_watches = self.kv_watches;
         let mut leaders = self.leaders;
+        let mut kv_buckets = self.kv_buckets;
+        let mut object_stores = self.object_stores;
         if self.registered {
             streams.extend(inventory::iter::<StreamDef>.into_iter().copied());
+            kv_buckets.extend(inventory::iter::<KvBucketDef>.into_iter().copied());
+            object_stores.extend(inventory::iter::<ObjectStoreDef>.into_iter().copied());
             let registered: Vec<ConsumerDef> = inventory::iter::<ConsumerDef>.into_iter().copied().collect();
             let registered_subs: Vec<SubscriptionDef> =
                 inventory::iter::<SubscriptionDef>.into_iter().copied().collect();
@@ -241,6 +261,8 @@ impl RuntimeBuilder {
             subscriptions,
             kv_watches,
             leaders,
+            kv_buckets,
+            object_stores,
         })
     }
 }
@@ -254,6 +276,8 @@ pub struct Runtime {
     subscriptions: Vec<SubscriptionDef>,
     kv_watches: Vec<KvWatchDef>,
     leaders: Vec<LeaderDef>,
+    kv_buckets: Vec<KvBucketDef>,
+    object_stores: Vec<ObjectStoreDef>,
 }
 
 impl Runtime {
@@ -315,16 +339,45 @@ impl Runtime {
                 .provision(js, provision)
                 .await?;
         }
+        // Declared buckets first: a leader's bucket may be one of them (with its replicas).
+        for bucket in &self.kv_buckets {
+            patiently(|| bucket.ensure(&client, provision)).await?;
+        }
+        for store in &self.object_stores {
+            patiently(|| store.ensure(&client, provision)).await?;
+        }
         for leader in &self.leaders {
-            crate::leader::provision(leader, js, provision).await?;
+            patiently(|| crate::leader::provision(leader, js, provision)).await?;
         }
         let mut bound = Vec::with_capacity(self.consumers.len());
+        // Elections: each #[leader], plus one per key that only bound consumers name.
+        let mut elections: Vec<(LeaderDef, Vec<crate::leader::BoundConsumer>)> =
+            self.leaders.iter().map(|leader| (*leader, Vec::new())).collect();
         for def in &self.consumers {
             let stream_def = streams.iter().find(|s| s.name == def.stream).copied();
             let consumer = Consumer::new(*def, client.clone(), provision, stream_def);
             // Bound here so a missing or refused consumer is a startup error, not a retry loop.
             consumer.bind().await?;
-            bound.push(consumer);
+            let Some((bucket, key)) = def.while_leading else {
+                bound.push(consumer);
+                continue;
+            };
+            let leading = crate::leader::BoundConsumer {
+                def: *def,
+                provision,
+                stream: stream_def,
+            };
+            match elections
+                .iter_mut()
+                .find(|(leader, _)| leader.bucket == bucket && leader.key == key)
+            {
+                Some((_, consumers)) => consumers.push(leading),
+                None => {
+                    let leader = LeaderDef::new(def.name, bucket, key, Duration::from_secs(10), crate::leader::idle);
+                    crate::leader::provision(&leader, js, provision).await?;
+                    elections.push((leader, vec![leading]));
+                }
+            }
         }
         tracing::info!(
             consumers = bound.len(),
@@ -348,10 +401,10 @@ impl Runtime {
                 Ok(())
             });
         }
-        for leader in &self.leaders {
-            let (client, cancel, leader) = (client.clone(), cancel.clone(), *leader);
+        for (leader, consumers) in elections {
+            let (client, cancel, hard_stop) = (client.clone(), cancel.clone(), hard_stop.clone());
             tasks.spawn(async move {
-                crate::leader::run(leader, client, cancel).await;
+                crate::leader::run(leader, client, consumers, cancel, hard_stop).await;
                 Ok(())
             });
         }
@@ -387,6 +440,39 @@ impl Runtime {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Runs a provisioning step again when it timed out, up to three times: a replicated bucket
+/// created by several instances at once on a busy cluster can take longer than one JetStream
+/// request allows. Any other error is returned at once.
+async fn patiently<F, Fut>(mut step: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    let mut attempt = 1;
+    loop {
+        match step().await {
+            Err(error) if attempt < 3 && timed_out(&error) => {
+                tracing::warn!(%error, attempt, "provisioning timed out; trying again");
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Whether an error (or one of its causes) is a request that got no answer in time. async-nats
+/// has a different error kind per request type, so this looks at what they all say.
+fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if error.to_string().contains("timed out") {
+            return true;
+        }
+        current = error.source();
+    }
+    false
 }
 
 /// What the dead-letter stream captures: every default dead-letter subject.

@@ -1,46 +1,6 @@
-//! A service whose only handler is a leader task, for `tests/leader.rs`: while it leads it
-//! prints a tick every 20 ms, and once leadership is gone it tries one late fenced write and
-//! prints whether the server took it.
+//! A leader test service on one server: see `leader_worker.rs`.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use natty_runtime::prelude::*;
-use natty_runtime::FencedError;
-
-fn now_nanos() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos()
-}
-
-#[leader(bucket = "election", key = "worker", ttl = "2s")]
-async fn work(lease: Lease) -> Result<(), FencedError> {
-    let me = std::env::var("INSTANCE").unwrap_or_default();
-    let term = lease.term();
-    // Outlives the task, which is cancelled when leadership ends: a stale leader's write.
-    let stale = lease.clone();
-    let writer = me.clone();
-    tokio::spawn(async move {
-        stale.lost().await;
-        match stale.fenced_put("work.state", &format!("late write by {writer}")).await {
-            Ok(revision) => println!("late-write {writer} {term} accepted {revision}"),
-            Err(FencedError::Fenced { .. }) => println!("late-write {writer} {term} refused"),
-            Err(other) => println!("late-write {writer} {term} error {other}"),
-        }
-    });
-    let revision = lease.fenced_put("work.state", &format!("{me} leads")).await?;
-    println!("fenced-write {me} {term} {revision}");
-    loop {
-        // The time is read before the check: a pause between the two cannot stretch the interval.
-        let at = now_nanos();
-        if !lease.is_valid() {
-            std::future::pending::<()>().await;
-        }
-        println!("tick {me} {term} {at}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+mod leader_worker;
 
 #[tokio::main]
 async fn main() -> natty_runtime::Result<()> {

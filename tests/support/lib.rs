@@ -174,9 +174,19 @@ pub async fn read_all(
 
 /// Collects a child's stdout lines as they come.
 pub fn collect_lines(child: &mut tokio::process::Child) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    collect(child.stdout.take().expect("piped stdout"))
+}
+
+/// Collects a child's stderr lines as they come, so that a chatty child never blocks on a
+/// full pipe, and its logs can be shown when a test fails.
+pub fn collect_stderr(child: &mut tokio::process::Child) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    collect(child.stderr.take().expect("piped stderr"))
+}
+
+fn collect(pipe: impl tokio::io::AsyncRead + Unpin + Send + 'static) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
     use tokio::io::AsyncBufReadExt;
     let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let mut reader = tokio::io::BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+    let mut reader = tokio::io::BufReader::new(pipe).lines();
     let sink = lines.clone();
     tokio::spawn(async move {
         while let Ok(Some(line)) = reader.next_line().await {
