@@ -3,7 +3,6 @@
 //! keys, and watches that resume after an interruption without losing or repeating a change).
 
 use std::fmt;
-use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll};
@@ -21,7 +20,7 @@ use crate::error::{BoxError, Error, Result};
 use crate::kv_watch::{FromKvEntry, KvChange, KvDelivery};
 use crate::payload::{DecodeError, DecodePayload, EncodePayload, Format};
 use crate::publish::Client;
-use crate::stream::{is_stream_not_found, Location};
+use crate::stream::{check, is_stream_not_found, Location, Provisioned};
 
 /// The most revisions per key a bucket may keep: the server's limit.
 pub const MAX_HISTORY: i64 = 64;
@@ -158,11 +157,10 @@ impl KvBucketDef {
             ));
         }
         let js = client.jetstream();
-        let bucket = Bucket {
-            kind: "KV bucket",
-            name: self.name,
+        let bucket = Provisioned {
             stream: format!("KV_{}", self.name),
             location: self.location,
+            owner: Some(("KV bucket", self.name)),
         };
         bucket
             .ensure(
@@ -239,108 +237,6 @@ impl KvBucketDef {
 }
 
 inventory::collect!(KvBucketDef);
-
-/// `Some((field, declared, actual))` when a declared setting differs from the server's.
-pub(crate) fn check<T: PartialEq + fmt::Debug>(
-    field: &'static str,
-    declared: Option<T>,
-    actual: T,
-) -> Option<(&'static str, String, String)> {
-    match declared {
-        Some(declared) if declared != actual => Some((field, format!("{declared:?}"), format!("{actual:?}"))),
-        _ => None,
-    }
-}
-
-/// A bucket backed by one stream (a KV bucket or an object store), for provisioning.
-pub(crate) struct Bucket {
-    /// "KV bucket" or "object store", for messages.
-    pub(crate) kind: &'static str,
-    pub(crate) name: &'static str,
-    /// The stream behind it: `KV_<name>` or `OBJ_<name>`.
-    pub(crate) stream: String,
-    pub(crate) location: Location,
-}
-
-impl Bucket {
-    /// Creates the bucket with `create`, or checks and updates its stream like a declared
-    /// stream: only the declared settings (`drift`, `apply`) are compared and changed.
-    pub(crate) async fn ensure(
-        &self,
-        js: &jetstream::Context,
-        mode: Provision,
-        drift: impl Fn(&StreamConfig) -> Option<(&'static str, String, String)>,
-        apply: impl Fn(&mut StreamConfig),
-        create: impl Future<Output = std::result::Result<(), BoxError>>,
-    ) -> Result<()> {
-        if mode == Provision::Off {
-            return Ok(());
-        }
-        let failed = |action: &'static str, source: BoxError| Error::Stream {
-            stream: self.stream.clone(),
-            action,
-            source,
-        };
-        let existing = match js.get_stream(&self.stream).await {
-            Ok(mut stream) => Some(
-                stream
-                    .info()
-                    .await
-                    .map_err(|error| failed("reading its info", Box::new(error)))?
-                    .config
-                    .clone(),
-            ),
-            Err(error) if is_stream_not_found(&error) => None,
-            Err(error) => return Err(failed("looking it up", Box::new(error))),
-        };
-        match (existing, mode) {
-            (None, Provision::VerifyOnly) => Err(Error::StreamNotFound {
-                stream: self.stream.clone(),
-                hint: format!(
-                    " (the {} `{}` declared at {}; provisioning is verify-only, so natty does not create it)",
-                    self.kind, self.name, self.location
-                ),
-            }),
-            (None, _) => {
-                create.await.map_err(|error| failed("creating it", error))?;
-                tracing::info!(bucket = self.name, kind = self.kind, "created {}", self.kind);
-                Ok(())
-            }
-            (Some(actual), mode) => {
-                let Some((field, declared, server)) = drift(&actual) else {
-                    return Ok(());
-                };
-                if mode == Provision::VerifyOnly {
-                    return Err(Error::StreamDrift {
-                        stream: self.stream.clone(),
-                        field,
-                        declared,
-                        actual: server,
-                        hint: format!(" (the {} `{}`; provisioning is verify-only)", self.kind, self.name),
-                    });
-                }
-                let mut config = actual.clone();
-                apply(&mut config);
-                match js.update_stream(&config).await {
-                    Ok(_) => {
-                        tracing::info!(bucket = self.name, kind = self.kind, field, from = %server, to = %declared, "updated {}", self.kind);
-                        Ok(())
-                    }
-                    Err(error) => Err(Error::StreamDrift {
-                        stream: self.stream.clone(),
-                        field,
-                        declared,
-                        actual: server,
-                        hint: format!(
-                            " (the {} `{}`); the server refused to change it: {error}",
-                            self.kind, self.name
-                        ),
-                    }),
-                }
-            }
-        }
-    }
-}
 
 /// A KV operation failed. Each variant names the bucket, and the key where there is one.
 #[derive(Debug, thiserror::Error)]

@@ -23,9 +23,10 @@ pub use async_nats::jetstream::object_store::ObjectInfo;
 
 use crate::config::Provision;
 use crate::error::{BoxError, Result};
-use crate::kv::{check, source_is_stream_not_found, Bucket};
+use crate::kv::source_is_stream_not_found;
 use crate::publish::Client;
 use crate::stream::Location;
+use crate::stream::{check, Provisioned};
 
 /// The entry of an object's metadata map that holds the typed metadata of
 /// [`ObjectStore::put_with`], as one JSON document.
@@ -124,11 +125,10 @@ impl ObjectStoreDef {
     /// the setting the server refused to change; [`crate::Error::Stream`] when a request fails.
     pub async fn ensure(&self, client: &Client, mode: Provision) -> Result<()> {
         let js = client.jetstream();
-        let bucket = Bucket {
-            kind: "object store",
-            name: self.name,
+        let bucket = Provisioned {
             stream: format!("OBJ_{}", self.name),
             location: self.location,
+            owner: Some(("object store", self.name)),
         };
         let config = object_store::Config {
             bucket: self.name.to_string(),

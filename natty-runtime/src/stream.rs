@@ -9,7 +9,7 @@ use async_nats::jetstream::{
 };
 
 use crate::config::Provision;
-use crate::error::{Error, Result};
+use crate::error::{BoxError, Error, Result};
 
 /// Where a declaration was written, for error messages and `--list`.
 #[derive(Debug, Clone, Copy)]
@@ -197,16 +197,6 @@ impl StreamDef {
         if subjects != server {
             return Some(("subjects", format!("{subjects:?}"), format!("{server:?}")));
         }
-        fn check<T: PartialEq + std::fmt::Debug>(
-            field: &'static str,
-            declared: Option<T>,
-            actual: T,
-        ) -> Option<(&'static str, String, String)> {
-            match declared {
-                Some(declared) if declared != actual => Some((field, format!("{declared:?}"), format!("{actual:?}"))),
-                _ => None,
-            }
-        }
         check("retention", self.retention, actual.retention)
             .or_else(|| check("storage", self.storage, actual.storage))
             .or_else(|| check("max_age", self.max_age, actual.max_age))
@@ -225,70 +215,138 @@ impl StreamDef {
 
     /// Brings the server in line with this declaration, or checks it, per `mode`.
     pub(crate) async fn provision(&self, js: &jetstream::Context, mode: Provision) -> Result<()> {
+        let target = Provisioned {
+            stream: self.name.to_string(),
+            location: self.location,
+            owner: None,
+        };
+        let create = async {
+            js.create_stream(self.new_config())
+                .await
+                .map(drop)
+                .map_err(|error| Box::new(error) as BoxError)
+        };
+        target
+            .ensure(
+                js,
+                mode,
+                |actual| self.drift(actual),
+                |config| self.apply(config),
+                create,
+            )
+            .await
+    }
+}
+
+/// `Some((field, declared, actual))` when a declared setting differs from the server's.
+pub(crate) fn check<T: PartialEq + std::fmt::Debug>(
+    field: &'static str,
+    declared: Option<T>,
+    actual: T,
+) -> Option<(&'static str, String, String)> {
+    match declared {
+        Some(declared) if declared != actual => Some((field, format!("{declared:?}"), format!("{actual:?}"))),
+        _ => None,
+    }
+}
+
+/// A stream to provision: a declared stream, or the one behind a KV bucket or an object store.
+pub(crate) struct Provisioned {
+    /// The stream's name (`KV_<name>` or `OBJ_<name>` behind a bucket).
+    pub(crate) stream: String,
+    pub(crate) location: Location,
+    /// For a bucket, its kind ("KV bucket", "object store") and name, for messages.
+    pub(crate) owner: Option<(&'static str, &'static str)>,
+}
+
+impl Provisioned {
+    /// Creates the stream with `create`, or compares and updates only the declared settings
+    /// (`drift`, `apply`), or checks them, per `mode`.
+    pub(crate) async fn ensure(
+        &self,
+        js: &jetstream::Context,
+        mode: Provision,
+        drift: impl Fn(&StreamConfig) -> Option<(&'static str, String, String)>,
+        apply: impl Fn(&mut StreamConfig),
+        create: impl std::future::Future<Output = std::result::Result<(), BoxError>>,
+    ) -> Result<()> {
         if mode == Provision::Off {
             return Ok(());
         }
-        let stream_error = |action: &'static str| {
-            let name = self.name.to_string();
-            move |source: crate::error::BoxError| Error::Stream {
-                stream: name,
-                action,
-                source,
-            }
+        let failed = |action: &'static str, source: BoxError| Error::Stream {
+            stream: self.stream.clone(),
+            action,
+            source,
         };
-        let existing = match js.get_stream(self.name).await {
+        let existing = match js.get_stream(&self.stream).await {
             Ok(mut stream) => Some(
                 stream
                     .info()
                     .await
-                    .map_err(|e| stream_error("reading its info")(Box::new(e)))?
+                    .map_err(|error| failed("reading its info", Box::new(error)))?
                     .config
                     .clone(),
             ),
             Err(error) if is_stream_not_found(&error) => None,
-            Err(error) => return Err(stream_error("looking it up")(Box::new(error))),
+            Err(error) => return Err(failed("looking it up", Box::new(error))),
+        };
+        let owner = |after: &str| match self.owner {
+            Some((kind, name)) => format!("the {kind} `{name}`{after}"),
+            None => String::new(),
         };
         match (existing, mode) {
             (None, Provision::VerifyOnly) => Err(Error::StreamNotFound {
-                stream: self.name.into(),
+                stream: self.stream.clone(),
                 hint: format!(
-                    " (declared at {}; provisioning is verify-only, so natty does not create it)",
+                    " ({}declared at {}; provisioning is verify-only, so natty does not create it)",
+                    owner(" "),
                     self.location
                 ),
             }),
             (None, _) => {
-                js.create_stream(self.new_config())
-                    .await
-                    .map_err(|e| stream_error("creating it")(Box::new(e)))?;
-                tracing::info!(stream = self.name, "created stream");
+                create.await.map_err(|error| failed("creating it", error))?;
+                match self.owner {
+                    Some((kind, name)) => tracing::info!(bucket = name, kind, "created {kind}"),
+                    None => tracing::info!(stream = self.stream, "created stream"),
+                }
                 Ok(())
             }
             (Some(actual), mode) => {
-                let Some((field, declared, server)) = self.drift(&actual) else {
+                let Some((field, declared, server)) = drift(&actual) else {
                     return Ok(());
                 };
                 if mode == Provision::VerifyOnly {
                     return Err(Error::StreamDrift {
-                        stream: self.name.into(),
+                        stream: self.stream.clone(),
                         field,
                         declared,
                         actual: server,
-                        hint: " (provisioning is verify-only)".into(),
+                        hint: format!(" ({}provisioning is verify-only)", owner("; ")),
                     });
                 }
                 let mut config = actual.clone();
-                self.apply(&mut config);
+                apply(&mut config);
                 match js.update_stream(&config).await {
                     Ok(_) => {
-                        tracing::info!(stream = self.name, field, from = %server, to = %declared, "updated stream");
+                        match self.owner {
+                            Some((kind, name)) => {
+                                tracing::info!(bucket = name, kind, field, from = %server, to = %declared, "updated {kind}")
+                            }
+                            None => {
+                                tracing::info!(stream = self.stream, field, from = %server, to = %declared, "updated stream")
+                            }
+                        }
                         Ok(())
                     }
                     Err(error) => Err(Error::StreamDrift {
-                        stream: self.name.into(),
+                        stream: self.stream.clone(),
                         field,
                         declared,
                         actual: server,
-                        hint: format!("; the server refused to change it: {error}"),
+                        hint: match self.owner {
+                            Some(_) => format!(" ({}); the server refused to change it: {error}", owner("")),
+                            None => format!("; the server refused to change it: {error}"),
+                        },
                     }),
                 }
             }
