@@ -174,6 +174,18 @@ pub fn duration(lit: &LitStr) -> syn::Result<u64> {
     u64::try_from(parsed.as_nanos()).map_err(|_| syn::Error::new(lit.span(), format!("duration `{text}` is too long")))
 }
 
+/// A storage type, `"file"` or `"memory"`, as the `StorageType` variant's name.
+pub fn storage(lit: &LitStr) -> syn::Result<TokenStream> {
+    match lit.value().as_str() {
+        "file" => Ok(quote::quote!(File)),
+        "memory" => Ok(quote::quote!(Memory)),
+        other => Err(syn::Error::new(
+            lit.span(),
+            format!("unknown storage `{other}`; expected \"file\" or \"memory\""),
+        )),
+    }
+}
+
 /// Emits a `core::time::Duration` constant expression.
 pub fn duration_tokens(nanos: u64) -> TokenStream {
     quote::quote!(::core::time::Duration::from_nanos(#nanos))

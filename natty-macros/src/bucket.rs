@@ -122,15 +122,7 @@ impl Args {
                 .and_then(|(value, span)| self.max_bytes.set(meta, value, span)),
             "storage" => {
                 let lit = attr::lit_str(meta)?;
-                match lit.value().as_str() {
-                    "file" => Ok(quote!(File)),
-                    "memory" => Ok(quote!(Memory)),
-                    other => Err(syn::Error::new(
-                        lit.span(),
-                        format!("unknown storage `{other}`; expected \"file\" or \"memory\""),
-                    )),
-                }
-                .and_then(|tokens| self.storage.set(meta, tokens, lit.span()))
+                attr::storage(&lit).and_then(|tokens| self.storage.set(meta, tokens, lit.span()))
             }
             "description" => {
                 let lit = attr::lit_str(meta)?;

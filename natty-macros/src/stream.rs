@@ -83,15 +83,7 @@ impl Args {
             }
             "storage" => {
                 let lit = attr::lit_str(meta)?;
-                match lit.value().as_str() {
-                    "file" => Ok(quote!(File)),
-                    "memory" => Ok(quote!(Memory)),
-                    other => Err(syn::Error::new(
-                        lit.span(),
-                        format!("unknown storage `{other}`; expected \"file\" or \"memory\""),
-                    )),
-                }
-                .and_then(|tokens| self.storage.set(meta, tokens, lit.span()))
+                attr::storage(&lit).and_then(|tokens| self.storage.set(meta, tokens, lit.span()))
             }
             "max_age" => {
                 let lit = attr::lit_str(meta)?;
