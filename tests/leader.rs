@@ -88,6 +88,15 @@ fn leader(instances: &[Instance]) -> Option<(String, u64)> {
         .map(|(name, term, _)| (name, term))
 }
 
+/// Waits until an instance leads a term after `after` (0: any term), and returns it.
+async fn next_leader(instances: &[Instance], after: u64, timeout: Duration, what: &str) -> (String, u64) {
+    wait_until(timeout, what, || async {
+        leader(instances).is_some_and(|(_, term)| term > after)
+    })
+    .await;
+    leader(instances).expect("a leader")
+}
+
 fn unix_nanos() -> u128 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos()
 }
@@ -128,11 +137,7 @@ async fn one_leader_at_a_time_with_fast_takeover_after_sigterm_and_sigkill() {
         Instance::start(&url, "b"),
         Instance::start(&url, "c"),
     ];
-    wait_until(Duration::from_secs(20), "a first leader", || async {
-        leader(&instances).is_some()
-    })
-    .await;
-    let (first, first_term) = leader(&instances).unwrap();
+    let (first, first_term) = next_leader(&instances, 0, Duration::from_secs(20), "a first leader").await;
     // Work for the consumer bound to the lease, all along.
     let publishing = tokio::spawn({
         let client = server.client().await;
@@ -151,11 +156,13 @@ async fn one_leader_at_a_time_with_fast_takeover_after_sigterm_and_sigkill() {
     let stopped_at = unix_nanos();
     let index = instances.iter().position(|i| i.name == first).unwrap();
     send_signal(instances[index].pid(), "TERM");
-    wait_until(Duration::from_secs(10), "a leader after SIGTERM", || async {
-        leader(&instances).is_some_and(|(_, term)| term > first_term)
-    })
+    let (second, second_term) = next_leader(
+        &instances,
+        first_term,
+        Duration::from_secs(10),
+        "a leader after SIGTERM",
+    )
     .await;
-    let (second, second_term) = leader(&instances).unwrap();
     let took = first_tick(&instances, second_term) - stopped_at;
     assert!(
         took < 1_000_000_000,
@@ -175,11 +182,13 @@ async fn one_leader_at_a_time_with_fast_takeover_after_sigterm_and_sigkill() {
     let killed_at = unix_nanos();
     let index = instances.iter().position(|i| i.name == second).unwrap();
     send_signal(instances[index].pid(), "KILL");
-    wait_until(Duration::from_secs(10), "a leader after SIGKILL", || async {
-        leader(&instances).is_some_and(|(_, term)| term > second_term)
-    })
+    let (third, third_term) = next_leader(
+        &instances,
+        second_term,
+        Duration::from_secs(10),
+        "a leader after SIGKILL",
+    )
     .await;
-    let (third, third_term) = leader(&instances).unwrap();
     let took = first_tick(&instances, third_term) - killed_at;
     assert!(
         took < (TTL + Duration::from_secs(1)).as_nanos(),
@@ -240,20 +249,18 @@ async fn a_leader_paused_past_its_ttl_has_stepped_down_when_it_resumes() {
     let server = NatsServer::start().await.expect("nats-server");
     let url = server.url();
     let mut instances = vec![Instance::start(&url, "a"), Instance::start(&url, "b")];
-    wait_until(Duration::from_secs(20), "a first leader", || async {
-        leader(&instances).is_some()
-    })
-    .await;
-    let (paused, paused_term) = leader(&instances).unwrap();
+    let (paused, paused_term) = next_leader(&instances, 0, Duration::from_secs(20), "a first leader").await;
     let index = instances.iter().position(|i| i.name == paused).unwrap();
 
     send_signal(instances[index].pid(), "STOP");
     let stopped_at = unix_nanos();
-    wait_until(Duration::from_secs(10), "the other instance to lead", || async {
-        leader(&instances).is_some_and(|(_, term)| term > paused_term)
-    })
+    let (successor, successor_term) = next_leader(
+        &instances,
+        paused_term,
+        Duration::from_secs(10),
+        "the other instance to lead",
+    )
     .await;
-    let (successor, successor_term) = leader(&instances).unwrap();
     assert_ne!(successor, paused);
     assert!(
         first_tick(&instances, successor_term) - stopped_at >= TTL.as_nanos() - 200_000_000,
@@ -302,11 +309,7 @@ async fn a_successor_waits_out_a_lease_whose_key_vanished_early() {
     let server = NatsServer::start().await.expect("nats-server");
     let url = server.url();
     let mut instances = vec![Instance::start(&url, "a"), Instance::start(&url, "b")];
-    wait_until(Duration::from_secs(20), "a first leader", || async {
-        leader(&instances).is_some()
-    })
-    .await;
-    let (first, first_term) = leader(&instances).unwrap();
+    let (first, first_term) = next_leader(&instances, 0, Duration::from_secs(20), "a first leader").await;
 
     // The key disappears under a live leader (an operator's purge, a lost bucket): the other
     // instance may take the key at once, but must not act before the old lease could be over.
@@ -314,11 +317,7 @@ async fn a_successor_waits_out_a_lease_whose_key_vanished_early() {
     let kv = js.get_key_value("election").await.unwrap();
     let purged_at = unix_nanos();
     kv.purge("worker").await.unwrap();
-    wait_until(Duration::from_secs(10), "a new term", || async {
-        leader(&instances).is_some_and(|(_, term)| term > first_term)
-    })
-    .await;
-    let (second, second_term) = leader(&instances).unwrap();
+    let (second, second_term) = next_leader(&instances, first_term, Duration::from_secs(10), "a new term").await;
     let waited = first_tick(&instances, second_term) - purged_at;
     assert!(
         waited >= (TTL / 2).as_nanos(),
@@ -341,11 +340,7 @@ async fn killing_the_node_that_leads_the_election_stream_never_yields_two_leader
         Instance::start_binary(CLUSTER_WORKER, &url, "b"),
         Instance::start_binary(CLUSTER_WORKER, &url, "c"),
     ];
-    wait_until(Duration::from_secs(30), "a first leader", || async {
-        leader(&instances).is_some()
-    })
-    .await;
-    let (_, first_term) = leader(&instances).unwrap();
+    let (_, first_term) = next_leader(&instances, 0, Duration::from_secs(30), "a first leader").await;
 
     let js = async_nats::jetstream::new(cluster.client().await);
     let mut stream = js.get_stream("KV_election").await.unwrap();
