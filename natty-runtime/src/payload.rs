@@ -197,11 +197,6 @@ pub fn decode<T: DecodePayload>(headers: Option<&HeaderMap>, payload: &[u8]) -> 
     })
 }
 
-/// Encodes `value` and returns its bytes with the `Content-Type` header for its format.
-pub(crate) fn encode<T: EncodePayload + ?Sized>(value: &T) -> Result<(bytes::Bytes, Format), BoxError> {
-    value.to_bytes().map(|bytes| (bytes, T::FORMAT))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

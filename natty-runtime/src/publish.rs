@@ -340,11 +340,12 @@ fn encode<T: EncodePayload + ?Sized>(
     subject: &async_nats::Subject,
     value: &T,
 ) -> std::result::Result<(bytes::Bytes, Format), PublishError> {
-    crate::payload::encode(value).map_err(|source| PublishError::Encode {
+    let bytes = value.to_bytes().map_err(|source| PublishError::Encode {
         subject: subject.to_string(),
         format: T::FORMAT,
         source,
-    })
+    })?;
+    Ok((bytes, T::FORMAT))
 }
 
 /// Maps async-nats' ack errors onto natty's: conflicts and lost acks are their own cases.
