@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Runs every test: installs the pinned nats-server when it is missing, then the whole
+# Runs every test: installs the pinned nats-server, moto and Azurite when missing, then the whole
 # workspace's tests (unit, integration against real servers, trybuild UI tests, doc tests).
 # Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NATTY_NATS_SERVER="$(NATTY_PIN=1 scripts/install-nats-server.sh)"
-export NATTY_NATS_SERVER
+# The capture store tests run moto (S3) and Azurite (Azure Blob) on loopback.
+NATTY_MOTO_SERVER="$(scripts/install-moto.sh)"
+NATTY_AZURITE="$(scripts/install-azurite.sh)"
+export NATTY_NATS_SERVER NATTY_MOTO_SERVER NATTY_AZURITE
 cargo test --workspace --all-targets --locked "$@"
 # --all-targets leaves out doc tests; the examples in the docs must compile and run too.
 cargo test --workspace --doc --locked "$@"

@@ -9,4 +9,5 @@ fn ui() {
     t.compile_fail("ui/payload/fail/*.rs");
     t.compile_fail("ui/leader/fail/*.rs");
     t.compile_fail("ui/bucket/fail/*.rs");
+    t.compile_fail("ui/capture/fail/*.rs");
 }

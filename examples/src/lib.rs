@@ -52,3 +52,54 @@ pub mod orders {
         }
     }
 }
+
+/// jetcapture's pizza example: orders placed at pizza stores, captured into files per store.
+pub mod pizza {
+    use serde::{Deserialize, Serialize};
+
+    /// A pizza order, published as JSON on `pizza.orders.<store_id>`.
+    #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, natty_runtime::Payload)]
+    #[payload(subject = "pizza.orders.{store_id}")]
+    pub struct PizzaOrder {
+        /// Unique order number.
+        pub order_id: u64,
+        /// The store that took the order: the split key of the captures.
+        pub store_id: String,
+        /// Who ordered.
+        pub customer: String,
+        /// Which pizza.
+        pub pizza: String,
+        /// How many.
+        pub quantity: u32,
+        /// Total price in cents.
+        pub price_cents: u64,
+        /// Delivery or pick-up.
+        pub delivery: bool,
+    }
+
+    /// The stores of the example.
+    pub const STORES: [&str; 4] = ["amsterdam", "berlin", "lisbon", "oslo"];
+    const PIZZAS: [(&str, u64); 4] = [
+        ("margherita", 850),
+        ("funghi", 950),
+        ("diavola", 1050),
+        ("quattro", 1150),
+    ];
+
+    impl PizzaOrder {
+        /// The `n`-th order of the example's stream: spread over [`STORES`] and four pizzas.
+        pub fn example(n: u64) -> PizzaOrder {
+            let (pizza, price) = PIZZAS[(n / 3 % 4) as usize];
+            let quantity = (n % 3 + 1) as u32;
+            PizzaOrder {
+                order_id: n,
+                store_id: STORES[(n % 4) as usize].to_string(),
+                customer: ["ada", "grace", "linus", "barbara", "ken"][(n % 5) as usize].to_string(),
+                pizza: pizza.to_string(),
+                quantity,
+                price_cents: price * u64::from(quantity),
+                delivery: n.is_multiple_of(2),
+            }
+        }
+    }
+}

@@ -9,6 +9,7 @@ use proc_macro::TokenStream;
 
 mod attr;
 mod bucket;
+mod capture;
 mod consumer;
 mod core_nats;
 mod handler;
@@ -145,4 +146,23 @@ pub fn object_store(args: TokenStream, item: TokenStream) -> TokenStream {
 #[proc_macro_attribute]
 pub fn leader(args: TokenStream, item: TokenStream) -> TokenStream {
     leader::expand(args.into(), item.into()).into()
+}
+
+/// Captures a stream into files: `fn key(record: &Payload) -> Key` is called for each decoded
+/// message, and the message is written into the block of its key and time window; blocks are
+/// stored (a local folder, S3 or Azure Blob storage) and their messages acked after the store.
+///
+/// ```ignore
+/// #[capture(stream = "orders", durable = "backup", every = "15m", format = "parquet",
+///           compression = "zstd", store = "s3://orders-backup/{key}/{date}/")]
+/// fn backup(order: &OrderCreated) -> String { order.region.clone() }
+/// ```
+///
+/// Keys: `stream`, `durable`, `store` (required); `subject`, `format` (`"csv"`, `"ndjson"`
+/// (default), `"parquet"`, `"raw"`), `compression` (`"none"`, `"gzip"`, `"zstd"`), `every`
+/// (window, default `"1m"`), `max_messages`, `max_bytes`, `ack_wait`, `max_ack_pending`,
+/// `max_deliver`, `dead_letter`, `store_concurrency`. Needs natty-runtime's `capture` feature.
+#[proc_macro_attribute]
+pub fn capture(args: TokenStream, item: TokenStream) -> TokenStream {
+    capture::expand(args.into(), item.into()).into()
 }

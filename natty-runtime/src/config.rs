@@ -14,6 +14,7 @@
 //! | `NATTY_HANDLERS` | comma-separated handler names: run only these | all registered |
 //! | `NATTY_PROVISION` | `create-or-update`, `verify-only` or `off` | `create-or-update` |
 //! | `NATTY_DRAIN_TIMEOUT` | how long in-flight handlers may run after a shutdown signal | `30s` |
+//! | `NATTY_CAPTURE_DRAIN_TIMEOUT` | how long open capture blocks may take to be stored after a shutdown signal | `60s` |
 //! | `NATTY_CONNECT_TIMEOUT` | how long one connection attempt may take | `5s` |
 //! | `NATTY_DEV_PORT` | port of the development server | `4222` |
 //! | `NATTY_DEV_DIR` | data folder of the development server | `.natty/dev` |
@@ -123,6 +124,9 @@ pub struct Config {
     pub provision: Provision,
     /// How long in-flight handlers may run after a shutdown signal before their messages are naked.
     pub drain_timeout: Duration,
+    /// How long open capture blocks may take to be stored after a shutdown signal: separate from
+    /// `drain_timeout`, because an upload is slower than a handler and must not be cut short by it.
+    pub capture_drain_timeout: Duration,
     /// Timeout of one connection attempt.
     pub connect_timeout: Duration,
     /// Port of the development server.
@@ -147,6 +151,7 @@ impl Default for Config {
                 .unwrap_or_else(|| "natty".into()),
             provision: Provision::CreateOrUpdate,
             drain_timeout: Duration::from_secs(30),
+            capture_drain_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(5),
             dev_port: 4222,
             dev_dir: PathBuf::from(".natty/dev"),
@@ -245,6 +250,9 @@ impl Config {
         }
         if let Some(value) = lookup("NATTY_DRAIN_TIMEOUT") {
             config.drain_timeout = parse_duration("NATTY_DRAIN_TIMEOUT", &value)?;
+        }
+        if let Some(value) = lookup("NATTY_CAPTURE_DRAIN_TIMEOUT") {
+            config.capture_drain_timeout = parse_duration("NATTY_CAPTURE_DRAIN_TIMEOUT", &value)?;
         }
         if let Some(value) = lookup("NATTY_CONNECT_TIMEOUT") {
             config.connect_timeout = parse_duration("NATTY_CONNECT_TIMEOUT", &value)?;

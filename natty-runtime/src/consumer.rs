@@ -42,7 +42,7 @@ pub const DEAD_LETTER_STREAM: &str = "natty-dead-letters";
 /// How long an ephemeral consumer outlives its last pull by default.
 const EPHEMERAL_INACTIVE_THRESHOLD: Duration = Duration::from_secs(300);
 /// On shutdown, how long to wait for prefetched messages still on their way, to hand them back.
-const HAND_BACK_WITHIN: Duration = Duration::from_secs(2);
+pub(crate) const HAND_BACK_WITHIN: Duration = Duration::from_secs(2);
 
 /// A declared durable pull consumer. `#[consumer(...)]` registers one; [`ConsumerDef::new`]
 /// builds one by hand with the same defaults.
@@ -627,7 +627,7 @@ impl Consumer {
 
     /// After the pull stalled: whether the consumer must be bound again (it or its stream
     /// vanished), or pulling can go on (a transient gap, e.g. during a reconnect).
-    async fn must_rebind(&self, why: &str) -> bool {
+    pub(crate) async fn must_rebind(&self, why: &str) -> bool {
         use jetstream::context::ConsumerInfoErrorKind as Kind;
         let (stream, durable) = (self.def.stream, &*self.name);
         let gone = match self.js().get_stream(stream).await {
@@ -853,7 +853,7 @@ impl Consumer {
     /// its headers, then terminates it. The copy carries a message id derived from the stream
     /// and sequence, so a retried dead letter is stored once. If the copy cannot be stored,
     /// the message is naked instead of terminated: it is never dropped unrecorded.
-    async fn dead_letter_and_terminate(&self, settle: &Settle, original: Original, reason: &str) {
+    pub(crate) async fn dead_letter_and_terminate(&self, settle: &Settle, original: Original, reason: &str) {
         let def = &self.def;
         // Header values are single lines.
         let reason = reason.replace(['\r', '\n'], " ");
@@ -959,12 +959,12 @@ pub(crate) fn unique_suffix() -> String {
 }
 
 /// What a dead letter needs of the original message.
-struct Original {
-    subject: async_nats::Subject,
-    payload: Bytes,
-    headers: Option<async_nats::HeaderMap>,
-    stream_sequence: u64,
-    delivery_count: u64,
+pub(crate) struct Original {
+    pub(crate) subject: async_nats::Subject,
+    pub(crate) payload: Bytes,
+    pub(crate) headers: Option<async_nats::HeaderMap>,
+    pub(crate) stream_sequence: u64,
+    pub(crate) delivery_count: u64,
 }
 
 /// The handlers' recent speed, from which the prefetch follows: about [`PREFETCH_BUDGET`] of
@@ -1013,13 +1013,13 @@ fn default_retry_delay(delivery_count: u64) -> Duration {
 
 /// Settles a message by publishing to its reply subject (what async-nats' `Acker` does), so
 /// that `+TERM` can carry a reason.
-struct Settle {
-    client: async_nats::Client,
-    reply: Subject,
+pub(crate) struct Settle {
+    pub(crate) client: async_nats::Client,
+    pub(crate) reply: Subject,
 }
 
 impl Settle {
-    async fn send(&self, body: Bytes) {
+    pub(crate) async fn send(&self, body: Bytes) {
         if let Err(error) = self.client.publish(self.reply.clone(), body).await {
             // The server will redeliver after ack_wait: at-least-once holds.
             tracing::warn!(%error, "cannot settle a message; it will be redelivered after ack_wait");
@@ -1033,7 +1033,7 @@ impl Settle {
 }
 
 /// Waits before a retry, longer after each failure; false if cancelled meanwhile.
-async fn pause(cancel: &CancellationToken, failures: &mut u32) -> bool {
+pub(crate) async fn pause(cancel: &CancellationToken, failures: &mut u32) -> bool {
     *failures = failures.saturating_add(1);
     let delay = Duration::from_millis(250 * 2u64.pow((*failures).min(5))).min(Duration::from_secs(5));
     tokio::select! {

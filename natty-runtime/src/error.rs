@@ -124,6 +124,17 @@ pub enum Error {
         second: String,
     },
 
+    /// A `#[capture]` cannot start: its store, format or consumer limits are unusable.
+    #[error("capture `{capture}` (declared at {location}): {reason}")]
+    Capture {
+        /// The capture's name (its function's name).
+        capture: String,
+        /// Where it was declared.
+        location: String,
+        /// What is wrong and what to do about it.
+        reason: String,
+    },
+
     /// Publishing failed.
     #[error(transparent)]
     Publish(#[from] crate::publish::PublishError),

@@ -29,6 +29,8 @@
 //! Delivery is at-least-once: a message is acked only after its handler returned `Ok`; an
 //! error naks it for redelivery; a payload that cannot be decoded is terminated and logged.
 
+#[cfg(feature = "capture")]
+pub mod capture;
 pub mod config;
 mod connect;
 pub mod consumer;
@@ -58,7 +60,7 @@ pub use kv::{Kv, KvBucketDef, KvEntry, KvError, KvWatch};
 pub use kv_watch::{KvChange, KvOperation, KvWatchDef};
 pub use leader::{FencedError, LeaderDef, Lease};
 pub use natty_macros::Payload;
-pub use natty_macros::{consumer, kv_bucket, kv_watch, leader, object_store, service, stream, subscribe};
+pub use natty_macros::{capture, consumer, kv_bucket, kv_watch, leader, object_store, service, stream, subscribe};
 pub use object_store::{ObjectStore, ObjectStoreDef, ObjectStoreError};
 pub use payload::{DecodeError, DecodePayload, EncodePayload, Format, Payload};
 pub use publish::{Client, PendingAck, Publish, PublishAck, PublishError};
@@ -71,8 +73,8 @@ pub use async_nats;
 /// What a service needs in scope: the macros, [`Context`] and [`Client`].
 pub mod prelude {
     pub use crate::{
-        consumer, kv_bucket, kv_watch, leader, object_store, service, stream, subscribe, Client, Context, Envelope,
-        KvChange, Lease, Payload, Reject,
+        capture, consumer, kv_bucket, kv_watch, leader, object_store, service, stream, subscribe, Client, Context,
+        Envelope, KvChange, Lease, Payload, Reject,
     };
 }
 
@@ -105,6 +107,8 @@ pub fn init_logging() {
 /// Used by the code the macros generate. Not part of the API.
 #[doc(hidden)]
 pub mod __private {
+    #[cfg(feature = "capture")]
+    pub use crate::capture;
     pub use crate::consumer::{hash_key, ConsumerDef, Deliver, HandlerFn, OrderBy};
     pub use crate::core_nats::{
         decode_core_payload, CoreDelivery, CoreHandlerFn, CoreOutcome, FromCoreDelivery, IntoReply, SubscriptionDef,
@@ -119,6 +123,7 @@ pub mod __private {
     pub use crate::payload::{DecodePayload, EncodePayload, Format, Payload};
     pub use crate::stream::{Location, StreamDef};
     pub use async_nats::jetstream::stream::{RetentionPolicy as Retention, StorageType};
+    pub use async_nats::HeaderMap;
     pub use bytes::Bytes;
     pub use futures_util::future::BoxFuture;
     pub use inventory;

@@ -163,10 +163,27 @@ impl Puller {
     }
 }
 
-/// Stream sequence and delivery count from a JetStream reply subject:
+/// Stream sequence and delivery count from a JetStream reply subject (see [`DeliveryMeta`]).
+pub(crate) fn delivery_info(reply: &str) -> Option<(u64, u64)> {
+    delivery_meta(reply).map(|meta| (meta.sequence, meta.delivered))
+}
+
+/// What a JetStream reply subject says of its message:
 /// `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>` (v1),
 /// or `$JS.ACK.<domain>.<account hash>.<stream>.<consumer>.<delivered>.<stream seq>...` (v2).
-pub(crate) fn delivery_info(reply: &str) -> Option<(u64, u64)> {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DeliveryMeta {
+    /// The stream sequence.
+    pub(crate) sequence: u64,
+    /// How many times it was delivered, this time included.
+    pub(crate) delivered: u64,
+    /// When the stream stored it, in nanoseconds since the Unix epoch (the server's clock).
+    pub(crate) timestamp_nanos: u64,
+    /// Messages left in the stream for this consumer after this one.
+    pub(crate) pending: u64,
+}
+
+pub(crate) fn delivery_meta(reply: &str) -> Option<DeliveryMeta> {
     let tokens: Vec<&str> = reply.split('.').collect();
     if tokens.first() != Some(&"$JS") || tokens.get(1) != Some(&"ACK") {
         return None;
@@ -176,9 +193,13 @@ pub(crate) fn delivery_info(reply: &str) -> Option<(u64, u64)> {
         n if n >= 11 => 6,
         _ => return None,
     };
-    let delivered = tokens.get(offset)?.parse().ok()?;
-    let sequence = tokens.get(offset + 1)?.parse().ok()?;
-    Some((sequence, delivered))
+    let number = |index: usize| tokens.get(offset + index)?.parse::<u64>().ok();
+    Some(DeliveryMeta {
+        delivered: number(0)?,
+        sequence: number(1)?,
+        timestamp_nanos: number(3)?,
+        pending: number(4)?,
+    })
 }
 
 #[cfg(test)]
@@ -201,5 +222,14 @@ mod tests {
         );
         assert_eq!(delivery_info("_INBOX.abc"), None);
         assert_eq!(delivery_info("$JS.ACK.orders.billing.x.5.1.1.1"), None);
+        assert_eq!(
+            super::delivery_meta("$JS.ACK.orders.billing.3.100.7.1790230470084404000.42"),
+            Some(super::DeliveryMeta {
+                sequence: 100,
+                delivered: 3,
+                timestamp_nanos: 1790230470084404000,
+                pending: 42
+            })
+        );
     }
 }

@@ -60,6 +60,8 @@ pub struct RuntimeBuilder {
     leaders: Vec<LeaderDef>,
     kv_buckets: Vec<KvBucketDef>,
     object_stores: Vec<ObjectStoreDef>,
+    #[cfg(feature = "capture")]
+    captures: Vec<crate::capture::CaptureDef>,
 }
 
 impl RuntimeBuilder {
@@ -177,6 +179,13 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Adds a capture by hand.
+    #[cfg(feature = "capture")]
+    pub fn capture(mut self, capture: crate::capture::CaptureDef) -> Self {
+        self.captures.push(capture);
+        self
+    }
+
     /// Reads the environment (unless a config was given) and applies the overrides.
     ///
     /// # Errors
@@ -219,6 +228,21 @@ impl RuntimeBuilder {
         let mut leaders = self.leaders;
         let mut kv_buckets = self.kv_buckets;
         let mut object_stores = self.object_stores;
+        #[cfg(feature = "capture")]
+        let mut captures = self.captures;
+        #[cfg(feature = "capture")]
+        let registered_captures: Vec<crate::capture::CaptureDef> = if self.registered {
+            inventory::iter::<crate::capture::CaptureDef>
+                .into_iter()
+                .copied()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        #[cfg(feature = "capture")]
+        let capture_names: Vec<&str> = registered_captures.iter().map(|c| c.name()).collect();
+        #[cfg(not(feature = "capture"))]
+        let capture_names: Vec<&str> = Vec::new();
         if self.registered {
             streams.extend(inventory::iter::<StreamDef>.into_iter().copied());
             kv_buckets.extend(inventory::iter::<KvBucketDef>.into_iter().copied());
@@ -236,6 +260,7 @@ impl RuntimeBuilder {
                     .chain(registered_subs.iter().map(|s| s.name))
                     .chain(registered_watches.iter().map(|w| w.name))
                     .chain(registered_leaders.iter().map(|l| l.name))
+                    .chain(capture_names.iter().copied())
                     .collect();
                 if let Some(unknown) = only.iter().find(|name| !known.contains(&name.as_str())) {
                     return Err(Error::config(
@@ -253,7 +278,10 @@ impl RuntimeBuilder {
             subscriptions.extend(registered_subs.into_iter().filter(|s| selected(s.name)));
             kv_watches.extend(registered_watches.into_iter().filter(|w| selected(w.name)));
             leaders.extend(registered_leaders.into_iter().filter(|l| selected(l.name)));
+            #[cfg(feature = "capture")]
+            captures.extend(registered_captures.into_iter().filter(|c| selected(c.name())));
         }
+        let _ = capture_names;
         Ok(Runtime {
             config,
             streams,
@@ -263,6 +291,8 @@ impl RuntimeBuilder {
             leaders,
             kv_buckets,
             object_stores,
+            #[cfg(feature = "capture")]
+            captures,
         })
     }
 }
@@ -278,6 +308,8 @@ pub struct Runtime {
     leaders: Vec<LeaderDef>,
     kv_buckets: Vec<KvBucketDef>,
     object_stores: Vec<ObjectStoreDef>,
+    #[cfg(feature = "capture")]
+    captures: Vec<crate::capture::CaptureDef>,
 }
 
 impl Runtime {
@@ -311,15 +343,21 @@ impl Runtime {
     ///
     /// As [`Runtime::run`].
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        #[cfg(feature = "capture")]
+        let capture_consumers: Vec<ConsumerDef> = self.captures.iter().map(|c| c.consumer_def()).collect();
+        #[cfg(not(feature = "capture"))]
+        let capture_consumers: Vec<ConsumerDef> = Vec::new();
         if self.consumers.is_empty()
             && self.subscriptions.is_empty()
             && self.kv_watches.is_empty()
             && self.leaders.is_empty()
+            && capture_consumers.is_empty()
         {
             return Err(Error::NothingRegistered);
         }
         let streams = dedup_streams(&self.streams)?;
-        check_consumers(&self.consumers)?;
+        let all_consumers: Vec<ConsumerDef> = self.consumers.iter().chain(&capture_consumers).copied().collect();
+        check_consumers(&all_consumers)?;
 
         let (client, _dev) = connect_config(&self.config).await?;
         let js = client.jetstream();
@@ -329,7 +367,7 @@ impl Runtime {
         }
         // Default dead-letter subjects need a stream to land in; a service that names its own
         // dead-letter subjects (or provisions by other means) does not get one.
-        let default_dead_letters = self.consumers.iter().any(|c| c.dead_letter.is_none());
+        let default_dead_letters = all_consumers.iter().any(|c| c.dead_letter.is_none());
         if default_dead_letters
             && provision == Provision::CreateOrUpdate
             && !streams.iter().any(|s| s.name == DEAD_LETTER_STREAM)
@@ -379,8 +417,24 @@ impl Runtime {
                 }
             }
         }
+        #[cfg(feature = "capture")]
+        let mut captures = Vec::with_capacity(self.captures.len());
+        #[cfg(feature = "capture")]
+        for def in &self.captures {
+            let stream_def = streams.iter().find(|s| s.name == def.stream()).copied();
+            let capture = crate::capture::Capture::start(
+                *def,
+                client.clone(),
+                provision,
+                stream_def,
+                self.config.capture_drain_timeout,
+            )
+            .await?;
+            captures.push(capture);
+        }
         tracing::info!(
             consumers = bound.len(),
+            captures = capture_consumers.len(),
             subscriptions = self.subscriptions.len(),
             leaders = self.leaders.len(),
             streams = streams.len(),
@@ -393,6 +447,11 @@ impl Runtime {
         let mut tasks = tokio::task::JoinSet::new();
         for consumer in bound {
             tasks.spawn(consumer.run(cancel.clone(), hard_stop.clone()));
+        }
+        // A capture drains on a deadline of its own (`capture_drain_timeout`), not `hard_stop`.
+        #[cfg(feature = "capture")]
+        for capture in captures {
+            tasks.spawn(capture.run(cancel.clone()));
         }
         for watch in &self.kv_watches {
             let (client, cancel, watch) = (client.clone(), cancel.clone(), *watch);
@@ -418,11 +477,17 @@ impl Runtime {
         }
 
         tokio::pin!(shutdown);
+        let mut failure = None;
         tokio::select! {
             _ = &mut shutdown => {}
-            Some(result) = tasks.join_next() => {
-                // A consumer task only ends on its own when it panicked: that is a bug, stop loudly.
-                tracing::error!(?result, "a consumer task stopped unexpectedly; shutting down");
+            Some(result) = tasks.join_next() => match result {
+                // A capture stops on an error it cannot retry (a path template its keys cannot fill).
+                Ok(Err(error)) => {
+                    tracing::error!(%error, "a task failed; shutting down");
+                    failure = Some(error);
+                }
+                // Any other task only ends on its own when it panicked: that is a bug, stop loudly.
+                other => tracing::error!(result = ?other, "a task stopped unexpectedly; shutting down"),
             }
         }
 
@@ -438,7 +503,10 @@ impl Runtime {
             tracing::warn!(%error, "could not flush the connection on shutdown");
         }
         tracing::info!("stopped");
-        Ok(())
+        match failure {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
     }
 }
 

@@ -30,6 +30,8 @@
 //! # }
 //! ```
 
+pub mod stores;
+
 use std::fmt::Write as _;
 use std::io;
 use std::net::TcpListener;

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: the job type, publishing, waiting on a
 //! condition with a deadline, and running the test services as real processes.
 
+pub mod capture;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::Path;
@@ -15,6 +17,47 @@ use serde::{Deserialize, Serialize};
 pub struct Job {
     /// Unique id, also the order of publication.
     pub id: u64,
+}
+
+/// The payload of the `readings` stream used by the capture tests: flat but for `place`,
+/// which CSV flattens into `place.site` and `place.floor` columns.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Reading {
+    /// Unique id, also the order of publication.
+    pub id: u64,
+    /// The split key.
+    pub sensor: String,
+    /// A measurement.
+    pub value: f64,
+    /// Present on some readings only.
+    pub note: Option<String>,
+    /// Where the sensor is.
+    pub place: Place,
+}
+
+/// Where a sensor is.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Place {
+    /// Site name.
+    pub site: String,
+    /// Floor number.
+    pub floor: i32,
+}
+
+impl Reading {
+    /// The reading with `id`, spread over `sensors` keys.
+    pub fn new(id: u64, sensors: u64) -> Reading {
+        Reading {
+            id,
+            sensor: format!("sensor-{}", id % sensors),
+            value: id as f64 / 8.0,
+            note: id.is_multiple_of(3).then(|| format!("note, \"quoted\" {id}")),
+            place: Place {
+                site: format!("site-{}", id % 7),
+                floor: (id % 5) as i32 - 1,
+            },
+        }
+    }
 }
 
 /// Polls `condition` every 25 ms until it holds; panics with `what` after `timeout`.

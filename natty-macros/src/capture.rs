@@ -1,0 +1,502 @@
+//! `#[capture(...)]`: parses the capture's keys and its key function's signature, then emits the
+//! function unchanged plus an adapter that decodes the payload and calls it, and registers a
+//! `CaptureDef`.
+
+use proc_macro2::{Span, TokenStream};
+use quote::{format_ident, quote, quote_spanned};
+use syn::spanned::Spanned;
+use syn::{ItemFn, LitStr};
+
+use crate::attr::{self, Errors, Slot};
+
+const KEYS: &[&str] = &[
+    "stream",
+    "durable",
+    "subject",
+    "store",
+    "format",
+    "compression",
+    "every",
+    "max_bytes",
+    "max_messages",
+    "ack_wait",
+    "max_ack_pending",
+    "max_deliver",
+    "dead_letter",
+    "store_concurrency",
+];
+
+/// The placeholders every path template may use; a struct key adds its fields.
+const PLACEHOLDERS: &[&str] = &["key", "stream", "durable", "date", "yyyy", "mm", "dd", "hh", "min"];
+
+const FORMATS: &[&str] = &["csv", "ndjson", "parquet", "raw"];
+const COMPRESSIONS: &[&str] = &["none", "gzip", "zstd"];
+
+struct Args {
+    stream: Slot<LitStr>,
+    durable: Slot<LitStr>,
+    subjects: Slot<Vec<LitStr>>,
+    store: Slot<LitStr>,
+    format: Slot<String>,
+    compression: Slot<String>,
+    every: Slot<u64>,
+    max_bytes: Slot<u64>,
+    max_messages: Slot<i64>,
+    ack_wait: Slot<u64>,
+    max_ack_pending: Slot<i64>,
+    max_deliver: Slot<i64>,
+    dead_letter: Slot<LitStr>,
+    store_concurrency: Slot<i64>,
+}
+
+impl Args {
+    fn parse(args: TokenStream, errors: &mut Errors) -> (Args, Vec<String>) {
+        let mut parsed = Args {
+            stream: Slot::new("stream"),
+            durable: Slot::new("durable"),
+            subjects: Slot::new("subject"),
+            store: Slot::new("store"),
+            format: Slot::new("format"),
+            compression: Slot::new("compression"),
+            every: Slot::new("every"),
+            max_bytes: Slot::new("max_bytes"),
+            max_messages: Slot::new("max_messages"),
+            ack_wait: Slot::new("ack_wait"),
+            max_ack_pending: Slot::new("max_ack_pending"),
+            max_deliver: Slot::new("max_deliver"),
+            dead_letter: Slot::new("dead_letter"),
+            store_concurrency: Slot::new("store_concurrency"),
+        };
+        let seen = attr::parse_keys(args, errors, |key, meta| parsed.key(key, meta));
+        (parsed, seen)
+    }
+
+    fn key(&mut self, key: &str, meta: &syn::meta::ParseNestedMeta) -> syn::Result<syn::Result<()>> {
+        Ok(match key {
+            "stream" => {
+                let lit = attr::lit_str(meta)?;
+                attr::check_name(&lit, "stream name").and_then(|()| self.stream.set(meta, lit.clone(), lit.span()))
+            }
+            "durable" => {
+                let lit = attr::lit_str(meta)?;
+                attr::check_name(&lit, "durable name").and_then(|()| self.durable.set(meta, lit.clone(), lit.span()))
+            }
+            "subject" | "subjects" => {
+                let subjects = attr::str_or_list(meta)?;
+                let span = subjects.first().map_or_else(Span::call_site, |lit| lit.span());
+                subjects
+                    .iter()
+                    .try_for_each(attr::check_subject)
+                    .and_then(|()| self.subjects.set(meta, subjects, span))
+            }
+            "store" => {
+                let lit = attr::lit_str(meta)?;
+                check_store(&lit).and_then(|()| self.store.set(meta, lit.clone(), lit.span()))
+            }
+            "format" => {
+                let lit = attr::lit_str(meta)?;
+                one_of(&lit, "format", FORMATS).and_then(|value| self.format.set(meta, value, lit.span()))
+            }
+            "compression" => {
+                let lit = attr::lit_str(meta)?;
+                one_of(&lit, "compression", COMPRESSIONS)
+                    .and_then(|value| self.compression.set(meta, value, lit.span()))
+            }
+            "every" => {
+                let lit = attr::lit_str(meta)?;
+                attr::duration(&lit)
+                    .and_then(|nanos| {
+                        if nanos < 100_000_000 {
+                            Err(syn::Error::new(lit.span(), "`every` must be at least 100ms"))
+                        } else {
+                            Ok(nanos)
+                        }
+                    })
+                    .and_then(|nanos| self.every.set(meta, nanos, lit.span()))
+            }
+            "max_bytes" => {
+                let expr: syn::Expr = meta.value()?.parse()?;
+                byte_size(&expr).and_then(|bytes| self.max_bytes.set(meta, bytes, expr.span()))
+            }
+            "max_messages" => attr::int_at_least(meta, "max_messages", 1)?
+                .and_then(|(value, span)| self.max_messages.set(meta, value, span)),
+            "ack_wait" => {
+                let lit = attr::lit_str(meta)?;
+                attr::duration(&lit)
+                    .and_then(|nanos| {
+                        if nanos < 1_000_000_000 {
+                            Err(syn::Error::new(
+                                lit.span(),
+                                "a capture's `ack_wait` must be at least 1s: held messages are kept alive every half ack_wait",
+                            ))
+                        } else {
+                            Ok(nanos)
+                        }
+                    })
+                    .and_then(|nanos| self.ack_wait.set(meta, nanos, lit.span()))
+            }
+            "max_ack_pending" => attr::int_at_least(meta, "max_ack_pending", 1)?
+                .and_then(|(value, span)| self.max_ack_pending.set(meta, value, span)),
+            "max_deliver" => attr::int_at_least(meta, "max_deliver", 1)?
+                .and_then(|(value, span)| self.max_deliver.set(meta, value, span)),
+            "store_concurrency" => attr::int_at_least(meta, "store_concurrency", 1)?
+                .and_then(|(value, span)| self.store_concurrency.set(meta, value, span)),
+            "dead_letter" => {
+                let lit = attr::lit_str(meta)?;
+                attr::check_subject(&lit)
+                    .and_then(|()| {
+                        if lit.value().contains(['*', '>']) {
+                            Err(syn::Error::new(
+                                lit.span(),
+                                "a dead-letter subject cannot contain wildcards",
+                            ))
+                        } else {
+                            Ok(())
+                        }
+                    })
+                    .and_then(|()| self.dead_letter.set(meta, lit.clone(), lit.span()))
+            }
+            _ => return attr::unknown_key(meta, "capture", KEYS),
+        })
+    }
+}
+
+/// The value of `lit` if it is one of `valid`.
+fn one_of(lit: &LitStr, key: &str, valid: &[&str]) -> syn::Result<String> {
+    let value = lit.value();
+    if valid.contains(&value.as_str()) {
+        return Ok(value);
+    }
+    let list = valid.iter().map(|v| format!("\"{v}\"")).collect::<Vec<_>>().join(", ");
+    Err(syn::Error::new(
+        lit.span(),
+        format!("unknown {key} `{value}`; expected one of {list}"),
+    ))
+}
+
+/// A byte count: an integer, or a string such as `"64MiB"`, `"10MB"`, `"512KiB"`.
+fn byte_size(expr: &syn::Expr) -> syn::Result<u64> {
+    let fail = || {
+        syn::Error::new_spanned(
+            expr,
+            "`max_bytes` takes a byte count: an integer or a string such as \"64MiB\", \"10MB\", \"512KiB\"",
+        )
+    };
+    let bytes = match expr {
+        syn::Expr::Lit(syn::ExprLit {
+            lit: syn::Lit::Int(int),
+            ..
+        }) => int.base10_parse::<u64>().map_err(|_| fail())?,
+        syn::Expr::Lit(syn::ExprLit {
+            lit: syn::Lit::Str(text),
+            ..
+        }) => {
+            let text = text.value();
+            let text = text.trim();
+            let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+            let (number, unit) = text.split_at(split);
+            let number: u64 = number.parse().map_err(|_| fail())?;
+            let scale: u64 = match unit.trim() {
+                "" | "B" => 1,
+                "KB" | "kB" => 1_000,
+                "MB" => 1_000_000,
+                "GB" => 1_000_000_000,
+                "KiB" => 1 << 10,
+                "MiB" => 1 << 20,
+                "GiB" => 1 << 30,
+                _ => return Err(fail()),
+            };
+            number.checked_mul(scale).ok_or_else(fail)?
+        }
+        _ => return Err(fail()),
+    };
+    if bytes == 0 {
+        return Err(syn::Error::new_spanned(expr, "`max_bytes` must be at least 1"));
+    }
+    Ok(bytes)
+}
+
+/// Checks a store URL: a known scheme (unless it comes from an environment variable) and a
+/// well-formed path template.
+fn check_store(lit: &LitStr) -> syn::Result<()> {
+    let url = lit.value();
+    let known = ["file://", "s3://", "az://", "azure://"];
+    if !url.starts_with("${") && !known.iter().any(|scheme| url.starts_with(scheme)) {
+        return Err(syn::Error::new(
+            lit.span(),
+            format!(
+                "unsupported store `{url}`; expected \"file://<folder>/...\", \"s3://<bucket>/...\" or \
+                 \"az://<container>/...\" (or \"${{VAR}}/...\" to take it from the environment)"
+            ),
+        ));
+    }
+    placeholders(&url)
+        .map(|_| ())
+        .map_err(|why| syn::Error::new(lit.span(), format!("invalid path template `{url}`: {why}")))
+}
+
+/// The `{name}` placeholders of a template, leaving out `${VAR}` environment references.
+fn placeholders(template: &str) -> Result<Vec<String>, String> {
+    let mut names = Vec::new();
+    let mut rest = template;
+    while let Some(open) = rest.find(['{', '}']) {
+        if rest[open..].starts_with('}') {
+            return Err("a `}` without its `{`".into());
+        }
+        let is_env = open > 0 && rest[..open].ends_with('$');
+        let Some(close) = rest[open..].find('}') else {
+            return Err("a `{` without its `}`".into());
+        };
+        let name = &rest[open + 1..open + close];
+        // `${VAR}` and `${VAR:-default}` are read from the environment at startup.
+        if !is_env {
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(format!("`{{{name}}}` is not a placeholder name"));
+            }
+            names.push(name.to_string());
+        }
+        rest = &rest[open + close + 1..];
+    }
+    Ok(names)
+}
+
+/// Whether a key function's return type is a plain string or number: then its value is
+/// `{key}` and no other key placeholder exists.
+fn is_scalar_key(ty: &syn::Type) -> bool {
+    let ty = match ty {
+        syn::Type::Reference(reference) => &*reference.elem,
+        other => other,
+    };
+    let syn::Type::Path(path) = ty else { return false };
+    let Some(last) = path.path.segments.last() else {
+        return false;
+    };
+    matches!(
+        last.ident.to_string().as_str(),
+        "String"
+            | "str"
+            | "Cow"
+            | "u8"
+            | "u16"
+            | "u32"
+            | "u64"
+            | "i8"
+            | "i16"
+            | "i32"
+            | "i64"
+            | "usize"
+            | "isize"
+            | "bool"
+    )
+}
+
+/// The payload type of `fn name(record: &Payload) -> Key`.
+fn signature(function: &ItemFn, errors: &mut Errors) -> Option<(syn::Type, syn::Type)> {
+    let sig = &function.sig;
+    if let Some(asyncness) = &sig.asyncness {
+        errors.spanned(
+            asyncness,
+            "a capture function is a plain `fn` that returns the split key: remove `async`",
+        );
+    }
+    if !sig.generics.params.is_empty() {
+        errors.spanned(&sig.generics, "a capture function cannot be generic");
+    }
+    let output = match &sig.output {
+        syn::ReturnType::Type(_, ty) => Some((**ty).clone()),
+        syn::ReturnType::Default => {
+            errors.spanned(
+                &sig.ident,
+                "a capture function returns the split key, e.g. `fn backup(order: &Order) -> String`",
+            );
+            None
+        }
+    };
+    let mut inputs = sig.inputs.iter();
+    let payload = match (inputs.next(), inputs.next()) {
+        (Some(syn::FnArg::Typed(arg)), None) => match &*arg.ty {
+            syn::Type::Reference(reference) if reference.mutability.is_none() => Some((*reference.elem).clone()),
+            other => {
+                errors.spanned(
+                    other,
+                    "a capture function takes its payload by reference, e.g. `order: &Order`",
+                );
+                None
+            }
+        },
+        (Some(syn::FnArg::Receiver(receiver)), _) => {
+            errors.spanned(receiver, "a capture function cannot take `self`");
+            None
+        }
+        (_, Some(extra)) => {
+            errors.spanned(
+                extra,
+                "a capture function takes one argument: the payload, by reference",
+            );
+            None
+        }
+        (None, None) => {
+            errors.spanned(
+                &sig.inputs,
+                "a capture function takes the payload by reference, e.g. `fn backup(order: &Order) -> String`",
+            );
+            None
+        }
+    };
+    Some((payload?, output?))
+}
+
+pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
+    let mut errors = Errors::default();
+    let (parsed, seen) = Args::parse(args, &mut errors);
+    let function: ItemFn = match syn::parse2(item.clone()) {
+        Ok(function) => function,
+        Err(_) => {
+            let error = syn::Error::new_spanned(&item, "`#[capture]` goes on a `fn` that returns a record's split key")
+                .to_compile_error();
+            return quote!(#item #error);
+        }
+    };
+    let types = signature(&function, &mut errors);
+    for (key, example) in [
+        ("stream", "stream = \"orders\""),
+        ("durable", "durable = \"backup\""),
+        ("store", "store = \"file://backup/{key}/\""),
+    ] {
+        if !seen.iter().any(|seen| seen == key) {
+            errors.push(syn::Error::new(
+                Span::call_site(),
+                format!("missing `{key}`, e.g. #[capture(stream = \"orders\", durable = \"backup\", store = \"file://backup/{{key}}/\")]: add `{example}`"),
+            ));
+        }
+    }
+    if let (Some(store), Some((_, key_type))) = (parsed.store.get(), &types) {
+        if is_scalar_key(key_type) {
+            if let Ok(names) = placeholders(&store.value()) {
+                if let Some(unknown) = names.iter().find(|name| !PLACEHOLDERS.contains(&name.as_str())) {
+                    let list = PLACEHOLDERS
+                        .iter()
+                        .map(|p| format!("{{{p}}}"))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    errors.push(syn::Error::new(
+                        store.span(),
+                        format!(
+                            "unknown placeholder `{{{unknown}}}`: the key is a single value, so the template may use {list} \
+                             (return a struct to name several key fields)"
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    if let (Some(max_messages), Some(max_ack_pending)) = (parsed.max_messages.get(), parsed.max_ack_pending.get()) {
+        if max_messages > max_ack_pending {
+            errors.push(syn::Error::new(
+                parsed.max_messages.span().unwrap_or_else(Span::call_site),
+                format!(
+                    "a block could never fill: `max_messages` ({max_messages}) exceeds `max_ack_pending` \
+                     ({max_ack_pending}), and every message of an open block is unacked"
+                ),
+            ));
+        }
+    }
+    let raw = parsed.format.get().is_some_and(|format| format == "raw");
+    let Some((payload, _)) = types else {
+        let error = errors
+            .into_result()
+            .err()
+            .unwrap_or_else(|| syn::Error::new(Span::call_site(), "invalid capture function"));
+        let error = error.to_compile_error();
+        return quote!(#item #error);
+    };
+    if let Err(error) = errors.into_result() {
+        let error = error.to_compile_error();
+        return quote!(#item #error);
+    }
+
+    let p = quote!(::natty_runtime::__private);
+    let ident = &function.sig.ident;
+    let adapter = format_ident!("__natty_capture_{}", ident);
+    let name = ident.to_string();
+    let stream = parsed.stream.take().map(|lit| lit.value()).unwrap_or_default();
+    let durable = parsed.durable.take().map(|lit| lit.value()).unwrap_or_default();
+    let store = parsed.store.take().map(|lit| lit.value()).unwrap_or_default();
+
+    let writers = if raw {
+        quote!(#p::capture::raw_writers)
+    } else {
+        // Spanned at the payload type, so a type without serde support is reported there.
+        quote_spanned!(payload.span()=> #p::capture::writers::<#payload>)
+    };
+    let mut setters = Vec::new();
+    if let Some(subjects) = parsed.subjects.take() {
+        setters.push(quote!(.subjects(&[#(#subjects),*])));
+    }
+    if let Some(format) = parsed.format.take() {
+        let variant = match format.as_str() {
+            "csv" => quote!(Csv),
+            "parquet" => quote!(Parquet),
+            "raw" => quote!(Raw),
+            _ => quote!(Ndjson),
+        };
+        setters.push(quote!(.format(#p::capture::BlockFormat::#variant)));
+    }
+    if let Some(compression) = parsed.compression.take() {
+        let variant = match compression.as_str() {
+            "gzip" => quote!(Gzip),
+            "zstd" => quote!(Zstd),
+            _ => quote!(None),
+        };
+        setters.push(quote!(.compression(#p::capture::Compression::#variant)));
+    }
+    if let Some(nanos) = parsed.every.take() {
+        let duration = attr::duration_tokens(nanos);
+        setters.push(quote!(.every(#duration)));
+    }
+    if let Some(bytes) = parsed.max_bytes.take() {
+        setters.push(quote!(.max_bytes(#bytes)));
+    }
+    if let Some(count) = parsed.max_messages.take() {
+        let count = count as u64;
+        setters.push(quote!(.max_messages(#count)));
+    }
+    if let Some(nanos) = parsed.ack_wait.take() {
+        let duration = attr::duration_tokens(nanos);
+        setters.push(quote!(.ack_wait(#duration)));
+    }
+    if let Some(value) = parsed.max_ack_pending.take() {
+        setters.push(quote!(.max_ack_pending(#value)));
+    }
+    if let Some(value) = parsed.max_deliver.take() {
+        setters.push(quote!(.max_deliver(#value)));
+    }
+    if let Some(subject) = parsed.dead_letter.take() {
+        setters.push(quote!(.dead_letter(#subject)));
+    }
+    if let Some(value) = parsed.store_concurrency.take() {
+        let value = value as usize;
+        setters.push(quote!(.store_concurrency(#value)));
+    }
+
+    quote! {
+        #function
+
+        #[doc(hidden)]
+        #[allow(non_snake_case)]
+        fn #adapter(
+            headers: ::core::option::Option<&#p::HeaderMap>,
+            payload: &[u8],
+        ) -> ::core::result::Result<#p::capture::Captured, #p::BoxError> {
+            let record: #payload = #p::decode(headers, payload)?;
+            let key = #ident(&record);
+            #p::capture::Captured::new(record, &key)
+        }
+
+        #p::inventory::submit! {
+            #p::capture::CaptureDef::new(#name, #stream, #durable, #store, #adapter, #writers)
+                #(#setters)*
+                .at(#p::Location { file: ::core::file!(), line: ::core::line!(), module: ::core::module_path!() })
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! `#[capture]` against a real nats-server, run as a real process (`natty-test-capture`):
+//! every format read back with its own reader, a SIGKILL mid-block, undecodable payloads.
+
+use std::time::Duration;
+
+use natty_runtime::testing::NatsServer;
+use natty_tests::capture::{create_readings_stream, files, publish_readings, settled, Tally};
+use natty_tests::{collect_stderr, send_signal, spawn_service, wait_until};
+
+const CAPTURE: &str = env!("CARGO_BIN_EXE_natty-test-capture");
+const SENSORS: u64 = 10;
+
+/// Store variables for a worker, all pointing at folders under `root`.
+fn folders(root: &std::path::Path) -> Vec<(String, String)> {
+    ["CSV_STORE", "NDJSON_STORE", "PARQUET_STORE", "RAW_STORE"]
+        .iter()
+        .map(|var| {
+            let folder = root.join(var.trim_end_matches("_STORE").to_lowercase());
+            (var.to_string(), format!("file://{}", folder.display()))
+        })
+        .collect()
+}
+
+/// Waits for `condition`; on timeout, fails with the capture's logs.
+async fn wait_logged<F, Fut>(
+    timeout: Duration,
+    what: &str,
+    logs: &std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    mut condition: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}; capture logs:\n{}",
+            logs.lock().unwrap().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn env_refs(env: &[(String, String)]) -> Vec<(&str, &str)> {
+    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+/// Stops a worker with SIGTERM and checks that it exits 0 within the drain time.
+async fn stop(mut child: tokio::process::Child, logs: &std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    send_signal(child.id().expect("pid"), "TERM");
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("the capture exits after SIGTERM")
+        .expect("wait");
+    assert!(
+        status.success(),
+        "capture exited with {status}; logs:\n{}",
+        logs.lock().unwrap().join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_format_reads_back_exactly_the_published_records() {
+    const COUNT: u64 = 100_000;
+    let server = NatsServer::start().await.expect("nats-server");
+    let client = server.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let env = folders(dir.path());
+
+    create_readings_stream(&client).await;
+    publish_readings(&client, 1..COUNT + 1, SENSORS).await;
+    let mut child = spawn_service(CAPTURE.as_ref(), Some(&server.url()), &env_refs(&env));
+    let logs = collect_stderr(&mut child);
+    for durable in ["csv", "ndjson", "parquet", "raw"] {
+        wait_logged(
+            Duration::from_secs(120),
+            &format!("capture `{durable}` to store everything"),
+            &logs,
+            || settled(&js, durable, COUNT),
+        )
+        .await;
+    }
+    stop(child, &logs).await;
+
+    for format in ["csv", "ndjson", "parquet", "raw"] {
+        let tally = Tally::of_folder(&dir.path().join(format), SENSORS);
+        // Ids are 1-based: stream sequence n carries id n.
+        tally.assert_exactly_once(1..COUNT + 1, format);
+        assert!(
+            tally.blocks >= SENSORS as usize,
+            "{format}: at least one block per sensor"
+        );
+    }
+    // No temporary file is left anywhere, and every block is named <stream>-<first>-<last>.
+    for path in files(dir.path()) {
+        let name = path.file_name().unwrap().to_string_lossy();
+        assert!(
+            name.starts_with("readings-") && !path.to_string_lossy().contains(".natty-tmp"),
+            "unexpected file {}",
+            path.display()
+        );
+    }
+    // The CSV path template put each block under {stream}/{key}/{date}.
+    let csv = files(&dir.path().join("csv"));
+    assert!(csv
+        .iter()
+        .all(|path| path.to_string_lossy().contains("/csv/readings/sensor-")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capture_killed_mid_block_stores_every_record_exactly_once_after_restart() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let client = server.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let env = folders(dir.path());
+    let env = [env_refs(&env), vec![("NATTY_HANDLERS", "to_ndjson")]].concat();
+    create_readings_stream(&client).await;
+
+    // A steady flow: 10 sensors, about 1,500 readings a second, for about 10 s.
+    let publisher = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            for batch in 0..100u64 {
+                publish_readings(&client, batch * 150 + 1..(batch + 1) * 150 + 1, SENSORS).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let mut first = spawn_service(CAPTURE.as_ref(), Some(&server.url()), &env);
+    let first_logs = collect_stderr(&mut first);
+    // Wait for stored blocks, then kill in the middle of a 2 s window: blocks are open (their
+    // messages delivered, unacked), none is being stored.
+    wait_until(Duration::from_secs(30), "blocks stored before the kill", || {
+        let stored = first_logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("block stored"))
+            .count();
+        async move { stored >= 2 * SENSORS as usize }
+    })
+    .await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let into_window = (now.as_nanos() % 2_000_000_000) as u64;
+    let until_mid_window = (3_000_000_000 - into_window) % 2_000_000_000;
+    tokio::time::sleep(Duration::from_nanos(until_mid_window)).await;
+    send_signal(first.id().expect("pid"), "KILL");
+    first.wait().await.expect("wait for the killed capture");
+    let info = js
+        .get_stream("readings")
+        .await
+        .unwrap()
+        .consumer_info("ndjson")
+        .await
+        .unwrap();
+    assert!(info.num_ack_pending > 0, "the kill left open blocks behind: {info:?}");
+
+    // A crash mid-write leaves a temporary behind; the restarted capture removes it.
+    let temporaries = dir.path().join("ndjson/.natty-tmp");
+    std::fs::create_dir_all(&temporaries).unwrap();
+    std::fs::write(temporaries.join("left-by-a-crash"), b"partial").unwrap();
+
+    let mut second = spawn_service(CAPTURE.as_ref(), Some(&server.url()), &env);
+    let second_logs = collect_stderr(&mut second);
+    publisher.await.expect("publisher");
+    let last = 100 * 150;
+    wait_logged(
+        Duration::from_secs(60),
+        "everything stored after the restart",
+        &second_logs,
+        || settled(&js, "ndjson", last),
+    )
+    .await;
+    stop(second, &second_logs).await;
+
+    let tally = Tally::of_folder(&dir.path().join("ndjson"), SENSORS);
+    tally.assert_exactly_once(1..last + 1, "ndjson after SIGKILL and restart");
+    let leftovers: Vec<_> = files(dir.path())
+        .into_iter()
+        .filter(|path| !path.file_name().unwrap().to_string_lossy().ends_with(".ndjson.zst"))
+        .collect();
+    assert!(leftovers.is_empty(), "partial or temporary files remain: {leftovers:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_payload_is_dead_lettered_and_does_not_hold_up_its_block() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let client = server.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let env = folders(dir.path());
+    let env = [env_refs(&env), vec![("NATTY_HANDLERS", "to_csv")]].concat();
+    create_readings_stream(&client).await;
+
+    publish_readings(&client, 1..51, SENSORS).await;
+    js.publish("readings.sensor-3", "{not json".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    publish_readings(&client, 52..101, SENSORS).await;
+
+    let mut child = spawn_service(CAPTURE.as_ref(), Some(&server.url()), &env);
+    let logs = collect_stderr(&mut child);
+    // Every valid record is stored and acked within a window and its grace, not held back.
+    wait_logged(Duration::from_secs(20), "the valid records stored", &logs, || {
+        settled(&js, "csv", 100)
+    })
+    .await;
+    let tally = Tally::of_folder(&dir.path().join("csv"), SENSORS);
+    let ids: Vec<u64> = tally.seen.keys().copied().collect();
+    assert_eq!(ids, (1..51).chain(52..101).collect::<Vec<_>>());
+
+    let dead = natty_tests::read_all(&js, "natty-dead-letters", 1).await;
+    assert_eq!(dead.len(), 1, "one dead letter");
+    let headers = dead[0].headers.as_ref().expect("dead-letter headers");
+    assert_eq!(headers.get("Natty-Original-Sequence").unwrap().as_str(), "51");
+    assert_eq!(headers.get("Natty-Original-Consumer").unwrap().as_str(), "csv");
+    let reason = headers.get("Natty-Dead-Letter-Reason").unwrap().as_str().to_string();
+    assert!(reason.contains("decode"), "reason: {reason}");
+    assert_eq!(&dead[0].payload[..], b"{not json");
+    stop(child, &logs).await;
+}
