@@ -1,4 +1,4 @@
-//! Places pizza orders for the capture example: `pizza-orders [COUNT]` (default 100).
+//! Places pizza orders for the capture example: `pizza-orders [COUNT]` (default 400).
 
 use natty_examples::pizza::PizzaOrder;
 use natty_runtime::Publish;
@@ -6,7 +6,7 @@ use natty_runtime::Publish;
 #[tokio::main]
 async fn main() -> natty_runtime::Result<()> {
     natty_runtime::init_logging();
-    let count: u64 = std::env::args().nth(1).and_then(|arg| arg.parse().ok()).unwrap_or(100);
+    let count: u64 = std::env::args().nth(1).and_then(|arg| arg.parse().ok()).unwrap_or(400);
     let client = natty_runtime::connect().await?;
     for n in 1..=count {
         let order = PizzaOrder::example(n);
