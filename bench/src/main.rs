@@ -58,6 +58,20 @@ fn count_one() {
 #[stream(name = "bench", subjects = ["bench.>"], storage = "file")]
 struct Bench;
 
+/// The capture scenario: NDJSON blocks of 10,000 per key (ten keys) into a local folder.
+#[capture(
+    stream = "bench",
+    durable = "natty-capture",
+    format = "ndjson",
+    store = "${NATTY_BENCH_CAPTURE}/{key}",
+    every = "10m",
+    max_messages = 10000,
+    max_ack_pending = 100000
+)]
+fn bench_capture(order: &Order) -> u64 {
+    order.id % 10
+}
+
 /// The consume scenario with natty's defaults (concurrency 1, adaptive prefetch).
 #[consumer(stream = "bench", durable = "natty-default", max_ack_pending = 20000)]
 async fn consume_default(_order: Order) {
@@ -286,6 +300,139 @@ async fn scenario_consume(server: &NatsServer, js: &jetstream::Context, args: &A
     let natty = report("consume (defaults)", &raw, &default, ">= 1.00x");
     report("consume (prefetch 1000)", &raw, &tuned, ">= 1.00x");
     natty
+}
+
+/// Waits until `durable` on `bench` has acked `count` messages: everything captured and stored.
+async fn acked(js: &jetstream::Context, durable: &str, count: u64) {
+    let stream = js.get_stream("bench").await.expect("stream");
+    loop {
+        if let Ok(info) = stream.consumer_info(durable).await {
+            if info.ack_floor.stream_sequence >= count && info.num_ack_pending == 0 {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Raw async-nats doing a capture by hand: pull (batch 1000), decode, append NDJSON to the
+/// block of its key, and every 10,000 messages of a key write the block to a temporary file,
+/// rename it into place and ack its messages one by one. Timed until the server has every ack.
+async fn raw_capture(js: &jetstream::Context, count: u64, dir: &std::path::Path) -> Duration {
+    let stream = js.get_stream("bench").await.expect("stream");
+    let _ = stream.delete_consumer("raw-capture").await;
+    let consumer = stream
+        .create_consumer(pull::Config {
+            durable_name: Some("raw-capture".into()),
+            max_ack_pending: 100_000,
+            ..Default::default()
+        })
+        .await
+        .expect("consumer");
+    let started = Instant::now();
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(1000)
+        .messages()
+        .await
+        .expect("messages");
+    let mut blocks: std::collections::HashMap<u64, (Vec<u8>, Vec<jetstream::Message>)> = Default::default();
+    let mut written = 0u64;
+    let store = |key: u64, bytes: Vec<u8>, n: u64| {
+        let folder = dir.join(key.to_string());
+        async move {
+            tokio::fs::create_dir_all(&folder).await.expect("folder");
+            let temporary = folder.join(format!(".tmp-{n}"));
+            tokio::fs::write(&temporary, bytes).await.expect("write");
+            tokio::fs::rename(&temporary, folder.join(format!("block-{n}.ndjson")))
+                .await
+                .expect("rename");
+        }
+    };
+    let mut seen = 0;
+    while let Some(message) = messages.next().await {
+        let message = message.expect("message");
+        let order: Order = serde_json::from_slice(&message.payload).expect("decode");
+        let block = blocks.entry(order.id % 10).or_default();
+        serde_json::to_writer(&mut block.0, &order).expect("encode");
+        block.0.push(b'\n');
+        block.1.push(message);
+        if block.1.len() == 10_000 {
+            let (bytes, held) = std::mem::take(block);
+            written += 1;
+            store(order.id % 10, bytes, written).await;
+            for message in held {
+                message.ack().await.expect("ack");
+            }
+        }
+        seen += 1;
+        if seen == count {
+            break;
+        }
+    }
+    for (key, (bytes, held)) in blocks.drain() {
+        if held.is_empty() {
+            continue;
+        }
+        written += 1;
+        store(key, bytes, written).await;
+        for message in held {
+            message.ack().await.expect("ack");
+        }
+    }
+    acked(js, "raw-capture", count).await;
+    started.elapsed()
+}
+
+/// natty's `#[capture]` on the same workload, timed until the server has every ack.
+async fn natty_capture(server: &NatsServer, js: &jetstream::Context, count: u64) -> Duration {
+    let stream = js.get_stream("bench").await.expect("stream");
+    let _ = stream.delete_consumer("natty-capture").await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let runtime = natty_runtime::Runtime::builder()
+        .url(server.url())
+        .handlers(["bench_capture"])
+        .build()
+        .expect("runtime");
+    let started = Instant::now();
+    let running = tokio::spawn(runtime.run_until(async {
+        let _ = stopped.await;
+    }));
+    acked(js, "natty-capture", count).await;
+    let elapsed = started.elapsed();
+    let _ = stop.send(());
+    running.await.expect("join").expect("natty run");
+    elapsed
+}
+
+async fn scenario_capture(server: &NatsServer, js: &jetstream::Context, args: &Args) {
+    purge(js, "bench").await;
+    fill(js, "bench.orders", args.messages).await;
+    let (mut raw, mut natty) = (Vec::new(), Vec::new());
+    for round in 0..args.rounds {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // Read by the store template of `bench_capture` when its runtime starts.
+        std::env::set_var(
+            "NATTY_BENCH_CAPTURE",
+            format!("file://{}", dir.path().join("natty").display()),
+        );
+        let natty_first = round % 2 == 1;
+        if natty_first {
+            natty.push(rate(args.messages, natty_capture(server, js, args.messages).await));
+        }
+        raw.push(rate(
+            args.messages,
+            raw_capture(js, args.messages, &dir.path().join("raw")).await,
+        ));
+        if !natty_first {
+            natty.push(rate(args.messages, natty_capture(server, js, args.messages).await));
+        }
+        eprintln!(
+            "  capture round {round}: raw {:.0}, natty {:.0}",
+            raw[round], natty[round]
+        );
+    }
+    report("capture (ndjson, local)", &raw, &natty, ">= 1.00x");
 }
 
 async fn scenario_publish(server: &NatsServer, js: &jetstream::Context, args: &Args) -> f64 {
@@ -569,6 +716,9 @@ async fn main() {
     } else {
         f64::NAN
     };
+    if wants("capture") {
+        scenario_capture(&server, &js, &args).await;
+    }
     if wants("concurrency") {
         scenario_concurrency(&server, &js, &args).await;
     }

@@ -371,12 +371,62 @@ struct Shared {
     nats: async_nats::Client,
     store: BlockStore,
     stats: Arc<CaptureStats>,
-    /// Half the consumer's `ack_wait`: how often held messages are kept alive.
+    /// A third of the consumer's `ack_wait`: how often held messages are kept alive, leaving
+    /// room for a busy process to send the pings late.
     keep_alive: Duration,
+    /// The stream sequences in open and storing blocks. A message redelivered while its first
+    /// delivery is still held (a keep-alive came too late) is not written twice: the first
+    /// delivery's ack, after its block is stored, settles it.
+    held_sequences: Mutex<std::collections::HashSet<u64>>,
+    /// Blocks stored in the last moments, with their sorted sequences: a redelivery that the
+    /// server sent before it saw the block's acks is acked again instead of stored twice.
+    recently_stored: Mutex<std::collections::VecDeque<(Instant, Vec<u64>)>>,
     /// Limits how many blocks are being stored at once.
     storing: Semaphore,
     /// Cancelled when the drain deadline passes: stores give up, leaving their messages unacked.
     abandon: CancellationToken,
+}
+
+impl Shared {
+    /// Marks a sequence held; false if it already is.
+    fn hold(&self, sequence: u64) -> bool {
+        self.held_sequences
+            .lock()
+            .map(|mut held| held.insert(sequence))
+            .unwrap_or(true)
+    }
+
+    /// Remembers a stored block's sequences for a while (see `recently_stored`).
+    fn stored(&self, mut sequences: Vec<u64>) {
+        // Redeliveries racing the acks arrive within moments; a third of ack_wait (at least
+        // five seconds) covers them without keeping every sequence ever stored.
+        let keep = self.keep_alive.max(Duration::from_secs(5));
+        sequences.sort_unstable();
+        if let Ok(mut recent) = self.recently_stored.lock() {
+            while recent.front().is_some_and(|(at, _)| at.elapsed() > keep) {
+                recent.pop_front();
+            }
+            recent.push_back((Instant::now(), sequences));
+        }
+    }
+
+    /// Whether `sequence` is in a block stored moments ago.
+    fn was_stored(&self, sequence: u64) -> bool {
+        self.recently_stored.lock().is_ok_and(|recent| {
+            recent
+                .iter()
+                .any(|(_, sequences)| sequences.binary_search(&sequence).is_ok())
+        })
+    }
+
+    /// Forgets sequences whose block was stored or given up.
+    fn release(&self, sequences: &[u64]) {
+        if let Ok(mut held) = self.held_sequences.lock() {
+            for sequence in sequences {
+                held.remove(sequence);
+            }
+        }
+    }
 }
 
 /// A running capture.
@@ -459,7 +509,9 @@ impl Capture {
                 nats,
                 store,
                 stats,
-                keep_alive: config.ack_wait / 2,
+                keep_alive: config.ack_wait / 3,
+                held_sequences: Mutex::new(std::collections::HashSet::new()),
+                recently_stored: Mutex::new(std::collections::VecDeque::new()),
                 storing: Semaphore::new(def.store_concurrency),
                 abandon: CancellationToken::new(),
             }),
@@ -519,11 +571,11 @@ impl Capture {
                         }
                     }
                     _ = tick.tick() => {
+                        blocks.keep_alive(&shared);
                         let idle = last_message.elapsed() >= grace;
                         for block in blocks.due(wall_clock_nanos(), grace, idle || caught_up) {
                             self.seal(block, &mut stores);
                         }
-                        blocks.keep_alive(&shared);
                         continue;
                     }
                     pulled = puller.next() => pulled,
@@ -735,6 +787,8 @@ struct OpenBlock {
     window: u64,
     writer: Box<dyn BlockWriter>,
     replies: Vec<Subject>,
+    /// The stream sequence of each reply.
+    sequences: Vec<u64>,
     first: u64,
     last: u64,
     bytes: u64,
@@ -760,6 +814,23 @@ impl Blocks {
         def: &CaptureDef,
     ) -> std::result::Result<Vec<OpenBlock>, Box<Refused>> {
         let window = timestamp - timestamp % self.every;
+        if original.delivery_count > 1 && shared.was_stored(original.stream_sequence) {
+            tracing::debug!(
+                capture = def.name,
+                sequence = original.stream_sequence,
+                "redelivered after it was stored; acked again"
+            );
+            settle_all(&shared.nats, vec![reply], b"+ACK");
+            return Ok(Vec::new());
+        }
+        if !shared.hold(original.stream_sequence) {
+            tracing::debug!(
+                capture = def.name,
+                sequence = original.stream_sequence,
+                "redelivered while held; skipped"
+            );
+            return Ok(Vec::new());
+        }
         let Captured { record, key } = captured;
         let slot = (key, window);
         let block = match self.open.get_mut(&slot) {
@@ -770,6 +841,7 @@ impl Blocks {
                     window,
                     writer: writers(),
                     replies: Vec::new(),
+                    sequences: Vec::new(),
                     first: u64::MAX,
                     last: 0,
                     bytes: 0,
@@ -779,6 +851,7 @@ impl Blocks {
             }
         };
         if let Err(error) = block.writer.append(&*record, &original.payload) {
+            shared.release(&[original.stream_sequence]);
             if def.format == BlockFormat::Parquet {
                 // A Parquet writer cannot take back a half-written row: it refuses anything
                 // more. Its messages go back to the server, to be written into a fresh block.
@@ -787,6 +860,7 @@ impl Blocks {
                         .stats
                         .held
                         .fetch_sub(broken.replies.len() as u64, Ordering::Relaxed);
+                    shared.release(&broken.sequences);
                     settle_all(&shared.nats, broken.replies, b"-NAK");
                 }
             }
@@ -797,6 +871,7 @@ impl Blocks {
             )));
         }
         block.replies.push(reply);
+        block.sequences.push(original.stream_sequence);
         block.first = block.first.min(original.stream_sequence);
         block.last = block.last.max(original.stream_sequence);
         block.bytes += original.payload.len() as u64;
@@ -878,12 +953,20 @@ async fn store_block(shared: Arc<Shared>, block: OpenBlock, extension: &'static 
         window,
         writer,
         replies,
+        sequences,
         first,
         last,
+        touched,
         ..
     } = block;
-    let release = || shared.stats.held.fetch_sub(count, Ordering::Relaxed);
-    let mut keep_alive = tokio::time::interval_at(Instant::now() + shared.keep_alive, shared.keep_alive);
+    let release = || {
+        shared.release(&sequences);
+        shared.stats.held.fetch_sub(count, Ordering::Relaxed)
+    };
+    // The messages were last kept alive (or delivered) at `touched`, not when the block was
+    // sealed: counted from the seal, a block sealed just before its keep-alive was due would go
+    // a whole ack_wait without one, and the server would redeliver its messages.
+    let mut keep_alive = tokio::time::interval_at(touched + shared.keep_alive, shared.keep_alive);
 
     let permit = loop {
         tokio::select! {
@@ -954,6 +1037,7 @@ async fn store_block(shared: Arc<Shared>, block: OpenBlock, extension: &'static 
                 if let Err(error) = shared.nats.flush().await {
                     tracing::warn!(capture = def.name, %error, "cannot flush the acks of a stored block");
                 }
+                shared.stored(sequences.clone());
                 release();
                 let stats = &shared.stats;
                 stats.blocks.fetch_add(1, Ordering::Relaxed);
