@@ -58,13 +58,15 @@ fn count_one() {
 #[stream(name = "bench", subjects = ["bench.>"], storage = "file")]
 struct Bench;
 
-/// The capture scenario: NDJSON blocks of 10,000 per key (ten keys) into a local folder.
+/// The capture scenario: NDJSON blocks of up to 10,000 per key (ten keys) into a local folder.
+/// The stream is filled before the capture starts, so its 1 s windows (by stream timestamp)
+/// are all in the past: each closes as soon as the next window's first message is read.
 #[capture(
     stream = "bench",
     durable = "natty-capture",
     format = "ndjson",
     store = "${NATTY_BENCH_CAPTURE}/{key}",
-    every = "10m",
+    every = "1s",
     max_messages = 10000,
     max_ack_pending = 100000
 )]
@@ -309,6 +311,13 @@ async fn acked(js: &jetstream::Context, durable: &str, count: u64) {
         if let Ok(info) = stream.consumer_info(durable).await {
             if info.ack_floor.stream_sequence >= count && info.num_ack_pending == 0 {
                 return;
+            }
+            // BENCH_DEBUG=1 shows how the ack floor moves: where a capture spends its time.
+            if std::env::var("BENCH_DEBUG").is_ok() {
+                eprintln!(
+                    "{durable}: floor {:?} pending {} ack pending {}",
+                    info.ack_floor, info.num_pending, info.num_ack_pending
+                );
             }
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
