@@ -12,7 +12,7 @@ const SENSORS: u64 = 10;
 
 /// Store variables for a worker, all pointing at folders under `root`.
 fn folders(root: &std::path::Path) -> Vec<(String, String)> {
-    ["CSV_STORE", "NDJSON_STORE", "PARQUET_STORE", "RAW_STORE"]
+    ["CSV_STORE", "NDJSON_STORE", "PARQUET_STORE", "RAW_STORE", "DRAIN_STORE"]
         .iter()
         .map(|var| {
             let folder = root.join(var.trim_end_matches("_STORE").to_lowercase());
@@ -225,4 +225,75 @@ async fn an_undecodable_payload_is_dead_lettered_and_does_not_hold_up_its_block(
     assert!(reason.contains("decode"), "reason: {reason}");
     assert_eq!(&dead[0].payload[..], b"{not json");
     stop(child, &logs).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stores_the_open_blocks_before_exiting() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let client = server.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let env = folders(dir.path());
+    let env = [env_refs(&env), vec![("NATTY_HANDLERS", "to_drain")]].concat();
+    create_readings_stream(&client).await;
+    publish_readings(&client, 1..1001, SENSORS).await;
+    let info = || async {
+        let mut stream = js.get_stream("readings").await.ok()?;
+        stream.consumer_info("drain").await.ok()
+    };
+
+    // Each run is stopped once everything left is delivered to it. Its windows last an hour,
+    // so it stores nothing while running; on SIGTERM it stores the blocks it holds and hands
+    // back what it had received but not yet written. A few runs store everything.
+    let mut runs = 0;
+    while !settled(&js, "drain", 1000).await {
+        runs += 1;
+        assert!(runs <= 10, "10 runs did not store everything");
+        let stored_before = files(dir.path()).len();
+        let left = 1000 - Tally::of_folder(&dir.path().join("drain"), SENSORS).seen.len() as u64;
+        let delivered_before = info().await.map_or(0, |info| info.delivered.consumer_sequence);
+        let mut child = spawn_service(CAPTURE.as_ref(), Some(&server.url()), &env);
+        let logs = collect_stderr(&mut child);
+        wait_logged(
+            Duration::from_secs(20),
+            "everything left delivered to this run",
+            &logs,
+            || async {
+                info()
+                    .await
+                    .is_some_and(|info| info.delivered.consumer_sequence >= delivered_before + left)
+            },
+        )
+        .await;
+        assert_eq!(
+            files(dir.path()).len(),
+            stored_before,
+            "run {runs} stored a block before its drain"
+        );
+        let logs_after = logs.clone();
+        stop(child, &logs).await;
+        // What the run stored, it acked; the rest it handed back, still to be done. (The server
+        // applies acks from a queue of its own, a moment after receiving them.)
+        let stored = Tally::of_folder(&dir.path().join("drain"), SENSORS).seen.len() as u64;
+        wait_logged(
+            Duration::from_secs(5),
+            "exactly the stored records acked",
+            &logs_after,
+            || async {
+                info()
+                    .await
+                    .is_some_and(|info| info.num_ack_pending as u64 + info.num_pending == 1000 - stored)
+            },
+        )
+        .await;
+        assert!(
+            logs_after
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|line| line.contains("capture draining")),
+            "run {runs} drained its capture"
+        );
+    }
+    Tally::of_folder(&dir.path().join("drain"), SENSORS).assert_exactly_once(1..1001, "drained blocks");
 }

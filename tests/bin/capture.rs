@@ -1,6 +1,7 @@
 //! A natty service used by the capture tests: four captures of the `readings` stream, one per
 //! format, each storing where an environment variable says (`CSV_STORE`, `NDJSON_STORE`,
-//! `PARQUET_STORE`, `RAW_STORE`: `file://...`, `s3://...` or `az://...`). Run one of them with
+//! `PARQUET_STORE`, `RAW_STORE`: `file://...`, `s3://...` or `az://...`), and `to_drain`, whose
+//! hour-long windows close only on shutdown (`DRAIN_STORE`). Run one of them with
 //! `NATTY_HANDLERS=to_csv` and so on.
 
 use natty_runtime::prelude::*;
@@ -61,6 +62,19 @@ fn to_parquet(reading: &Reading) -> String {
     ack_wait = "4s"
 )]
 fn to_raw(reading: &Reading) -> String {
+    reading.sensor.clone()
+}
+
+/// Windows of an hour: its blocks close only when the capture drains.
+#[capture(
+    stream = "readings",
+    durable = "drain",
+    format = "ndjson",
+    store = "${DRAIN_STORE}/{key}",
+    every = "1h",
+    ack_wait = "4s"
+)]
+fn to_drain(reading: &Reading) -> String {
     reading.sensor.clone()
 }
 
