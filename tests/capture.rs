@@ -238,7 +238,7 @@ async fn sigterm_stores_the_open_blocks_before_exiting() {
     create_readings_stream(&client).await;
     publish_readings(&client, 1..1001, SENSORS).await;
     let info = || async {
-        let mut stream = js.get_stream("readings").await.ok()?;
+        let stream = js.get_stream("readings").await.ok()?;
         stream.consumer_info("drain").await.ok()
     };
 
