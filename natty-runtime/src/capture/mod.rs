@@ -625,7 +625,12 @@ impl Capture {
                                 self.dead_letter(reply, original, why);
                             }
                         }
-                        if shared.stats.held.load(Ordering::Relaxed) >= pressure {
+                        // Only when open blocks hold at least half the allowance: blocks being
+                        // stored count too, and closing fresh one-message blocks while they
+                        // finish would only add tiny stores.
+                        if shared.stats.held.load(Ordering::Relaxed) >= pressure
+                            && blocks.open.values().map(|b| b.replies.len() as u64).sum::<u64>() >= self.max_held / 2
+                        {
                             if let Some(block) = blocks.biggest() {
                                 tracing::debug!(
                                     capture = def.name,
