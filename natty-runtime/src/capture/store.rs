@@ -1203,6 +1203,16 @@ mod tests {
         open(url).block_path(&vars, "b.csv").map(|path| path.to_string())
     }
 
+    /// Stream `S`, durable `d`, the epoch's first window.
+    fn vars(key: &[(String, String)]) -> PathVars<'_> {
+        PathVars {
+            stream: "S",
+            durable: "d",
+            key,
+            window_start: 0,
+        }
+    }
+
     /// Days since the epoch of a date, the inverse algorithm, to check every day of 800 years.
     fn days_from_civil(year: u64, month: u32, day: u32) -> u64 {
         let y = if month <= 2 { year - 1 } else { year };
@@ -1288,12 +1298,7 @@ mod tests {
         let expected = Path::from_absolute_path(cwd.join("out/blocks/k/b.csv")).unwrap();
         assert_eq!(relative, expected.to_string());
         let store = open("file:///data/{key}");
-        let vars = PathVars {
-            stream: "S",
-            durable: "d",
-            key: &key,
-            window_start: 0,
-        };
+        let vars = vars(&key);
         let path = store.block_path(&vars, "b.csv").unwrap();
         assert_eq!(store.describe(&path), "file:///data/k/b.csv");
         assert_eq!(
@@ -1321,12 +1326,7 @@ mod tests {
         // `{key}` of a struct key inside a segment: the first field joins the literal before it.
         assert_eq!(render("s3://b/k={key}.x/", &key, 0).unwrap(), "k=eu/42.x/b.csv");
         let store = open("s3://bucket/{key}");
-        let vars = PathVars {
-            stream: "S",
-            durable: "d",
-            key: &key,
-            window_start: 0,
-        };
+        let vars = vars(&key);
         let path = store.block_path(&vars, "b.csv").unwrap();
         assert_eq!(store.describe(&path), "s3://bucket/eu/42/b.csv");
         let store = open("azure://box/{region}");
@@ -1398,12 +1398,7 @@ mod tests {
     fn bad_file_names() {
         let store = open("s3://b/{key}");
         let key = key(&[("key", "k")]);
-        let vars = PathVars {
-            stream: "S",
-            durable: "d",
-            key: &key,
-            window_start: 0,
-        };
+        let vars = vars(&key);
         for name in ["", "a/b", "..", "."] {
             let err = store.block_path(&vars, name).unwrap_err().to_string();
             assert!(err.contains("file name"), "{name:?}: {err}");
@@ -1446,12 +1441,7 @@ mod tests {
         };
         let store = BlockStore::open_with_env("s3://${BUCKET}/${PREFIX}/{key}/$x", &env).unwrap();
         let key = key(&[("key", "k")]);
-        let vars = PathVars {
-            stream: "S",
-            durable: "d",
-            key: &key,
-            window_start: 0,
-        };
+        let vars = vars(&key);
         let path = store.block_path(&vars, "b").unwrap();
         assert_eq!(store.describe(&path), "s3://archive/raw/v1/k/$x/b");
 
@@ -1532,12 +1522,7 @@ mod tests {
         let url = format!("file://{}/{{key}}/", dir.path().display());
         let store = open(&url);
         let key = key(&[("key", "k")]);
-        let vars = PathVars {
-            stream: "S",
-            durable: "d",
-            key: &key,
-            window_start: 0,
-        };
+        let vars = vars(&key);
         let path = store.block_path(&vars, "b.csv").unwrap();
         store.put(&path, Bytes::from_static(b"one")).await.unwrap();
         store.put(&path, Bytes::from_static(b"two")).await.unwrap();
