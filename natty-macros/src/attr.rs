@@ -222,6 +222,18 @@ pub fn check_subject(lit: &LitStr) -> syn::Result<()> {
     Ok(())
 }
 
+/// Checks a dead-letter subject: a subject messages are published to, so no wildcards.
+pub fn check_dead_letter(lit: &LitStr) -> syn::Result<()> {
+    check_subject(lit)?;
+    if lit.value().contains(['*', '>']) {
+        return Err(syn::Error::new(
+            lit.span(),
+            "a dead-letter subject cannot contain wildcards",
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a durable consumer or stream name: nats-server refuses `.`, `*`, `>`, path
 /// separators and whitespace in names because they become subject tokens and file names.
 pub fn check_name(lit: &LitStr, what: &str) -> syn::Result<()> {

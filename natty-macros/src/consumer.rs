@@ -134,18 +134,7 @@ impl Args {
             }
             "dead_letter" => {
                 let lit = attr::lit_str(meta)?;
-                attr::check_subject(&lit)
-                    .and_then(|()| {
-                        if lit.value().contains(['*', '>']) {
-                            Err(syn::Error::new(
-                                lit.span(),
-                                "a dead-letter subject cannot contain wildcards",
-                            ))
-                        } else {
-                            Ok(())
-                        }
-                    })
-                    .and_then(|()| self.dead_letter.set(meta, lit.clone(), lit.span()))
+                attr::check_dead_letter(&lit).and_then(|()| self.dead_letter.set(meta, lit.clone(), lit.span()))
             }
             "deliver" => {
                 let lit = attr::lit_str(meta)?;
