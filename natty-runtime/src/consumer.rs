@@ -495,7 +495,7 @@ impl Consumer {
         let permits = Arc::new(Semaphore::new(concurrency));
         let lanes = Lanes::default();
         let mut failures = 0u32;
-        'session: loop {
+        loop {
             let mut puller = match Puller::start(this.shared.client.nats(), this.def.stream, &this.name).await {
                 Ok(puller) => puller,
                 Err(error) => {
@@ -570,48 +570,12 @@ impl Consumer {
                 }
             };
             if !rebind {
-                // Prefetched messages that no handler started go back to the server at once,
-                // so another instance can take them instead of waiting out ack_wait.
-                let prefetched = puller.stop(HAND_BACK_WITHIN).await;
-                let handed_back = prefetched.len();
-                for message in prefetched {
-                    if let Some(reply) = message.reply {
-                        Settle {
-                            client: this.shared.client.nats().clone(),
-                            reply,
-                        }
-                        .send(Bytes::from_static(b"-NAK"))
-                        .await;
-                    }
-                }
-                if handed_back > 0 {
-                    tracing::info!(
-                        stream = this.def.stream,
-                        consumer = &*this.name,
-                        handed_back,
-                        "returned prefetched messages"
-                    );
-                }
+                this.hand_back(puller).await;
                 break;
             }
             drop(puller);
-            loop {
-                match this.bind().await {
-                    Ok(_) => {
-                        tracing::info!(
-                            stream = this.def.stream,
-                            consumer = &*this.name,
-                            "consumer re-bound; resuming"
-                        );
-                        continue 'session;
-                    }
-                    Err(error) => {
-                        tracing::error!(%error, "cannot re-bind the consumer; retrying");
-                        if !pause(&cancel, &mut failures).await {
-                            break 'session;
-                        }
-                    }
-                }
+            if !this.rebind(&cancel, &mut failures).await {
+                break;
             }
         }
         // In-flight handlers hold permits; they release them when settled (or naked at hard_stop).
@@ -623,6 +587,53 @@ impl Consumer {
             }
         }
         Ok(())
+    }
+
+    /// Stops pulling and returns prefetched messages that were not started to the server at
+    /// once, so another instance can take them instead of waiting out ack_wait.
+    pub(crate) async fn hand_back(&self, puller: Puller) {
+        let prefetched = puller.stop(HAND_BACK_WITHIN).await;
+        let handed_back = prefetched.len();
+        for message in prefetched {
+            if let Some(reply) = message.reply {
+                Settle {
+                    client: self.shared.client.nats().clone(),
+                    reply,
+                }
+                .send(Bytes::from_static(b"-NAK"))
+                .await;
+            }
+        }
+        if handed_back > 0 {
+            tracing::info!(
+                stream = self.def.stream,
+                consumer = &*self.name,
+                handed_back,
+                "returned prefetched messages"
+            );
+        }
+    }
+
+    /// Binds the consumer again, retrying with backoff until it works; false if cancelled first.
+    pub(crate) async fn rebind(&self, cancel: &CancellationToken, failures: &mut u32) -> bool {
+        loop {
+            match self.bind().await {
+                Ok(_) => {
+                    tracing::info!(
+                        stream = self.def.stream,
+                        consumer = &*self.name,
+                        "consumer re-bound; resuming"
+                    );
+                    return true;
+                }
+                Err(error) => {
+                    tracing::error!(%error, "cannot re-bind the consumer; retrying");
+                    if !pause(cancel, failures).await {
+                        return false;
+                    }
+                }
+            }
+        }
     }
 
     /// After the pull stalled: whether the consumer must be bound again (it or its stream

@@ -42,7 +42,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Provision;
-use crate::consumer::{Consumer, ConsumerDef, Original, Settle, HAND_BACK_WITHIN};
+use crate::consumer::{Consumer, ConsumerDef, Original, Settle};
 use crate::error::{BoxError, Error, Result};
 use crate::handler::{Delivery, Outcome};
 use crate::publish::Client;
@@ -388,11 +388,15 @@ struct Shared {
 }
 
 impl Shared {
-    /// Marks a sequence held; false if it already is.
+    /// Marks a sequence held; false if it already is. The `held` stat follows the set.
     fn hold(&self, sequence: u64) -> bool {
         self.held_sequences
             .lock()
-            .map(|mut held| held.insert(sequence))
+            .map(|mut held| {
+                let new = held.insert(sequence);
+                self.stats.held.store(held.len() as u64, Ordering::Relaxed);
+                new
+            })
             .unwrap_or(true)
     }
 
@@ -425,6 +429,7 @@ impl Shared {
             for sequence in sequences {
                 held.remove(sequence);
             }
+            self.stats.held.store(held.len() as u64, Ordering::Relaxed);
         }
     }
 }
@@ -605,15 +610,8 @@ impl Capture {
                                 continue;
                             }
                         };
-                        let sealed = blocks.add(
-                            captured,
-                            original,
-                            reply,
-                            meta.timestamp_nanos,
-                            &self.writers,
-                            &shared,
-                            &def,
-                        );
+                        let sealed =
+                            blocks.add(captured, original, reply, meta.timestamp_nanos, &self.writers, &shared);
                         match sealed {
                             Ok(sealed) => {
                                 for block in sealed {
@@ -665,29 +663,12 @@ impl Capture {
             };
             if !rebind {
                 // Messages that reached us but no block: back to the server at once.
-                for message in puller.stop(HAND_BACK_WITHIN).await {
-                    if let Some(reply) = message.reply {
-                        Settle {
-                            client: shared.nats.clone(),
-                            reply,
-                        }
-                        .send(Bytes::from_static(b"-NAK"))
-                        .await;
-                    }
-                }
+                shared.consumer.hand_back(puller).await;
                 break None;
             }
             drop(puller);
-            loop {
-                match shared.consumer.bind().await {
-                    Ok(_) => continue 'session,
-                    Err(error) => {
-                        tracing::error!(capture = def.name, %error, "cannot re-bind the consumer; retrying");
-                        if !crate::consumer::pause(&cancel, &mut failures).await {
-                            break 'session None;
-                        }
-                    }
-                }
+            if !shared.consumer.rebind(&cancel, &mut failures).await {
+                break None;
             }
         };
 
@@ -794,8 +775,6 @@ struct OpenBlock {
     replies: Vec<Subject>,
     /// The stream sequence of each reply.
     sequences: Vec<u64>,
-    first: u64,
-    last: u64,
     bytes: u64,
     /// When its messages were last kept alive (or the first arrived).
     touched: Instant,
@@ -816,8 +795,8 @@ impl Blocks {
         timestamp: u64,
         writers: &WriterFactory,
         shared: &Shared,
-        def: &CaptureDef,
     ) -> std::result::Result<Vec<OpenBlock>, Box<Refused>> {
+        let def = &shared.def;
         let window = timestamp - timestamp % self.every;
         if original.delivery_count > 1 && shared.was_stored(original.stream_sequence) {
             tracing::debug!(
@@ -847,8 +826,6 @@ impl Blocks {
                     writer: writers(),
                     replies: Vec::new(),
                     sequences: Vec::new(),
-                    first: u64::MAX,
-                    last: 0,
                     bytes: 0,
                     touched: Instant::now(),
                 };
@@ -861,10 +838,6 @@ impl Blocks {
                 // A Parquet writer cannot take back a half-written row: it refuses anything
                 // more. Its messages go back to the server, to be written into a fresh block.
                 if let Some(broken) = self.open.remove(&slot) {
-                    shared
-                        .stats
-                        .held
-                        .fetch_sub(broken.replies.len() as u64, Ordering::Relaxed);
                     shared.release(&broken.sequences);
                     settle_all(&shared.nats, broken.replies, b"-NAK");
                 }
@@ -877,10 +850,7 @@ impl Blocks {
         }
         block.replies.push(reply);
         block.sequences.push(original.stream_sequence);
-        block.first = block.first.min(original.stream_sequence);
-        block.last = block.last.max(original.stream_sequence);
         block.bytes += original.payload.len() as u64;
-        shared.stats.held.fetch_add(1, Ordering::Relaxed);
         let full = block.replies.len() as u64 >= def.max_messages || block.bytes >= def.max_bytes;
         let mut closed = Vec::new();
         if full {
@@ -959,15 +929,13 @@ async fn store_block(shared: Arc<Shared>, block: OpenBlock, extension: &'static 
         writer,
         replies,
         sequences,
-        first,
-        last,
         touched,
         ..
     } = block;
-    let release = || {
-        shared.release(&sequences);
-        shared.stats.held.fetch_sub(count, Ordering::Relaxed)
-    };
+    // Sealed blocks hold at least one message (see `Capture::seal`).
+    let first = sequences.iter().copied().min().unwrap_or_default();
+    let last = sequences.iter().copied().max().unwrap_or_default();
+    let release = || shared.release(&sequences);
     // The messages were last kept alive (or delivered) at `touched`, not when the block was
     // sealed: counted from the seal, a block sealed just before its keep-alive was due would go
     // a whole ack_wait without one, and the server would redeliver its messages.
