@@ -84,7 +84,7 @@ async fn every_format_reads_back_exactly_the_published_records() {
             Duration::from_secs(120),
             &format!("capture `{durable}` to store everything"),
             &logs,
-            || settled(&js, durable, COUNT),
+            || settled(&js, "readings", durable, COUNT),
         )
         .await;
     }
@@ -179,7 +179,7 @@ async fn a_capture_killed_mid_block_stores_every_record_exactly_once_after_resta
         Duration::from_secs(60),
         "everything stored after the restart",
         &second_logs,
-        || settled(&js, "ndjson", last),
+        || settled(&js, "readings", "ndjson", last),
     )
     .await;
     stop(second, &second_logs).await;
@@ -215,7 +215,7 @@ async fn an_undecodable_payload_is_dead_lettered_and_does_not_hold_up_its_block(
     let logs = collect_stderr(&mut child);
     // Every valid record is stored and acked within a window and its grace, not held back.
     wait_logged(Duration::from_secs(20), "the valid records stored", &logs, || {
-        settled(&js, "csv", 100)
+        settled(&js, "readings", "csv", 100)
     })
     .await;
     let tally = Tally::of_folder(&dir.path().join("csv"), SENSORS);
@@ -252,7 +252,7 @@ async fn sigterm_stores_the_open_blocks_before_exiting() {
     // so it stores nothing while running; on SIGTERM it stores the blocks it holds and hands
     // back what it had received but not yet written. A few runs store everything.
     let mut runs = 0;
-    while !settled(&js, "drain", 1000).await {
+    while !settled(&js, "readings", "drain", 1000).await {
         runs += 1;
         assert!(runs <= 10, "10 runs did not store everything");
         let stored_before = files(dir.path()).len();

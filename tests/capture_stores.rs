@@ -111,7 +111,7 @@ async fn parquet_blocks_go_to_s3_and_read_back_exactly_once() {
     let mut child = spawn_service(CAPTURE.as_ref(), Some(&server.url()), &env_refs(&env));
     let logs = collect_stderr(&mut child);
     wait_logged(Duration::from_secs(120), "every reading stored in S3", &logs, || {
-        settled(&js, "parquet", COUNT)
+        settled(&js, "readings", "parquet", COUNT)
     })
     .await;
     stop(child, &logs).await;
@@ -143,7 +143,7 @@ async fn ndjson_blocks_go_to_azure_blob_storage() {
         Duration::from_secs(120),
         "every reading stored in Azure Blob storage",
         &logs,
-        || settled(&js, "ndjson", COUNT),
+        || settled(&js, "readings", "ndjson", COUNT),
     )
     .await;
     stop(child, &logs).await;
@@ -180,7 +180,7 @@ async fn a_store_outage_acks_nothing_and_loses_nothing() {
     let logs = collect_stderr(&mut child);
     publish_readings(&client, 1..BEFORE + 1, SENSORS).await;
     wait_logged(Duration::from_secs(60), "the first readings stored", &logs, || {
-        settled(&js, "parquet", BEFORE)
+        settled(&js, "readings", "parquet", BEFORE)
     })
     .await;
     // moto keeps its objects in memory: what it holds now is gone after the restart.
@@ -253,7 +253,7 @@ async fn a_store_outage_acks_nothing_and_loses_nothing() {
         Duration::from_secs(90),
         "the held readings stored after the outage",
         &logs,
-        || settled(&js, "parquet", LAST),
+        || settled(&js, "readings", "parquet", LAST),
     )
     .await;
     stop(child, &logs).await;

@@ -10,24 +10,13 @@ use futures_util::StreamExt;
 use natty_examples::pizza::PizzaOrder;
 use natty_runtime::testing::stores::MotoServer;
 use natty_runtime::testing::NatsServer;
-use natty_tests::capture::files;
+use natty_tests::capture::{files, settled};
 use natty_tests::{collect_stderr, run_to_exit, send_signal, spawn_service, wait_until};
 use object_store::ObjectStoreExt as _;
 
 const CAPTURE: &str = env!("CARGO_BIN_EXE_pizza-capture");
 const ORDERS: &str = env!("CARGO_BIN_EXE_pizza-orders");
 const COUNT: u64 = 400;
-
-/// Whether the capture's consumer stored and acked all `COUNT` orders.
-async fn settled(js: &async_nats::jetstream::Context, durable: &str) -> bool {
-    let Ok(stream) = js.get_stream("pizza").await else {
-        return false;
-    };
-    let Ok(info) = stream.consumer_info(durable).await else {
-        return false;
-    };
-    info.num_pending == 0 && info.num_ack_pending == 0 && info.ack_floor.stream_sequence >= COUNT
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pizza_orders_are_captured_per_store_as_csv_and_as_parquet_in_s3() {
@@ -68,7 +57,7 @@ async fn pizza_orders_are_captured_per_store_as_csv_and_as_parquet_in_s3() {
         wait_until(
             Duration::from_secs(60),
             &format!("`{durable}` to store every order"),
-            || settled(&js, durable),
+            || settled(&js, "pizza", durable, COUNT),
         )
         .await;
     }

@@ -43,16 +43,15 @@ pub async fn create_readings_stream(client: &async_nats::Client) {
     .expect("create the readings stream");
 }
 
-/// Whether `durable` on `readings` has been delivered everything up to stream sequence
-/// `last` and has nothing unacked: every record is stored.
-pub async fn settled(js: &async_nats::jetstream::Context, durable: &str, last: u64) -> bool {
-    let Ok(mut stream) = js.get_stream("readings").await else {
+/// Whether `durable` on `stream` has been delivered everything up to stream sequence `last`
+/// and has nothing unacked: every record is stored.
+pub async fn settled(js: &async_nats::jetstream::Context, stream: &str, durable: &str, last: u64) -> bool {
+    let Ok(stream) = js.get_stream(stream).await else {
         return false;
     };
     let Ok(info) = stream.consumer_info(durable).await else {
         return false;
     };
-    let _ = &mut stream;
     info.num_pending == 0 && info.num_ack_pending == 0 && info.ack_floor.stream_sequence >= last
 }
 
