@@ -300,16 +300,16 @@ impl RuntimeBuilder {
 /// A configured service, ready to [`run`](Runtime::run).
 #[derive(Debug)]
 pub struct Runtime {
-    config: Config,
-    streams: Vec<StreamDef>,
-    consumers: Vec<ConsumerDef>,
-    subscriptions: Vec<SubscriptionDef>,
-    kv_watches: Vec<KvWatchDef>,
-    leaders: Vec<LeaderDef>,
-    kv_buckets: Vec<KvBucketDef>,
-    object_stores: Vec<ObjectStoreDef>,
+    pub(crate) config: Config,
+    pub(crate) streams: Vec<StreamDef>,
+    pub(crate) consumers: Vec<ConsumerDef>,
+    pub(crate) subscriptions: Vec<SubscriptionDef>,
+    pub(crate) kv_watches: Vec<KvWatchDef>,
+    pub(crate) leaders: Vec<LeaderDef>,
+    pub(crate) kv_buckets: Vec<KvBucketDef>,
+    pub(crate) object_stores: Vec<ObjectStoreDef>,
     #[cfg(feature = "capture")]
-    captures: Vec<crate::capture::CaptureDef>,
+    pub(crate) captures: Vec<crate::capture::CaptureDef>,
 }
 
 impl Runtime {
