@@ -687,12 +687,24 @@ async fn scenario_footprint(server: &NatsServer, js: &jetstream::Context) {
 #[tokio::main]
 async fn main() {
     if std::env::args().any(|arg| arg == "--idle-service") {
-        // The footprint scenario's child: a service with ten idle consumers.
-        if let Err(error) = natty_runtime::run().await {
+        // The footprint scenario's child: a service with ten idle consumers. Not `run()`, which
+        // would take `--idle-service` for a command of its own.
+        natty_runtime::init_logging();
+        let service = async { natty_runtime::Runtime::builder().build()?.run().await };
+        if let Err(error) = service.await {
             eprintln!("{error:?}");
             std::process::exit(1);
         }
         return;
+    }
+    // BENCH_TRACING=1 measures natty with the subscriber `run()` installs (log lines, and an
+    // OpenTelemetry context on every span); by default no subscriber is installed.
+    if std::env::var_os("BENCH_TRACING").is_some() {
+        std::env::set_var(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,natty_runtime=info".into()),
+        );
+        natty_runtime::init_logging();
     }
     let args = args();
     let wants = |name: &str| args.only.as_ref().is_none_or(|only| only.iter().any(|o| o == name));

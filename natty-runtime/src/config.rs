@@ -16,6 +16,8 @@
 //! | `NATTY_DRAIN_TIMEOUT` | how long in-flight handlers may run after a shutdown signal | `30s` |
 //! | `NATTY_CAPTURE_DRAIN_TIMEOUT` | how long open capture blocks may take to be stored after a shutdown signal | `60s` |
 //! | `NATTY_CONNECT_TIMEOUT` | how long one connection attempt may take | `5s` |
+//! | `NATTY_METRICS_ADDR` | where to serve `/metrics` (Prometheus), `/healthz` and `/readyz`, e.g. `0.0.0.0:9090` | not served |
+//! | `NATTY_LOG_FORMAT` | `text` or `json` lines on stderr (read by [`crate::run`]'s logging; `RUST_LOG` filters) | `text` |
 //! | `NATTY_DEV_PORT` | port of the development server | `4222` |
 //! | `NATTY_DEV_DIR` | data folder of the development server | `.natty/dev` |
 //! | `NATTY_NATS_SERVER` | path of the `nats-server` binary for the development server | searched |
@@ -137,6 +139,16 @@ pub struct Config {
     pub nats_server: Option<PathBuf>,
     /// Run only the registered handlers with these names.
     pub handlers: Option<Vec<String>>,
+    /// Where to serve `/metrics`, `/healthz` and `/readyz`; `None` serves nothing.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+/// The binary's file name: the default connection and service name.
+pub(crate) fn default_name() -> String {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.file_stem().map(|stem| stem.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "natty".into())
 }
 
 impl Default for Config {
@@ -145,10 +157,7 @@ impl Default for Config {
             url: None,
             auth: Auth::None,
             tls: Tls::default(),
-            name: std::env::current_exe()
-                .ok()
-                .and_then(|exe| exe.file_stem().map(|stem| stem.to_string_lossy().into_owned()))
-                .unwrap_or_else(|| "natty".into()),
+            name: default_name(),
             provision: Provision::CreateOrUpdate,
             drain_timeout: Duration::from_secs(30),
             capture_drain_timeout: Duration::from_secs(60),
@@ -157,6 +166,7 @@ impl Default for Config {
             dev_dir: PathBuf::from(".natty/dev"),
             nats_server: None,
             handlers: None,
+            metrics_addr: None,
         }
     }
 }
@@ -261,6 +271,15 @@ impl Config {
             config.dev_port = value
                 .parse()
                 .map_err(|_| Error::config("NATTY_DEV_PORT", &value, "expected a port number"))?;
+        }
+        if let Some(value) = lookup("NATTY_METRICS_ADDR") {
+            config.metrics_addr = Some(value.parse().map_err(|_| {
+                Error::config(
+                    "NATTY_METRICS_ADDR",
+                    &value,
+                    "expected an address and port, e.g. 0.0.0.0:9090 or 127.0.0.1:0",
+                )
+            })?);
         }
         if let Some(value) = lookup("NATTY_DEV_DIR") {
             config.dev_dir = value.into();

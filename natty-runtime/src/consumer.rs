@@ -24,7 +24,8 @@ use crate::error::{Error, Result};
 use crate::handler::{ConsumerShared, Delivery, Outcome, Reject, RejectKind};
 use crate::publish::Client;
 use crate::puller::{delivery_info, Pulled, Puller};
-use crate::stream::{is_stream_not_found, Location, StreamDef};
+use crate::stream::{check, is_stream_not_found, Location, StreamDef};
+use crate::telemetry::ConsumerMetrics;
 
 /// The adapter a `#[consumer]` generates: decodes, calls the handler, reports the outcome.
 pub type HandlerFn = fn(Delivery) -> BoxFuture<'static, Outcome>;
@@ -304,6 +305,28 @@ impl ConsumerDef {
         Ok(config)
     }
 
+    /// The first declared setting that differs from the server's `actual` configuration:
+    /// (field, declared, actual). Settings left to the server's defaults are not compared.
+    pub(crate) fn drift(&self, actual: &jetstream::consumer::Config) -> Option<(&'static str, String, String)> {
+        let mut declared: Vec<&str> = self.subjects.to_vec();
+        let mut server: Vec<&str> = actual.filter_subjects.iter().map(String::as_str).collect();
+        if !actual.filter_subject.is_empty() {
+            server.push(&actual.filter_subject);
+        }
+        declared.sort_unstable();
+        server.sort_unstable();
+        if declared != server {
+            return Some(("subjects", format!("{declared:?}"), format!("{server:?}")));
+        }
+        check("ack_wait", self.ack_wait, actual.ack_wait)
+            .or_else(|| check("max_deliver", self.max_deliver, actual.max_deliver))
+            .or_else(|| check("max_ack_pending", self.max_ack_pending, actual.max_ack_pending))
+            .or_else(|| {
+                let wanted = self.server_config(self.durable).ok()?.deliver_policy;
+                check("deliver", Some(wanted), actual.deliver_policy)
+            })
+    }
+
     fn error<'a>(
         &'a self,
         consumer: &'a str,
@@ -391,6 +414,7 @@ pub(crate) struct Consumer {
     dead_letter: async_nats::Subject,
     /// The consumer's name on the server: the durable name, or a fresh one per ephemeral instance.
     name: Arc<str>,
+    metrics: ConsumerMetrics,
 }
 
 impl Consumer {
@@ -400,6 +424,7 @@ impl Consumer {
         } else {
             def.durable.into()
         };
+        let metrics = client.telemetry().metrics.consumer(def.name, def.stream, &name);
         let shared = Arc::new(ConsumerShared {
             stream: def.stream,
             name: name.clone(),
@@ -414,7 +439,13 @@ impl Consumer {
             ack_wait_nanos: AtomicU64::new(Duration::from_secs(30).as_nanos() as u64),
             dead_letter: def.dead_letter_subject().into(),
             name,
+            metrics,
         }
+    }
+
+    /// The handler's name, for logs and readiness.
+    pub(crate) fn label(&self) -> &'static str {
+        self.def.name
     }
 
     fn js(&self) -> &jetstream::Context {
@@ -602,6 +633,7 @@ impl Consumer {
                 }
                 .send(Bytes::from_static(b"-NAK"))
                 .await;
+                self.metrics.naked.inc();
             }
         }
         if handed_back > 0 {
@@ -676,7 +708,8 @@ impl Consumer {
         }
     }
 
-    /// Runs the handler for one message and settles it. Holds `permit` until settled.
+    /// Runs the handler for one message and settles it, in a span that continues the trace
+    /// the message's headers carry. Holds `permit` until settled.
     async fn deliver(
         self: Arc<Self>,
         message: async_nats::Message,
@@ -684,13 +717,59 @@ impl Consumer {
         hard_stop: CancellationToken,
     ) {
         let _permit = permit;
-        let Some(reply) = message.reply else {
+        let Some(reply) = message.reply.clone() else {
             return;
         };
         let Some((stream_sequence, delivery_count)) = delivery_info(&reply) else {
             tracing::warn!(reply = %reply, "received a message that is not a JetStream delivery; ignored");
             return;
         };
+        let def = &self.def;
+        let span = tracing::info_span!(
+            "natty.deliver",
+            otel.kind = "consumer",
+            otel.status_code = tracing::field::Empty,
+            handler = def.name,
+            stream = def.stream,
+            consumer = &*self.name,
+            subject = %message.subject,
+            sequence = stream_sequence,
+            delivery_count,
+            outcome = tracing::field::Empty,
+            duration_ms = tracing::field::Empty,
+        );
+        crate::telemetry::trace::adopt(&span, message.headers.as_ref());
+        let metrics = &self.metrics;
+        metrics.delivered.inc();
+        metrics.in_flight.inc();
+        let started = std::time::Instant::now();
+        let settled = self
+            .settle_one(message, reply, stream_sequence, delivery_count, &hard_stop)
+            .instrument(span.clone())
+            .await;
+        metrics.in_flight.dec();
+        match settled {
+            Settled::Acked => metrics.acked.inc(),
+            Settled::Naked | Settled::CutOff => metrics.naked.inc(),
+            // Counted where the dead letter is stored (or the message naked instead).
+            Settled::Terminated => 0,
+        };
+        if settled != Settled::Acked {
+            span.record("otel.status_code", "error");
+        }
+        span.record("outcome", settled.as_str());
+        span.record("duration_ms", started.elapsed().as_secs_f64() * 1e3);
+    }
+
+    /// Runs the handler (again, in place, for an ordered consumer) until the message is settled.
+    async fn settle_one(
+        &self,
+        message: async_nats::Message,
+        reply: Subject,
+        stream_sequence: u64,
+        delivery_count: u64,
+        hard_stop: &CancellationToken,
+    ) -> Settled {
         let settle = Settle {
             client: self.shared.client.nats().clone(),
             reply: reply.clone(),
@@ -718,30 +797,29 @@ impl Consumer {
                 delivery_count: attempt,
                 shared: self.shared.clone(),
             };
-            let Some(outcome) = self.attempt(delivery, &settle, &hard_stop).await else {
-                return;
+            let Some(outcome) = self.attempt(delivery, &settle, hard_stop).await else {
+                return Settled::CutOff;
             };
             let last_attempt = def.max_deliver.is_some_and(|max| attempt >= max as u64);
             let failure = match outcome {
                 Ok(Outcome::Ack) => {
                     settle.send(Bytes::from_static(b"+ACK")).await;
-                    return;
+                    return Settled::Acked;
                 }
                 Ok(Outcome::Failed(error)) => match error.downcast::<Reject>() {
                     Ok(reject) => match reject.0 {
                         RejectKind::Terminate(reason) => {
                             tracing::warn!(handler = def.name, stream = def.stream, consumer = &*self.name,
                                 sequence = stream_sequence, %reason, "handler terminated the message");
-                            self.dead_letter_and_terminate(&settle, original, &reason).await;
-                            return;
+                            return self.dead_letter_and_terminate(&settle, original, &reason).await;
                         }
                         RejectKind::Retry if !last_attempt && !in_place => {
                             settle.send(Bytes::from_static(b"-NAK")).await;
-                            return;
+                            return Settled::Naked;
                         }
                         RejectKind::RetryAfter(delay) if !last_attempt && !in_place => {
                             settle.nak(delay).await;
-                            return;
+                            return Settled::Naked;
                         }
                         RejectKind::Retry => (Duration::ZERO, "the handler asked for a retry".to_string()),
                         RejectKind::RetryAfter(delay) => (delay, "the handler asked for a retry".to_string()),
@@ -755,9 +833,9 @@ impl Consumer {
                         "terminating a message whose payload cannot be decoded (stream {}, consumer {}, sequence {})",
                         def.stream, self.name, stream_sequence
                     );
-                    self.dead_letter_and_terminate(&settle, original, &error.to_string())
+                    return self
+                        .dead_letter_and_terminate(&settle, original, &error.to_string())
                         .await;
-                    return;
                 }
                 Err(panic) => {
                     let what = panic
@@ -773,8 +851,7 @@ impl Consumer {
                 let reason = format!("failed on the last of {attempt} deliveries: {failure}");
                 tracing::error!(handler = def.name, stream = def.stream, consumer = &*self.name,
                     sequence = stream_sequence, %reason, "giving up on the message");
-                self.dead_letter_and_terminate(&settle, original, &reason).await;
-                return;
+                return self.dead_letter_and_terminate(&settle, original, &reason).await;
             }
             tracing::warn!(
                 handler = def.name, stream = def.stream, consumer = &*self.name, sequence = stream_sequence,
@@ -783,11 +860,11 @@ impl Consumer {
             );
             if !in_place {
                 settle.nak(delay).await;
-                return;
+                return Settled::Naked;
             }
             // Wait out the delay holding the message (pinging so it stays ours), then go again.
-            if !self.hold(&settle, &hard_stop, delay).await {
-                return;
+            if !self.hold(&settle, hard_stop, delay).await {
+                return Settled::CutOff;
             }
             attempt += 1;
         }
@@ -803,16 +880,8 @@ impl Consumer {
     ) -> Option<std::thread::Result<Outcome>> {
         let def = &self.def;
         let sequence = delivery.stream_sequence;
-        let span = tracing::debug_span!(
-            "delivery",
-            handler = def.name,
-            stream = def.stream,
-            consumer = &*self.name,
-            subject = %delivery.subject,
-            sequence,
-            delivery_count = delivery.delivery_count,
-        );
-        let handled = AssertUnwindSafe((def.handler)(delivery).instrument(span)).catch_unwind();
+        // Runs inside the delivery's span (see `deliver`).
+        let handled = AssertUnwindSafe((def.handler)(delivery)).catch_unwind();
         tokio::pin!(handled);
         let started = std::time::Instant::now();
         // A running handler never loses its message to ack_wait: ping every half ack_wait.
@@ -821,7 +890,9 @@ impl Consumer {
             tokio::select! {
                 biased;
                 outcome = &mut handled => {
-                    self.pacing.record(started.elapsed());
+                    let took = started.elapsed();
+                    self.pacing.record(took);
+                    self.metrics.handled_in(took);
                     return Some(outcome);
                 }
                 _ = hard_stop.cancelled() => {
@@ -864,7 +935,7 @@ impl Consumer {
     /// its headers, then terminates it. The copy carries a message id derived from the stream
     /// and sequence, so a retried dead letter is stored once. If the copy cannot be stored,
     /// the message is naked instead of terminated: it is never dropped unrecorded.
-    pub(crate) async fn dead_letter_and_terminate(&self, settle: &Settle, original: Original, reason: &str) {
+    pub(crate) async fn dead_letter_and_terminate(&self, settle: &Settle, original: Original, reason: &str) -> Settled {
         let def = &self.def;
         // Header values are single lines.
         let reason = reason.replace(['\r', '\n'], " ");
@@ -902,6 +973,9 @@ impl Consumer {
         }
         if stored {
             settle.send(format!("+TERM {reason}").into()).await;
+            self.metrics.dead_lettered.inc();
+            self.metrics.terminated.inc();
+            Settled::Terminated
         } else {
             tracing::error!(
                 stream = def.stream, consumer = &*self.name, sequence = original.stream_sequence,
@@ -909,6 +983,32 @@ impl Consumer {
                 "cannot store the dead letter (is a stream capturing its subject?); the message stays in its stream, naked"
             );
             settle.nak(Duration::from_secs(30)).await;
+            self.metrics.naked.inc();
+            Settled::Naked
+        }
+    }
+}
+
+/// How a delivery ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Settled {
+    /// The handler succeeded; acked.
+    Acked,
+    /// Naked for redelivery.
+    Naked,
+    /// Terminated, its copy stored in the dead-letter subject.
+    Terminated,
+    /// The drain timeout cut the handler off; naked.
+    CutOff,
+}
+
+impl Settled {
+    fn as_str(self) -> &'static str {
+        match self {
+            Settled::Acked => "ack",
+            Settled::Naked => "nak",
+            Settled::Terminated => "term",
+            Settled::CutOff => "nak (drain timeout)",
         }
     }
 }

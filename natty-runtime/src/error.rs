@@ -139,6 +139,32 @@ pub enum Error {
     #[error(transparent)]
     Publish(#[from] crate::publish::PublishError),
 
+    /// A consumer on the server differs from its declaration (found by `--check`).
+    #[error("{field} is {actual} on the server, but declared {declared}")]
+    ConsumerDrift {
+        /// The stream.
+        stream: String,
+        /// The consumer's name.
+        consumer: String,
+        /// The setting that differs.
+        field: &'static str,
+        /// The declared value.
+        declared: String,
+        /// The server's value.
+        actual: String,
+    },
+
+    /// `--check` found declarations the server does not match; each was printed.
+    #[error("--check: {differences} declaration(s) differ from the server or are missing there (listed above)")]
+    Drift {
+        /// How many declarations differ.
+        differences: usize,
+    },
+
+    /// The command line was not understood.
+    #[error("{0}")]
+    Usage(String),
+
     /// An I/O error outside the NATS connection (signals, files).
     #[error("{what}: {source}")]
     Io {

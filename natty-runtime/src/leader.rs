@@ -26,6 +26,7 @@ use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::config::Provision;
 use crate::error::{BoxError, Error, Result};
@@ -322,6 +323,16 @@ struct Election {
     poll: Duration,
 }
 
+impl TermEnd {
+    fn as_str(&self) -> &'static str {
+        match self {
+            TermEnd::Lost => "lost",
+            TermEnd::Finished => "finished",
+            TermEnd::Shutdown => "shutdown",
+        }
+    }
+}
+
 /// How a term ended.
 enum TermEnd {
     /// Lost (deadline, taken over): contest again.
@@ -607,7 +618,8 @@ impl Election {
                             }
                         }
                         if lease.is_valid() {
-                            let run = (self.def.handler)(lease.clone());
+                            // The task runs in the term's span.
+                            let run = (self.def.handler)(lease.clone()).instrument(tracing::Span::current());
                             task = Some(tokio::spawn(AssertUnwindSafe(run).catch_unwind().map(|outcome| {
                                 outcome.unwrap_or_else(|_| Outcome::Failed("the task panicked".into()))
                             })));
@@ -786,12 +798,29 @@ pub(crate) async fn run(
     cancel: CancellationToken,
     hard_stop: CancellationToken,
 ) {
+    let metrics = client.telemetry().metrics.leader(def.name, def.bucket, def.key);
     let election = Election::new(def, client, bound, hard_stop);
     loop {
         let Some((revision, sent_at, previous_until)) = election.campaign(&cancel).await else {
             return;
         };
-        match election.lead(revision, sent_at, previous_until, &cancel).await {
+        metrics.terms.inc();
+        metrics.is_leader.set(1);
+        let span = tracing::info_span!(
+            "natty.leader.term",
+            handler = def.name,
+            bucket = def.bucket,
+            key = def.key,
+            term = revision,
+            ended = tracing::field::Empty,
+        );
+        let end = election
+            .lead(revision, sent_at, previous_until, &cancel)
+            .instrument(span.clone())
+            .await;
+        metrics.is_leader.set(0);
+        span.record("ended", end.as_str());
+        match end {
             TermEnd::Shutdown => return,
             // Let a waiting instance try first: leadership is contested again, not kept.
             TermEnd::Lost | TermEnd::Finished => {

@@ -31,6 +31,7 @@
 
 #[cfg(feature = "capture")]
 pub mod capture;
+mod cli;
 pub mod config;
 mod connect;
 pub mod consumer;
@@ -47,6 +48,7 @@ pub mod publish;
 mod puller;
 mod runtime;
 pub mod stream;
+mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -78,30 +80,54 @@ pub mod prelude {
     };
 }
 
-/// Runs every registered handler with settings from the environment, until SIGINT or SIGTERM.
+/// Runs every registered handler with settings from the environment, until SIGINT or SIGTERM;
+/// or answers the command line: `--list`, `--check`, `--asyncapi`, `--help`.
 ///
-/// Sets up logging (`RUST_LOG`, default `info`) unless the program installed its own
-/// `tracing` subscriber.
+/// Sets up logging (see [`init_logging`]) unless the program installed its own `tracing`
+/// subscriber. A program with arguments of its own uses [`Runtime::builder`] instead.
 ///
 /// # Errors
 ///
-/// See [`Runtime::run`].
+/// See [`Runtime::run`]; [`Error::Usage`] for an argument it does not know;
+/// [`Error::Drift`] when `--check` finds a difference.
 pub async fn run() -> Result<()> {
+    use cli::Command;
+    let command = Command::parse(std::env::args_os().skip(1))?;
+    if command == Command::Help {
+        print!("{}", cli::help());
+        return Ok(());
+    }
     init_logging();
-    Runtime::builder().build()?.run().await
+    let runtime = Runtime::builder().build()?;
+    let result = match command {
+        Command::Run | Command::Help => runtime.run().await,
+        Command::List => {
+            print!("{}", runtime.list());
+            Ok(())
+        }
+        Command::Check => runtime.check().await,
+        // MERGE: the AsyncAPI branch supplies Runtime::asyncapi.
+        Command::AsyncApi => Err(Error::Usage("--asyncapi is not available yet".into())),
+    };
+    telemetry::logging::shutdown();
+    result
 }
 
-/// Installs a `tracing` subscriber that prints to stderr, filtered by `RUST_LOG` (default:
-/// `info`, with async-nats at `warn` since natty logs connection events itself); does nothing
-/// if one is already installed.
+/// Installs a `tracing` subscriber; does nothing if the program installed its own.
+///
+/// - Lines go to stderr, human-readable, or one JSON object per line with
+///   `NATTY_LOG_FORMAT=json`; `RUST_LOG` filters them (default: `info`, with async-nats at
+///   `warn` since natty logs connection events itself).
+/// - Spans get an OpenTelemetry context (`tracing-opentelemetry`), so the W3C trace context
+///   travels through this service in message headers. With natty-runtime's `otlp` feature and
+///   `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) set, spans are
+///   exported over OTLP/HTTP; the other standard `OTEL_*` variables apply
+///   (`OTEL_SERVICE_NAME`, `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_TRACES_EXPORTER=none`).
+///
+/// A program that sets up its own subscriber keeps it; to carry trace context it adds
+/// `tracing_opentelemetry::layer()` with a tracer of its choice.
 pub fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .try_init();
+    telemetry::logging::init();
 }
 
 /// Used by the code the macros generate. Not part of the API.

@@ -5,8 +5,26 @@ use crate::payload::{EncodePayload, Format, Payload, CONTENT_TYPE};
 use async_nats::jetstream;
 pub use async_nats::jetstream::publish::PublishAck;
 
+use std::sync::Arc;
+
+use tracing::Instrument;
+
 use crate::config::Config;
 use crate::error::Result;
+use crate::telemetry::Telemetry;
+
+/// The span of one publish: a producer span whose context travels in the message's headers.
+fn publish_span(subject: &str) -> tracing::Span {
+    tracing::info_span!(
+        "natty.publish",
+        otel.kind = "producer",
+        otel.status_code = tracing::field::Empty,
+        subject,
+        stream = tracing::field::Empty,
+        sequence = tracing::field::Empty,
+        error = tracing::field::Empty,
+    )
+}
 
 /// Publishing failed. Except for [`PublishError::Unconfirmed`], nothing was stored.
 #[derive(Debug, thiserror::Error)]
@@ -64,13 +82,30 @@ pub enum PublishError {
 pub struct Client {
     nats: async_nats::Client,
     jetstream: jetstream::Context,
+    /// The metrics and health of everything running on this connection.
+    telemetry: Arc<Telemetry>,
 }
 
 impl Client {
     /// Wraps an async-nats client.
     pub fn new(nats: async_nats::Client) -> Self {
         let jetstream = jetstream::new(nats.clone());
-        Client { nats, jetstream }
+        Client {
+            nats,
+            jetstream,
+            telemetry: Arc::default(),
+        }
+    }
+
+    pub(crate) fn with_telemetry(nats: async_nats::Client, telemetry: Arc<Telemetry>) -> Self {
+        Client {
+            telemetry,
+            ..Client::new(nats)
+        }
+    }
+
+    pub(crate) fn telemetry(&self) -> &Telemetry {
+        &self.telemetry
     }
 
     /// Connects using `config` (see [`Config`]); with no URL configured this needs a server
@@ -144,10 +179,39 @@ impl Client {
         let (payload, format) = encode(&subject, value)?;
         let retry_lost_ack = options.msg_id.is_some();
         let headers = options.into_headers(format);
+        let span = publish_span(&subject);
+        let result = self
+            .publish_attempts(&subject, headers, payload, retry_lost_ack)
+            .instrument(span.clone())
+            .await;
+        let metrics = &self.telemetry.metrics;
+        match &result {
+            Ok(ack) => {
+                span.record("stream", ack.stream.as_str());
+                span.record("sequence", ack.sequence);
+                metrics.published(&ack.stream);
+            }
+            Err(error) => {
+                span.record("otel.status_code", "error");
+                span.record("error", tracing::field::display(error));
+                metrics.publish_failed();
+            }
+        }
+        result
+    }
+
+    /// Sends until the stream acks, retrying what cannot duplicate (see [`Client::publish_with`]).
+    async fn publish_attempts(
+        &self,
+        subject: &async_nats::Subject,
+        headers: async_nats::HeaderMap,
+        payload: bytes::Bytes,
+        retry_lost_ack: bool,
+    ) -> std::result::Result<PublishAck, PublishError> {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let result = match self.send_raw(&subject, headers.clone(), payload.clone()).await {
+            let result = match self.send_raw(subject, headers.clone(), payload.clone()).await {
                 Ok(pending) => pending.await,
                 Err(error) => Err(error),
             };
@@ -220,7 +284,9 @@ impl Client {
         // A `Subject` shares its bytes, so keeping it for the error costs no copy.
         let subject = async_nats::Subject::from(subject.into());
         let (payload, format) = encode(&subject, value)?;
-        self.send_raw(&subject, options.into_headers(format), payload).await
+        self.send_raw(&subject, options.into_headers(format), payload)
+            .instrument(publish_span(&subject))
+            .await
     }
 
     /// Publishes a [`Payload`] to its own subject and waits until the stream has stored it.
@@ -265,12 +331,14 @@ impl Client {
         self.publish_with(value.subject().into_owned(), value, options).await
     }
 
+    /// Sends one message, carrying the current span's trace context in its headers.
     async fn send_raw(
         &self,
         subject: &async_nats::Subject,
-        headers: async_nats::HeaderMap,
+        mut headers: async_nats::HeaderMap,
         payload: bytes::Bytes,
     ) -> std::result::Result<PendingAck, PublishError> {
+        crate::telemetry::trace::inject(&tracing::Span::current(), &mut headers);
         match self
             .jetstream
             .publish_with_headers(subject.clone(), headers, payload)

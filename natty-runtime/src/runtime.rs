@@ -20,6 +20,8 @@ use crate::leader::LeaderDef;
 use crate::object_store::ObjectStoreDef;
 use crate::publish::Client;
 use crate::stream::StreamDef;
+use crate::telemetry::http::Endpoint;
+use crate::telemetry::Telemetry;
 
 /// Builds a [`Runtime`]: the environment's settings, overridden by what is set here, plus
 /// handlers registered by the macros and any added by hand.
@@ -51,6 +53,8 @@ pub struct RuntimeBuilder {
     provision: Option<Provision>,
     drain_timeout: Option<Duration>,
     connect_timeout: Option<Duration>,
+    metrics_addr: Option<std::net::SocketAddr>,
+    metrics_listener: Option<std::net::TcpListener>,
     registered: bool,
     only: Option<Vec<String>>,
     streams: Vec<StreamDef>,
@@ -116,6 +120,19 @@ impl RuntimeBuilder {
     /// Timeout of one connection attempt. Overrides `NATTY_CONNECT_TIMEOUT`.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = Some(timeout);
+        self
+    }
+
+    /// Serves `/metrics`, `/healthz` and `/readyz` on this address. Overrides `NATTY_METRICS_ADDR`.
+    pub fn metrics_addr(mut self, addr: std::net::SocketAddr) -> Self {
+        self.metrics_addr = Some(addr);
+        self
+    }
+
+    /// Serves `/metrics`, `/healthz` and `/readyz` on a listener the caller bound (to learn a
+    /// port chosen by the system, say). Takes precedence over any address.
+    pub fn metrics_listener(mut self, listener: std::net::TcpListener) -> Self {
+        self.metrics_listener = Some(listener);
         self
     }
 
@@ -221,6 +238,9 @@ impl RuntimeBuilder {
         if let Some(timeout) = self.connect_timeout {
             config.connect_timeout = timeout;
         }
+        if let Some(addr) = self.metrics_addr {
+            config.metrics_addr = Some(addr);
+        }
         let mut streams = self.streams;
         let mut consumers = self.consumers;
         let mut subscriptions = self.subscriptions;
@@ -284,6 +304,7 @@ impl RuntimeBuilder {
         let _ = capture_names;
         Ok(Runtime {
             config,
+            metrics_listener: self.metrics_listener,
             streams,
             consumers,
             subscriptions,
@@ -301,6 +322,7 @@ impl RuntimeBuilder {
 #[derive(Debug)]
 pub struct Runtime {
     pub(crate) config: Config,
+    metrics_listener: Option<std::net::TcpListener>,
     pub(crate) streams: Vec<StreamDef>,
     pub(crate) consumers: Vec<ConsumerDef>,
     pub(crate) subscriptions: Vec<SubscriptionDef>,
@@ -359,7 +381,19 @@ impl Runtime {
         let all_consumers: Vec<ConsumerDef> = self.consumers.iter().chain(&capture_consumers).copied().collect();
         check_consumers(&all_consumers)?;
 
-        let (client, _dev) = connect_config(&self.config).await?;
+        // Served before connecting, so that readiness says "not connected" rather than nothing.
+        let telemetry = Arc::new(Telemetry::default());
+        let endpoint = match self.metrics_listener {
+            Some(listener) => Some(Endpoint::serve(listener, telemetry.clone())?),
+            None => match self.config.metrics_addr {
+                Some(addr) => Some(Endpoint::bind(addr, telemetry.clone())?),
+                None => None,
+            },
+        };
+        let (client, _dev) = connect_config(&self.config, telemetry.clone()).await?;
+        if let Some(endpoint) = &endpoint {
+            endpoint.connected(&client);
+        }
         let js = client.jetstream();
         let provision = self.config.provision;
         for stream in &streams {
@@ -432,6 +466,7 @@ impl Runtime {
             .await?;
             captures.push(capture);
         }
+        telemetry.health.set_provisioned();
         tracing::info!(
             consumers = bound.len(),
             captures = capture_consumers.len(),
@@ -445,24 +480,39 @@ impl Runtime {
         let cancel = CancellationToken::new();
         let hard_stop = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
+        let health = &telemetry.health;
         for consumer in bound {
-            tasks.spawn(consumer.run(cancel.clone(), hard_stop.clone()));
+            let running = health.task(format!("consumer {}", consumer.label()));
+            let run = consumer.run(cancel.clone(), hard_stop.clone());
+            tasks.spawn(async move {
+                let _running = running;
+                run.await
+            });
         }
         // A capture drains on a deadline of its own (`capture_drain_timeout`), not `hard_stop`.
         #[cfg(feature = "capture")]
         for capture in captures {
-            tasks.spawn(capture.run(cancel.clone()));
+            let running = health.task(format!("capture {}", capture.name()));
+            let run = capture.run(cancel.clone());
+            tasks.spawn(async move {
+                let _running = running;
+                run.await
+            });
         }
         for watch in &self.kv_watches {
             let (client, cancel, watch) = (client.clone(), cancel.clone(), *watch);
+            let running = health.task(format!("kv_watch {}", watch.name));
             tasks.spawn(async move {
+                let _running = running;
                 crate::kv_watch::run(watch, client, provision, cancel).await;
                 Ok(())
             });
         }
         for (leader, consumers) in elections {
             let (client, cancel, hard_stop) = (client.clone(), cancel.clone(), hard_stop.clone());
+            let running = health.task(format!("leader {}", leader.name));
             tasks.spawn(async move {
+                let _running = running;
                 crate::leader::run(leader, client, consumers, cancel, hard_stop).await;
                 Ok(())
             });
@@ -470,7 +520,9 @@ impl Runtime {
         for subscription in &self.subscriptions {
             let (client, cancel, hard_stop) = (client.clone(), cancel.clone(), hard_stop.clone());
             let subscription = *subscription;
+            let running = health.task(format!("subscription {}", subscription.name));
             tasks.spawn(async move {
+                let _running = running;
                 crate::core_nats::run(subscription, client, cancel, hard_stop).await;
                 Ok(())
             });
@@ -492,6 +544,7 @@ impl Runtime {
         }
 
         tracing::info!(drain_timeout = ?self.config.drain_timeout, "shutting down: draining in-flight handlers");
+        health.set_draining();
         cancel.cancel();
         let drain = async { while tasks.join_next().await.is_some() {} };
         if tokio::time::timeout(self.config.drain_timeout, drain).await.is_err() {
@@ -503,6 +556,7 @@ impl Runtime {
             tracing::warn!(%error, "could not flush the connection on shutdown");
         }
         tracing::info!("stopped");
+        drop(endpoint);
         match failure {
             Some(error) => Err(error),
             None => Ok(()),
@@ -547,7 +601,10 @@ fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
 const DEAD_LETTER_SUBJECTS: &[&str] = &["natty.dead.>"];
 
 /// Connects with `config`, starting the development server when no URL is configured.
-async fn connect_config(config: &Config) -> Result<(Client, Option<Arc<DevServer>>)> {
+pub(crate) async fn connect_config(
+    config: &Config,
+    telemetry: Arc<Telemetry>,
+) -> Result<(Client, Option<Arc<DevServer>>)> {
     let (url, dev) = match &config.url {
         Some(url) => (url.clone(), None),
         None => {
@@ -555,8 +612,8 @@ async fn connect_config(config: &Config) -> Result<(Client, Option<Arc<DevServer
             (dev.url().to_string(), Some(Arc::new(dev)))
         }
     };
-    let client = Client::connect_with(config, &url).await?;
-    Ok((client, dev))
+    let nats = crate::connect::connect(config, &url).await?;
+    Ok((Client::with_telemetry(nats, telemetry), dev))
 }
 
 /// Connects using the environment's settings (see [`Config`]), for code outside handlers,
@@ -568,7 +625,7 @@ async fn connect_config(config: &Config) -> Result<(Client, Option<Arc<DevServer
 /// [`Error::Config`], [`Error::DevServer`] or [`Error::Connect`].
 pub async fn connect() -> Result<Connection> {
     let config = Config::from_env()?;
-    let (client, dev) = connect_config(&config).await?;
+    let (client, dev) = connect_config(&config, Arc::default()).await?;
     Ok(Connection { client, _dev: dev })
 }
 

@@ -159,6 +159,56 @@ pub fn spawn_service(binary: &Path, url: Option<&str>, env: &[(&str, &str)]) -> 
         .unwrap_or_else(|error| panic!("cannot start {}: {error}", binary.display()))
 }
 
+/// Runs a service binary with command-line `args` to completion (at most `timeout`) and
+/// returns its exit code, stdout and stderr.
+pub async fn run_command(
+    binary: &Path,
+    url: Option<&str>,
+    args: &[&str],
+    timeout: Duration,
+) -> (Option<i32>, String, String) {
+    let mut command = tokio::process::Command::new(binary);
+    command
+        .env_remove("NATS_URL")
+        .env("RUST_LOG", "info,async_nats=warn")
+        .args(args);
+    if let Some(url) = url {
+        command.env("NATS_URL", url);
+    }
+    command.stdin(Stdio::null()).kill_on_drop(true);
+    let output = tokio::time::timeout(timeout, command.output())
+        .await
+        .unwrap_or_else(|_| panic!("{} {args:?} did not exit within {timeout:?}", binary.display()))
+        .expect("run the service");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// `GET path` over plain HTTP/1.1 on `addr`: the status code and the body. Written out by
+/// hand so the tests depend on no HTTP client, and see exactly what a scraper would.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let invalid = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{what}: {response:?}"));
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| invalid("no end of headers"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| invalid("no status code"))?;
+    Ok((status, body.to_string()))
+}
+
 /// Runs a service to completion (at most `timeout`) and returns its exit code and stderr.
 pub async fn run_to_exit(
     binary: &Path,

@@ -40,6 +40,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::config::Provision;
 use crate::consumer::{Consumer, ConsumerDef, Original, Settle};
@@ -48,6 +49,7 @@ use crate::handler::{Delivery, Outcome};
 use crate::publish::Client;
 use crate::puller::{delivery_meta, Pulled, Puller};
 use crate::stream::{Location, StreamDef};
+use crate::telemetry::CaptureMetrics;
 
 pub use format::{BlockFormat, BlockWriter, Compression, FormatError, WriterFactory};
 pub use store::{BlockStore, PathVars, StoreError};
@@ -371,6 +373,8 @@ struct Shared {
     nats: async_nats::Client,
     store: BlockStore,
     stats: Arc<CaptureStats>,
+    /// The same figures for the metrics endpoint, plus the store latency histogram.
+    metrics: CaptureMetrics,
     /// A third of the consumer's `ack_wait`: how often held messages are kept alive, leaving
     /// room for a busy process to send the pings late.
     keep_alive: Duration,
@@ -395,6 +399,7 @@ impl Shared {
             .map(|mut held| {
                 let new = held.insert(sequence);
                 self.stats.held.store(held.len() as u64, Ordering::Relaxed);
+                self.metrics.held.set(held.len() as i64);
                 new
             })
             .unwrap_or(true)
@@ -430,7 +435,15 @@ impl Shared {
                 held.remove(sequence);
             }
             self.stats.held.store(held.len() as u64, Ordering::Relaxed);
+            self.metrics.held.set(held.len() as i64);
         }
+    }
+}
+
+impl Capture {
+    /// The capture's name (its key function's), for logs and readiness.
+    pub(crate) fn name(&self) -> &'static str {
+        self.shared.def.name
     }
 }
 
@@ -460,6 +473,7 @@ impl Capture {
         let store = BlockStore::open(def.store).map_err(|error| def.error(error.to_string()))?;
         let writers = (def.writers)(def.format, def.compression).map_err(|error| def.error(error.to_string()))?;
         let nats = client.nats().clone();
+        let metrics = client.telemetry().metrics.capture(def.name, def.stream);
         let consumer = Consumer::new(def.consumer_def(), client, provision, stream_def);
         let bound = consumer.bind().await?;
         let config = &bound.cached_info().config;
@@ -514,6 +528,7 @@ impl Capture {
                 nats,
                 store,
                 stats,
+                metrics,
                 keep_alive: config.ack_wait / 3,
                 held_sequences: Mutex::new(std::collections::HashSet::new()),
                 recently_stored: Mutex::new(std::collections::VecDeque::new()),
@@ -921,6 +936,25 @@ fn settle_all(nats: &async_nats::Client, replies: Vec<Subject>, body: &'static [
 /// Stores one block: waits for a store slot, serializes the block, writes it (retrying with
 /// backoff and keeping its messages alive while it fails), then acks its messages.
 async fn store_block(shared: Arc<Shared>, block: OpenBlock, extension: &'static str) -> std::result::Result<(), Error> {
+    let span = tracing::info_span!(
+        "natty.capture.block",
+        capture = shared.def.name,
+        stream = shared.def.stream,
+        messages = block.replies.len(),
+        first = block.sequences.iter().copied().min().unwrap_or_default(),
+        last = block.sequences.iter().copied().max().unwrap_or_default(),
+        bytes = tracing::field::Empty,
+        path = tracing::field::Empty,
+        attempts = tracing::field::Empty,
+    );
+    store_block_in_span(shared, block, extension).instrument(span).await
+}
+
+async fn store_block_in_span(
+    shared: Arc<Shared>,
+    block: OpenBlock,
+    extension: &'static str,
+) -> std::result::Result<(), Error> {
     let def = shared.def;
     let count = block.replies.len() as u64;
     let OpenBlock {
@@ -1017,6 +1051,15 @@ async fn store_block(shared: Arc<Shared>, block: OpenBlock, extension: &'static 
                 stats.messages.fetch_add(count, Ordering::Relaxed);
                 stats.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 stats.store_micros.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+                let metrics = &shared.metrics;
+                metrics.blocks.inc();
+                metrics.messages.inc_by(count);
+                metrics.bytes.inc_by(bytes.len() as u64);
+                metrics.store_seconds.observe(took.as_secs_f64());
+                let span = tracing::Span::current();
+                span.record("bytes", bytes.len());
+                span.record("path", tracing::field::display(&location));
+                span.record("attempts", attempts);
                 tracing::info!(
                     capture = def.name, block = %location, messages = count, bytes = bytes.len(), first, last,
                     took_ms = took.as_millis() as u64, attempts, "block stored"
@@ -1025,6 +1068,7 @@ async fn store_block(shared: Arc<Shared>, block: OpenBlock, extension: &'static 
             }
             Some(Err(error)) => {
                 shared.stats.store_failures.fetch_add(1, Ordering::Relaxed);
+                shared.metrics.store_failures.inc();
                 tracing::warn!(
                     capture = def.name, block = %location, messages = count, attempts, retry_in = ?delay, %error,
                     "cannot store a block; retrying, its messages stay unacked"

@@ -1,0 +1,266 @@
+//! The command line every binary built on [`crate::run`] answers: `--list`, `--check`,
+//! `--asyncapi` and `--help`. With no argument, the service runs.
+
+use std::ffi::OsString;
+use std::fmt::Write as _;
+
+use async_nats::jetstream;
+
+use crate::config::Provision;
+use crate::consumer::{Consumer, ConsumerDef};
+use crate::error::{Error, Result};
+use crate::runtime::Runtime;
+
+/// What the command line asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Command {
+    Run,
+    Help,
+    List,
+    Check,
+    AsyncApi,
+}
+
+impl Command {
+    /// Reads the arguments after the program's name.
+    pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command> {
+        let args: Vec<OsString> = args.into_iter().collect();
+        let command = match args.first().and_then(|arg| arg.to_str()) {
+            None => return Ok(Command::Run),
+            Some("--help" | "-h") => Command::Help,
+            Some("--list") => Command::List,
+            Some("--check") => Command::Check,
+            Some("--asyncapi") => Command::AsyncApi,
+            Some(_) => {
+                return Err(Error::Usage(format!(
+                    "unknown argument `{}`; {}",
+                    args[0].to_string_lossy(),
+                    "try --help"
+                )))
+            }
+        };
+        if let Some(extra) = args.get(1) {
+            return Err(Error::Usage(format!(
+                "unexpected argument `{}` after `{}`; each command stands alone",
+                extra.to_string_lossy(),
+                args[0].to_string_lossy()
+            )));
+        }
+        Ok(command)
+    }
+}
+
+/// The `--help` text.
+pub(crate) fn help() -> String {
+    let name = crate::config::default_name();
+    format!(
+        "{name}: a NATS JetStream service built with natty
+
+Usage: {name} [COMMAND]
+
+With no command, runs every handler until SIGINT or SIGTERM, then drains.
+
+Commands:
+  --list       each handler and declaration: kind, name, stream or subject, durable, source location
+  --check      connect and compare what is declared with the server; exits non-zero on any difference
+  --asyncapi   print an AsyncAPI 3 document of every channel, with payload schemas
+  -h, --help   this text
+
+Settings come from the environment:
+  NATS_URL                 server URL(s), comma-separated; unset starts a development server
+  NATS_USER/NATS_PASSWORD, NATS_TOKEN, NATS_NKEY, NATS_CREDS, NATS_CA, NATS_CERT, NATS_KEY
+  NATTY_PROVISION          create-or-update (default), verify-only or off
+  NATTY_HANDLERS           run only these handlers (comma-separated names)
+  NATTY_DRAIN_TIMEOUT      how long in-flight handlers may finish on shutdown (default 30s)
+  NATTY_METRICS_ADDR       serve /metrics, /healthz and /readyz here, e.g. 0.0.0.0:9090
+  NATTY_LOG_FORMAT         text (default) or json
+  RUST_LOG                 log filter (default info)
+  OTEL_EXPORTER_OTLP_ENDPOINT   export spans over OTLP/HTTP (with the `otlp` feature)
+"
+    )
+}
+
+impl Runtime {
+    /// What `--list` prints: one line per handler and declaration, with where it is declared.
+    pub fn list(&self) -> String {
+        let mut rows: Vec<[String; 5]> = Vec::new();
+        let row = |kind: &str, name: &str, what: String, durable: &str, location: String| {
+            [kind.into(), name.into(), what, durable.into(), location]
+        };
+        for stream in &self.streams {
+            let what = format!("subjects {}", stream.subjects().join(", "));
+            rows.push(row("stream", stream.name(), what, "", stream.location().to_string()));
+        }
+        for bucket in &self.kv_buckets {
+            rows.push(row(
+                "kv_bucket",
+                bucket.name(),
+                String::new(),
+                "",
+                bucket.location().to_string(),
+            ));
+        }
+        for store in &self.object_stores {
+            rows.push(row(
+                "object_store",
+                store.name(),
+                String::new(),
+                "",
+                store.location().to_string(),
+            ));
+        }
+        for consumer in &self.consumers {
+            let durable = if consumer.ephemeral {
+                "(ephemeral)"
+            } else {
+                consumer.durable
+            };
+            rows.push(row(
+                "consumer",
+                consumer.name,
+                consumer_what(consumer),
+                durable,
+                consumer.location.to_string(),
+            ));
+        }
+        #[cfg(feature = "capture")]
+        for capture in &self.captures {
+            let def = capture.consumer_def();
+            rows.push(row(
+                "capture",
+                capture.name(),
+                consumer_what(&def),
+                def.durable,
+                def.location.to_string(),
+            ));
+        }
+        for leader in &self.leaders {
+            let what = format!("bucket {}, key {}", leader.bucket, leader.key);
+            rows.push(row("leader", leader.name, what, "", leader.location.to_string()));
+        }
+        for sub in &self.subscriptions {
+            let mut what = format!("subject {}", sub.subject);
+            if let Some(queue) = sub.queue {
+                let _ = write!(what, ", queue {queue}");
+            }
+            let kind = match sub.kind {
+                crate::core_nats::CoreKind::Subscribe => "subscribe",
+                crate::core_nats::CoreKind::Service => "service",
+            };
+            rows.push(row(kind, sub.name, what, "", sub.location.to_string()));
+        }
+        for watch in &self.kv_watches {
+            let what = format!("bucket {}, key {}", watch.bucket, watch.key);
+            rows.push(row("kv_watch", watch.name, what, "", watch.location.to_string()));
+        }
+        let header = ["KIND", "NAME", "STREAM / SUBJECT", "DURABLE", "DECLARED AT"].map(String::from);
+        let mut widths = [0usize; 5];
+        for cells in std::iter::once(&header).chain(&rows) {
+            for (width, cell) in widths.iter_mut().zip(cells) {
+                *width = (*width).max(cell.chars().count());
+            }
+        }
+        let mut out = String::new();
+        for cells in std::iter::once(&header).chain(&rows) {
+            let mut line = String::new();
+            for (i, (cell, width)) in cells.iter().zip(widths).enumerate() {
+                if i + 1 == cells.len() {
+                    line.push_str(cell);
+                } else {
+                    let _ = write!(line, "{cell:width$}  ");
+                }
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+
+    /// What `--check` does: connects, compares every declared stream, consumer, KV bucket and
+    /// object store with the server, and prints one line each to stdout. Changes nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Drift`] when anything differs or is missing; a connection error as
+    /// [`Runtime::run`].
+    pub async fn check(self) -> Result<()> {
+        let (client, _dev) = crate::runtime::connect_config(&self.config, Default::default()).await?;
+        let js = client.jetstream();
+        let mut report = Report::default();
+        for stream in &self.streams {
+            let what = format!("stream `{}`", stream.name());
+            report.record(what, stream.provision(js, Provision::VerifyOnly).await);
+        }
+        for bucket in &self.kv_buckets {
+            let what = format!("KV bucket `{}`", bucket.name());
+            report.record(what, bucket.ensure(&client, Provision::VerifyOnly).await);
+        }
+        for store in &self.object_stores {
+            let what = format!("object store `{}`", store.name());
+            report.record(what, store.ensure(&client, Provision::VerifyOnly).await);
+        }
+        #[cfg(feature = "capture")]
+        let captured: Vec<ConsumerDef> = self.captures.iter().map(|c| c.consumer_def()).collect();
+        #[cfg(not(feature = "capture"))]
+        let captured: Vec<ConsumerDef> = Vec::new();
+        for def in self.consumers.iter().chain(&captured).filter(|def| !def.ephemeral) {
+            let what = format!("consumer `{}` on stream `{}`", def.durable, def.stream);
+            report.record(what, check_consumer(def, &client).await);
+        }
+        print!("{}", report.text);
+        if report.differences == 0 {
+            println!("no drift: the server matches every declaration");
+            Ok(())
+        } else {
+            Err(Error::Drift {
+                differences: report.differences,
+            })
+        }
+    }
+}
+
+/// What a consumer reads, for `--list`.
+fn consumer_what(def: &ConsumerDef) -> String {
+    match def.subjects {
+        [] => format!("stream {}", def.stream),
+        subjects => format!("stream {}, subjects {}", def.stream, subjects.join(", ")),
+    }
+}
+
+/// Compares a durable consumer's declared settings with the server's.
+async fn check_consumer(def: &ConsumerDef, client: &crate::Client) -> Result<()> {
+    let consumer = Consumer::new(*def, client.clone(), Provision::VerifyOnly, None);
+    let bound: jetstream::consumer::PullConsumer = consumer.bind().await?;
+    let actual = &bound.cached_info().config;
+    match def.drift(actual) {
+        None => Ok(()),
+        Some((field, declared, server)) => Err(Error::ConsumerDrift {
+            stream: def.stream.into(),
+            consumer: def.durable.into(),
+            field,
+            declared,
+            actual: server,
+        }),
+    }
+}
+
+/// The lines `--check` prints, and how many were differences.
+#[derive(Default)]
+struct Report {
+    text: String,
+    differences: usize,
+}
+
+impl Report {
+    fn record(&mut self, what: String, result: Result<()>) {
+        match result {
+            Ok(()) => {
+                let _ = writeln!(self.text, "ok     {what}");
+            }
+            Err(error) => {
+                self.differences += 1;
+                let _ = writeln!(self.text, "DRIFT  {what}: {error}");
+            }
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! The operations endpoint: `/metrics` (Prometheus), `/healthz` (liveness) and `/readyz`
+//! (readiness), served with hyper on the address in `NATTY_METRICS_ADDR`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+
+use crate::error::{Error, Result};
+use crate::publish::Client;
+use crate::telemetry::Telemetry;
+
+/// How long a scrape waits for the server's consumer counts before answering without them.
+const CONSUMER_INFO_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The running endpoint; stops serving when dropped.
+pub(crate) struct Endpoint {
+    client: Arc<OnceLock<Client>>,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+impl Endpoint {
+    /// Binds `addr` and serves on it.
+    pub(crate) fn bind(addr: SocketAddr, telemetry: Arc<Telemetry>) -> Result<Endpoint> {
+        let listener = std::net::TcpListener::bind(addr).map_err(|source| Error::Io {
+            what: format!("cannot listen on {addr} for metrics and health (NATTY_METRICS_ADDR)"),
+            source,
+        })?;
+        Endpoint::serve(listener, telemetry)
+    }
+
+    /// Serves on a bound listener.
+    pub(crate) fn serve(listener: std::net::TcpListener, telemetry: Arc<Telemetry>) -> Result<Endpoint> {
+        let io = |source| Error::Io {
+            what: "cannot serve metrics and health".into(),
+            source,
+        };
+        listener.set_nonblocking(true).map_err(io)?;
+        let addr = listener.local_addr().map_err(io)?;
+        let listener = TcpListener::from_std(listener).map_err(io)?;
+        let stop = CancellationToken::new();
+        let client = Arc::new(OnceLock::new());
+        tokio::spawn(serve(listener, telemetry, client.clone(), stop.clone()));
+        tracing::info!("serving metrics and health on http://{addr} (/metrics, /healthz, /readyz)");
+        Ok(Endpoint {
+            client,
+            _stop: stop.drop_guard(),
+        })
+    }
+
+    /// Hands the endpoint the connection, once there is one.
+    pub(crate) fn connected(&self, client: &Client) {
+        let _ = self.client.set(client.clone());
+    }
+}
+
+/// What a request handler sees.
+struct State {
+    telemetry: Arc<Telemetry>,
+    client: Arc<OnceLock<Client>>,
+}
+
+/// Serves the endpoint on `listener` until `stop`.
+async fn serve(
+    listener: TcpListener,
+    telemetry: Arc<Telemetry>,
+    client: Arc<OnceLock<Client>>,
+    stop: CancellationToken,
+) {
+    let state = Arc::new(State { telemetry, client });
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off rather than spin.
+                    tracing::warn!(%error, "metrics endpoint: cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(respond(&state, request).await) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = stop.cancelled() => connection.as_mut().graceful_shutdown(),
+            }
+        });
+    }
+}
+
+async fn respond(state: &State, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n".into());
+    }
+    let telemetry = &state.telemetry;
+    let client = state.client.get();
+    match request.uri().path() {
+        "/metrics" => {
+            if let Some(client) = client {
+                refresh(client).await;
+            }
+            reply(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                telemetry.metrics.encode(),
+            )
+        }
+        "/healthz" | "/livez" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" => {
+            let report = telemetry.health.report(client.map(Client::nats));
+            let status = if report.ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            let body = serde_json::to_string_pretty(&report).unwrap_or_default() + "\n";
+            reply(status, "application/json", body)
+        }
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: try /metrics, /healthz or /readyz\n".into(),
+        ),
+    }
+}
+
+fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    response
+}
+
+/// Reads what only the server knows (each consumer's pending counts) and the connection state,
+/// so a scrape shows them as of now.
+async fn refresh(client: &Client) {
+    let metrics = &client.telemetry().metrics;
+    metrics.observe_connection(client.nats());
+    let reads = metrics.watched().into_iter().map(|watched| async move {
+        let info = async {
+            let stream = client.jetstream().get_stream(watched.stream).await.ok()?;
+            stream.consumer_info(&watched.consumer).await.ok()
+        };
+        if let Ok(Some(info)) = tokio::time::timeout(CONSUMER_INFO_TIMEOUT, info).await {
+            watched.record(info.num_pending, info.num_ack_pending, info.num_redelivered);
+        }
+    });
+    futures_util::future::join_all(reads).await;
+}

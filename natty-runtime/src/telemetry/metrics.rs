@@ -1,0 +1,338 @@
+//! Prometheus metrics: one registry per connection, with per-handler handles resolved once at
+//! start so that counting a message is an atomic add, not a label lookup.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, String)>;
+type Counters = Family<Labels, Counter>;
+type Gauges = Family<Labels, Gauge>;
+type Histograms = Family<Labels, Histogram, fn() -> Histogram>;
+
+/// Latency buckets from 0.5 ms to ~16 s, doubling: handlers and stores span that range.
+fn latency() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+/// Every metric natty exports, registered once.
+pub(crate) struct Metrics {
+    registry: Registry,
+    delivered: Counters,
+    acked: Counters,
+    naked: Counters,
+    terminated: Counters,
+    dead_lettered: Counters,
+    handler_seconds: Histograms,
+    in_flight: Gauges,
+    pending: Gauges,
+    ack_pending: Gauges,
+    redelivered: Gauges,
+    is_leader: Gauges,
+    terms: Counters,
+    capture_blocks: Counters,
+    capture_bytes: Counters,
+    capture_messages: Counters,
+    capture_store_seconds: Histograms,
+    capture_store_failures: Counters,
+    capture_held: Gauges,
+    published: Counters,
+    publish_failures: Counter,
+    connected: Gauge,
+    reconnects: Counter,
+    connects_seen: AtomicU64,
+    /// The consumers whose server-side counts (pending, ack pending) are read at each scrape.
+    consumers: Mutex<Vec<Watched>>,
+}
+
+/// A consumer to ask the server about at scrape time.
+#[derive(Clone)]
+pub(crate) struct Watched {
+    pub(crate) stream: &'static str,
+    pub(crate) consumer: String,
+    pending: Gauge,
+    ack_pending: Gauge,
+    redelivered: Gauge,
+}
+
+impl Watched {
+    /// Records the server's counts for this consumer.
+    pub(crate) fn record(&self, pending: u64, ack_pending: usize, redelivered: usize) {
+        self.pending.set(i64::try_from(pending).unwrap_or(i64::MAX));
+        self.ack_pending.set(ack_pending as i64);
+        self.redelivered.set(redelivered as i64);
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+/// A consumer's counters, shared by its deliveries.
+#[derive(Clone, Default)]
+pub(crate) struct ConsumerMetrics {
+    pub(crate) delivered: Counter,
+    pub(crate) acked: Counter,
+    pub(crate) naked: Counter,
+    pub(crate) terminated: Counter,
+    pub(crate) dead_lettered: Counter,
+    pub(crate) handler_seconds: Option<Histogram>,
+    pub(crate) in_flight: Gauge,
+}
+
+impl ConsumerMetrics {
+    /// Records how long one handler call took.
+    pub(crate) fn handled_in(&self, took: Duration) {
+        if let Some(histogram) = &self.handler_seconds {
+            histogram.observe(took.as_secs_f64());
+        }
+    }
+}
+
+/// A leader task's gauges.
+#[derive(Clone, Default)]
+pub(crate) struct LeaderMetrics {
+    pub(crate) is_leader: Gauge,
+    pub(crate) terms: Counter,
+}
+
+/// A capture's counters.
+#[derive(Clone)]
+pub(crate) struct CaptureMetrics {
+    pub(crate) blocks: Counter,
+    pub(crate) bytes: Counter,
+    pub(crate) messages: Counter,
+    pub(crate) store_seconds: Histogram,
+    pub(crate) store_failures: Counter,
+    pub(crate) held: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Self {
+        let mut registry = Registry::with_prefix("natty");
+        let metrics = Metrics {
+            registry: Registry::default(),
+            delivered: Counters::default(),
+            acked: Counters::default(),
+            naked: Counters::default(),
+            terminated: Counters::default(),
+            dead_lettered: Counters::default(),
+            handler_seconds: Histograms::new_with_constructor(latency),
+            in_flight: Gauges::default(),
+            pending: Gauges::default(),
+            ack_pending: Gauges::default(),
+            redelivered: Gauges::default(),
+            is_leader: Gauges::default(),
+            terms: Counters::default(),
+            capture_blocks: Counters::default(),
+            capture_bytes: Counters::default(),
+            capture_messages: Counters::default(),
+            capture_store_seconds: Histograms::new_with_constructor(latency),
+            capture_store_failures: Counters::default(),
+            capture_held: Gauges::default(),
+            published: Counters::default(),
+            publish_failures: Counter::default(),
+            connected: Gauge::default(),
+            reconnects: Counter::default(),
+            connects_seen: AtomicU64::new(0),
+            consumers: Mutex::new(Vec::new()),
+        };
+        let m = &metrics;
+        let consumer = registry.sub_registry_with_prefix("consumer");
+        consumer.register(
+            "delivered",
+            "Messages delivered to the handler, redeliveries included",
+            m.delivered.clone(),
+        );
+        consumer.register("acked", "Messages acked after their handler succeeded", m.acked.clone());
+        consumer.register(
+            "naked",
+            "Messages naked for redelivery (failure, retry, drain)",
+            m.naked.clone(),
+        );
+        consumer.register(
+            "terminated",
+            "Messages terminated (undecodable, rejected, out of deliveries)",
+            m.terminated.clone(),
+        );
+        consumer.register(
+            "dead_lettered",
+            "Messages copied to the dead-letter subject",
+            m.dead_lettered.clone(),
+        );
+        consumer.register(
+            "handler_duration_seconds",
+            "Time from handler start to its outcome",
+            m.handler_seconds.clone(),
+        );
+        consumer.register(
+            "in_flight",
+            "Messages whose handler is running or waiting to retry",
+            m.in_flight.clone(),
+        );
+        consumer.register(
+            "pending_messages",
+            "Messages in the stream not yet delivered to the consumer (server's count, read at scrape)",
+            m.pending.clone(),
+        );
+        consumer.register(
+            "ack_pending_messages",
+            "Messages delivered and not yet acked (server's count, read at scrape)",
+            m.ack_pending.clone(),
+        );
+        consumer.register(
+            "redelivered_messages",
+            "Messages delivered more than once and not yet acked (server's count, read at scrape)",
+            m.redelivered.clone(),
+        );
+        let leader = registry.sub_registry_with_prefix("leader");
+        leader.register(
+            "is_leader",
+            "1 while this instance holds the lease",
+            m.is_leader.clone(),
+        );
+        leader.register("terms", "Terms this instance began as leader", m.terms.clone());
+        let capture = registry.sub_registry_with_prefix("capture");
+        capture.register("blocks", "Blocks stored", m.capture_blocks.clone());
+        capture.register(
+            "bytes",
+            "Bytes stored, as written (compressed, framed)",
+            m.capture_bytes.clone(),
+        );
+        capture.register("messages", "Messages stored and acked", m.capture_messages.clone());
+        capture.register(
+            "store_duration_seconds",
+            "Time to store one block (successful attempts)",
+            m.capture_store_seconds.clone(),
+        );
+        capture.register(
+            "store_failures",
+            "Failed store attempts (each retried)",
+            m.capture_store_failures.clone(),
+        );
+        capture.register(
+            "held_messages",
+            "Messages held unacked in open or storing blocks",
+            m.capture_held.clone(),
+        );
+        let publish = registry.sub_registry_with_prefix("publish");
+        publish.register(
+            "messages",
+            "Messages published and acked by their stream",
+            m.published.clone(),
+        );
+        publish.register(
+            "failures",
+            "Publishes that failed or stayed unconfirmed",
+            m.publish_failures.clone(),
+        );
+        let connection = registry.sub_registry_with_prefix("connection");
+        connection.register("connected", "1 while connected to a NATS server", m.connected.clone());
+        connection.register("reconnects", "Connections made after the first", m.reconnects.clone());
+        Metrics { registry, ..metrics }
+    }
+
+    /// Handles for one consumer, labelled by handler, stream and consumer name.
+    pub(crate) fn consumer(&self, handler: &'static str, stream: &'static str, consumer: &str) -> ConsumerMetrics {
+        let labels: Labels = vec![
+            ("handler", handler.into()),
+            ("stream", stream.into()),
+            ("consumer", consumer.into()),
+        ];
+        let watched = Watched {
+            stream,
+            consumer: consumer.to_string(),
+            pending: self.pending.get_or_create_owned(&labels),
+            ack_pending: self.ack_pending.get_or_create_owned(&labels),
+            redelivered: self.redelivered.get_or_create_owned(&labels),
+        };
+        if let Ok(mut all) = self.consumers.lock() {
+            all.retain(|w| !(w.stream == stream && w.consumer == consumer));
+            all.push(watched);
+        }
+        ConsumerMetrics {
+            delivered: self.delivered.get_or_create_owned(&labels),
+            acked: self.acked.get_or_create_owned(&labels),
+            naked: self.naked.get_or_create_owned(&labels),
+            terminated: self.terminated.get_or_create_owned(&labels),
+            dead_lettered: self.dead_lettered.get_or_create_owned(&labels),
+            handler_seconds: Some(self.handler_seconds.get_or_create_owned(&labels)),
+            in_flight: self.in_flight.get_or_create_owned(&labels),
+        }
+    }
+
+    /// Handles for one leader task.
+    pub(crate) fn leader(&self, name: &'static str, bucket: &'static str, key: &'static str) -> LeaderMetrics {
+        let labels: Labels = vec![("leader", name.into()), ("bucket", bucket.into()), ("key", key.into())];
+        LeaderMetrics {
+            is_leader: self.is_leader.get_or_create_owned(&labels),
+            terms: self.terms.get_or_create_owned(&labels),
+        }
+    }
+
+    /// Handles for one capture.
+    pub(crate) fn capture(&self, name: &'static str, stream: &'static str) -> CaptureMetrics {
+        let labels: Labels = vec![("capture", name.into()), ("stream", stream.into())];
+        CaptureMetrics {
+            blocks: self.capture_blocks.get_or_create_owned(&labels),
+            bytes: self.capture_bytes.get_or_create_owned(&labels),
+            messages: self.capture_messages.get_or_create_owned(&labels),
+            store_seconds: self.capture_store_seconds.get_or_create_owned(&labels),
+            store_failures: self.capture_store_failures.get_or_create_owned(&labels),
+            held: self.capture_held.get_or_create_owned(&labels),
+        }
+    }
+
+    /// Counts a publish acked by `stream`.
+    pub(crate) fn published(&self, stream: &str) {
+        self.published
+            .get_or_create(&vec![("stream", stream.to_string())])
+            .inc();
+    }
+
+    /// Counts a publish that failed. Not labelled by subject: subjects are unbounded.
+    pub(crate) fn publish_failed(&self) {
+        self.publish_failures.inc();
+    }
+
+    /// The consumers to read server-side counts for.
+    pub(crate) fn watched(&self) -> Vec<Watched> {
+        self.consumers.lock().map(|all| all.clone()).unwrap_or_default()
+    }
+
+    /// Brings the connection gauges up to date from the client's own state and statistics.
+    pub(crate) fn observe_connection(&self, client: &async_nats::Client) {
+        let connected = client.connection_state() == async_nats::connection::State::Connected;
+        self.connected.set(i64::from(connected));
+        let connects = client.statistics().connects.load(Ordering::Relaxed);
+        let seen = self.connects_seen.swap(connects, Ordering::Relaxed);
+        // The first connect is not a reconnect.
+        let before = seen.max(1);
+        if connects > before {
+            self.reconnects.inc_by(connects - before);
+        }
+    }
+
+    /// The registry in the OpenMetrics text format, which Prometheus scrapes.
+    pub(crate) fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut text, &self.registry);
+        text
+    }
+}

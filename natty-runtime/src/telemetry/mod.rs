@@ -1,0 +1,97 @@
+//! Observability: Prometheus metrics and health on an HTTP endpoint, W3C trace context in
+//! message headers, and the logging set-up [`crate::run`] installs.
+
+pub(crate) mod http;
+pub(crate) mod logging;
+pub(crate) mod metrics;
+pub(crate) mod trace;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+
+pub(crate) use metrics::{CaptureMetrics, ConsumerMetrics, Metrics};
+
+/// What a connection's handlers report: metrics and the readiness checks. One per
+/// [`Client`](crate::Client) and its clones.
+#[derive(Debug, Default)]
+pub(crate) struct Telemetry {
+    pub(crate) metrics: Metrics,
+    pub(crate) health: Health,
+}
+
+/// The readiness checks: connected, provisioned, every handler running, not draining.
+#[derive(Debug, Default)]
+pub(crate) struct Health {
+    provisioned: AtomicBool,
+    draining: AtomicBool,
+    tasks: Mutex<Vec<(String, Arc<AtomicBool>)>>,
+}
+
+/// What `/readyz` answers.
+#[derive(Debug, Serialize)]
+pub(crate) struct Readiness {
+    pub(crate) ready: bool,
+    connected: bool,
+    provisioned: bool,
+    draining: bool,
+    /// Handlers that are not running (stopped, or not started yet).
+    not_running: Vec<String>,
+    handlers: usize,
+}
+
+impl Health {
+    pub(crate) fn set_provisioned(&self) {
+        self.provisioned.store(true, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Registers a supervised task; it counts as running while the returned guard lives.
+    pub(crate) fn task(&self, name: String) -> Running {
+        let running = Arc::new(AtomicBool::new(true));
+        if let Ok(mut tasks) = self.tasks.lock() {
+            tasks.push((name, running.clone()));
+        }
+        Running(running)
+    }
+
+    /// The checks, against `client` once there is a connection.
+    pub(crate) fn report(&self, client: Option<&async_nats::Client>) -> Readiness {
+        let connected =
+            client.is_some_and(|client| client.connection_state() == async_nats::connection::State::Connected);
+        let provisioned = self.provisioned.load(Ordering::Relaxed);
+        let draining = self.draining.load(Ordering::Relaxed);
+        let (handlers, not_running) = match self.tasks.lock() {
+            Ok(tasks) => (
+                tasks.len(),
+                tasks
+                    .iter()
+                    .filter(|(_, running)| !running.load(Ordering::Relaxed))
+                    .map(|(name, _)| name.clone())
+                    .collect(),
+            ),
+            Err(_) => (0, vec!["<unknown: a task panicked while registering>".to_string()]),
+        };
+        Readiness {
+            ready: connected && provisioned && !draining && handlers > 0 && not_running.is_empty(),
+            connected,
+            provisioned,
+            draining,
+            not_running,
+            handlers,
+        }
+    }
+}
+
+/// Marks its task as running until dropped (when the task ends, panics included).
+pub(crate) struct Running(Arc<AtomicBool>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+}

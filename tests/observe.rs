@@ -1,0 +1,489 @@
+//! Observability: W3C trace context from a publisher into the consumer's span, the Prometheus
+//! endpoint and its counters, and readiness through startup and drain.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use natty_runtime::prelude::*;
+use natty_runtime::testing::{NatsServer, RunningRuntime};
+use natty_runtime::Runtime;
+use natty_tests::{http_get, wait_until, Job};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
+use tracing::Instrument;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[stream(name = "traced", subjects = ["traced.>"])]
+struct Traced;
+
+static TRACED: AtomicUsize = AtomicUsize::new(0);
+
+#[consumer(stream = "traced", durable = "traced")]
+async fn traced(_job: Job) {
+    tracing::info!("handling a traced job");
+    TRACED.fetch_add(1, Ordering::SeqCst);
+}
+
+#[stream(name = "metered", subjects = ["metered.>"])]
+struct Metered;
+
+#[consumer(stream = "metered", durable = "metered", concurrency = 4)]
+async fn metered(job: Job, ctx: Context) -> Result<(), Reject> {
+    match job.id {
+        7 => Err(Reject::terminate("seven is refused")),
+        3 if ctx.delivery_count() == 1 => Err(Reject::retry()),
+        _ => Ok(()),
+    }
+}
+
+/// Leads until shutdown, for the leader gauges.
+#[leader(bucket = "observed", key = "leader", ttl = "3s")]
+async fn observed_leader(lease: Lease) -> Result<(), std::io::Error> {
+    lease.lost().await;
+    Ok(())
+}
+
+#[stream(name = "gated", subjects = ["gated.>"])]
+struct Gated;
+
+static GATE_ENTERED: AtomicBool = AtomicBool::new(false);
+static GATE_OPEN: AtomicBool = AtomicBool::new(false);
+
+#[consumer(stream = "gated", durable = "gated")]
+async fn gated(_job: Job) {
+    GATE_ENTERED.store(true, Ordering::SeqCst);
+    while !GATE_OPEN.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The process-wide subscriber: every span goes to an in-memory OpenTelemetry exporter.
+fn spans() -> &'static InMemorySpanExporter {
+    static EXPORTER: OnceLock<InMemorySpanExporter> = OnceLock::new();
+    EXPORTER.get_or_init(|| {
+        let exporter = InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .build();
+        tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("observe-test")))
+            .init();
+        exporter
+    })
+}
+
+fn attribute(span: &SpanData, key: &str) -> Option<String> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key.as_str() == key)
+        .map(|kv| kv.value.to_string())
+}
+
+/// Exported spans named `name` whose attribute `key` is `value` (other tests run alongside).
+fn finished(name: &str, key: &str, value: &str) -> Vec<SpanData> {
+    spans()
+        .get_finished_spans()
+        .expect("exported spans")
+        .into_iter()
+        .filter(|span| span.name == name && attribute(span, key).as_deref() == Some(value))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_started_by_a_publisher_continues_in_the_consumer_span() {
+    spans();
+    let server = NatsServer::start().await.expect("nats-server");
+    let runtime = Runtime::builder()
+        .url(server.url())
+        .handlers(["traced"])
+        .build()
+        .unwrap();
+    let running = RunningRuntime::spawn(runtime);
+    let publisher = natty_runtime::Client::new(server.client().await);
+    wait_until(WAIT, "the traced stream exists", || async {
+        publisher.jetstream().get_stream("traced").await.is_ok()
+    })
+    .await;
+
+    let request = tracing::info_span!("place-order");
+    publisher
+        .publish("traced.1", &Job { id: 1 })
+        .instrument(request)
+        .await
+        .expect("publish");
+    wait_until(WAIT, "the consumer's span is exported", || async {
+        !finished("natty.deliver", "stream", "traced").is_empty()
+    })
+    .await;
+    running.stop().await.unwrap();
+
+    let root = spans()
+        .get_finished_spans()
+        .unwrap()
+        .into_iter()
+        .find(|span| span.name == "place-order")
+        .expect("the publisher's root span");
+    let publish = finished("natty.publish", "subject", "traced.1")
+        .pop()
+        .expect("the publish span");
+    let deliver = finished("natty.deliver", "stream", "traced")
+        .pop()
+        .expect("the delivery span");
+    let trace = root.span_context.trace_id();
+    assert_eq!(
+        publish.span_context.trace_id(),
+        trace,
+        "publish joins the caller's trace"
+    );
+    assert_eq!(publish.parent_span_id, root.span_context.span_id());
+    assert_eq!(
+        deliver.span_context.trace_id(),
+        trace,
+        "the consumer continues the publisher's trace"
+    );
+    assert_eq!(
+        deliver.parent_span_id,
+        publish.span_context.span_id(),
+        "the delivery's parent is the publish that sent it"
+    );
+    assert_eq!(attribute(&deliver, "stream").as_deref(), Some("traced"));
+    assert_eq!(attribute(&deliver, "consumer").as_deref(), Some("traced"));
+    assert_eq!(attribute(&deliver, "sequence").as_deref(), Some("1"));
+    assert_eq!(attribute(&deliver, "delivery_count").as_deref(), Some("1"));
+    assert_eq!(attribute(&deliver, "outcome").as_deref(), Some("ack"));
+    assert!(attribute(&deliver, "duration_ms").is_some(), "{:?}", deliver.attributes);
+    assert_eq!(TRACED.load(Ordering::SeqCst), 1);
+}
+
+/// Parses OpenMetrics text strictly — every line a family's `# TYPE`/`# HELP`, a sample of a
+/// declared family with well-formed labels and a number, and `# EOF` last — into series → value.
+fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
+    fn is_name(name: &str) -> bool {
+        let mut chars = name.chars();
+        chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    }
+    let mut families: Vec<String> = Vec::new();
+    let mut series = BTreeMap::new();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.last(), Some(&"# EOF"), "OpenMetrics text ends with # EOF");
+    for line in &lines[..lines.len() - 1] {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or_else(|| panic!("bad TYPE line {line:?}"));
+            assert!(is_name(name), "bad family name in {line:?}");
+            assert!(
+                [
+                    "counter",
+                    "gauge",
+                    "histogram",
+                    "summary",
+                    "info",
+                    "stateset",
+                    "unknown"
+                ]
+                .contains(&kind),
+                "bad type in {line:?}"
+            );
+            families.push(name.to_string());
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ").or_else(|| line.strip_prefix("# UNIT ")) {
+            assert!(
+                rest.split(' ').next().is_some_and(is_name),
+                "bad HELP/UNIT line {line:?}"
+            );
+            continue;
+        }
+        assert!(!line.starts_with('#'), "unknown comment line {line:?}");
+        let (sample, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad sample {line:?}"));
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            number => number.parse().unwrap_or_else(|_| panic!("bad value in {line:?}")),
+        };
+        let name = sample.split('{').next().unwrap();
+        assert!(is_name(name), "bad metric name in {line:?}");
+        let family = families
+            .iter()
+            .find(|family| {
+                name.strip_prefix(family.as_str())
+                    .is_some_and(|suffix| ["", "_total", "_created", "_bucket", "_count", "_sum"].contains(&suffix))
+            })
+            .unwrap_or_else(|| panic!("sample {line:?} has no # TYPE before it"));
+        let _ = family;
+        if let Some(labels) = sample.strip_prefix(name) {
+            if !labels.is_empty() {
+                let inner = labels
+                    .strip_prefix('{')
+                    .and_then(|l| l.strip_suffix('}'))
+                    .unwrap_or_else(|| panic!("bad labels in {line:?}"));
+                for pair in inner.split(',') {
+                    let (key, quoted) = pair.split_once('=').unwrap_or_else(|| panic!("bad label in {line:?}"));
+                    assert!(is_name(key), "bad label name in {line:?}");
+                    assert!(
+                        quoted.len() >= 2 && quoted.starts_with('"') && quoted.ends_with('"'),
+                        "unquoted label value in {line:?}"
+                    );
+                }
+            }
+        }
+        assert!(
+            series.insert(sample.to_string(), value).is_none(),
+            "duplicate series {sample}"
+        );
+    }
+    series
+}
+
+async fn scrape(addr: SocketAddr) -> BTreeMap<String, f64> {
+    let (status, body) = http_get(addr, "/metrics").await.expect("scrape /metrics");
+    assert_eq!(status, 200, "{body}");
+    parse_metrics(&body)
+}
+
+fn consumer_series(name: &str, consumer: &str) -> String {
+    format!("natty_consumer_{name}{{handler=\"{consumer}\",stream=\"{consumer}\",consumer=\"{consumer}\"}}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_endpoint_serves_prometheus_text_and_its_counters_follow_the_messages() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let runtime = Runtime::builder()
+        .url(server.url())
+        .handlers(["metered", "observed_leader"])
+        .metrics_listener(listener)
+        .build()
+        .unwrap();
+    let running = RunningRuntime::spawn(runtime);
+    let client = server.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    wait_until(WAIT, "the consumer is provisioned", || async {
+        js.get_stream("metered").await.is_ok() && http_get(addr, "/readyz").await.is_ok_and(|(status, _)| status == 200)
+    })
+    .await;
+
+    let before = scrape(addr).await;
+    assert_eq!(before.get(&consumer_series("delivered_total", "metered")), Some(&0.0));
+    assert_eq!(before.get("natty_connection_connected"), Some(&1.0), "{before:#?}");
+
+    for id in 0..10 {
+        js.publish(format!("metered.{id}"), serde_json::to_vec(&Job { id }).unwrap().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    wait_until(WAIT, "9 acked and 1 dead-lettered", || async {
+        let now = scrape(addr).await;
+        now.get(&consumer_series("acked_total", "metered")) == Some(&9.0)
+            && now.get(&consumer_series("dead_lettered_total", "metered")) == Some(&1.0)
+            && now.get(&consumer_series("pending_messages", "metered")) == Some(&0.0)
+            && now.get(&consumer_series("ack_pending_messages", "metered")) == Some(&0.0)
+    })
+    .await;
+    let after = scrape(addr).await;
+    let get = |name: &str| after.get(&consumer_series(name, "metered")).copied();
+    assert_eq!(get("delivered_total"), Some(11.0), "ten messages, one of them twice");
+    assert_eq!(get("naked_total"), Some(1.0));
+    assert_eq!(get("terminated_total"), Some(1.0));
+    assert_eq!(get("in_flight"), Some(0.0));
+    assert_eq!(get("handler_duration_seconds_count"), Some(11.0));
+    let inf = "natty_consumer_handler_duration_seconds_bucket{le=\"+Inf\",handler=\"metered\",stream=\"metered\",consumer=\"metered\"}";
+    assert_eq!(after.get(inf), Some(&11.0), "{after:#?}");
+    assert_eq!(after.get("natty_connection_reconnects_total"), Some(&0.0));
+    let leader = "{leader=\"observed_leader\",bucket=\"observed\",key=\"leader\"}";
+    wait_until(WAIT, "this instance leads", || async {
+        scrape(addr).await.get(&format!("natty_leader_is_leader{leader}")) == Some(&1.0)
+    })
+    .await;
+    assert_eq!(
+        scrape(addr).await.get(&format!("natty_leader_terms_total{leader}")),
+        Some(&1.0)
+    );
+
+    let (status, body) = http_get(addr, "/healthz").await.unwrap();
+    assert_eq!((status, body.trim()), (200, "ok"));
+    let (status, _) = http_get(addr, "/nothing-here").await.unwrap();
+    assert_eq!(status, 404);
+    running.stop().await.unwrap();
+}
+
+async fn readiness(addr: SocketAddr) -> Option<(u16, serde_json::Value)> {
+    let (status, body) = http_get(addr, "/readyz").await.ok()?;
+    Some((status, serde_json::from_str(&body).expect("/readyz answers JSON")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_is_false_before_provisioning_true_after_and_false_again_while_draining() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let client = server.client().await;
+    // A stopped server accepts the connection but never answers: startup waits there.
+    server.signal(19);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let runtime = Runtime::builder()
+        .url(server.url())
+        .handlers(["gated"])
+        .connect_timeout(Duration::from_secs(60))
+        .metrics_listener(listener)
+        .build()
+        .unwrap();
+    let running = RunningRuntime::spawn(runtime);
+
+    let (status, report) = readiness(addr).await.expect("the endpoint answers before connecting");
+    assert_eq!(status, 503, "{report}");
+    assert_eq!(report["provisioned"], false, "{report}");
+    assert_eq!(report["connected"], false, "{report}");
+
+    server.signal(18);
+    wait_until(WAIT, "ready once provisioned", || async {
+        readiness(addr).await.is_some_and(|(status, _)| status == 200)
+    })
+    .await;
+    let (_, report) = readiness(addr).await.unwrap();
+    assert_eq!(report["provisioned"], true, "{report}");
+    assert_eq!(report["handlers"], 1, "{report}");
+
+    let js = async_nats::jetstream::new(client.clone());
+    js.publish("gated.1", serde_json::to_vec(&Job { id: 1 }).unwrap().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    wait_until(WAIT, "the handler is running", || async {
+        GATE_ENTERED.load(Ordering::SeqCst)
+    })
+    .await;
+    let stopping = tokio::spawn(running.stop());
+    wait_until(WAIT, "not ready while draining", || async {
+        readiness(addr)
+            .await
+            .is_some_and(|(status, report)| status == 503 && report["draining"] == true)
+    })
+    .await;
+    GATE_OPEN.store(true, Ordering::SeqCst);
+    stopping.await.unwrap().unwrap();
+    wait_until(WAIT, "the endpoint closes with the runtime", || async {
+        http_get(addr, "/readyz").await.is_err()
+    })
+    .await;
+}
+
+/// A stand-in OTLP/HTTP collector: answers every request with an empty (valid) protobuf
+/// response and keeps (path, content type, body).
+async fn collector() -> (
+    SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<(String, String, Vec<u8>)>>>,
+) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = received.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let sink = sink.clone();
+            tokio::spawn(async move {
+                let mut stream = tokio::io::BufReader::new(stream);
+                loop {
+                    let mut line = String::new();
+                    if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let path = line.split_whitespace().nth(1).unwrap_or_default().to_string();
+                    let (mut length, mut content_type) = (0usize, String::new());
+                    loop {
+                        let mut header = String::new();
+                        stream.read_line(&mut header).await.unwrap();
+                        let header = header.trim_end();
+                        if header.is_empty() {
+                            break;
+                        }
+                        let (name, value) = header.split_once(':').unwrap_or((header, ""));
+                        match name.to_ascii_lowercase().as_str() {
+                            "content-length" => length = value.trim().parse().unwrap(),
+                            "content-type" => content_type = value.trim().to_string(),
+                            _ => {}
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    stream.read_exact(&mut body).await.unwrap();
+                    sink.lock().unwrap().push((path, content_type, body));
+                    let reply = "HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
+                    stream.get_mut().write_all(reply.as_bytes()).await.unwrap();
+                }
+            });
+        }
+    });
+    (addr, received)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|window| window == needle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_exports_its_delivery_spans_over_otlp_in_the_trace_its_message_carried() {
+    const WORKER: &str = env!("CARGO_BIN_EXE_natty-test-worker");
+    let server = NatsServer::start().await.expect("nats-server");
+    let (collector, received) = collector().await;
+    let endpoint = format!("http://{collector}");
+    let mut worker = natty_tests::spawn_service(
+        std::path::Path::new(WORKER),
+        Some(&server.url()),
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_SERVICE_NAME", "otlp-test-worker"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    );
+    let logs = natty_tests::collect_stderr(&mut worker);
+    let client = server.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    wait_until(WAIT, "the worker's consumer exists", || async {
+        match js.get_stream("jobs").await {
+            Ok(stream) => stream.consumer_info("workers").await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await;
+
+    // The trace an upstream service started, as its publish would have carried it.
+    let trace_hex = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("traceparent", format!("00-{trace_hex}-00f067aa0ba902b7-01").as_str());
+    js.publish_with_headers("jobs.1", headers, serde_json::to_vec(&Job { id: 1 }).unwrap().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let trace_id: Vec<u8> = (0..16)
+        .map(|i| u8::from_str_radix(&trace_hex[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    wait_until(WAIT, "the delivery span reaches the collector", || async {
+        received.lock().unwrap().iter().any(|(_, _, body)| {
+            contains(body, &trace_id) && contains(body, b"natty.deliver") && contains(body, b"jobs.1")
+        })
+    })
+    .await;
+    let received = received.lock().unwrap().clone();
+    let (path, content_type, body) = received.iter().find(|(_, _, body)| contains(body, &trace_id)).unwrap();
+    assert_eq!(path, "/v1/traces");
+    assert_eq!(content_type, "application/x-protobuf");
+    assert!(
+        contains(body, b"otlp-test-worker"),
+        "the service name is in the resource"
+    );
+    drop(worker);
+    drop(logs);
+}
