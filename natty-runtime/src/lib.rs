@@ -29,6 +29,7 @@
 //! Delivery is at-least-once: a message is acked only after its handler returned `Ok`; an
 //! error naks it for redelivery; a payload that cannot be decoded is terminated and logged.
 
+mod asyncapi;
 #[cfg(feature = "capture")]
 pub mod capture;
 pub mod config;
@@ -107,6 +108,11 @@ pub fn init_logging() {
 /// Used by the code the macros generate. Not part of the API.
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::asyncapi::schema::protobuf as protobuf_schema;
+    pub use crate::asyncapi::{
+        DescribeDecoded, DescribeDecodedReply, DescribeEncodedReply, DescribeKvValue, DescribeUnknown,
+        DescribeUnknownReply, Probe,
+    };
     #[cfg(feature = "capture")]
     pub use crate::capture;
     pub use crate::consumer::{hash_key, ConsumerDef, Deliver, HandlerFn, OrderBy};
@@ -120,7 +126,7 @@ pub mod __private {
     pub use crate::leader::{FromLease, LeaderDef, LeaderFn, Lease};
     pub use crate::object_store::ObjectStoreDef;
     pub use crate::payload::decode;
-    pub use crate::payload::{DecodePayload, EncodePayload, Format, Payload};
+    pub use crate::payload::{describe_payload, DecodePayload, EncodePayload, Format, Payload, PayloadDescription};
     pub use crate::stream::{Location, StreamDef};
     pub use async_nats::jetstream::stream::{RetentionPolicy as Retention, StorageType};
     pub use async_nats::HeaderMap;
@@ -128,4 +134,5 @@ pub mod __private {
     pub use futures_util::future::BoxFuture;
     pub use inventory;
     pub use prost;
+    pub use serde_json::Value as JsonValue;
 }
