@@ -650,6 +650,8 @@ mod tests {
     struct SerializeOnly;
 
     #[test]
+    // The borrows are the point: each level of reference is one level of the probe.
+    #[allow(clippy::needless_borrow)]
     fn probes_pick_the_most_specific_description() {
         let value = (&&&Probe::<KvChange<Reply>>::new()).describe();
         assert!(value.type_name.ends_with("Reply"), "{}", value.type_name);
