@@ -130,3 +130,27 @@ async fn check_passes_on_a_matching_server_and_fails_naming_the_field_that_drift
         .clone();
     assert_eq!(info.subjects.len(), 2);
 }
+
+#[tokio::test]
+async fn asyncapi_prints_a_json_document_with_every_channel_and_its_payload_schema() {
+    let (code, stdout, stderr) = run_command(Path::new(WORKER), None, &["--asyncapi"], WAIT).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let document: serde_json::Value = serde_json::from_str(&stdout).expect("--asyncapi prints JSON");
+    assert_eq!(document["asyncapi"], "3.0.0");
+    let channels = document["channels"].as_object().expect("channels");
+    assert_eq!(channels.len(), 1, "{channels:#?}");
+    let channel = channels.values().next().unwrap();
+    assert_eq!(channel["address"], "jobs.>");
+    let message = channel["messages"]
+        .as_object()
+        .and_then(|messages| messages.values().next())
+        .and_then(|reference| reference["$ref"].as_str())
+        .and_then(|path| path.strip_prefix("#/components/messages/"))
+        .map(|name| &document["components"]["messages"][name])
+        .expect("the channel's message is in components");
+    assert_eq!(message["contentType"], "application/json");
+    let payload = &message["payload"];
+    assert_eq!(payload["type"], "object", "{payload:#}");
+    assert_eq!(payload["properties"]["id"]["type"], "integer", "{payload:#}");
+    assert_eq!(payload["required"], serde_json::json!(["id"]), "{payload:#}");
+}

@@ -8,6 +8,7 @@ use syn::spanned::Spanned;
 use syn::{ItemFn, LitStr};
 
 use crate::attr::{self, Errors, Slot};
+use crate::handler;
 
 const KEYS: &[&str] = &[
     "stream",
@@ -407,6 +408,8 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     let p = quote!(::natty_runtime::__private);
     let ident = &function.sig.ident;
     let adapter = format_ident!("__natty_capture_{}", ident);
+    let describe = format_ident!("__natty_capture_payload_{}", ident);
+    let describer = handler::describer(&describe, &payload, "describe");
     let name = ident.to_string();
     let stream = parsed.stream.take().map(|lit| lit.value()).unwrap_or_default();
     let durable = parsed.durable.take().map(|lit| lit.value()).unwrap_or_default();
@@ -482,9 +485,14 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
             #p::capture::Captured::new(record, &key)
         }
 
+        #[doc(hidden)]
+        #[allow(non_snake_case)]
+        #describer
+
         #p::inventory::submit! {
             #p::capture::CaptureDef::new(#name, #stream, #durable, #store, #adapter, #writers)
                 #(#setters)*
+                .payload(#describe)
                 .at(#p::Location { file: ::core::file!(), line: ::core::line!(), module: ::core::module_path!() })
         }
     }

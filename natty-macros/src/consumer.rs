@@ -383,5 +383,6 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         quote!(#p::Outcome),
         outcome,
         quote!(#constructor #(#setters)*),
+        TokenStream::new(),
     )
 }

@@ -136,6 +136,14 @@ pub fn expand(kind: Kind, args: TokenStream, item: TokenStream) -> TokenStream {
     if let Some(concurrency) = parsed.concurrency.take() {
         setters.push(quote!(.concurrency(#concurrency)));
     }
+    // A service's reply type, named through its declared return type `Result<R, E>` (an
+    // alias works too: the probe sees the type it stands for).
+    let mut items = TokenStream::new();
+    if let (Kind::Service, syn::ReturnType::Type(_, ty)) = (kind, &function.sig.output) {
+        let describe = format_ident!("__natty_reply");
+        items = handler::describer(&describe, ty, "describe_reply");
+        setters.push(quote!(.reply(#describe)));
+    }
 
     handler::emit(
         &function,
@@ -145,5 +153,6 @@ pub fn expand(kind: Kind, args: TokenStream, item: TokenStream) -> TokenStream {
         quote!(#p::CoreOutcome),
         outcome,
         quote!(#constructor #(#setters)*),
+        items,
     )
 }

@@ -171,9 +171,33 @@ pub fn result_ident() -> Ident {
     format_ident!("__natty_result")
 }
 
+/// A function describing `ty` for the AsyncAPI document, named `name`, through the
+/// runtime's probe: the probe falls back to "unknown" for a type natty cannot decode, so a
+/// wrong payload type is reported once, by the adapter, and not again from here. `method` is
+/// `describe` for a payload, `describe_reply` for a service's return type.
+pub fn describer(name: &Ident, ty: &Type, method: &str) -> TokenStream {
+    let p = quote::quote!(::natty_runtime::__private);
+    let method = Ident::new(method, Span::call_site());
+    quote::quote! {
+        #[automatically_derived]
+        // The borrows select the probe's impl (autoref specialization): none is needless.
+        #[allow(clippy::needless_borrow)]
+        fn #name() -> #p::PayloadDescription {
+            #[allow(unused_imports)]
+            use #p::{
+                DescribeDecoded as _, DescribeDecodedReply as _, DescribeEncodedReply as _, DescribeKvValue as _,
+                DescribeUnknown as _, DescribeUnknownReply as _,
+            };
+            (&&&#p::Probe::<#ty>::new()).#method()
+        }
+    }
+}
+
 /// Emits the user's function unchanged, its adapter (decode, call, convert the result with
-/// `outcome`, an expression of [`result_ident`]), and the registration of `definition` with
-/// where it was written.
+/// `outcome`, an expression of [`result_ident`]), the function describing its payload type
+/// (plus `items`, e.g. another describer), and the registration of `definition` with its
+/// payload description and where it was written.
+#[allow(clippy::too_many_arguments)]
 pub fn emit(
     function: &ItemFn,
     kind: &HandlerKind,
@@ -182,12 +206,22 @@ pub fn emit(
     outcome_type: TokenStream,
     outcome: TokenStream,
     definition: TokenStream,
+    items: TokenStream,
 ) -> TokenStream {
     let p = quote::quote!(::natty_runtime::__private);
     let ident = &function.sig.ident;
     let result = result_ident();
     let (delivery, bindings, call_args) = bindings(args, kind);
     let delivery_type = kind.delivery_type();
+    let payload = args.iter().find_map(|arg| match arg {
+        Arg::Payload(ty) => Some(ty),
+        Arg::Extractor(_) => None,
+    });
+    let describe = format_ident!("__natty_payload");
+    let (describer, payload_setter) = match payload {
+        Some(ty) => (describer(&describe, ty, "describe"), quote::quote!(.payload(#describe))),
+        None => (TokenStream::new(), TokenStream::new()),
+    };
     quote::quote! {
         #function
 
@@ -201,8 +235,12 @@ pub fn emit(
                 })
             }
 
+            #describer
+            #items
+
             #p::inventory::submit! {
                 #definition
+                    #payload_setter
                     .at(#p::Location { file: ::core::file!(), line: ::core::line!(), module: ::core::module_path!() })
             }
         };

@@ -82,5 +82,6 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         quote!(#p::CoreOutcome),
         outcome,
         quote!(#p::KvWatchDef::new(#name, #bucket, #key, #adapter).history(#history)),
+        TokenStream::new(),
     )
 }

@@ -109,6 +109,8 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         quote!(#p::Outcome),
         outcome,
         quote!(#p::LeaderDef::new(#name, #bucket, #key, #ttl, #adapter)),
+        // Payload arguments were refused above: no payload description is emitted.
+        TokenStream::new(),
     )
 }
 

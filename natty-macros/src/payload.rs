@@ -80,6 +80,7 @@ pub fn expand(input: TokenStream) -> TokenStream {
 
     let p = quote!(::natty_runtime::__private);
     let name = &input.ident;
+    let name_str = name.to_string();
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
     let mut out = TokenStream::new();
     if let Some(pieces) = pieces {
@@ -110,6 +111,10 @@ pub fn expand(input: TokenStream) -> TokenStream {
 
                 fn from_bytes(bytes: &[u8]) -> ::core::result::Result<Self, #p::BoxError> {
                     <Self as #p::prost::Message>::decode(bytes).map_err(::core::convert::Into::into)
+                }
+
+                fn json_schema() -> #p::JsonValue {
+                    #p::protobuf_schema(#name_str, ::core::any::type_name::<Self>())
                 }
             }
         });

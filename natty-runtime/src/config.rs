@@ -21,6 +21,7 @@
 //! | `NATTY_DEV_PORT` | port of the development server | `4222` |
 //! | `NATTY_DEV_DIR` | data folder of the development server | `.natty/dev` |
 //! | `NATTY_NATS_SERVER` | path of the `nats-server` binary for the development server | searched |
+//! | `NATTY_SERVICE_VERSION` | `info.version` of the AsyncAPI document ([`crate::Runtime::asyncapi`]) | `0.0.0` |
 
 use std::path::PathBuf;
 use std::time::Duration;

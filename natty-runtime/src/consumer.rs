@@ -67,6 +67,7 @@ pub struct ConsumerDef {
     pub(crate) while_leading: Option<(&'static str, &'static str)>,
     pub(crate) handler: HandlerFn,
     pub(crate) location: Location,
+    pub(crate) payload: Option<fn() -> crate::payload::PayloadDescription>,
 }
 
 impl std::fmt::Debug for ConsumerDef {
@@ -104,6 +105,7 @@ impl ConsumerDef {
             while_leading: None,
             handler,
             location: Location::UNKNOWN,
+            payload: None,
         }
     }
 
@@ -201,6 +203,14 @@ impl ConsumerDef {
     /// Records where the declaration was written (the macros set this).
     pub const fn at(mut self, location: Location) -> Self {
         self.location = location;
+        self
+    }
+
+    /// Records the payload type the handler decodes, for the AsyncAPI document
+    /// ([`Runtime::asyncapi`](crate::Runtime::asyncapi)); the macros set it. By hand:
+    /// `.payload(natty_runtime::__private::describe_payload::<MyPayload>)`.
+    pub const fn payload(mut self, describe: fn() -> crate::payload::PayloadDescription) -> Self {
+        self.payload = Some(describe);
         self
     }
 

@@ -49,6 +49,8 @@ pub struct SubscriptionDef {
     pub(crate) kind: CoreKind,
     pub(crate) handler: CoreHandlerFn,
     pub(crate) location: Location,
+    pub(crate) payload: Option<fn() -> crate::payload::PayloadDescription>,
+    pub(crate) reply: Option<fn() -> crate::payload::PayloadDescription>,
 }
 
 impl std::fmt::Debug for SubscriptionDef {
@@ -74,6 +76,8 @@ impl SubscriptionDef {
             kind: CoreKind::Subscribe,
             handler,
             location: Location::UNKNOWN,
+            payload: None,
+            reply: None,
         }
     }
 
@@ -88,6 +92,8 @@ impl SubscriptionDef {
             kind: CoreKind::Service,
             handler,
             location: Location::UNKNOWN,
+            payload: None,
+            reply: None,
         }
     }
 
@@ -106,6 +112,22 @@ impl SubscriptionDef {
     /// Records where the declaration was written (the macros set this).
     pub const fn at(mut self, location: Location) -> Self {
         self.location = location;
+        self
+    }
+
+    /// Records the payload type the handler decodes, for the AsyncAPI document
+    /// ([`Runtime::asyncapi`](crate::Runtime::asyncapi)); the macros set it. By hand:
+    /// `.payload(natty_runtime::__private::describe_payload::<MyPayload>)`.
+    pub const fn payload(mut self, describe: fn() -> crate::payload::PayloadDescription) -> Self {
+        self.payload = Some(describe);
+        self
+    }
+
+    /// Records a `#[service]`'s reply type, for the AsyncAPI document
+    /// ([`Runtime::asyncapi`](crate::Runtime::asyncapi)); the macros set it. By hand:
+    /// `.reply(natty_runtime::__private::describe_payload::<MyPayload>)`.
+    pub const fn reply(mut self, describe: fn() -> crate::payload::PayloadDescription) -> Self {
+        self.reply = Some(describe);
         self
     }
 

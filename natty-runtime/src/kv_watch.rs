@@ -27,6 +27,7 @@ pub struct KvWatchDef {
     pub(crate) history: bool,
     pub(crate) handler: KvHandlerFn,
     pub(crate) location: Location,
+    pub(crate) payload: Option<fn() -> crate::payload::PayloadDescription>,
 }
 
 impl KvWatchDef {
@@ -39,6 +40,7 @@ impl KvWatchDef {
             history: false,
             handler,
             location: Location::UNKNOWN,
+            payload: None,
         }
     }
 
@@ -51,6 +53,14 @@ impl KvWatchDef {
     /// Records where the declaration was written (the macros set this).
     pub const fn at(mut self, location: Location) -> Self {
         self.location = location;
+        self
+    }
+
+    /// Records the type of the watched values (the `T` of `KvChange<T>`), for the AsyncAPI document
+    /// ([`Runtime::asyncapi`](crate::Runtime::asyncapi)); the macros set it. By hand:
+    /// `.payload(natty_runtime::__private::describe_payload::<MyPayload>)`.
+    pub const fn payload(mut self, describe: fn() -> crate::payload::PayloadDescription) -> Self {
+        self.payload = Some(describe);
         self
     }
 

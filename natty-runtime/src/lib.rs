@@ -29,6 +29,7 @@
 //! Delivery is at-least-once: a message is acked only after its handler returned `Ok`; an
 //! error naks it for redelivery; a payload that cannot be decoded is terminated and logged.
 
+mod asyncapi;
 #[cfg(feature = "capture")]
 pub mod capture;
 mod cli;
@@ -106,8 +107,10 @@ pub async fn run() -> Result<()> {
             Ok(())
         }
         Command::Check => runtime.check().await,
-        // MERGE: the AsyncAPI branch supplies Runtime::asyncapi.
-        Command::AsyncApi => Err(Error::Usage("--asyncapi is not available yet".into())),
+        Command::AsyncApi => {
+            println!("{:#}", runtime.asyncapi());
+            Ok(())
+        }
     };
     telemetry::logging::shutdown();
     result
@@ -133,6 +136,11 @@ pub fn init_logging() {
 /// Used by the code the macros generate. Not part of the API.
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::asyncapi::schema::protobuf as protobuf_schema;
+    pub use crate::asyncapi::{
+        DescribeDecoded, DescribeDecodedReply, DescribeEncodedReply, DescribeKvValue, DescribeUnknown,
+        DescribeUnknownReply, Probe,
+    };
     #[cfg(feature = "capture")]
     pub use crate::capture;
     pub use crate::consumer::{hash_key, ConsumerDef, Deliver, HandlerFn, OrderBy};
@@ -146,7 +154,7 @@ pub mod __private {
     pub use crate::leader::{FromLease, LeaderDef, LeaderFn, Lease};
     pub use crate::object_store::ObjectStoreDef;
     pub use crate::payload::decode;
-    pub use crate::payload::{DecodePayload, EncodePayload, Format, Payload};
+    pub use crate::payload::{describe_payload, DecodePayload, EncodePayload, Format, Payload, PayloadDescription};
     pub use crate::stream::{Location, StreamDef};
     pub use async_nats::jetstream::stream::{RetentionPolicy as Retention, StorageType};
     pub use async_nats::HeaderMap;
@@ -154,4 +162,5 @@ pub mod __private {
     pub use futures_util::future::BoxFuture;
     pub use inventory;
     pub use prost;
+    pub use serde_json::Value as JsonValue;
 }

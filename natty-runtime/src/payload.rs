@@ -109,6 +109,23 @@ pub trait DecodePayload: Sized + Send + 'static {
     ///
     /// When the bytes are not a valid encoding of `Self`.
     fn from_bytes(bytes: &[u8]) -> Result<Self, BoxError>;
+
+    /// A JSON Schema (draft-07, AsyncAPI 3's default schema format) of the payload, for the
+    /// document [`Runtime::asyncapi`](crate::Runtime::asyncapi) prints.
+    ///
+    /// Named types it refers to are under `definitions`, referenced as `#/definitions/<name>`.
+    /// For serde types it is traced from the `Deserialize` impl; a derived Protobuf
+    /// [`Payload`](crate::Payload) gives a schema titled with its name (see
+    /// [`Runtime::asyncapi`](crate::Runtime::asyncapi)). The default, for other impls, is an
+    /// empty schema (any value) whose `description` says why there is nothing more.
+    fn json_schema() -> serde_json::Value {
+        serde_json::json!({
+            "description": format!(
+                "no schema: `{}` implements DecodePayload by hand without `json_schema`",
+                std::any::type_name::<Self>()
+            )
+        })
+    }
 }
 
 impl<T: DeserializeOwned + Send + 'static> DecodePayload for T {
@@ -116,6 +133,34 @@ impl<T: DeserializeOwned + Send + 'static> DecodePayload for T {
 
     fn from_bytes(bytes: &[u8]) -> Result<Self, BoxError> {
         Ok(serde_json::from_slice(bytes)?)
+    }
+
+    fn json_schema() -> serde_json::Value {
+        crate::asyncapi::schema::traced::<T>()
+    }
+}
+
+/// What the AsyncAPI document says about one payload type: its Rust name, wire format and
+/// schema. The macros record a `fn() -> PayloadDescription` in each handler's definition (a
+/// function, since [`std::any::type_name`] is not `const`). Not part of the API.
+#[doc(hidden)]
+#[derive(Debug, Clone, PartialEq)]
+pub struct PayloadDescription {
+    /// The Rust type, as [`std::any::type_name`] spells it.
+    pub type_name: &'static str,
+    /// The format it travels in.
+    pub format: Format,
+    /// Its JSON Schema, as [`DecodePayload::json_schema`] gives it.
+    pub schema: serde_json::Value,
+}
+
+/// The [`PayloadDescription`] of a payload type `T`.
+#[doc(hidden)]
+pub fn describe_payload<T: DecodePayload>() -> PayloadDescription {
+    PayloadDescription {
+        type_name: std::any::type_name::<T>(),
+        format: T::FORMAT,
+        schema: T::json_schema(),
     }
 }
 

@@ -100,6 +100,7 @@ pub struct CaptureDef {
     pub(crate) decode: DecodeFn,
     pub(crate) writers: WritersFn,
     pub(crate) location: Location,
+    pub(crate) payload: Option<fn() -> crate::payload::PayloadDescription>,
 }
 
 impl std::fmt::Debug for CaptureDef {
@@ -148,6 +149,7 @@ impl CaptureDef {
             decode,
             writers,
             location: Location::UNKNOWN,
+            payload: None,
         }
     }
 
@@ -223,6 +225,14 @@ impl CaptureDef {
     /// Records where the declaration was written (the macro sets this).
     pub const fn at(mut self, location: Location) -> Self {
         self.location = location;
+        self
+    }
+
+    /// Records the record type the capture decodes, for the AsyncAPI document
+    /// ([`Runtime::asyncapi`](crate::Runtime::asyncapi)); the macro sets it. By hand:
+    /// `.payload(natty_runtime::__private::describe_payload::<MyRecord>)`.
+    pub const fn payload(mut self, describe: fn() -> crate::payload::PayloadDescription) -> Self {
+        self.payload = Some(describe);
         self
     }
 
