@@ -21,6 +21,11 @@ async fn help_lists_the_commands_and_an_unknown_argument_is_an_error_naming_it()
     let (code, _, stderr) = run_command(Path::new(WORKER), None, &["--lsit"], WAIT).await;
     assert_ne!(code, Some(0));
     assert!(stderr.contains("unknown argument `--lsit`"), "{stderr}");
+    // Without NATS_URL there is no server to compare with: a development server made for the
+    // occasion would always match.
+    let (code, stdout, stderr) = run_command(Path::new(WORKER), None, &["--check"], WAIT).await;
+    assert_ne!(code, Some(0), "--check without NATS_URL must fail:\n{stdout}");
+    assert!(stderr.contains("set NATS_URL"), "{stderr}");
 }
 
 #[tokio::test]

@@ -25,8 +25,16 @@ impl Command {
     /// Reads the arguments after the program's name.
     pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command> {
         let args: Vec<OsString> = args.into_iter().collect();
-        let command = match args.first().and_then(|arg| arg.to_str()) {
-            None => return Ok(Command::Run),
+        let Some(first) = args.first() else {
+            return Ok(Command::Run);
+        };
+        let command = match first.to_str() {
+            None => {
+                return Err(Error::Usage(format!(
+                    "unknown argument `{}` (not UTF-8); try --help",
+                    first.to_string_lossy()
+                )))
+            }
             Some("--help" | "-h") => Command::Help,
             Some("--list") => Command::List,
             Some("--check") => Command::Check,
@@ -184,6 +192,13 @@ impl Runtime {
     /// [`Error::Drift`] when anything differs or is missing; a connection error as
     /// [`Runtime::run`].
     pub async fn check(self) -> Result<()> {
+        // Without NATS_URL the runtime would start a development server: comparing with a
+        // server made for the occasion would always pass, and say nothing about production.
+        if self.config.url.is_none() {
+            return Err(Error::Usage(
+                "--check compares the declarations with a server: set NATS_URL to the server to check".into(),
+            ));
+        }
         let (client, _dev) = crate::runtime::connect_config(&self.config, Default::default()).await?;
         let js = client.jetstream();
         let mut report = Report::default();
@@ -262,5 +277,27 @@ impl Report {
                 let _ = writeln!(self.text, "DRIFT  {what}: {error}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_parse_and_anything_else_is_a_usage_error() {
+        let parse = |args: &[&str]| Command::parse(args.iter().map(OsString::from));
+        assert!(matches!(parse(&[]), Ok(Command::Run)));
+        assert!(matches!(parse(&["--check"]), Ok(Command::Check)));
+        assert!(matches!(parse(&["--list", "x"]), Err(Error::Usage(_))));
+        assert!(matches!(parse(&["run"]), Err(Error::Usage(_))));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_first_argument_that_is_not_utf8_is_a_usage_error_not_a_run() {
+        use std::os::unix::ffi::OsStringExt as _;
+        let arg = OsString::from_vec(vec![b'-', b'-', 0xff]);
+        assert!(matches!(Command::parse([arg]), Err(Error::Usage(_))));
     }
 }

@@ -316,7 +316,8 @@ impl ConsumerDef {
     }
 
     /// The first declared setting that differs from the server's `actual` configuration:
-    /// (field, declared, actual). Settings left to the server's defaults are not compared.
+    /// (field, declared, actual). Settings left to the server's defaults are not compared; the
+    /// deliver policy always is, since natty always sets it (`all` unless declared).
     pub(crate) fn drift(&self, actual: &jetstream::consumer::Config) -> Option<(&'static str, String, String)> {
         let mut declared: Vec<&str> = self.subjects.to_vec();
         let mut server: Vec<&str> = actual.filter_subjects.iter().map(String::as_str).collect();
@@ -424,7 +425,7 @@ pub(crate) struct Consumer {
     dead_letter: async_nats::Subject,
     /// The consumer's name on the server: the durable name, or a fresh one per ephemeral instance.
     name: Arc<str>,
-    metrics: ConsumerMetrics,
+    pub(crate) metrics: ConsumerMetrics,
 }
 
 impl Consumer {
@@ -434,7 +435,10 @@ impl Consumer {
         } else {
             def.durable.into()
         };
-        let metrics = client.telemetry().metrics.consumer(def.name, def.stream, &name);
+        let metrics = client
+            .telemetry()
+            .metrics
+            .consumer(def.name, def.stream, &name, def.ephemeral);
         let shared = Arc::new(ConsumerShared {
             stream: def.stream,
             name: name.clone(),
@@ -751,19 +755,14 @@ impl Consumer {
         crate::telemetry::trace::adopt(&span, message.headers.as_ref());
         let metrics = &self.metrics;
         metrics.delivered.inc();
-        metrics.in_flight.inc();
+        let in_flight = metrics.enter();
         let started = std::time::Instant::now();
         let settled = self
             .settle_one(message, reply, stream_sequence, delivery_count, &hard_stop)
             .instrument(span.clone())
             .await;
-        metrics.in_flight.dec();
-        match settled {
-            Settled::Acked => metrics.acked.inc(),
-            Settled::Naked | Settled::CutOff => metrics.naked.inc(),
-            // Counted where the dead letter is stored (or the message naked instead).
-            Settled::Terminated => 0,
-        };
+        drop(in_flight);
+        settled.count(metrics);
         if settled != Settled::Acked {
             span.record("otel.status_code", "error");
         }
@@ -983,8 +982,6 @@ impl Consumer {
         }
         if stored {
             settle.send(format!("+TERM {reason}").into()).await;
-            self.metrics.dead_lettered.inc();
-            self.metrics.terminated.inc();
             Settled::Terminated
         } else {
             tracing::error!(
@@ -993,7 +990,6 @@ impl Consumer {
                 "cannot store the dead letter (is a stream capturing its subject?); the message stays in its stream, naked"
             );
             settle.nak(Duration::from_secs(30)).await;
-            self.metrics.naked.inc();
             Settled::Naked
         }
     }
@@ -1013,6 +1009,18 @@ pub(crate) enum Settled {
 }
 
 impl Settled {
+    /// Counts the outcome in the consumer's metrics; each delivery is counted once, here.
+    pub(crate) fn count(self, metrics: &crate::telemetry::metrics::ConsumerMetrics) {
+        match self {
+            Settled::Acked => metrics.acked.inc(),
+            Settled::Naked | Settled::CutOff => metrics.naked.inc(),
+            Settled::Terminated => {
+                metrics.dead_lettered.inc();
+                metrics.terminated.inc()
+            }
+        };
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             Settled::Acked => "ack",

@@ -754,10 +754,11 @@ impl Capture {
                 client: shared.nats.clone(),
                 reply,
             };
-            shared
+            let settled = shared
                 .consumer
                 .dead_letter_and_terminate(&settle, original, &reason)
                 .await;
+            settled.count(&shared.consumer.metrics);
         });
     }
 

@@ -5,16 +5,17 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::jetstream;
 use bytes::Bytes;
+use futures_util::StreamExt as _;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-
+use hyper_util::rt::{TokioIo, TokioTimer};
 use std::net::SocketAddr;
 use std::sync::OnceLock;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 use crate::publish::Client;
@@ -22,6 +23,12 @@ use crate::telemetry::Telemetry;
 
 /// How long a scrape waits for the server's consumer counts before answering without them.
 const CONSUMER_INFO_TIMEOUT: Duration = Duration::from_secs(2);
+/// Consumer info requests a scrape has in flight at once.
+const CONCURRENT_INFO_REQUESTS: usize = 8;
+/// Connections served at once.
+const MAX_CONNECTIONS: usize = 64;
+/// How long a client has to send its request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The running endpoint; stops serving when dropped.
 pub(crate) struct Endpoint {
@@ -78,6 +85,9 @@ async fn serve(
     stop: CancellationToken,
 ) {
     let state = Arc::new(State { telemetry, client });
+    // Scrapers and probes make a handful of connections; more are refused rather than let
+    // anyone on the network tie up the service's memory.
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, _) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -91,14 +101,24 @@ async fn serve(
                 }
             },
         };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tracing::warn!("metrics endpoint: {MAX_CONNECTIONS} connections open; refusing another");
+            continue;
+        };
         let state = state.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let service = hyper::service::service_fn(move |request| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(respond(&state, request).await) }
             });
-            let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            // A client that opens a connection and sends nothing is dropped after the header
+            // timeout (hyper needs a timer to enforce it).
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
             tokio::pin!(connection);
             tokio::select! {
                 _ = connection.as_mut() => {}
@@ -159,14 +179,17 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
 async fn refresh(client: &Client) {
     let metrics = &client.telemetry().metrics;
     metrics.observe_connection(client.nats());
-    let reads = metrics.watched().into_iter().map(|watched| async move {
-        let info = async {
-            let stream = client.jetstream().get_stream(watched.stream).await.ok()?;
-            stream.consumer_info(&watched.consumer).await.ok()
-        };
-        if let Ok(Some(info)) = tokio::time::timeout(CONSUMER_INFO_TIMEOUT, info).await {
-            watched.record(info.num_pending, info.num_ack_pending, info.num_redelivered);
-        }
-    });
-    futures_util::future::join_all(reads).await;
+    // One CONSUMER.INFO request per consumer, a few at a time: a service with many consumers
+    // must not send the server a burst per scrape.
+    futures_util::stream::iter(metrics.watched())
+        .for_each_concurrent(CONCURRENT_INFO_REQUESTS, |watched| async move {
+            let info = client
+                .jetstream()
+                .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(&watched.consumer, watched.stream);
+            if let Ok(Ok(consumer)) = tokio::time::timeout(CONSUMER_INFO_TIMEOUT, info).await {
+                let info = consumer.cached_info();
+                watched.record(info.num_pending, info.num_ack_pending, info.num_redelivered);
+            }
+        })
+        .await;
 }

@@ -6,7 +6,8 @@ use std::sync::OnceLock;
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::SdkTracerProvider;
-use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::filter::{self, FilterExt as _};
+use tracing_subscriber::layer::{Layer as _, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
@@ -18,7 +19,7 @@ pub(crate) fn init() {
     if tracing::dispatcher::has_been_set() {
         return;
     }
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn"));
+    let filter = env_filter();
     let json = match std::env::var("NATTY_LOG_FORMAT").as_deref() {
         Ok("json") => true,
         Ok("text") | Err(_) => false,
@@ -28,21 +29,30 @@ pub(crate) fn init() {
             false
         }
     };
-    let text = (!json).then(|| {
-        tracing_subscriber::fmt::layer()
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .with_writer(std::io::stderr)
-    });
-    let json = json.then(|| {
-        tracing_subscriber::fmt::layer()
+    // RUST_LOG filters what is logged. Spans are what carry the trace context from a delivery
+    // to the publishes its handler makes, so the OpenTelemetry layer keeps every span at info
+    // or above whatever RUST_LOG says (RUST_LOG=warn must not break traces), plus what RUST_LOG
+    // enables.
+    let (text, json) = if json {
+        let layer = tracing_subscriber::fmt::layer()
             .json()
             .with_current_span(true)
             .with_writer(std::io::stderr)
-    });
+            .with_filter(filter);
+        (None, Some(layer))
+    } else {
+        let layer = tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(std::io::stderr)
+            .with_filter(filter);
+        (Some(layer), None)
+    };
+    let spans = filter::filter_fn(|metadata| metadata.is_span() && *metadata.level() <= tracing::Level::INFO);
     let provider = provider();
-    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("natty"));
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("natty"))
+        .with_filter(spans.or(env_filter()));
     let installed = tracing_subscriber::registry()
-        .with(filter)
         .with(text)
         .with(json)
         .with(otel)
@@ -51,6 +61,11 @@ pub(crate) fn init() {
     if installed {
         let _ = PROVIDER.set(provider);
     }
+}
+
+/// `RUST_LOG`, or natty's default: info, with async-nats' reconnect chatter at warn.
+fn env_filter() -> EnvFilter {
+    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn"))
 }
 
 /// Flushes and stops the span exporter, if one was installed.

@@ -1,8 +1,9 @@
 //! Prometheus metrics: one registry per connection, with per-handler handles resolved once at
 //! start so that counting a message is an atomic add, not a label lookup.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
@@ -44,6 +45,8 @@ pub(crate) struct Metrics {
     capture_store_failures: Counters,
     capture_held: Gauges,
     published: Counters,
+    /// `published` by stream name, resolved once per stream.
+    published_by_stream: RwLock<HashMap<String, Counter>>,
     publish_failures: Counter,
     connected: Gauge,
     reconnects: Counter,
@@ -55,6 +58,7 @@ pub(crate) struct Metrics {
 /// A consumer to ask the server about at scrape time.
 #[derive(Clone)]
 pub(crate) struct Watched {
+    handler: &'static str,
     pub(crate) stream: &'static str,
     pub(crate) consumer: String,
     pending: Gauge,
@@ -90,11 +94,26 @@ pub(crate) struct ConsumerMetrics {
 }
 
 impl ConsumerMetrics {
+    /// Counts a message in flight until the returned guard is dropped, however the delivery ends.
+    pub(crate) fn enter(&self) -> InFlight<'_> {
+        self.in_flight.inc();
+        InFlight(&self.in_flight)
+    }
+
     /// Records how long one handler call took.
     pub(crate) fn handled_in(&self, took: Duration) {
         if let Some(histogram) = &self.handler_seconds {
             histogram.observe(took.as_secs_f64());
         }
+    }
+}
+
+/// A message counted in flight; uncounted on drop.
+pub(crate) struct InFlight<'a>(&'a Gauge);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -146,6 +165,7 @@ impl Metrics {
             capture_store_failures: Counters::default(),
             capture_held: Gauges::default(),
             published: Counters::default(),
+            published_by_stream: RwLock::default(),
             publish_failures: Counter::default(),
             connected: Gauge::default(),
             reconnects: Counter::default(),
@@ -247,14 +267,24 @@ impl Metrics {
         Metrics { registry, ..metrics }
     }
 
-    /// Handles for one consumer, labelled by handler, stream and consumer name.
-    pub(crate) fn consumer(&self, handler: &'static str, stream: &'static str, consumer: &str) -> ConsumerMetrics {
+    /// Handles for one consumer, labelled by handler, stream and consumer name. An ephemeral
+    /// consumer gets a new name on the server each time it starts (each leadership term, for
+    /// one bound to a leader); it is labelled `ephemeral` so its series do not multiply.
+    pub(crate) fn consumer(
+        &self,
+        handler: &'static str,
+        stream: &'static str,
+        consumer: &str,
+        ephemeral: bool,
+    ) -> ConsumerMetrics {
+        let label = if ephemeral { "ephemeral" } else { consumer };
         let labels: Labels = vec![
             ("handler", handler.into()),
             ("stream", stream.into()),
-            ("consumer", consumer.into()),
+            ("consumer", label.into()),
         ];
         let watched = Watched {
+            handler,
             stream,
             consumer: consumer.to_string(),
             pending: self.pending.get_or_create_owned(&labels),
@@ -262,7 +292,8 @@ impl Metrics {
             redelivered: self.redelivered.get_or_create_owned(&labels),
         };
         if let Ok(mut all) = self.consumers.lock() {
-            all.retain(|w| !(w.stream == stream && w.consumer == consumer));
+            // The newest instance of a handler's consumer replaces the one before it.
+            all.retain(|w| !(w.handler == handler && w.stream == stream));
             all.push(watched);
         }
         ConsumerMetrics {
@@ -298,11 +329,25 @@ impl Metrics {
         }
     }
 
-    /// Counts a publish acked by `stream`.
+    /// Counts a publish acked by `stream`. The counter is looked up by name in a cache, so the
+    /// hot path does not build a label set per publish.
     pub(crate) fn published(&self, stream: &str) {
-        self.published
-            .get_or_create(&vec![("stream", stream.to_string())])
-            .inc();
+        if let Some(counter) = self
+            .published_by_stream
+            .read()
+            .ok()
+            .and_then(|all| all.get(stream).cloned())
+        {
+            counter.inc();
+            return;
+        }
+        let counter = self
+            .published
+            .get_or_create_owned(&vec![("stream", stream.to_string())]);
+        counter.inc();
+        if let Ok(mut all) = self.published_by_stream.write() {
+            all.insert(stream.to_string(), counter);
+        }
     }
 
     /// Counts a publish that failed. Not labelled by subject: subjects are unbounded.

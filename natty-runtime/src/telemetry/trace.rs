@@ -27,12 +27,26 @@ struct Extract<'a>(&'a HeaderMap);
 
 impl Extractor for Extract<'_> {
     fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).map(|value| value.as_str())
+        find(self.0, key)
     }
 
     fn keys(&self) -> Vec<&str> {
         self.0.iter().map(|(name, _)| name.as_ref()).collect()
     }
+}
+
+/// The value of header `name`. NATS header names are case-sensitive, but HTTP's are not, and a
+/// bridge or another client may have written `Traceparent`: the exact name is tried first, then
+/// any spelling.
+fn find<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    if let Some(value) = headers.get(name) {
+        return Some(value.as_str());
+    }
+    headers
+        .iter()
+        .find(|(key, _)| AsRef::<str>::as_ref(key).eq_ignore_ascii_case(name))
+        .and_then(|(_, values)| values.first())
+        .map(|value| value.as_str())
 }
 
 /// Writes the context of `span` into `headers`, when it has a valid one; true if it did.
@@ -50,7 +64,7 @@ pub(crate) fn adopt(span: &tracing::Span, headers: Option<&HeaderMap>) {
     let Some(headers) = headers else {
         return;
     };
-    if headers.get(TRACEPARENT).is_none() {
+    if find(headers, TRACEPARENT).is_none() {
         return;
     }
     let parent = TraceContextPropagator::new().extract(&Extract(headers));
