@@ -186,6 +186,73 @@ pub fn storage(lit: &LitStr) -> syn::Result<TokenStream> {
     }
 }
 
+/// `replicas = N`: 1 to 5, as the server allows.
+pub fn replicas(meta: &ParseNestedMeta) -> syn::Result<Result<(usize, Span), syn::Error>> {
+    Ok(int_at_least(meta, "replicas", 1)?.and_then(|(value, span)| {
+        if value > 5 {
+            Err(syn::Error::new(span, "`replicas` must be between 1 and 5"))
+        } else {
+            Ok((value as usize, span))
+        }
+    }))
+}
+
+/// `cluster = "..."` and `tags = [...]`: where a stream's replicas are placed.
+pub struct Placement {
+    cluster: Slot<LitStr>,
+    tags: Slot<Vec<LitStr>>,
+}
+
+impl Default for Placement {
+    fn default() -> Self {
+        Placement {
+            cluster: Slot::new("cluster"),
+            tags: Slot::new("tags"),
+        }
+    }
+}
+
+impl Placement {
+    /// Parses `key` if it is a placement key; `None` otherwise.
+    pub fn key(&mut self, key: &str, meta: &ParseNestedMeta) -> syn::Result<Option<Result<(), syn::Error>>> {
+        Ok(Some(match key {
+            "cluster" => {
+                let lit = lit_str(meta)?;
+                check_name(&lit, "cluster name").and_then(|()| self.cluster.set(meta, lit.clone(), lit.span()))
+            }
+            "tags" => {
+                let tags = str_or_list(meta)?;
+                let span = tags.first().map_or_else(Span::call_site, LitStr::span);
+                tags.iter()
+                    .try_for_each(|tag| {
+                        if tag.value().is_empty() || tag.value().contains(char::is_whitespace) {
+                            Err(syn::Error::new(
+                                tag.span(),
+                                "a server tag is a non-empty word without spaces",
+                            ))
+                        } else {
+                            Ok(())
+                        }
+                    })
+                    .and_then(|()| self.tags.set(meta, tags, span))
+            }
+            _ => return Ok(None),
+        }))
+    }
+
+    /// The `.placement(...)` setter, when a placement key was given.
+    pub fn setter(self, p: &TokenStream) -> Option<TokenStream> {
+        let cluster = self.cluster.take();
+        let tags = self.tags.take();
+        if cluster.is_none() && tags.is_none() {
+            return None;
+        }
+        let cluster = cluster.map(|lit| quote::quote!(.cluster(#lit)));
+        let tags = tags.map(|tags| quote::quote!(.tags(&[#(#tags),*])));
+        Some(quote::quote!(.placement(#p::Placement::new() #cluster #tags)))
+    }
+}
+
 /// Emits a `core::time::Duration` constant expression.
 pub fn duration_tokens(nanos: u64) -> TokenStream {
     quote::quote!(::core::time::Duration::from_nanos(#nanos))

@@ -29,12 +29,23 @@ impl Kind {
                 "history",
                 "ttl",
                 "replicas",
+                "cluster",
+                "tags",
                 "max_value_size",
                 "max_bytes",
                 "storage",
                 "description",
             ],
-            Kind::ObjectStore => &["name", "replicas", "max_bytes", "storage", "ttl", "description"],
+            Kind::ObjectStore => &[
+                "name",
+                "replicas",
+                "cluster",
+                "tags",
+                "max_bytes",
+                "storage",
+                "ttl",
+                "description",
+            ],
         }
     }
 
@@ -55,6 +66,7 @@ struct Args {
     history: Slot<i64>,
     ttl: Slot<u64>,
     replicas: Slot<usize>,
+    placement: attr::Placement,
     max_value_size: Slot<i64>,
     max_bytes: Slot<i64>,
     storage: Slot<TokenStream>,
@@ -69,6 +81,7 @@ impl Args {
             history: Slot::new("history"),
             ttl: Slot::new("ttl"),
             replicas: Slot::new("replicas"),
+            placement: attr::Placement::default(),
             max_value_size: Slot::new("max_value_size"),
             max_bytes: Slot::new("max_bytes"),
             storage: Slot::new("storage"),
@@ -101,13 +114,7 @@ impl Args {
                 let lit = attr::lit_str(meta)?;
                 attr::duration(&lit).and_then(|nanos| self.ttl.set(meta, nanos, lit.span()))
             }
-            "replicas" => attr::int_at_least(meta, "replicas", 1)?.and_then(|(value, span)| {
-                if value > 5 {
-                    Err(syn::Error::new(span, "`replicas` must be between 1 and 5"))
-                } else {
-                    self.replicas.set(meta, value as usize, span)
-                }
-            }),
+            "replicas" => attr::replicas(meta)?.and_then(|(value, span)| self.replicas.set(meta, value, span)),
             "max_value_size" if kv => attr::int_at_least(meta, "max_value_size", 1)?.and_then(|(value, span)| {
                 if value > i64::from(i32::MAX) {
                     Err(syn::Error::new(
@@ -128,7 +135,10 @@ impl Args {
                 let lit = attr::lit_str(meta)?;
                 self.description.set(meta, lit.clone(), lit.span())
             }
-            _ => return attr::unknown_key(meta, self.kind.macro_name(), self.kind.keys()),
+            _ => match self.placement.key(key, meta)? {
+                Some(parsed) => parsed,
+                None => return attr::unknown_key(meta, self.kind.macro_name(), self.kind.keys()),
+            },
         })
     }
 }
@@ -200,6 +210,7 @@ fn expand(kind: Kind, args: TokenStream, item: TokenStream) -> TokenStream {
     if let Some(value) = parsed.replicas.take() {
         setters.push(quote!(.replicas(#value)));
     }
+    setters.extend(parsed.placement.setter(&p));
     if let Some(value) = parsed.max_value_size.take() {
         let value = value as i32;
         setters.push(quote!(.max_value_size(#value)));

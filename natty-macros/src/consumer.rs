@@ -26,6 +26,7 @@ const KEYS: &[&str] = &[
     "ack_wait",
     "max_deliver",
     "max_ack_pending",
+    "replicas",
     "concurrency",
     "prefetch",
     "backoff",
@@ -45,6 +46,7 @@ struct Args {
     ack_wait: Slot<u64>,
     max_deliver: Slot<i64>,
     max_ack_pending: Slot<i64>,
+    replicas: Slot<usize>,
     concurrency: Slot<usize>,
     prefetch: Slot<usize>,
     backoff: Slot<Vec<u64>>,
@@ -66,6 +68,7 @@ impl Args {
             ack_wait: Slot::new("ack_wait"),
             max_deliver: Slot::new("max_deliver"),
             max_ack_pending: Slot::new("max_ack_pending"),
+            replicas: Slot::new("replicas"),
             concurrency: Slot::new("concurrency"),
             prefetch: Slot::new("prefetch"),
             backoff: Slot::new("backoff"),
@@ -117,6 +120,7 @@ impl Args {
                 .and_then(|(value, span)| self.max_deliver.set(meta, value, span)),
             "max_ack_pending" => attr::int_at_least(meta, "max_ack_pending", 1)?
                 .and_then(|(value, span)| self.max_ack_pending.set(meta, value, span)),
+            "replicas" => attr::replicas(meta)?.and_then(|(value, span)| self.replicas.set(meta, value, span)),
             "concurrency" => attr::int_at_least(meta, "concurrency", 1)?
                 .and_then(|(value, span)| self.concurrency.set(meta, value as usize, span)),
             "prefetch" => attr::int_at_least(meta, "prefetch", 1)?
@@ -328,6 +332,9 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     }
     if let Some(value) = parsed.max_ack_pending.take() {
         setters.push(quote!(.max_ack_pending(#value)));
+    }
+    if let Some(value) = parsed.replicas.take() {
+        setters.push(quote!(.replicas(#value)));
     }
     if let Some(value) = parsed.concurrency.take() {
         setters.push(quote!(.concurrency(#value)));

@@ -27,7 +27,8 @@ mod stream;
 /// ```
 ///
 /// Keys: `stream` (required), `durable`, `subject` (a string or a list of filter subjects),
-/// `ack_wait`, `max_deliver`, `max_ack_pending`, `concurrency`, `prefetch`, `backoff` (a list of
+/// `ack_wait`, `max_deliver`, `max_ack_pending`, `replicas` (of the consumer's state; default:
+/// the stream's), `concurrency`, `prefetch`, `backoff` (a list of
 /// durations: the delay before each redelivery after an error), `dead_letter` (a subject),
 /// `deliver` / `start_sequence` / `start_time` (where to start), `inactive_threshold` (ephemeral only).
 /// Arguments: at most one payload (any `serde::Deserialize` type, JSON) and a `Context`.
@@ -89,7 +90,8 @@ pub fn kv_watch(args: TokenStream, item: TokenStream) -> TokenStream {
 ///
 /// Keys: `name` and `subjects` (required), `retention` (`"limits"`, `"interest"`, `"workqueue"`),
 /// `max_age`, `max_bytes`, `max_messages`, `storage` (`"file"`, `"memory"`), `replicas`,
-/// `duplicate_window`, `description`.
+/// `cluster` and `tags` (placement: the cluster, and server tags every replica's server must
+/// have), `duplicate_window`, `description`.
 #[proc_macro_attribute]
 pub fn stream(args: TokenStream, item: TokenStream) -> TokenStream {
     stream::expand(args.into(), item.into()).into()
@@ -121,6 +123,9 @@ pub fn derive_payload(input: TokenStream) -> TokenStream {
 /// #[kv_bucket(name = "config", history = 5, ttl = "1h")]
 /// struct ConfigBucket;
 /// ```
+///
+/// Keys: `name` (required), `history`, `ttl`, `replicas`, `cluster` and `tags` (placement),
+/// `max_value_size`, `max_bytes`, `storage`, `description`.
 #[proc_macro_attribute]
 pub fn kv_bucket(args: TokenStream, item: TokenStream) -> TokenStream {
     bucket::expand_kv(args.into(), item.into()).into()
@@ -132,6 +137,9 @@ pub fn kv_bucket(args: TokenStream, item: TokenStream) -> TokenStream {
 /// #[object_store(name = "reports")]
 /// struct Reports;
 /// ```
+///
+/// Keys: `name` (required), `replicas`, `cluster` and `tags` (placement), `max_bytes`,
+/// `storage`, `ttl`, `description`.
 #[proc_macro_attribute]
 pub fn object_store(args: TokenStream, item: TokenStream) -> TokenStream {
     bucket::expand_object_store(args.into(), item.into()).into()

@@ -15,6 +15,8 @@ const KEYS: &[&str] = &[
     "max_messages",
     "storage",
     "replicas",
+    "cluster",
+    "tags",
     "duplicate_window",
     "description",
 ];
@@ -28,6 +30,7 @@ struct Args {
     max_messages: Slot<i64>,
     storage: Slot<TokenStream>,
     replicas: Slot<usize>,
+    placement: attr::Placement,
     duplicate_window: Slot<u64>,
     description: Slot<LitStr>,
 }
@@ -43,6 +46,7 @@ impl Args {
             max_messages: Slot::new("max_messages"),
             storage: Slot::new("storage"),
             replicas: Slot::new("replicas"),
+            placement: attr::Placement::default(),
             duplicate_window: Slot::new("duplicate_window"),
             description: Slot::new("description"),
         };
@@ -97,18 +101,15 @@ impl Args {
                 .and_then(|(value, span)| self.max_bytes.set(meta, value, span)),
             "max_messages" => attr::int_at_least(meta, "max_messages", 1)?
                 .and_then(|(value, span)| self.max_messages.set(meta, value, span)),
-            "replicas" => attr::int_at_least(meta, "replicas", 1)?.and_then(|(value, span)| {
-                if value > 5 {
-                    Err(syn::Error::new(span, "`replicas` must be between 1 and 5"))
-                } else {
-                    self.replicas.set(meta, value as usize, span)
-                }
-            }),
+            "replicas" => attr::replicas(meta)?.and_then(|(value, span)| self.replicas.set(meta, value, span)),
             "description" => {
                 let lit = attr::lit_str(meta)?;
                 self.description.set(meta, lit.clone(), lit.span())
             }
-            _ => return attr::unknown_key(meta, "stream", KEYS),
+            _ => match self.placement.key(key, meta)? {
+                Some(parsed) => parsed,
+                None => return attr::unknown_key(meta, "stream", KEYS),
+            },
         })
     }
 }
@@ -165,6 +166,7 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     if let Some(value) = parsed.replicas.take() {
         setters.push(quote!(.replicas(#value)));
     }
+    setters.extend(parsed.placement.setter(&p));
     if let Some(lit) = parsed.description.take() {
         setters.push(quote!(.description(#lit)));
     }

@@ -132,6 +132,9 @@ pub struct Config {
     pub capture_drain_timeout: Duration,
     /// Timeout of one connection attempt.
     pub connect_timeout: Duration,
+    /// How long startup waits for each consumed stream to have a leader (on a cluster, while
+    /// its servers elect one) before failing.
+    pub stream_leader_timeout: Duration,
     /// Port of the development server.
     pub dev_port: u16,
     /// Data folder of the development server.
@@ -163,6 +166,7 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(30),
             capture_drain_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(5),
+            stream_leader_timeout: Duration::from_secs(30),
             dev_port: 4222,
             dev_dir: PathBuf::from(".natty/dev"),
             nats_server: None,
@@ -267,6 +271,9 @@ impl Config {
         }
         if let Some(value) = lookup("NATTY_CONNECT_TIMEOUT") {
             config.connect_timeout = parse_duration("NATTY_CONNECT_TIMEOUT", &value)?;
+        }
+        if let Some(value) = lookup("NATTY_STREAM_LEADER_TIMEOUT") {
+            config.stream_leader_timeout = parse_duration("NATTY_STREAM_LEADER_TIMEOUT", &value)?;
         }
         if let Some(value) = lookup("NATTY_DEV_PORT") {
             config.dev_port = value

@@ -1,16 +1,32 @@
 //! Connecting: turns a [`Config`] into an async-nats connection with auth, TLS and
 //! reconnects that handlers never notice.
 
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+
 use async_nats::{ConnectOptions, Event};
 
 use crate::config::{Auth, Config};
 use crate::error::{Error, Result};
 
+/// A new connection, and what keeps its lame-duck handling alive.
+pub(crate) struct Connected {
+    pub(crate) nats: async_nats::Client,
+    /// The client the connection's event callback reaches through a weak reference, to move
+    /// to another server when this one enters lame duck mode. Whoever holds the connection
+    /// holds this; when they drop it, the callback lets go too (no reference cycle keeps the
+    /// connection open).
+    pub(crate) anchor: Arc<async_nats::Client>,
+}
+
 /// Connects to `url` with the settings in `config`.
 ///
 /// The first connection must succeed within `connect_timeout` (an unreachable server is a
 /// startup error, not a hang); after that, the client reconnects forever and logs each event.
-pub(crate) async fn connect(config: &Config, url: &str) -> Result<async_nats::Client> {
+/// When its server enters lame duck mode (shutting down for maintenance), the client
+/// reconnects to another server of the cluster at once, rather than waiting to be cut off.
+pub(crate) async fn connect(config: &Config, url: &str) -> Result<Connected> {
+    let reconnect: Arc<OnceLock<Weak<async_nats::Client>>> = Arc::default();
     let connect_error = |source: crate::error::BoxError| Error::Connect {
         url: url.to_string(),
         source,
@@ -21,13 +37,20 @@ pub(crate) async fn connect(config: &Config, url: &str) -> Result<async_nats::Cl
         .max_reconnects(None::<usize>)
         .event_callback({
             let url = url.to_string();
+            let reconnect = reconnect.clone();
             move |event| {
                 let url = url.clone();
+                let reconnect = reconnect.clone();
                 async move {
                     match event {
                         Event::Connected => tracing::info!(%url, "connected to NATS"),
                         Event::Disconnected => tracing::warn!(%url, "disconnected from NATS; reconnecting"),
-                        Event::LameDuckMode => tracing::warn!(%url, "the NATS server entered lame duck mode"),
+                        Event::LameDuckMode => {
+                            tracing::warn!(%url, "the NATS server entered lame duck mode; moving to another server");
+                            if let Some(client) = reconnect.get().and_then(Weak::upgrade) {
+                                tokio::spawn(leave_lame_duck(client));
+                            }
+                        }
                         Event::SlowConsumer(sid) => tracing::warn!(sid, "slow consumer: the client dropped messages"),
                         other => tracing::info!(%url, "NATS connection event: {other}"),
                     }
@@ -85,10 +108,27 @@ pub(crate) async fn connect(config: &Config, url: &str) -> Result<async_nats::Cl
     // platforms; the outer timeout makes "never hang" hold regardless.
     let attempt = options.connect(addrs);
     match tokio::time::timeout(config.connect_timeout * 2, attempt).await {
-        Ok(Ok(client)) => Ok(client),
+        Ok(Ok(nats)) => {
+            let anchor = Arc::new(nats.clone());
+            let _ = reconnect.set(Arc::downgrade(&anchor));
+            Ok(Connected { nats, anchor })
+        }
         Ok(Err(error)) => Err(connect_error(Box::new(error))),
         Err(_) => Err(connect_error(
             format!("timed out after {:?}", config.connect_timeout * 2).into(),
         )),
+    }
+}
+
+/// Reconnects away from a server in lame duck mode, after a random pause below one second so
+/// that the clients of a large service do not all land on the next server at the same instant.
+/// The server no longer accepts connections, so the reconnect picks another one.
+async fn leave_lame_duck(client: Arc<async_nats::Client>) {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |now| now.subsec_nanos());
+    tokio::time::sleep(Duration::from_nanos(u64::from(nanos % 1_000_000_000))).await;
+    if let Err(error) = client.force_reconnect().await {
+        tracing::warn!(%error, "cannot reconnect away from the lame-duck server");
     }
 }

@@ -56,6 +56,7 @@ pub struct ConsumerDef {
     pub(crate) ack_wait: Option<Duration>,
     pub(crate) max_deliver: Option<i64>,
     pub(crate) max_ack_pending: Option<i64>,
+    pub(crate) replicas: Option<usize>,
     pub(crate) concurrency: usize,
     pub(crate) prefetch: Option<usize>,
     pub(crate) backoff: &'static [Duration],
@@ -94,6 +95,7 @@ impl ConsumerDef {
             ack_wait: None,
             max_deliver: None,
             max_ack_pending: None,
+            replicas: None,
             concurrency: 1,
             prefetch: None,
             backoff: &[],
@@ -128,6 +130,14 @@ impl ConsumerDef {
     /// Filter subjects; none means every subject of the stream.
     pub const fn subjects(mut self, subjects: &'static [&'static str]) -> Self {
         self.subjects = subjects;
+        self
+    }
+
+    /// How many servers keep the consumer's state (delivered and acked sequences). By
+    /// default the consumer has as many as its stream; fewer saves work on a cluster at the
+    /// cost of losing the consumer's position when its servers are lost.
+    pub const fn replicas(mut self, replicas: usize) -> Self {
+        self.replicas = Some(replicas);
         self
     }
 
@@ -312,6 +322,9 @@ impl ConsumerDef {
         if let Some(value) = self.max_ack_pending {
             config.max_ack_pending = value;
         }
+        if let Some(value) = self.replicas {
+            config.num_replicas = value;
+        }
         Ok(config)
     }
 
@@ -332,6 +345,7 @@ impl ConsumerDef {
         check("ack_wait", self.ack_wait, actual.ack_wait)
             .or_else(|| check("max_deliver", self.max_deliver, actual.max_deliver))
             .or_else(|| check("max_ack_pending", self.max_ack_pending, actual.max_ack_pending))
+            .or_else(|| check("replicas", self.replicas, actual.num_replicas))
             .or_else(|| {
                 let wanted = self.server_config(self.durable).ok()?.deliver_policy;
                 check("deliver", Some(wanted), actual.deliver_policy)
@@ -462,6 +476,11 @@ impl Consumer {
         self.def.name
     }
 
+    /// The stream it reads.
+    pub(crate) fn stream(&self) -> &'static str {
+        self.def.stream
+    }
+
     fn js(&self) -> &jetstream::Context {
         self.shared.client.jetstream()
     }
@@ -588,6 +607,7 @@ impl Consumer {
                             tokio::spawn(delivery);
                         }
                     }
+                    Pulled::Credits => drop(permit),
                     Pulled::ConsumerDeleted => {
                         tracing::warn!(
                             stream = this.def.stream,

@@ -72,6 +72,21 @@ pub enum Error {
         hint: String,
     },
 
+    /// A stream that handlers consume has no leader: on a cluster, fewer than a quorum of its
+    /// replicas' servers are up, so nothing can be stored or delivered.
+    #[error(
+        "stream `{stream}` has no leader after {waited:?} ({detail}); a majority of its replicas' servers must be up \
+         and connected to each other (NATTY_STREAM_LEADER_TIMEOUT sets the wait)"
+    )]
+    NoStreamLeader {
+        /// The stream's name.
+        stream: String,
+        /// How long startup waited.
+        waited: std::time::Duration,
+        /// What the server last said: its replicas and which are offline, or the error.
+        detail: String,
+    },
+
     /// The server's stream differs from the declaration (verify-only mode), or refused to
     /// change a setting (create-or-update mode).
     #[error("stream `{stream}`: declared {field} = {declared}, but the server has {actual}{hint}")]

@@ -20,7 +20,7 @@ use crate::error::{BoxError, Error, Result};
 use crate::kv_watch::{FromKvEntry, KvChange, KvDelivery};
 use crate::payload::{DecodeError, DecodePayload, EncodePayload, Format};
 use crate::publish::Client;
-use crate::stream::{check, is_stream_not_found, Location, Provisioned};
+use crate::stream::{apply_placement, check, is_stream_not_found, placement_drift, Location, Placement, Provisioned};
 
 /// The most revisions per key a bucket may keep: the server's limit.
 pub const MAX_HISTORY: i64 = 64;
@@ -43,6 +43,7 @@ pub struct KvBucketDef {
     history: Option<i64>,
     ttl: Option<Duration>,
     replicas: Option<usize>,
+    placement: Option<Placement>,
     max_value_size: Option<i32>,
     max_bytes: Option<i64>,
     storage: Option<StorageType>,
@@ -58,6 +59,7 @@ impl KvBucketDef {
             history: None,
             ttl: None,
             replicas: None,
+            placement: None,
             max_value_size: None,
             max_bytes: None,
             storage: None,
@@ -81,6 +83,12 @@ impl KvBucketDef {
     /// Number of replicas (1, 3 or 5 in practice).
     pub const fn replicas(mut self, replicas: usize) -> Self {
         self.replicas = Some(replicas);
+        self
+    }
+
+    /// Where the bucket's replicas are placed (cluster, server tags).
+    pub const fn placement(mut self, placement: Placement) -> Self {
+        self.placement = Some(placement);
         self
     }
 
@@ -189,6 +197,7 @@ impl KvBucketDef {
             max_bytes: self.max_bytes.unwrap_or(-1),
             storage: self.storage.unwrap_or(StorageType::File),
             num_replicas: self.replicas.unwrap_or(1),
+            placement: self.placement.map(|placement| placement.server()),
             ..Default::default()
         }
     }
@@ -204,6 +213,7 @@ impl KvBucketDef {
         if let Some(value) = self.replicas {
             config.num_replicas = value;
         }
+        apply_placement(self.placement, config);
         if let Some(value) = self.max_value_size {
             config.max_message_size = value;
         }
@@ -222,7 +232,10 @@ impl KvBucketDef {
     fn drift(&self, actual: &StreamConfig) -> Option<(&'static str, String, String)> {
         check("history", self.history, actual.max_messages_per_subject)
             .or_else(|| check("ttl", self.ttl, actual.max_age))
-            .or_else(|| check("replicas", self.replicas, actual.num_replicas))
+            .or_else(|| {
+                check("replicas", self.replicas, actual.num_replicas)
+                    .or_else(|| placement_drift(self.placement, actual.placement.as_ref()))
+            })
             .or_else(|| check("max_value_size", self.max_value_size, actual.max_message_size))
             .or_else(|| check("max_bytes", self.max_bytes, actual.max_bytes))
             .or_else(|| check("storage", self.storage, actual.storage))

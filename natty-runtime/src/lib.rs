@@ -68,7 +68,7 @@ pub use object_store::{ObjectStore, ObjectStoreDef, ObjectStoreError};
 pub use payload::{DecodeError, DecodePayload, EncodePayload, Format, Payload};
 pub use publish::{Client, PendingAck, Publish, PublishAck, PublishError};
 pub use runtime::{connect, Connection, Runtime, RuntimeBuilder};
-pub use stream::{Location, StreamDef};
+pub use stream::{Location, Placement, StreamDef};
 
 /// Re-exports of async-nats, for settings natty passes through.
 pub use async_nats;
@@ -155,7 +155,7 @@ pub mod __private {
     pub use crate::object_store::ObjectStoreDef;
     pub use crate::payload::decode;
     pub use crate::payload::{describe_payload, DecodePayload, EncodePayload, Format, Payload, PayloadDescription};
-    pub use crate::stream::{Location, StreamDef};
+    pub use crate::stream::{Location, Placement, StreamDef};
     pub use async_nats::jetstream::stream::{RetentionPolicy as Retention, StorageType};
     pub use async_nats::HeaderMap;
     pub use bytes::Bytes;

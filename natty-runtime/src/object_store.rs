@@ -26,7 +26,7 @@ use crate::error::{BoxError, Result};
 use crate::kv::source_is_stream_not_found;
 use crate::publish::Client;
 use crate::stream::Location;
-use crate::stream::{check, Provisioned};
+use crate::stream::{apply_placement, check, placement_drift, Placement, Provisioned};
 
 /// The entry of an object's metadata map that holds the typed metadata of
 /// [`ObjectStore::put_with`], as one JSON document.
@@ -48,6 +48,7 @@ pub const METADATA_KEY: &str = "natty-metadata";
 pub struct ObjectStoreDef {
     name: &'static str,
     replicas: Option<usize>,
+    placement: Option<Placement>,
     max_bytes: Option<i64>,
     storage: Option<StorageType>,
     ttl: Option<Duration>,
@@ -61,6 +62,7 @@ impl ObjectStoreDef {
         ObjectStoreDef {
             name,
             replicas: None,
+            placement: None,
             max_bytes: None,
             storage: None,
             ttl: None,
@@ -72,6 +74,12 @@ impl ObjectStoreDef {
     /// Number of replicas (1, 3 or 5 in practice).
     pub const fn replicas(mut self, replicas: usize) -> Self {
         self.replicas = Some(replicas);
+        self
+    }
+
+    /// Where the bucket's replicas are placed (cluster, server tags).
+    pub const fn placement(mut self, placement: Placement) -> Self {
+        self.placement = Some(placement);
         self
     }
 
@@ -138,6 +146,7 @@ impl ObjectStoreDef {
             max_bytes: self.max_bytes.unwrap_or(-1),
             storage: self.storage.unwrap_or(StorageType::File),
             num_replicas: self.replicas.unwrap_or(1),
+            placement: self.placement.map(|placement| placement.server()),
             ..Default::default()
         };
         bucket
@@ -160,6 +169,7 @@ impl ObjectStoreDef {
         if let Some(value) = self.replicas {
             config.num_replicas = value;
         }
+        apply_placement(self.placement, config);
         if let Some(value) = self.max_bytes {
             config.max_bytes = value;
         }
@@ -176,6 +186,7 @@ impl ObjectStoreDef {
 
     fn drift(&self, actual: &StreamConfig) -> Option<(&'static str, String, String)> {
         check("replicas", self.replicas, actual.num_replicas)
+            .or_else(|| placement_drift(self.placement, actual.placement.as_ref()))
             .or_else(|| check("max_bytes", self.max_bytes, actual.max_bytes))
             .or_else(|| check("storage", self.storage, actual.storage))
             .or_else(|| check("ttl", self.ttl, actual.max_age))

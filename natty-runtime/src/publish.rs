@@ -84,6 +84,9 @@ pub struct Client {
     jetstream: jetstream::Context,
     /// The metrics and health of everything running on this connection.
     telemetry: Arc<Telemetry>,
+    /// Keeps the connection's lame-duck handling alive (see [`crate::connect`]); `None` for a
+    /// client the program connected itself.
+    _anchor: Option<Arc<async_nats::Client>>,
 }
 
 impl Client {
@@ -94,13 +97,16 @@ impl Client {
             nats,
             jetstream,
             telemetry: Arc::default(),
+            _anchor: None,
         }
     }
 
-    pub(crate) fn with_telemetry(nats: async_nats::Client, telemetry: Arc<Telemetry>) -> Self {
+    /// A client on a connection natty made, counting into `telemetry`.
+    pub(crate) fn connected(connected: crate::connect::Connected, telemetry: Arc<Telemetry>) -> Self {
         Client {
             telemetry,
-            ..Client::new(nats)
+            _anchor: Some(connected.anchor),
+            ..Client::new(connected.nats)
         }
     }
 
@@ -115,7 +121,10 @@ impl Client {
     ///
     /// [`crate::Error::Connect`] or [`crate::Error::Config`].
     pub async fn connect_with(config: &Config, url: &str) -> Result<Client> {
-        Ok(Client::new(crate::connect::connect(config, url).await?))
+        Ok(Client::connected(
+            crate::connect::connect(config, url).await?,
+            Arc::default(),
+        ))
     }
 
     /// Publishes `value` to `subject` (as JSON, or Protobuf for a Protobuf [`Payload`]) and waits until the stream has stored it.

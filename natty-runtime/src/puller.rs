@@ -26,6 +26,10 @@ const STALL: Duration = Duration::from_secs(11);
 pub(crate) enum Pulled {
     /// A message to handle.
     Message(async_nats::Message),
+    /// A pull request ended (expired, or cut short by a leadership change) and its unused
+    /// credits came back: ask again. Returned rather than waited through, since with no
+    /// credits left nothing more would arrive.
+    Credits,
     /// The consumer was deleted on the server.
     ConsumerDeleted,
     /// No message, heartbeat or status for too long, or no responder: the pull may be gone.
@@ -87,6 +91,7 @@ impl Puller {
             self.last_heard = Instant::now();
         }
         self.outstanding += batch;
+        tracing::trace!(subject = %self.next_subject, batch, outstanding = self.outstanding, "pull request sent");
         Ok(())
     }
 
@@ -106,6 +111,9 @@ impl Puller {
                 return Pulled::Closed;
             };
             self.last_heard = Instant::now();
+            if message.status.is_some_and(|status| status != StatusCode::OK) {
+                tracing::trace!(status = ?message.status, description = ?message.description, outstanding = self.outstanding, "pull status");
+            }
             match message.status {
                 None | Some(StatusCode::OK) => {
                     self.outstanding = self.outstanding.saturating_sub(1);
@@ -137,6 +145,7 @@ impl Puller {
                         Some(returned) => self.outstanding = self.outstanding.saturating_sub(returned),
                         None => self.outstanding = 0,
                     }
+                    return Pulled::Credits;
                 }
                 Some(other) => {
                     tracing::debug!(status = %other, description = ?message.description, "unexpected pull status");

@@ -53,6 +53,7 @@ pub struct RuntimeBuilder {
     provision: Option<Provision>,
     drain_timeout: Option<Duration>,
     connect_timeout: Option<Duration>,
+    stream_leader_timeout: Option<Duration>,
     metrics_addr: Option<std::net::SocketAddr>,
     metrics_listener: Option<std::net::TcpListener>,
     registered: bool,
@@ -114,6 +115,13 @@ impl RuntimeBuilder {
     /// How long in-flight handlers may run after shutdown starts. Overrides `NATTY_DRAIN_TIMEOUT`.
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
         self.drain_timeout = Some(timeout);
+        self
+    }
+
+    /// How long startup waits for each consumed stream to have a leader. Overrides
+    /// `NATTY_STREAM_LEADER_TIMEOUT`.
+    pub fn stream_leader_timeout(mut self, timeout: Duration) -> Self {
+        self.stream_leader_timeout = Some(timeout);
         self
     }
 
@@ -237,6 +245,9 @@ impl RuntimeBuilder {
         }
         if let Some(timeout) = self.connect_timeout {
             config.connect_timeout = timeout;
+        }
+        if let Some(timeout) = self.stream_leader_timeout {
+            config.stream_leader_timeout = timeout;
         }
         if let Some(addr) = self.metrics_addr {
             config.metrics_addr = Some(addr);
@@ -421,6 +432,14 @@ impl Runtime {
         for leader in &self.leaders {
             patiently(|| crate::leader::provision(leader, js, provision)).await?;
         }
+        // On a cluster a stream is usable only once its replicas have elected a leader: right
+        // after creation, or while a quorum of its servers is restarting.
+        let mut consumed: Vec<&str> = all_consumers.iter().map(|def| def.stream).collect();
+        consumed.sort_unstable();
+        consumed.dedup();
+        for stream in consumed {
+            crate::stream::wait_for_leader(js, stream, self.config.stream_leader_timeout).await?;
+        }
         let mut bound = Vec::with_capacity(self.consumers.len());
         // Elections: each #[leader], plus one per key that only bound consumers name.
         let mut elections: Vec<(LeaderDef, Vec<crate::leader::BoundConsumer>)> =
@@ -429,7 +448,7 @@ impl Runtime {
             let stream_def = streams.iter().find(|s| s.name == def.stream).copied();
             let consumer = Consumer::new(*def, client.clone(), provision, stream_def);
             // Bound here so a missing or refused consumer is a startup error, not a retry loop.
-            consumer.bind().await?;
+            bind_when_led(&consumer, js, self.config.stream_leader_timeout).await?;
             let Some((bucket, key)) = def.while_leading else {
                 bound.push(consumer);
                 continue;
@@ -587,14 +606,58 @@ where
 /// Whether an error (or one of its causes) is a request that got no answer in time. async-nats
 /// has a different error kind per request type, so this looks at what they all say.
 fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+    says(error, &["timed out"])
+}
+
+/// Whether a JetStream request failed for a reason that passes on its own while a cluster
+/// elects leaders or a server rejoins: no answer in time, no responders, or the server's
+/// "JetStream system temporarily unavailable" (10008).
+fn transient(error: &(dyn std::error::Error + 'static)) -> bool {
+    says(error, &["timed out", "temporarily unavailable", "no responders"])
+}
+
+/// Whether the error or one of its causes says one of `phrases`.
+fn says(error: &(dyn std::error::Error + 'static), phrases: &[&str]) -> bool {
     let mut current = Some(error);
     while let Some(error) = current {
-        if error.to_string().contains("timed out") {
+        let text = error.to_string();
+        if phrases.iter().any(|phrase| text.contains(phrase)) {
             return true;
         }
         current = error.source();
     }
     false
+}
+
+/// Binds `consumer` once its stream has a leader. A server that still believes it leads right
+/// after losing its quorum answers stream info but refuses the consumer request: such
+/// transient refusals are retried until `timeout`, and then reported as the missing leader
+/// they are.
+async fn bind_when_led(consumer: &Consumer, js: &async_nats::jetstream::Context, timeout: Duration) -> Result<()> {
+    let started = tokio::time::Instant::now();
+    let stream = consumer.stream();
+    let mut pause = Duration::from_millis(250);
+    loop {
+        let left = timeout.saturating_sub(started.elapsed());
+        crate::stream::wait_for_leader(js, stream, left).await?;
+        match consumer.bind().await {
+            Ok(_) => return Ok(()),
+            Err(error) if transient(&error) => {
+                let waited = started.elapsed();
+                if waited >= timeout {
+                    return Err(Error::NoStreamLeader {
+                        stream: stream.to_string(),
+                        waited,
+                        detail: error.to_string(),
+                    });
+                }
+                tracing::warn!(%error, stream, "the stream is not available yet; trying again");
+                tokio::time::sleep(pause.min(timeout - waited)).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            Err(error) => return Err(error),
+        }
+    }
 }
 
 /// What the dead-letter stream captures: every default dead-letter subject.
@@ -612,8 +675,8 @@ pub(crate) async fn connect_config(
             (dev.url().to_string(), Some(Arc::new(dev)))
         }
     };
-    let nats = crate::connect::connect(config, &url).await?;
-    Ok((Client::with_telemetry(nats, telemetry), dev))
+    let connected = crate::connect::connect(config, &url).await?;
+    Ok((Client::connected(connected, telemetry), dev))
 }
 
 /// Connects using the environment's settings (see [`Config`]), for code outside handlers,

@@ -36,6 +36,100 @@ impl Location {
     };
 }
 
+/// Where a replicated stream (or the stream behind a bucket) is placed: in a named cluster of a
+/// super-cluster, on servers carrying every one of the given tags (`server_tags` in their
+/// configs). Empty, the server chooses.
+///
+/// # Examples
+///
+/// ```
+/// use natty_runtime::{Placement, StreamDef};
+/// const ORDERS: StreamDef = StreamDef::new("orders", &["orders.>"])
+///     .replicas(3)
+///     .placement(Placement::new().cluster("east").tags(&["ssd"]));
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Placement {
+    pub(crate) cluster: Option<&'static str>,
+    pub(crate) tags: &'static [&'static str],
+}
+
+impl Placement {
+    /// No constraint: the server chooses.
+    pub const fn new() -> Self {
+        Placement {
+            cluster: None,
+            tags: &[],
+        }
+    }
+
+    /// Place the stream in the cluster of this name.
+    pub const fn cluster(mut self, cluster: &'static str) -> Self {
+        self.cluster = Some(cluster);
+        self
+    }
+
+    /// Place the stream on servers that have every one of these tags.
+    pub const fn tags(mut self, tags: &'static [&'static str]) -> Self {
+        self.tags = tags;
+        self
+    }
+
+    /// The placement as the server's configuration has it.
+    pub(crate) fn server(&self) -> jetstream::stream::Placement {
+        jetstream::stream::Placement {
+            cluster: self.cluster.map(String::from),
+            tags: self.tags.iter().map(|tag| tag.to_string()).collect(),
+        }
+    }
+}
+
+/// Sets the declared parts of a placement in `config`, keeping the server's for the rest.
+pub(crate) fn apply_placement(declared: Option<Placement>, config: &mut StreamConfig) {
+    let Some(declared) = declared else { return };
+    let mut placement = config.placement.clone().unwrap_or_default();
+    if let Some(cluster) = declared.cluster {
+        placement.cluster = Some(cluster.to_string());
+    }
+    if !declared.tags.is_empty() {
+        placement.tags = declared.tags.iter().map(|tag| tag.to_string()).collect();
+    }
+    config.placement = Some(placement);
+}
+
+/// The first part of a declared placement that differs from the server's: (field, declared,
+/// actual). Tags are compared as sets.
+pub(crate) fn placement_drift(
+    declared: Option<Placement>,
+    actual: Option<&jetstream::stream::Placement>,
+) -> Option<(&'static str, String, String)> {
+    let declared = declared?;
+    let actual_cluster = actual.and_then(|p| p.cluster.as_deref()).unwrap_or("");
+    if let Some(cluster) = declared.cluster {
+        if cluster != actual_cluster {
+            return Some((
+                "placement.cluster",
+                format!("{cluster:?}"),
+                format!("{actual_cluster:?}"),
+            ));
+        }
+    }
+    if !declared.tags.is_empty() {
+        let mut wanted: Vec<&str> = declared.tags.to_vec();
+        let mut server: Vec<&str> = actual
+            .map(|p| p.tags.iter().map(String::as_str).collect())
+            .unwrap_or_default();
+        wanted.sort_unstable();
+        wanted.dedup();
+        server.sort_unstable();
+        server.dedup();
+        if wanted != server {
+            return Some(("placement.tags", format!("{wanted:?}"), format!("{server:?}")));
+        }
+    }
+    None
+}
+
 /// A declared stream. `#[stream(...)]` registers one; [`StreamDef::new`] builds one by hand.
 ///
 /// Only the settings given are enforced: the server keeps its value for the rest.
@@ -57,6 +151,7 @@ pub struct StreamDef {
     pub(crate) max_bytes: Option<i64>,
     pub(crate) max_messages: Option<i64>,
     pub(crate) replicas: Option<usize>,
+    pub(crate) placement: Option<Placement>,
     pub(crate) duplicate_window: Option<Duration>,
     pub(crate) description: Option<&'static str>,
     pub(crate) location: Location,
@@ -74,6 +169,7 @@ impl StreamDef {
             max_bytes: None,
             max_messages: None,
             replicas: None,
+            placement: None,
             duplicate_window: None,
             description: None,
             location: Location::UNKNOWN,
@@ -113,6 +209,12 @@ impl StreamDef {
     /// Number of replicas (1, 3 or 5 in practice).
     pub const fn replicas(mut self, replicas: usize) -> Self {
         self.replicas = Some(replicas);
+        self
+    }
+
+    /// Where the stream's replicas are placed (cluster, server tags).
+    pub const fn placement(mut self, placement: Placement) -> Self {
+        self.placement = Some(placement);
         self
     }
 
@@ -183,6 +285,7 @@ impl StreamDef {
         if let Some(value) = self.duplicate_window {
             config.duplicate_window = value;
         }
+        apply_placement(self.placement, config);
         if let Some(value) = self.description {
             config.description = Some(value.to_string());
         }
@@ -203,6 +306,7 @@ impl StreamDef {
             .or_else(|| check("max_bytes", self.max_bytes, actual.max_bytes))
             .or_else(|| check("max_messages", self.max_messages, actual.max_messages))
             .or_else(|| check("replicas", self.replicas, actual.num_replicas))
+            .or_else(|| placement_drift(self.placement, actual.placement.as_ref()))
             .or_else(|| check("duplicate_window", self.duplicate_window, actual.duplicate_window))
             .or_else(|| {
                 check(
@@ -351,6 +455,74 @@ impl Provisioned {
                 }
             }
         }
+    }
+}
+
+/// Waits until stream `name` has a leader (at once on a single server), polling its info.
+/// Returns `Ok(false)` when the stream does not exist: creating it, or saying it is missing, is
+/// the caller's business.
+///
+/// # Errors
+///
+/// [`Error::NoStreamLeader`] after `timeout`, with the stream's replicas as last reported.
+pub(crate) async fn wait_for_leader(js: &jetstream::Context, name: &str, timeout: Duration) -> Result<bool> {
+    let started = tokio::time::Instant::now();
+    let mut pause = Duration::from_millis(100);
+    let mut announced = false;
+    loop {
+        let detail = match tokio::time::timeout(timeout, js.get_stream(name)).await {
+            Ok(Ok(stream)) => {
+                let info = stream.cached_info();
+                match &info.cluster {
+                    // A single server reports itself as the leader; an old one may say nothing.
+                    None => return Ok(true),
+                    Some(cluster) if cluster.leader.as_deref().is_some_and(|leader| !leader.is_empty()) => {
+                        if announced {
+                            tracing::info!(
+                                stream = name,
+                                leader = cluster.leader.as_deref(),
+                                "the stream has a leader"
+                            );
+                        }
+                        return Ok(true);
+                    }
+                    Some(cluster) => {
+                        let offline: Vec<&str> = cluster
+                            .replicas
+                            .iter()
+                            .filter(|peer| peer.offline || !peer.current)
+                            .map(|peer| peer.name.as_str())
+                            .collect();
+                        format!(
+                            "replicas {}, not current or offline: {}",
+                            info.config.num_replicas,
+                            if offline.is_empty() {
+                                "none reported".into()
+                            } else {
+                                offline.join(", ")
+                            }
+                        )
+                    }
+                }
+            }
+            Ok(Err(error)) if is_stream_not_found(&error) => return Ok(false),
+            Ok(Err(error)) => format!("stream info failed: {error}"),
+            Err(_) => format!("stream info got no answer within {timeout:?}"),
+        };
+        let waited = started.elapsed();
+        if waited >= timeout {
+            return Err(Error::NoStreamLeader {
+                stream: name.to_string(),
+                waited,
+                detail,
+            });
+        }
+        if !announced {
+            tracing::warn!(stream = name, %detail, "the stream has no leader yet; waiting for its servers to elect one");
+            announced = true;
+        }
+        tokio::time::sleep(pause.min(timeout.saturating_sub(waited))).await;
+        pause = (pause * 2).min(Duration::from_secs(1));
     }
 }
 

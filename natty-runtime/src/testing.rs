@@ -712,8 +712,11 @@ impl NatsCluster {
                 .map(|j| format!("nats-route://127.0.0.1:{}", cluster_port(j)))
                 .collect::<Vec<_>>()
                 .join(", ");
+            // Every node carries the tag `natty-test`, and `node:<name>` of its own, so that
+            // tests can declare placements that all, one or none of the servers satisfy.
             let config = format!(
                 "server_name: {name}\n\
+                 server_tags: [\"natty-test\", \"node:{name}\"]\n\
                  listen: 127.0.0.1:{client}\n\
                  http: 127.0.0.1:{monitor}\n\
                  jetstream {{\n  store_dir: {store}\n}}\n\

@@ -663,6 +663,8 @@ impl Capture {
                             }
                         }
                     }
+                    // The loop tops up before it waits again.
+                    Pulled::Credits => {}
                     Pulled::ConsumerDeleted => {
                         tracing::warn!(
                             capture = def.name,

@@ -13,7 +13,8 @@ struct Job {
     backoff = ["1s", "10s", "1m"],
     dead_letter = "jobs.dead",
     order_by = "subject[1]",
-    concurrency = 8
+    concurrency = 8,
+    replicas = 3
 )]
 async fn work(job: Job, ctx: Context) -> Result<(), Reject> {
     match job.id {

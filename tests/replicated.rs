@@ -1,0 +1,252 @@
+//! Replicated declarations on a 3-node cluster: streams, consumers and buckets declared with
+//! replicas and a placement are created that way; a placement no server satisfies is a startup
+//! error naming the stream; startup waits for a consumed stream to have a leader, and fails
+//! clearly when it never gets one.
+//!
+//! Streams are declared by hand (not with `#[stream]`): every registered stream is provisioned by
+//! every runtime in this binary, and some of these must fail.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use natty_runtime::prelude::*;
+use natty_runtime::testing::{NatsCluster, RunningRuntime};
+use natty_runtime::{Error, KvBucketDef, Placement, Runtime, StreamDef};
+use natty_tests::{wait_until, Job};
+
+const WAIT: Duration = Duration::from_secs(60);
+/// Lame duck mode, on Linux.
+const SIGUSR2: i32 = 12;
+
+/// Clusters on two cores fight over them: one test at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+static PLACED: Mutex<BTreeSet<u64>> = Mutex::new(BTreeSet::new());
+static PATIENT: Mutex<BTreeSet<u64>> = Mutex::new(BTreeSet::new());
+
+#[consumer(stream = "placed", durable = "placed-worker", replicas = 3, ack_wait = "2s")]
+async fn placed_worker(job: Job) {
+    PLACED.lock().unwrap().insert(job.id);
+}
+
+#[consumer(stream = "leaderless", durable = "patient", ack_wait = "2s")]
+async fn patient(job: Job) {
+    PATIENT.lock().unwrap().insert(job.id);
+}
+
+async fn publish(js: &async_nats::jetstream::Context, subject: &str, id: u64) {
+    let payload: bytes::Bytes = serde_json::to_vec(&Job { id }).unwrap().into();
+    js.publish(subject.to_string(), payload)
+        .await
+        .expect("publish")
+        .await
+        .expect("publish ack");
+}
+
+fn tags(placement: Option<&async_nats::jetstream::stream::Placement>) -> Vec<String> {
+    placement.map(|p| p.tags.clone()).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicated_streams_consumers_and_buckets_are_placed_as_declared() {
+    let _serial = SERIAL.lock().await;
+    let cluster = NatsCluster::start(3).await.expect("a 3-node cluster");
+    let runtime = Runtime::builder()
+        .url(cluster.urls().join(","))
+        .handlers(["placed_worker"])
+        .stream(
+            StreamDef::new("placed", &["placed.>"])
+                .replicas(3)
+                .placement(Placement::new().tags(&["natty-test"])),
+        )
+        .kv_bucket(
+            KvBucketDef::new("placed-kv")
+                .replicas(3)
+                .placement(Placement::new().cluster("natty-test").tags(&["natty-test"])),
+        )
+        .build()
+        .unwrap();
+    let running = RunningRuntime::spawn(runtime);
+    let js = async_nats::jetstream::new(cluster.client().await);
+    wait_until(WAIT, "the placed consumer exists", || async {
+        match js.get_stream("placed").await {
+            Ok(stream) => stream.consumer_info("placed-worker").await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await;
+    publish(&js, "placed.1", 1).await;
+    wait_until(WAIT, "job 1 handled", || async { PLACED.lock().unwrap().contains(&1) }).await;
+
+    let mut stream = js.get_stream("placed").await.unwrap();
+    let info = stream.info().await.unwrap().clone();
+    assert_eq!(info.config.num_replicas, 3);
+    assert_eq!(tags(info.config.placement.as_ref()), ["natty-test"]);
+    let peers = info.cluster.expect("cluster info").replicas;
+    assert_eq!(peers.len(), 2, "a leader and two followers: {peers:?}");
+    let consumer = stream.consumer_info("placed-worker").await.unwrap();
+    assert_eq!(consumer.config.num_replicas, 3, "the consumer's state is replicated");
+    let kv = js.get_stream("KV_placed-kv").await.unwrap().cached_info().clone();
+    assert_eq!(kv.config.num_replicas, 3);
+    let placement = kv.config.placement.expect("the bucket's placement");
+    assert_eq!(placement.cluster.as_deref(), Some("natty-test"));
+    assert_eq!(placement.tags, ["natty-test"]);
+    running.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_placement_no_server_satisfies_is_a_startup_error_naming_the_stream() {
+    let _serial = SERIAL.lock().await;
+    let cluster = NatsCluster::start(3).await.expect("a 3-node cluster");
+    let runtime = Runtime::builder()
+        .url(cluster.urls().join(","))
+        .handlers(["placed_worker"])
+        .stream(
+            StreamDef::new("placed", &["placed.>"])
+                .replicas(3)
+                .placement(Placement::new().tags(&["gpu"])),
+        )
+        .build()
+        .unwrap();
+    let error = tokio::time::timeout(WAIT, runtime.run_until(std::future::pending()))
+        .await
+        .expect("startup ends")
+        .expect_err("no server has the tag `gpu`");
+    let text = error.to_string();
+    assert!(
+        matches!(error, Error::Stream { ref stream, .. } if stream == "placed"),
+        "{text}"
+    );
+    assert!(text.contains("placed") && text.contains("creating it"), "{text}");
+    // The server's reason is passed on.
+    assert!(text.to_lowercase().contains("peers"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_waits_for_a_stream_leader_and_fails_clearly_when_none_comes() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = NatsCluster::start(3).await.expect("a 3-node cluster");
+    let js = async_nats::jetstream::new(cluster.client().await);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "leaderless".into(),
+        subjects: vec!["leaderless.>".into()],
+        num_replicas: 3,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    // Created here, as an operator would: startup runs verify-only, which needs no quorum for
+    // anything but the stream itself.
+    .create_consumer(async_nats::jetstream::consumer::pull::Config {
+        durable_name: Some("patient".into()),
+        ack_wait: Duration::from_secs(2),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    publish(&js, "leaderless.1", 1).await;
+    // Two of three servers down: no quorum, so no leader for the stream.
+    cluster.node_mut(1).kill().await;
+    cluster.node_mut(2).kill().await;
+    let builder = || {
+        Runtime::builder()
+            .url(cluster.urls().join(","))
+            .handlers(["patient"])
+            .provision(natty_runtime::Provision::VerifyOnly)
+    };
+
+    let runtime = builder().stream_leader_timeout(Duration::from_secs(3)).build().unwrap();
+    let error = tokio::time::timeout(WAIT, runtime.run_until(std::future::pending()))
+        .await
+        .expect("startup gives up after its leader timeout")
+        .expect_err("no leader can be elected");
+    assert!(
+        matches!(error, Error::NoStreamLeader { ref stream, .. } if stream == "leaderless"),
+        "{error}"
+    );
+    assert!(error.to_string().contains("NATTY_STREAM_LEADER_TIMEOUT"), "{error}");
+    assert!(PATIENT.lock().unwrap().is_empty());
+
+    // Started while the stream has no leader, a runtime waits, and consumes once a quorum is back.
+    let running = RunningRuntime::spawn(builder().stream_leader_timeout(WAIT).build().unwrap());
+    cluster.node_mut(1).restart().await.expect("node 2 back");
+    wait_until(WAIT, "job 1 handled after the stream elected a leader", || async {
+        PATIENT.lock().unwrap().contains(&1)
+    })
+    .await;
+    running.stop().await.unwrap();
+}
+
+static STAYED: Mutex<BTreeSet<u64>> = Mutex::new(BTreeSet::new());
+
+#[consumer(stream = "drained", durable = "stayer", ack_wait = "2s")]
+async fn stayer(job: Job) {
+    STAYED.lock().unwrap().insert(job.id);
+}
+
+/// Whether node `monitor_port`'s `/connz` lists a client connection named `name`.
+async fn connected_to(monitor_port: u16, name: &str) -> bool {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], monitor_port));
+    match natty_tests::http_get(addr, "/connz").await {
+        Ok((200, body)) => body.contains(&format!("\"name\": \"{name}\"")),
+        _ => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_entering_lame_duck_mode_is_left_at_once_and_nothing_is_lost() {
+    let _serial = SERIAL.lock().await;
+    let cluster = NatsCluster::start(3).await.expect("a 3-node cluster");
+    // Connected to n1 only: it learns the other nodes from the cluster's INFO.
+    let runtime = Runtime::builder()
+        .url(cluster.node(0).url())
+        .name("lame-duck-test")
+        .handlers(["stayer"])
+        .stream(StreamDef::new("drained", &["drained.>"]).replicas(3))
+        .build()
+        .unwrap();
+    let running = RunningRuntime::spawn(runtime);
+    let publisher = natty_runtime::Client::new(
+        async_nats::ConnectOptions::new()
+            .connect(&[cluster.node(1).url(), cluster.node(2).url()][..])
+            .await
+            .unwrap(),
+    );
+    wait_until(WAIT, "the consumer exists", || async {
+        match publisher.jetstream().get_stream("drained").await {
+            Ok(stream) => stream.consumer_info("stayer").await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert!(connected_to(cluster.node(0).monitor_port(), "lame-duck-test").await);
+    for id in 0..50 {
+        publisher.publish(&format!("drained.{id}"), &Job { id }).await.unwrap();
+    }
+    wait_until(WAIT, "the first jobs handled", || async {
+        STAYED.lock().unwrap().len() == 50
+    })
+    .await;
+
+    // SIGUSR2: lame duck mode. The server stops accepting connections and, after a 10 s grace
+    // period, closes its clients over two minutes. natty leaves on the notice instead.
+    cluster.node(0).signal(SIGUSR2);
+    wait_until(
+        Duration::from_secs(8),
+        "the service reconnected to another node",
+        || async {
+            connected_to(cluster.node(1).monitor_port(), "lame-duck-test").await
+                || connected_to(cluster.node(2).monitor_port(), "lame-duck-test").await
+        },
+    )
+    .await;
+    for id in 50..100 {
+        publisher.publish(&format!("drained.{id}"), &Job { id }).await.unwrap();
+    }
+    wait_until(WAIT, "every job handled", || async {
+        STAYED.lock().unwrap().len() == 100
+    })
+    .await;
+    running.stop().await.unwrap();
+}
