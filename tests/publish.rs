@@ -100,7 +100,7 @@ async fn handlers_and_main_publish_typed_values_and_await_the_ack() {
 
     // No stream captures this subject: the publish fails, naming it, instead of vanishing.
     let error = client.publish("nowhere.1", &Job { id: 9 }).await.unwrap_err();
-    assert!(matches!(error, PublishError::Publish { .. }), "{error}");
+    assert!(matches!(error, PublishError::NoStream { .. }), "{error}");
     assert!(error.to_string().contains("nowhere.1"), "{error}");
 
     running.stop().await.expect("clean shutdown");

@@ -54,6 +54,15 @@ pub enum PublishError {
         #[source]
         source: jetstream::context::PublishError,
     },
+    /// No stream captures the subject: nothing was stored, and retrying would not help.
+    #[error(
+        "no stream captures `{subject}`: nothing was stored (declare a #[stream] whose subjects include it, \
+         or publish with core NATS if no stream should keep it)"
+    )]
+    NoStream {
+        /// The target subject.
+        subject: String,
+    },
     /// The value could not be encoded.
     #[error("cannot encode the message for `{subject}` as {format}: {source}")]
     Encode {
@@ -153,10 +162,12 @@ impl Client {
     /// Publishes `value` to `subject` with `options` (idempotency key, expectations,
     /// headers, event time) and waits until the stream has stored it.
     ///
-    /// While a stream has no leader (an election, a restart), the server answers "no
-    /// responders": natty retries that, bounded, since nothing was stored. A publish with an
-    /// [`id`](Publish::id) whose ack is lost is retried with the same id, which the stream
-    /// deduplicates within its `duplicate_window`, so a retry never stores a second copy.
+    /// Every publish carries an idempotency key (`Nats-Msg-Id`): the [`id`](Publish::id)
+    /// given, or a unique one natty makes. While a stream has no leader (an election, a
+    /// restart), the server answers "no responders", or the ack does not come: natty sends
+    /// again with the same key for up to 20 seconds, and the stream, which deduplicates keys
+    /// within its `duplicate_window`, stores the message once. An error after that is
+    /// [`PublishError::Unconfirmed`] when the message may have been stored.
     ///
     /// # Examples
     ///
@@ -186,11 +197,16 @@ impl Client {
     ) -> std::result::Result<PublishAck, PublishError> {
         let subject = async_nats::Subject::from(subject.into());
         let (payload, format) = encode(&subject, value)?;
-        let retry_lost_ack = options.msg_id.is_some();
+        // The key that makes a retry after a lost ack safe: without it, a retry could store
+        // the message twice, and not retrying could lose it.
+        let options = match options.msg_id {
+            Some(_) => options,
+            None => options.id(format!("natty-{}", nuid::next())),
+        };
         let headers = options.into_headers(format);
         let span = publish_span(&subject);
         let result = self
-            .publish_attempts(&subject, headers, payload, retry_lost_ack)
+            .publish_attempts(&subject, headers, payload)
             .instrument(span.clone())
             .await;
         let metrics = &self.telemetry.metrics;
@@ -209,15 +225,21 @@ impl Client {
         result
     }
 
-    /// Sends until the stream acks, retrying what cannot duplicate (see [`Client::publish_with`]).
+    /// Sends until the stream acks, retrying "no responders" and lost acks with the same
+    /// idempotency key for up to [`PUBLISH_RETRY_FOR`] (see [`Client::publish_with`]).
     async fn publish_attempts(
         &self,
         subject: &async_nats::Subject,
         headers: async_nats::HeaderMap,
         payload: bytes::Bytes,
-        retry_lost_ack: bool,
     ) -> std::result::Result<PublishAck, PublishError> {
+        let started = tokio::time::Instant::now();
+        let mut pause = PUBLISH_RETRY_DELAY;
         let mut attempt = 0u32;
+        // "No responders" means an election, or that no stream takes the subject at all; the
+        // second is asked about once it has lasted a while, so a stream being created right
+        // now still gets the message.
+        let mut stream_checked = false;
         loop {
             attempt += 1;
             let result = match self.send_raw(subject, headers.clone(), payload.clone()).await {
@@ -228,14 +250,25 @@ impl Client {
                 return result;
             };
             let retry = match &error {
-                // "No responders": nothing received it, so a retry cannot duplicate.
-                PublishError::Publish { source, .. } => {
-                    matches!(source.kind(), jetstream::context::PublishErrorKind::StreamNotFound)
+                // "No responders": the stream has no leader to take it right now.
+                PublishError::Publish { source, .. }
+                    if matches!(source.kind(), jetstream::context::PublishErrorKind::StreamNotFound) =>
+                {
+                    if !stream_checked && started.elapsed() >= NO_STREAM_AFTER {
+                        stream_checked = true;
+                        if self.no_stream_takes(subject).await {
+                            return Err(PublishError::NoStream {
+                                subject: subject.to_string(),
+                            });
+                        }
+                    }
+                    true
                 }
-                PublishError::Unconfirmed { .. } => retry_lost_ack,
+                // The ack was lost: the retry carries the same key, so it is stored at most once.
+                PublishError::Unconfirmed { .. } => true,
                 _ => false,
             };
-            if !retry || attempt >= PUBLISH_ATTEMPTS {
+            if !retry || started.elapsed() + pause > PUBLISH_RETRY_FOR {
                 return Err(match error {
                     PublishError::Unconfirmed { subject, source, .. } => PublishError::Unconfirmed {
                         subject,
@@ -246,8 +279,19 @@ impl Client {
                 });
             }
             tracing::debug!(%subject, attempt, %error, "publish not confirmed; retrying");
-            tokio::time::sleep(PUBLISH_RETRY_DELAY * attempt).await;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(std::time::Duration::from_secs(2));
         }
+    }
+
+    /// Whether the server says that no stream captures `subject` (not merely that it could
+    /// not answer).
+    async fn no_stream_takes(&self, subject: &str) -> bool {
+        use jetstream::context::GetStreamByNameErrorKind as Kind;
+        matches!(
+            self.jetstream.stream_by_subject(subject).await,
+            Err(error) if error.kind() == Kind::NotFound
+        )
     }
 
     /// Sends `value` to `subject` and returns at once with a [`PendingAck`] to await
@@ -407,10 +451,13 @@ impl std::future::Future for PendingAck {
     }
 }
 
-/// How many times [`Client::publish_with`] sends a message at most.
-const PUBLISH_ATTEMPTS: u32 = 4;
-/// Pause before the first retry; it grows linearly (250, 500, 750 ms: about what a stream
-/// leader election takes on a healthy cluster).
+/// How long [`Client::publish_with`] keeps trying: longer than a stream leader election on a
+/// loaded cluster (a few seconds), well inside the default 2-minute duplicate window that
+/// makes the retries safe.
+const PUBLISH_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(20);
+/// How long "no responders" lasts before natty asks whether any stream takes the subject.
+const NO_STREAM_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+/// Pause before the first retry; it doubles, up to 2 s.
 const PUBLISH_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(250);
 
 fn encode<T: EncodePayload + ?Sized>(
@@ -470,8 +517,10 @@ impl Publish {
     }
 
     /// Idempotency key (`Nats-Msg-Id`): the stream stores one message per key within its
-    /// `duplicate_window`; a repeat is acked with `duplicate: true`. Also makes a publish whose
-    /// ack was lost safe to retry, which natty then does.
+    /// `duplicate_window`; a repeat is acked with `duplicate: true`. Without one,
+    /// [`Client::publish_with`] makes a unique key per call, so that its own retries are safe;
+    /// give one derived from the event (an order id, say) to deduplicate across calls and
+    /// processes too.
     pub fn id(mut self, id: impl Into<String>) -> Publish {
         let id = id.into();
         self = self.header(async_nats::header::NATS_MESSAGE_ID, &id);
