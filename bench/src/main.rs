@@ -1,7 +1,7 @@
 //! natty against raw async-nats, measured in the same run on the same server.
 //!
 //! ```text
-//! cargo run --release -p natty-bench -- [--rounds 5] [--messages 200000] [--only consume,publish,...]
+//! cargo run --release -p natty-bench -- [--rounds 5] [--messages 200000] [--only consume,publish,scale,...]
 //!     [--faststream <python of bench/faststream's venv>]
 //! ```
 //!
@@ -106,6 +106,51 @@ static SLEPT_NANOS: AtomicU64 = AtomicU64::new(0);
 
 #[stream(name = "idle", subjects = ["idle.>"], storage = "file")]
 struct Idle;
+
+/// The scale-out scenario's work per message: 5 ms of simulated I/O (a database write, say),
+/// so that more instances can do more, as they would in a real service.
+const SCALE_WORK: Duration = Duration::from_millis(5);
+/// Messages one instance works on at once, on both sides.
+const SCALE_CONCURRENCY: usize = 16;
+
+/// The scale-out scenario's natty worker: one instance of a service sharing the durable.
+#[consumer(stream = "scale", durable = "scale", concurrency = 16, max_ack_pending = 10000)]
+async fn scale_work(_order: Order) {
+    tokio::time::sleep(SCALE_WORK).await;
+}
+
+/// The scale-out scenario's raw worker: async-nats' pull stream, the same work and concurrency,
+/// an ack after each.
+async fn raw_scale_worker() {
+    let url = std::env::var("NATS_URL").expect("NATS_URL");
+    let urls: Vec<&str> = url.split(',').collect();
+    let client = async_nats::ConnectOptions::new()
+        .connect(&urls[..])
+        .await
+        .expect("connect");
+    let js = jetstream::new(client);
+    let consumer: jetstream::consumer::PullConsumer = js
+        .get_stream("scale")
+        .await
+        .expect("stream")
+        .get_consumer("scale")
+        .await
+        .expect("consumer");
+    let messages = consumer
+        .stream()
+        .max_messages_per_batch(SCALE_CONCURRENCY * 4)
+        .messages()
+        .await
+        .expect("messages");
+    messages
+        .for_each_concurrent(SCALE_CONCURRENCY, |message| async move {
+            let message = message.expect("message");
+            let _order: Order = serde_json::from_slice(&message.payload).expect("decode");
+            tokio::time::sleep(SCALE_WORK).await;
+            message.ack().await.expect("ack");
+        })
+        .await;
+}
 
 macro_rules! idle_consumers {
     ($($name:ident => $durable:literal),* $(,)?) => {$(
@@ -632,6 +677,102 @@ async fn scenario_concurrency(server: &NatsServer, js: &jetstream::Context, args
     );
 }
 
+/// Scale-out on a 3-node cluster: 1, 2 and 3 worker processes sharing one durable on an R3
+/// stream, natty against raw async-nats with the same per-message work and concurrency.
+/// Each run drains the same messages from a fresh durable; the clock runs from the first
+/// delivery to the last ack, as the server reports them.
+async fn scenario_scale(args: &Args) {
+    use natty_runtime::testing::NatsCluster;
+    let count = (args.messages / 10).max(1000);
+    let cluster = NatsCluster::start(3).await.expect("a 3-node cluster");
+    let url = cluster.urls().join(",");
+    let js = jetstream::new(cluster.client().await);
+    js.create_stream(jetstream::stream::Config {
+        name: "scale".into(),
+        subjects: vec!["scale.>".into()],
+        storage: StorageType::File,
+        num_replicas: 3,
+        ..Default::default()
+    })
+    .await
+    .expect("create the R3 stream");
+    fill(&js, "scale.orders", count).await;
+    println!(
+        "scale-out: {count} messages on an R3 stream, 3 nodes on loopback; {} ms of work per message, {SCALE_CONCURRENCY} at a time per instance",
+        SCALE_WORK.as_millis()
+    );
+    for instances in 1..=3 {
+        let (mut raw, mut natty) = (Vec::new(), Vec::new());
+        for round in 0..args.rounds.min(3) {
+            for side in ["raw", "natty"] {
+                let took = scale_run(&js, &url, side, instances, count).await;
+                let rate = rate(count, took);
+                if side == "raw" {
+                    raw.push(rate)
+                } else {
+                    natty.push(rate)
+                }
+            }
+            eprintln!(
+                "  scale {instances} instance(s) round {round}: raw {:.0}, natty {:.0}",
+                raw[round], natty[round]
+            );
+        }
+        report(&format!("scale-out, {instances} instance(s)"), &raw, &natty, ">= 1.00x");
+    }
+}
+
+/// One scale-out run: a fresh durable, `instances` worker processes of `side`, until all
+/// `count` messages are acked.
+async fn scale_run(js: &jetstream::Context, url: &str, side: &str, instances: usize, count: u64) -> Duration {
+    let stream = js.get_stream("scale").await.expect("stream");
+    let _ = stream.delete_consumer("scale").await;
+    stream
+        .create_consumer(pull::Config {
+            durable_name: Some("scale".into()),
+            max_ack_pending: 10_000,
+            ..Default::default()
+        })
+        .await
+        .expect("consumer");
+    let exe = std::env::current_exe().expect("current exe");
+    let mut children = Vec::new();
+    for _ in 0..instances {
+        children.push(
+            tokio::process::Command::new(&exe)
+                .arg("--scale-worker")
+                .arg(side)
+                .env("NATS_URL", url)
+                .env("NATTY_HANDLERS", "scale_work")
+                .env("RUST_LOG", "warn")
+                .kill_on_drop(true)
+                .spawn()
+                .expect("spawn a scale worker"),
+        );
+    }
+    let mut started = None;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let info = stream.consumer_info("scale").await.expect("consumer info");
+        if started.is_none() && info.delivered.stream_sequence > 0 {
+            started = Some(Instant::now());
+        }
+        if info.ack_floor.stream_sequence >= count {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "scale-out run ({side}, {instances}) did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = started.expect("a first delivery").elapsed();
+    for mut child in children {
+        let _ = child.kill().await;
+    }
+    took
+}
+
 async fn scenario_footprint(server: &NatsServer, js: &jetstream::Context) {
     purge(js, "idle").await;
     js.publish("idle.go", serde_json::to_vec(&Order::new(1)).expect("encode").into())
@@ -686,6 +827,19 @@ async fn scenario_footprint(server: &NatsServer, js: &jetstream::Context) {
 
 #[tokio::main]
 async fn main() {
+    if std::env::args().nth(1).as_deref() == Some("--scale-worker") {
+        // The scale-out scenario's children: `raw` or `natty`.
+        if std::env::args().nth(2).as_deref() == Some("raw") {
+            raw_scale_worker().await;
+        } else {
+            let service = async { natty_runtime::Runtime::builder().build()?.run().await };
+            if let Err(error) = service.await {
+                eprintln!("{error:?}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
     if std::env::args().any(|arg| arg == "--idle-service") {
         // The footprint scenario's child: a service with ten idle consumers. Not `run()`, which
         // would take `--idle-service` for a command of its own.
@@ -745,6 +899,9 @@ async fn main() {
     }
     if wants("footprint") {
         scenario_footprint(&server, &js).await;
+    }
+    if wants("scale") {
+        scenario_scale(&args).await;
     }
     match &args.faststream {
         Some(python) if wants("faststream") => scenario_faststream(&server, python, &args, consume, publish).await,
