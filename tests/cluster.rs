@@ -254,6 +254,13 @@ impl Fault {
 
     /// Polls `condition` until it holds, failing after `PHASE` or as soon as a worker exits.
     async fn until(&mut self, what: &str, condition: impl Fn(&Fault) -> bool) {
+        let held = self.within_phase(what, condition).await;
+        assert!(held, "timed out after {PHASE:?} waiting for {what}");
+    }
+
+    /// Polls `condition` until it holds (true) or `PHASE` has passed (false, logged), failing
+    /// as soon as a worker exits: for a claim to check after the figures are printed.
+    async fn within_phase(&mut self, what: &str, condition: impl Fn(&Fault) -> bool) -> bool {
         let deadline = Instant::now() + PHASE;
         loop {
             for worker in &mut self.workers {
@@ -262,12 +269,12 @@ impl Fault {
                 }
             }
             if condition(self) {
-                return;
+                return true;
             }
-            assert!(
-                Instant::now() < deadline,
-                "timed out after {PHASE:?} waiting for {what}"
-            );
+            if Instant::now() >= deadline {
+                self.print(&format!("timed out after {PHASE:?} waiting for {what}"));
+                return false;
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -547,8 +554,8 @@ async fn killing_the_consumers_leader_loses_no_acked_value() {
         .kill()
         .await;
     let read_at_kill = fault.reads().len();
-    fault
-        .until("values read again with the consumer's leader down", |fault| {
+    let resumed = fault
+        .within_phase("values read again with the consumer's leader down", |fault| {
             fault.reads().len() > read_at_kill + RATE as usize
         })
         .await;
@@ -563,6 +570,10 @@ async fn killing_the_consumers_leader_loses_no_acked_value() {
     fault.progress(&publisher, RATE, "acks after the restart").await;
 
     fault.finish(publisher).await;
+    assert!(
+        resumed,
+        "the consumer did not resume within {PHASE:?} while its leader's node was down"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
