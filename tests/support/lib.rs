@@ -2,6 +2,7 @@
 //! condition with a deadline, and running the test services as real processes.
 
 pub mod capture;
+pub mod fault;
 
 use std::collections::BTreeMap;
 use std::future::Future;
