@@ -490,6 +490,14 @@ fn classify(subject: &async_nats::Subject, source: jetstream::context::PublishEr
             attempts: 1,
             source,
         },
+        // "Duplicate message id is in process" (10158): an earlier attempt with this key is
+        // still being replicated (a stream leader paused or replaced mid-write). It may well be
+        // stored; asking again later gets its ack, as a duplicate.
+        _ if source.to_string().contains("error code 10158") => PublishError::Unconfirmed {
+            subject,
+            attempts: 1,
+            source,
+        },
         _ => PublishError::Publish { subject, source },
     }
 }

@@ -407,8 +407,10 @@ impl Runtime {
         }
         let js = client.jetstream();
         let provision = self.config.provision;
+        // How long provisioning rides through a cluster electing leaders.
+        let patience = self.config.stream_leader_timeout;
         for stream in &streams {
-            stream.provision(js, provision).await?;
+            patiently(patience, || stream.provision(js, provision)).await?;
         }
         // Default dead-letter subjects need a stream to land in; a service that names its own
         // dead-letter subjects (or provisions by other means) does not get one.
@@ -417,20 +419,19 @@ impl Runtime {
             && provision == Provision::CreateOrUpdate
             && !streams.iter().any(|s| s.name == DEAD_LETTER_STREAM)
         {
-            StreamDef::new(DEAD_LETTER_STREAM, DEAD_LETTER_SUBJECTS)
-                .description("messages natty terminated or gave up on, with the reason in their headers")
-                .provision(js, provision)
-                .await?;
+            let dead_letters = StreamDef::new(DEAD_LETTER_STREAM, DEAD_LETTER_SUBJECTS)
+                .description("messages natty terminated or gave up on, with the reason in their headers");
+            patiently(patience, || dead_letters.provision(js, provision)).await?;
         }
         // Declared buckets first: a leader's bucket may be one of them (with its replicas).
         for bucket in &self.kv_buckets {
-            patiently(|| bucket.ensure(&client, provision)).await?;
+            patiently(patience, || bucket.ensure(&client, provision)).await?;
         }
         for store in &self.object_stores {
-            patiently(|| store.ensure(&client, provision)).await?;
+            patiently(patience, || store.ensure(&client, provision)).await?;
         }
         for leader in &self.leaders {
-            patiently(|| crate::leader::provision(leader, js, provision)).await?;
+            patiently(patience, || crate::leader::provision(leader, js, provision)).await?;
         }
         // On a cluster a stream is usable only once its replicas have elected a leader: right
         // after creation, or while a quorum of its servers is restarting.
@@ -465,7 +466,7 @@ impl Runtime {
                 Some((_, consumers)) => consumers.push(leading),
                 None => {
                     let leader = LeaderDef::new(def.name, bucket, key, Duration::from_secs(10), crate::leader::idle);
-                    crate::leader::provision(&leader, js, provision).await?;
+                    patiently(patience, || crate::leader::provision(&leader, js, provision)).await?;
                     elections.push((leader, vec![leading]));
                 }
             }
@@ -475,15 +476,21 @@ impl Runtime {
         #[cfg(feature = "capture")]
         for def in &self.captures {
             let stream_def = streams.iter().find(|s| s.name == def.stream()).copied();
-            let capture = crate::capture::Capture::start(
-                *def,
-                client.clone(),
-                provision,
-                stream_def,
-                self.config.capture_drain_timeout,
-            )
+            let slot = std::sync::Mutex::new(None);
+            patiently(patience, || async {
+                let started = crate::capture::Capture::start(
+                    *def,
+                    client.clone(),
+                    provision,
+                    stream_def,
+                    self.config.capture_drain_timeout,
+                )
+                .await?;
+                *slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(started);
+                Ok(())
+            })
             .await?;
-            captures.push(capture);
+            captures.extend(slot.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner));
         }
         telemetry.health.set_provisioned();
         tracing::info!(
@@ -583,30 +590,29 @@ impl Runtime {
     }
 }
 
-/// Runs a provisioning step again when it timed out, up to three times: a replicated bucket
-/// created by several instances at once on a busy cluster can take longer than one JetStream
-/// request allows. Any other error is returned at once.
-async fn patiently<F, Fut>(mut step: F) -> Result<()>
+/// Runs a provisioning step again while it fails for a transient reason (see [`transient`]),
+/// with growing pauses, for up to `timeout`: a replicated bucket created by several instances at
+/// once on a busy cluster, or a stream looked up while its servers elect a leader, can take
+/// longer than one JetStream request allows. Any other error is returned at once.
+async fn patiently<F, Fut>(timeout: Duration, mut step: F) -> Result<()>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<()>>,
 {
+    let started = tokio::time::Instant::now();
+    let mut pause = Duration::from_millis(250);
     let mut attempt = 1;
     loop {
         match step().await {
-            Err(error) if attempt < 3 && timed_out(&error) => {
-                tracing::warn!(%error, attempt, "provisioning timed out; trying again");
+            Err(error) if transient(&error) && started.elapsed() + pause < timeout => {
+                tracing::warn!(%error, attempt, "provisioning did not go through (the cluster may be electing leaders); trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
                 attempt += 1;
             }
             other => return other,
         }
     }
-}
-
-/// Whether an error (or one of its causes) is a request that got no answer in time. async-nats
-/// has a different error kind per request type, so this looks at what they all say.
-fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
-    says(error, &["timed out"])
 }
 
 /// Whether a JetStream request failed for a reason that passes on its own while a cluster

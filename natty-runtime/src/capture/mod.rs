@@ -34,6 +34,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use async_nats::jetstream::consumer::pull;
 use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 use tokio::sync::Semaphore;
@@ -392,9 +393,13 @@ struct Shared {
     /// delivery is still held (a keep-alive came too late) is not written twice: the first
     /// delivery's ack, after its block is stored, settles it.
     held_sequences: Mutex<std::collections::HashSet<u64>>,
-    /// Blocks stored in the last moments, with their sorted sequences: a redelivery that the
-    /// server sent before it saw the block's acks is acked again instead of stored twice.
+    /// Stored blocks whose acks the server has not yet been seen to take, with their sorted
+    /// sequences: a redelivery of one of them (the server sent it before it saw the ack, or the
+    /// ack was lost in a leader election) is acked again instead of stored twice. A block is
+    /// forgotten once the consumer's ack floor has passed its last sequence.
     recently_stored: Mutex<std::collections::VecDeque<(Instant, Vec<u64>)>>,
+    /// The consumer's ack floor (stream sequence) as last read from the server.
+    ack_floor: AtomicU64,
     /// Limits how many blocks are being stored at once.
     storing: Semaphore,
     /// Cancelled when the drain deadline passes: stores give up, leaving their messages unacked.
@@ -415,17 +420,51 @@ impl Shared {
             .unwrap_or(true)
     }
 
-    /// Remembers a stored block's sequences for a while (see `recently_stored`).
+    /// Remembers a stored block's sequences until the server has taken their acks (see
+    /// `recently_stored`).
     fn stored(&self, mut sequences: Vec<u64>) {
-        // Redeliveries racing the acks arrive within moments; a third of ack_wait (at least
-        // five seconds) covers them without keeping every sequence ever stored.
-        let keep = self.keep_alive.max(Duration::from_secs(5));
         sequences.sort_unstable();
         if let Ok(mut recent) = self.recently_stored.lock() {
-            while recent.front().is_some_and(|(at, _)| at.elapsed() > keep) {
+            recent.push_back((Instant::now(), sequences));
+        }
+        self.forget_acked();
+    }
+
+    /// Drops the remembered blocks that are both below the ack floor (their acks were taken)
+    /// and old enough: on a cluster, a consumer leader can report acks it had not yet
+    /// replicated, and the leader elected when it dies redelivers them an `ack_wait` after the
+    /// election. Twelve keep-alives (four `ack_wait`s), and at least 30 s, cover that. Past a
+    /// bound, the oldest go regardless: memory must not grow while the ack floor cannot be read.
+    fn forget_acked(&self) {
+        const MAX_REMEMBERED_BLOCKS: usize = 100_000;
+        let keep = (self.keep_alive * 12).max(Duration::from_secs(30));
+        let floor = self.ack_floor.load(Ordering::Relaxed);
+        if let Ok(mut recent) = self.recently_stored.lock() {
+            while recent.front().is_some_and(|(at, sequences)| {
+                at.elapsed() > keep && sequences.last().is_none_or(|last| *last <= floor)
+            }) || recent.len() > MAX_REMEMBERED_BLOCKS
+            {
                 recent.pop_front();
             }
-            recent.push_back((Instant::now(), sequences));
+        }
+    }
+
+    /// Reads the consumer's ack floor from the server every `keep_alive`, until `stop`.
+    async fn follow_ack_floor(self: Arc<Self>, stop: CancellationToken) {
+        let (stream, durable) = (self.def.stream, self.def.durable);
+        let js = async_nats::jetstream::new(self.nats.clone());
+        let every = self.keep_alive.max(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let info = js.get_consumer_from_stream::<pull::Config, _, _>(durable, stream);
+            if let Ok(Ok(consumer)) = tokio::time::timeout(every, info).await {
+                self.ack_floor
+                    .fetch_max(consumer.cached_info().ack_floor.stream_sequence, Ordering::Relaxed);
+                self.forget_acked();
+            }
         }
     }
 
@@ -542,6 +581,7 @@ impl Capture {
                 keep_alive: config.ack_wait / 3,
                 held_sequences: Mutex::new(std::collections::HashSet::new()),
                 recently_stored: Mutex::new(std::collections::VecDeque::new()),
+                ack_floor: AtomicU64::new(0),
                 storing: Semaphore::new(def.store_concurrency),
                 abandon: CancellationToken::new(),
             }),
@@ -556,6 +596,9 @@ impl Capture {
     /// open block and waits for the stores until the drain deadline.
     pub(crate) async fn run(self, cancel: CancellationToken) -> Result<()> {
         let shared = self.shared.clone();
+        let following = CancellationToken::new();
+        let _stop_following = following.clone().drop_guard();
+        tokio::spawn(shared.clone().follow_ack_floor(following));
         let def = shared.def;
         let every = def.every.as_nanos().max(1) as u64;
         let grace = (def.every / 2).min(Duration::from_secs(1));
