@@ -1,5 +1,6 @@
 //! A consumer whose server-side state disappears is recreated and resumes: deleted by an
-//! operator, or lost with its memory stream when the server restarts.
+//! operator, or lost with its memory stream when the server restarts. A consumer left idle
+//! until its pull requests expire asks again.
 
 use std::collections::BTreeSet;
 use std::sync::Mutex;
@@ -17,6 +18,16 @@ struct Volatile;
 #[consumer(stream = "volatile", durable = "survivor")]
 async fn survive(job: Job) {
     HANDLED.lock().unwrap().insert(job.id);
+}
+
+static WOKEN: Mutex<BTreeSet<u64>> = Mutex::new(BTreeSet::new());
+
+#[stream(name = "sleepy", subjects = ["sleepy.>"])]
+struct Sleepy;
+
+#[consumer(stream = "sleepy", durable = "sleeper")]
+async fn sleeper(job: Job) {
+    WOKEN.lock().unwrap().insert(job.id);
 }
 
 async fn publish(js: &async_nats::jetstream::Context, id: u64) {
@@ -77,5 +88,51 @@ async fn a_vanished_consumer_is_recreated_and_resumes() {
     })
     .await;
 
+    running.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_consumer_asks_again_when_its_pull_requests_expire() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let running = RunningRuntime::spawn(
+        natty_runtime::Runtime::builder()
+            .url(server.url())
+            .handlers(["sleeper"])
+            .build()
+            .unwrap(),
+    );
+    let js = async_nats::jetstream::new(server.client().await);
+    let send = |id: u64| {
+        let js = js.clone();
+        async move {
+            let payload: bytes::Bytes = serde_json::to_vec(&Job { id }).unwrap().into();
+            js.publish(format!("sleepy.{id}"), payload)
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    };
+    wait_until(Duration::from_secs(30), "the consumer exists", || async {
+        match js.get_stream("sleepy").await {
+            Ok(stream) => stream.consumer_info("sleeper").await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await;
+    send(1).await;
+    wait_until(Duration::from_secs(10), "job 1", || async {
+        WOKEN.lock().unwrap().contains(&1)
+    })
+    .await;
+    // The fault: idle past the 30 s expiry of natty's pull requests. The server ends them
+    // with a 408 that returns every unused credit; a consumer that does not ask again then
+    // waits forever (no request, so no heartbeat to miss either).
+    tokio::time::sleep(Duration::from_secs(33)).await;
+    send(2).await;
+    wait_until(Duration::from_secs(10), "job 2 after the requests expired", || async {
+        WOKEN.lock().unwrap().contains(&2)
+    })
+    .await;
     running.stop().await.expect("clean shutdown");
 }
