@@ -367,6 +367,11 @@ impl Fault {
                 }
             }
         }
+        // natty's own dead-letter stream has one replica: while its node is down, no instance
+        // can provision it.
+        if let Some(leader) = Self::leader_of(&self.control, "natty-dead-letters").await {
+            placement += &format!(", natty-dead-letters on {leader}");
+        }
         placement
     }
 
