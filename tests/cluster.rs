@@ -367,6 +367,11 @@ impl Fault {
                 }
             }
         }
+        // natty's own dead-letter stream has one replica: while its node is down, no instance
+        // can provision it.
+        if let Some(leader) = Self::leader_of(&self.control, "natty-dead-letters").await {
+            placement += &format!(", natty-dead-letters on {leader}");
+        }
         placement
     }
 
@@ -481,15 +486,37 @@ impl Fault {
             "{report} in {blocks} blocks; {}",
             self.consumer_state(ARCHIVE).await
         ));
-        // Which blocks hold a repeated value says how it was stored twice.
+        // Which blocks hold a repeated value, and which instance stored each, say how it was
+        // stored twice.
         for (value, _) in report.repeated.iter().take(3) {
-            self.print(&format!("value {value} is in blocks {:?}", holders[value]));
+            let blocks: Vec<String> = holders[value]
+                .iter()
+                .map(|block| format!("{block} stored by {}", self.stored_by(block).join("+")))
+                .collect();
+            self.print(&format!("value {value} is in {blocks:?}"));
         }
         move || {
             assert!(strays.is_empty(), "temporary or partial files remain: {strays:?}");
             assert!(stored.is_ok(), "the capture did not store everything");
             report.assert_exactly_once();
         }
+    }
+
+    /// The workers that logged storing `block`.
+    fn stored_by(&self, block: &str) -> Vec<&'static str> {
+        self.workers
+            .iter()
+            .filter(|worker| {
+                worker.stderr.iter().any(|lines| {
+                    lines
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .any(|line| line.contains("block stored") && line.contains(block))
+                })
+            })
+            .map(|worker| worker.name)
+            .collect()
     }
 
     fn print(&self, what: &str) {

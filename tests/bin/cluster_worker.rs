@@ -2,18 +2,21 @@
 //! 3-node cluster: `consume` reads the replicated `fault` stream through the shared durable
 //! `readers` and appends each value as a line to the file `FAULT_OUT`; `archive` captures the
 //! same stream as NDJSON blocks under `FAULT_CAPTURE` (a `file://` folder); and the leader
-//! `work` of `leader_worker.rs` ticks while it holds the `election/worker` lease. Pick them
-//! with `NATTY_HANDLERS`. With `FAULT_DELAY_MS`, `consume` prints `start <value>` and works
-//! that long before it writes, so that a killed instance is caught holding values.
+//! `work` prints `tick <instance> <term> <unix nanos>` every 20 ms while it holds the
+//! `election/worker` lease. Pick them with `NATTY_HANDLERS`. With `FAULT_DELAY_MS`, `consume`
+//! prints `start <value>` and works that long before it writes, so that a killed instance is
+//! caught holding values.
+//!
+//! Everything it declares is replicated on the three nodes (unlike the leader test service's
+//! `work` stream), so that any one node may be down while an instance starts.
 
 use std::io::Write;
 use std::sync::{Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use natty_runtime::prelude::*;
+use natty_runtime::FencedError;
 use natty_tests::Job;
-
-mod leader_worker;
 
 /// Replicated on every node, so that losing one loses no lease.
 #[kv_bucket(name = "election", history = 1, replicas = 3)]
@@ -62,6 +65,26 @@ async fn consume(job: Job) -> Result<(), std::io::Error> {
 )]
 fn archive(job: &Job) -> String {
     format!("k{}", job.id % 4)
+}
+
+/// Ticks while it leads, as the leader test service does: the suite checks that no two
+/// instances' ticks interleave.
+#[leader(bucket = "election", key = "worker", ttl = "2s")]
+async fn work(lease: Lease) -> Result<(), FencedError> {
+    let me = std::env::var("INSTANCE").unwrap_or_default();
+    let term = lease.term();
+    loop {
+        // The time is read before the check: a pause between the two cannot stretch the interval.
+        let at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        if !lease.is_valid() {
+            std::future::pending::<()>().await;
+        }
+        println!("tick {me} {term} {at}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::main]
