@@ -204,8 +204,17 @@ impl Fault {
         let mut fault = Fault::empty(scenario, handlers).await;
         fault.add_worker("a", &[]);
         fault.provisioned().await;
-        fault.add_worker("b", &[]);
-        fault.add_worker("c", &[]);
+        // The capture runs in instance a only: capture output is exactly once with one
+        // capturing instance. With several sharing its durable, a consumer leader that dies
+        // before replicating what it delivered hands those messages to another instance, and
+        // both store them (README, known limits). The consumer runs in all three.
+        let consumers: String = handlers
+            .split(',')
+            .filter(|handler| *handler != ARCHIVE)
+            .collect::<Vec<_>>()
+            .join(",");
+        fault.add_worker_running("b", &consumers, &[]);
+        fault.add_worker_running("c", &consumers, &[]);
         fault
     }
 
@@ -228,7 +237,12 @@ impl Fault {
     }
 
     fn add_worker(&mut self, name: &'static str, extra: &[(&str, &str)]) {
-        let worker = Worker::start(&self.url, name, self.dir.path(), self.handlers, extra);
+        self.add_worker_running(name, self.handlers, extra);
+    }
+
+    /// Starts a worker running only `handlers`.
+    fn add_worker_running(&mut self, name: &'static str, handlers: &str, extra: &[(&str, &str)]) {
+        let worker = Worker::start(&self.url, name, self.dir.path(), handlers, extra);
         self.workers.push(worker);
     }
 

@@ -240,6 +240,8 @@ impl Client {
         // second is asked about once it has lasted a while, so a stream being created right
         // now still gets the message.
         let mut stream_checked = false;
+        // Whether an attempt went unanswered, so it may have been stored.
+        let mut unconfirmed = false;
         loop {
             attempt += 1;
             let result = match self.send_raw(subject, headers.clone(), payload.clone()).await {
@@ -254,7 +256,7 @@ impl Client {
                 PublishError::Publish { source, .. }
                     if matches!(source.kind(), jetstream::context::PublishErrorKind::StreamNotFound) =>
                 {
-                    if !stream_checked && started.elapsed() >= NO_STREAM_AFTER {
+                    if !stream_checked && !unconfirmed && started.elapsed() >= NO_STREAM_AFTER {
                         stream_checked = true;
                         if self.no_stream_takes(subject).await {
                             return Err(PublishError::NoStream {
@@ -268,9 +270,19 @@ impl Client {
                 PublishError::Unconfirmed { .. } => true,
                 _ => false,
             };
+            if matches!(error, PublishError::Unconfirmed { .. }) {
+                unconfirmed = true;
+            }
             if !retry || started.elapsed() + pause > PUBLISH_RETRY_FOR {
                 return Err(match error {
                     PublishError::Unconfirmed { subject, source, .. } => PublishError::Unconfirmed {
+                        subject,
+                        attempts: attempt,
+                        source,
+                    },
+                    // An earlier attempt may have been stored: whatever the last one says,
+                    // "nothing was stored" is not known.
+                    PublishError::Publish { subject, source } if unconfirmed => PublishError::Unconfirmed {
                         subject,
                         attempts: attempt,
                         source,

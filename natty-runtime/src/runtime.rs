@@ -419,7 +419,16 @@ impl Runtime {
             && provision == Provision::CreateOrUpdate
             && !streams.iter().any(|s| s.name == DEAD_LETTER_STREAM)
         {
+            // As replicated as the streams it takes messages from: on a cluster, a one-replica
+            // dead-letter stream on a node that is down would keep every instance from starting.
+            let mut replicas = streams.iter().filter_map(|stream| stream.replicas).max().unwrap_or(1);
+            for def in &all_consumers {
+                if let Ok(Ok(stream)) = tokio::time::timeout(patience, js.get_stream(def.stream)).await {
+                    replicas = replicas.max(stream.cached_info().config.num_replicas);
+                }
+            }
             let dead_letters = StreamDef::new(DEAD_LETTER_STREAM, DEAD_LETTER_SUBJECTS)
+                .replicas(replicas)
                 .description("messages natty terminated or gave up on, with the reason in their headers");
             patiently(patience, || dead_letters.provision(js, provision)).await?;
         }
