@@ -398,6 +398,35 @@ impl Fault {
     }
 
     /// [`settle`](Self::settle)s, then asserts the report is safe.
+    /// SIGKILLs the node named `name` (a leader, as stream or consumer info reports it).
+    async fn kill_node(&mut self, name: &str) {
+        self.cluster
+            .node_named(name)
+            .expect("a node of the cluster")
+            .kill()
+            .await;
+    }
+
+    /// Starts the node named `name` again and waits until it is healthy: caught up with its
+    /// streams and consumers.
+    async fn restart_node(&mut self, name: &str) {
+        self.cluster
+            .node_named(name)
+            .expect("a node of the cluster")
+            .restart()
+            .await
+            .expect("the node comes back");
+    }
+
+    /// As [`finish`](Self::finish), and checks the capture output too; every figure is printed
+    /// before either check can fail.
+    async fn finish_with_capture(&self, publisher: Publisher) {
+        let (history, report) = self.settle(publisher).await;
+        let capture_exactly_once = self.check_capture(&history).await;
+        report.assert_safe();
+        capture_exactly_once();
+    }
+
     async fn finish(&self, publisher: Publisher) -> History {
         let (history, report) = self.settle(publisher).await;
         report.assert_safe();
@@ -551,30 +580,16 @@ async fn killing_the_stream_leader_loses_no_acked_value() {
 
     let leader = fault.stream_leader(STREAM).await;
     fault.print(&format!("SIGKILL {leader}: {}", fault.placement().await));
-    fault
-        .cluster
-        .node_named(&leader)
-        .expect("the leader's node")
-        .kill()
-        .await;
+    fault.kill_node(&leader).await;
     // Publishing goes on through a new leader while the node is down.
     fault
         .progress(&publisher, 2 * RATE, "acks while the old leader is down")
         .await;
-    fault
-        .cluster
-        .node_named(&leader)
-        .expect("the leader's node")
-        .restart()
-        .await
-        .expect("the node comes back");
+    fault.restart_node(&leader).await;
     fault.print(&format!("{leader} is back: {}", fault.placement().await));
     fault.progress(&publisher, RATE, "acks after the restart").await;
 
-    let (history, report) = fault.settle(publisher).await;
-    let capture_exactly_once = fault.check_capture(&history).await;
-    report.assert_safe();
-    capture_exactly_once();
+    fault.finish_with_capture(publisher).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -588,25 +603,14 @@ async fn killing_the_consumers_leader_loses_no_acked_value() {
     // find the consumer's new leader and pull from it.
     let leader = fault.consumer_leader(DURABLE).await;
     fault.print(&format!("SIGKILL {leader}: {}", fault.placement().await));
-    fault
-        .cluster
-        .node_named(&leader)
-        .expect("the leader's node")
-        .kill()
-        .await;
+    fault.kill_node(&leader).await;
     let read_at_kill = fault.reads().len();
     let resumed = fault
         .within_phase("values read again with the consumer's leader down", |fault| {
             fault.reads().len() > read_at_kill + RATE as usize
         })
         .await;
-    fault
-        .cluster
-        .node_named(&leader)
-        .expect("the leader's node")
-        .restart()
-        .await
-        .expect("the node comes back");
+    fault.restart_node(&leader).await;
     fault.print(&format!("{leader} is back: {}", fault.placement().await));
     fault.progress(&publisher, RATE, "acks after the restart").await;
 
@@ -639,10 +643,7 @@ async fn a_rolling_restart_of_every_node_loses_no_acked_value() {
             .await;
     }
 
-    let (history, report) = fault.settle(publisher).await;
-    let capture_exactly_once = fault.check_capture(&history).await;
-    report.assert_safe();
-    capture_exactly_once();
+    fault.finish_with_capture(publisher).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -748,25 +749,14 @@ async fn instances_starting_together_or_during_an_election_all_run() {
         "SIGKILL {leader} and start worker d: {}",
         fault.placement().await
     ));
-    fault
-        .cluster
-        .node_named(&leader)
-        .expect("the leader's node")
-        .kill()
-        .await;
+    fault.kill_node(&leader).await;
     fault.add_worker("d", &[]);
     fault
         .until("the worker started during the election to read", |fault| {
             fault.workers[3].read_count() > 0
         })
         .await;
-    fault
-        .cluster
-        .node_named(&leader)
-        .expect("the leader's node")
-        .restart()
-        .await
-        .expect("the node comes back");
+    fault.restart_node(&leader).await;
     fault.progress(&publisher, RATE, "acks after the restart").await;
 
     fault.finish(publisher).await;
@@ -787,7 +777,7 @@ async fn killing_the_election_streams_leader_keeps_one_leader_and_loses_no_acked
         fault.placement().await
     ));
     let killed_at = unix_nanos();
-    fault.cluster.node_named(&node).expect("the node").kill().await;
+    fault.kill_node(&node).await;
     // Leadership goes on: renewed through the bucket's new leader, or won again once the
     // lease ran out; and meanwhile values flow.
     wait_until(PHASE, "a leader ticking after the kill", || async {
@@ -799,13 +789,7 @@ async fn killing_the_election_streams_leader_keeps_one_leader_and_loses_no_acked
     })
     .await;
     fault.progress(&publisher, RATE, "acks with the node down").await;
-    fault
-        .cluster
-        .node_named(&node)
-        .expect("the node")
-        .restart()
-        .await
-        .expect("the node comes back");
+    fault.restart_node(&node).await;
     fault.progress(&publisher, RATE, "acks after the restart").await;
 
     let (_, report) = fault.settle(publisher).await;

@@ -455,13 +455,7 @@ async fn a_service_exports_its_delivery_spans_over_otlp_in_the_trace_its_message
     let logs = natty_tests::collect_stderr(&mut worker);
     let client = server.client().await;
     let js = async_nats::jetstream::new(client.clone());
-    wait_until(WAIT, "the worker's consumer exists", || async {
-        match js.get_stream("jobs").await {
-            Ok(stream) => stream.consumer_info("workers").await.is_ok(),
-            Err(_) => false,
-        }
-    })
-    .await;
+    natty_tests::wait_for_consumer(&js, "jobs", "workers", WAIT).await;
 
     // The trace an upstream service started, as its publish would have carried it.
     let trace_hex = "4bf92f3577b34da6a3ce929d0e0e4736";

@@ -113,13 +113,7 @@ async fn an_idle_consumer_asks_again_when_its_pull_requests_expire() {
                 .unwrap();
         }
     };
-    wait_until(Duration::from_secs(30), "the consumer exists", || async {
-        match js.get_stream("sleepy").await {
-            Ok(stream) => stream.consumer_info("sleeper").await.is_ok(),
-            Err(_) => false,
-        }
-    })
-    .await;
+    natty_tests::wait_for_consumer(&js, "sleepy", "sleeper", Duration::from_secs(30)).await;
     send(1).await;
     wait_until(Duration::from_secs(10), "job 1", || async {
         WOKEN.lock().unwrap().contains(&1)

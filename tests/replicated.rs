@@ -44,6 +44,19 @@ async fn publish(js: &async_nats::jetstream::Context, subject: &str, id: u64) {
         .expect("publish ack");
 }
 
+/// A runtime with the `placed` worker reading the three-replica stream `placed`, placed on
+/// servers with `tags`.
+fn placed(cluster: &NatsCluster, tags: &'static [&'static str]) -> natty_runtime::RuntimeBuilder {
+    Runtime::builder()
+        .url(cluster.urls().join(","))
+        .handlers(["placed_worker"])
+        .stream(
+            StreamDef::new("placed", &["placed.>"])
+                .replicas(3)
+                .placement(Placement::new().tags(tags)),
+        )
+}
+
 fn tags(placement: Option<&async_nats::jetstream::stream::Placement>) -> Vec<String> {
     placement.map(|p| p.tags.clone()).unwrap_or_default()
 }
@@ -52,14 +65,7 @@ fn tags(placement: Option<&async_nats::jetstream::stream::Placement>) -> Vec<Str
 async fn replicated_streams_consumers_and_buckets_are_placed_as_declared() {
     let _serial = SERIAL.lock().await;
     let cluster = NatsCluster::start(3).await.expect("a 3-node cluster");
-    let runtime = Runtime::builder()
-        .url(cluster.urls().join(","))
-        .handlers(["placed_worker"])
-        .stream(
-            StreamDef::new("placed", &["placed.>"])
-                .replicas(3)
-                .placement(Placement::new().tags(&["natty-test"])),
-        )
+    let runtime = placed(&cluster, &["natty-test"])
         .kv_bucket(
             KvBucketDef::new("placed-kv")
                 .replicas(3)
@@ -69,13 +75,7 @@ async fn replicated_streams_consumers_and_buckets_are_placed_as_declared() {
         .unwrap();
     let running = RunningRuntime::spawn(runtime);
     let js = async_nats::jetstream::new(cluster.client().await);
-    wait_until(WAIT, "the placed consumer exists", || async {
-        match js.get_stream("placed").await {
-            Ok(stream) => stream.consumer_info("placed-worker").await.is_ok(),
-            Err(_) => false,
-        }
-    })
-    .await;
+    natty_tests::wait_for_consumer(&js, "placed", "placed-worker", WAIT).await;
     publish(&js, "placed.1", 1).await;
     wait_until(WAIT, "job 1 handled", || async { PLACED.lock().unwrap().contains(&1) }).await;
 
@@ -99,16 +99,7 @@ async fn replicated_streams_consumers_and_buckets_are_placed_as_declared() {
 async fn a_placement_no_server_satisfies_is_a_startup_error_naming_the_stream() {
     let _serial = SERIAL.lock().await;
     let cluster = NatsCluster::start(3).await.expect("a 3-node cluster");
-    let runtime = Runtime::builder()
-        .url(cluster.urls().join(","))
-        .handlers(["placed_worker"])
-        .stream(
-            StreamDef::new("placed", &["placed.>"])
-                .replicas(3)
-                .placement(Placement::new().tags(&["gpu"])),
-        )
-        .build()
-        .unwrap();
+    let runtime = placed(&cluster, &["gpu"]).build().unwrap();
     let error = tokio::time::timeout(WAIT, runtime.run_until(std::future::pending()))
         .await
         .expect("startup ends")
@@ -213,13 +204,7 @@ async fn a_server_entering_lame_duck_mode_is_left_at_once_and_nothing_is_lost() 
             .await
             .unwrap(),
     );
-    wait_until(WAIT, "the consumer exists", || async {
-        match publisher.jetstream().get_stream("drained").await {
-            Ok(stream) => stream.consumer_info("stayer").await.is_ok(),
-            Err(_) => false,
-        }
-    })
-    .await;
+    natty_tests::wait_for_consumer(publisher.jetstream(), "drained", "stayer", WAIT).await;
     assert!(connected_to(cluster.node(0).monitor_port(), "lame-duck-test").await);
     for id in 0..50 {
         publisher.publish(&format!("drained.{id}"), &Job { id }).await.unwrap();

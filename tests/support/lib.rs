@@ -80,6 +80,21 @@ where
     }
 }
 
+/// Waits until consumer `durable` exists on `stream`: a service under test has provisioned it.
+pub async fn wait_for_consumer(js: &async_nats::jetstream::Context, stream: &str, durable: &str, timeout: Duration) {
+    wait_until(
+        timeout,
+        &format!("consumer `{durable}` on stream `{stream}`"),
+        || async {
+            match js.get_stream(stream).await {
+                Ok(stream) => stream.consumer_info(durable).await.is_ok(),
+                Err(_) => false,
+            }
+        },
+    )
+    .await;
+}
+
 /// Publishes `jobs.<id>` for each id, up to 256 acks in flight, and checks every ack.
 pub async fn publish_jobs(client: &async_nats::Client, ids: impl IntoIterator<Item = u64>) {
     let js = async_nats::jetstream::new(client.clone());
