@@ -391,6 +391,10 @@ impl Runtime {
         let streams = dedup_streams(&self.streams)?;
         let all_consumers: Vec<ConsumerDef> = self.consumers.iter().chain(&capture_consumers).copied().collect();
         check_consumers(&all_consumers)?;
+        // The streams handlers read, each once.
+        let mut consumed: Vec<&str> = all_consumers.iter().map(|def| def.stream).collect();
+        consumed.sort_unstable();
+        consumed.dedup();
 
         // Served before connecting, so that readiness says "not connected" rather than nothing.
         let telemetry = Arc::new(Telemetry::default());
@@ -422,8 +426,8 @@ impl Runtime {
             // As replicated as the streams it takes messages from: on a cluster, a one-replica
             // dead-letter stream on a node that is down would keep every instance from starting.
             let mut replicas = streams.iter().filter_map(|stream| stream.replicas).max().unwrap_or(1);
-            for def in &all_consumers {
-                if let Ok(Ok(stream)) = tokio::time::timeout(patience, js.get_stream(def.stream)).await {
+            for name in &consumed {
+                if let Ok(Ok(stream)) = tokio::time::timeout(patience, js.get_stream(*name)).await {
                     replicas = replicas.max(stream.cached_info().config.num_replicas);
                 }
             }
@@ -444,10 +448,7 @@ impl Runtime {
         }
         // On a cluster a stream is usable only once its replicas have elected a leader: right
         // after creation, or while a quorum of its servers is restarting.
-        let mut consumed: Vec<&str> = all_consumers.iter().map(|def| def.stream).collect();
-        consumed.sort_unstable();
-        consumed.dedup();
-        for stream in consumed {
+        for stream in &consumed {
             crate::stream::wait_for_leader(js, stream, self.config.stream_leader_timeout).await?;
         }
         let mut bound = Vec::with_capacity(self.consumers.len());
@@ -644,17 +645,15 @@ fn says(error: &(dyn std::error::Error + 'static), phrases: &[&str]) -> bool {
     false
 }
 
-/// Binds `consumer` once its stream has a leader. A server that still believes it leads right
-/// after losing its quorum answers stream info but refuses the consumer request: such
-/// transient refusals are retried until `timeout`, and then reported as the missing leader
-/// they are.
+/// Binds `consumer`, whose stream was seen with a leader. A server that still believes it leads
+/// right after losing its quorum answers stream info but refuses the consumer request: such
+/// transient refusals are retried, after waiting for a leader again, until `timeout`, and then
+/// reported as the missing leader they are.
 async fn bind_when_led(consumer: &Consumer, js: &async_nats::jetstream::Context, timeout: Duration) -> Result<()> {
     let started = tokio::time::Instant::now();
     let stream = consumer.stream();
     let mut pause = Duration::from_millis(250);
     loop {
-        let left = timeout.saturating_sub(started.elapsed());
-        crate::stream::wait_for_leader(js, stream, left).await?;
         match consumer.bind().await {
             Ok(_) => return Ok(()),
             Err(error) if transient(&error) => {
@@ -669,6 +668,7 @@ async fn bind_when_led(consumer: &Consumer, js: &async_nats::jetstream::Context,
                 tracing::warn!(%error, stream, "the stream is not available yet; trying again");
                 tokio::time::sleep(pause.min(timeout - waited)).await;
                 pause = (pause * 2).min(Duration::from_secs(2));
+                crate::stream::wait_for_leader(js, stream, timeout.saturating_sub(started.elapsed())).await?;
             }
             Err(error) => return Err(error),
         }
