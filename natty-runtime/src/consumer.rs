@@ -2,8 +2,9 @@
 //! and the running task that pulls, dispatches to the handler, settles each message, recovers
 //! a consumer whose server-side state disappeared, and drains on shutdown.
 
+use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +15,8 @@ use async_nats::jetstream::{
 use async_nats::Subject;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use futures_util::FutureExt;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -44,6 +46,10 @@ pub const DEAD_LETTER_STREAM: &str = "natty-dead-letters";
 const EPHEMERAL_INACTIVE_THRESHOLD: Duration = Duration::from_secs(300);
 /// On shutdown, how long to wait for prefetched messages still on their way, to hand them back.
 pub(crate) const HAND_BACK_WITHIN: Duration = Duration::from_secs(2);
+/// How long an ack, nak or ping may wait to be handed to the connection. While the server is
+/// unreachable the connection's queue can fill; a settle that cannot go out is left to the
+/// server's redelivery after `ack_wait` (at-least-once holds), and a shutdown does not hang.
+pub(crate) const SETTLE_WITHIN: Duration = Duration::from_secs(2);
 
 /// A declared durable pull consumer. `#[consumer(...)]` registers one; [`ConsumerDef::new`]
 /// builds one by hand with the same defaults.
@@ -434,8 +440,14 @@ pub(crate) struct Consumer {
     /// re-create a stream that vanished (a memory stream after a server restart).
     stream_def: Option<StreamDef>,
     pacing: Pacing,
-    /// The consumer's `ack_wait` as the server has it (read at each bind), for in-progress pings.
+    /// The consumer's `ack_wait` as the server has it (read at each bind; the declared one, or
+    /// the server's default, until then), for in-progress pings.
     ack_wait_nanos: AtomicU64,
+    /// What this instance read and has not settled, kept alive together.
+    held: Held,
+    /// Signalled when a handler slot frees up or a waiting message starts: the pull loop may
+    /// ask for more.
+    room: tokio::sync::Notify,
     dead_letter: async_nats::Subject,
     /// The consumer's name on the server: the durable name, or a fresh one per ephemeral instance.
     name: Arc<str>,
@@ -464,7 +476,9 @@ impl Consumer {
             provision,
             stream_def,
             pacing: Pacing::default(),
-            ack_wait_nanos: AtomicU64::new(Duration::from_secs(30).as_nanos() as u64),
+            ack_wait_nanos: AtomicU64::new(def.ack_wait.unwrap_or(Duration::from_secs(30)).as_nanos() as u64),
+            held: Held::default(),
+            room: tokio::sync::Notify::new(),
             dead_letter: def.dead_letter_subject().into(),
             name,
             metrics,
@@ -558,56 +572,75 @@ impl Consumer {
         let concurrency = this.def.concurrency;
         let permits = Arc::new(Semaphore::new(concurrency));
         let lanes = Lanes::default();
+        // Messages read and held but not started (an ordered consumer's wait in their lanes).
+        let mut queue: VecDeque<Ready> = VecDeque::new();
+        // With one handler slot the handler runs in this task, sparing a spawn per message; it
+        // is polled beside the pull, so messages keep being read, held and kept alive meanwhile.
+        let mut inline: FuturesUnordered<BoxFuture<'static, ()>> = FuturesUnordered::new();
+        let keep_alive = tokio::spawn(this.clone().keep_alive());
         let mut failures = 0u32;
         loop {
-            let mut puller = match Puller::start(this.shared.client.nats(), this.def.stream, &this.name).await {
+            let started = beside(
+                &mut inline,
+                Puller::start(this.shared.client.nats(), this.def.stream, &this.name),
+            )
+            .await;
+            let mut puller = match started {
                 Ok(puller) => puller,
                 Err(error) => {
                     tracing::warn!(stream = this.def.stream, consumer = &*this.name, %error, "cannot subscribe; retrying");
-                    if !pause(&cancel, &mut failures).await {
+                    if !beside(&mut inline, pause(&cancel, &mut failures)).await {
                         break;
                     }
                     continue;
                 }
             };
             let rebind = loop {
-                let permit = tokio::select! {
-                    biased;
-                    _ = cancel.cancelled() => break false,
-                    permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-                };
-                // Credits cover the handlers that are free plus the prefetch: a message is asked
-                // for only when there is room to start it soon.
-                let busy = concurrency - permits.available_permits() - 1;
-                let target = concurrency - busy
-                    + this
-                        .pacing
-                        .prefetch(concurrency, this.def.max_prefetch(), this.def.prefetch.is_some());
-                if let Err(error) = puller.top_up(target).await {
+                // Credits cover the free handler slots plus the prefetch, less what was already
+                // read and waits: a message is asked for only when there is room to start it soon.
+                let busy = concurrency - permits.available_permits();
+                let waiting = queue.len() + lanes.waiting();
+                let prefetch = this
+                    .pacing
+                    .prefetch(concurrency, this.def.max_prefetch(), this.def.prefetch.is_some());
+                if let Err(error) = puller
+                    .top_up((concurrency + prefetch).saturating_sub(busy + waiting))
+                    .await
+                {
                     tracing::warn!(stream = this.def.stream, consumer = &*this.name, %error, "cannot send a pull request");
                 }
                 let pulled = tokio::select! {
                     biased;
                     _ = cancel.cancelled() => break false,
+                    Some(()) = inline.next(), if !inline.is_empty() => continue,
+                    _ = this.room.notified() => continue,
+                    permit = permits.clone().acquire_owned(), if !queue.is_empty() => {
+                        let permit = permit.expect("the semaphore is never closed");
+                        let ready = queue.pop_front().expect("the queue is not empty");
+                        let delivery = this.clone().deliver(ready, permit, hard_stop.clone());
+                        if concurrency == 1 {
+                            inline.push(Box::pin(delivery));
+                        } else {
+                            tokio::spawn(delivery);
+                        }
+                        continue;
+                    }
                     pulled = puller.next() => pulled,
                 };
                 match pulled {
                     Pulled::Message(message) => {
                         failures = 0;
-                        if let Some(order_by) = this.def.order_by {
-                            let key = order_by.lane(&message);
-                            lanes.dispatch(this.clone(), key, message, permit, hard_stop.clone());
+                        let Some(ready) = this.take_hold(message) else {
                             continue;
-                        }
-                        let delivery = this.clone().deliver(message, permit, hard_stop.clone());
-                        if concurrency == 1 {
-                            // One at a time: run inline, sparing a task spawn per message.
-                            delivery.await;
-                        } else {
-                            tokio::spawn(delivery);
+                        };
+                        match this.def.order_by {
+                            Some(order_by) => {
+                                lanes.dispatch(this.clone(), order_by, ready, &permits, &cancel, &hard_stop)
+                            }
+                            None => queue.push_back(ready),
                         }
                     }
-                    Pulled::Credits => drop(permit),
+                    Pulled::Credits => {}
                     Pulled::ConsumerDeleted => {
                         tracing::warn!(
                             stream = this.def.stream,
@@ -617,16 +650,18 @@ impl Consumer {
                         break true;
                     }
                     Pulled::Stalled(why) => {
-                        drop(permit);
-                        if this.must_rebind(why).await {
+                        if beside(&mut inline, this.must_rebind(why)).await {
                             break true;
+                        }
+                        // No consumer leader, or no server: ask again, but not in a tight loop.
+                        if !beside(&mut inline, pause(&cancel, &mut failures)).await {
+                            break false;
                         }
                     }
                     Pulled::Refused(why) => {
                         tracing::error!(stream = this.def.stream, consumer = &*this.name, reason = %why,
                             "the server refuses this consumer's pull requests; re-binding");
-                        drop(permit);
-                        if !pause(&cancel, &mut failures).await {
+                        if !beside(&mut inline, pause(&cancel, &mut failures)).await {
                             break false;
                         }
                         break true;
@@ -635,40 +670,137 @@ impl Consumer {
                 }
             };
             if !rebind {
-                this.hand_back(puller).await;
+                beside(&mut inline, this.hand_back(puller)).await;
                 break;
             }
             drop(puller);
-            if !this.rebind(&cancel, &mut failures).await {
+            if !beside(&mut inline, this.rebind(&cancel, &mut failures)).await {
                 break;
             }
         }
+        // What was read but not started goes back to the server at once, for another instance.
+        for ready in queue.drain(..) {
+            beside(&mut inline, this.give_back(ready)).await;
+        }
         // In-flight handlers hold permits; they release them when settled (or naked at hard_stop).
+        while inline.next().await.is_some() {}
+        lanes.finish().await;
         let _ = permits.acquire_many(concurrency as u32).await;
+        keep_alive.abort();
+        let left = this.held.sequences();
+        if !left.is_empty() {
+            tracing::warn!(stream = this.def.stream, consumer = &*this.name, count = left.len(), sequences = ?left,
+                "stopped with messages unsettled (the server could not be told); it redelivers them after ack_wait");
+        }
         if this.def.ephemeral {
             // Nobody else will read it: remove it now rather than after the inactive threshold.
-            if let Ok(stream) = this.js().get_stream(this.def.stream).await {
-                let _ = stream.delete_consumer(&this.name).await;
+            let removed = tokio::time::timeout(SETTLE_WITHIN, async {
+                if let Ok(stream) = this.js().get_stream(this.def.stream).await {
+                    let _ = stream.delete_consumer(&this.name).await;
+                }
+            });
+            if removed.await.is_err() {
+                tracing::warn!(
+                    consumer = &*this.name,
+                    "cannot remove the ephemeral consumer; the server does after its inactive threshold"
+                );
             }
         }
         Ok(())
+    }
+
+    /// Holds a message just read: `None` for a redelivery of one this instance still holds (the
+    /// copy being worked on settles it; handling it again would run it twice) or for anything
+    /// that is not a JetStream delivery.
+    fn take_hold(&self, message: async_nats::Message) -> Option<Ready> {
+        let reply = message.reply.clone()?;
+        let Some((sequence, delivered)) = delivery_info(&reply) else {
+            tracing::warn!(reply = %reply, "received a message that is not a JetStream delivery; ignored");
+            return None;
+        };
+        if !self.held.hold(sequence, &reply) {
+            tracing::debug!(
+                stream = self.def.stream,
+                consumer = &*self.name,
+                sequence,
+                delivered,
+                "a redelivery of a message still held here; dropped"
+            );
+            return None;
+        }
+        Some(Ready {
+            message,
+            reply,
+            sequence,
+            delivered,
+        })
+    }
+
+    /// Dead-letters and terminates a message that cannot be handled at all (its ordering key
+    /// cannot be computed), so it neither stops the consumer nor comes back.
+    async fn give_up(&self, ready: Ready, reason: &str) {
+        tracing::error!(handler = self.def.name, stream = self.def.stream, consumer = &*self.name,
+            sequence = ready.sequence, %reason, "giving up on the message");
+        let original = Original {
+            subject: ready.message.subject,
+            payload: ready.message.payload,
+            headers: ready.message.headers,
+            stream_sequence: ready.sequence,
+            delivery_count: ready.delivered,
+        };
+        let settled = self
+            .dead_letter_and_terminate(&self.settle(ready.reply), original, reason)
+            .await;
+        self.held.release(ready.sequence);
+        settled.count(&self.metrics);
+    }
+
+    /// Returns a message that was read but not started to the server, for another instance.
+    async fn give_back(&self, ready: Ready) {
+        self.settle(ready.reply).send(Bytes::from_static(b"-NAK")).await;
+        self.held.release(ready.sequence);
+        self.metrics.naked.inc();
+    }
+
+    /// How to settle a delivery with reply subject `reply`.
+    fn settle(&self, reply: Subject) -> Settle {
+        Settle {
+            client: self.shared.client.nats().clone(),
+            reply,
+        }
+    }
+
+    /// Keeps every held message alive: whatever it waits for (a free handler slot, its key's
+    /// turn, a retry's delay, its handler), each is pinged with `+WPI` at least every half
+    /// `ack_wait`, so the server never redelivers a message this instance still holds.
+    async fn keep_alive(self: Arc<Self>) {
+        loop {
+            // A quarter of ack_wait per tick, and a message is pinged when its last ping is a
+            // tick old: at most half an ack_wait between two pings.
+            let every =
+                Duration::from_nanos(self.ack_wait_nanos.load(Ordering::Relaxed) / 4).max(Duration::from_millis(5));
+            tokio::time::sleep(every).await;
+            for reply in self.held.due(every) {
+                self.settle(reply).send(Bytes::from_static(b"+WPI")).await;
+            }
+        }
     }
 
     /// Stops pulling and returns prefetched messages that were not started to the server at
     /// once, so another instance can take them instead of waiting out ack_wait.
     pub(crate) async fn hand_back(&self, puller: Puller) {
         let prefetched = puller.stop(HAND_BACK_WITHIN).await;
-        let handed_back = prefetched.len();
+        let mut handed_back = 0;
         for message in prefetched {
-            if let Some(reply) = message.reply {
-                Settle {
-                    client: self.shared.client.nats().clone(),
-                    reply,
-                }
-                .send(Bytes::from_static(b"-NAK"))
-                .await;
-                self.metrics.naked.inc();
+            let Some(reply) = message.reply else { continue };
+            // A redelivery of a message still held here: a nak would send the one being worked
+            // on back to the server too.
+            if delivery_info(&reply).is_some_and(|(sequence, _)| self.held.contains(sequence)) {
+                continue;
             }
+            self.settle(reply).send(Bytes::from_static(b"-NAK")).await;
+            self.metrics.naked.inc();
+            handed_back += 1;
         }
         if handed_back > 0 {
             tracing::info!(
@@ -688,7 +820,7 @@ impl Consumer {
                     tracing::info!(
                         stream = self.def.stream,
                         consumer = &*self.name,
-                        "consumer re-bound; resuming"
+                        "consumer bound; consuming"
                     );
                     return true;
                 }
@@ -744,20 +876,13 @@ impl Consumer {
 
     /// Runs the handler for one message and settles it, in a span that continues the trace
     /// the message's headers carry. Holds `permit` until settled.
-    async fn deliver(
-        self: Arc<Self>,
-        message: async_nats::Message,
-        permit: OwnedSemaphorePermit,
-        hard_stop: CancellationToken,
-    ) {
-        let _permit = permit;
-        let Some(reply) = message.reply.clone() else {
-            return;
-        };
-        let Some((stream_sequence, delivery_count)) = delivery_info(&reply) else {
-            tracing::warn!(reply = %reply, "received a message that is not a JetStream delivery; ignored");
-            return;
-        };
+    async fn deliver(self: Arc<Self>, ready: Ready, permit: OwnedSemaphorePermit, hard_stop: CancellationToken) {
+        let Ready {
+            message,
+            reply,
+            sequence: stream_sequence,
+            delivered: delivery_count,
+        } = ready;
         let def = &self.def;
         let span = tracing::info_span!(
             "natty.deliver",
@@ -782,6 +907,10 @@ impl Consumer {
             .instrument(span.clone())
             .await;
         drop(in_flight);
+        // Settled (or given up on at the drain timeout): no longer ours to keep alive.
+        self.held.release(stream_sequence);
+        drop(permit);
+        self.room.notify_one();
         settled.count(metrics);
         if settled != Settled::Acked {
             span.record("otel.status_code", "error");
@@ -867,11 +996,7 @@ impl Consumer {
                         .await;
                 }
                 Err(panic) => {
-                    let what = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "a non-string panic".into());
+                    let what = panic_message(&*panic);
                     (def.retry_delay(attempt), format!("the handler panicked: {what}"))
                 }
             };
@@ -899,8 +1024,7 @@ impl Consumer {
         }
     }
 
-    /// Runs the handler once, pinging `+WPI` while it runs; `None` if the drain timeout cut it
-    /// off (the message was naked).
+    /// Runs the handler once; `None` if the drain timeout cut it off (the message was naked).
     async fn attempt(
         &self,
         delivery: Delivery,
@@ -913,57 +1037,43 @@ impl Consumer {
         let handled = AssertUnwindSafe((def.handler)(delivery)).catch_unwind();
         tokio::pin!(handled);
         let started = std::time::Instant::now();
-        // A running handler never loses its message to ack_wait: ping every half ack_wait.
-        let mut ping = self.pinger();
-        loop {
-            tokio::select! {
-                biased;
-                outcome = &mut handled => {
-                    let took = started.elapsed();
-                    self.pacing.record(took);
-                    self.metrics.handled_in(took);
-                    return Some(outcome);
-                }
-                _ = hard_stop.cancelled() => {
-                    tracing::warn!(stream = def.stream, consumer = &*self.name, sequence,
-                        "drain timeout: handler still running; nak so the message is redelivered");
-                    settle.send(Bytes::from_static(b"-NAK")).await;
-                    return None;
-                }
-                _ = ping.tick() => settle.send(Bytes::from_static(b"+WPI")).await,
+        // The keep-alive task pings the message while the handler runs (see `keep_alive`).
+        tokio::select! {
+            biased;
+            outcome = &mut handled => {
+                let took = started.elapsed();
+                self.pacing.record(took);
+                self.metrics.handled_in(took);
+                Some(outcome)
+            }
+            _ = hard_stop.cancelled() => {
+                tracing::warn!(stream = def.stream, consumer = &*self.name, sequence,
+                    "drain timeout: handler still running; nak so the message is redelivered");
+                settle.send(Bytes::from_static(b"-NAK")).await;
+                None
             }
         }
     }
 
-    /// Keeps a message for `delay` without handling it; false if the drain timeout came first
-    /// (the message was naked).
+    /// Keeps a message for `delay` without handling it (the keep-alive task pings it); false if
+    /// the drain timeout came first (the message was naked).
     async fn hold(&self, settle: &Settle, hard_stop: &CancellationToken, delay: Duration) -> bool {
-        let until = tokio::time::sleep(delay);
-        tokio::pin!(until);
-        let mut ping = self.pinger();
-        loop {
-            tokio::select! {
-                biased;
-                _ = &mut until => return true,
-                _ = hard_stop.cancelled() => {
-                    settle.send(Bytes::from_static(b"-NAK")).await;
-                    return false;
-                }
-                _ = ping.tick() => settle.send(Bytes::from_static(b"+WPI")).await,
+        tokio::select! {
+            biased;
+            _ = tokio::time::sleep(delay) => true,
+            _ = hard_stop.cancelled() => {
+                settle.send(Bytes::from_static(b"-NAK")).await;
+                false
             }
         }
-    }
-
-    /// Ticks every half `ack_wait`, first after one period.
-    fn pinger(&self) -> tokio::time::Interval {
-        let every = Duration::from_nanos(self.ack_wait_nanos.load(Ordering::Relaxed) / 2).max(Duration::from_millis(1));
-        tokio::time::interval_at(tokio::time::Instant::now() + every, every)
     }
 
     /// Republishes the message to the dead-letter subject, with where it came from and why in
-    /// its headers, then terminates it. The copy carries a message id derived from the stream
-    /// and sequence, so a retried dead letter is stored once. If the copy cannot be stored,
-    /// the message is naked instead of terminated: it is never dropped unrecorded.
+    /// its headers, then terminates it. The copy carries a message id derived from the stream,
+    /// the consumer and the sequence, so a retried dead letter is stored once, and two
+    /// consumers giving up on one message store one each. A copy that the headers would push
+    /// past the server's `max_payload` is sent without its payload, saying so. If the copy cannot
+    /// be stored, the message is naked instead of terminated: it is never dropped unrecorded.
     pub(crate) async fn dead_letter_and_terminate(&self, settle: &Settle, original: Original, reason: &str) -> Settled {
         let def = &self.def;
         // Header values are single lines.
@@ -977,13 +1087,18 @@ impl Consumer {
         headers.insert("Natty-Delivery-Count", original.delivery_count.to_string().as_str());
         headers.insert(
             async_nats::header::NATS_MESSAGE_ID,
-            format!("natty-dead-letter:{}:{}", def.stream, original.stream_sequence).as_str(),
+            format!(
+                "natty-dead-letter:{}:{}:{}",
+                def.stream, self.name, original.stream_sequence
+            )
+            .as_str(),
         );
+        let mut payload = original.payload;
         let mut stored = false;
         for attempt in 0..3u32 {
             let sent = self
                 .js()
-                .publish_with_headers(self.dead_letter.clone(), headers.clone(), original.payload.clone())
+                .publish_with_headers(self.dead_letter.clone(), headers.clone(), payload.clone())
                 .await;
             match sent {
                 Ok(ack) => match ack.await {
@@ -993,6 +1108,23 @@ impl Consumer {
                     }
                     Err(error) => tracing::warn!(%error, attempt, subject = %self.dead_letter, "dead letter not acked"),
                 },
+                Err(error)
+                    if error.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded
+                        && !payload.is_empty() =>
+                {
+                    // The original fitted; its copy with natty's headers does not. The record of
+                    // what failed, and why, matters more than a second copy of the payload.
+                    let omitted = format!(
+                        "{} bytes: with the dead-letter headers the copy exceeds the server's max_payload; the original is sequence {} of stream {}",
+                        payload.len(),
+                        original.stream_sequence,
+                        def.stream
+                    );
+                    tracing::warn!(subject = %self.dead_letter, %omitted, "dead letter sent without its payload");
+                    headers.insert("Natty-Payload-Omitted", omitted.as_str());
+                    payload = Bytes::new();
+                    continue;
+                }
                 Err(error) => {
                     tracing::warn!(%error, attempt, subject = %self.dead_letter, "cannot publish the dead letter")
                 }
@@ -1051,46 +1183,178 @@ impl Settled {
     }
 }
 
-/// Per-key queues of an ordered consumer: a key with a message in progress gets later messages
-/// queued behind it; each busy key has one task working through its queue in order.
-#[derive(Default, Clone)]
-struct Lanes(Arc<std::sync::Mutex<std::collections::HashMap<u64, std::collections::VecDeque<Waiting>>>>);
+/// A message read from the server and held by this instance, with what its reply subject says.
+pub(crate) struct Ready {
+    message: async_nats::Message,
+    reply: Subject,
+    sequence: u64,
+    delivered: u64,
+}
 
-/// A message waiting in its lane, with the permit that counts it against the concurrency.
-type Waiting = (async_nats::Message, OwnedSemaphorePermit);
+/// The messages a consumer holds — read from the server and not yet settled — with when each
+/// was last pinged, for [`Consumer::keep_alive`] and to recognise redeliveries of them.
+#[derive(Default)]
+pub(crate) struct Held(std::sync::Mutex<HashMap<u64, HeldMessage>>);
+
+struct HeldMessage {
+    reply: Subject,
+    pinged: std::time::Instant,
+}
+
+impl Held {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, HeldMessage>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Holds the message at `sequence`; false when it is held already.
+    fn hold(&self, sequence: u64, reply: &Subject) -> bool {
+        match self.lock().entry(sequence) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(HeldMessage {
+                    reply: reply.clone(),
+                    pinged: std::time::Instant::now(),
+                });
+                true
+            }
+        }
+    }
+
+    fn release(&self, sequence: u64) {
+        self.lock().remove(&sequence);
+    }
+
+    fn contains(&self, sequence: u64) -> bool {
+        self.lock().contains_key(&sequence)
+    }
+
+    /// The reply subjects of messages last pinged at least `every` ago, marked pinged now.
+    fn due(&self, every: Duration) -> Vec<Subject> {
+        let now = std::time::Instant::now();
+        self.lock()
+            .values_mut()
+            .filter(|held| now.duration_since(held.pinged) >= every)
+            .map(|held| {
+                held.pinged = now;
+                held.reply.clone()
+            })
+            .collect()
+    }
+
+    /// The sequences held, in order.
+    fn sequences(&self) -> Vec<u64> {
+        let mut sequences: Vec<u64> = self.lock().keys().copied().collect();
+        sequences.sort_unstable();
+        sequences
+    }
+}
+
+/// Per-key queues of an ordered consumer: a key with a message in progress gets later messages
+/// queued behind it; each busy key has one task working through its queue in order, taking a
+/// handler slot for each message. Waiting messages hold no slot, so a busy key never keeps
+/// other keys from running; they are held, and so kept alive, while they wait.
+#[derive(Default, Clone)]
+struct Lanes(Arc<LanesInner>);
+
+#[derive(Default)]
+struct LanesInner {
+    queues: std::sync::Mutex<HashMap<u64, VecDeque<Ready>>>,
+    /// Messages in the lanes that have not started: they count against the prefetch.
+    waiting: AtomicUsize,
+    tasks: std::sync::Mutex<tokio::task::JoinSet<()>>,
+}
 
 impl Lanes {
+    fn waiting(&self) -> usize {
+        self.0.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Queues `ready` in its key's lane, starting a task for the lane when it was idle. A key
+    /// function that panics is that message's failure: it is dead-lettered with the reason.
     fn dispatch(
         &self,
         consumer: Arc<Consumer>,
-        key: u64,
-        message: async_nats::Message,
-        permit: OwnedSemaphorePermit,
-        hard_stop: CancellationToken,
+        order_by: OrderBy,
+        ready: Ready,
+        permits: &Arc<Semaphore>,
+        cancel: &CancellationToken,
+        hard_stop: &CancellationToken,
     ) {
-        {
-            let mut lanes = self.0.lock().expect("lanes lock");
-            if let Some(queue) = lanes.get_mut(&key) {
-                queue.push_back((message, permit));
+        let mut tasks = self.0.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        while tasks.try_join_next().is_some() {}
+        let key = match std::panic::catch_unwind(AssertUnwindSafe(|| order_by.lane(&ready.message))) {
+            Ok(key) => key,
+            Err(panic) => {
+                let reason = format!("the order_by key function panicked: {}", panic_message(&*panic));
+                tasks.spawn(async move { consumer.give_up(ready, &reason).await });
                 return;
             }
-            lanes.insert(key, std::collections::VecDeque::new());
+        };
+        self.0.waiting.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut queues = self.0.queues.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(queue) = queues.get_mut(&key) {
+                queue.push_back(ready);
+                return;
+            }
+            queues.insert(key, VecDeque::new());
         }
-        let lanes = self.clone();
-        tokio::spawn(async move {
-            let mut next = Some((message, permit));
-            while let Some((message, permit)) = next.take() {
-                consumer.clone().deliver(message, permit, hard_stop.clone()).await;
-                let mut all = lanes.0.lock().expect("lanes lock");
-                match all.get_mut(&key).and_then(std::collections::VecDeque::pop_front) {
+        let (lanes, permits, cancel, hard_stop) = (self.clone(), permits.clone(), cancel.clone(), hard_stop.clone());
+        tasks.spawn(async move {
+            let mut next = Some(ready);
+            while let Some(ready) = next.take() {
+                // Shutting down: what has not started goes back to the server at once.
+                let permit = tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => None,
+                    permit = permits.clone().acquire_owned() => permit.ok(),
+                };
+                lanes.0.waiting.fetch_sub(1, Ordering::Relaxed);
+                consumer.room.notify_one();
+                match permit {
+                    Some(permit) => consumer.clone().deliver(ready, permit, hard_stop.clone()).await,
+                    None => consumer.give_back(ready).await,
+                }
+                let mut queues = lanes.0.queues.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                match queues.get_mut(&key).and_then(VecDeque::pop_front) {
                     Some(waiting) => next = Some(waiting),
                     None => {
-                        all.remove(&key);
+                        queues.remove(&key);
                     }
                 }
             }
         });
     }
+
+    /// Waits for every lane to be worked through (or handed back, on shutdown).
+    async fn finish(&self) {
+        let mut tasks = std::mem::take(&mut *self.0.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Runs `step` while still driving the handler that runs in the consumer's own task.
+async fn beside<T>(
+    inline: &mut FuturesUnordered<BoxFuture<'static, ()>>,
+    step: impl std::future::Future<Output = T>,
+) -> T {
+    tokio::pin!(step);
+    loop {
+        tokio::select! {
+            biased;
+            output = &mut step => return output,
+            Some(()) = inline.next(), if !inline.is_empty() => {}
+        }
+    }
+}
+
+/// What a caught panic says.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-string panic".into())
 }
 
 /// A short random suffix for an ephemeral consumer's name: unique per instance and start.
@@ -1169,9 +1433,14 @@ pub(crate) struct Settle {
 
 impl Settle {
     pub(crate) async fn send(&self, body: Bytes) {
-        if let Err(error) = self.client.publish(self.reply.clone(), body).await {
+        match tokio::time::timeout(SETTLE_WITHIN, self.client.publish(self.reply.clone(), body)).await {
+            Ok(Ok(())) => {}
             // The server will redeliver after ack_wait: at-least-once holds.
-            tracing::warn!(%error, "cannot settle a message; it will be redelivered after ack_wait");
+            Ok(Err(error)) => tracing::warn!(%error, "cannot settle a message; it will be redelivered after ack_wait"),
+            Err(_) => tracing::warn!(
+                within = ?SETTLE_WITHIN,
+                "cannot settle a message: the connection takes nothing (is the server gone?); it will be redelivered after ack_wait"
+            ),
         }
     }
 

@@ -158,11 +158,15 @@ impl Puller {
     /// handed back; waits at most `within`.
     pub(crate) async fn stop(mut self, within: Duration) -> Vec<async_nats::Message> {
         let mut left = Vec::new();
+        let deadline = Instant::now() + within;
         // Drain, not drop: messages the server sent before it saw the unsubscribe still arrive.
-        if self.subscriber.drain().await.is_err() {
+        // With the server gone the connection may take nothing: the deadline bounds that too.
+        if !matches!(
+            tokio::time::timeout_at(deadline, self.subscriber.drain()).await,
+            Ok(Ok(()))
+        ) {
             return left;
         }
-        let deadline = Instant::now() + within;
         while let Ok(Some(message)) = tokio::time::timeout_at(deadline, self.subscriber.next()).await {
             if matches!(message.status, None | Some(StatusCode::OK)) {
                 left.push(message);

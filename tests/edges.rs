@@ -1,0 +1,314 @@
+//! The consumer's promises at the edges, through the runtime against a real nats-server: a
+//! message natty holds is kept alive whatever it waits for (its key's turn, a handler slot, a
+//! retry, a handler bound to a lease) and never handled twice; a key function that panics is
+//! that message's failure; a dead letter is stored per consumer, and even for a message near
+//! the server's `max_payload`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use natty_runtime::prelude::*;
+use natty_runtime::testing::{NatsServer, RunningRuntime};
+use natty_tests::{read_all, wait_until, Job};
+
+/// Runs only `handlers`: each test here has its own consumers and records.
+fn only(server: &NatsServer, handlers: &[&str]) -> RunningRuntime {
+    RunningRuntime::spawn(
+        natty_runtime::Runtime::builder()
+            .url(server.url())
+            .handlers(handlers.iter().copied())
+            .build()
+            .expect("a runtime"),
+    )
+}
+
+/// Publishes a `Job` per (subject, id), in order, each acked before the next.
+async fn publish(js: &jetstream::Context, jobs: impl IntoIterator<Item = (String, u64)>) {
+    for (subject, id) in jobs {
+        js.publish(subject, serde_json::to_vec(&Job { id }).unwrap().into())
+            .await
+            .expect("publish")
+            .await
+            .expect("publish ack");
+    }
+}
+
+// --- Ordered lanes: slow handlers, short ack_wait --------------------------------------------
+
+/// (subject, sequence) of each handler start, in the order they started.
+static LANES: Mutex<Vec<(String, u64)>> = Mutex::new(Vec::new());
+
+#[stream(name = "lanes", subjects = ["lanes.>"])]
+struct LanesStream;
+
+#[consumer(
+    stream = "lanes",
+    durable = "slow-lanes",
+    order_by = "subject",
+    concurrency = 4,
+    ack_wait = "2s"
+)]
+async fn slow_lanes(_job: Job, ctx: Context) {
+    LANES
+        .lock()
+        .unwrap()
+        .push((ctx.subject().to_string(), ctx.stream_sequence()));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+}
+
+/// Messages waiting in their key's lane (and in the prefetch behind it) for far longer than
+/// `ack_wait` are kept alive: every sequence is handled once, each key in stream order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordered_slow_handlers_handle_each_message_once_in_order() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let js = jetstream::new(server.client().await);
+    js.create_stream(jetstream::stream::Config {
+        name: "lanes".into(),
+        subjects: vec!["lanes.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // Six messages on each of two keys, interleaved: each lane takes 9 s, 4.5 ack_waits.
+    publish(
+        &js,
+        (1..=12).map(|id| (format!("lanes.{}", if id % 2 == 0 { "even" } else { "odd" }), id)),
+    )
+    .await;
+    let running = only(&server, &["slow_lanes"]);
+    let stream = js.get_stream("lanes").await.unwrap();
+    wait_until(Duration::from_secs(40), "every message acked", || {
+        let stream = stream.clone();
+        async move {
+            let info = stream.consumer_info("slow-lanes").await;
+            info.is_ok_and(|info| info.ack_floor.stream_sequence == 12 && info.num_ack_pending == 0)
+        }
+    })
+    .await;
+    running.stop().await.expect("clean shutdown");
+
+    let started = LANES.lock().unwrap().clone();
+    let mut sequences: Vec<u64> = started.iter().map(|(_, sequence)| *sequence).collect();
+    sequences.sort_unstable();
+    assert_eq!(
+        sequences,
+        (1..=12).collect::<Vec<_>>(),
+        "each sequence handled once: {started:?}"
+    );
+    let mut by_key: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+    for (subject, sequence) in &started {
+        by_key.entry(subject).or_default().push(*sequence);
+    }
+    for (key, order) in by_key {
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "{key} out of order: {order:?}");
+    }
+}
+
+// --- A consumer bound to a lease keeps its own ack_wait --------------------------------------
+
+static BOUND: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+
+#[stream(name = "bound", subjects = ["bound.>"])]
+struct BoundStream;
+
+#[consumer(
+    stream = "bound",
+    durable = "bound-slow",
+    while_leading = "edges/bound",
+    ack_wait = "1s",
+    concurrency = 2
+)]
+async fn bound_slow(job: Job) {
+    BOUND.lock().unwrap().push(job.id);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+}
+
+/// A `while_leading` consumer's handlers run 2.5 ack_waits and are kept alive by its declared
+/// `ack_wait`, not the server's 30 s default: none is redelivered while it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_bound_to_a_lease_is_kept_alive_by_its_own_ack_wait() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let js = jetstream::new(server.client().await);
+    let running = only(&server, &["bound_slow"]);
+    natty_tests::wait_for_consumer(&js, "bound", "bound-slow", Duration::from_secs(20)).await;
+    publish(&js, (1..=4).map(|id| ("bound.job".to_string(), id))).await;
+    let stream = js.get_stream("bound").await.unwrap();
+    wait_until(Duration::from_secs(30), "every message acked", || {
+        let stream = stream.clone();
+        async move {
+            let info = stream.consumer_info("bound-slow").await;
+            info.is_ok_and(|info| info.ack_floor.stream_sequence == 4 && info.num_ack_pending == 0)
+        }
+    })
+    .await;
+    running.stop().await.expect("clean shutdown");
+    let mut handled = BOUND.lock().unwrap().clone();
+    handled.sort_unstable();
+    assert_eq!(handled, vec![1, 2, 3, 4], "each message handled once");
+}
+
+// --- A key function that panics --------------------------------------------------------------
+
+static KEYED: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+
+fn fragile_key(job: &Job) -> u64 {
+    assert!(job.id != 3, "no key for job 3");
+    job.id % 2
+}
+
+#[stream(name = "fragile", subjects = ["fragile.>"])]
+struct FragileStream;
+
+#[consumer(stream = "fragile", durable = "fragile", order_by = fragile_key, concurrency = 2)]
+async fn fragile(job: Job) {
+    KEYED.lock().unwrap().push(job.id);
+}
+
+/// A panic in an `order_by` key function dead-letters that message with the reason; the
+/// consumer keeps going.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_function_that_panics_dead_letters_its_message() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let js = jetstream::new(server.client().await);
+    let running = only(&server, &["fragile"]);
+    natty_tests::wait_for_consumer(&js, "fragile", "fragile", Duration::from_secs(20)).await;
+    publish(&js, (1..=6).map(|id| ("fragile.job".to_string(), id))).await;
+    wait_until(Duration::from_secs(20), "the other messages handled", || async {
+        KEYED.lock().unwrap().len() == 5
+    })
+    .await;
+    let dead = read_all(&js, "natty-dead-letters", 1).await;
+    running.stop().await.expect("clean shutdown");
+    assert_eq!(dead.len(), 1, "one dead letter");
+    let headers = dead[0].headers.as_ref().expect("headers");
+    let reason = headers.get("Natty-Dead-Letter-Reason").expect("a reason").as_str();
+    assert!(
+        reason.contains("key function panicked") && reason.contains("no key for job 3"),
+        "{reason}"
+    );
+    assert_eq!(headers.get("Natty-Original-Sequence").unwrap().as_str(), "3");
+    let mut handled = KEYED.lock().unwrap().clone();
+    handled.sort_unstable();
+    assert_eq!(handled, vec![1, 2, 4, 5, 6]);
+}
+
+// --- One message dead-lettered by two consumers ----------------------------------------------
+
+#[stream(name = "twice", subjects = ["twice.>"])]
+struct TwiceStream;
+
+#[consumer(stream = "twice", durable = "first")]
+async fn refuse_first(_job: Job) -> Result<(), Reject> {
+    Err(Reject::terminate("the first consumer refuses it"))
+}
+
+#[consumer(stream = "twice", durable = "second")]
+async fn refuse_second(_job: Job) -> Result<(), Reject> {
+    Err(Reject::terminate("the second consumer refuses it"))
+}
+
+/// Two consumers that dead-letter the same message store two dead letters, one per consumer,
+/// within the dead-letter stream's duplicate window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_consumers_dead_lettering_one_message_store_two_dead_letters() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let js = jetstream::new(server.client().await);
+    let running = only(&server, &["refuse_first", "refuse_second"]);
+    natty_tests::wait_for_consumer(&js, "twice", "first", Duration::from_secs(20)).await;
+    natty_tests::wait_for_consumer(&js, "twice", "second", Duration::from_secs(20)).await;
+    publish(&js, [("twice.job".to_string(), 1)]).await;
+    let stream = js.get_stream("twice").await.unwrap();
+    wait_until(Duration::from_secs(20), "both consumers settled the message", || {
+        let stream = stream.clone();
+        async move {
+            let mut settled = true;
+            for durable in ["first", "second"] {
+                settled &= stream
+                    .consumer_info(durable)
+                    .await
+                    .is_ok_and(|info| info.ack_floor.stream_sequence == 1 && info.num_ack_pending == 0);
+            }
+            settled
+        }
+    })
+    .await;
+    let dead = read_all(&js, "natty-dead-letters", 2).await;
+    running.stop().await.expect("clean shutdown");
+    let mut consumers: Vec<String> = dead
+        .iter()
+        .map(|m| {
+            m.headers
+                .as_ref()
+                .unwrap()
+                .get("Natty-Original-Consumer")
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    consumers.sort();
+    assert_eq!(consumers, ["first", "second"], "a dead letter per consumer");
+}
+
+// --- A poison message near max_payload -------------------------------------------------------
+
+const MAX_PAYLOAD: usize = 4096;
+
+static BIG_SEEN: AtomicBool = AtomicBool::new(false);
+
+#[stream(name = "big", subjects = ["big.>"])]
+struct BigStream;
+
+#[consumer(stream = "big", durable = "big")]
+async fn refuse_big(_payload: serde_json::Value) -> Result<(), Reject> {
+    BIG_SEEN.store(true, Ordering::SeqCst);
+    Err(Reject::terminate("too big to handle"))
+}
+
+/// A message whose dead-letter copy would exceed the server's `max_payload` (the copy adds
+/// headers) is still dead-lettered: without its payload, saying so and where the original is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_message_near_max_payload_is_dead_lettered_without_its_payload() {
+    let server = NatsServer::builder()
+        .config(format!("max_payload: {MAX_PAYLOAD}\n"))
+        .start()
+        .await
+        .expect("nats-server");
+    let js = jetstream::new(server.client().await);
+    let running = only(&server, &["refuse_big"]);
+    natty_tests::wait_for_consumer(&js, "big", "big", Duration::from_secs(20)).await;
+    // As large as the server takes with the few headers a publish carries.
+    let filler = "x".repeat(MAX_PAYLOAD - 200);
+    let body = serde_json::to_vec(&serde_json::json!({ "filler": filler })).unwrap();
+    js.publish("big.one", body.into())
+        .await
+        .expect("publish")
+        .await
+        .expect("the original fits");
+    wait_until(Duration::from_secs(20), "a dead letter", || async {
+        match js.get_stream("natty-dead-letters").await {
+            Ok(mut stream) => stream.info().await.is_ok_and(|info| info.state.messages == 1),
+            Err(_) => false,
+        }
+    })
+    .await;
+    let dead = read_all(&js, "natty-dead-letters", 1).await;
+    let stream = js.get_stream("big").await.unwrap();
+    let info = stream.consumer_info("big").await.unwrap();
+    running.stop().await.expect("clean shutdown");
+    assert!(BIG_SEEN.load(Ordering::SeqCst));
+    assert_eq!(dead.len(), 1);
+    let headers = dead[0].headers.as_ref().expect("headers");
+    assert!(dead[0].payload.is_empty(), "the payload is left out");
+    let omitted = headers
+        .get("Natty-Payload-Omitted")
+        .expect("says the payload was left out")
+        .as_str();
+    assert!(omitted.contains("max_payload"), "{omitted}");
+    assert_eq!(headers.get("Natty-Original-Stream").unwrap().as_str(), "big");
+    assert_eq!(headers.get("Natty-Original-Sequence").unwrap().as_str(), "1");
+    assert_eq!(info.num_ack_pending, 0, "the original was terminated, not naked");
+    assert_eq!(info.num_redelivered, 0);
+}
