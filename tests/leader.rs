@@ -14,6 +14,7 @@ use natty_tests::{collect_lines, collect_stderr, send_signal, spawn_service, wai
 
 const WORKER: &str = env!("CARGO_BIN_EXE_natty-test-leader");
 const CLUSTER_WORKER: &str = env!("CARGO_BIN_EXE_natty-test-leader-cluster");
+const DRAIN_WORKER: &str = env!("CARGO_BIN_EXE_natty-test-leader-drain");
 /// The worker's lease TTL.
 const TTL: Duration = Duration::from_secs(2);
 
@@ -304,6 +305,77 @@ async fn a_leader_paused_past_its_ttl_has_stepped_down_when_it_resumes() {
     check_no_overlap(&instances);
 }
 
+/// The time of every action an instance printed (ticks and its bound consumer's job steps).
+fn activity(instance: &Instance) -> Vec<u128> {
+    instance
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|line| {
+            ["tick ", "start ", "busy ", "done "]
+                .iter()
+                .any(|p| line.starts_with(p))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse().ok())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stopped_mid_job_hands_over_only_after_its_bound_job_ends() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let url = server.url();
+    let mut instances = vec![
+        Instance::start_binary(DRAIN_WORKER, &url, "a"),
+        Instance::start_binary(DRAIN_WORKER, &url, "b"),
+    ];
+    let (first, first_term) = next_leader(&instances, 0, Duration::from_secs(20), "a first leader").await;
+    let js = async_nats::jetstream::new(server.client().await);
+    wait_until(Duration::from_secs(10), "the chores stream", || async {
+        js.get_stream("chores").await.is_ok()
+    })
+    .await;
+    let job = serde_json::to_vec(&natty_tests::Job { id: 1 }).unwrap();
+    js.publish("chores.one", job.into()).await.unwrap().await.unwrap();
+    let index = instances.iter().position(|i| i.name == first).unwrap();
+    wait_until(Duration::from_secs(10), "the leader to start the job", || async {
+        !instances[index].lines_starting("start ").is_empty()
+    })
+    .await;
+
+    // SIGTERM mid-job (8 s, with a 3 s ack_wait): the job finishes while the lease is kept,
+    // and only then does the successor lead.
+    send_signal(instances[index].pid(), "TERM");
+    let status = tokio::time::timeout(Duration::from_secs(40), instances[index].child.wait())
+        .await
+        .expect("the stopped leader exits")
+        .unwrap();
+    assert!(status.success(), "{first} exits cleanly: {status:?}");
+    let (second, second_term) = next_leader(&instances, first_term, Duration::from_secs(10), "a successor").await;
+    let last_old = activity(&instances[index])
+        .into_iter()
+        .max()
+        .expect("the old leader acted");
+    let first_new = first_tick(&instances, second_term);
+    assert!(
+        last_old < first_new,
+        "{first} still acted {} ms after {second} (term {second_term}) began",
+        (last_old - first_new) / 1_000_000
+    );
+    let starts: usize = instances.iter().map(|i| i.lines_starting("start ").len()).sum();
+    assert_eq!(starts, 1, "the job ran once: never redelivered while it ran");
+    assert_eq!(
+        instances[index].lines_starting("done ").len(),
+        1,
+        "{first} finished the job"
+    );
+
+    for instance in &mut instances {
+        instance.child.start_kill().ok();
+    }
+    check_no_overlap(&instances);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_successor_waits_out_a_lease_whose_key_vanished_early() {
     let server = NatsServer::start().await.expect("nats-server");
@@ -322,6 +394,34 @@ async fn a_successor_waits_out_a_lease_whose_key_vanished_early() {
     assert!(
         waited >= (TTL / 2).as_nanos(),
         "{second} acted {} ms after the purge, while {first}'s lease could still run",
+        waited / 1_000_000
+    );
+
+    for instance in &mut instances {
+        instance.child.start_kill().ok();
+    }
+    check_no_overlap(&instances);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_finds_the_key_purged_waits_out_the_lease_it_never_saw() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let url = server.url();
+    let mut instances = vec![Instance::start(&url, "a")];
+    let (_, first_term) = next_leader(&instances, 0, Duration::from_secs(20), "a first leader").await;
+
+    // Purged under the live leader; a newcomer that never saw the lease finds only the purge
+    // marker (no release): whoever takes the key must not act before that lease could be over.
+    let js = async_nats::jetstream::new(server.client().await);
+    let kv = js.get_key_value("election").await.unwrap();
+    let purged_at = unix_nanos();
+    kv.purge("worker").await.unwrap();
+    instances.push(Instance::start(&url, "b"));
+    let (second, second_term) = next_leader(&instances, first_term, Duration::from_secs(10), "a new term").await;
+    let waited = first_tick(&instances, second_term) - purged_at;
+    assert!(
+        waited >= (TTL / 2).as_nanos(),
+        "{second} acted {} ms after the purge, while the old lease could still run",
         waited / 1_000_000
     );
 

@@ -289,3 +289,39 @@ async fn handlers_still_running_at_the_drain_timeout_are_naked_for_prompt_redeli
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_the_server_gone_exits_within_the_drain_timeout() {
+    let mut server = NatsServer::start().await.expect("nats-server");
+    let client = server.client().await;
+    create_jobs_stream(&client).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("work.log");
+    let env = [
+        ("WORKER_LOG", log.to_str().unwrap()),
+        ("WORKER_DELAY_MS", "60000"),
+        ("NATTY_DRAIN_TIMEOUT", "5s"),
+    ];
+    publish_jobs(&client, 1..=16).await;
+    let worker = spawn_service(Path::new(WORKER), Some(&server.url()), &env);
+    wait_until(Duration::from_secs(20), "8 handlers in flight", || async {
+        WorkLog::read(&[&log]).started.len() == 8
+    })
+    .await;
+    // The server is gone for good: every flush, ack and nak would wait for a reconnect.
+    server.stop().await;
+    let signalled = std::time::Instant::now();
+    send_signal(worker.id().expect("pid"), "TERM");
+    let output = tokio::time::timeout(Duration::from_secs(60), worker.wait_with_output())
+        .await
+        .expect("the worker exits")
+        .expect("wait");
+    let took = signalled.elapsed();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        took < Duration::from_secs(5 + 5),
+        "exited {took:?} after SIGTERM, past the 5 s drain timeout + 5 s; stderr:\n{stderr}"
+    );
+    assert_eq!(output.status.code(), Some(0), "stderr:\n{stderr}");
+    assert!(stderr.contains("drain timeout"), "stderr:\n{stderr}");
+}

@@ -151,7 +151,13 @@ pub trait FromKvDelivery: Sized {
 /// Runs one watch until `cancel`. Changes are handled one at a time, in revision order; a
 /// handler error is logged and the watch goes on (a watch has no redelivery: make the
 /// handler retry what must not be skipped, or consume the bucket's stream with a `#[consumer]`).
-pub(crate) async fn run(def: KvWatchDef, client: Client, provision: Provision, cancel: CancellationToken) {
+pub(crate) async fn run(
+    def: KvWatchDef,
+    client: Client,
+    provision: Provision,
+    cancel: CancellationToken,
+    hard_stop: CancellationToken,
+) {
     let js = client.jetstream();
     loop {
         let store = match js.get_key_value(def.bucket).await {
@@ -208,9 +214,16 @@ pub(crate) async fn run(def: KvWatchDef, client: Client, provision: Provision, c
                 entry = entries.next() => entry,
             };
             let (key, revision) = (entry.key.clone(), entry.revision);
-            let handled = AssertUnwindSafe((def.handler)(KvDelivery { entry }))
-                .catch_unwind()
-                .await;
+            // A handler still running at the drain timeout is cut off, so that shutdown ends.
+            let handled = tokio::select! {
+                biased;
+                handled = AssertUnwindSafe((def.handler)(KvDelivery { entry })).catch_unwind() => handled,
+                _ = hard_stop.cancelled() => {
+                    tracing::warn!(handler = def.name, bucket = def.bucket, %key, revision,
+                        "drain timeout: KV watch handler still running; cut off");
+                    return;
+                }
+            };
             let failure = match handled {
                 Ok(CoreOutcome::Done | CoreOutcome::Reply(..)) => continue,
                 Ok(CoreOutcome::Failed(error)) => error.to_string(),

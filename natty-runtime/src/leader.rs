@@ -502,6 +502,10 @@ impl Election {
                         Ok(Some(revision)) => {
                             let previous_until = match seen {
                                 Some((_, at)) if !released => at + self.ttl(),
+                                // A delete or purge marker that is not a release: the key was
+                                // removed under a holder this instance never saw, which acts
+                                // until its next renewal fails. Wait out a whole lease.
+                                None if !released && expected > 0 => sent_at + self.ttl(),
                                 _ => sent_at,
                             };
                             return Some((revision, sent_at, previous_until));
@@ -614,7 +618,15 @@ impl Election {
                             consumers_started = true;
                             for bound in &self.bound {
                                 let consumer = crate::consumer::Consumer::new(bound.def, self.client.clone(), bound.provision, bound.stream);
-                                consumers.spawn(consumer.run(term_cancel.clone(), term_hard_stop.clone()));
+                                let (cancel, hard_stop) = (term_cancel.clone(), term_hard_stop.clone());
+                                consumers.spawn(async move {
+                                    // Bound first: the keep-alive follows the consumer's ack_wait as the server has it.
+                                    let mut failures = 0;
+                                    if consumer.rebind(&cancel, &mut failures).await {
+                                        consumer.run(cancel, hard_stop).await?;
+                                    }
+                                    Ok::<(), Error>(())
+                                });
                             }
                         }
                         if lease.is_valid() {
@@ -642,16 +654,36 @@ impl Election {
                 },
             }
         };
-        // Leadership ends here for the task: it is told, then cancelled and awaited, and only
-        // then is the key released, so a successor never overlaps with it.
+        // Leadership ends here. The task is told and cancelled at once. Every handler bound to
+        // the lease must have ended before the lease can end: on shutdown the bound consumers
+        // drain while the lease is still renewed, and if a renewal fails they are cut off at
+        // once, before the deadline passes; on a lost lease they stop at once. Only then is the
+        // key released, so a successor never overlaps with anything this term started.
         lease.inner.lost.cancel();
+        if let Some(handle) = &task {
+            handle.abort();
+        }
+        term_cancel.cancel();
         if !matches!(end, TermEnd::Shutdown) {
             term_hard_stop.cancel();
         }
-        term_cancel.cancel();
-        while consumers.join_next().await.is_some() {}
+        let drained = async { while consumers.join_next().await.is_some() {} };
+        tokio::pin!(drained);
+        if matches!(end, TermEnd::Shutdown) {
+            tokio::select! {
+                biased;
+                _ = &mut drained => {}
+                _ = &mut renewing => {
+                    tracing::warn!(handler = self.def.name,
+                        "the lease cannot be kept while bound handlers drain: stopping them now");
+                    term_hard_stop.cancel();
+                    (&mut drained).await;
+                }
+            }
+        } else {
+            (&mut drained).await;
+        }
         if let Some(handle) = task {
-            handle.abort();
             if tokio::time::timeout(Duration::from_secs(5), handle).await.is_err() {
                 tracing::error!(
                     handler = self.def.name,

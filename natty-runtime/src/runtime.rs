@@ -536,11 +536,11 @@ impl Runtime {
             });
         }
         for watch in &self.kv_watches {
-            let (client, cancel, watch) = (client.clone(), cancel.clone(), *watch);
+            let (client, cancel, hard_stop, watch) = (client.clone(), cancel.clone(), hard_stop.clone(), *watch);
             let running = health.task(format!("kv_watch {}", watch.name));
             tasks.spawn(async move {
                 let _running = running;
-                crate::kv_watch::run(watch, client, provision, cancel).await;
+                crate::kv_watch::run(watch, client, provision, cancel, hard_stop).await;
                 Ok(())
             });
         }
@@ -582,14 +582,39 @@ impl Runtime {
         tracing::info!(drain_timeout = ?self.config.drain_timeout, "shutting down: draining in-flight handlers");
         health.set_draining();
         cancel.cancel();
+        // Every wait from here on has a deadline: with the server gone, a flush or a send waits
+        // for a reconnect that may never come. What is left unsettled is redelivered later.
         let drain = async { while tasks.join_next().await.is_some() {} };
         if tokio::time::timeout(self.config.drain_timeout, drain).await.is_err() {
             tracing::warn!("drain timeout reached: naking what is still in flight");
             hard_stop.cancel();
-            while tasks.join_next().await.is_some() {}
+            // Captures store their open blocks on a deadline of their own.
+            #[cfg(feature = "capture")]
+            let grace = if capture_consumers.is_empty() {
+                STOP_GRACE
+            } else {
+                self.config
+                    .capture_drain_timeout
+                    .saturating_sub(self.config.drain_timeout)
+                    + STOP_GRACE
+            };
+            #[cfg(not(feature = "capture"))]
+            let grace = STOP_GRACE;
+            let stopped = async { while tasks.join_next().await.is_some() {} };
+            if tokio::time::timeout(grace, stopped).await.is_err() {
+                tracing::error!(
+                    tasks = tasks.len(),
+                    "tasks still running after the drain timeout (a handler that ignores cancellation, or a server that is gone); abandoning them: what they held is redelivered"
+                );
+                tasks.abort_all();
+            }
         }
-        if let Err(error) = client.flush().await {
-            tracing::warn!(%error, "could not flush the connection on shutdown");
+        match tokio::time::timeout(FLUSH_WITHIN, client.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "could not flush the connection on shutdown"),
+            Err(_) => tracing::warn!(
+                "could not flush the connection on shutdown within {FLUSH_WITHIN:?} (is the server gone?); unsent acks are redelivered"
+            ),
         }
         tracing::info!("stopped");
         drop(endpoint);
@@ -599,6 +624,11 @@ impl Runtime {
         }
     }
 }
+
+/// How long tasks may take to stop once the drain timeout cut off their handlers.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+/// How long the last flush may take on shutdown.
+const FLUSH_WITHIN: Duration = Duration::from_secs(1);
 
 /// Runs a provisioning step again while it fails for a transient reason (see [`transient`]),
 /// with growing pauses, for up to `timeout`: a replicated bucket created by several instances at
