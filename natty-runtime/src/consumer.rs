@@ -658,6 +658,13 @@ impl Consumer {
                             break false;
                         }
                     }
+                    Pulled::Busy => {
+                        tracing::warn!(stream = this.def.stream, consumer = &*this.name,
+                            "the consumer has as many waiting pull requests as it allows (max_waiting); asking again later");
+                        if !beside(&mut inline, pause(&cancel, &mut failures)).await {
+                            break false;
+                        }
+                    }
                     Pulled::Refused(why) => {
                         tracing::error!(stream = this.def.stream, consumer = &*this.name, reason = %why,
                             "the server refuses this consumer's pull requests; re-binding");

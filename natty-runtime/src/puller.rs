@@ -21,6 +21,8 @@ const HEARTBEAT: Duration = Duration::from_secs(5);
 /// Silence for this long while credits are outstanding means the requests are gone (server
 /// restart, consumer deleted, connection lost).
 const STALL: Duration = Duration::from_secs(11);
+/// A stall timer that fires this late was held up by a pause of the whole process.
+const PAUSED: Duration = Duration::from_secs(1);
 
 /// What the server sent.
 pub(crate) enum Pulled {
@@ -36,6 +38,9 @@ pub(crate) enum Pulled {
     Stalled(&'static str),
     /// The server refuses these pull requests (e.g. a request limit of the consumer).
     Refused(String),
+    /// The server turned the last request away because the consumer has as many waiting
+    /// requests as it allows (`max_waiting`, shared by every instance): ask again later.
+    Busy,
     /// The subscription closed (the client is shutting down).
     Closed,
 }
@@ -49,6 +54,8 @@ pub(crate) struct Puller {
     /// Messages requested and neither received nor returned: what the server may still send,
     /// including what already sits in the subscription's channel.
     outstanding: usize,
+    /// The size of the last request sent: the one a `409 Exceeded MaxWaiting` turns away.
+    last_batch: usize,
     last_heard: Instant,
 }
 
@@ -67,6 +74,7 @@ impl Puller {
             inbox,
             subscriber,
             outstanding: 0,
+            last_batch: 0,
             last_heard: Instant::now(),
         })
     }
@@ -91,6 +99,7 @@ impl Puller {
             self.last_heard = Instant::now();
         }
         self.outstanding += batch;
+        self.last_batch = batch;
         tracing::trace!(subject = %self.next_subject, batch, outstanding = self.outstanding, "pull request sent");
         Ok(())
     }
@@ -103,6 +112,14 @@ impl Puller {
                 biased;
                 message = self.subscriber.next() => message,
                 _ = tokio::time::sleep_until(stall_at), if self.outstanding > 0 => {
+                    // Woken long after the stall deadline: this process was paused (SIGSTOP, a
+                    // frozen VM), not the server silent. What it sent meanwhile may still be
+                    // unread: give it a heartbeat's time to speak before judging, rather than
+                    // dropping credits the server still holds and asking for them twice.
+                    if Instant::now() > stall_at + PAUSED {
+                        self.last_heard = Instant::now();
+                        continue;
+                    }
                     self.outstanding = 0;
                     return Pulled::Stalled("no message or heartbeat from the server");
                 }
@@ -129,6 +146,11 @@ impl Puller {
                     if description == "Consumer Deleted" {
                         self.outstanding = 0;
                         return Pulled::ConsumerDeleted;
+                    }
+                    if description == "Exceeded MaxWaiting" {
+                        // Only the request just sent was turned away; the others still stand.
+                        self.outstanding = self.outstanding.saturating_sub(self.last_batch);
+                        return Pulled::Busy;
                     }
                     if description.starts_with("Exceeded MaxRequest") || description == "Consumer is push based" {
                         self.outstanding = 0;

@@ -721,6 +721,11 @@ impl Capture {
                             break true;
                         }
                     }
+                    Pulled::Busy => {
+                        if !crate::consumer::pause(&cancel, &mut failures).await {
+                            break false;
+                        }
+                    }
                     Pulled::Refused(why) => {
                         tracing::error!(capture = def.name, reason = %why, "the server refuses this capture's pull requests; re-binding");
                         if !crate::consumer::pause(&cancel, &mut failures).await {
