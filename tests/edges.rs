@@ -312,3 +312,48 @@ async fn a_poison_message_near_max_payload_is_dead_lettered_without_its_payload(
     assert_eq!(info.num_ack_pending, 0, "the original was terminated, not naked");
     assert_eq!(info.num_redelivered, 0);
 }
+
+// --- A message published with optimistic concurrency, dead-lettered ---------------------------
+
+#[stream(name = "guarded", subjects = ["guarded.>"])]
+struct GuardedStream;
+
+#[consumer(stream = "guarded", durable = "guarded")]
+async fn refuse_guarded(_job: Job) -> Result<(), Reject> {
+    Err(Reject::terminate("refused"))
+}
+
+/// The dead-letter copy of a message published with expectations (`expected_stream`,
+/// `expected_last_subject_sequence`) does not carry them to the dead-letter stream, which
+/// would refuse the copy forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_published_with_an_expectation_is_dead_lettered() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let js = jetstream::new(server.client().await);
+    let running = only(&server, &["refuse_guarded"]);
+    natty_tests::wait_for_consumer(&js, "guarded", "guarded", Duration::from_secs(20)).await;
+    let client = Client::new(server.client().await);
+    client
+        .publish_with(
+            "guarded.one",
+            &Job { id: 1 },
+            natty_runtime::Publish::new()
+                .expected_stream("guarded")
+                .expected_last_subject_sequence(0),
+        )
+        .await
+        .expect("published");
+    wait_until(Duration::from_secs(20), "a dead letter", || async {
+        match js.get_stream("natty-dead-letters").await {
+            Ok(mut stream) => stream.info().await.is_ok_and(|info| info.state.messages == 1),
+            Err(_) => false,
+        }
+    })
+    .await;
+    let dead = read_all(&js, "natty-dead-letters", 1).await;
+    running.stop().await.expect("clean shutdown");
+    let headers = dead[0].headers.as_ref().expect("headers");
+    assert_eq!(headers.get("Natty-Original-Stream").unwrap().as_str(), "guarded");
+    assert!(headers.get("Nats-Expected-Last-Subject-Sequence").is_none());
+    assert!(headers.get("Nats-Expected-Stream").is_none());
+}

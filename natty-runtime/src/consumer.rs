@@ -1085,7 +1085,7 @@ impl Consumer {
         let def = &self.def;
         // Header values are single lines.
         let reason = reason.replace(['\r', '\n'], " ");
-        let mut headers = original.headers.unwrap_or_default();
+        let mut headers = without_publish_directives(original.headers);
         headers.insert("Natty-Dead-Letter-Reason", reason.as_str());
         headers.insert("Natty-Original-Subject", original.subject.as_str());
         headers.insert("Natty-Original-Stream", def.stream);
@@ -1152,6 +1152,35 @@ impl Consumer {
             Settled::Naked
         }
     }
+}
+
+/// Headers that direct how the server stores a publish (optimistic concurrency, TTL, rollup,
+/// counters, schedules, batches) rather than describe the message: a copy carrying the original's
+/// `Nats-Expected-Last-Subject-Sequence` would be refused by the dead-letter stream forever.
+const PUBLISH_DIRECTIVES: &[&str] = &[
+    "nats-expected-",
+    "nats-rollup",
+    "nats-ttl",
+    "nats-incr",
+    "nats-schedule",
+    "nats-batch-",
+    "nats-required-api-level",
+];
+
+/// The original's headers, less those that would direct how the dead-letter stream stores
+/// its copy.
+fn without_publish_directives(headers: Option<async_nats::HeaderMap>) -> async_nats::HeaderMap {
+    let mut kept = async_nats::HeaderMap::new();
+    for (name, values) in headers.iter().flat_map(async_nats::HeaderMap::iter) {
+        let lower = AsRef::<str>::as_ref(name).to_ascii_lowercase();
+        if PUBLISH_DIRECTIVES.iter().any(|directive| lower.starts_with(directive)) {
+            continue;
+        }
+        for value in values {
+            kept.append(name.clone(), value.clone());
+        }
+    }
+    kept
 }
 
 /// How a delivery ended.
@@ -1493,6 +1522,22 @@ mod tests {
         let medium = Pacing::default();
         medium.record(Duration::from_millis(10));
         assert_eq!(medium.prefetch(2, 1000, false), 50, "250 ms of work per slot");
+    }
+
+    #[test]
+    fn a_dead_letter_keeps_the_originals_headers_but_not_its_publish_directives() {
+        let mut original = async_nats::HeaderMap::new();
+        original.insert("Traceparent", "00-abc-def-01");
+        original.insert("Content-Type", "application/json");
+        original.insert("Nats-Expected-Last-Subject-Sequence", "7");
+        original.insert("Nats-Expected-Stream", "orders");
+        original.insert("Nats-TTL", "1s");
+        original.insert("Nats-Rollup", "sub");
+        let kept = without_publish_directives(Some(original));
+        assert_eq!(kept.get("Traceparent").unwrap().as_str(), "00-abc-def-01");
+        assert_eq!(kept.get("Content-Type").unwrap().as_str(), "application/json");
+        assert_eq!(kept.len(), 2, "{kept:?}");
+        assert!(without_publish_directives(None).is_empty());
     }
 
     #[test]
