@@ -62,7 +62,7 @@ fn the_subject_template_formats_fields() {
         seats: 1,
         tags: vec![],
     };
-    assert_eq!(opened.subject(), "events.opened.arena");
+    assert_eq!(opened.subject().unwrap(), "events.opened.arena");
     assert_eq!(<Opened as natty_runtime::EncodePayload>::FORMAT, Format::Protobuf);
     assert_eq!(<Noted as natty_runtime::EncodePayload>::FORMAT, Format::Json);
 }

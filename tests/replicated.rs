@@ -235,3 +235,166 @@ async fn a_server_entering_lame_duck_mode_is_left_at_once_and_nothing_is_lost() 
     .await;
     running.stop().await.unwrap();
 }
+
+/// The node leading `stream`, once it has one.
+async fn leader_of(js: &async_nats::jetstream::Context, stream: &str) -> String {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Ok(stream) = js.get_stream(stream).await {
+            let leader = stream.cached_info().cluster.as_ref().and_then(|c| c.leader.clone());
+            if let Some(leader) = leader.filter(|leader| !leader.is_empty()) {
+                return leader;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no leader of {stream} within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What the writer did: every value it wrote, and the failures.
+#[derive(Default)]
+struct Writes {
+    /// Keys `k<i>` put with value `i`; every fifth then deleted.
+    put: Vec<u64>,
+    /// Keys `c<i>` created with value `i`.
+    created: Vec<u64>,
+    /// The last value and revision of `counter`, updated by compare-and-set each round.
+    counter: Option<(u64, u64)>,
+    /// Every write that failed, with what it was.
+    failures: Vec<String>,
+}
+
+/// Writes to `kv` round after round (put, create, compare-and-set, and a delete every fifth
+/// round) until `stop` is set, recording every outcome.
+async fn write_until(
+    kv: natty_runtime::Kv<u64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    rounds: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> Writes {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut writes = Writes::default();
+    let mut revision = match kv.put("counter", &0).await {
+        Ok(revision) => revision,
+        Err(error) => panic!("the first write failed: {error}"),
+    };
+    writes.counter = Some((0, revision));
+    let mut i = 1;
+    while !stop.load(Relaxed) {
+        match kv.put(&format!("k{i}"), &i).await {
+            Ok(_) => writes.put.push(i),
+            Err(error) => writes.failures.push(format!("put k{i}: {error}")),
+        }
+        if i % 5 == 0 {
+            if let Err(error) = kv.delete(&format!("k{i}")).await {
+                writes.failures.push(format!("delete k{i}: {error}"));
+            }
+        }
+        match kv.create(&format!("c{i}"), &i).await {
+            Ok(_) => writes.created.push(i),
+            Err(error) => writes.failures.push(format!("create c{i}: {error}")),
+        }
+        // One writer: any conflict here is a false one, from an attempt that landed.
+        match kv.update("counter", &i, revision).await {
+            Ok(new) => {
+                revision = new;
+                writes.counter = Some((i, new));
+            }
+            Err(error) => writes.failures.push(format!("update counter to {i}: {error}")),
+        }
+        rounds.store(i, Relaxed);
+        i += 1;
+    }
+    writes
+}
+
+/// KV writes ride through an election of the bucket's stream leader as publishes do: a
+/// writer keeps putting, creating, updating and deleting while the leader's node is killed,
+/// and no write fails; every value is there afterwards, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_writes_ride_through_the_death_of_the_buckets_leader() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+    use std::sync::Arc;
+    let _serial = SERIAL.lock().await;
+    let mut cluster = NatsCluster::start(3).await.expect("a 3-node cluster");
+    let client = natty_runtime::Client::new(cluster.client().await);
+    KvBucketDef::new("ledger")
+        .replicas(3)
+        .ensure(&client, natty_runtime::Provision::CreateOrUpdate)
+        .await
+        .expect("the replicated bucket");
+    let kv = client.kv::<u64>("ledger").await.expect("the bucket");
+    let leader = leader_of(client.jetstream(), "KV_ledger").await;
+
+    let (stop, rounds) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+    let writer = tokio::spawn(write_until(kv.clone(), stop.clone(), rounds.clone()));
+    wait_until(WAIT, "20 rounds before the kill", || async {
+        rounds.load(Relaxed) >= 20
+    })
+    .await;
+    let killed_at = rounds.load(Relaxed);
+    cluster.node_named(&leader).expect("the leader's node").kill().await;
+    // Writing goes on through a new leader.
+    let new_leader = leader_of(client.jetstream(), "KV_ledger").await;
+    assert_ne!(new_leader, leader, "the bucket has a new leader");
+    wait_until(WAIT, "20 rounds after the kill", || async {
+        rounds.load(Relaxed) >= killed_at + 20
+    })
+    .await;
+    stop.store(true, Relaxed);
+    let writes = writer.await.expect("the writer");
+    assert!(
+        writes.failures.is_empty(),
+        "{} of the writes failed while the leader {leader} died:\n{}",
+        writes.failures.len(),
+        writes.failures.join("\n")
+    );
+
+    // Every value is there, once the replicas that answer reads have caught up.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let missing = missing(&kv, &writes).await;
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "values not read back after {WAIT:?}:\n{}",
+            missing.join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(writes.put.len() as u64 >= killed_at + 20);
+}
+
+/// The values of `writes` that `kv` does not hold as written.
+async fn missing(kv: &natty_runtime::Kv<u64>, writes: &Writes) -> Vec<String> {
+    let mut missing = Vec::new();
+    let read = |key: String| async move {
+        kv.get(&key)
+            .await
+            .ok()
+            .flatten()
+            .map(|entry| (entry.value, entry.revision))
+    };
+    for &i in &writes.put {
+        let value = read(format!("k{i}")).await.map(|(value, _)| value);
+        let expected = (i % 5 != 0).then_some(i);
+        if value != expected {
+            missing.push(format!("k{i} = {value:?}, expected {expected:?}"));
+        }
+    }
+    for &i in &writes.created {
+        let value = read(format!("c{i}")).await.map(|(value, _)| value);
+        if value != Some(i) {
+            missing.push(format!("c{i} = {value:?}, expected {i}"));
+        }
+    }
+    let counter = read("counter".into()).await;
+    if counter != writes.counter {
+        missing.push(format!("counter = {counter:?}, expected {:?}", writes.counter));
+    }
+    missing
+}

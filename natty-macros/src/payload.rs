@@ -84,11 +84,12 @@ pub fn expand(input: TokenStream) -> TokenStream {
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
     let mut out = TokenStream::new();
     if let Some(pieces) = pieces {
-        let body = subject_body(&pieces);
+        let template = subject.get().map(LitStr::value).unwrap_or_default();
+        let body = subject_body(&pieces, &template);
         out.extend(quote! {
             #[automatically_derived]
             impl #impl_generics #p::Payload for #name #ty_generics #where_clause {
-                fn subject(&self) -> ::std::borrow::Cow<'_, str> {
+                fn subject(&self) -> ::core::result::Result<::std::borrow::Cow<'_, str>, #p::PublishError> {
                     #body
                 }
             }
@@ -183,7 +184,11 @@ fn template(lit: &LitStr, input: &DeriveInput, errors: &mut Errors) -> Vec<Piece
     pieces
 }
 
-fn subject_body(pieces: &[Piece]) -> TokenStream {
+/// The body of `Payload::subject`: the template's text, with each field's value checked to be
+/// exactly one subject token, since field values come from users' data (`"a.b"` or `"*"` would
+/// publish elsewhere than the template says).
+fn subject_body(pieces: &[Piece], template: &str) -> TokenStream {
+    let p = quote!(::natty_runtime::__private);
     if pieces.iter().all(|piece| matches!(piece, Piece::Text(_))) {
         let text: String = pieces
             .iter()
@@ -192,7 +197,7 @@ fn subject_body(pieces: &[Piece]) -> TokenStream {
                 Piece::Field(_) => "",
             })
             .collect();
-        return quote!(::std::borrow::Cow::Borrowed(#text));
+        return quote!(::core::result::Result::Ok(::std::borrow::Cow::Borrowed(#text)));
     }
     let mut format = String::new();
     let mut values = Vec::new();
@@ -201,9 +206,14 @@ fn subject_body(pieces: &[Piece]) -> TokenStream {
             Piece::Text(text) => format.push_str(&text.replace('{', "{{").replace('}', "}}")),
             Piece::Field(field) => {
                 format.push_str("{}");
-                values.push(quote!(self.#field));
+                let name = field.to_string();
+                values.push(quote! {
+                    #p::subject_token(::core::any::type_name::<Self>(), #name, #template, &self.#field)?
+                });
             }
         }
     }
-    quote!(::std::borrow::Cow::Owned(::std::format!(#format, #(#values),*)))
+    quote!(::core::result::Result::Ok(::std::borrow::Cow::Owned(
+        ::std::format!(#format, #(#values),*)
+    )))
 }

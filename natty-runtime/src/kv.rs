@@ -12,6 +12,7 @@ use async_nats::jetstream::{
     self, kv,
     stream::{Config as StreamConfig, StorageType},
 };
+use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use futures_util::{Stream, StreamExt, TryStreamExt};
 
@@ -19,7 +20,7 @@ use crate::config::Provision;
 use crate::error::{BoxError, Error, Result};
 use crate::kv_watch::{FromKvEntry, KvChange, KvDelivery};
 use crate::payload::{DecodeError, DecodePayload, EncodePayload, Format};
-use crate::publish::Client;
+use crate::publish::{Client, PublishError};
 use crate::stream::{apply_placement, check, is_stream_not_found, placement_drift, Location, Placement, Provisioned};
 
 /// The most revisions per key a bucket may keep: the server's limit.
@@ -344,6 +345,30 @@ pub enum KvError {
     },
 }
 
+/// The header that marks a KV entry as a delete or purge (`DEL`, `PURGE`); a put has none.
+const KV_OPERATION: &str = "KV-Operation";
+
+/// What a write of a key stores.
+#[derive(Debug, Clone, Copy)]
+enum Write {
+    /// A value.
+    Put,
+    /// A delete marker.
+    Delete,
+    /// A purge marker that rolls up (removes) the key's earlier revisions.
+    Purge,
+}
+
+/// Whether `key` is a valid KV key, as async-nats judges it (letters, digits, `-`, `/`, `_`,
+/// `=`, and `.` between non-empty tokens).
+fn valid_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.split('.').all(|token| !token.is_empty())
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '/' | '_' | '=' | '.'))
+}
+
 /// A value read from a bucket, with its revision (the token for [`Kv::update`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct KvEntry<T> {
@@ -377,6 +402,9 @@ pub struct KvEntry<T> {
 /// ```
 pub struct Kv<T> {
     store: kv::Store,
+    /// natty writes through its own publish path (see [`Kv::put`]), on the context the store
+    /// came from.
+    js: jetstream::Context,
     _value: PhantomData<fn() -> T>,
 }
 
@@ -384,6 +412,7 @@ impl<T> Clone for Kv<T> {
     fn clone(&self) -> Self {
         Kv {
             store: self.store.clone(),
+            js: self.js.clone(),
             _value: PhantomData,
         }
     }
@@ -409,6 +438,7 @@ impl Client {
         match self.jetstream().get_key_value(bucket).await {
             Ok(store) => Ok(Kv {
                 store,
+                js: self.jetstream().clone(),
                 _value: PhantomData,
             }),
             Err(error)
@@ -461,20 +491,6 @@ impl<T> Kv<T> {
         }
     }
 
-    /// Maps a failed compare-and-set style write (update, delete, purge).
-    fn update_error(&self, key: &str, expected: Option<u64>, action: &'static str, error: kv::UpdateError) -> KvError {
-        match (error.kind(), expected) {
-            (kv::UpdateErrorKind::WrongLastRevision, Some(expected)) => KvError::Conflict {
-                bucket: self.store.name.clone(),
-                key: key.into(),
-                expected,
-                source: error,
-            },
-            (kv::UpdateErrorKind::InvalidKey, _) => self.invalid_key(key),
-            _ => self.request(key, action)(Box::new(error)),
-        }
-    }
-
     /// The current value of `key`, or `None` if it has none (never set, deleted or purged).
     ///
     /// # Errors
@@ -521,19 +537,21 @@ impl<T> Kv<T> {
 
     /// Stores `value` under `key`, whatever is there, and returns its revision.
     ///
+    /// Like every write of a [`Kv`], it rides through an election of the bucket's stream
+    /// leader as [`Client::publish_with`] does: it carries an idempotency key and is sent
+    /// again with it while the stream has no leader or the answer is lost, for up to 20 s.
+    ///
     /// # Errors
     ///
-    /// [`KvError::Encode`], [`KvError::InvalidKey`], or [`KvError::Request`] when the bucket does
-    /// not acknowledge the write (e.g. the value is larger than `max_value_size`).
+    /// [`KvError::Encode`], [`KvError::InvalidKey`], [`KvError::BucketNotFound`] when the bucket
+    /// is gone, or [`KvError::Request`] when the bucket does not acknowledge the write (e.g.
+    /// the value is larger than `max_value_size`, or no leader was elected in time).
     pub async fn put(&self, key: &str, value: &T) -> std::result::Result<u64, KvError>
     where
         T: EncodePayload,
     {
         let bytes = self.encode(key, value)?;
-        self.store.put(key, bytes).await.map_err(|error| match error.kind() {
-            kv::PutErrorKind::InvalidKey => self.invalid_key(key),
-            _ => self.request(key, "putting")(Box::new(error)),
-        })
+        self.write(key, Write::Put, None, bytes, "putting").await
     }
 
     /// Stores `value` under `key` only if the key has no value (never set, deleted or purged),
@@ -547,18 +565,31 @@ impl<T> Kv<T> {
         T: EncodePayload,
     {
         let bytes = self.encode(key, value)?;
-        self.store.create(key, bytes).await.map_err(|error| match error.kind() {
-            kv::CreateErrorKind::AlreadyExists => KvError::Exists {
-                bucket: self.store.name.clone(),
-                key: key.into(),
-            },
-            kv::CreateErrorKind::InvalidKey => self.invalid_key(key),
-            _ => self.request(key, "creating")(Box::new(error)),
-        })
+        let exists = || KvError::Exists {
+            bucket: self.store.name.clone(),
+            key: key.into(),
+        };
+        match self.write(key, Write::Put, Some(0), bytes.clone(), "creating").await {
+            Err(KvError::Conflict { .. }) => {}
+            other => return other,
+        }
+        // The key has had a value: it may be created again over a delete or purge marker.
+        let marker = match self.latest(key).await? {
+            Some((revision, operation)) if operation != kv::Operation::Put => revision,
+            _ => return Err(exists()),
+        };
+        match self.write(key, Write::Put, Some(marker), bytes, "creating").await {
+            Err(KvError::Conflict { .. }) => Err(exists()),
+            other => other,
+        }
     }
 
     /// Replaces the value of `key` only if it is still at `revision` (compare-and-set), and
     /// returns the new revision. Of writers racing from the same revision, exactly one wins.
+    ///
+    /// A retried write never reports its own earlier attempt as a conflict: when an attempt's
+    /// answer was lost and the next one finds the key moved on, natty asks the stream whether
+    /// the message right after `revision` is its own, and returns that revision if so.
     ///
     /// # Errors
     ///
@@ -568,10 +599,7 @@ impl<T> Kv<T> {
         T: EncodePayload,
     {
         let bytes = self.encode(key, value)?;
-        self.store
-            .update(key, bytes, revision)
-            .await
-            .map_err(|error| self.update_error(key, Some(revision), "updating", error))
+        self.write(key, Write::Put, Some(revision), bytes, "updating").await
     }
 
     /// Deletes `key`: a delete marker becomes its latest revision (watches see it), earlier
@@ -579,12 +607,11 @@ impl<T> Kv<T> {
     ///
     /// # Errors
     ///
-    /// [`KvError::InvalidKey`], [`KvError::Request`].
+    /// [`KvError::InvalidKey`], [`KvError::BucketNotFound`], [`KvError::Request`].
     pub async fn delete(&self, key: &str) -> std::result::Result<(), KvError> {
-        self.store
-            .delete(key)
+        self.write(key, Write::Delete, None, Bytes::new(), "deleting")
             .await
-            .map_err(|error| self.update_error(key, None, "deleting", error))
+            .map(drop)
     }
 
     /// Deletes `key` only if it is still at `revision`.
@@ -593,22 +620,95 @@ impl<T> Kv<T> {
     ///
     /// [`KvError::Conflict`] when the key has moved on; otherwise as [`Kv::delete`].
     pub async fn delete_expect(&self, key: &str, revision: u64) -> std::result::Result<(), KvError> {
-        self.store
-            .delete_expect_revision(key, Some(revision))
+        self.write(key, Write::Delete, Some(revision), Bytes::new(), "deleting")
             .await
-            .map_err(|error| self.update_error(key, Some(revision), "deleting", error))
+            .map(drop)
     }
 
     /// Purges `key`: removes every revision, leaving a purge marker (watches see it).
     ///
     /// # Errors
     ///
-    /// [`KvError::InvalidKey`], [`KvError::Request`].
+    /// [`KvError::InvalidKey`], [`KvError::BucketNotFound`], [`KvError::Request`].
     pub async fn purge(&self, key: &str) -> std::result::Result<(), KvError> {
-        self.store
-            .purge(key)
+        self.write(key, Write::Purge, None, Bytes::new(), "purging")
             .await
-            .map_err(|error| self.update_error(key, None, "purging", error))
+            .map(drop)
+    }
+
+    /// The subject a write of `key` goes to, as async-nats builds it (a mirror bucket writes to
+    /// its origin's subjects through `put_prefix`).
+    fn subject(&self, key: &str) -> std::result::Result<async_nats::Subject, KvError> {
+        if !valid_key(key) {
+            return Err(self.invalid_key(key));
+        }
+        // natty's JetStream contexts use the default API prefix, which async-nats does not
+        // prepend to KV subjects.
+        debug_assert!(!self.store.use_jetstream_prefix);
+        let prefix = self.store.put_prefix.as_ref().unwrap_or(&self.store.prefix);
+        Ok(format!("{prefix}{key}").into())
+    }
+
+    /// Sends one write of `key` (with `expected` as the compare-and-set revision, if any)
+    /// through natty's publish path: an idempotency key, and retries through elections and
+    /// lost answers. See [`crate::publish`] for what is retried and for how long.
+    async fn write(
+        &self,
+        key: &str,
+        write: Write,
+        expected: Option<u64>,
+        payload: Bytes,
+        action: &'static str,
+    ) -> std::result::Result<u64, KvError> {
+        let subject = self.subject(key)?;
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, crate::publish::new_msg_id());
+        match write {
+            Write::Put => {}
+            Write::Delete => headers.insert(KV_OPERATION, "DEL"),
+            Write::Purge => {
+                headers.insert(KV_OPERATION, "PURGE");
+                headers.insert(async_nats::header::NATS_ROLLUP, "sub");
+            }
+        }
+        if let Some(revision) = expected {
+            headers.insert(
+                async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                revision.to_string(),
+            );
+        }
+        let result = crate::publish::publish_durably(&self.js, &subject, headers, payload).await;
+        result.map(|ack| ack.sequence).map_err(|error| match error {
+            PublishError::Conflict { source, .. } => KvError::Conflict {
+                bucket: self.store.name.clone(),
+                key: key.into(),
+                expected: expected.unwrap_or_default(),
+                source: source.into(),
+            },
+            PublishError::NoStream { .. } => KvError::BucketNotFound {
+                bucket: self.store.name.clone(),
+            },
+            other => self.request(key, action)(Box::new(other)),
+        })
+    }
+
+    /// The revision and operation of the latest entry of `key`, read from the stream's leader
+    /// (a replica answering a direct get may not have the latest write yet).
+    async fn latest(&self, key: &str) -> std::result::Result<Option<(u64, kv::Operation)>, KvError> {
+        use jetstream::stream::LastRawMessageErrorKind as Kind;
+        let subject = format!("{}{key}", self.store.prefix);
+        match self.store.stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(message) => {
+                let operation = match message.headers.get(KV_OPERATION).map(|value| value.as_str()) {
+                    Some("DEL") => kv::Operation::Delete,
+                    Some("PURGE") => kv::Operation::Purge,
+                    _ => kv::Operation::Put,
+                };
+                Ok(Some((message.sequence, operation)))
+            }
+            Err(error) if error.kind() == Kind::NoMessageFound => Ok(None),
+            Err(error) => Err(self.request(key, "reading")(Box::new(error))),
+        }
     }
 
     /// The keys that have a value (not deleted or purged), in the order of their latest revision.

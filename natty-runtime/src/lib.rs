@@ -32,6 +32,7 @@
 mod asyncapi;
 #[cfg(feature = "capture")]
 pub mod capture;
+mod classify;
 mod cli;
 pub mod config;
 mod connect;
@@ -154,7 +155,10 @@ pub mod __private {
     pub use crate::leader::{FromLease, LeaderDef, LeaderFn, Lease};
     pub use crate::object_store::ObjectStoreDef;
     pub use crate::payload::decode;
-    pub use crate::payload::{describe_payload, DecodePayload, EncodePayload, Format, Payload, PayloadDescription};
+    pub use crate::payload::{
+        describe_payload, subject_token, DecodePayload, EncodePayload, Format, Payload, PayloadDescription,
+    };
+    pub use crate::publish::PublishError;
     pub use crate::stream::{Location, Placement, StreamDef};
     pub use async_nats::jetstream::stream::{RetentionPolicy as Retention, StorageType};
     pub use async_nats::HeaderMap;

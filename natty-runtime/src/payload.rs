@@ -10,6 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::BoxError;
+use crate::publish::PublishError;
 
 /// The header carrying a message's [`Format`].
 pub const CONTENT_TYPE: &str = "Content-Type";
@@ -176,13 +177,67 @@ pub fn describe_payload<T: DecodePayload>() -> PayloadDescription {
 /// struct Invoiced { #[prost(string, tag = "1")] order_id: String }
 /// ```
 ///
-/// `subject` may name fields in braces; each is formatted with `Display`. The default format
-/// is JSON through serde; `format = "protobuf"` encodes and decodes with prost instead (the
-/// type must then not also implement serde's traits). Publish one with
-/// [`Client::emit`](crate::Client::emit), no subject needed.
+/// `subject` may name fields in braces; each is formatted with `Display`, and its text must be
+/// exactly one subject token (see [`subject_token`]): a field value comes from users' data,
+/// and a value such as `"a.b"`, `"*"` or `">"` would otherwise publish to another subject than
+/// the template says. The default format is JSON through serde; `format = "protobuf"` encodes
+/// and decodes with prost instead (the type must then not also implement serde's traits).
+/// Publish one with [`Client::emit`](crate::Client::emit), no subject needed.
 pub trait Payload: EncodePayload {
     /// The subject this value is published to.
-    fn subject(&self) -> Cow<'_, str>;
+    ///
+    /// # Errors
+    ///
+    /// [`PublishError::InvalidSubjectField`] when a field named in the subject template holds
+    /// a value that is not exactly one subject token: then the value has no subject.
+    fn subject(&self) -> Result<Cow<'_, str>, PublishError>;
+}
+
+/// Why `token` cannot be one subject token, or `None` when it can: it must be non-empty and
+/// hold no `.` (which would split it into several tokens), no `*` or `>` (wildcards, which the
+/// server stores literally but every subscriber reads as patterns), no whitespace and no control
+/// character (`DEL` and the C0/C1 ranges: they break the protocol line or are invisible in logs).
+///
+/// This is stricter than the server, which takes `*` and `>` inside a longer token literally:
+/// a value from users' data has no business carrying them.
+pub fn token_problem(token: &str) -> Option<&'static str> {
+    if token.is_empty() {
+        return Some("it is empty");
+    }
+    token.chars().find_map(|c| match c {
+        '.' => Some("it contains `.`, which would split it into several subject tokens"),
+        '*' | '>' => Some("it contains a wildcard character (`*` or `>`)"),
+        c if c.is_whitespace() => Some("it contains whitespace"),
+        c if c.is_control() => Some("it contains a control character"),
+        _ => None,
+    })
+}
+
+/// The text of `value`, a field of `type_name` filling the placeholder `{field}` of the subject
+/// template `template`, checked to be exactly one subject token (see [`token_problem`]).
+/// Generated `Payload::subject` impls call it for each placeholder. Not part of the API.
+///
+/// # Errors
+///
+/// [`PublishError::InvalidSubjectField`] naming the type, the field and the value.
+#[doc(hidden)]
+pub fn subject_token(
+    type_name: &'static str,
+    field: &'static str,
+    template: &'static str,
+    value: &dyn std::fmt::Display,
+) -> Result<String, PublishError> {
+    let value = value.to_string();
+    match token_problem(&value) {
+        None => Ok(value),
+        Some(problem) => Err(PublishError::InvalidSubjectField {
+            type_name,
+            field,
+            value,
+            template,
+            problem,
+        }),
+    }
 }
 
 /// A payload that could not be decoded: the message is terminated, never retried.

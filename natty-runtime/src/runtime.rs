@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::classify::transient;
 use crate::config::{Auth, Config, Provision};
 use crate::consumer::{Consumer, ConsumerDef, DEAD_LETTER_STREAM};
 use crate::core_nats::SubscriptionDef;
@@ -653,26 +654,6 @@ where
             other => return other,
         }
     }
-}
-
-/// Whether a JetStream request failed for a reason that passes on its own while a cluster
-/// elects leaders or a server rejoins: no answer in time, no responders, or the server's
-/// "JetStream system temporarily unavailable" (10008).
-fn transient(error: &(dyn std::error::Error + 'static)) -> bool {
-    says(error, &["timed out", "temporarily unavailable", "no responders"])
-}
-
-/// Whether the error or one of its causes says one of `phrases`.
-fn says(error: &(dyn std::error::Error + 'static), phrases: &[&str]) -> bool {
-    let mut current = Some(error);
-    while let Some(error) = current {
-        let text = error.to_string();
-        if phrases.iter().any(|phrase| text.contains(phrase)) {
-            return true;
-        }
-        current = error.source();
-    }
-    false
 }
 
 /// Binds `consumer`, whose stream was seen with a leader. A server that still believes it leads

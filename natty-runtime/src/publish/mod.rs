@@ -9,9 +9,15 @@ use std::sync::Arc;
 
 use tracing::Instrument;
 
+use crate::classify::{failure, Failure};
 use crate::config::Config;
 use crate::error::Result;
 use crate::telemetry::Telemetry;
+
+mod durable;
+
+pub(crate) use durable::publish_durably;
+use durable::send_once;
 
 /// The span of one publish: a producer span whose context travels in the message's headers.
 fn publish_span(subject: &str) -> tracing::Span {
@@ -62,6 +68,35 @@ pub enum PublishError {
     NoStream {
         /// The target subject.
         subject: String,
+    },
+    /// The subject is not one a message can be published to: an empty token (`a..b`, a
+    /// leading or trailing `.`), a wildcard token (`*`, `>`), whitespace or a control
+    /// character. Refused before anything is sent, and never retried: it cannot heal.
+    #[error("cannot publish to {subject:?}: {problem}; nothing was sent")]
+    InvalidSubject {
+        /// The subject given.
+        subject: String,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+    /// A field of a [`Payload`] fills a placeholder of its subject template with a value that
+    /// is not exactly one subject token (empty, or holding `.`, `*`, `>`, whitespace or a control
+    /// character): published, it would land on another subject than the template says.
+    /// Refused before anything is sent, and never retried.
+    #[error(
+        "{type_name}.{field} = {value:?} cannot fill `{{{field}}}` in the subject `{template}`: {problem}; nothing was sent"
+    )]
+    InvalidSubjectField {
+        /// The payload's Rust type.
+        type_name: &'static str,
+        /// The field at fault.
+        field: &'static str,
+        /// Its value, as `Display` wrote it.
+        value: String,
+        /// The subject template the type declares.
+        template: &'static str,
+        /// What is wrong with the value.
+        problem: &'static str,
     },
     /// The value could not be encoded.
     #[error("cannot encode the message for `{subject}` as {format}: {source}")]
@@ -149,8 +184,10 @@ impl Client {
     ///
     /// # Errors
     ///
-    /// [`PublishError::Encode`] if serialization fails; [`PublishError::Publish`] if no
-    /// stream captures the subject, or the ack does not come.
+    /// [`PublishError::InvalidSubject`] at once, with nothing sent, for a subject with an
+    /// empty or wildcard token, whitespace or a control character; [`PublishError::Encode`]
+    /// if serialization fails; [`PublishError::NoStream`] if no stream captures the subject;
+    /// [`PublishError::Unconfirmed`] or [`PublishError::Publish`] if the ack does not come.
     pub async fn publish<T: EncodePayload + ?Sized>(
         &self,
         subject: impl Into<String>,
@@ -186,27 +223,29 @@ impl Client {
     ///
     /// # Errors
     ///
-    /// [`PublishError::Conflict`] when an expectation fails; [`PublishError::Unconfirmed`]
-    /// when no ack came after the retries; [`PublishError::Encode`] and
-    /// [`PublishError::Publish`] otherwise.
+    /// [`PublishError::InvalidSubject`] at once for a subject no message can be published to;
+    /// [`PublishError::Conflict`] when an expectation fails (not because of this call's own
+    /// earlier attempt: that is looked up and its ack returned); [`PublishError::Unconfirmed`]
+    /// when no ack came after the retries; [`PublishError::Encode`], [`PublishError::NoStream`]
+    /// and [`PublishError::Publish`] otherwise.
     pub async fn publish_with<T: EncodePayload + ?Sized>(
         &self,
         subject: impl Into<String>,
         value: &T,
         options: Publish,
     ) -> std::result::Result<PublishAck, PublishError> {
-        let subject = async_nats::Subject::from(subject.into());
+        let subject = checked_subject(subject.into())?;
         let (payload, format) = encode(&subject, value)?;
         // The key that makes a retry after a lost ack safe: without it, a retry could store
         // the message twice, and not retrying could lose it.
         let options = match options.msg_id {
             Some(_) => options,
-            None => options.id(format!("natty-{}", nuid::next())),
+            None => options.id(new_msg_id()),
         };
-        let headers = options.into_headers(format);
+        let mut headers = options.into_headers(format);
         let span = publish_span(&subject);
-        let result = self
-            .publish_attempts(&subject, headers, payload)
+        crate::telemetry::trace::inject(&span, &mut headers);
+        let result = publish_durably(&self.jetstream, &subject, headers, payload)
             .instrument(span.clone())
             .await;
         let metrics = &self.telemetry.metrics;
@@ -223,87 +262,6 @@ impl Client {
             }
         }
         result
-    }
-
-    /// Sends until the stream acks, retrying "no responders" and lost acks with the same
-    /// idempotency key for up to [`PUBLISH_RETRY_FOR`] (see [`Client::publish_with`]).
-    async fn publish_attempts(
-        &self,
-        subject: &async_nats::Subject,
-        headers: async_nats::HeaderMap,
-        payload: bytes::Bytes,
-    ) -> std::result::Result<PublishAck, PublishError> {
-        let started = tokio::time::Instant::now();
-        let mut pause = PUBLISH_RETRY_DELAY;
-        let mut attempt = 0u32;
-        // "No responders" means an election, or that no stream takes the subject at all; the
-        // second is asked about once it has lasted a while, so a stream being created right
-        // now still gets the message.
-        let mut stream_checked = false;
-        // Whether an attempt went unanswered, so it may have been stored.
-        let mut unconfirmed = false;
-        loop {
-            attempt += 1;
-            let result = match self.send_raw(subject, headers.clone(), payload.clone()).await {
-                Ok(pending) => pending.await,
-                Err(error) => Err(error),
-            };
-            let Err(error) = result else {
-                return result;
-            };
-            let retry = match &error {
-                // "No responders": the stream has no leader to take it right now.
-                PublishError::Publish { source, .. }
-                    if matches!(source.kind(), jetstream::context::PublishErrorKind::StreamNotFound) =>
-                {
-                    if !stream_checked && !unconfirmed && started.elapsed() >= NO_STREAM_AFTER {
-                        stream_checked = true;
-                        if self.no_stream_takes(subject).await {
-                            return Err(PublishError::NoStream {
-                                subject: subject.to_string(),
-                            });
-                        }
-                    }
-                    true
-                }
-                // The ack was lost: the retry carries the same key, so it is stored at most once.
-                PublishError::Unconfirmed { .. } => true,
-                _ => false,
-            };
-            if matches!(error, PublishError::Unconfirmed { .. }) {
-                unconfirmed = true;
-            }
-            if !retry || started.elapsed() + pause > PUBLISH_RETRY_FOR {
-                return Err(match error {
-                    PublishError::Unconfirmed { subject, source, .. } => PublishError::Unconfirmed {
-                        subject,
-                        attempts: attempt,
-                        source,
-                    },
-                    // An earlier attempt may have been stored: whatever the last one says,
-                    // "nothing was stored" is not known.
-                    PublishError::Publish { subject, source } if unconfirmed => PublishError::Unconfirmed {
-                        subject,
-                        attempts: attempt,
-                        source,
-                    },
-                    other => other,
-                });
-            }
-            tracing::debug!(%subject, attempt, %error, "publish not confirmed; retrying");
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(std::time::Duration::from_secs(2));
-        }
-    }
-
-    /// Whether the server says that no stream captures `subject` (not merely that it could
-    /// not answer).
-    async fn no_stream_takes(&self, subject: &str) -> bool {
-        use jetstream::context::GetStreamByNameErrorKind as Kind;
-        matches!(
-            self.jetstream.stream_by_subject(subject).await,
-            Err(error) if error.kind() == Kind::NotFound
-        )
     }
 
     /// Sends `value` to `subject` and returns at once with a [`PendingAck`] to await
@@ -325,8 +283,9 @@ impl Client {
     ///
     /// # Errors
     ///
-    /// [`PublishError::Encode`] if serialization fails, [`PublishError::Publish`] if the
-    /// message cannot be sent; the [`PendingAck`] reports a missing or refused ack.
+    /// [`PublishError::InvalidSubject`] as [`Client::publish`]; [`PublishError::Encode`] if
+    /// serialization fails, [`PublishError::Publish`] if the message cannot be sent; the
+    /// [`PendingAck`] reports a missing or refused ack.
     pub async fn send<T: EncodePayload + ?Sized>(
         &self,
         subject: impl Into<String>,
@@ -347,7 +306,7 @@ impl Client {
         options: Publish,
     ) -> std::result::Result<PendingAck, PublishError> {
         // A `Subject` shares its bytes, so keeping it for the error costs no copy.
-        let subject = async_nats::Subject::from(subject.into());
+        let subject = checked_subject(subject.into())?;
         let (payload, format) = encode(&subject, value)?;
         self.send_raw(&subject, options.into_headers(format), payload)
             .instrument(publish_span(&subject))
@@ -376,10 +335,11 @@ impl Client {
     ///
     /// # Errors
     ///
-    /// As [`Client::publish`].
+    /// [`PublishError::InvalidSubjectField`] at once when a field in the subject template
+    /// holds a value that is not exactly one subject token; otherwise as [`Client::publish`].
     #[doc(alias = "publish")]
     pub async fn emit<T: Payload + ?Sized>(&self, value: &T) -> std::result::Result<PublishAck, PublishError> {
-        self.publish_with(value.subject().into_owned(), value, Publish::new())
+        self.publish_with(value.subject()?.into_owned(), value, Publish::new())
             .await
     }
 
@@ -393,7 +353,7 @@ impl Client {
         value: &T,
         options: Publish,
     ) -> std::result::Result<PublishAck, PublishError> {
-        self.publish_with(value.subject().into_owned(), value, options).await
+        self.publish_with(value.subject()?.into_owned(), value, options).await
     }
 
     /// Sends one message, carrying the current span's trace context in its headers.
@@ -404,20 +364,7 @@ impl Client {
         payload: bytes::Bytes,
     ) -> std::result::Result<PendingAck, PublishError> {
         crate::telemetry::trace::inject(&tracing::Span::current(), &mut headers);
-        match self
-            .jetstream
-            .publish_with_headers(subject.clone(), headers, payload)
-            .await
-        {
-            Ok(ack) => Ok(PendingAck {
-                subject: subject.clone(),
-                ack: std::future::IntoFuture::into_future(ack),
-            }),
-            Err(source) => Err(PublishError::Publish {
-                subject: subject.to_string(),
-                source,
-            }),
-        }
+        send_once(&self.jetstream, subject, headers, payload).await
     }
 
     /// The underlying async-nats client, for anything natty does not wrap.
@@ -463,15 +410,6 @@ impl std::future::Future for PendingAck {
     }
 }
 
-/// How long [`Client::publish_with`] keeps trying: longer than a stream leader election on a
-/// loaded cluster (a few seconds), well inside the default 2-minute duplicate window that
-/// makes the retries safe.
-const PUBLISH_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(20);
-/// How long "no responders" lasts before natty asks whether any stream takes the subject.
-const NO_STREAM_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
-/// Pause before the first retry; it doubles, up to 2 s.
-const PUBLISH_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(250);
-
 fn encode<T: EncodePayload + ?Sized>(
     subject: &async_nats::Subject,
     value: &T,
@@ -484,12 +422,13 @@ fn encode<T: EncodePayload + ?Sized>(
     Ok((bytes, T::FORMAT))
 }
 
-/// Maps async-nats' ack errors onto natty's: conflicts and lost acks are their own cases.
+/// Maps async-nats' ack errors onto natty's: conflicts and answers that may hide a stored
+/// message are their own cases (see [`crate::classify`]).
 fn classify(subject: &async_nats::Subject, source: jetstream::context::PublishError) -> PublishError {
     use jetstream::context::PublishErrorKind as Kind;
     let subject = subject.to_string();
-    match source.kind() {
-        Kind::WrongLastSequence | Kind::WrongLastMessageId => PublishError::Conflict {
+    match failure(&source) {
+        Failure::WrongLast => PublishError::Conflict {
             subject,
             expectation: match source.kind() {
                 Kind::WrongLastMessageId => "the expected last message id".into(),
@@ -497,20 +436,48 @@ fn classify(subject: &async_nats::Subject, source: jetstream::context::PublishEr
             },
             source,
         },
-        Kind::TimedOut | Kind::BrokenPipe => PublishError::Unconfirmed {
-            subject,
-            attempts: 1,
-            source,
-        },
-        // "Duplicate message id is in process" (10158): an earlier attempt with this key is
-        // still being replicated (a stream leader paused or replaced mid-write). It may well be
-        // stored; asking again later gets its ack, as a duplicate.
-        _ if source.to_string().contains("error code 10158") => PublishError::Unconfirmed {
+        // A lost ack, a dropped connection, or "duplicate message id is in process" (an earlier
+        // attempt with this key is still being replicated): it may well be stored, and asking
+        // again with the same key gets its ack, as a duplicate.
+        failure if failure.may_have_landed() => PublishError::Unconfirmed {
             subject,
             attempts: 1,
             source,
         },
         _ => PublishError::Publish { subject, source },
+    }
+}
+
+/// A fresh idempotency key, for a write whose caller gave none.
+pub(crate) fn new_msg_id() -> String {
+    format!("natty-{}", nuid::next())
+}
+
+/// Why `subject` cannot be published to, or `None` when it can: every token non-empty, none
+/// of them a wildcard, no whitespace or control character anywhere. `*` and `>` inside a longer
+/// token are literal to the server and allowed.
+pub fn publish_subject_problem(subject: &str) -> Option<&'static str> {
+    if subject.is_empty() {
+        return Some("it is empty");
+    }
+    if subject.chars().any(char::is_whitespace) {
+        return Some("it contains whitespace");
+    }
+    if subject.chars().any(char::is_control) {
+        return Some("it contains a control character");
+    }
+    subject.split('.').find_map(|token| match token {
+        "" => Some("it has an empty token (`..`, or a leading or trailing `.`)"),
+        "*" | ">" => Some("it has a wildcard token (`*` or `>`): a message is published to one subject"),
+        _ => None,
+    })
+}
+
+/// `subject`, checked (see [`publish_subject_problem`]).
+fn checked_subject(subject: String) -> std::result::Result<async_nats::Subject, PublishError> {
+    match publish_subject_problem(&subject) {
+        None => Ok(async_nats::Subject::from(subject)),
+        Some(problem) => Err(PublishError::InvalidSubject { subject, problem }),
     }
 }
 
