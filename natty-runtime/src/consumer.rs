@@ -578,6 +578,9 @@ impl Consumer {
         // is polled beside the pull, so messages keep being read, held and kept alive meanwhile.
         let mut inline: FuturesUnordered<BoxFuture<'static, ()>> = FuturesUnordered::new();
         let keep_alive = tokio::spawn(this.clone().keep_alive());
+        // A handler running in this task wakes the loop when it ends; spawned handlers and
+        // lanes signal `room` instead.
+        let signalled = concurrency > 1 || this.def.order_by.is_some();
         let mut failures = 0u32;
         loop {
             let started = beside(
@@ -596,6 +599,20 @@ impl Consumer {
                 }
             };
             let rebind = loop {
+                // Start what can start now: the permit is taken without waiting (no waiter is
+                // registered on the hot path); a slot that frees up later wakes the loop.
+                while !queue.is_empty() {
+                    let Ok(permit) = permits.clone().try_acquire_owned() else {
+                        break;
+                    };
+                    let ready = queue.pop_front().expect("the queue is not empty");
+                    let delivery = this.clone().deliver(ready, permit, hard_stop.clone());
+                    if concurrency == 1 {
+                        inline.push(Box::pin(delivery));
+                    } else {
+                        tokio::spawn(delivery);
+                    }
+                }
                 // Credits cover the free handler slots plus the prefetch, less what was already
                 // read and waits: a message is asked for only when there is room to start it soon.
                 let busy = concurrency - permits.available_permits();
@@ -613,18 +630,7 @@ impl Consumer {
                     biased;
                     _ = cancel.cancelled() => break false,
                     Some(()) = inline.next(), if !inline.is_empty() => continue,
-                    _ = this.room.notified() => continue,
-                    permit = permits.clone().acquire_owned(), if !queue.is_empty() => {
-                        let permit = permit.expect("the semaphore is never closed");
-                        let ready = queue.pop_front().expect("the queue is not empty");
-                        let delivery = this.clone().deliver(ready, permit, hard_stop.clone());
-                        if concurrency == 1 {
-                            inline.push(Box::pin(delivery));
-                        } else {
-                            tokio::spawn(delivery);
-                        }
-                        continue;
-                    }
+                    _ = this.room.notified(), if signalled => continue,
                     pulled = puller.next() => pulled,
                 };
                 match pulled {
