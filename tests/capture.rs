@@ -575,3 +575,56 @@ async fn a_panicking_key_or_a_key_the_template_cannot_take_is_dead_lettered() {
     assert!(tally.seen.values().all(|n| *n == 1), "each once");
     assert!(manifests(&root).len() <= tally.blocks, "at most a manifest per block");
 }
+
+/// The other half of a stream created anew: messages of the old stream still held in open
+/// blocks when the new one delivers the same sequences. Neither is taken for the other: one
+/// drain stores both incarnations' readings, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_held_from_a_deleted_stream_do_not_hide_the_new_streams_same_sequences() {
+    const HALF: u64 = 100;
+    let server = NatsServer::start().await.expect("nats-server");
+    let client = server.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("drain");
+    let env = folders(dir.path());
+    let env = [env_refs(&env), vec![("NATTY_HANDLERS", "to_drain")]].concat();
+    create_readings_stream(&client).await;
+    let delivered = |last: u64| {
+        let js = js.clone();
+        async move {
+            let Ok(stream) = js.get_stream("readings").await else {
+                return false;
+            };
+            stream
+                .consumer_info("drain")
+                .await
+                .is_ok_and(|info| info.delivered.stream_sequence >= last && info.num_pending == 0)
+        }
+    };
+
+    // Hour-long windows: everything delivered stays held in open blocks until the drain.
+    let mut child = spawn_service(CAPTURE.as_ref(), Some(&server.url()), &env);
+    let logs = collect_stderr(&mut child);
+    publish_readings(&client, 1..HALF + 1, SENSORS).await;
+    wait_logged(Duration::from_secs(20), "the first stream delivered", &logs, || {
+        delivered(HALF)
+    })
+    .await;
+    js.delete_stream("readings").await.expect("delete the stream");
+    create_readings_stream(&client).await;
+    publish_readings(&client, HALF + 1..2 * HALF + 1, SENSORS).await;
+    wait_logged(Duration::from_secs(30), "the new stream delivered", &logs, || {
+        delivered(HALF)
+    })
+    .await;
+    assert!(files(&root).is_empty(), "nothing stored before the drain");
+    stop(child, &logs).await;
+
+    let tally = Tally::of_folder(&root, SENSORS);
+    tally.assert_exactly_once(1..2 * HALF + 1, "both streams' readings after one drain");
+    wait_logged(Duration::from_secs(5), "the new stream's readings acked", &logs, || {
+        settled(&js, "readings", "drain", HALF)
+    })
+    .await;
+}
