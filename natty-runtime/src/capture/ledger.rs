@@ -424,10 +424,10 @@ mod tests {
         assert_eq!(ManifestName::parse("17-1-9-ff.tmp"), None);
     }
 
-    #[tokio::test]
-    async fn a_manifest_counts_while_its_block_exists_and_goes_after_two_sweeps() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = BlockStore::open(&format!("file://{}/{{key}}", dir.path().display())).unwrap();
+    /// What a ledger must do on any store: a manifest counts only once its block exists, only
+    /// for the sequences it lists, in its incarnation; a sweep removes it one sweep after the
+    /// floor passed it.
+    async fn exercise(store: BlockStore) {
         let ledger = Ledger::new(store.clone(), "S", "d");
         let key = [("key".to_owned(), "k".to_owned())];
         let vars = super::super::store::PathVars {
@@ -436,6 +436,7 @@ mod tests {
             key: &key,
             window_start: 0,
         };
+        ledger.refresh().await.expect("an empty ledger");
         let block = store.block_path(&vars, "S-1-21.ndjson").unwrap();
         ledger.record(&block, 5, &[1, 11, 21]).await.unwrap();
         ledger.refresh().await.unwrap();
@@ -454,8 +455,38 @@ mod tests {
         assert_eq!(ledger.sweep(5, 21).await.unwrap(), 1);
         ledger.refresh().await.unwrap();
         assert!(!ledger.holds(5, 11));
+        assert!(store.object_store().head(&block).await.is_ok(), "the block stays");
+    }
+
+    #[tokio::test]
+    async fn a_local_ledger() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlockStore::open(&format!("file://{}/{{key}}", dir.path().display())).unwrap();
+        exercise(store).await;
         // The manifests sit under the template's literal start, the block where it was.
         assert!(dir.path().join("k/S-1-21.ndjson").exists());
         assert!(dir.path().join(".natty-manifests/S/d").exists());
+    }
+
+    /// S3 through moto: listing, reading, `head` of a missing block and deleting behave as on a
+    /// local disk.
+    #[cfg(feature = "testing")]
+    #[tokio::test]
+    async fn an_s3_ledger() {
+        let moto = crate::testing::stores::MotoServer::start()
+            .await
+            .expect("moto (scripts/install-moto.sh)");
+        moto.create_bucket("ledger").await.unwrap();
+        let env = moto.env();
+        let lookup = |name: &str| env.iter().find(|(key, _)| key == name).map(|(_, value)| value.clone());
+        let store = BlockStore::open_with_env("s3://ledger/blocks/{key}", &lookup).unwrap();
+        exercise(store).await;
+        let listed: Vec<_> = moto
+            .store("ledger")
+            .list(None)
+            .map(|meta| meta.unwrap().location.to_string())
+            .collect()
+            .await;
+        assert_eq!(listed, ["blocks/k/S-1-21.ndjson"], "the manifest was removed");
     }
 }
