@@ -250,6 +250,7 @@ impl Tally {
             .map(|(id, n)| (*id, *n))
             .take(10)
             .collect();
+        let repeated_total = self.seen.values().filter(|n| **n > 1).count();
         let strangers: Vec<u64> = self
             .seen
             .keys()
@@ -259,7 +260,8 @@ impl Tally {
             .collect();
         assert!(
             missing.is_empty() && repeated.is_empty() && strangers.is_empty(),
-            "{what}: {} records in {} blocks; missing (first 10) {missing:?}, repeated {repeated:?}, unexpected {strangers:?}",
+            "{what}: {} records in {} blocks; missing (first 10) {missing:?}, repeated ({repeated_total} in all, first 10) \
+             {repeated:?}, unexpected {strangers:?}",
             self.seen.len(),
             self.blocks
         );
