@@ -21,10 +21,11 @@
 //! - **Looked up only for redeliveries.** A message delivered for the first time cannot be in
 //!   any block. One delivered again, not held here and not stored by this process moments ago,
 //!   is checked against the ledger: if a visible block holds it, it is acked, else written.
-//! - **Fresh enough for several instances.** A lookup uses a listing started at most one
-//!   keep-alive period (a third of `ack_wait`) ago, else it lists again. A block stored by an
-//!   instance that then died was stored while that instance still kept its messages alive, so
-//!   more than two keep-alive periods before the server redelivers them: such a listing shows it.
+//! - **Fresh enough for several instances.** A redelivered message is looked up in a listing
+//!   started no earlier than one keep-alive period (a third of `ack_wait`) before it arrived,
+//!   else the ledger is listed again. A block stored by an instance that then died was stored
+//!   while that instance still kept its messages alive, so more than two keep-alive periods
+//!   before the server redelivers them: such a listing shows it.
 //! - **Transient.** A manifest is removed once the consumer's ack floor (in its incarnation) has
 //!   passed its last sequence, or its incarnation is gone, and one more sweep period (at least
 //!   30 s) has gone by since that was first seen: none of its messages can be redelivered then.
@@ -36,7 +37,6 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream::{self, StreamExt, TryStreamExt};
@@ -130,11 +130,11 @@ impl Ledger {
         self.store.put(&path, encode(block, created, sequences)).await
     }
 
-    /// Whether the last refresh started less than `within` ago.
-    pub(crate) fn fresh(&self, within: Duration) -> bool {
+    /// Whether the last refresh started at or after `since`.
+    pub(crate) fn listed_since(&self, since: Instant) -> bool {
         self.snapshot
             .lock()
-            .is_ok_and(|snapshot| snapshot.listed.is_some_and(|at| at.elapsed() < within))
+            .is_ok_and(|snapshot| snapshot.listed.is_some_and(|at| at >= since))
     }
 
     /// Whether a block that exists holds `sequence` of the incarnation `created`, as of the
@@ -381,6 +381,8 @@ fn decode(bytes: &[u8]) -> Option<(Path, u64, Vec<u64>)> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
@@ -444,7 +446,7 @@ mod tests {
         store.put(&block, Bytes::from_static(b"{}\n")).await.unwrap();
         assert!(!ledger.holds(5, 11), "not before a refresh");
         ledger.refresh().await.unwrap();
-        assert!(ledger.fresh(Duration::from_secs(5)));
+        assert!(ledger.listed_since(Instant::now() - Duration::from_secs(5)));
         assert!(ledger.holds(5, 11) && ledger.holds(5, 21));
         assert!(!ledger.holds(5, 12), "inside the range, not in the block");
         assert!(!ledger.holds(6, 11), "another incarnation");

@@ -809,6 +809,7 @@ impl Capture {
                             reply,
                             timestamp: meta.timestamp_nanos,
                             incarnation: shared.incarnation.load(Ordering::Relaxed),
+                            arrived: last_message,
                         };
                         self.admit(arrival, false, &mut blocks, &mut unsure, &mut stores);
                         // Only when open blocks hold at least half the allowance: blocks being
@@ -970,7 +971,11 @@ impl Capture {
             }
         }
         if redelivered {
-            if !shared.ledger.fresh(shared.keep_alive) {
+            let since = arrival
+                .arrived
+                .checked_sub(shared.keep_alive)
+                .unwrap_or(arrival.arrived);
+            if !shared.ledger.listed_since(since) {
                 unsure.push(arrival);
                 return;
             }
@@ -1049,6 +1054,9 @@ struct Arrival {
     timestamp: u64,
     /// The stream incarnation it was delivered from.
     incarnation: u64,
+    /// When it was received: a ledger listed since (less a keep-alive period) is fresh enough
+    /// to say whether a stored block holds it.
+    arrived: Instant,
 }
 
 impl Arrival {
@@ -1197,6 +1205,7 @@ impl Blocks {
             reply,
             timestamp,
             incarnation,
+            ..
         } = arrival;
         let window = timestamp - timestamp % self.every;
         let Captured { record, key } = captured;
