@@ -491,4 +491,25 @@ mod tests {
             .await;
         assert_eq!(listed, ["blocks/k/S-1-21.ndjson"], "the manifest was removed");
     }
+
+    /// Azure Blob storage through Azurite, likewise.
+    #[cfg(feature = "testing")]
+    #[tokio::test]
+    async fn an_azure_ledger() {
+        let azurite = crate::testing::stores::Azurite::start()
+            .await
+            .expect("Azurite (scripts/install-azurite.sh)");
+        azurite.create_container("ledger").await.unwrap();
+        let env = azurite.env();
+        let lookup = |name: &str| env.iter().find(|(key, _)| key == name).map(|(_, value)| value.clone());
+        let store = BlockStore::open_with_env("az://ledger/blocks/{key}", &lookup).unwrap();
+        exercise(store).await;
+        let listed: Vec<_> = azurite
+            .store("ledger")
+            .list(None)
+            .map(|meta| meta.unwrap().location.to_string())
+            .collect()
+            .await;
+        assert_eq!(listed, ["blocks/k/S-1-21.ndjson"], "the manifest was removed");
+    }
 }
