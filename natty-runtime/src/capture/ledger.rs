@@ -30,7 +30,9 @@
 //!   passed its last sequence, or its incarnation is gone, and one more sweep period (at least
 //!   30 s) has gone by since that was first seen: none of its messages can be redelivered then.
 //!   The ledger holds only blocks whose acks may not all have reached the server, so a listing
-//!   stays small.
+//!   stays small. A capture that stops waits (briefly) for the floor to pass what it stored and
+//!   removes those manifests at once, so a stopped capture leaves only blocks behind, unless it
+//!   crashed or could not store everything.
 //!
 //! Moving or renaming a block without its manifest (or the other way round) makes the ledger
 //! forget it: its messages, if redelivered, are written again (at least once, as before).
@@ -232,6 +234,23 @@ impl Ledger {
         }
         if let Ok(mut previous) = self.removable.lock() {
             *previous = removable.into_iter().filter(|path| !due.contains(path)).collect();
+        }
+        Ok(removed)
+    }
+
+    /// Removes at once the manifests of older incarnations than `created` and those of
+    /// `created` at or below the ack floor `floor`: what a capture that stops does, so that a
+    /// stopped capture leaves only its blocks behind. Returns how many went.
+    pub(crate) async fn remove_acked(&self, created: u64, floor: u64) -> Result<usize, StoreError> {
+        let store = self.store.object_store();
+        let mut removed = 0;
+        for (meta, name) in self.list().await? {
+            if name.created < created || (name.created == created && name.last <= floor) {
+                match store.delete(&meta.location).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => removed += 1,
+                    Err(error) => return Err(self.io_error("removing manifest", &meta.location, error)),
+                }
+            }
         }
         Ok(removed)
     }

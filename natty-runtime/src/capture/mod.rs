@@ -526,6 +526,53 @@ impl Shared {
         }
     }
 
+    /// On stop: waits up to two seconds for the ack floor to pass the blocks stored here (the
+    /// server applies acks a moment after taking them), then removes the manifests the floor
+    /// has passed, so that a stopped capture leaves only blocks behind. Unlike the sweep, it
+    /// does not wait out `keep`: a consumer leader that fails over right after a capture
+    /// stops, with acks it had not replicated, can then have them stored twice.
+    async fn remove_acked_manifests(&self) {
+        const WAIT: Duration = Duration::from_secs(2);
+        let incarnation = self.incarnation.load(Ordering::Relaxed);
+        let target = self.recently_stored.lock().map_or(0, |recent| {
+            recent
+                .iter()
+                .filter(|(_, stored, _)| *stored == incarnation)
+                .filter_map(|(_, _, sequences)| sequences.last().copied())
+                .max()
+                .unwrap_or(0)
+        });
+        let js = async_nats::jetstream::new(self.nats.clone());
+        let deadline = Instant::now() + WAIT;
+        let mut floor = None;
+        loop {
+            let info = js.get_consumer_from_stream::<pull::Config, _, _>(self.def.durable, self.def.stream);
+            if let Ok(Ok(consumer)) = tokio::time::timeout(WAIT, info).await {
+                floor = Some(consumer.cached_info().ack_floor.stream_sequence);
+            }
+            if floor.is_some_and(|floor| floor >= target) || Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let Some(floor) = floor else { return };
+        match tokio::time::timeout(WAIT, self.ledger.remove_acked(incarnation, floor)).await {
+            Ok(Ok(removed)) => tracing::debug!(
+                capture = self.def.name,
+                removed,
+                floor,
+                "removed the manifests of acked blocks"
+            ),
+            Ok(Err(error)) => {
+                tracing::warn!(capture = self.def.name, %error, "cannot remove the manifests of acked blocks")
+            }
+            Err(_) => tracing::warn!(
+                capture = self.def.name,
+                "removing the manifests of acked blocks took too long; left for the next run"
+            ),
+        }
+    }
+
     /// Whether a message is in a block stored moments ago.
     fn was_stored(&self, (incarnation, sequence): MessageId) -> bool {
         self.recently_stored.lock().is_ok_and(|recent| {
@@ -919,6 +966,7 @@ impl Capture {
         if let Err(error) = shared.nats.flush().await {
             tracing::warn!(capture = def.name, %error, "cannot flush the acks");
         }
+        shared.remove_acked_manifests().await;
         let stats = &shared.stats;
         tracing::info!(
             capture = def.name,
