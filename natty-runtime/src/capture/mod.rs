@@ -12,18 +12,26 @@
 //!   closes when it reaches `max_messages` or `max_bytes` (payload bytes), when a message from a
 //!   later window arrives, or when its window is over (plus a grace period) and the consumer is
 //!   caught up or idle.
-//! - **Names.** A block is named `<stream>-<first sequence>-<last sequence>.<extension>` under
-//!   its rendered path template, so a block rebuilt from the same messages after a crash
-//!   overwrites the first copy instead of adding a second. A block is never visible half
-//!   written (see [`BlockStore::put`]).
+//! - **Names.** A block is named `<stream>-<stream created>-<first sequence>-<last
+//!   sequence>.<extension>` under its rendered path template (see
+//!   [`store::incarnation_block_file_name`]), so a block rebuilt from the same messages
+//!   overwrites itself, and a stream deleted and created again (its sequences start at 1 again)
+//!   never overwrites the blocks of the old one. A block is never visible half written (see
+//!   [`BlockStore::put`]).
+//! - **Stored once, whatever the crash.** Before a block is written, a manifest of its exact
+//!   sequences is (see the `ledger` module). A message delivered again that a visible block
+//!   holds is acked, not written again: a crash between a block's store and its acks leaves no
+//!   duplicate. Held and stored messages are keyed by (stream incarnation, sequence).
+//! - **A message's own failures stay its own.** A payload that cannot be decoded, a key function
+//!   that panics, or a key the path template cannot take (a struct key without a field the
+//!   template names) dead-letters that message with the reason; the capture goes on.
 //! - **Acks are explicit, one per message.** `AckPolicy::All` would be faster, but its ack of a
 //!   sequence also acks every earlier message of the consumer: those of other keys' blocks still
 //!   open here, those another instance holds, and those waiting for redelivery after a crash.
 //! - **Drain.** On shutdown, open blocks are closed and stored within
 //!   [`Config::capture_drain_timeout`](crate::Config::capture_drain_timeout), a deadline of its
 //!   own; what is not stored by then stays unacked and is redelivered to the next run.
-//! - **Undecodable messages** are dead-lettered and terminated like a consumer's; they never
-//!   hold up their block.
+//! - **Dead letters** are terminated like a consumer's; they never hold up their block.
 
 pub mod format;
 mod ledger;

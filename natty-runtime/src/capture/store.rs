@@ -291,6 +291,9 @@ pub struct PathVars<'a> {
 /// The file name of a block holding stream sequences `first..=last`:
 /// `{stream}-{first:020}-{last:020}.{extension}`.
 ///
+/// The capture names its blocks with [`incarnation_block_file_name`] instead, which adds the
+/// stream's creation time; this form does not tell apart two streams of the same name.
+///
 /// The sequences are zero-padded to 20 digits (`u64::MAX` has 20), so names sort by sequence.
 ///
 /// # Examples
