@@ -1,24 +1,33 @@
 //! `#[capture]` against a real nats-server, run as a real process (`natty-test-capture`):
-//! every format read back with its own reader, a SIGKILL mid-block, undecodable payloads.
+//! every format read back with its own reader, a SIGKILL mid-block, SIGKILLs right after blocks
+//! are stored, a stream deleted and created again, undecodable payloads, a panicking key
+//! function and keys the path template cannot take.
 
 use std::time::Duration;
 
 use natty_runtime::testing::NatsServer;
-use natty_tests::capture::{create_readings_stream, files, publish_readings, settled, Tally};
-use natty_tests::{collect_stderr, send_signal, spawn_service, wait_until};
+use natty_tests::capture::{create_readings_stream, files, manifests, publish_readings, settled, Tally};
+use natty_tests::{collect_stderr, send_signal, spawn_service, wait_until, Reading};
 
 const CAPTURE: &str = env!("CARGO_BIN_EXE_natty-test-capture");
 const SENSORS: u64 = 10;
 
 /// Store variables for a worker, all pointing at folders under `root`.
 fn folders(root: &std::path::Path) -> Vec<(String, String)> {
-    ["CSV_STORE", "NDJSON_STORE", "PARQUET_STORE", "RAW_STORE", "DRAIN_STORE"]
-        .iter()
-        .map(|var| {
-            let folder = root.join(var.trim_end_matches("_STORE").to_lowercase());
-            (var.to_string(), format!("file://{}", folder.display()))
-        })
-        .collect()
+    [
+        "CSV_STORE",
+        "NDJSON_STORE",
+        "PARQUET_STORE",
+        "RAW_STORE",
+        "DRAIN_STORE",
+        "FRAGILE_STORE",
+    ]
+    .iter()
+    .map(|var| {
+        let folder = root.join(var.trim_end_matches("_STORE").to_lowercase());
+        (var.to_string(), format!("file://{}", folder.display()))
+    })
+    .collect()
 }
 
 /// Waits for `condition`; on timeout, fails with the capture's logs.
@@ -302,4 +311,328 @@ async fn sigterm_stores_the_open_blocks_before_exiting() {
         );
     }
     Tally::of_folder(&dir.path().join("drain"), SENSORS).assert_exactly_once(1..1001, "drained blocks");
+}
+
+/// The NDJSON blocks under `root`, by path.
+fn ndjson_blocks(root: &std::path::Path) -> std::collections::BTreeSet<std::path::PathBuf> {
+    files(root)
+        .into_iter()
+        .filter(|path| path.to_string_lossy().ends_with(".ndjson.zst"))
+        .collect()
+}
+
+/// Waits, polling every millisecond off the runtime, until a block not in `known` appears
+/// under `root`; returns it.
+async fn new_block(
+    root: &std::path::Path,
+    known: &std::collections::BTreeSet<std::path::PathBuf>,
+) -> std::path::PathBuf {
+    let (root, known) = (root.to_path_buf(), known.clone());
+    tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(path) = ndjson_blocks(&root).into_iter().find(|path| !known.contains(path)) {
+                return path;
+            }
+            assert!(std::time::Instant::now() < deadline, "no new block within 60 s");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    })
+    .await
+    .expect("watch for a new block")
+}
+
+/// The crash issue 14 names: a block stored, the process killed before all of its acks reach
+/// the server. The redelivered messages, joined by new ones of their window, would form a block
+/// with other boundaries: both files, the records twice. Twelve times in a row, while readings
+/// keep flowing, the capture is killed the moment a new block file appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_as_soon_as_a_block_appears_stores_every_record_exactly_once() {
+    const KILLS: usize = 12;
+    let server = NatsServer::start().await.expect("nats-server");
+    let client = server.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("ndjson");
+    let env = folders(dir.path());
+    // Debug lines of the capture say when the ledger recognised a stored message.
+    let env = [
+        env_refs(&env),
+        vec![
+            ("NATTY_HANDLERS", "to_ndjson"),
+            ("RUST_LOG", "info,async_nats=warn,natty_runtime::capture=debug"),
+        ],
+    ]
+    .concat();
+    create_readings_stream(&client).await;
+
+    // About 1,500 readings a second over 10 sensors until told to stop.
+    let stop_publishing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publisher = {
+        let (client, stop) = (client.clone(), stop_publishing.clone());
+        tokio::spawn(async move {
+            let mut next = 1;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                publish_readings(&client, next..next + 150, SENSORS).await;
+                next += 150;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            next - 1
+        })
+    };
+    let mut recognised = 0;
+    for kill in 0..KILLS {
+        let known = ndjson_blocks(&root);
+        let mut child = spawn_service(CAPTURE.as_ref(), Some(&server.url()), &env);
+        let logs = collect_stderr(&mut child);
+        let block = new_block(&root, &known).await;
+        send_signal(child.id().expect("pid"), "KILL");
+        child.wait().await.expect("wait for the killed capture");
+        recognised += logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|line| line.contains("a stored block holds it"))
+            .count();
+        eprintln!("kill {kill}: killed as {} appeared", block.display());
+    }
+    stop_publishing.store(true, std::sync::atomic::Ordering::Relaxed);
+    let last = publisher.await.expect("publisher");
+
+    let mut child = spawn_service(CAPTURE.as_ref(), Some(&server.url()), &env);
+    let logs = collect_stderr(&mut child);
+    wait_logged(
+        Duration::from_secs(60),
+        "everything stored after the last restart",
+        &logs,
+        || settled(&js, "readings", "ndjson", last),
+    )
+    .await;
+    recognised += logs
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|line| line.contains("a stored block holds it"))
+        .count();
+    stop(child, &logs).await;
+
+    let tally = Tally::of_folder(&root, SENSORS);
+    eprintln!(
+        "{last} readings in {} blocks after {KILLS} kills; {recognised} redelivered messages acked because a stored block held them",
+        tally.blocks
+    );
+    tally.assert_exactly_once(1..last + 1, "ndjson after a SIGKILL right after each of 12 stores");
+    // Otherwise no kill fell between a store and its acks, and the run proved nothing.
+    assert!(recognised > 0, "no redelivered message was found in a stored block");
+    // Once everything is acked, a stopped capture leaves only blocks behind.
+    assert_eq!(
+        manifests(&root),
+        Vec::<std::path::PathBuf>::new(),
+        "manifests left after the stop"
+    );
+}
+
+/// Sleeps until 100 ms into the next 2 s window (the test captures' `every`), so that a burst
+/// published then falls in one window and each sensor's block spans the same sequences in
+/// both incarnations: without the incarnation in their names, the second would overwrite the
+/// first. (Timing to make the collision likely, not synchronisation.)
+async fn at_the_start_of_a_window() {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let into_window = (now.as_nanos() % 2_000_000_000) as u64;
+    tokio::time::sleep(Duration::from_nanos(2_100_000_000 - into_window)).await;
+}
+
+/// A stream deleted and created again numbers its messages from 1 again. Every reading of
+/// both incarnations is stored once, and no block of the first is overwritten by the second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_created_anew_is_captured_whole_without_overwriting_old_blocks() {
+    const HALF: u64 = 500;
+    let server = NatsServer::start().await.expect("nats-server");
+    let client = server.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("ndjson");
+    let env = folders(dir.path());
+    let env = [env_refs(&env), vec![("NATTY_HANDLERS", "to_ndjson")]].concat();
+    create_readings_stream(&client).await;
+    let mut child = spawn_service(CAPTURE.as_ref(), Some(&server.url()), &env);
+    let logs = collect_stderr(&mut child);
+    natty_tests::wait_for_consumer(&js, "readings", "ndjson", Duration::from_secs(20)).await;
+
+    at_the_start_of_a_window().await;
+    publish_readings(&client, 1..HALF + 1, SENSORS).await;
+    wait_logged(Duration::from_secs(30), "the first incarnation stored", &logs, || {
+        settled(&js, "readings", "ndjson", HALF)
+    })
+    .await;
+    let first: Vec<(std::path::PathBuf, Vec<u8>)> = ndjson_blocks(&root)
+        .into_iter()
+        .map(|path| {
+            let bytes = std::fs::read(&path).unwrap();
+            (path, bytes)
+        })
+        .collect();
+
+    js.delete_stream("readings").await.expect("delete the stream");
+    create_readings_stream(&client).await;
+    at_the_start_of_a_window().await;
+    // Sequences 1 to 500 again: the same sequences, the same sensors as the first time.
+    publish_readings(&client, HALF + 1..2 * HALF + 1, SENSORS).await;
+    let info = js.get_stream("readings").await.unwrap().cached_info().state.clone();
+    assert_eq!((info.first_sequence, info.last_sequence), (1, HALF), "{info:?}");
+    wait_logged(Duration::from_secs(60), "the second incarnation stored", &logs, || {
+        settled(&js, "readings", "ndjson", HALF)
+    })
+    .await;
+    stop(child, &logs).await;
+
+    for (path, bytes) in &first {
+        let now = std::fs::read(path).unwrap_or_default();
+        assert!(&now == bytes, "{} was overwritten by the new stream", path.display());
+    }
+    let tally = Tally::of_folder(&root, SENSORS);
+    tally.assert_exactly_once(1..2 * HALF + 1, "both incarnations");
+    assert!(
+        tally.blocks >= 2 * SENSORS as usize,
+        "blocks of each incarnation: {}",
+        tally.blocks
+    );
+}
+
+/// A key function that panics, and a key the path template cannot take (its `{site}` field is
+/// left out), are each their message's failure: dead-lettered with the reason, while the
+/// capture goes on storing the rest. Before, either crashed the service into a restart loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_key_or_a_key_the_template_cannot_take_is_dead_lettered() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let client = server.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("fragile");
+    let env = folders(dir.path());
+    let env = [env_refs(&env), vec![("NATTY_HANDLERS", "to_fragile")]].concat();
+    create_readings_stream(&client).await;
+
+    publish_readings(&client, 1..51, SENSORS).await;
+    for (id, note) in [(51, "panic"), (52, "nowhere")] {
+        let reading = Reading {
+            note: Some(note.to_owned()),
+            ..Reading::new(id, SENSORS)
+        };
+        let subject = format!("readings.{}", reading.sensor);
+        js.publish(subject, serde_json::to_vec(&reading).unwrap().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    publish_readings(&client, 53..101, SENSORS).await;
+
+    let mut child = spawn_service(CAPTURE.as_ref(), Some(&server.url()), &env);
+    let logs = collect_stderr(&mut child);
+    wait_logged(Duration::from_secs(30), "the good readings stored", &logs, || {
+        settled(&js, "readings", "fragile", 100)
+    })
+    .await;
+    let dead = natty_tests::read_all(&js, "natty-dead-letters", 2).await;
+    assert_eq!(dead.len(), 2, "two dead letters");
+    let reason = |sequence: &str| {
+        let letter = dead
+            .iter()
+            .find(|m| {
+                m.headers
+                    .as_ref()
+                    .unwrap()
+                    .get("Natty-Original-Sequence")
+                    .unwrap()
+                    .as_str()
+                    == sequence
+            })
+            .unwrap_or_else(|| panic!("no dead letter of sequence {sequence}"));
+        let headers = letter.headers.as_ref().unwrap();
+        assert_eq!(headers.get("Natty-Original-Consumer").unwrap().as_str(), "fragile");
+        headers.get("Natty-Dead-Letter-Reason").unwrap().as_str().to_owned()
+    };
+    let panicked = reason("51");
+    assert!(
+        panicked.contains("panicked") && panicked.contains("no key for reading 51"),
+        "{panicked}"
+    );
+    let unfilled = reason("52");
+    assert!(
+        unfilled.contains("path template") && unfilled.contains("{site}"),
+        "{unfilled}"
+    );
+
+    // Still capturing after both.
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the capture process is still running"
+    );
+    publish_readings(&client, 101..151, SENSORS).await;
+    wait_logged(Duration::from_secs(30), "later readings stored", &logs, || {
+        settled(&js, "readings", "fragile", 150)
+    })
+    .await;
+    stop(child, &logs).await;
+    let tally = Tally::of_folder(&root, SENSORS);
+    let ids: Vec<u64> = tally.seen.keys().copied().collect();
+    assert_eq!(ids, (1..51).chain(53..151).collect::<Vec<_>>());
+    assert!(tally.seen.values().all(|n| *n == 1), "each once");
+    assert!(manifests(&root).is_empty(), "manifests left after the stop");
+}
+
+/// The other half of a stream created anew: messages of the old stream still held in open
+/// blocks when the new one delivers the same sequences. Neither is taken for the other: one
+/// drain stores both incarnations' readings, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_held_from_a_deleted_stream_do_not_hide_the_new_streams_same_sequences() {
+    const HALF: u64 = 100;
+    let server = NatsServer::start().await.expect("nats-server");
+    let client = server.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("drain");
+    let env = folders(dir.path());
+    let env = [env_refs(&env), vec![("NATTY_HANDLERS", "to_drain")]].concat();
+    create_readings_stream(&client).await;
+    let delivered = |last: u64| {
+        let js = js.clone();
+        async move {
+            let Ok(stream) = js.get_stream("readings").await else {
+                return false;
+            };
+            stream
+                .consumer_info("drain")
+                .await
+                .is_ok_and(|info| info.delivered.stream_sequence >= last && info.num_pending == 0)
+        }
+    };
+
+    // Hour-long windows: everything delivered stays held in open blocks until the drain.
+    let mut child = spawn_service(CAPTURE.as_ref(), Some(&server.url()), &env);
+    let logs = collect_stderr(&mut child);
+    publish_readings(&client, 1..HALF + 1, SENSORS).await;
+    wait_logged(Duration::from_secs(20), "the first stream delivered", &logs, || {
+        delivered(HALF)
+    })
+    .await;
+    js.delete_stream("readings").await.expect("delete the stream");
+    create_readings_stream(&client).await;
+    publish_readings(&client, HALF + 1..2 * HALF + 1, SENSORS).await;
+    wait_logged(Duration::from_secs(30), "the new stream delivered", &logs, || {
+        delivered(HALF)
+    })
+    .await;
+    assert!(files(&root).is_empty(), "nothing stored before the drain");
+    stop(child, &logs).await;
+
+    let tally = Tally::of_folder(&root, SENSORS);
+    tally.assert_exactly_once(1..2 * HALF + 1, "both streams' readings after one drain");
+    wait_logged(Duration::from_secs(5), "the new stream's readings acked", &logs, || {
+        settled(&js, "readings", "drain", HALF)
+    })
+    .await;
 }

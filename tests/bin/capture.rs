@@ -1,8 +1,9 @@
 //! A natty service used by the capture tests: four captures of the `readings` stream, one per
 //! format, each storing where an environment variable says (`CSV_STORE`, `NDJSON_STORE`,
 //! `PARQUET_STORE`, `RAW_STORE`: `file://...`, `s3://...` or `az://...`), and `to_drain`, whose
-//! hour-long windows close only on shutdown (`DRAIN_STORE`). Run one of them with
-//! `NATTY_HANDLERS=to_csv` and so on.
+//! hour-long windows close only on shutdown (`DRAIN_STORE`), and `to_fragile`, whose key
+//! function panics on some readings and whose path template other readings' keys cannot fill
+//! (`FRAGILE_STORE`). Run one of them with `NATTY_HANDLERS=to_csv` and so on.
 
 use natty_runtime::prelude::*;
 use natty_tests::Reading;
@@ -76,6 +77,34 @@ fn to_raw(reading: &Reading) -> String {
 )]
 fn to_drain(reading: &Reading) -> String {
     reading.sensor.clone()
+}
+
+/// The key of `to_fragile`: a struct whose `site` field is left out for some readings.
+#[derive(serde::Serialize)]
+struct Spot {
+    sensor: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    site: Option<String>,
+}
+
+/// Panics on a reading noted `panic`; a reading noted `nowhere` has no `site` for its
+/// template's `{site}`.
+#[capture(
+    stream = "readings",
+    durable = "fragile",
+    format = "ndjson",
+    store = "${FRAGILE_STORE}/{sensor}/{site}",
+    every = "2s",
+    ack_wait = "4s"
+)]
+fn to_fragile(reading: &Reading) -> Spot {
+    if reading.note.as_deref() == Some("panic") {
+        panic!("no key for reading {}", reading.id);
+    }
+    Spot {
+        sensor: reading.sensor.clone(),
+        site: (reading.note.as_deref() != Some("nowhere")).then(|| reading.place.site.clone()),
+    }
 }
 
 #[tokio::main]

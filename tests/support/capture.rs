@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use natty_runtime::capture::format::{decompress, read_raw, Compression};
+use natty_runtime::capture::store::MANIFEST_DIR;
 use object_store::ObjectStoreExt as _;
 
 use crate::Reading;
@@ -131,8 +132,23 @@ pub fn records(name: &str, bytes: &[u8]) -> Vec<Reading> {
     panic!("unexpected block `{name}`");
 }
 
-/// Every file under `root`, hidden ones included.
+/// Every file under `root`, hidden ones included (temporaries in `.natty-tmp` too), but for
+/// the capture's manifests in `.natty-manifests` (see [`manifests`]): they are natty's record
+/// of what each block holds, not blocks or leftovers.
 pub fn files(root: &Path) -> Vec<PathBuf> {
+    walk(root, false)
+}
+
+/// The capture's manifests under `root`: one per block whose acks may not all have reached the
+/// server yet.
+pub fn manifests(root: &Path) -> Vec<PathBuf> {
+    walk(root, true)
+        .into_iter()
+        .filter(|path| path.components().any(|part| part.as_os_str() == MANIFEST_DIR))
+        .collect()
+}
+
+fn walk(root: &Path, with_manifests: bool) -> Vec<PathBuf> {
     let mut found = Vec::new();
     let mut dirs = vec![root.to_path_buf()];
     while let Some(dir) = dirs.pop() {
@@ -140,7 +156,9 @@ pub fn files(root: &Path) -> Vec<PathBuf> {
         for entry in entries.flatten() {
             let path = entry.path();
             if path.is_dir() {
-                dirs.push(path);
+                if with_manifests || path.file_name().is_none_or(|name| name != MANIFEST_DIR) {
+                    dirs.push(path);
+                }
             } else {
                 found.push(path);
             }
@@ -198,6 +216,9 @@ impl Tally {
         let listed: Vec<_> = store.list(None).collect().await;
         for meta in listed {
             let meta = meta.expect("list the store");
+            if meta.location.parts().any(|part| part.as_ref() == MANIFEST_DIR) {
+                continue;
+            }
             let bytes = store
                 .get(&meta.location)
                 .await
@@ -229,6 +250,7 @@ impl Tally {
             .map(|(id, n)| (*id, *n))
             .take(10)
             .collect();
+        let repeated_total = self.seen.values().filter(|n| **n > 1).count();
         let strangers: Vec<u64> = self
             .seen
             .keys()
@@ -238,7 +260,8 @@ impl Tally {
             .collect();
         assert!(
             missing.is_empty() && repeated.is_empty() && strangers.is_empty(),
-            "{what}: {} records in {} blocks; missing (first 10) {missing:?}, repeated {repeated:?}, unexpected {strangers:?}",
+            "{what}: {} records in {} blocks; missing (first 10) {missing:?}, repeated ({repeated_total} in all, first 10) \
+             {repeated:?}, unexpected {strangers:?}",
             self.seen.len(),
             self.blocks
         );

@@ -12,20 +12,29 @@
 //!   closes when it reaches `max_messages` or `max_bytes` (payload bytes), when a message from a
 //!   later window arrives, or when its window is over (plus a grace period) and the consumer is
 //!   caught up or idle.
-//! - **Names.** A block is named `<stream>-<first sequence>-<last sequence>.<extension>` under
-//!   its rendered path template, so a block rebuilt from the same messages after a crash
-//!   overwrites the first copy instead of adding a second. A block is never visible half
-//!   written (see [`BlockStore::put`]).
+//! - **Names.** A block is named `<stream>-<stream created>-<first sequence>-<last
+//!   sequence>.<extension>` under its rendered path template (see
+//!   [`store::incarnation_block_file_name`]), so a block rebuilt from the same messages
+//!   overwrites itself, and a stream deleted and created again (its sequences start at 1 again)
+//!   never overwrites the blocks of the old one. A block is never visible half written (see
+//!   [`BlockStore::put`]).
+//! - **Stored once, whatever the crash.** Before a block is written, a manifest of its exact
+//!   sequences is (see the `ledger` module). A message delivered again that a visible block
+//!   holds is acked, not written again: a crash between a block's store and its acks leaves no
+//!   duplicate. Held and stored messages are keyed by (stream incarnation, sequence).
+//! - **A message's own failures stay its own.** A payload that cannot be decoded, a key function
+//!   that panics, or a key the path template cannot take (a struct key without a field the
+//!   template names) dead-letters that message with the reason; the capture goes on.
 //! - **Acks are explicit, one per message.** `AckPolicy::All` would be faster, but its ack of a
 //!   sequence also acks every earlier message of the consumer: those of other keys' blocks still
 //!   open here, those another instance holds, and those waiting for redelivery after a crash.
 //! - **Drain.** On shutdown, open blocks are closed and stored within
 //!   [`Config::capture_drain_timeout`](crate::Config::capture_drain_timeout), a deadline of its
 //!   own; what is not stored by then stays unacked and is redelivered to the next run.
-//! - **Undecodable messages** are dead-lettered and terminated like a consumer's; they never
-//!   hold up their block.
+//! - **Dead letters** are terminated like a consumer's; they never hold up their block.
 
 pub mod format;
+mod ledger;
 pub mod store;
 
 use std::any::Any;
@@ -51,6 +60,7 @@ use crate::publish::Client;
 use crate::puller::{delivery_meta, Pulled, Puller};
 use crate::stream::{Location, StreamDef};
 use crate::telemetry::CaptureMetrics;
+use ledger::Ledger;
 
 pub use format::{BlockFormat, BlockWriter, Compression, FormatError, WriterFactory};
 pub use store::{BlockStore, PathVars, StoreError};
@@ -389,17 +399,26 @@ struct Shared {
     /// A third of the consumer's `ack_wait`: how often held messages are kept alive, leaving
     /// room for a busy process to send the pings late.
     keep_alive: Duration,
-    /// The stream sequences in open and storing blocks. A message redelivered while its first
-    /// delivery is still held (a keep-alive came too late) is not written twice: the first
-    /// delivery's ack, after its block is stored, settles it.
-    held_sequences: Mutex<std::collections::HashSet<u64>>,
-    /// Stored blocks whose acks the server has not yet been seen to take, with their sorted
-    /// sequences: a redelivery of one of them (the server sent it before it saw the ack, or the
-    /// ack was lost in a leader election) is acked again instead of stored twice. A block is
-    /// forgotten once the consumer's ack floor has passed its last sequence.
-    recently_stored: Mutex<std::collections::VecDeque<(Instant, Vec<u64>)>>,
-    /// The consumer's ack floor (stream sequence) as last read from the server.
+    /// The messages in open and storing blocks, and those waiting for the ledger. A message
+    /// redelivered while its first delivery is still held (a keep-alive came too late) is not
+    /// written twice: the first delivery's ack, after its block is stored, settles it.
+    held_sequences: Mutex<std::collections::HashSet<MessageId>>,
+    /// Stored blocks whose acks the server has not yet been seen to take, with their stream
+    /// incarnation and sorted sequences: a redelivery of one of them (the server sent it before
+    /// it saw the ack, or the ack was lost in a leader election) is acked again instead of
+    /// stored twice. A block is forgotten once the consumer's ack floor has passed its last
+    /// sequence, or its incarnation is gone.
+    recently_stored: Mutex<std::collections::VecDeque<(Instant, u64, Vec<u64>)>>,
+    /// The consumer's ack floor (stream sequence) as last read from the server, in the current
+    /// incarnation.
     ack_floor: AtomicU64,
+    /// The current incarnation of the stream: its creation time in nanoseconds since the Unix
+    /// epoch. A stream deleted and created again, or a memory stream lost in a server restart,
+    /// numbers its messages from 1 again; everything keyed by sequence is keyed by this too.
+    incarnation: AtomicU64,
+    /// Which messages the stored blocks hold, in the store beside them: a message redelivered
+    /// after a crash between its block's store and its ack is acked, not written again.
+    ledger: Ledger,
     /// Limits how many blocks are being stored at once.
     storing: Semaphore,
     /// Cancelled when the drain deadline passes: stores give up, leaving their messages unacked.
@@ -407,12 +426,12 @@ struct Shared {
 }
 
 impl Shared {
-    /// Marks a sequence held; false if it already is. The `held` stat follows the set.
-    fn hold(&self, sequence: u64) -> bool {
+    /// Marks a message held; false if it already is. The `held` stat follows the set.
+    fn hold(&self, id: MessageId) -> bool {
         self.held_sequences
             .lock()
             .map(|mut held| {
-                let new = held.insert(sequence);
+                let new = held.insert(id);
                 self.stats.held.store(held.len() as u64, Ordering::Relaxed);
                 self.metrics.held.set(held.len() as i64);
                 new
@@ -422,12 +441,34 @@ impl Shared {
 
     /// Remembers a stored block's sequences until the server has taken their acks (see
     /// `recently_stored`).
-    fn stored(&self, mut sequences: Vec<u64>) {
-        sequences.sort_unstable();
+    fn stored(&self, incarnation: u64, sorted: Vec<u64>) {
         if let Ok(mut recent) = self.recently_stored.lock() {
-            recent.push_back((Instant::now(), sequences));
+            recent.push_back((Instant::now(), incarnation, sorted));
         }
         self.forget_acked();
+    }
+
+    /// How long a stored block is remembered after the ack floor passed it (see
+    /// `forget_acked`), and how far apart ledger sweeps are.
+    fn keep(&self) -> Duration {
+        (self.keep_alive * 12).max(Duration::from_secs(30))
+    }
+
+    /// Starts a new stream incarnation: the ack floor read so far was the old one's.
+    fn set_incarnation(&self, incarnation: u64) {
+        let old = self.incarnation.swap(incarnation, Ordering::Relaxed);
+        if old != incarnation {
+            self.ack_floor.store(0, Ordering::Relaxed);
+            if old != 0 {
+                tracing::warn!(
+                    capture = self.def.name,
+                    stream = self.def.stream,
+                    old,
+                    new = incarnation,
+                    "the stream was created anew (its sequences start again): blocks of the new stream get names of their own"
+                );
+            }
+        }
     }
 
     /// Drops the remembered blocks that are both below the ack floor (their acks were taken)
@@ -437,11 +478,12 @@ impl Shared {
     /// bound, the oldest go regardless: memory must not grow while the ack floor cannot be read.
     fn forget_acked(&self) {
         const MAX_REMEMBERED_BLOCKS: usize = 100_000;
-        let keep = (self.keep_alive * 12).max(Duration::from_secs(30));
+        let keep = self.keep();
         let floor = self.ack_floor.load(Ordering::Relaxed);
+        let current = self.incarnation.load(Ordering::Relaxed);
         if let Ok(mut recent) = self.recently_stored.lock() {
-            while recent.front().is_some_and(|(at, sequences)| {
-                at.elapsed() > keep && sequences.last().is_none_or(|last| *last <= floor)
+            while recent.front().is_some_and(|(at, incarnation, sequences)| {
+                at.elapsed() > keep && (*incarnation != current || sequences.last().is_none_or(|last| *last <= floor))
             }) || recent.len() > MAX_REMEMBERED_BLOCKS
             {
                 recent.pop_front();
@@ -449,44 +491,149 @@ impl Shared {
         }
     }
 
-    /// Reads the consumer's ack floor from the server every `keep_alive`, until `stop`.
+    /// Reads the consumer's ack floor from the server every `keep_alive`, until `stop`, and
+    /// sweeps the ledger of manifests no redelivery can need any more every `keep`.
     async fn follow_ack_floor(self: Arc<Self>, stop: CancellationToken) {
         let (stream, durable) = (self.def.stream, self.def.durable);
         let js = async_nats::jetstream::new(self.nats.clone());
         let every = self.keep_alive.max(Duration::from_secs(1));
+        let mut last_sweep = Instant::now();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(every) => {}
             }
+            let incarnation = self.incarnation.load(Ordering::Relaxed);
             let info = js.get_consumer_from_stream::<pull::Config, _, _>(durable, stream);
-            if let Ok(Ok(consumer)) = tokio::time::timeout(every, info).await {
-                self.ack_floor
-                    .fetch_max(consumer.cached_info().ack_floor.stream_sequence, Ordering::Relaxed);
-                self.forget_acked();
+            let Ok(Ok(consumer)) = tokio::time::timeout(every, info).await else {
+                continue;
+            };
+            // A floor read across a change of incarnation belongs to neither.
+            if self.incarnation.load(Ordering::Relaxed) != incarnation {
+                continue;
+            }
+            let floor = consumer.cached_info().ack_floor.stream_sequence;
+            self.ack_floor.fetch_max(floor, Ordering::Relaxed);
+            self.forget_acked();
+            if last_sweep.elapsed() >= self.keep() {
+                last_sweep = Instant::now();
+                match tokio::time::timeout(self.keep(), self.ledger.sweep(incarnation, floor)).await {
+                    Ok(Ok(0)) | Err(_) => {}
+                    Ok(Ok(removed)) => {
+                        tracing::debug!(
+                            capture = self.def.name,
+                            removed,
+                            "removed manifests of fully acked blocks"
+                        )
+                    }
+                    Ok(Err(error)) => {
+                        tracing::warn!(capture = self.def.name, %error, "cannot sweep the manifests of acked blocks")
+                    }
+                }
             }
         }
     }
 
-    /// Whether `sequence` is in a block stored moments ago.
-    fn was_stored(&self, sequence: u64) -> bool {
+    /// On stop: waits up to two seconds for the ack floor to pass the blocks stored here (the
+    /// server applies acks a moment after taking them), then removes the manifests the floor
+    /// has passed, so that a stopped capture leaves only blocks behind. Unlike the sweep, it
+    /// does not wait out `keep`: a consumer leader that fails over right after a capture
+    /// stops, with acks it had not replicated, can then have them stored twice.
+    async fn remove_acked_manifests(&self) {
+        const WAIT: Duration = Duration::from_secs(2);
+        let incarnation = self.incarnation.load(Ordering::Relaxed);
+        let target = self.recently_stored.lock().map_or(0, |recent| {
+            recent
+                .iter()
+                .filter(|(_, stored, _)| *stored == incarnation)
+                .filter_map(|(_, _, sequences)| sequences.last().copied())
+                .max()
+                .unwrap_or(0)
+        });
+        let js = async_nats::jetstream::new(self.nats.clone());
+        let deadline = Instant::now() + WAIT;
+        let mut floor = None;
+        loop {
+            let info = js.get_consumer_from_stream::<pull::Config, _, _>(self.def.durable, self.def.stream);
+            if let Ok(Ok(consumer)) = tokio::time::timeout(WAIT, info).await {
+                floor = Some(consumer.cached_info().ack_floor.stream_sequence);
+            }
+            if floor.is_some_and(|floor| floor >= target) || Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let Some(floor) = floor else { return };
+        match tokio::time::timeout(WAIT, self.ledger.remove_acked(incarnation, floor)).await {
+            Ok(Ok(removed)) => tracing::debug!(
+                capture = self.def.name,
+                removed,
+                floor,
+                "removed the manifests of acked blocks"
+            ),
+            Ok(Err(error)) => {
+                tracing::warn!(capture = self.def.name, %error, "cannot remove the manifests of acked blocks")
+            }
+            Err(_) => tracing::warn!(
+                capture = self.def.name,
+                "removing the manifests of acked blocks took too long; left for the next run"
+            ),
+        }
+    }
+
+    /// Whether a message is in a block stored moments ago.
+    fn was_stored(&self, (incarnation, sequence): MessageId) -> bool {
         self.recently_stored.lock().is_ok_and(|recent| {
             recent
                 .iter()
-                .any(|(_, sequences)| sequences.binary_search(&sequence).is_ok())
+                .any(|(_, stored, sequences)| *stored == incarnation && sequences.binary_search(&sequence).is_ok())
         })
     }
 
-    /// Forgets sequences whose block was stored or given up.
-    fn release(&self, sequences: &[u64]) {
+    /// Forgets messages whose block was stored or given up.
+    fn release(&self, incarnation: u64, sequences: &[u64]) {
         if let Ok(mut held) = self.held_sequences.lock() {
             for sequence in sequences {
-                held.remove(sequence);
+                held.remove(&(incarnation, *sequence));
             }
             self.stats.held.store(held.len() as u64, Ordering::Relaxed);
             self.metrics.held.set(held.len() as i64);
         }
     }
+}
+
+/// A message's identity across incarnations of its stream: (incarnation, stream sequence).
+type MessageId = (u64, u64);
+
+/// Binds the capture's consumer and reads which incarnation of the stream it belongs to.
+///
+/// The stream is read after the consumer: a consumer older than the stream it was read with
+/// belongs to an incarnation deleted in between, and is bound again.
+async fn bind(
+    def: &CaptureDef,
+    consumer: &Consumer,
+    nats: &async_nats::Client,
+) -> Result<(async_nats::jetstream::consumer::PullConsumer, u64)> {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let bound = consumer.bind().await?;
+        let bound_at = bound.cached_info().created.unix_timestamp_nanos();
+        let created = stream_created(nats, def.stream)
+            .await
+            .map_err(|error| def.error(format!("cannot read the stream `{}`: {error}", def.stream)))?;
+        if i128::from(created) <= bound_at || attempts >= 5 {
+            return Ok((bound, created));
+        }
+    }
+}
+
+/// When the stream was created, in nanoseconds since the Unix epoch: its incarnation.
+async fn stream_created(nats: &async_nats::Client, stream: &str) -> std::result::Result<u64, BoxError> {
+    let js = async_nats::jetstream::new(nats.clone());
+    let stream = js.get_stream(stream).await?;
+    let created = stream.cached_info().created.unix_timestamp_nanos();
+    Ok(created.clamp(1, i128::from(u64::MAX)) as u64)
 }
 
 impl Capture {
@@ -524,7 +671,7 @@ impl Capture {
         let nats = client.nats().clone();
         let metrics = client.telemetry().metrics.capture(def.name, def.stream);
         let consumer = Consumer::new(def.consumer_def(), client, provision, stream_def);
-        let bound = consumer.bind().await?;
+        let (bound, incarnation) = bind(&def, &consumer, &nats).await?;
         let config = &bound.cached_info().config;
         // Checked against what the server has, which may differ from the declaration when
         // provisioning is off or verify-only.
@@ -575,13 +722,15 @@ impl Capture {
                 def,
                 consumer,
                 nats,
-                store,
                 stats,
                 metrics,
                 keep_alive: config.ack_wait / 3,
                 held_sequences: Mutex::new(std::collections::HashSet::new()),
                 recently_stored: Mutex::new(std::collections::VecDeque::new()),
                 ack_floor: AtomicU64::new(0),
+                incarnation: AtomicU64::new(incarnation),
+                ledger: Ledger::new(store.clone(), def.stream, def.durable),
+                store,
                 storing: Semaphore::new(def.store_concurrency),
                 abandon: CancellationToken::new(),
             }),
@@ -608,11 +757,15 @@ impl Capture {
             every,
         };
         let mut stores: JoinSet<std::result::Result<(), Error>> = JoinSet::new();
+        let mut unsure = Unsure::default();
         let mut tick = tokio::time::interval(grace.clamp(Duration::from_millis(20), Duration::from_millis(250)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_message = Instant::now();
         let mut caught_up = false;
         let mut failures = 0u32;
+        // Reconnects seen when the incarnation was last read: a memory stream lost in a server
+        // restart and created again by another instance shows only as a reconnect.
+        let mut connects = shared.nats.statistics().connects.load(Ordering::Relaxed);
         // Under this many held messages, pull freely; above, close the biggest block to make room
         // before the server stops delivering at max_ack_pending.
         let pressure = self.max_held - self.max_held / 10;
@@ -633,6 +786,7 @@ impl Capture {
                 if let Err(error) = puller.top_up(room).await {
                     tracing::warn!(capture = def.name, %error, "cannot send a pull request");
                 }
+                unsure.refresh_if_due(&shared);
                 let pulled = tokio::select! {
                     biased;
                     _ = cancel.cancelled() => break false,
@@ -643,8 +797,15 @@ impl Capture {
                             Err(panic) => break 'session Some(def.error(format!("a block store task failed: {panic}"))),
                         }
                     }
+                    refreshed = unsure.refreshed() => {
+                        for arrival in unsure.settle(refreshed, &shared) {
+                            self.admit(arrival, true, &mut blocks, &mut unsure, &mut stores);
+                        }
+                        continue;
+                    }
                     _ = tick.tick() => {
                         blocks.keep_alive(&shared);
+                        unsure.keep_alive(&shared);
                         let idle = last_message.elapsed() >= grace;
                         for block in blocks.due(wall_clock_nanos(), grace, idle || caught_up) {
                             self.seal(block, &mut stores);
@@ -662,6 +823,13 @@ impl Capture {
                             tracing::warn!(capture = def.name, reply = %reply, "not a JetStream delivery; ignored");
                             continue;
                         };
+                        let now_connects = shared.nats.statistics().connects.load(Ordering::Relaxed);
+                        if now_connects != connects {
+                            connects = now_connects;
+                            if let Ok(created) = stream_created(&shared.nats, def.stream).await {
+                                shared.set_incarnation(created);
+                            }
+                        }
                         caught_up = meta.pending == 0;
                         let original = Original {
                             subject: message.subject,
@@ -670,27 +838,35 @@ impl Capture {
                             stream_sequence: meta.sequence,
                             delivery_count: meta.delivered,
                         };
-                        let captured = (def.decode)(original.headers.as_ref(), &original.payload);
-                        let captured = match captured {
-                            Ok(captured) => captured,
-                            Err(error) => {
+                        // The key function is the user's code: its panic is this message's
+                        // failure, not the capture's (which would restart into the same message).
+                        let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            (def.decode)(original.headers.as_ref(), &original.payload)
+                        }));
+                        let captured = match decoded {
+                            Ok(Ok(captured)) => captured,
+                            Ok(Err(error)) => {
                                 self.dead_letter(reply, original, format!("cannot decode the payload: {error}"));
                                 continue;
                             }
+                            Err(panic) => {
+                                let reason = format!(
+                                    "decoding the payload or computing its key panicked: {}",
+                                    panic_text(&*panic)
+                                );
+                                self.dead_letter(reply, original, reason);
+                                continue;
+                            }
                         };
-                        let sealed =
-                            blocks.add(captured, original, reply, meta.timestamp_nanos, &self.writers, &shared);
-                        match sealed {
-                            Ok(sealed) => {
-                                for block in sealed {
-                                    self.seal(block, &mut stores);
-                                }
-                            }
-                            Err(refused) => {
-                                let (reply, original, why) = *refused;
-                                self.dead_letter(reply, original, why);
-                            }
-                        }
+                        let arrival = Arrival {
+                            captured,
+                            original,
+                            reply,
+                            timestamp: meta.timestamp_nanos,
+                            incarnation: shared.incarnation.load(Ordering::Relaxed),
+                            arrived: last_message,
+                        };
+                        self.admit(arrival, false, &mut blocks, &mut unsure, &mut stores);
                         // Only when open blocks hold at least half the allowance: blocks being
                         // stored count too, and closing fresh one-message blocks while they
                         // finish would only add tiny stores.
@@ -720,6 +896,12 @@ impl Capture {
                         if shared.consumer.must_rebind(why).await {
                             break true;
                         }
+                        // The consumer is there, but maybe on a stream created anew meanwhile
+                        // (by another instance, after a memory stream was lost in a restart).
+                        let created = stream_created(&shared.nats, def.stream).await;
+                        if created.is_ok_and(|created| created != shared.incarnation.load(Ordering::Relaxed)) {
+                            break true;
+                        }
                     }
                     Pulled::Busy => {
                         if !crate::consumer::pause(&cancel, &mut failures).await {
@@ -742,11 +924,33 @@ impl Capture {
                 break None;
             }
             drop(puller);
-            if !shared.consumer.rebind(&cancel, &mut failures).await {
+            let rebound = loop {
+                match bind(&def, &shared.consumer, &shared.nats).await {
+                    Ok((_, created)) => {
+                        shared.set_incarnation(created);
+                        connects = shared.nats.statistics().connects.load(Ordering::Relaxed);
+                        tracing::info!(
+                            capture = def.name,
+                            consumer = def.durable,
+                            "consumer re-bound; resuming"
+                        );
+                        break true;
+                    }
+                    Err(error) => {
+                        tracing::error!(capture = def.name, %error, "cannot re-bind the consumer; retrying");
+                        if !crate::consumer::pause(&cancel, &mut failures).await {
+                            break false;
+                        }
+                    }
+                }
+            };
+            if !rebound {
                 break None;
             }
         };
 
+        // Messages still waiting for the ledger go back to the server.
+        unsure.hand_back(&shared);
         // Drain: every open block is closed and stored, within a deadline of its own.
         let open = blocks.open.len();
         for (_, block) in blocks.open.drain() {
@@ -775,6 +979,7 @@ impl Capture {
         if let Err(error) = shared.nats.flush().await {
             tracing::warn!(capture = def.name, %error, "cannot flush the acks");
         }
+        shared.remove_acked_manifests().await;
         let stats = &shared.stats;
         tracing::info!(
             capture = def.name,
@@ -788,6 +993,74 @@ impl Capture {
         match failed {
             Some(error) => Err(error),
             None => Ok(()),
+        }
+    }
+
+    /// Takes a decoded message in: acks it again if a stored block holds it, skips it if held,
+    /// sets it aside until the ledger is fresh if it is a redelivery, else writes it into its
+    /// block (storing the blocks that this closes). `held` is true for one that waited for the
+    /// ledger, and so is held already.
+    fn admit(
+        &self,
+        arrival: Arrival,
+        held: bool,
+        blocks: &mut Blocks,
+        unsure: &mut Unsure,
+        stores: &mut JoinSet<std::result::Result<(), Error>>,
+    ) {
+        let shared = &self.shared;
+        let id = arrival.id();
+        // Only a message delivered before can be in a block already.
+        let redelivered = arrival.original.delivery_count > 1;
+        if !held {
+            if redelivered && shared.was_stored(id) {
+                tracing::debug!(
+                    capture = shared.def.name,
+                    sequence = id.1,
+                    "redelivered after it was stored; acked again"
+                );
+                settle_all(&shared.nats, vec![arrival.reply], b"+ACK");
+                return;
+            }
+            if !shared.hold(id) {
+                tracing::debug!(
+                    capture = shared.def.name,
+                    sequence = id.1,
+                    "redelivered while held; skipped"
+                );
+                return;
+            }
+        }
+        if redelivered {
+            let since = arrival
+                .arrived
+                .checked_sub(shared.keep_alive)
+                .unwrap_or(arrival.arrived);
+            if !shared.ledger.listed_since(since) {
+                unsure.push(arrival);
+                return;
+            }
+            if shared.ledger.holds(id.0, id.1) {
+                tracing::debug!(
+                    capture = shared.def.name,
+                    sequence = id.1,
+                    "redelivered, and a stored block holds it (its ack was lost in a crash); acked"
+                );
+                shared.release(id.0, &[id.1]);
+                settle_all(&shared.nats, vec![arrival.reply], b"+ACK");
+                return;
+            }
+        }
+        match blocks.add(arrival, &self.writers, shared) {
+            Ok(sealed) => {
+                for block in sealed {
+                    self.seal(block, stores);
+                }
+            }
+            Err(refused) => {
+                let (reply, original, why) = *refused;
+                self.dead_letter(reply, original, why);
+            }
         }
     }
 
@@ -824,6 +1097,123 @@ impl Capture {
     }
 }
 
+/// What a panic carried, for a dead letter's reason.
+fn panic_text(panic: &(dyn Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|text| (*text).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
+/// A decoded message on its way into a block.
+struct Arrival {
+    captured: Captured,
+    original: Original,
+    reply: Subject,
+    /// Its stream timestamp, in nanoseconds since the Unix epoch.
+    timestamp: u64,
+    /// The stream incarnation it was delivered from.
+    incarnation: u64,
+    /// When it was received: a ledger listed since (less a keep-alive period) is fresh enough
+    /// to say whether a stored block holds it.
+    arrived: Instant,
+}
+
+impl Arrival {
+    fn id(&self) -> MessageId {
+        (self.incarnation, self.original.stream_sequence)
+    }
+}
+
+/// Redelivered messages waiting for the ledger to be read (again), held and kept alive
+/// meanwhile, and the refresh under way.
+#[derive(Default)]
+struct Unsure {
+    waiting: Vec<Arrival>,
+    /// When the waiting messages were last kept alive.
+    touched: Option<Instant>,
+    refresh: Option<tokio::task::JoinHandle<std::result::Result<(), StoreError>>>,
+    /// No refresh before this (after a failed one).
+    not_before: Option<Instant>,
+    failures: u32,
+}
+
+impl Unsure {
+    fn push(&mut self, arrival: Arrival) {
+        if self.waiting.is_empty() {
+            self.touched = Some(Instant::now());
+        }
+        self.waiting.push(arrival);
+    }
+
+    /// Starts reading the ledger if messages wait and no read is under way or backing off.
+    fn refresh_if_due(&mut self, shared: &Arc<Shared>) {
+        if self.waiting.is_empty() || self.refresh.is_some() || self.not_before.is_some_and(|at| at > Instant::now()) {
+            return;
+        }
+        let shared = shared.clone();
+        self.refresh = Some(tokio::spawn(async move { shared.ledger.refresh().await }));
+    }
+
+    /// Resolves when the refresh under way ends; never if none is.
+    async fn refreshed(&mut self) -> std::result::Result<(), String> {
+        match self.refresh.as_mut() {
+            Some(refresh) => {
+                let outcome = refresh.await;
+                self.refresh = None;
+                match outcome {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(error)) => Err(error.to_string()),
+                    Err(panic) => Err(format!("the ledger read failed: {panic}")),
+                }
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// After a refresh: the waiting messages to admit again, or none (they wait for a retry).
+    fn settle(&mut self, refreshed: std::result::Result<(), String>, shared: &Shared) -> Vec<Arrival> {
+        match refreshed {
+            Ok(()) => {
+                self.failures = 0;
+                self.not_before = None;
+                std::mem::take(&mut self.waiting)
+            }
+            Err(error) => {
+                self.failures = self.failures.saturating_add(1);
+                let delay = (STORE_RETRY_FIRST * 2u32.pow(self.failures.min(7))).min(STORE_RETRY_MAX);
+                self.not_before = Some(Instant::now() + delay);
+                tracing::warn!(
+                    capture = shared.def.name, %error, waiting = self.waiting.len(), retry_in = ?delay,
+                    "cannot read which messages the stored blocks hold; the redelivered ones wait, unacked"
+                );
+                Vec::new()
+            }
+        }
+    }
+
+    /// Sends in-progress acks for the waiting messages every keep-alive period.
+    fn keep_alive(&mut self, shared: &Shared) {
+        if self.touched.is_some_and(|at| at.elapsed() >= shared.keep_alive) {
+            self.touched = Some(Instant::now());
+            let replies: Vec<Subject> = self.waiting.iter().map(|arrival| arrival.reply.clone()).collect();
+            in_progress(&shared.nats, &replies);
+        }
+    }
+
+    /// On shutdown: the waiting messages go back to the server.
+    fn hand_back(&mut self, shared: &Shared) {
+        let waiting = std::mem::take(&mut self.waiting);
+        let mut replies = Vec::with_capacity(waiting.len());
+        for arrival in waiting {
+            shared.release(arrival.incarnation, &[arrival.original.stream_sequence]);
+            replies.push(arrival.reply);
+        }
+        settle_all(&shared.nats, replies, b"-NAK");
+    }
+}
+
 /// The current time in nanoseconds since the Unix epoch.
 fn wall_clock_nanos() -> u64 {
     SystemTime::now()
@@ -833,9 +1223,9 @@ fn wall_clock_nanos() -> u64 {
         .min(u64::MAX as u128) as u64
 }
 
-/// The open blocks of one capture, by key and window.
+/// The open blocks of one capture, by stream incarnation, key and window.
 struct Blocks {
-    open: HashMap<(BlockKey, u64), OpenBlock>,
+    open: HashMap<(u64, BlockKey, u64), OpenBlock>,
     /// The latest window any message came from, in nanoseconds since the epoch.
     watermark: u64,
     /// Window length in nanoseconds.
@@ -844,9 +1234,10 @@ struct Blocks {
 
 /// A block being filled.
 struct OpenBlock {
-    key: BlockKey,
-    /// Start of its window, in nanoseconds since the epoch.
-    window: u64,
+    /// The stream incarnation its messages come from.
+    incarnation: u64,
+    /// Where it goes: the path template rendered for its key and window.
+    folder: object_store::path::Path,
     writer: Box<dyn BlockWriter>,
     replies: Vec<Subject>,
     /// The stream sequence of each reply.
@@ -860,45 +1251,48 @@ struct OpenBlock {
 type Refused = (Subject, Original, String);
 
 impl Blocks {
-    /// Writes a message into its block; returns the blocks that this closes: its own when
-    /// full, and older windows' once a message from a later window arrives.
-    #[allow(clippy::too_many_arguments)]
+    /// Writes a message (held already) into its block; returns the blocks that this closes:
+    /// its own when full, and older windows' once a message from a later window arrives.
     fn add(
         &mut self,
-        captured: Captured,
-        original: Original,
-        reply: Subject,
-        timestamp: u64,
+        arrival: Arrival,
         writers: &WriterFactory,
         shared: &Shared,
     ) -> std::result::Result<Vec<OpenBlock>, Box<Refused>> {
         let def = &shared.def;
+        let Arrival {
+            captured,
+            original,
+            reply,
+            timestamp,
+            incarnation,
+            ..
+        } = arrival;
         let window = timestamp - timestamp % self.every;
-        if original.delivery_count > 1 && shared.was_stored(original.stream_sequence) {
-            tracing::debug!(
-                capture = def.name,
-                sequence = original.stream_sequence,
-                "redelivered after it was stored; acked again"
-            );
-            settle_all(&shared.nats, vec![reply], b"+ACK");
-            return Ok(Vec::new());
-        }
-        if !shared.hold(original.stream_sequence) {
-            tracing::debug!(
-                capture = def.name,
-                sequence = original.stream_sequence,
-                "redelivered while held; skipped"
-            );
-            return Ok(Vec::new());
-        }
         let Captured { record, key } = captured;
-        let slot = (key, window);
+        let slot = (incarnation, key, window);
         let block = match self.open.get_mut(&slot) {
             Some(block) => block,
             None => {
+                // Rendered when the block opens, so that a key the template cannot take is this
+                // message's failure, not a failed store of the whole block later.
+                let vars = PathVars {
+                    stream: def.stream,
+                    durable: def.durable,
+                    key: &slot.1 .0,
+                    window_start: window / 1_000_000_000,
+                };
+                let folder = match shared.store.block_folder(&vars) {
+                    Ok(folder) => folder,
+                    Err(error) => {
+                        shared.release(incarnation, &[original.stream_sequence]);
+                        let reason = format!("its key cannot fill the store's path template: {error}");
+                        return Err(Box::new((reply, original, reason)));
+                    }
+                };
                 let block = OpenBlock {
-                    key: slot.0.clone(),
-                    window,
+                    incarnation,
+                    folder,
                     writer: writers(),
                     replies: Vec::new(),
                     sequences: Vec::new(),
@@ -909,12 +1303,12 @@ impl Blocks {
             }
         };
         if let Err(error) = block.writer.append(&*record, &original.payload) {
-            shared.release(&[original.stream_sequence]);
+            shared.release(incarnation, &[original.stream_sequence]);
             if def.format == BlockFormat::Parquet {
                 // A Parquet writer cannot take back a half-written row: it refuses anything
                 // more. Its messages go back to the server, to be written into a fresh block.
                 if let Some(broken) = self.open.remove(&slot) {
-                    shared.release(&broken.sequences);
+                    shared.release(incarnation, &broken.sequences);
                     settle_all(&shared.nats, broken.replies, b"-NAK");
                 }
             }
@@ -934,7 +1328,7 @@ impl Blocks {
         }
         if window > self.watermark {
             self.watermark = window;
-            let older: Vec<_> = self.open.keys().filter(|(_, w)| *w < window).cloned().collect();
+            let older: Vec<_> = self.open.keys().filter(|(_, _, w)| *w < window).cloned().collect();
             closed.extend(older.iter().filter_map(|slot| self.open.remove(slot)));
         }
         Ok(closed)
@@ -947,7 +1341,7 @@ impl Blocks {
         let due: Vec<_> = self
             .open
             .keys()
-            .filter(|(_, window)| {
+            .filter(|(_, _, window)| {
                 let ended = now >= window + self.every + grace;
                 ended && (quiet || *window < self.watermark)
             })
@@ -1019,18 +1413,20 @@ async fn store_block_in_span(
     let def = shared.def;
     let count = block.replies.len() as u64;
     let OpenBlock {
-        key,
-        window,
+        incarnation,
+        folder,
         writer,
         replies,
         sequences,
         touched,
         ..
     } = block;
+    let mut sorted = sequences.clone();
+    sorted.sort_unstable();
     // Sealed blocks hold at least one message (see `Capture::seal`).
-    let first = sequences.iter().copied().min().unwrap_or_default();
-    let last = sequences.iter().copied().max().unwrap_or_default();
-    let release = || shared.release(&sequences);
+    let first = sorted.first().copied().unwrap_or_default();
+    let last = sorted.last().copied().unwrap_or_default();
+    let release = || shared.release(incarnation, &sequences);
     // The messages were last kept alive (or delivered) at `touched`, not when the block was
     // sealed: counted from the seal, a block sealed just before its keep-alive was due would go
     // a whole ack_wait without one, and the server would redeliver its messages.
@@ -1055,14 +1451,8 @@ async fn store_block_in_span(
             return Err(def.error(format!("finishing a block panicked: {panic}")));
         }
     };
-    let vars = PathVars {
-        stream: def.stream,
-        durable: def.durable,
-        key: &key.0,
-        window_start: window / 1_000_000_000,
-    };
-    let file_name = store::block_file_name(def.stream, first, last, extension);
-    let path = match shared.store.block_path(&vars, &file_name) {
+    let file_name = store::incarnation_block_file_name(def.stream, incarnation, first, last, extension);
+    let path = match shared.store.in_folder(&folder, &file_name) {
         Ok(path) => path,
         Err(error) => {
             release();
@@ -1075,7 +1465,12 @@ async fn store_block_in_span(
     loop {
         attempts += 1;
         let started = std::time::Instant::now();
-        let put = shared.store.put(&path, bytes.clone());
+        // The manifest goes first: a block is never visible without the ledger knowing which
+        // messages it holds, so that a crash before their acks does not store them twice.
+        let put = async {
+            shared.ledger.record(&path, incarnation, &sorted).await?;
+            shared.store.put(&path, bytes.clone()).await
+        };
         tokio::pin!(put);
         let outcome = loop {
             tokio::select! {
@@ -1105,7 +1500,7 @@ async fn store_block_in_span(
                 if let Err(error) = shared.nats.flush().await {
                     tracing::warn!(capture = def.name, %error, "cannot flush the acks of a stored block");
                 }
-                shared.stored(sequences.clone());
+                shared.stored(incarnation, sorted.clone());
                 release();
                 let stats = &shared.stats;
                 stats.blocks.fetch_add(1, Ordering::Relaxed);

@@ -90,6 +90,9 @@ const PART_SIZE: usize = 16 * 1024 * 1024;
 const PART_CONCURRENCY: usize = 4;
 /// Folder under a local store's root that holds blocks being written.
 const TMP_DIR: &str = ".natty-tmp";
+/// Folder, under the template's literal start, of the manifests that say which messages each
+/// stored block holds.
+pub const MANIFEST_DIR: &str = ".natty-manifests";
 
 /// The well-known Azurite account, used with `AZURE_STORAGE_USE_EMULATOR=true`.
 const EMULATOR_ACCOUNT: &str = "devstoreaccount1";
@@ -288,6 +291,9 @@ pub struct PathVars<'a> {
 /// The file name of a block holding stream sequences `first..=last`:
 /// `{stream}-{first:020}-{last:020}.{extension}`.
 ///
+/// The capture names its blocks with [`incarnation_block_file_name`] instead, which adds the
+/// stream's creation time; this form does not tell apart two streams of the same name.
+///
 /// The sequences are zero-padded to 20 digits (`u64::MAX` has 20), so names sort by sequence.
 ///
 /// # Examples
@@ -302,6 +308,36 @@ pub struct PathVars<'a> {
 /// ```
 pub fn block_file_name(stream: &str, first: u64, last: u64, extension: &str) -> String {
     format!("{stream}-{first:020}-{last:020}.{extension}")
+}
+
+/// The file name of a block of one incarnation of a stream, the one created at `created`
+/// (nanoseconds since the Unix epoch, the server's `created` of the stream):
+/// `{stream}-{created as yyyymmddThhmmss_nanosZ}-{first:020}-{last:020}.{extension}`.
+///
+/// A stream deleted and created again (or a memory stream lost in a server restart) numbers its
+/// messages from 1 again; its creation time keeps the new blocks from overwriting the old ones.
+/// Within one incarnation the name depends only on the sequences, so a block rebuilt from the
+/// same messages overwrites itself. Names of one stream sort by incarnation, then sequence.
+///
+/// # Examples
+///
+/// ```
+/// use natty_runtime::capture::store::incarnation_block_file_name;
+///
+/// // 2026-11-23 13:45:00.000000042 UTC
+/// let created = 1_795_441_500_000_000_042;
+/// assert_eq!(
+///     incarnation_block_file_name("ORDERS", created, 1, 500, "csv.gz"),
+///     "ORDERS-20261123T134500_000000042Z-00000000000000000001-00000000000000000500.csv.gz"
+/// );
+/// ```
+pub fn incarnation_block_file_name(stream: &str, created: u64, first: u64, last: u64, extension: &str) -> String {
+    let time = UtcTime::from_unix(created / 1_000_000_000);
+    let nanos = created % 1_000_000_000;
+    format!(
+        "{stream}-{:04}{:02}{:02}T{:02}{:02}{:02}_{nanos:09}Z-{first:020}-{last:020}.{extension}",
+        time.year, time.month, time.day, time.hour, time.minute, time.second
+    )
 }
 
 /// A place blocks are written to: a local folder, an S3 bucket or an Azure container, with the
@@ -466,20 +502,35 @@ impl BlockStore {
     /// a field of `vars.key` (the message lists the known ones), or `file_name` is not a single
     /// usable path segment.
     pub fn block_path(&self, vars: &PathVars<'_>, file_name: &str) -> Result<Path, StoreError> {
+        let folder = self.block_folder(vars).map_err(|error| match error {
+            StoreError::Path { url, reason, .. } => StoreError::Path {
+                url,
+                file_name: file_name.to_owned(),
+                reason,
+            },
+            other => other,
+        })?;
+        self.in_folder(&folder, file_name)
+    }
+
+    /// The folder a block of `vars` goes to: the template rendered, without a file name.
+    ///
+    /// The capture renders it when a block opens, so a key that cannot fill the template is
+    /// refused with its message instead of failing the block's store later.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Path`] when the template uses a placeholder that is neither a fixed one nor
+    /// a field of `vars.key` (the message lists the known ones).
+    pub fn block_folder(&self, vars: &PathVars<'_>) -> Result<Path, StoreError> {
         let path_error = |reason: String| StoreError::Path {
             url: self.inner.url.clone(),
-            file_name: file_name.to_owned(),
+            file_name: String::new(),
             reason,
         };
-        if file_name.is_empty() || PathPart::parse(file_name).is_err() {
-            return Err(path_error(
-                "a file name must be one non-empty path segment: no `/`, no control character, not `.` or `..`"
-                    .to_owned(),
-            ));
-        }
         let segments = self.inner.template.render(vars).map_err(path_error)?;
         let mut text = self.inner.prefix.as_ref().to_owned();
-        for segment in segments.iter().map(String::as_str).chain([file_name]) {
+        for segment in &segments {
             if !text.is_empty() {
                 text.push('/');
             }
@@ -487,6 +538,46 @@ impl BlockStore {
         }
         // Every segment was checked or encoded already; this only guards that reasoning.
         Path::parse(&text).map_err(|err| path_error(err.to_string()))
+    }
+
+    /// `file_name` inside `folder` (from [`block_folder`](Self::block_folder)).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Path`] when `file_name` is not a single usable path segment.
+    pub fn in_folder(&self, folder: &Path, file_name: &str) -> Result<Path, StoreError> {
+        if file_name.is_empty() || PathPart::parse(file_name).is_err() {
+            return Err(StoreError::Path {
+                url: self.inner.url.clone(),
+                file_name: file_name.to_owned(),
+                reason: "a file name must be one non-empty path segment: no `/`, no control character, not `.` or `..`"
+                    .to_owned(),
+            });
+        }
+        Ok(folder.clone().join(file_name))
+    }
+
+    /// Where a capture keeps the manifests of its blocks (see `capture::ledger`):
+    /// `<literal start of the template>/.natty-manifests/<stream>/<durable>/`. The leading dot
+    /// keeps the folder out of what Spark, Hive, Athena and pyarrow read as data; it sits under
+    /// the template's literal folders so that a store whose credentials cover only that prefix
+    /// can write it.
+    pub(crate) fn manifest_folder(&self, stream: &str, durable: &str) -> Path {
+        let mut path = self.inner.prefix.clone();
+        for segment in &self.inner.template.segments {
+            let literal: Option<String> = segment
+                .iter()
+                .map(|piece| match piece {
+                    Piece::Literal(text) => Some(text.as_str()),
+                    Piece::Placeholder(_) => None,
+                })
+                .collect();
+            match literal {
+                Some(text) => path = path.join(text),
+                None => break,
+            }
+        }
+        path.join(MANIFEST_DIR).join(sanitise(stream)).join(sanitise(durable))
     }
 
     /// Writes a block so that no partial block is ever visible under its name.
@@ -1131,6 +1222,7 @@ struct UtcTime {
     day: u32,
     hour: u32,
     minute: u32,
+    second: u32,
 }
 
 impl UtcTime {
@@ -1144,6 +1236,7 @@ impl UtcTime {
             day,
             hour: (of_day / 3_600) as u32,
             minute: (of_day % 3_600 / 60) as u32,
+            second: (of_day % 60) as u32,
         }
     }
 }
