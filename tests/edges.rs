@@ -25,6 +25,31 @@ fn only(server: &NatsServer, handlers: &[&str]) -> RunningRuntime {
     )
 }
 
+/// Waits until `durable` on `stream` has settled everything up to sequence `last`.
+async fn settled(js: &jetstream::Context, stream: &str, durable: &str, last: u64, timeout: Duration) {
+    let stream = js.get_stream(stream).await.expect("the stream");
+    wait_until(timeout, &format!("`{durable}` to settle up to {last}"), || {
+        let stream = stream.clone();
+        async move {
+            let info = stream.consumer_info(durable).await;
+            info.is_ok_and(|info| info.ack_floor.stream_sequence == last && info.num_ack_pending == 0)
+        }
+    })
+    .await;
+}
+
+/// Waits until the dead-letter stream holds `count` messages, and reads them.
+async fn dead_letters(js: &jetstream::Context, count: u64) -> Vec<jetstream::Message> {
+    wait_until(Duration::from_secs(20), &format!("{count} dead letters"), || async {
+        match js.get_stream("natty-dead-letters").await {
+            Ok(mut stream) => stream.info().await.is_ok_and(|info| info.state.messages == count),
+            Err(_) => false,
+        }
+    })
+    .await;
+    read_all(js, "natty-dead-letters", count as usize).await
+}
+
 /// Publishes a `Job` per (subject, id), in order, each acked before the next.
 async fn publish(js: &jetstream::Context, jobs: impl IntoIterator<Item = (String, u64)>) {
     for (subject, id) in jobs {
@@ -79,15 +104,8 @@ async fn ordered_slow_handlers_handle_each_message_once_in_order() {
     )
     .await;
     let running = only(&server, &["slow_lanes"]);
-    let stream = js.get_stream("lanes").await.unwrap();
-    wait_until(Duration::from_secs(40), "every message acked", || {
-        let stream = stream.clone();
-        async move {
-            let info = stream.consumer_info("slow-lanes").await;
-            info.is_ok_and(|info| info.ack_floor.stream_sequence == 12 && info.num_ack_pending == 0)
-        }
-    })
-    .await;
+    natty_tests::wait_for_consumer(&js, "lanes", "slow-lanes", Duration::from_secs(20)).await;
+    settled(&js, "lanes", "slow-lanes", 12, Duration::from_secs(40)).await;
     running.stop().await.expect("clean shutdown");
 
     let started = LANES.lock().unwrap().clone();
@@ -135,15 +153,7 @@ async fn a_consumer_bound_to_a_lease_is_kept_alive_by_its_own_ack_wait() {
     let running = only(&server, &["bound_slow"]);
     natty_tests::wait_for_consumer(&js, "bound", "bound-slow", Duration::from_secs(20)).await;
     publish(&js, (1..=4).map(|id| ("bound.job".to_string(), id))).await;
-    let stream = js.get_stream("bound").await.unwrap();
-    wait_until(Duration::from_secs(30), "every message acked", || {
-        let stream = stream.clone();
-        async move {
-            let info = stream.consumer_info("bound-slow").await;
-            info.is_ok_and(|info| info.ack_floor.stream_sequence == 4 && info.num_ack_pending == 0)
-        }
-    })
-    .await;
+    settled(&js, "bound", "bound-slow", 4, Duration::from_secs(30)).await;
     running.stop().await.expect("clean shutdown");
     let mut handled = BOUND.lock().unwrap().clone();
     handled.sort_unstable();
@@ -180,7 +190,7 @@ async fn a_key_function_that_panics_dead_letters_its_message() {
         KEYED.lock().unwrap().len() == 5
     })
     .await;
-    let dead = read_all(&js, "natty-dead-letters", 1).await;
+    let dead = dead_letters(&js, 1).await;
     running.stop().await.expect("clean shutdown");
     assert_eq!(dead.len(), 1, "one dead letter");
     let headers = dead[0].headers.as_ref().expect("headers");
@@ -220,22 +230,9 @@ async fn two_consumers_dead_lettering_one_message_store_two_dead_letters() {
     natty_tests::wait_for_consumer(&js, "twice", "first", Duration::from_secs(20)).await;
     natty_tests::wait_for_consumer(&js, "twice", "second", Duration::from_secs(20)).await;
     publish(&js, [("twice.job".to_string(), 1)]).await;
-    let stream = js.get_stream("twice").await.unwrap();
-    wait_until(Duration::from_secs(20), "both consumers settled the message", || {
-        let stream = stream.clone();
-        async move {
-            let mut settled = true;
-            for durable in ["first", "second"] {
-                settled &= stream
-                    .consumer_info(durable)
-                    .await
-                    .is_ok_and(|info| info.ack_floor.stream_sequence == 1 && info.num_ack_pending == 0);
-            }
-            settled
-        }
-    })
-    .await;
-    let dead = read_all(&js, "natty-dead-letters", 2).await;
+    settled(&js, "twice", "first", 1, Duration::from_secs(20)).await;
+    settled(&js, "twice", "second", 1, Duration::from_secs(20)).await;
+    let dead = dead_letters(&js, 2).await;
     running.stop().await.expect("clean shutdown");
     let mut consumers: Vec<String> = dead
         .iter()
@@ -287,14 +284,7 @@ async fn a_poison_message_near_max_payload_is_dead_lettered_without_its_payload(
         .expect("publish")
         .await
         .expect("the original fits");
-    wait_until(Duration::from_secs(20), "a dead letter", || async {
-        match js.get_stream("natty-dead-letters").await {
-            Ok(mut stream) => stream.info().await.is_ok_and(|info| info.state.messages == 1),
-            Err(_) => false,
-        }
-    })
-    .await;
-    let dead = read_all(&js, "natty-dead-letters", 1).await;
+    let dead = dead_letters(&js, 1).await;
     let stream = js.get_stream("big").await.unwrap();
     let info = stream.consumer_info("big").await.unwrap();
     running.stop().await.expect("clean shutdown");
@@ -343,14 +333,7 @@ async fn a_message_published_with_an_expectation_is_dead_lettered() {
         )
         .await
         .expect("published");
-    wait_until(Duration::from_secs(20), "a dead letter", || async {
-        match js.get_stream("natty-dead-letters").await {
-            Ok(mut stream) => stream.info().await.is_ok_and(|info| info.state.messages == 1),
-            Err(_) => false,
-        }
-    })
-    .await;
-    let dead = read_all(&js, "natty-dead-letters", 1).await;
+    let dead = dead_letters(&js, 1).await;
     running.stop().await.expect("clean shutdown");
     let headers = dead[0].headers.as_ref().expect("headers");
     assert_eq!(headers.get("Natty-Original-Stream").unwrap().as_str(), "guarded");
