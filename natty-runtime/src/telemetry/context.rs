@@ -49,9 +49,13 @@ pub(crate) struct DeliveryScope {
 }
 
 impl DeliveryScope {
-    /// Runs `future` (a handler and its settling) inside this scope.
-    pub(crate) async fn run<F: std::future::Future>(self, future: F) -> F::Output {
-        DELIVERY.scope(self, future).await
+    /// `future` (a handler and its settling) run inside this scope. Not an `async fn`: that
+    /// would move the (large) future once more per delivery, into its own state.
+    pub(crate) fn run<F: std::future::Future>(
+        self,
+        future: F,
+    ) -> tokio::task::futures::TaskLocalFuture<DeliveryScope, F> {
+        DELIVERY.scope(self, future)
     }
 
     /// Calls `f` with the scope of the delivery running on this task, if any.
