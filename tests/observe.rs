@@ -486,3 +486,171 @@ async fn a_service_exports_its_delivery_spans_over_otlp_in_the_trace_its_message
     drop(worker);
     drop(logs);
 }
+
+/// The relay service (`tests/bin/relay.rs`) run with `run()`'s default subscriber and no
+/// exporter (the OTLP variables set empty count as unset), logging in `format`.
+async fn relay_service(
+    server: &NatsServer,
+    format: &str,
+) -> (tokio::process::Child, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    const RELAY: &str = env!("CARGO_BIN_EXE_natty-test-relay");
+    let mut relay = natty_tests::spawn_service(
+        std::path::Path::new(RELAY),
+        Some(&server.url()),
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", ""),
+            ("NATTY_LOG_FORMAT", format),
+        ],
+    );
+    let logs = natty_tests::collect_stderr(&mut relay);
+    let js = async_nats::jetstream::new(server.client().await);
+    natty_tests::wait_for_consumer(&js, "relay", "relay", WAIT).await;
+    (relay, logs)
+}
+
+/// The trace an upstream service started: its trace id and the span id of its publish.
+const UPSTREAM_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const UPSTREAM_SPAN: &str = "00f067aa0ba902b7";
+
+/// Publishes job 1 to `relay.in` as an upstream service in trace [`UPSTREAM_TRACE`] would.
+async fn publish_traced(js: &async_nats::jetstream::Context) {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        "traceparent",
+        format!("00-{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-01").as_str(),
+    );
+    headers.insert("tracestate", "congo=t61rcWkgMzE");
+    js.publish_with_headers("relay.in", headers, serde_json::to_vec(&Job { id: 1 }).unwrap().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+/// The headers of the last message on `subject` of the relay stream, once there is one.
+async fn last_on(js: &async_nats::jetstream::Context, subject: &str) -> async_nats::HeaderMap {
+    let stream = js.get_stream("relay").await.expect("the relay stream");
+    wait_until(WAIT, &format!("a message on {subject}"), || async {
+        stream.get_last_raw_message_by_subject(subject).await.is_ok()
+    })
+    .await;
+    stream
+        .get_last_raw_message_by_subject(subject)
+        .await
+        .expect("the message just seen")
+        .headers
+}
+
+/// (trace id, span id, flags) of a `traceparent` that the W3C spec calls valid, else a panic.
+fn valid_traceparent(headers: &async_nats::HeaderMap) -> (String, String, String) {
+    let value = headers.get("traceparent").expect("a traceparent header").as_str();
+    let parts: Vec<&str> = value.split('-').collect();
+    let hex = |s: &str| s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    assert!(
+        parts.len() == 4
+            && parts[0] == "00"
+            && [parts[1].len(), parts[2].len(), parts[3].len()] == [32, 16, 2]
+            && parts.iter().all(|part| hex(part))
+            && parts[1].bytes().any(|b| b != b'0')
+            && parts[2].bytes().any(|b| b != b'0'),
+        "not a valid traceparent: {value:?}"
+    );
+    (parts[1].to_string(), parts[2].to_string(), parts[3].to_string())
+}
+
+/// The one log line of the relay handler, once it is there.
+async fn handler_line(logs: &std::sync::Mutex<Vec<String>>) -> String {
+    let lines = || -> Vec<String> {
+        logs.lock()
+            .unwrap()
+            .iter()
+            .filter(|line| line.contains("relaying a job"))
+            .cloned()
+            .collect()
+    };
+    wait_until(WAIT, "the handler's log line", || async { !lines().is_empty() }).await;
+    let lines = lines();
+    assert_eq!(lines.len(), 1, "one delivery, one line: {lines:#?}");
+    lines[0].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_exporter_trace_context_flows_through_a_service_and_its_logs_show_the_delivery() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let (relay, logs) = relay_service(&server, "text").await;
+    let client = server.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+
+    // A delivery continues the trace its message carries: the handler's publish is a child.
+    publish_traced(&js).await;
+    let out = last_on(&js, "relay.out").await;
+    let (trace, span, flags) = valid_traceparent(&out);
+    assert_eq!(
+        trace, UPSTREAM_TRACE,
+        "the publish inside the delivery stays in its trace"
+    );
+    assert_ne!(span, UPSTREAM_SPAN, "the publish is a new span, not the upstream one");
+    assert_eq!(flags, "01", "the upstream sampling decision is kept");
+    assert_eq!(
+        out.get("tracestate").map(|v| v.as_str()),
+        Some("congo=t61rcWkgMzE"),
+        "tracestate passes through unchanged"
+    );
+
+    // A publish outside any delivery starts a trace of its own.
+    // Kicked until the subscription (started beside the consumer) is there to hear it.
+    let kick = serde_json::to_vec(&Job { id: 2 }).unwrap();
+    let stream = js.get_stream("relay").await.unwrap();
+    wait_until(WAIT, "a publish outside a delivery", || async {
+        client.publish("relay.kick", kick.clone().into()).await.unwrap();
+        stream.get_last_raw_message_by_subject("relay.fresh").await.is_ok()
+    })
+    .await;
+    let fresh = last_on(&js, "relay.fresh").await;
+    let (fresh_trace, _, _) = valid_traceparent(&fresh);
+    assert_ne!(fresh_trace, UPSTREAM_TRACE, "a new trace, not the last delivery's");
+
+    // The handler's log line (stderr, text) shows the delivery it ran in.
+    let line = handler_line(&logs).await;
+    for field in [
+        "natty.deliver{",
+        "handler=\"relay\"",
+        "stream=\"relay\"",
+        "consumer=\"relay\"",
+        "subject=relay.in",
+        "sequence=1",
+        "delivery_count=1",
+        &format!("trace_id={UPSTREAM_TRACE}"),
+        "relaying a job job=1",
+    ] {
+        assert!(line.contains(field), "{field:?} missing from {line:?}");
+    }
+    drop(relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_exporter_json_log_lines_inside_a_delivery_carry_its_fields() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let (relay, logs) = relay_service(&server, "json").await;
+    let js = async_nats::jetstream::new(server.client().await);
+    publish_traced(&js).await;
+    let line = handler_line(&logs).await;
+    let value: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|error| panic!("not JSON ({error}): {line}"));
+    assert_eq!(value["fields"]["message"], "relaying a job", "{line}");
+    assert_eq!(value["fields"]["job"], 1, "{line}");
+    let expected = serde_json::json!({
+        "name": "natty.deliver",
+        "handler": "relay",
+        "stream": "relay",
+        "consumer": "relay",
+        "subject": "relay.in",
+        "sequence": 1,
+        "delivery_count": 1,
+        "trace_id": UPSTREAM_TRACE,
+    });
+    assert_eq!(value["span"], expected, "{line}");
+    assert_eq!(value["spans"], serde_json::json!([expected]), "{line}");
+    drop(relay);
+}

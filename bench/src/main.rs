@@ -2,14 +2,20 @@
 //!
 //! ```text
 //! cargo run --release -p natty-bench -- [--rounds 5] [--messages 200000] [--only consume,publish,scale,...]
-//!     [--faststream <python of bench/faststream's venv>]
+//!     [--faststream <python of bench/faststream's venv>] [--no-subscriber-too]
 //! ```
 //!
 //! `scripts/bench.sh` installs everything and runs it all.
 //!
 //! Starts its own nats-server (file storage, loopback), then for each scenario alternates raw
 //! and natty rounds on the same workload and prints messages/s for both and the ratio
-//! natty/raw, as the median of the rounds.
+//! natty/raw, as the median of the rounds, and the CPU time this process spent per message
+//! on each side (user + system, from `getrusage` around each side's window).
+//!
+//! natty is measured as users get it: the binary is set up as `run()` sets it up (its
+//! subscriber, `RUST_LOG` or its default, an OTLP exporter when the standard `OTEL_*`
+//! variables name one). `BENCH_NO_SUBSCRIBER=1` measures it with no subscriber at all;
+//! `--no-subscriber-too` adds that run, in a child process, after the main one.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -176,6 +182,7 @@ struct Args {
     messages: u64,
     only: Option<Vec<String>>,
     faststream: Option<String>,
+    no_subscriber_too: bool,
 }
 
 fn args() -> Args {
@@ -184,6 +191,7 @@ fn args() -> Args {
         messages: 200_000,
         only: None,
         faststream: None,
+        no_subscriber_too: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -192,7 +200,10 @@ fn args() -> Args {
             "--messages" => args.messages = it.next().and_then(|v| v.parse().ok()).expect("--messages N"),
             "--only" => args.only = it.next().map(|v| v.split(',').map(String::from).collect()),
             "--faststream" => args.faststream = it.next(),
-            other => panic!("unknown argument {other}; use --rounds N, --messages N, --only a,b, --faststream PYTHON"),
+            "--no-subscriber-too" => args.no_subscriber_too = true,
+            other => panic!(
+                "unknown argument {other}; use --rounds N, --messages N, --only a,b, --faststream PYTHON, --no-subscriber-too"
+            ),
         }
     }
     args
@@ -212,8 +223,73 @@ fn median(mut values: Vec<f64>) -> f64 {
     values[values.len() / 2]
 }
 
-fn rate(count: u64, elapsed: Duration) -> f64 {
-    count as f64 / elapsed.as_secs_f64()
+/// What one side's measured window took: wall time and, when the work ran in this process,
+/// this process's CPU time (user + system).
+#[derive(Clone, Copy)]
+struct Measured {
+    wall: Duration,
+    cpu: Option<Duration>,
+}
+
+impl Measured {
+    /// A window whose work ran in other processes (the scale-out workers): wall time only.
+    fn wall(wall: Duration) -> Measured {
+        Measured { wall, cpu: None }
+    }
+}
+
+/// A measured window in progress. Raw and natty run in this one process, one after the
+/// other, so the CPU time each side used is the process's CPU time across its own window.
+struct Window {
+    wall: Instant,
+    cpu: Duration,
+}
+
+impl Window {
+    fn start() -> Window {
+        Window {
+            cpu: cpu_time(),
+            wall: Instant::now(),
+        }
+    }
+
+    fn stop(&self) -> Measured {
+        let wall = self.wall.elapsed();
+        Measured {
+            wall,
+            cpu: Some(cpu_time().saturating_sub(self.cpu)),
+        }
+    }
+}
+
+/// The CPU time (user + system, all threads) this process has used so far.
+#[allow(unsafe_code)] // getrusage has no safe wrapper in std
+fn cpu_time() -> Duration {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: `usage` is valid for writes of a `rusage`, which getrusage fills in; it is
+    // zero-initialised, so it is a valid `rusage` even if the call failed.
+    let usage = unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
+        usage.assume_init()
+    };
+    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    time(usage.ru_utime) + time(usage.ru_stime)
+}
+
+/// One side's round: messages/s and CPU microseconds per message (NaN if not measured here).
+#[derive(Clone, Copy)]
+struct Run {
+    rate: f64,
+    cpu_us: f64,
+}
+
+fn rate(count: u64, measured: Measured) -> Run {
+    Run {
+        rate: count as f64 / measured.wall.as_secs_f64(),
+        cpu_us: measured
+            .cpu
+            .map_or(f64::NAN, |cpu| cpu.as_secs_f64() * 1e6 / count as f64),
+    }
 }
 
 /// Publishes `count` orders to `subject` with up to 2000 acks in flight (setup, not measured).
@@ -247,9 +323,9 @@ async fn fresh_consumer(js: &jetstream::Context, durable: &str) -> jetstream::co
 }
 
 /// Raw async-nats: a well-tuned pull loop (batch 1000), serde decode, explicit ack each.
-async fn raw_consume(js: &jetstream::Context, count: u64) -> Duration {
+async fn raw_consume(js: &jetstream::Context, count: u64) -> Measured {
     let consumer = fresh_consumer(js, "raw").await;
-    let started = Instant::now();
+    let window = Window::start();
     let mut messages = consumer
         .stream()
         .max_messages_per_batch(1000)
@@ -266,9 +342,9 @@ async fn raw_consume(js: &jetstream::Context, count: u64) -> Duration {
             break;
         }
     }
-    let elapsed = started.elapsed();
+    let measured = window.stop();
     drop(messages);
-    elapsed
+    measured
 }
 
 /// natty: runs only `handler` until it has handled `count` messages, from a fresh durable.
@@ -278,7 +354,7 @@ async fn natty_consume(
     handler: &str,
     durable: &str,
     count: u64,
-) -> Duration {
+) -> Measured {
     let stream = js.get_stream("bench").await.expect("stream");
     let _ = stream.delete_consumer(durable).await;
     HANDLED.store(0, Ordering::SeqCst);
@@ -290,25 +366,38 @@ async fn natty_consume(
         .build()
         .expect("runtime");
     let done = DONE.notified();
-    let started = Instant::now();
+    let window = Window::start();
     let running = tokio::spawn(runtime.run_until(async {
         let _ = stopped.await;
     }));
     done.await;
-    let elapsed = started.elapsed();
+    let measured = window.stop();
     let _ = stop.send(());
     running.await.expect("join").expect("natty run");
-    elapsed
+    measured
 }
 
-/// Prints one comparison line; returns natty's median. The ratio is the median of the
-/// per-round ratios: each round runs both sides back to back, so a round's ratio compares them
-/// under the same conditions, while the machine drifts between rounds.
-fn report(name: &str, raw: &[f64], natty: &[f64], goal: &str) -> f64 {
-    let ratio = median(natty.iter().zip(raw).map(|(natty, raw)| natty / raw).collect());
-    let (raw, natty) = (median(raw.to_vec()), median(natty.to_vec()));
-    println!("{name:<28} raw {raw:>10.0} msg/s   natty {natty:>10.0} msg/s   natty/raw {ratio:>5.2}x   (goal {goal})");
-    natty
+/// Prints one comparison line, and the CPU time per message when this process did the work;
+/// returns natty's median rate. Each ratio is the median of the per-round ratios: each round
+/// runs both sides back to back, so a round's ratio compares them under the same conditions,
+/// while the machine drifts between rounds.
+fn report(name: &str, raw: &[Run], natty: &[Run], goal: &str) -> f64 {
+    let ratio = |of: fn(&Run) -> f64| median(natty.iter().zip(raw).map(|(n, r)| of(n) / of(r)).collect());
+    let middle = |runs: &[Run], of: fn(&Run) -> f64| median(runs.iter().map(of).collect());
+    let rates = ratio(|run| run.rate);
+    let (raw_rate, natty_rate) = (middle(raw, |run| run.rate), middle(natty, |run| run.rate));
+    println!(
+        "{name:<28} raw {raw_rate:>10.0} msg/s   natty {natty_rate:>10.0} msg/s   natty/raw {rates:>5.2}x   (goal {goal})"
+    );
+    let (raw_cpu, natty_cpu) = (middle(raw, |run| run.cpu_us), middle(natty, |run| run.cpu_us));
+    if raw_cpu.is_finite() && natty_cpu.is_finite() {
+        println!(
+            "{:<28} cpu/msg raw {raw_cpu:>7.2} us       natty {natty_cpu:>7.2} us       natty/raw {:>5.2}",
+            "",
+            ratio(|run| run.cpu_us)
+        );
+    }
+    natty_rate
 }
 
 async fn scenario_consume(server: &NatsServer, js: &jetstream::Context, args: &Args) -> f64 {
@@ -340,8 +429,13 @@ async fn scenario_consume(server: &NatsServer, js: &jetstream::Context, args: &A
             ));
         }
         eprintln!(
-            "  consume round {round}: raw {:.0}, natty default {:.0}, natty prefetch 1000 {:.0}",
-            raw[round], default[round], tuned[round]
+            "  consume round {round}: raw {:.0} ({:.2} us cpu/msg), natty default {:.0} ({:.2}), natty prefetch 1000 {:.0} ({:.2})",
+            raw[round].rate,
+            raw[round].cpu_us,
+            default[round].rate,
+            default[round].cpu_us,
+            tuned[round].rate,
+            tuned[round].cpu_us
         );
     }
     let natty = report("consume (defaults)", &raw, &default, ">= 1.00x");
@@ -372,7 +466,7 @@ async fn acked(js: &jetstream::Context, durable: &str, count: u64) {
 /// Raw async-nats doing a capture by hand: pull (batch 1000), decode, append NDJSON to the
 /// block of its key, and every 10,000 messages of a key write the block to a temporary file,
 /// rename it into place and ack its messages one by one. Timed until the server has every ack.
-async fn raw_capture(js: &jetstream::Context, count: u64, dir: &std::path::Path) -> Duration {
+async fn raw_capture(js: &jetstream::Context, count: u64, dir: &std::path::Path) -> Measured {
     let stream = js.get_stream("bench").await.expect("stream");
     let _ = stream.delete_consumer("raw-capture").await;
     let consumer = stream
@@ -383,7 +477,7 @@ async fn raw_capture(js: &jetstream::Context, count: u64, dir: &std::path::Path)
         })
         .await
         .expect("consumer");
-    let started = Instant::now();
+    let window = Window::start();
     let mut messages = consumer
         .stream()
         .max_messages_per_batch(1000)
@@ -435,11 +529,11 @@ async fn raw_capture(js: &jetstream::Context, count: u64, dir: &std::path::Path)
         }
     }
     acked(js, "raw-capture", count).await;
-    started.elapsed()
+    window.stop()
 }
 
 /// natty's `#[capture]` on the same workload, timed until the server has every ack.
-async fn natty_capture(server: &NatsServer, js: &jetstream::Context, count: u64) -> Duration {
+async fn natty_capture(server: &NatsServer, js: &jetstream::Context, count: u64) -> Measured {
     let stream = js.get_stream("bench").await.expect("stream");
     let _ = stream.delete_consumer("natty-capture").await;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -448,15 +542,15 @@ async fn natty_capture(server: &NatsServer, js: &jetstream::Context, count: u64)
         .handlers(["bench_capture"])
         .build()
         .expect("runtime");
-    let started = Instant::now();
+    let window = Window::start();
     let running = tokio::spawn(runtime.run_until(async {
         let _ = stopped.await;
     }));
     acked(js, "natty-capture", count).await;
-    let elapsed = started.elapsed();
+    let measured = window.stop();
     let _ = stop.send(());
     running.await.expect("join").expect("natty run");
-    elapsed
+    measured
 }
 
 async fn scenario_capture(server: &NatsServer, js: &jetstream::Context, args: &Args) {
@@ -483,7 +577,7 @@ async fn scenario_capture(server: &NatsServer, js: &jetstream::Context, args: &A
         }
         eprintln!(
             "  capture round {round}: raw {:.0}, natty {:.0}",
-            raw[round], natty[round]
+            raw[round].rate, natty[round].rate
         );
     }
     report("capture (ndjson, local)", &raw, &natty, ">= 1.00x");
@@ -501,7 +595,7 @@ async fn scenario_publish(server: &NatsServer, js: &jetstream::Context, args: &A
     let (payloads, client) = (&payloads, &client);
     let raw_round = |round: usize| async move {
         purge(js, "bench").await;
-        let started = Instant::now();
+        let window = Window::start();
         let mut in_flight = FuturesUnordered::new();
         for order in payloads {
             let payload = serde_json::to_vec(order).expect("encode");
@@ -522,11 +616,11 @@ async fn scenario_publish(server: &NatsServer, js: &jetstream::Context, args: &A
         while let Some(ack) = in_flight.next().await {
             ack.expect("publish ack");
         }
-        rate(args.messages, started.elapsed())
+        rate(args.messages, window.stop())
     };
     let natty_round = |round: usize| async move {
         purge(js, "bench").await;
-        let started = Instant::now();
+        let window = Window::start();
         let mut in_flight = FuturesUnordered::new();
         for order in payloads {
             let options = natty_runtime::Publish::new().id(format!("nty-{round}-{}", order.id));
@@ -539,7 +633,7 @@ async fn scenario_publish(server: &NatsServer, js: &jetstream::Context, args: &A
         while let Some(ack) = in_flight.next().await {
             ack.expect("publish ack");
         }
-        rate(args.messages, started.elapsed())
+        rate(args.messages, window.stop())
     };
     let (mut raw, mut natty) = (Vec::new(), Vec::new());
     for round in 0..args.rounds {
@@ -553,8 +647,8 @@ async fn scenario_publish(server: &NatsServer, js: &jetstream::Context, args: &A
             raw.push(raw_round(round).await);
         }
         eprintln!(
-            "  publish round {round}: raw {:.0}, natty {:.0}",
-            raw[round], natty[round]
+            "  publish round {round}: raw {:.0} ({:.2} us cpu/msg), natty {:.0} ({:.2})",
+            raw[round].rate, raw[round].cpu_us, natty[round].rate, natty[round].cpu_us
         );
     }
     report("publish, id each (2000 in flight)", &raw, &natty, ">= 0.97x")
@@ -614,9 +708,9 @@ async fn scenario_faststream(server: &NatsServer, python: &str, args: &Args, nat
 
 /// Raw async-nats with the same concurrency: a pull loop (batch 1000) spawning each message
 /// under a 64-permit semaphore, sleeping 5 ms, then acking: what this machine's timers allow.
-async fn raw_concurrency(js: &jetstream::Context, count: u64) -> Duration {
+async fn raw_concurrency(js: &jetstream::Context, count: u64) -> Measured {
     let consumer = fresh_consumer(js, "raw-io").await;
-    let started = Instant::now();
+    let window = Window::start();
     let mut messages = consumer
         .stream()
         .max_messages_per_batch(1000)
@@ -642,7 +736,7 @@ async fn raw_concurrency(js: &jetstream::Context, count: u64) -> Duration {
         });
     }
     all_done.await;
-    started.elapsed()
+    window.stop()
 }
 
 async fn scenario_concurrency(server: &NatsServer, js: &jetstream::Context, args: &Args) {
@@ -661,19 +755,19 @@ async fn scenario_concurrency(server: &NatsServer, js: &jetstream::Context, args
         slept.push(SLEPT_NANOS.load(Ordering::SeqCst) as f64 / count as f64 / 1e9);
         eprintln!(
             "  concurrency round {round}: raw {:.0}, natty {:.0}, mean real sleep {:.2} ms",
-            raw[round],
-            natty[round],
+            raw[round].rate,
+            natty[round].rate,
             slept[round] * 1e3
         );
     }
     let ideal = 64.0 / 0.005;
     let achievable = 64.0 / median(slept.clone());
-    report("concurrency (64 x 5 ms)", &raw, &natty, ">= 1.00x");
+    let natty = report("concurrency (64 x 5 ms)", &raw, &natty, ">= 1.00x");
     println!(
         "{:<28} natty/ideal {:.2}x of 64 / 5 ms = {ideal:.0} msg/s; {:.2}x of 64 / measured sleep = {achievable:.0} msg/s   (goal >= 0.90x)",
         "",
-        median(natty.clone()) / ideal,
-        median(natty) / achievable,
+        natty / ideal,
+        natty / achievable,
     );
 }
 
@@ -706,7 +800,7 @@ async fn scenario_scale(args: &Args) {
         for round in 0..args.rounds.min(3) {
             for side in ["raw", "natty"] {
                 let took = scale_run(&js, &url, side, instances, count).await;
-                let rate = rate(count, took);
+                let rate = rate(count, Measured::wall(took));
                 if side == "raw" {
                     raw.push(rate)
                 } else {
@@ -715,7 +809,7 @@ async fn scenario_scale(args: &Args) {
             }
             eprintln!(
                 "  scale {instances} instance(s) round {round}: raw {:.0}, natty {:.0}",
-                raw[round], natty[round]
+                raw[round].rate, natty[round].rate
             );
         }
         report(&format!("scale-out, {instances} instance(s)"), &raw, &natty, ">= 1.00x");
@@ -744,7 +838,8 @@ async fn scale_run(js: &jetstream::Context, url: &str, side: &str, instances: us
                 .arg(side)
                 .env("NATS_URL", url)
                 .env("NATTY_HANDLERS", "scale_work")
-                .env("RUST_LOG", "warn")
+                // Set up as run() does (its log level included); their log lines are not shown.
+                .stderr(std::process::Stdio::null())
                 .kill_on_drop(true)
                 .spawn()
                 .expect("spawn a scale worker"),
@@ -786,7 +881,8 @@ async fn scenario_footprint(server: &NatsServer, js: &jetstream::Context) {
         .arg("--idle-service")
         .env("NATS_URL", server.url())
         .env("NATTY_HANDLERS", IDLE.join(","))
-        .env("RUST_LOG", "warn")
+        // Set up as run() does (its log level included); its log lines are not shown.
+        .stderr(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -832,6 +928,7 @@ async fn main() {
         if std::env::args().nth(2).as_deref() == Some("raw") {
             raw_scale_worker().await;
         } else {
+            set_up_as_run();
             let service = async { natty_runtime::Runtime::builder().build()?.run().await };
             if let Err(error) = service.await {
                 eprintln!("{error:?}");
@@ -843,7 +940,7 @@ async fn main() {
     if std::env::args().any(|arg| arg == "--idle-service") {
         // The footprint scenario's child: a service with ten idle consumers. Not `run()`, which
         // would take `--idle-service` for a command of its own.
-        natty_runtime::init_logging();
+        set_up_as_run();
         let service = async { natty_runtime::Runtime::builder().build()?.run().await };
         if let Err(error) = service.await {
             eprintln!("{error:?}");
@@ -851,15 +948,7 @@ async fn main() {
         }
         return;
     }
-    // BENCH_TRACING=1 measures natty with the subscriber `run()` installs (log lines, and an
-    // OpenTelemetry context on every span); by default no subscriber is installed.
-    if std::env::var_os("BENCH_TRACING").is_some() {
-        std::env::set_var(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,natty_runtime=info".into()),
-        );
-        natty_runtime::init_logging();
-    }
+    let subscriber = set_up_as_run();
     let args = args();
     let wants = |name: &str| args.only.as_ref().is_none_or(|only| only.iter().any(|o| o == name));
     let server = NatsServer::start().await.expect("nats-server");
@@ -875,7 +964,7 @@ async fn main() {
         .expect("create stream");
     }
     println!(
-        "natty-bench: {} messages, {} rounds, nats-server at {} (file storage), {} cores",
+        "natty-bench: {} messages, {} rounds, nats-server at {} (file storage), {} cores; natty with {subscriber}",
         args.messages,
         args.rounds,
         server.url(),
@@ -908,4 +997,43 @@ async fn main() {
         Some(_) => {}
         None => println!("faststream: skipped (pass --faststream PYTHON, as scripts/bench.sh does)"),
     }
+    if args.no_subscriber_too {
+        drop(server);
+        without_subscriber(&args).await;
+    }
+}
+
+/// Sets natty up as `run()` does (`init_logging`: its subscriber, `RUST_LOG` or its default
+/// `info,async_nats=warn`, and an OTLP exporter when the `OTEL_*` variables name one), unless
+/// `BENCH_NO_SUBSCRIBER` is set; says which.
+fn set_up_as_run() -> String {
+    if std::env::var_os("BENCH_NO_SUBSCRIBER").is_some() {
+        return "no subscriber (BENCH_NO_SUBSCRIBER)".into();
+    }
+    natty_runtime::init_logging();
+    let exporter = ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+        .iter()
+        .find_map(|name| std::env::var(name).ok().filter(|v| !v.is_empty()));
+    format!(
+        "run()'s subscriber (RUST_LOG={}, exporter: {}, sampler: {})",
+        std::env::var("RUST_LOG").unwrap_or_else(|_| "unset: info,async_nats=warn".into()),
+        exporter.as_deref().unwrap_or("none"),
+        std::env::var("OTEL_TRACES_SAMPLER").unwrap_or_else(|_| "default".into()),
+    )
+}
+
+/// `--no-subscriber-too`: the same scenarios again in a child process with no subscriber (a
+/// process cannot take its subscriber back), as a secondary figure.
+async fn without_subscriber(args: &Args) {
+    println!("--- the same without a subscriber (a child process, its own server and raw baseline) ---");
+    let mut command = tokio::process::Command::new(std::env::current_exe().expect("current exe"));
+    command
+        .env("BENCH_NO_SUBSCRIBER", "1")
+        .args(["--rounds", &args.rounds.to_string()])
+        .args(["--messages", &args.messages.to_string()]);
+    if let Some(only) = &args.only {
+        command.args(["--only", &only.join(",")]);
+    }
+    let status = command.status().await.expect("run the bench without a subscriber");
+    assert!(status.success(), "the bench without a subscriber failed");
 }

@@ -27,7 +27,7 @@ use crate::handler::{ConsumerShared, Delivery, Outcome, Reject, RejectKind};
 use crate::publish::Client;
 use crate::puller::{delivery_info, Pulled, Puller};
 use crate::stream::{check, is_stream_not_found, Location, StreamDef};
-use crate::telemetry::ConsumerMetrics;
+use crate::telemetry::{ConsumerMetrics, DeliveryScope};
 
 /// The adapter a `#[consumer]` generates: decodes, calls the handler, reports the outcome.
 pub type HandlerFn = fn(Delivery) -> BoxFuture<'static, Outcome>;
@@ -897,39 +897,57 @@ impl Consumer {
             delivered: delivery_count,
         } = ready;
         let def = &self.def;
-        let span = tracing::info_span!(
-            "natty.deliver",
-            otel.kind = "consumer",
-            otel.status_code = tracing::field::Empty,
-            handler = def.name,
-            stream = def.stream,
-            consumer = &*self.name,
-            subject = %message.subject,
-            sequence = stream_sequence,
+        // What logs and trace context need of this delivery, for the handler's whole run.
+        let scope = DeliveryScope {
+            handler: def.name,
+            stream: def.stream,
+            consumer: self.name.clone(),
+            subject: message.subject.clone(),
+            sequence: stream_sequence,
             delivery_count,
-            outcome = tracing::field::Empty,
-            duration_ms = tracing::field::Empty,
-        );
-        crate::telemetry::trace::adopt(&span, message.headers.as_ref());
+            trace: crate::telemetry::trace::incoming(message.headers.as_ref()),
+        };
+        // A span per delivery only where something records it: with natty's own subscriber and
+        // no exporter, the scope gives logs their fields and publishes their trace context.
+        let span = (!crate::telemetry::light()).then(|| {
+            let span = tracing::info_span!(
+                "natty.deliver",
+                otel.kind = "consumer",
+                otel.status_code = tracing::field::Empty,
+                handler = def.name,
+                stream = def.stream,
+                consumer = &*self.name,
+                subject = %message.subject,
+                sequence = stream_sequence,
+                delivery_count,
+                outcome = tracing::field::Empty,
+                duration_ms = tracing::field::Empty,
+            );
+            crate::telemetry::trace::adopt(&span, message.headers.as_ref());
+            span
+        });
         let metrics = &self.metrics;
         metrics.delivered.inc();
         let in_flight = metrics.enter();
-        let started = std::time::Instant::now();
-        let settled = self
-            .settle_one(message, reply, stream_sequence, delivery_count, &hard_stop)
-            .instrument(span.clone())
-            .await;
+        let started = span.is_some().then(std::time::Instant::now);
+        let settle = self.settle_one(message, reply, stream_sequence, delivery_count, &hard_stop);
+        let settled = match &span {
+            Some(span) => scope.run(settle.instrument(span.clone())).await,
+            None => scope.run(settle).await,
+        };
         drop(in_flight);
         // Settled (or given up on at the drain timeout): no longer ours to keep alive.
         self.held.release(stream_sequence);
         drop(permit);
         self.room.notify_one();
         settled.count(metrics);
-        if settled != Settled::Acked {
-            span.record("otel.status_code", "error");
+        if let (Some(span), Some(started)) = (span, started) {
+            if settled != Settled::Acked {
+                span.record("otel.status_code", "error");
+            }
+            span.record("outcome", settled.as_str());
+            span.record("duration_ms", started.elapsed().as_secs_f64() * 1e3);
         }
-        span.record("outcome", settled.as_str());
-        span.record("duration_ms", started.elapsed().as_secs_f64() * 1e3);
     }
 
     /// Runs the handler (again, in place, for an ordered consumer) until the message is settled.

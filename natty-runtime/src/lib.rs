@@ -121,15 +121,22 @@ pub async fn run() -> Result<()> {
 ///
 /// - Lines go to stderr, human-readable, or one JSON object per line with
 ///   `NATTY_LOG_FORMAT=json`; `RUST_LOG` filters them (default: `info`, with async-nats at
-///   `warn` since natty logs connection events itself).
-/// - Spans get an OpenTelemetry context (`tracing-opentelemetry`), so the W3C trace context
-///   travels through this service in message headers. With natty-runtime's `otlp` feature and
-///   `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) set, spans are
-///   exported over OTLP/HTTP; the other standard `OTEL_*` variables apply
-///   (`OTEL_SERVICE_NAME`, `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_TRACES_EXPORTER=none`).
+///   `warn` since natty logs connection events itself). A line a handler logs shows its
+///   delivery: handler, stream, consumer, subject, sequence, delivery count and trace id.
+/// - W3C trace context travels in message headers either way: a delivery continues the trace
+///   its message carries, a publish inside it carries a child of that trace, a publish outside
+///   any delivery starts one.
+/// - With no exporter configured, no OpenTelemetry SDK runs and no span is made per message:
+///   the delivery's fields and trace context live in a task-local for the handler's run.
+/// - With natty-runtime's `otlp` feature and `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+///   `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) set, every delivery and publish is a span
+///   (`tracing-opentelemetry`), exported over OTLP/HTTP; the other standard `OTEL_*` variables
+///   apply (`OTEL_SERVICE_NAME`, `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_TRACES_EXPORTER=none`, and
+///   `OTEL_TRACES_SAMPLER`/`OTEL_TRACES_SAMPLER_ARG`, `parentbased_always_on` by default).
 ///
-/// A program that sets up its own subscriber keeps it; to carry trace context it adds
-/// `tracing_opentelemetry::layer()` with a tracer of its choice.
+/// A program that sets up its own subscriber keeps it, and natty makes its spans for it; to
+/// carry trace context in them it adds `tracing_opentelemetry::layer()` with a tracer of its
+/// choice (without one, publishes still carry the delivery's trace context).
 pub fn init_logging() {
     telemetry::logging::init();
 }

@@ -1,15 +1,27 @@
 //! The subscriber [`crate::run`] installs: human-readable or JSON lines on stderr, filtered by
-//! `RUST_LOG`, plus the OpenTelemetry layer that gives spans their trace context (and exports
-//! them over OTLP with the `otlp` feature and an `OTEL_EXPORTER_OTLP_*ENDPOINT`).
+//! `RUST_LOG`.
+//!
+//! Without an exporter, that is all: no OpenTelemetry SDK, and no span per message (nothing
+//! would record it). Deliveries carry their log fields and W3C trace context in a task-local
+//! scope instead (see [`super::context`]). With the `otlp` feature and an
+//! `OTEL_EXPORTER_OTLP_*ENDPOINT`, the OpenTelemetry layer is added and every delivery and
+//! publish is a span, exported in batches and sampled as `OTEL_TRACES_SAMPLER` says.
 
 use std::sync::OnceLock;
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing::level_filters::LevelFilter;
+use tracing::subscriber::Interest;
+use tracing::Metadata;
 use tracing_subscriber::filter::{self, FilterExt as _};
-use tracing_subscriber::layer::{Layer as _, SubscriberExt};
+use tracing_subscriber::fmt::format::JsonFields;
+use tracing_subscriber::layer::{Context, Filter, Layer as _, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
+
+use super::context;
+use super::format;
 
 /// The provider [`init`] installed, kept to flush its exporter on [`shutdown`].
 static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
@@ -19,7 +31,6 @@ pub(crate) fn init() {
     if tracing::dispatcher::has_been_set() {
         return;
     }
-    let filter = env_filter();
     let json = match std::env::var("NATTY_LOG_FORMAT").as_deref() {
         Ok("json") => true,
         Ok("text") | Err(_) => false,
@@ -29,6 +40,39 @@ pub(crate) fn init() {
             false
         }
     };
+    match exporting_provider() {
+        Some(provider) => init_exporting(json, provider),
+        None => init_light(json),
+    }
+}
+
+/// Log lines only: no OpenTelemetry layer, and natty's per-message spans disabled at their
+/// callsites, so a delivery or a publish costs no span (the delivery scope stands in for it).
+fn init_light(json: bool) {
+    let filter = PerMessageSpansOff.and(env_filter());
+    let layer = if json {
+        tracing_subscriber::fmt::layer()
+            .fmt_fields(JsonFields::new())
+            .event_format(format::JsonLines::new())
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed()
+    } else {
+        tracing_subscriber::fmt::layer()
+            .event_format(format::Text::new())
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed()
+    };
+    if tracing_subscriber::registry().with(layer).try_init().is_ok() {
+        context::set_light();
+    }
+}
+
+/// Log lines plus the OpenTelemetry layer over `provider`, which exports.
+fn init_exporting(json: bool, provider: SdkTracerProvider) {
+    let filter = env_filter();
     // RUST_LOG filters what is logged. Spans are what carry the trace context from a delivery
     // to the publishes its handler makes, so the OpenTelemetry layer keeps every span at info
     // or above whatever RUST_LOG says (RUST_LOG=warn must not break traces), plus what RUST_LOG
@@ -48,7 +92,6 @@ pub(crate) fn init() {
         (Some(layer), None)
     };
     let spans = filter::filter_fn(|metadata| metadata.is_span() && *metadata.level() <= tracing::Level::INFO);
-    let provider = provider();
     let otel = tracing_opentelemetry::layer()
         .with_tracer(provider.tracer("natty"))
         .with_filter(spans.or(env_filter()));
@@ -60,6 +103,38 @@ pub(crate) fn init() {
         .is_ok();
     if installed {
         let _ = PROVIDER.set(provider);
+    }
+}
+
+/// Turns off natty's span per delivery and per publish, for the light subscriber. Decided once
+/// per callsite (`Interest::never`), so `info_span!` there returns a disabled span at the cost of
+/// one atomic load. Other natty spans (leader terms, capture blocks) are rare and stay.
+struct PerMessageSpansOff;
+
+impl PerMessageSpansOff {
+    fn is_per_message(metadata: &Metadata<'_>) -> bool {
+        metadata.is_span()
+            && matches!(metadata.name(), "natty.deliver" | "natty.publish")
+            && metadata.target().starts_with("natty_runtime")
+    }
+}
+
+impl<S> Filter<S> for PerMessageSpansOff {
+    fn enabled(&self, metadata: &Metadata<'_>, _: &Context<'_, S>) -> bool {
+        !Self::is_per_message(metadata)
+    }
+
+    fn callsite_enabled(&self, metadata: &'static Metadata<'static>) -> Interest {
+        if Self::is_per_message(metadata) {
+            Interest::never()
+        } else {
+            Interest::always()
+        }
+    }
+
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        // No limit of its own: leaves RUST_LOG's level as the hint.
+        Some(LevelFilter::TRACE)
     }
 }
 
@@ -77,26 +152,34 @@ pub(crate) fn shutdown() {
     }
 }
 
-/// A tracer provider: without an exporter, spans still get trace ids (so context propagates
-/// through this service); with one, they are sent in batches.
-fn provider() -> SdkTracerProvider {
-    let mut resource = opentelemetry_sdk::Resource::builder();
-    if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
-        resource = resource.with_service_name(crate::config::default_name());
-    }
-    let builder = SdkTracerProvider::builder().with_resource(resource.build());
+/// A tracer provider that exports, when the environment asks for one and this build can.
+/// Its sampler is the SDK's default, which reads `OTEL_TRACES_SAMPLER` and
+/// `OTEL_TRACES_SAMPLER_ARG` itself (`parentbased_always_on` when unset).
+fn exporting_provider() -> Option<SdkTracerProvider> {
     #[cfg(feature = "otlp")]
-    if let Some(exporter) = exporter() {
-        return builder.with_batch_exporter(exporter).build();
+    {
+        let exporter = exporter()?;
+        let mut resource = opentelemetry_sdk::Resource::builder();
+        if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+            resource = resource.with_service_name(crate::config::default_name());
+        }
+        Some(
+            SdkTracerProvider::builder()
+                .with_resource(resource.build())
+                .with_batch_exporter(exporter)
+                .build(),
+        )
     }
     #[cfg(not(feature = "otlp"))]
-    if otlp_wanted() {
-        eprintln!(
-            "natty: OTEL_EXPORTER_OTLP_ENDPOINT is set, but this binary was built without natty-runtime's \
-             `otlp` feature; spans are not exported"
-        );
+    {
+        if otlp_wanted() {
+            eprintln!(
+                "natty: OTEL_EXPORTER_OTLP_ENDPOINT is set, but this binary was built without natty-runtime's \
+                 `otlp` feature; spans are not exported"
+            );
+        }
+        None
     }
-    builder.build()
 }
 
 /// Whether the standard variables ask for an OTLP exporter.

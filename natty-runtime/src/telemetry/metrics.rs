@@ -125,6 +125,7 @@ pub(crate) struct LeaderMetrics {
 }
 
 /// A capture's counters.
+#[cfg(feature = "capture")]
 #[derive(Clone)]
 pub(crate) struct CaptureMetrics {
     pub(crate) blocks: Counter,
@@ -317,6 +318,7 @@ impl Metrics {
     }
 
     /// Handles for one capture.
+    #[cfg(feature = "capture")]
     pub(crate) fn capture(&self, name: &'static str, stream: &'static str) -> CaptureMetrics {
         let labels: Labels = vec![("capture", name.into()), ("stream", stream.into())];
         CaptureMetrics {

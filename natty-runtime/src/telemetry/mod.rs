@@ -1,6 +1,9 @@
 //! Observability: Prometheus metrics and health on an HTTP endpoint, W3C trace context in
-//! message headers, and the logging set-up [`crate::run`] installs.
+//! message headers (with or without an OpenTelemetry SDK), and the logging set-up
+//! [`crate::run`] installs.
 
+pub(crate) mod context;
+mod format;
 pub(crate) mod http;
 pub(crate) mod logging;
 pub(crate) mod metrics;
@@ -11,7 +14,10 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
-pub(crate) use metrics::{CaptureMetrics, ConsumerMetrics, Metrics};
+pub(crate) use context::{light, DeliveryScope};
+#[cfg(feature = "capture")]
+pub(crate) use metrics::CaptureMetrics;
+pub(crate) use metrics::{ConsumerMetrics, Metrics};
 
 /// What a connection's handlers report: metrics and the readiness checks. One per
 /// [`Client`](crate::Client) and its clones.

@@ -1,10 +1,12 @@
-//! W3C trace context (`traceparent`, `tracestate`) in NATS message headers: injected from the
-//! current span when publishing, extracted to parent a delivery's span when consuming, so one
-//! trace follows an event across services.
+//! W3C trace context (`traceparent`, `tracestate`) in NATS message headers: injected when
+//! publishing, taken up by the consumer's delivery, so one trace follows an event across
+//! services.
 //!
-//! The context lives in the `tracing` span through `tracing-opentelemetry`: with its layer
-//! installed (as [`crate::run`] does), every natty span has an OpenTelemetry span context;
-//! without it, injection writes nothing and extraction is a no-op.
+//! Two ways, one on-the-wire result. With an OpenTelemetry layer in the subscriber (an exporter
+//! configured, or a program's own subscriber with `tracing-opentelemetry`), the context lives
+//! in the `tracing` spans. Otherwise (natty's default subscriber, no exporter) it lives in the
+//! delivery's [`DeliveryScope`] and no SDK does any work per message; a publish with no context
+//! from either starts a new trace.
 
 use async_nats::HeaderMap;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
@@ -12,8 +14,7 @@ use opentelemetry::trace::TraceContextExt;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-/// The W3C header names, to check cheaply whether a message carries a context.
-const TRACEPARENT: &str = "traceparent";
+use super::context::{self, DeliveryScope, TraceContext, TRACEPARENT};
 
 struct Inject<'a>(&'a mut HeaderMap);
 
@@ -38,7 +39,7 @@ impl Extractor for Extract<'_> {
 /// The value of header `name`. NATS header names are case-sensitive, but HTTP's are not, and a
 /// bridge or another client may have written `Traceparent`: the exact name is tried first, then
 /// any spelling.
-fn find<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+pub(crate) fn find<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     if let Some(value) = headers.get(name) {
         return Some(value.as_str());
     }
@@ -49,14 +50,29 @@ fn find<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .map(|value| value.as_str())
 }
 
-/// Writes the context of `span` into `headers`, when it has a valid one; true if it did.
+/// Writes a trace context into `headers`: the OpenTelemetry context of `span` when it has a
+/// valid one; else a child of the delivery this task runs (a new span id in its trace); else a
+/// new trace. Returns true when the context came from `span`.
 pub(crate) fn inject(span: &tracing::Span, headers: &mut HeaderMap) -> bool {
-    let context = span.context();
-    if !context.span().span_context().is_valid() {
-        return false;
+    // With natty's light subscriber no span has an OpenTelemetry context: do not ask.
+    if !context::light() {
+        let context = span.context();
+        if context.span().span_context().is_valid() {
+            TraceContextPropagator::new().inject_context(&context, &mut Inject(headers));
+            return true;
+        }
     }
-    TraceContextPropagator::new().inject_context(&context, &mut Inject(headers));
-    true
+    DeliveryScope::with_current(|delivery| delivery.trace.child())
+        .unwrap_or_else(TraceContext::root)
+        .inject(headers);
+    false
+}
+
+/// The trace a delivery of a message with `headers` continues: the one they carry, or a new one.
+pub(crate) fn incoming(headers: Option<&HeaderMap>) -> TraceContext {
+    headers
+        .and_then(TraceContext::extract)
+        .unwrap_or_else(TraceContext::root)
 }
 
 /// Makes the context carried by `headers` (if any) the parent of `span`.
