@@ -1254,7 +1254,31 @@ pub(crate) struct Ready {
 /// The messages a consumer holds — read from the server and not yet settled — with when each
 /// was last pinged, for [`Consumer::keep_alive`] and to recognise redeliveries of them.
 #[derive(Default)]
-pub(crate) struct Held(std::sync::Mutex<HashMap<u64, HeldMessage>>);
+pub(crate) struct Held(std::sync::Mutex<HashMap<u64, HeldMessage, SequenceHash>>);
+
+/// Hashes stream sequences for [`Held`]: they are unique integers chosen by the server, not
+/// by an adversary, so one multiplication spreads them well; SipHash would cost more than the
+/// rest of holding a message.
+type SequenceHash = std::hash::BuildHasherDefault<SequenceHasher>;
+
+#[derive(Default)]
+pub(crate) struct SequenceHasher(u64);
+
+impl std::hash::Hasher for SequenceHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*byte)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
 
 struct HeldMessage {
     reply: Subject,
@@ -1262,7 +1286,7 @@ struct HeldMessage {
 }
 
 impl Held {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, HeldMessage>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, HeldMessage, SequenceHash>> {
         self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
