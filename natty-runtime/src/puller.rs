@@ -219,11 +219,19 @@ pub(crate) struct DeliveryMeta {
 }
 
 pub(crate) fn delivery_meta(reply: &str) -> Option<DeliveryMeta> {
-    let tokens: Vec<&str> = reply.split('.').collect();
-    if tokens.first() != Some(&"$JS") || tokens.get(1) != Some(&"ACK") {
+    // Read once per message: tokens go to an array on the stack, not a Vec.
+    let mut tokens = [""; 12];
+    let mut count = 0;
+    for token in reply.split('.') {
+        if count < tokens.len() {
+            tokens[count] = token;
+        }
+        count += 1;
+    }
+    if tokens[0] != "$JS" || tokens[1] != "ACK" {
         return None;
     }
-    let offset = match tokens.len() {
+    let offset = match count {
         9 => 4,
         n if n >= 11 => 6,
         _ => return None,
