@@ -101,6 +101,20 @@ fn memory_outage(order: &Order) -> u64 {
     order.id % 10
 }
 
+/// Case (b) again with a budget of 32 MiB, which the outage reaches before `max_ack_pending`.
+#[capture(
+    stream = "bench",
+    durable = "natty-memory-bounded",
+    format = "ndjson",
+    compression = "zstd",
+    store = "${NATTY_BENCH_MEMORY}/{key}",
+    every = "5s",
+    max_memory = "32MiB"
+)]
+fn memory_bounded(order: &Order) -> u64 {
+    order.id % 10
+}
+
 /// The consume scenario with natty's defaults (concurrency 1, adaptive prefetch).
 #[consumer(stream = "bench", durable = "natty-default", max_ack_pending = 20000)]
 async fn consume_default(_order: Order) {
@@ -891,7 +905,7 @@ async fn all_acked(js: &jetstream::Context, durable: &str, timeout: Duration) ->
 }
 
 /// Peak memory of a capture (`--only capture-memory`, not run by default): (a) 10,000 keys with
-/// a block open each, (b) 20,000 msg/s through a 30 s store outage (the local store's folder
+/// a block open each, (b) 20,000 msg/s through a 30 s store outage, with the default budget and with 32 MiB (the local store's folder
 /// replaced by a file, so every write fails, then put back). Each case runs in a process of its
 /// own (this program again, with `NATTY_BENCH_MEMORY_CASE` set), since the allocator keeps
 /// what one case freed; its peak RSS is that process's high-water mark from just before the
@@ -899,7 +913,7 @@ async fn all_acked(js: &jetstream::Context, durable: &str, timeout: Duration) ->
 async fn scenario_capture_memory(server: &NatsServer, js: &jetstream::Context, args: &Args) {
     let case = std::env::var("NATTY_BENCH_MEMORY_CASE").unwrap_or_default();
     if case.is_empty() {
-        for case in ["keys", "outage"] {
+        for case in ["keys", "outage", "bounded"] {
             let status = tokio::process::Command::new(std::env::current_exe().expect("current exe"))
                 .args(["--only", "capture-memory", "--messages", &args.messages.to_string()])
                 .env("NATTY_BENCH_MEMORY_CASE", case)
@@ -960,13 +974,17 @@ async fn scenario_capture_memory(server: &NatsServer, js: &jetstream::Context, a
     }
 
     // (b) A 30 s store outage at ~20,000 msg/s: 5 s before, 30 s down, 5 s after.
+    let (handler, durable, budget) = match case.as_str() {
+        "bounded" => ("memory_bounded", "natty-memory-bounded", "budget 32 MiB"),
+        _ => ("memory_outage", "natty-memory-outage", "default budget"),
+    };
     const RATE: u64 = 20_000;
     const TICK: Duration = Duration::from_millis(10);
     purge(js, "bench").await;
-    let _ = stream.delete_consumer("natty-memory-outage").await;
+    let _ = stream.delete_consumer(durable).await;
     reset_peak_rss();
     let (_, before) = rss();
-    let (stop, running) = run("memory_outage");
+    let (stop, running) = run(handler);
     let publisher = {
         let js = js.clone();
         tokio::spawn(async move {
@@ -1000,7 +1018,7 @@ async fn scenario_capture_memory(server: &NatsServer, js: &jetstream::Context, a
     let outage = Instant::now();
     let mut most_during = 0i64;
     while outage.elapsed() < Duration::from_secs(30) {
-        if let Ok(info) = stream.consumer_info("natty-memory-outage").await {
+        if let Ok(info) = stream.consumer_info(durable).await {
             most_during = most_during.max(info.num_ack_pending as i64);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1009,12 +1027,12 @@ async fn scenario_capture_memory(server: &NatsServer, js: &jetstream::Context, a
     std::fs::remove_file(&root).expect("unblock the store");
     std::fs::rename(&away, &root).expect("put the store back");
     let (published, publishing) = publisher.await.expect("publisher");
-    let most_pending = all_acked(js, "natty-memory-outage", Duration::from_secs(300)).await;
+    let most_pending = all_acked(js, durable, Duration::from_secs(300)).await;
     let (peak, _) = rss();
     let _ = stop.send(());
     running.await.expect("join").expect("natty run");
     println!(
-        "{:<28} 30 s store outage at {:.0} msg/s ({published} messages): peak RSS {:.1} MiB \
+        "{:<28} {budget}, 30 s store outage at {:.0} msg/s ({published} messages): peak RSS {:.1} MiB \
          (at the outage's end {:.1} MiB, peak during it {:.1} MiB, {:.1} MiB before), most unacked during the outage {most_during}, overall {most_pending}",
         "capture-memory",
         rate(published, publishing),
