@@ -32,6 +32,9 @@
 //!   [`Config::capture_drain_timeout`](crate::Config::capture_drain_timeout), a deadline of its
 //!   own; what is not stored by then stays unacked and is redelivered to the next run.
 //! - **Dead letters** are terminated like a consumer's; they never hold up their block.
+//! - **Memory is bounded** by [`CaptureDef::max_memory`] (see the `memory` module): near it the
+//!   biggest open block closes early; at it the capture stops pulling, so messages wait on the
+//!   server, not in memory, while stores fail. One task per capture sends every in-progress ack.
 
 pub mod format;
 mod keep_alive;
