@@ -1,7 +1,7 @@
 //! `#[capture]` against a real nats-server, run as a real process (`natty-test-capture`):
 //! every format read back with its own reader, a SIGKILL mid-block, SIGKILLs right after blocks
 //! are stored, a stream deleted and created again, undecodable payloads, a panicking key
-//! function and keys the path template cannot take.
+//! function and keys the path template cannot take, and a store outage under a memory budget.
 
 use std::time::Duration;
 
@@ -635,4 +635,87 @@ async fn messages_held_from_a_deleted_stream_do_not_hide_the_new_streams_same_se
         settled(&js, "readings", "drain", HALF)
     })
     .await;
+}
+
+/// A capture with a memory budget of 256 KiB (`to_bounded`, about a thousand held readings)
+/// whose store fails: it stops pulling instead of holding more. While the store is down the
+/// server keeps the readings (`num_pending` stays up), the capture holds a bounded number
+/// (`num_ack_pending`), and nothing it holds is redelivered; once the store is back, every
+/// reading is stored exactly once. Without the budget the capture pulls all 20,000.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_under_a_memory_budget_leaves_messages_on_the_server() {
+    const BEFORE: u64 = 1_000;
+    const LAST: u64 = 21_000;
+    /// The budget's share of readings, plus a pull's worth already asked for (1000) and slack.
+    const MOST_HELD: i64 = 3_000;
+    const ACK_WAIT: Duration = Duration::from_secs(4);
+    let server = NatsServer::start().await.expect("nats-server");
+    let client = server.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("bounded");
+    std::fs::create_dir_all(&root).unwrap();
+    let store = format!("file://{}", root.display());
+    let env = [("NATTY_HANDLERS", "to_bounded"), ("BOUNDED_STORE", store.as_str())];
+
+    create_readings_stream(&client).await;
+    let mut child = spawn_service(CAPTURE.as_ref(), Some(&server.url()), &env);
+    let logs = collect_stderr(&mut child);
+    publish_readings(&client, 1..BEFORE + 1, SENSORS).await;
+    wait_logged(Duration::from_secs(60), "the first readings stored", &logs, || {
+        settled(&js, "readings", "bounded", BEFORE)
+    })
+    .await;
+
+    // The store's folder replaced by a file: every write under it fails, even as root.
+    let away = dir.path().join("bounded.away");
+    std::fs::rename(&root, &away).unwrap();
+    std::fs::write(&root, b"not a folder").unwrap();
+    publish_readings(&client, BEFORE + 1..LAST + 1, SENSORS).await;
+    let stream = js.get_stream("readings").await.expect("stream");
+    // Three ack_waits: long enough for held messages that missed their pings to come back.
+    let observed = tokio::time::Instant::now();
+    let mut most_held = 0;
+    let mut last = None;
+    while observed.elapsed() < 3 * ACK_WAIT {
+        let info = stream.consumer_info("bounded").await.expect("consumer info");
+        let context = || format!("{info:?}\ncapture logs:\n{}", logs.lock().unwrap().join("\n"));
+        assert!(
+            (info.num_ack_pending as i64) <= MOST_HELD,
+            "the capture held more than its memory budget allows: {}",
+            context()
+        );
+        assert_eq!(
+            info.ack_floor.stream_sequence,
+            BEFORE,
+            "acked during the outage: {}",
+            context()
+        );
+        assert_eq!(info.num_redelivered, 0, "a held message was redelivered: {}", context());
+        most_held = most_held.max(info.num_ack_pending as i64);
+        last = Some(info);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let last = last.expect("a sample");
+    assert!(
+        most_held > 0 && last.num_pending > 0,
+        "the capture held some readings and left the rest on the server: {last:?}"
+    );
+    assert!(
+        child.try_wait().expect("poll the capture").is_none(),
+        "the capture exited during the outage; logs:\n{}",
+        logs.lock().unwrap().join("\n")
+    );
+
+    std::fs::remove_file(&root).unwrap();
+    std::fs::rename(&away, &root).unwrap();
+    wait_logged(
+        Duration::from_secs(120),
+        "every reading stored after the outage",
+        &logs,
+        || settled(&js, "readings", "bounded", LAST),
+    )
+    .await;
+    stop(child, &logs).await;
+    Tally::of_folder(&root, SENSORS).assert_exactly_once(1..LAST + 1, "ndjson across the outage");
 }

@@ -80,6 +80,47 @@ fn bench_capture(order: &Order) -> u64 {
     order.id % 10
 }
 
+/// The capture-memory scenario, case (a): ten thousand keys, each with a block open at once
+/// (gzip, so each open block has had a compressor of its own).
+#[capture(
+    stream = "bench",
+    durable = "natty-memory-keys",
+    format = "ndjson",
+    compression = "gzip",
+    store = "${NATTY_BENCH_MEMORY}/{key}",
+    every = "10s"
+)]
+fn memory_keys(order: &Order) -> u64 {
+    order.id % 10_000
+}
+
+/// The capture-memory scenario, case (b): ten keys, zstd, captured through a store outage.
+#[capture(
+    stream = "bench",
+    durable = "natty-memory-outage",
+    format = "ndjson",
+    compression = "zstd",
+    store = "${NATTY_BENCH_MEMORY}/{key}",
+    every = "5s"
+)]
+fn memory_outage(order: &Order) -> u64 {
+    order.id % 10
+}
+
+/// Case (b) again with a budget of 32 MiB, which the outage reaches before `max_ack_pending`.
+#[capture(
+    stream = "bench",
+    durable = "natty-memory-bounded",
+    format = "ndjson",
+    compression = "zstd",
+    store = "${NATTY_BENCH_MEMORY}/{key}",
+    every = "5s",
+    max_memory = "32MiB"
+)]
+fn memory_bounded(order: &Order) -> u64 {
+    order.id % 10
+}
+
 /// The consume scenario with natty's defaults (concurrency 1, adaptive prefetch).
 #[consumer(stream = "bench", durable = "natty-default", max_ack_pending = 20000)]
 async fn consume_default(_order: Order) {
@@ -921,6 +962,183 @@ async fn scenario_footprint(server: &NatsServer, js: &jetstream::Context) {
     );
 }
 
+/// The resident set's high-water mark and current size of this process, in bytes.
+fn rss() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kib| kib * 1024)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// Resets the resident set's high-water mark to the current size (Linux 4.0+), so that each
+/// case's peak is its own.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Waits until `durable` has acked the whole of `bench` and nothing waits for it; returns the
+/// largest `num_ack_pending` seen meanwhile.
+async fn all_acked(js: &jetstream::Context, durable: &str, timeout: Duration) -> i64 {
+    let mut stream = js.get_stream("bench").await.expect("stream");
+    let last = stream.info().await.expect("stream info").state.last_sequence;
+    let deadline = Instant::now() + timeout;
+    let mut most = 0;
+    while Instant::now() < deadline {
+        if let Ok(info) = stream.consumer_info(durable).await {
+            most = most.max(info.num_ack_pending as i64);
+            if info.ack_floor.stream_sequence >= last && info.num_ack_pending == 0 && info.num_pending == 0 {
+                return most;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{durable} did not ack the whole stream within {timeout:?}");
+}
+
+/// Peak memory of a capture (`--only capture-memory`, not run by default): (a) 10,000 keys with
+/// a block open each, (b) 20,000 msg/s through a 30 s store outage, with the default budget and with 32 MiB (the local store's folder
+/// replaced by a file, so every write fails, then put back). Each case runs in a process of its
+/// own (this program again, with `NATTY_BENCH_MEMORY_CASE` set), since the allocator keeps
+/// what one case freed; its peak RSS is that process's high-water mark from just before the
+/// capture starts, and includes the publisher in (b).
+async fn scenario_capture_memory(server: &NatsServer, js: &jetstream::Context, args: &Args) {
+    let case = std::env::var("NATTY_BENCH_MEMORY_CASE").unwrap_or_default();
+    if case.is_empty() {
+        for case in ["keys", "outage", "bounded"] {
+            let status = tokio::process::Command::new(std::env::current_exe().expect("current exe"))
+                .args(["--only", "capture-memory", "--messages", &args.messages.to_string()])
+                .env("NATTY_BENCH_MEMORY_CASE", case)
+                .status()
+                .await
+                .expect("run a capture-memory case");
+            assert!(status.success(), "capture-memory case {case}: {status}");
+        }
+        println!(
+            "{:<28} budget per capture: {} MiB (the default)",
+            "capture-memory",
+            natty_runtime::capture::DEFAULT_MAX_MEMORY >> 20
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let root = dir.path().join("store");
+    std::fs::create_dir_all(&root).expect("store folder");
+    std::env::set_var("NATTY_BENCH_MEMORY", format!("file://{}", root.display()));
+    let run = |handler: &'static str| {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let runtime = natty_runtime::Runtime::builder()
+            .url(server.url())
+            .handlers([handler])
+            .build()
+            .expect("runtime");
+        let running = tokio::spawn(runtime.run_until(async {
+            let _ = stopped.await;
+        }));
+        (stop, running)
+    };
+    let stream = js.get_stream("bench").await.expect("stream");
+
+    // (a) Ten thousand keys.
+    if case == "keys" {
+        purge(js, "bench").await;
+        let _ = stream.delete_consumer("natty-memory-keys").await;
+        let count = args.messages;
+        fill(js, "bench.orders", count).await;
+        reset_peak_rss();
+        let (_, before) = rss();
+        let started = Instant::now();
+        let (stop, running) = run("memory_keys");
+        let most_pending = all_acked(js, "natty-memory-keys", Duration::from_secs(300)).await;
+        let took = started.elapsed();
+        let (peak, _) = rss();
+        let _ = stop.send(());
+        running.await.expect("join").expect("natty run");
+        println!(
+            "{:<28} 10,000 keys, {count} messages (gzip NDJSON): peak RSS {:.1} MiB ({:.1} MiB before), \
+         most unacked {most_pending}, {:.0} msg/s",
+            "capture-memory",
+            peak as f64 / 1048576.0,
+            before as f64 / 1048576.0,
+            rate(count, took)
+        );
+        return;
+    }
+
+    // (b) A 30 s store outage at ~20,000 msg/s: 5 s before, 30 s down, 5 s after.
+    let (handler, durable, budget) = match case.as_str() {
+        "bounded" => ("memory_bounded", "natty-memory-bounded", "budget 32 MiB"),
+        _ => ("memory_outage", "natty-memory-outage", "default budget"),
+    };
+    const RATE: u64 = 20_000;
+    const TICK: Duration = Duration::from_millis(10);
+    purge(js, "bench").await;
+    let _ = stream.delete_consumer(durable).await;
+    reset_peak_rss();
+    let (_, before) = rss();
+    let (stop, running) = run(handler);
+    let publisher = {
+        let js = js.clone();
+        tokio::spawn(async move {
+            let per_tick = RATE * TICK.as_millis() as u64 / 1000;
+            let mut tick = tokio::time::interval(TICK);
+            let mut in_flight = FuturesUnordered::new();
+            let started = Instant::now();
+            let mut id = 0;
+            while started.elapsed() < Duration::from_secs(40) {
+                tick.tick().await;
+                for _ in 0..per_tick {
+                    let payload = serde_json::to_vec(&Order::new(id)).expect("encode");
+                    id += 1;
+                    let ack = js.publish("bench.orders", payload.into()).await.expect("publish");
+                    in_flight.push(std::future::IntoFuture::into_future(ack));
+                }
+                while in_flight.len() > 2000 {
+                    in_flight.next().await.expect("ack").expect("publish ack");
+                }
+            }
+            while let Some(ack) = in_flight.next().await {
+                ack.expect("publish ack");
+            }
+            (id, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let away = dir.path().join("store.away");
+    std::fs::rename(&root, &away).expect("take the store away");
+    std::fs::write(&root, b"not a folder").expect("block the store");
+    let outage = Instant::now();
+    let mut most_during = 0i64;
+    while outage.elapsed() < Duration::from_secs(30) {
+        if let Ok(info) = stream.consumer_info(durable).await {
+            most_during = most_during.max(info.num_ack_pending as i64);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (peak_outage, rss_outage) = rss();
+    std::fs::remove_file(&root).expect("unblock the store");
+    std::fs::rename(&away, &root).expect("put the store back");
+    let (published, publishing) = publisher.await.expect("publisher");
+    let most_pending = all_acked(js, durable, Duration::from_secs(300)).await;
+    let (peak, _) = rss();
+    let _ = stop.send(());
+    running.await.expect("join").expect("natty run");
+    println!(
+        "{:<28} {budget}, 30 s store outage at {:.0} msg/s ({published} messages): peak RSS {:.1} MiB \
+         (at the outage's end {:.1} MiB, peak during it {:.1} MiB, {:.1} MiB before), most unacked during the outage {most_during}, overall {most_pending}",
+        "capture-memory",
+        rate(published, publishing),
+        peak as f64 / 1048576.0,
+        rss_outage as f64 / 1048576.0,
+        peak_outage as f64 / 1048576.0,
+        before as f64 / 1048576.0,
+    );
+}
+
 #[tokio::main]
 async fn main() {
     if std::env::args().nth(1).as_deref() == Some("--scale-worker") {
@@ -982,6 +1200,13 @@ async fn main() {
     };
     if wants("capture") {
         scenario_capture(&server, &js, &args).await;
+    }
+    if args
+        .only
+        .as_ref()
+        .is_some_and(|only| only.iter().any(|o| o == "capture-memory"))
+    {
+        scenario_capture_memory(&server, &js, &args).await;
     }
     if wants("concurrency") {
         scenario_concurrency(&server, &js, &args).await;

@@ -25,6 +25,7 @@ const KEYS: &[&str] = &[
     "max_deliver",
     "dead_letter",
     "store_concurrency",
+    "max_memory",
 ];
 
 /// The placeholders every path template may use; a struct key adds its fields.
@@ -48,6 +49,7 @@ struct Args {
     max_deliver: Slot<i64>,
     dead_letter: Slot<LitStr>,
     store_concurrency: Slot<i64>,
+    max_memory: Slot<u64>,
 }
 
 impl Args {
@@ -67,6 +69,7 @@ impl Args {
             max_deliver: Slot::new("max_deliver"),
             dead_letter: Slot::new("dead_letter"),
             store_concurrency: Slot::new("store_concurrency"),
+            max_memory: Slot::new("max_memory"),
         };
         let seen = attr::parse_keys(args, errors, |key, meta| parsed.key(key, meta));
         (parsed, seen)
@@ -117,7 +120,11 @@ impl Args {
             }
             "max_bytes" => {
                 let expr: syn::Expr = meta.value()?.parse()?;
-                byte_size(&expr).and_then(|bytes| self.max_bytes.set(meta, bytes, expr.span()))
+                byte_size(&expr, "max_bytes").and_then(|bytes| self.max_bytes.set(meta, bytes, expr.span()))
+            }
+            "max_memory" => {
+                let expr: syn::Expr = meta.value()?.parse()?;
+                byte_size(&expr, "max_memory").and_then(|bytes| self.max_memory.set(meta, bytes, expr.span()))
             }
             "max_messages" => attr::int_at_least(meta, "max_messages", 1)?
                 .and_then(|(value, span)| self.max_messages.set(meta, value, span)),
@@ -165,11 +172,11 @@ fn one_of(lit: &LitStr, key: &str, valid: &[&str]) -> syn::Result<String> {
 }
 
 /// A byte count: an integer, or a string such as `"64MiB"`, `"10MB"`, `"512KiB"`.
-fn byte_size(expr: &syn::Expr) -> syn::Result<u64> {
+fn byte_size(expr: &syn::Expr, key: &str) -> syn::Result<u64> {
     let fail = || {
         syn::Error::new_spanned(
             expr,
-            "`max_bytes` takes a byte count: an integer or a string such as \"64MiB\", \"10MB\", \"512KiB\"",
+            format!("`{key}` takes a byte count: an integer or a string such as \"64MiB\", \"10MB\", \"512KiB\""),
         )
     };
     let bytes = match expr {
@@ -201,7 +208,7 @@ fn byte_size(expr: &syn::Expr) -> syn::Result<u64> {
         _ => return Err(fail()),
     };
     if bytes == 0 {
-        return Err(syn::Error::new_spanned(expr, "`max_bytes` must be at least 1"));
+        return Err(syn::Error::new_spanned(expr, format!("`{key}` must be at least 1")));
     }
     Ok(bytes)
 }
@@ -469,6 +476,9 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     if let Some(value) = parsed.store_concurrency.take() {
         let value = value as usize;
         setters.push(quote!(.store_concurrency(#value)));
+    }
+    if let Some(bytes) = parsed.max_memory.take() {
+        setters.push(quote!(.max_memory(#bytes)));
     }
 
     quote! {

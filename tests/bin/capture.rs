@@ -3,7 +3,8 @@
 //! `PARQUET_STORE`, `RAW_STORE`: `file://...`, `s3://...` or `az://...`), and `to_drain`, whose
 //! hour-long windows close only on shutdown (`DRAIN_STORE`), and `to_fragile`, whose key
 //! function panics on some readings and whose path template other readings' keys cannot fill
-//! (`FRAGILE_STORE`). Run one of them with `NATTY_HANDLERS=to_csv` and so on.
+//! (`FRAGILE_STORE`), and `to_bounded`, whose memory budget is small (`BOUNDED_STORE`). Run one
+//! of them with `NATTY_HANDLERS=to_csv` and so on.
 
 use natty_runtime::prelude::*;
 use natty_tests::Reading;
@@ -105,6 +106,20 @@ fn to_fragile(reading: &Reading) -> Spot {
         sensor: reading.sensor.clone(),
         site: (reading.note.as_deref() != Some("nowhere")).then(|| reading.place.site.clone()),
     }
+}
+
+/// A memory budget of 256 KiB: about a thousand held readings.
+#[capture(
+    stream = "readings",
+    durable = "bounded",
+    format = "ndjson",
+    store = "${BOUNDED_STORE}/{key}",
+    every = "2s",
+    ack_wait = "4s",
+    max_memory = "256KiB"
+)]
+fn to_bounded(reading: &Reading) -> String {
+    reading.sensor.clone()
 }
 
 #[tokio::main]

@@ -115,6 +115,11 @@ pub trait BlockWriter: Send {
     fn append(&mut self, record: &(dyn Any + Send), raw: &[u8]) -> Result<(), FormatError>;
     /// Completes the block (footer, compression trailer) and returns its bytes.
     fn finish(self: Box<Self>) -> Result<Vec<u8>, FormatError>;
+    /// About how many bytes the writer holds now (buffers, compressor state), for the capture's
+    /// memory budget. `None` (the default) makes the capture count the payload bytes appended.
+    fn memory(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// Makes a fresh writer for each block.
@@ -124,6 +129,17 @@ pub type WriterFactory = std::sync::Arc<dyn Fn() -> Box<dyn BlockWriter> + Send 
 const PARQUET_CHUNK: usize = 1024;
 /// Zstandard level for CSV, NDJSON and raw blocks: the library's default trade-off.
 const ZSTD_LEVEL: i32 = 3;
+/// Uncompressed bytes a CSV, NDJSON or raw block keeps before its compressor starts. A
+/// compressor holds state of its own (see `ZSTD_STATE`, `GZIP_STATE`) whatever the block's size:
+/// with many keys, most blocks stay small, and paying it for each open one would cost far more
+/// than their data. Below this a block is compressed in one go when it is finished.
+const COMPRESS_AFTER: usize = 256 << 10;
+/// About what a zstd level-3 streaming compressor holds (window, hash and chain tables).
+const ZSTD_STATE: usize = 1_300 << 10;
+/// About what a gzip (miniz_oxide) compressor holds, with flate2's output buffer.
+const GZIP_STATE: usize = 300 << 10;
+/// The buffer of a `csv::Writer`.
+const CSV_BUFFER: usize = 8 << 10;
 
 /// Makes the writer factory for a capture whose payload type is `T`.
 ///
@@ -389,9 +405,12 @@ fn io_error(format: BlockFormat, e: impl fmt::Display) -> FormatError {
     FormatError(format!("cannot write the {format} block: {e}"))
 }
 
-/// The output of a CSV, NDJSON or raw block: compressed as it is written.
+/// The output of a CSV, NDJSON or raw block: kept plain while it is small, then compressed as
+/// it is written (see `COMPRESS_AFTER`).
 enum Sink {
     Plain(Vec<u8>),
+    /// Not compressed yet: below `COMPRESS_AFTER`, or no compression asked.
+    Pending(Vec<u8>, Compression),
     Gzip(flate2::write::GzEncoder<Vec<u8>>),
     Zstd(zstd::stream::write::Encoder<'static, Vec<u8>>),
 }
@@ -400,23 +419,47 @@ impl Sink {
     fn new(compression: Compression) -> Result<Self, FormatError> {
         Ok(match compression {
             Compression::None => Self::Plain(Vec::new()),
+            compression => Self::Pending(Vec::new(), compression),
+        })
+    }
+
+    /// Starts the compressor and passes it what was kept plain so far.
+    fn start_compressing(&mut self) -> io::Result<()> {
+        let Self::Pending(plain, compression) = self else {
+            return Ok(());
+        };
+        let mut started = match compression {
+            Compression::None => return Ok(()),
             Compression::Gzip => Self::Gzip(flate2::write::GzEncoder::new(
                 Vec::new(),
                 flate2::Compression::default(),
             )),
-            Compression::Zstd => Self::Zstd(
-                zstd::stream::write::Encoder::new(Vec::new(), ZSTD_LEVEL)
-                    .map_err(|e| FormatError(format!("cannot start a zstd encoder: {e}")))?,
-            ),
-        })
+            Compression::Zstd => Self::Zstd(zstd::stream::write::Encoder::new(Vec::new(), ZSTD_LEVEL)?),
+        };
+        started.write_all(plain)?;
+        *self = started;
+        Ok(())
     }
 
     /// Writes the compression trailer and returns the bytes.
-    fn finish(self) -> io::Result<Vec<u8>> {
+    fn finish(mut self) -> io::Result<Vec<u8>> {
+        if let Self::Pending(plain, Compression::Zstd) = &self {
+            return zstd::stream::encode_all(&plain[..], ZSTD_LEVEL);
+        }
+        self.start_compressing()?;
         match self {
-            Self::Plain(bytes) => Ok(bytes),
+            Self::Plain(bytes) | Self::Pending(bytes, _) => Ok(bytes),
             Self::Gzip(encoder) => encoder.finish(),
             Self::Zstd(encoder) => encoder.finish(),
+        }
+    }
+
+    /// About how many bytes it holds.
+    fn memory(&self) -> usize {
+        match self {
+            Self::Plain(bytes) | Self::Pending(bytes, _) => bytes.capacity(),
+            Self::Gzip(encoder) => encoder.get_ref().capacity() + GZIP_STATE,
+            Self::Zstd(encoder) => encoder.get_ref().capacity() + ZSTD_STATE,
         }
     }
 }
@@ -425,6 +468,13 @@ impl Write for Sink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Self::Plain(bytes) => bytes.write(buf),
+            Self::Pending(plain, _) => {
+                plain.extend_from_slice(buf);
+                if plain.len() >= COMPRESS_AFTER {
+                    self.start_compressing()?;
+                }
+                Ok(buf.len())
+            }
             Self::Gzip(encoder) => encoder.write(buf),
             Self::Zstd(encoder) => encoder.write(buf),
         }
@@ -432,7 +482,7 @@ impl Write for Sink {
 
     fn flush(&mut self) -> io::Result<()> {
         match self {
-            Self::Plain(bytes) => bytes.flush(),
+            Self::Plain(bytes) | Self::Pending(bytes, _) => bytes.flush(),
             Self::Gzip(encoder) => encoder.flush(),
             Self::Zstd(encoder) => encoder.flush(),
         }
@@ -474,6 +524,10 @@ impl BlockWriter for RawWriter {
     fn finish(self: Box<Self>) -> Result<Vec<u8>, FormatError> {
         self.out.finish().map_err(|e| io_error(BlockFormat::Raw, e))
     }
+
+    fn memory(&self) -> Option<usize> {
+        Some(self.out.memory())
+    }
 }
 
 struct NdjsonWriter<T> {
@@ -501,6 +555,10 @@ impl<T: Serialize + Send + 'static> BlockWriter for NdjsonWriter<T> {
 
     fn finish(self: Box<Self>) -> Result<Vec<u8>, FormatError> {
         self.out.finish().map_err(|e| io_error(BlockFormat::Ndjson, e))
+    }
+
+    fn memory(&self) -> Option<usize> {
+        Some(self.out.memory() + self.line.capacity())
     }
 }
 
@@ -582,12 +640,18 @@ impl<T: Serialize + Send + 'static> BlockWriter for CsvWriter<T> {
             .map_err(|e| io_error(BlockFormat::Csv, e.error()))?;
         sink.finish().map_err(|e| io_error(BlockFormat::Csv, e))
     }
+
+    fn memory(&self) -> Option<usize> {
+        Some(self.out.get_ref().memory() + CSV_BUFFER)
+    }
 }
 
 struct ParquetWriter<T> {
     /// Records not yet encoded, as Arrow arrays under construction.
     rows: ArrayBuilder,
     buffered: usize,
+    /// The payload bytes of the buffered records: about what `rows` holds.
+    buffered_bytes: usize,
     out: ArrowWriter<Vec<u8>>,
     /// Why the block was abandoned: serde_arrow cannot roll back a half-pushed record, so after a
     /// failure the builder's columns may disagree in length and nothing more can be written.
@@ -606,6 +670,7 @@ impl<T> ParquetWriter<T> {
         Ok(Self {
             rows: ArrayBuilder::from_arrow(fields).map_err(|e| refuse(&e))?,
             buffered: 0,
+            buffered_bytes: 0,
             out: ArrowWriter::try_new(Vec::new(), schema.clone(), Some(props.clone())).map_err(|e| refuse(&e))?,
             broken: None,
             record: PhantomData,
@@ -617,6 +682,7 @@ impl<T> ParquetWriter<T> {
         let batch = self.rows.to_record_batch().map_err(|e| e.to_string());
         let written = batch.and_then(|batch| self.out.write(&batch).map_err(|e| e.to_string()));
         self.buffered = 0;
+        self.buffered_bytes = 0;
         written.map_err(|e| self.abandon(e))
     }
 
@@ -635,11 +701,12 @@ impl<T> ParquetWriter<T> {
 }
 
 impl<T: Serialize + Send + 'static> BlockWriter for ParquetWriter<T> {
-    fn append(&mut self, record: &(dyn Any + Send), _: &[u8]) -> Result<(), FormatError> {
+    fn append(&mut self, record: &(dyn Any + Send), raw: &[u8]) -> Result<(), FormatError> {
         self.check()?;
         let record = downcast::<T>(record, BlockFormat::Parquet)?;
         self.rows.push(record).map_err(|e| self.abandon(e.to_string()))?;
         self.buffered += 1;
+        self.buffered_bytes += raw.len();
         if self.buffered >= PARQUET_CHUNK {
             self.flush()?;
         }
@@ -652,6 +719,10 @@ impl<T: Serialize + Send + 'static> BlockWriter for ParquetWriter<T> {
             self.flush()?;
         }
         self.out.into_inner().map_err(|e| io_error(BlockFormat::Parquet, e))
+    }
+
+    fn memory(&self) -> Option<usize> {
+        Some(self.buffered_bytes + self.out.memory_size() + self.out.inner().capacity())
     }
 }
 
@@ -810,6 +881,30 @@ mod tests {
             assert_eq!(lines, expected, "{compression}");
             let back: Vec<Order> = lines.iter().map(|line| serde_json::from_str(line).unwrap()).collect();
             assert_eq!(back.len(), records.len());
+        }
+    }
+
+    #[test]
+    fn small_blocks_hold_no_compressor_and_big_ones_compress_as_they_go() {
+        for compression in [Compression::Gzip, Compression::Zstd] {
+            let factory = writers::<serde_json::Value>(BlockFormat::Raw, compression).unwrap();
+            let payload = [7u8; 1000];
+            let mut small = factory();
+            small.append(&serde_json::Value::Null, &payload).unwrap();
+            // Its data, without a compressor's state.
+            assert!(small.memory().unwrap() < 8 << 10, "{compression}");
+            let mut big = factory();
+            for _ in 0..1000 {
+                big.append(&serde_json::Value::Null, &payload).unwrap();
+            }
+            // Past COMPRESS_AFTER the rest goes through the compressor: a million repeated bytes
+            // hold far less than a megabyte of output.
+            let held = big.memory().unwrap();
+            assert!(held < (64 << 10) + ZSTD_STATE.max(GZIP_STATE), "{compression}: {held}");
+            for block in [small, big] {
+                let frames = read_raw(&decompress(&block.finish().unwrap(), compression).unwrap()).unwrap();
+                assert!(frames.iter().all(|frame| frame[..] == payload[..]), "{compression}");
+            }
         }
     }
 

@@ -32,9 +32,14 @@
 //!   [`Config::capture_drain_timeout`](crate::Config::capture_drain_timeout), a deadline of its
 //!   own; what is not stored by then stays unacked and is redelivered to the next run.
 //! - **Dead letters** are terminated like a consumer's; they never hold up their block.
+//! - **Memory is bounded** by [`CaptureDef::max_memory`] (see the `memory` module): near it the
+//!   biggest open block closes early; at it the capture stops pulling, so messages wait on the
+//!   server, not in memory, while stores fail. One task per capture sends every in-progress ack.
 
 pub mod format;
+mod keep_alive;
 mod ledger;
+mod memory;
 pub mod store;
 
 use std::any::Any;
@@ -60,9 +65,12 @@ use crate::publish::Client;
 use crate::puller::{delivery_meta, Pulled, Puller};
 use crate::stream::{Location, StreamDef};
 use crate::telemetry::CaptureMetrics;
+use keep_alive::KeepAlive;
 use ledger::Ledger;
+use memory::{Charge, Remembered, Usage, PER_MESSAGE, REMEMBERED_PER_MESSAGE};
 
 pub use format::{BlockFormat, BlockWriter, Compression, FormatError, WriterFactory};
+pub use memory::DEFAULT_MAX_MEMORY;
 pub use store::{BlockStore, PathVars, StoreError};
 
 /// Default block age.
@@ -108,6 +116,7 @@ pub struct CaptureDef {
     pub(crate) max_deliver: Option<i64>,
     pub(crate) dead_letter: Option<&'static str>,
     pub(crate) store_concurrency: usize,
+    pub(crate) max_memory: u64,
     pub(crate) decode: DecodeFn,
     pub(crate) writers: WritersFn,
     pub(crate) location: Location,
@@ -157,6 +166,7 @@ impl CaptureDef {
             max_deliver: None,
             dead_letter: None,
             store_concurrency: DEFAULT_STORE_CONCURRENCY,
+            max_memory: DEFAULT_MAX_MEMORY,
             decode,
             writers,
             location: Location::UNKNOWN,
@@ -230,6 +240,16 @@ impl CaptureDef {
     /// How many blocks are stored at once (default 4), so one slow upload does not stall the rest.
     pub const fn store_concurrency(mut self, concurrency: usize) -> Self {
         self.store_concurrency = if concurrency == 0 { 1 } else { concurrency };
+        self
+    }
+
+    /// The capture's memory budget, in bytes (default [`DEFAULT_MAX_MEMORY`], 256 MiB): what its
+    /// open blocks, its blocks waiting to be stored and its memory of recently stored blocks may
+    /// hold. Near it, the biggest open block is closed early; at it, the capture stops pulling
+    /// (messages wait on the server) until stores make room, so a store outage costs no more.
+    /// Give it room for a few blocks of `max_bytes`, or blocks close smaller than declared.
+    pub const fn max_memory(mut self, bytes: u64) -> Self {
+        self.max_memory = if bytes == 0 { 1 } else { bytes };
         self
     }
 
@@ -399,6 +419,10 @@ struct Shared {
     /// A third of the consumer's `ack_wait`: how often held messages are kept alive, leaving
     /// room for a busy process to send the pings late.
     keep_alive: Duration,
+    /// Sends the in-progress acks of every held message: one task for the whole capture.
+    pings: Arc<KeepAlive>,
+    /// Bytes of sealed and remembered blocks, counted against `def.max_memory`.
+    usage: Arc<Usage>,
     /// The messages in open and storing blocks, and those waiting for the ledger. A message
     /// redelivered while its first delivery is still held (a keep-alive came too late) is not
     /// written twice: the first delivery's ack, after its block is stored, settles it.
@@ -407,8 +431,9 @@ struct Shared {
     /// incarnation and sorted sequences: a redelivery of one of them (the server sent it before
     /// it saw the ack, or the ack was lost in a leader election) is acked again instead of
     /// stored twice. A block is forgotten once the consumer's ack floor has passed its last
-    /// sequence, or its incarnation is gone.
-    recently_stored: Mutex<std::collections::VecDeque<(Instant, u64, Vec<u64>)>>,
+    /// sequence, or its incarnation is gone, and the oldest regardless past an eighth of the
+    /// memory budget.
+    recently_stored: Mutex<Remembered>,
     /// The consumer's ack floor (stream sequence) as last read from the server, in the current
     /// incarnation.
     ack_floor: AtomicU64,
@@ -443,7 +468,7 @@ impl Shared {
     /// `recently_stored`).
     fn stored(&self, incarnation: u64, sorted: Vec<u64>) {
         if let Ok(mut recent) = self.recently_stored.lock() {
-            recent.push_back((Instant::now(), incarnation, sorted));
+            recent.push(Instant::now(), incarnation, sorted);
         }
         self.forget_acked();
     }
@@ -474,20 +499,21 @@ impl Shared {
     /// Drops the remembered blocks that are both below the ack floor (their acks were taken)
     /// and old enough: on a cluster, a consumer leader can report acks it had not yet
     /// replicated, and the leader elected when it dies redelivers them an `ack_wait` after the
-    /// election. Twelve keep-alives (four `ack_wait`s), and at least 30 s, cover that. Past a
-    /// bound, the oldest go regardless: memory must not grow while the ack floor cannot be read.
+    /// election. Twelve keep-alives (four `ack_wait`s), and at least 30 s, cover that. Past an
+    /// eighth of the memory budget, the oldest go regardless: memory must not grow while the
+    /// ack floor cannot be read, or while messages arrive faster than that memory lasts.
     fn forget_acked(&self) {
-        const MAX_REMEMBERED_BLOCKS: usize = 100_000;
+        let most = (self.def.max_memory / 8 / REMEMBERED_PER_MESSAGE).max(1);
         let keep = self.keep();
         let floor = self.ack_floor.load(Ordering::Relaxed);
         let current = self.incarnation.load(Ordering::Relaxed);
         if let Ok(mut recent) = self.recently_stored.lock() {
-            while recent.front().is_some_and(|(at, incarnation, sequences)| {
-                at.elapsed() > keep && (*incarnation != current || sequences.last().is_none_or(|last| *last <= floor))
-            }) || recent.len() > MAX_REMEMBERED_BLOCKS
-            {
-                recent.pop_front();
-            }
+            recent.forget_while(most, |at, incarnation, last| {
+                at.elapsed() > keep && (incarnation != current || last.is_none_or(|last| last <= floor))
+            });
+            self.usage
+                .remembered
+                .store(recent.messages() * REMEMBERED_PER_MESSAGE, Ordering::Relaxed);
         }
     }
 
@@ -542,14 +568,10 @@ impl Shared {
     async fn remove_acked_manifests(&self) {
         const WAIT: Duration = Duration::from_secs(2);
         let incarnation = self.incarnation.load(Ordering::Relaxed);
-        let target = self.recently_stored.lock().map_or(0, |recent| {
-            recent
-                .iter()
-                .filter(|(_, stored, _)| *stored == incarnation)
-                .filter_map(|(_, _, sequences)| sequences.last().copied())
-                .max()
-                .unwrap_or(0)
-        });
+        let target = self
+            .recently_stored
+            .lock()
+            .map_or(0, |recent| recent.last_in(incarnation));
         let js = async_nats::jetstream::new(self.nats.clone());
         let deadline = Instant::now() + WAIT;
         let mut floor = None;
@@ -582,12 +604,8 @@ impl Shared {
     }
 
     /// Whether a message is in a block stored moments ago.
-    fn was_stored(&self, (incarnation, sequence): MessageId) -> bool {
-        self.recently_stored.lock().is_ok_and(|recent| {
-            recent
-                .iter()
-                .any(|(_, stored, sequences)| *stored == incarnation && sequences.binary_search(&sequence).is_ok())
-        })
+    fn was_stored(&self, id: MessageId) -> bool {
+        self.recently_stored.lock().is_ok_and(|recent| recent.contains(id))
     }
 
     /// Forgets messages whose block was stored or given up.
@@ -725,8 +743,10 @@ impl Capture {
                 stats,
                 metrics,
                 keep_alive: config.ack_wait / 3,
+                pings: Arc::new(KeepAlive::new(config.ack_wait / 3)),
+                usage: Arc::new(Usage::default()),
                 held_sequences: Mutex::new(std::collections::HashSet::new()),
-                recently_stored: Mutex::new(std::collections::VecDeque::new()),
+                recently_stored: Mutex::new(Remembered::default()),
                 ack_floor: AtomicU64::new(0),
                 incarnation: AtomicU64::new(incarnation),
                 ledger: Ledger::new(store.clone(), def.stream, def.durable),
@@ -747,7 +767,8 @@ impl Capture {
         let shared = self.shared.clone();
         let following = CancellationToken::new();
         let _stop_following = following.clone().drop_guard();
-        tokio::spawn(shared.clone().follow_ack_floor(following));
+        tokio::spawn(shared.clone().follow_ack_floor(following.clone()));
+        tokio::spawn(shared.pings.clone().run(shared.nats.clone(), following));
         let def = shared.def;
         let every = def.every.as_nanos().max(1) as u64;
         let grace = (def.every / 2).min(Duration::from_secs(1));
@@ -755,6 +776,8 @@ impl Capture {
             open: HashMap::new(),
             watermark: 0,
             every,
+            memory: 0,
+            next_id: 0,
         };
         let mut stores: JoinSet<std::result::Result<(), Error>> = JoinSet::new();
         let mut unsure = Unsure::default();
@@ -782,7 +805,13 @@ impl Capture {
             };
             let rebind = loop {
                 let held = shared.stats.held.load(Ordering::Relaxed);
-                let room = self.max_held.saturating_sub(held).min(MAX_CREDITS as u64) as usize;
+                // At the memory budget, nothing more is asked for: messages wait on the server
+                // (not held, so not kept alive) until stores make room.
+                let room = if self.memory(&blocks) >= def.max_memory {
+                    0
+                } else {
+                    self.max_held.saturating_sub(held).min(MAX_CREDITS as u64) as usize
+                };
                 if let Err(error) = puller.top_up(room).await {
                     tracing::warn!(capture = def.name, %error, "cannot send a pull request");
                 }
@@ -801,6 +830,7 @@ impl Capture {
                         for arrival in unsure.settle(refreshed, &shared) {
                             self.admit(arrival, true, &mut blocks, &mut unsure, &mut stores);
                         }
+                        self.relieve(&mut blocks, &mut stores);
                         continue;
                     }
                     _ = tick.tick() => {
@@ -810,6 +840,7 @@ impl Capture {
                         for block in blocks.due(wall_clock_nanos(), grace, idle || caught_up) {
                             self.seal(block, &mut stores);
                         }
+                        self.relieve(&mut blocks, &mut stores);
                         continue;
                     }
                     pulled = puller.next() => pulled,
@@ -867,6 +898,7 @@ impl Capture {
                             arrived: last_message,
                         };
                         self.admit(arrival, false, &mut blocks, &mut unsure, &mut stores);
+                        self.relieve(&mut blocks, &mut stores);
                         // Only when open blocks hold at least half the allowance: blocks being
                         // stored count too, and closing fresh one-message blocks while they
                         // finish would only add tiny stores.
@@ -953,7 +985,7 @@ impl Capture {
         unsure.hand_back(&shared);
         // Drain: every open block is closed and stored, within a deadline of its own.
         let open = blocks.open.len();
-        for (_, block) in blocks.open.drain() {
+        for block in blocks.drain() {
             self.seal(block, &mut stores);
         }
         tracing::info!(capture = def.name, open, deadline = ?self.drain_timeout, "capture draining: storing open blocks");
@@ -1093,7 +1125,34 @@ impl Capture {
         }
         let shared = self.shared.clone();
         let extension = self.extension;
-        stores.spawn(store_block(shared, block, extension));
+        // Counted from now, not from when its task first runs, so that the loop sees it at once.
+        let charge = Charge::new(shared.usage.clone(), block.memory);
+        stores.spawn(store_block(shared, block, charge, extension));
+    }
+
+    /// The bytes counted against the memory budget: open, sealed and remembered blocks.
+    fn memory(&self, blocks: &Blocks) -> u64 {
+        let usage = &self.shared.usage;
+        blocks.memory + usage.sealed.load(Ordering::Relaxed) + usage.remembered.load(Ordering::Relaxed)
+    }
+
+    /// Near the memory budget, closes the biggest open blocks early, as long as open blocks
+    /// hold at least half of it: below that, closing them would only make small blocks, and
+    /// what fills the budget is blocks waiting to be stored, which only the store can free
+    /// (meanwhile the loop stops pulling).
+    fn relieve(&self, blocks: &mut Blocks, stores: &mut JoinSet<std::result::Result<(), Error>>) {
+        let budget = self.shared.def.max_memory;
+        let near = budget - budget / 10;
+        while self.memory(blocks) >= near && blocks.memory >= budget / 2 {
+            let Some(block) = blocks.biggest_in_memory() else { break };
+            tracing::debug!(
+                capture = self.shared.def.name,
+                memory = block.memory,
+                budget,
+                "memory budget nearly reached: closing the biggest block early"
+            );
+            self.seal(block, stores);
+        }
     }
 }
 
@@ -1198,7 +1257,7 @@ impl Unsure {
         if self.touched.is_some_and(|at| at.elapsed() >= shared.keep_alive) {
             self.touched = Some(Instant::now());
             let replies: Vec<Subject> = self.waiting.iter().map(|arrival| arrival.reply.clone()).collect();
-            in_progress(&shared.nats, &replies);
+            shared.pings.ask(keep_alive::UNSURE, replies);
         }
     }
 
@@ -1230,10 +1289,18 @@ struct Blocks {
     watermark: u64,
     /// Window length in nanoseconds.
     every: u64,
+    /// What the open blocks hold, in bytes (the sum of their `memory`).
+    memory: u64,
+    /// The number of the next block opened (its keep-alive holder).
+    next_id: u64,
 }
 
 /// A block being filled.
 struct OpenBlock {
+    /// Its number, unique within the capture.
+    id: u64,
+    /// About what it holds, in bytes: its writer's buffers and [`PER_MESSAGE`] a message.
+    memory: u64,
     /// The stream incarnation its messages come from.
     incarnation: u64,
     /// Where it goes: the path template rendered for its key and window.
@@ -1290,7 +1357,10 @@ impl Blocks {
                         return Err(Box::new((reply, original, reason)));
                     }
                 };
+                self.next_id += 1;
                 let block = OpenBlock {
+                    id: self.next_id,
+                    memory: 0,
                     incarnation,
                     folder,
                     writer: writers(),
@@ -1307,7 +1377,7 @@ impl Blocks {
             if def.format == BlockFormat::Parquet {
                 // A Parquet writer cannot take back a half-written row: it refuses anything
                 // more. Its messages go back to the server, to be written into a fresh block.
-                if let Some(broken) = self.open.remove(&slot) {
+                if let Some(broken) = self.remove(&slot) {
                     shared.release(incarnation, &broken.sequences);
                     settle_all(&shared.nats, broken.replies, b"-NAK");
                 }
@@ -1321,15 +1391,20 @@ impl Blocks {
         block.replies.push(reply);
         block.sequences.push(original.stream_sequence);
         block.bytes += original.payload.len() as u64;
+        let memory = block.writer.memory().map_or(block.bytes, |bytes| bytes as u64)
+            + PER_MESSAGE * block.replies.len() as u64
+            + (block.replies.capacity() * std::mem::size_of::<Subject>()) as u64;
+        self.memory = self.memory - block.memory + memory;
+        block.memory = memory;
         let full = block.replies.len() as u64 >= def.max_messages || block.bytes >= def.max_bytes;
         let mut closed = Vec::new();
         if full {
-            closed.extend(self.open.remove(&slot));
+            closed.extend(self.remove(&slot));
         }
         if window > self.watermark {
             self.watermark = window;
             let older: Vec<_> = self.open.keys().filter(|(_, _, w)| *w < window).cloned().collect();
-            closed.extend(older.iter().filter_map(|slot| self.open.remove(slot)));
+            closed.extend(older.iter().filter_map(|slot| self.remove(slot)));
         }
         Ok(closed)
     }
@@ -1347,7 +1422,20 @@ impl Blocks {
             })
             .cloned()
             .collect();
-        due.iter().filter_map(|slot| self.open.remove(slot)).collect()
+        due.iter().filter_map(|slot| self.remove(slot)).collect()
+    }
+
+    /// Takes a block out of the open ones.
+    fn remove(&mut self, slot: &(u64, BlockKey, u64)) -> Option<OpenBlock> {
+        let block = self.open.remove(slot)?;
+        self.memory -= block.memory;
+        Some(block)
+    }
+
+    /// Takes every open block out (on shutdown).
+    fn drain(&mut self) -> Vec<OpenBlock> {
+        self.memory = 0;
+        self.open.drain().map(|(_, block)| block).collect()
     }
 
     /// The block holding the most messages.
@@ -1357,25 +1445,28 @@ impl Blocks {
             .iter()
             .max_by_key(|(_, block)| block.replies.len())
             .map(|(slot, _)| slot.clone())?;
-        self.open.remove(&slot)
+        self.remove(&slot)
     }
 
-    /// Sends in-progress acks for the messages of blocks not touched for half an `ack_wait`.
+    /// The block holding the most memory.
+    fn biggest_in_memory(&mut self) -> Option<OpenBlock> {
+        let slot = self
+            .open
+            .iter()
+            .max_by_key(|(_, block)| block.memory)
+            .map(|(slot, _)| slot.clone())?;
+        self.remove(&slot)
+    }
+
+    /// Asks for in-progress acks for the messages of blocks not touched for a keep-alive period.
     fn keep_alive(&mut self, shared: &Shared) {
         for block in self.open.values_mut() {
             if block.touched.elapsed() >= shared.keep_alive {
                 block.touched = Instant::now();
-                in_progress(&shared.nats, &block.replies);
+                shared.pings.ask(block.id, block.replies.clone());
             }
         }
     }
-}
-
-/// Sends `+WPI` for each reply from a task of its own, so the capture's loop never waits on
-/// it: the ack timer of each message restarts.
-fn in_progress(nats: &async_nats::Client, replies: &[Subject]) {
-    // A lost ping is sent again next period, well before ack_wait runs out.
-    settle_all(nats, replies.to_vec(), b"+WPI");
 }
 
 /// Publishes `body` to each reply from a task of its own.
@@ -1390,7 +1481,12 @@ fn settle_all(nats: &async_nats::Client, replies: Vec<Subject>, body: &'static [
 
 /// Stores one block: waits for a store slot, serializes the block, writes it (retrying with
 /// backoff and keeping its messages alive while it fails), then acks its messages.
-async fn store_block(shared: Arc<Shared>, block: OpenBlock, extension: &'static str) -> std::result::Result<(), Error> {
+async fn store_block(
+    shared: Arc<Shared>,
+    block: OpenBlock,
+    charge: Charge,
+    extension: &'static str,
+) -> std::result::Result<(), Error> {
     let span = tracing::info_span!(
         "natty.capture.block",
         capture = shared.def.name,
@@ -1402,17 +1498,35 @@ async fn store_block(shared: Arc<Shared>, block: OpenBlock, extension: &'static 
         path = tracing::field::Empty,
         attempts = tracing::field::Empty,
     );
-    store_block_in_span(shared, block, extension).instrument(span).await
+    // Its messages are kept alive by the capture's one keep-alive task until this ends, however
+    // it ends.
+    let id = block.id;
+    let pings = shared.pings.clone();
+    let _forget = Forget(&pings, id);
+    store_block_in_span(shared, block, charge, extension)
+        .instrument(span)
+        .await
+}
+
+/// Stops keeping a block's messages alive when dropped.
+struct Forget<'a>(&'a KeepAlive, keep_alive::Holder);
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.0.forget(self.1);
+    }
 }
 
 async fn store_block_in_span(
     shared: Arc<Shared>,
     block: OpenBlock,
+    mut charge: Charge,
     extension: &'static str,
 ) -> std::result::Result<(), Error> {
     let def = shared.def;
     let count = block.replies.len() as u64;
     let OpenBlock {
+        id,
         incarnation,
         folder,
         writer,
@@ -1421,27 +1535,29 @@ async fn store_block_in_span(
         touched,
         ..
     } = block;
+    let replies: Arc<[Subject]> = replies.into();
+    // The messages were last kept alive (or delivered) at `touched`, not when the block was
+    // sealed: counted from the seal, a block sealed just before its keep-alive was due would go
+    // a whole ack_wait without one, and the server would redeliver its messages.
+    shared.pings.hold(id, touched, replies.clone());
     let mut sorted = sequences.clone();
     sorted.sort_unstable();
     // Sealed blocks hold at least one message (see `Capture::seal`).
     let first = sorted.first().copied().unwrap_or_default();
     let last = sorted.last().copied().unwrap_or_default();
     let release = || shared.release(incarnation, &sequences);
-    // The messages were last kept alive (or delivered) at `touched`, not when the block was
-    // sealed: counted from the seal, a block sealed just before its keep-alive was due would go
-    // a whole ack_wait without one, and the server would redeliver its messages.
-    let mut keep_alive = tokio::time::interval_at(touched + shared.keep_alive, shared.keep_alive);
 
-    let permit = loop {
-        tokio::select! {
-            permit = shared.storing.acquire() => break permit.expect("the semaphore is never closed"),
-            _ = keep_alive.tick() => in_progress(&shared.nats, &replies),
-            _ = shared.abandon.cancelled() => { release(); return Ok(()) }
-        }
+    let permit = tokio::select! {
+        permit = shared.storing.acquire() => permit.expect("the semaphore is never closed"),
+        _ = shared.abandon.cancelled() => { release(); return Ok(()) }
     };
     let finished = tokio::task::spawn_blocking(move || writer.finish()).await;
     let bytes = match finished {
-        Ok(Ok(bytes)) => Bytes::from(bytes),
+        Ok(Ok(bytes)) => {
+            // The writer's buffers are gone; the finished bytes and the replies stay.
+            charge.set(bytes.len() as u64 + PER_MESSAGE * count);
+            Bytes::from(bytes)
+        }
         Ok(Err(error)) => {
             release();
             return Err(def.error(format!("cannot finish a {} block: {error}", def.format)));
@@ -1472,12 +1588,9 @@ async fn store_block_in_span(
             shared.store.put(&path, bytes.clone()).await
         };
         tokio::pin!(put);
-        let outcome = loop {
-            tokio::select! {
-                outcome = &mut put => break Some(outcome),
-                _ = keep_alive.tick() => in_progress(&shared.nats, &replies),
-                _ = shared.abandon.cancelled() => break None,
-            }
+        let outcome = tokio::select! {
+            outcome = &mut put => Some(outcome),
+            _ = shared.abandon.cancelled() => None,
         };
         match outcome {
             None => {
@@ -1487,7 +1600,7 @@ async fn store_block_in_span(
             Some(Ok(())) => {
                 let took = started.elapsed();
                 drop(permit);
-                for reply in &replies {
+                for reply in replies.iter() {
                     Settle {
                         client: shared.nats.clone(),
                         reply: reply.clone(),
@@ -1529,14 +1642,9 @@ async fn store_block_in_span(
                     capture = def.name, block = %location, messages = count, attempts, retry_in = ?delay, %error,
                     "cannot store a block; retrying, its messages stay unacked"
                 );
-                let wait = tokio::time::sleep(delay);
-                tokio::pin!(wait);
-                loop {
-                    tokio::select! {
-                        _ = &mut wait => break,
-                        _ = keep_alive.tick() => in_progress(&shared.nats, &replies),
-                        _ = shared.abandon.cancelled() => { release(); return Ok(()) }
-                    }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shared.abandon.cancelled() => { release(); return Ok(()) }
                 }
                 delay = (delay * 2).min(STORE_RETRY_MAX);
             }
