@@ -1064,7 +1064,7 @@ async fn scenario_capture_memory(server: &NatsServer, js: &jetstream::Context, a
             "capture-memory",
             peak as f64 / 1048576.0,
             before as f64 / 1048576.0,
-            rate(count, took)
+            count as f64 / took.as_secs_f64()
         );
         return;
     }
@@ -1131,7 +1131,7 @@ async fn scenario_capture_memory(server: &NatsServer, js: &jetstream::Context, a
         "{:<28} {budget}, 30 s store outage at {:.0} msg/s ({published} messages): peak RSS {:.1} MiB \
          (at the outage's end {:.1} MiB, peak during it {:.1} MiB, {:.1} MiB before), most unacked during the outage {most_during}, overall {most_pending}",
         "capture-memory",
-        rate(published, publishing),
+        published as f64 / publishing.as_secs_f64(),
         peak as f64 / 1048576.0,
         rss_outage as f64 / 1048576.0,
         peak_outage as f64 / 1048576.0,
