@@ -169,7 +169,8 @@ pub fn leader(args: TokenStream, item: TokenStream) -> TokenStream {
 /// Keys: `stream`, `durable`, `store` (required); `subject`, `format` (`"csv"`, `"ndjson"`
 /// (default), `"parquet"`, `"raw"`), `compression` (`"none"`, `"gzip"`, `"zstd"`), `every`
 /// (window, default `"1m"`), `max_messages`, `max_bytes`, `ack_wait`, `max_ack_pending`,
-/// `max_deliver`, `dead_letter`, `store_concurrency`. Needs natty-runtime's `capture` feature.
+/// `max_deliver`, `dead_letter`, `store_concurrency`, `max_memory` (default `"256MiB"`). Needs
+/// natty-runtime's `capture` feature.
 #[proc_macro_attribute]
 pub fn capture(args: TokenStream, item: TokenStream) -> TokenStream {
     capture::expand(args.into(), item.into()).into()
