@@ -276,3 +276,57 @@ mod tests {
         );
     }
 }
+
+#[cfg(all(test, feature = "testing"))]
+mod server_tests {
+    use std::time::Duration;
+
+    use async_nats::jetstream::{self, consumer::pull};
+
+    use super::{Pulled, Puller, STALL};
+    use crate::testing::NatsServer;
+
+    /// A whole-process pause longer than the stall timeout (SIGSTOP, a frozen VM) is not taken
+    /// for the server's silence: the credits the server still holds are not dropped, so they
+    /// are not asked for twice. The server is stopped too while this process is blocked, so
+    /// nothing it sends can race the judgement.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_process_pause_is_not_taken_for_a_stall() {
+        let server = NatsServer::start().await.expect("nats-server");
+        let client = server.client().await;
+        let js = jetstream::new(client.clone());
+        js.create_stream(jetstream::stream::Config {
+            name: "s".into(),
+            subjects: vec!["s.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .create_consumer(pull::Config {
+            durable_name: Some("d".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let mut puller = Puller::start(&client, "s", "d").await.unwrap();
+        puller.top_up(10).await.unwrap();
+        client.flush().await.unwrap();
+        // The whole process stands still past the stall timeout; the server says nothing.
+        server.signal(19); // SIGSTOP
+        std::thread::sleep(STALL + Duration::from_secs(2));
+        let judged = tokio::time::timeout(Duration::from_millis(500), puller.next()).await;
+        server.signal(18); // SIGCONT
+        assert!(
+            judged.is_err(),
+            "woken from a pause, the puller must not report a stall at once"
+        );
+        assert_eq!(puller.outstanding, 10, "the server still holds the request's credits");
+        let publisher = jetstream::new(server.client().await);
+        publisher.publish("s.one", "1".into()).await.unwrap().await.unwrap();
+        let pulled = tokio::time::timeout(Duration::from_secs(10), puller.next())
+            .await
+            .unwrap();
+        assert!(matches!(pulled, Pulled::Message(_)), "the request still stands");
+        assert_eq!(puller.outstanding, 9);
+    }
+}
