@@ -340,3 +340,147 @@ async fn a_message_published_with_an_expectation_is_dead_lettered() {
     assert!(headers.get("Nats-Expected-Last-Subject-Sequence").is_none());
     assert!(headers.get("Nats-Expected-Stream").is_none());
 }
+
+// --- Pull requests nobody answers ---------------------------------------------------------
+
+static UNANSWERED: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+
+#[stream(name = "unanswered", subjects = ["unanswered.>"])]
+struct UnansweredStream;
+
+#[consumer(stream = "unanswered", durable = "unanswered")]
+async fn unanswered(job: Job) {
+    UNANSWERED.lock().unwrap().push(job.id);
+}
+
+/// The messages the server has received from clients so far (`/varz` `in_msgs`).
+async fn messages_in(monitor: u16) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", monitor))
+        .await
+        .expect("the monitoring port");
+    // HTTP/1.0: the server closes the connection after answering, so read_to_end returns.
+    stream
+        .write_all(b"GET /varz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .expect("a request to /varz");
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.expect("an answer from /varz");
+    let answer = String::from_utf8_lossy(&answer);
+    let body = answer.split("\r\n\r\n").nth(1).expect("a body");
+    let varz: serde_json::Value = serde_json::from_str(body).expect("/varz is JSON");
+    varz["in_msgs"].as_u64().expect("in_msgs")
+}
+
+/// While the consumer exists but nothing answers its pull requests (a consumer between
+/// leaders: the server answers each pull with 503 at once), natty asks again with a growing
+/// pause, not in a tight loop; and it goes on consuming once pulls are answered again.
+///
+/// The leaderless consumer is made on one server by mapping the consumer's pull subject to a
+/// subject nobody listens on: its info requests are answered, its pulls get "no responders".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_nobody_answers_are_repeated_with_a_pause() {
+    let monitor = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port();
+    let monitoring = format!("http: \"127.0.0.1:{monitor}\"\n");
+    let unmapped = format!("{monitoring}mappings {{ \"unanswered.nothing\": \"nowhere.nothing\" }}\n");
+    let mapped =
+        format!("{monitoring}mappings {{ \"$JS.API.CONSUMER.MSG.NEXT.unanswered.unanswered\": \"nowhere.next\" }}\n");
+    let server = NatsServer::builder().config(mapped).start().await.expect("nats-server");
+    let js = jetstream::new(server.client().await);
+    let running = only(&server, &["unanswered"]);
+    natty_tests::wait_for_consumer(&js, "unanswered", "unanswered", Duration::from_secs(20)).await;
+
+    // Every pull is answered "no responders" within a millisecond: a loop without a pause
+    // sends hundreds a second (each with its consumer info requests).
+    let before = messages_in(monitor).await;
+    let window = Duration::from_secs(6);
+    tokio::time::sleep(window).await;
+    let sent = messages_in(monitor).await - before;
+    assert!(
+        sent < 40,
+        "{sent} messages from clients in {window:?} while pulls go unanswered: no pause between them"
+    );
+
+    // Pulls are answered again (the mapping goes away on a config reload): consuming resumes
+    // within the longest pause.
+    std::fs::write(server.store_dir().join("server.conf"), unmapped).expect("the new config");
+    server.signal(1); // SIGHUP: reload
+    js.publish("unanswered.one", serde_json::to_vec(&Job { id: 1 }).unwrap().into())
+        .await
+        .expect("publish")
+        .await
+        .expect("publish ack");
+    wait_until(Duration::from_secs(20), "the message to be handled", || async {
+        UNANSWERED.lock().unwrap().contains(&1)
+    })
+    .await;
+    running.stop().await.expect("clean shutdown");
+}
+
+// --- Pull requests the server turns away (max_waiting) ---------------------------------------
+
+static CROWDED: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+
+#[stream(name = "crowded", subjects = ["crowded.>"])]
+struct CrowdedStream;
+
+#[consumer(stream = "crowded", durable = "crowded")]
+async fn crowded(job: Job) {
+    CROWDED.lock().unwrap().push(job.id);
+}
+
+/// A consumer that allows one waiting pull request, held by another client: nats-server
+/// (2.15) drops natty's request without a word, since it asks for heartbeats (it answers
+/// `409 Exceeded MaxWaiting` only to requests without). natty sees no heartbeat, asks again,
+/// and consumes once the slot is free: no message is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_turned_away_by_max_waiting_is_asked_again() {
+    use futures_util::StreamExt;
+    let server = NatsServer::start().await.expect("nats-server");
+    let client = server.client().await;
+    let js = jetstream::new(client.clone());
+    js.create_stream(jetstream::stream::Config {
+        name: "crowded".into(),
+        subjects: vec!["crowded.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .create_consumer(jetstream::consumer::pull::Config {
+        durable_name: Some("crowded".into()),
+        max_waiting: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // Another client holds the only waiting request, for one message, for 15 s.
+    let inbox = client.new_inbox();
+    let mut other = client.subscribe(inbox.clone()).await.unwrap();
+    client
+        .publish_with_reply(
+            "$JS.API.CONSUMER.MSG.NEXT.crowded.crowded",
+            inbox,
+            r#"{"batch":1,"expires":15000000000}"#.into(),
+        )
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let running = only(&server, &["crowded"]);
+    // The first message goes to the request that holds the slot; the rest to natty, once it
+    // asks again after the slot frees.
+    publish(&js, (1..=5).map(|id| ("crowded.job".to_owned(), id))).await;
+    let taken = tokio::time::timeout(Duration::from_secs(5), other.next())
+        .await
+        .expect("the other request is answered")
+        .expect("a message");
+    assert_eq!(serde_json::from_slice::<Job>(&taken.payload).unwrap().id, 1);
+    wait_until(Duration::from_secs(40), "natty to handle the others", || async {
+        let handled = CROWDED.lock().unwrap();
+        (2..=5).all(|id| handled.contains(&id))
+    })
+    .await;
+    running.stop().await.expect("clean shutdown");
+}

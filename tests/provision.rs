@@ -115,3 +115,61 @@ async fn streams_and_consumers_are_provisioned_verified_and_refusals_reported() 
     let error = start_and_stop(&url, Provision::Off).await.unwrap_err();
     assert!(matches!(error, Error::ConsumerNotFound { .. }), "{error}");
 }
+
+/// An existing consumer is updated only where it differs from the declaration: what an
+/// operator set besides (a description, `max_waiting`, which the server refuses to change at
+/// all, an inactive threshold...) stays as it was; and one that matches is bound untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_update_changes_only_the_declared_settings() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let url = server.url();
+    let js = jetstream::new(server.client().await);
+    let stream = js
+        .create_stream(jetstream::stream::Config {
+            name: "orders".into(),
+            subjects: vec!["orders.>".into()],
+            max_age: Duration::from_secs(3600),
+            max_messages: 100_000,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // The operator's consumer: the declared subjects, another ack_wait, and settings of its own.
+    stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some("billing".into()),
+            description: Some("set by the operator".into()),
+            filter_subjects: vec!["orders.created".into(), "orders.paid".into()],
+            ack_wait: Duration::from_secs(10),
+            max_deliver: 7,
+            max_ack_pending: 500,
+            max_waiting: 16,
+            max_batch: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let consumer = || async {
+        js.get_stream("orders")
+            .await
+            .unwrap()
+            .consumer_info("billing")
+            .await
+            .unwrap()
+            .config
+    };
+
+    start_and_stop(&url, Provision::CreateOrUpdate)
+        .await
+        .expect("the drifted ack_wait is updated, the rest kept");
+    let config = consumer().await;
+    assert_eq!(config.ack_wait, Duration::from_secs(45), "the declared ack_wait");
+    assert_eq!(config.description.as_deref(), Some("set by the operator"));
+    assert_eq!(config.max_waiting, 16);
+    assert_eq!(config.max_batch, 100);
+
+    // Bound again as it is: nothing changes.
+    start_and_stop(&url, Provision::CreateOrUpdate).await.expect("bound");
+    assert_eq!(consumer().await, config);
+}

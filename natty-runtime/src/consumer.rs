@@ -285,9 +285,29 @@ impl ConsumerDef {
         wanted.min(cap).max(1)
     }
 
+    /// The configuration a new consumer is created with: explicit acks, the name, and every
+    /// declared setting; the rest are the server's defaults.
     fn server_config(&self, consumer: &str) -> Result<pull::Config> {
+        let mut config = pull::Config {
+            ack_policy: AckPolicy::Explicit,
+            ..Default::default()
+        };
+        if self.ephemeral {
+            config.name = Some(consumer.to_string());
+            config.inactive_threshold = self.inactive_threshold.unwrap_or(EPHEMERAL_INACTIVE_THRESHOLD);
+        } else {
+            config.durable_name = Some(consumer.to_string());
+        }
+        self.apply(consumer, &mut config)?;
+        Ok(config)
+    }
+
+    /// Sets every declared setting on `config` and leaves the others as they are, so that an
+    /// update changes what was declared and nothing an operator set besides (`max_waiting`,
+    /// a description, a backoff...: some the server refuses to change at all).
+    fn apply(&self, consumer: &str, config: &mut pull::Config) -> Result<()> {
         use async_nats::jetstream::consumer::DeliverPolicy;
-        let deliver_policy = match self.deliver {
+        config.deliver_policy = match self.deliver {
             Deliver::All => DeliverPolicy::All,
             Deliver::New => DeliverPolicy::New,
             Deliver::Last => DeliverPolicy::Last,
@@ -303,22 +323,12 @@ impl ConsumerDef {
                 })?,
             },
         };
-        let mut config = pull::Config {
-            ack_policy: AckPolicy::Explicit,
-            deliver_policy,
-            ..Default::default()
+        // The subjects are always compared (none declared means the whole stream), so always set.
+        (config.filter_subject, config.filter_subjects) = match self.subjects {
+            [] => (String::new(), Vec::new()),
+            [one] => (one.to_string(), Vec::new()),
+            many => (String::new(), many.iter().map(|s| s.to_string()).collect()),
         };
-        if self.ephemeral {
-            config.name = Some(consumer.to_string());
-            config.inactive_threshold = self.inactive_threshold.unwrap_or(EPHEMERAL_INACTIVE_THRESHOLD);
-        } else {
-            config.durable_name = Some(consumer.to_string());
-        }
-        match self.subjects {
-            [] => {}
-            [one] => config.filter_subject = one.to_string(),
-            many => config.filter_subjects = many.iter().map(|s| s.to_string()).collect(),
-        }
         if let Some(value) = self.ack_wait {
             config.ack_wait = value;
         }
@@ -331,7 +341,7 @@ impl ConsumerDef {
         if let Some(value) = self.replicas {
             config.num_replicas = value;
         }
-        Ok(config)
+        Ok(())
     }
 
     /// The first declared setting that differs from the server's `actual` configuration:
@@ -540,10 +550,39 @@ impl Consumer {
                 .create_consumer(def.server_config(&self.name)?)
                 .await
                 .map_err(|e| def.error(&self.name, "creating it")(Box::new(e))),
-            Provision::CreateOrUpdate => stream
-                .create_consumer(def.server_config(&self.name)?)
-                .await
-                .map_err(|e| def.error(&self.name, "creating or updating it")(Box::new(e))),
+            Provision::CreateOrUpdate => {
+                use jetstream::consumer::FromConsumer;
+                use jetstream::context::ConsumerInfoErrorKind as Kind;
+                let actual = match stream.consumer_info(&*self.name).await {
+                    Ok(info) => info.config,
+                    Err(error) if matches!(error.kind(), Kind::NotFound) => {
+                        // Two instances starting together both create it: the same
+                        // configuration twice is one consumer.
+                        return stream
+                            .create_consumer(def.server_config(&self.name)?)
+                            .await
+                            .map_err(|e| def.error(&self.name, "creating it")(Box::new(e)));
+                    }
+                    Err(error) => return Err(def.error(&self.name, "looking it up")(Box::new(error))),
+                };
+                let Some((field, declared, server)) = def.drift(&actual) else {
+                    // As declared: bound as it is, settings natty does not declare untouched.
+                    return stream
+                        .get_consumer::<pull::Config>(&self.name)
+                        .await
+                        .map_err(def.error(&self.name, "binding it"));
+                };
+                // Only what differs from the declaration changes; the rest stays the server's.
+                let mut config = pull::Config::try_from_consumer_config(actual)
+                    .map_err(|e| def.error(&self.name, "reading its configuration")(e))?;
+                def.apply(&self.name, &mut config)?;
+                let updated = stream
+                    .create_consumer(config)
+                    .await
+                    .map_err(|e| def.error(&self.name, "updating it")(Box::new(e)))?;
+                tracing::info!(stream = def.stream, consumer = &*self.name, field, from = %server, to = %declared, "updated consumer");
+                Ok(updated)
+            }
             Provision::VerifyOnly | Provision::Off => {
                 use jetstream::context::ConsumerInfoErrorKind as Kind;
                 match stream.consumer_info(&*self.name).await {
