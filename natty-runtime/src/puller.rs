@@ -40,6 +40,10 @@ pub(crate) enum Pulled {
     Refused(String),
     /// The server turned the last request away because the consumer has as many waiting
     /// requests as it allows (`max_waiting`, shared by every instance): ask again later.
+    ///
+    /// nats-server 2.15 says so only to requests without an idle heartbeat (ours have one): it
+    /// drops ours silently, and the missing heartbeats end it as [`Pulled::Stalled`]. Kept for
+    /// servers that do answer.
     Busy,
     /// The subscription closed (the client is shutting down).
     Closed,
