@@ -20,7 +20,12 @@ pub(crate) use durable::publish_durably;
 use durable::send_once;
 
 /// The span of one publish: a producer span whose context travels in the message's headers.
+/// None with natty's own subscriber and no exporter: nothing would record it, and the trace
+/// context comes from the delivery scope or a new root instead (see [`crate::telemetry`]).
 fn publish_span(subject: &str) -> tracing::Span {
+    if crate::telemetry::light() {
+        return tracing::Span::none();
+    }
     tracing::info_span!(
         "natty.publish",
         otel.kind = "producer",
