@@ -796,7 +796,7 @@ impl Consumer {
         let original = Original {
             subject: ready.message.subject,
             payload: ready.message.payload,
-            headers: ready.message.headers,
+            headers: ready.message.headers.map(Arc::new),
             stream_sequence: ready.sequence,
             delivery_count: ready.delivered,
         };
@@ -815,9 +815,9 @@ impl Consumer {
     }
 
     /// How to settle a delivery with reply subject `reply`.
-    fn settle(&self, reply: Subject) -> Settle {
+    fn settle(&self, reply: Subject) -> Settle<'_> {
         Settle {
-            client: self.shared.client.nats().clone(),
+            client: self.shared.client.nats(),
             reply,
         }
     }
@@ -999,14 +999,14 @@ impl Consumer {
         hard_stop: &CancellationToken,
     ) -> Settled {
         let settle = Settle {
-            client: self.shared.client.nats().clone(),
+            client: self.shared.client.nats(),
             reply: reply.clone(),
         };
         // Kept for a dead letter and for retries in place: the handler takes its delivery.
         let original = Original {
             subject: message.subject,
             payload: message.payload,
-            headers: message.headers,
+            headers: message.headers.map(Arc::new),
             stream_sequence,
             delivery_count,
         };
@@ -1098,7 +1098,7 @@ impl Consumer {
     async fn attempt(
         &self,
         delivery: Delivery,
-        settle: &Settle,
+        settle: &Settle<'_>,
         hard_stop: &CancellationToken,
     ) -> Option<std::thread::Result<Outcome>> {
         let def = &self.def;
@@ -1127,7 +1127,7 @@ impl Consumer {
 
     /// Keeps a message for `delay` without handling it (the keep-alive task pings it); false if
     /// the drain timeout came first (the message was naked).
-    async fn hold(&self, settle: &Settle, hard_stop: &CancellationToken, delay: Duration) -> bool {
+    async fn hold(&self, settle: &Settle<'_>, hard_stop: &CancellationToken, delay: Duration) -> bool {
         tokio::select! {
             biased;
             _ = tokio::time::sleep(delay) => true,
@@ -1144,11 +1144,16 @@ impl Consumer {
     /// consumers giving up on one message store one each. A copy that the headers would push
     /// past the server's `max_payload` is sent without its payload, saying so. If the copy cannot
     /// be stored, the message is naked instead of terminated: it is never dropped unrecorded.
-    pub(crate) async fn dead_letter_and_terminate(&self, settle: &Settle, original: Original, reason: &str) -> Settled {
+    pub(crate) async fn dead_letter_and_terminate(
+        &self,
+        settle: &Settle<'_>,
+        original: Original,
+        reason: &str,
+    ) -> Settled {
         let def = &self.def;
         // Header values are single lines.
         let reason = reason.replace(['\r', '\n'], " ");
-        let mut headers = without_publish_directives(original.headers);
+        let mut headers = without_publish_directives(original.headers.map(Arc::unwrap_or_clone));
         headers.insert("Natty-Dead-Letter-Reason", reason.as_str());
         headers.insert("Natty-Original-Subject", original.subject.as_str());
         headers.insert("Natty-Original-Stream", def.stream);
@@ -1498,7 +1503,8 @@ pub(crate) fn unique_suffix() -> String {
 pub(crate) struct Original {
     pub(crate) subject: async_nats::Subject,
     pub(crate) payload: Bytes,
-    pub(crate) headers: Option<async_nats::HeaderMap>,
+    /// Shared with the handler's `Delivery` (see there).
+    pub(crate) headers: Option<Arc<async_nats::HeaderMap>>,
     pub(crate) stream_sequence: u64,
     pub(crate) delivery_count: u64,
 }
@@ -1549,12 +1555,13 @@ fn default_retry_delay(delivery_count: u64) -> Duration {
 
 /// Settles a message by publishing to its reply subject (what async-nats' `Acker` does), so
 /// that `+TERM` can carry a reason.
-pub(crate) struct Settle {
-    pub(crate) client: async_nats::Client,
+pub(crate) struct Settle<'a> {
+    /// Borrowed: a client clone is a dozen reference counts and a channel sender, per message.
+    pub(crate) client: &'a async_nats::Client,
     pub(crate) reply: Subject,
 }
 
-impl Settle {
+impl Settle<'_> {
     pub(crate) async fn send(&self, body: Bytes) {
         match tokio::time::timeout(SETTLE_WITHIN, self.client.publish(self.reply.clone(), body)).await {
             Ok(Ok(())) => {}

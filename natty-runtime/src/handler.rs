@@ -21,7 +21,9 @@ pub struct Delivery {
     pub(crate) subject: Subject,
     pub(crate) reply: Subject,
     pub(crate) payload: bytes::Bytes,
-    pub(crate) headers: Option<HeaderMap>,
+    /// Shared with the runtime's copy of the message (kept for a dead letter or a retry in
+    /// place) and with each `Context`: a header map is a hash map of strings, not cheap to clone.
+    pub(crate) headers: Option<Arc<HeaderMap>>,
     pub(crate) stream_sequence: u64,
     pub(crate) delivery_count: u64,
     pub(crate) shared: Arc<ConsumerShared>,
@@ -43,7 +45,7 @@ pub struct Delivery {
 pub struct Context {
     subject: Subject,
     reply: Subject,
-    headers: Option<HeaderMap>,
+    headers: Option<Arc<HeaderMap>>,
     stream_sequence: u64,
     delivery_count: u64,
     shared: Arc<ConsumerShared>,
@@ -57,7 +59,7 @@ impl Context {
 
     /// The message's headers, if it has any.
     pub fn headers(&self) -> Option<&HeaderMap> {
-        self.headers.as_ref()
+        self.headers.as_deref()
     }
 
     /// The message's sequence number in its stream: unique and stable across redeliveries.
@@ -265,7 +267,7 @@ impl FromDelivery for Context {
 /// Decodes the payload for a generated adapter.
 #[doc(hidden)]
 pub fn decode_payload<T: DecodePayload>(delivery: &Delivery) -> Result<T, DecodeError> {
-    crate::payload::decode(delivery.headers.as_ref(), &delivery.payload)
+    crate::payload::decode(delivery.headers.as_deref(), &delivery.payload)
 }
 
 /// How a delivery ended, as the runtime settles it with the server.

@@ -865,14 +865,14 @@ impl Capture {
                         let original = Original {
                             subject: message.subject,
                             payload: message.payload,
-                            headers: message.headers,
+                            headers: message.headers.map(Arc::new),
                             stream_sequence: meta.sequence,
                             delivery_count: meta.delivered,
                         };
                         // The key function is the user's code: its panic is this message's
                         // failure, not the capture's (which would restart into the same message).
                         let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            (def.decode)(original.headers.as_ref(), &original.payload)
+                            (def.decode)(original.headers.as_deref(), &original.payload)
                         }));
                         let captured = match decoded {
                             Ok(Ok(captured)) => captured,
@@ -1106,7 +1106,7 @@ impl Capture {
         );
         tokio::spawn(async move {
             let settle = Settle {
-                client: shared.nats.clone(),
+                client: &shared.nats,
                 reply,
             };
             let settled = shared
@@ -1602,7 +1602,7 @@ async fn store_block_in_span(
                 drop(permit);
                 for reply in replies.iter() {
                     Settle {
-                        client: shared.nats.clone(),
+                        client: &shared.nats,
                         reply: reply.clone(),
                     }
                     .send(Bytes::from_static(b"+ACK"))
