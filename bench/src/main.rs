@@ -80,6 +80,110 @@ fn bench_capture(order: &Order) -> u64 {
     order.id % 10
 }
 
+/// The capture scenario again, zstd-compressed.
+#[capture(
+    stream = "bench",
+    durable = "natty-capture-zstd",
+    format = "ndjson",
+    compression = "zstd",
+    store = "${NATTY_BENCH_CAPTURE}/{key}",
+    every = "1s",
+    max_messages = 10000,
+    max_ack_pending = 100000
+)]
+fn bench_capture_zstd(order: &Order) -> u64 {
+    order.id % 10
+}
+
+/// The capture scenario again, gzip-compressed.
+#[capture(
+    stream = "bench",
+    durable = "natty-capture-gzip",
+    format = "ndjson",
+    compression = "gzip",
+    store = "${NATTY_BENCH_CAPTURE}/{key}",
+    every = "1s",
+    max_messages = 10000,
+    max_ack_pending = 100000
+)]
+fn bench_capture_gzip(order: &Order) -> u64 {
+    order.id % 10
+}
+
+/// The capture scenario again, as Parquet (its own compression).
+#[capture(
+    stream = "bench",
+    durable = "natty-capture-parquet",
+    format = "parquet",
+    store = "${NATTY_BENCH_CAPTURE}/{key}",
+    every = "1s",
+    max_messages = 10000,
+    max_ack_pending = 100000
+)]
+fn bench_capture_parquet(order: &Order) -> u64 {
+    order.id % 10
+}
+
+/// One capture format of the capture scenario: natty's handler and durable for it, and the
+/// compression the raw loop applies to the same blocks (`None`: no raw loop writes it).
+struct CaptureCase {
+    name: &'static str,
+    handler: &'static str,
+    durable: &'static str,
+    raw: Option<RawCompression>,
+}
+
+/// How the raw capture loop compresses a block before writing it.
+#[derive(Clone, Copy)]
+enum RawCompression {
+    Plain,
+    Zstd,
+    Gzip,
+}
+
+impl RawCompression {
+    fn apply(self, plain: Vec<u8>) -> Vec<u8> {
+        use std::io::Write;
+        match self {
+            RawCompression::Plain => plain,
+            // Level 3 and flate2's default: what natty's capture uses.
+            RawCompression::Zstd => zstd::stream::encode_all(&plain[..], 3).expect("zstd"),
+            RawCompression::Gzip => {
+                let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+                encoder.write_all(&plain).expect("gzip");
+                encoder.finish().expect("gzip")
+            }
+        }
+    }
+}
+
+const CAPTURE_CASES: [CaptureCase; 4] = [
+    CaptureCase {
+        name: "ndjson",
+        handler: "bench_capture",
+        durable: "natty-capture",
+        raw: Some(RawCompression::Plain),
+    },
+    CaptureCase {
+        name: "ndjson+zstd",
+        handler: "bench_capture_zstd",
+        durable: "natty-capture-zstd",
+        raw: Some(RawCompression::Zstd),
+    },
+    CaptureCase {
+        name: "ndjson+gzip",
+        handler: "bench_capture_gzip",
+        durable: "natty-capture-gzip",
+        raw: Some(RawCompression::Gzip),
+    },
+    CaptureCase {
+        name: "parquet",
+        handler: "bench_capture_parquet",
+        durable: "natty-capture-parquet",
+        raw: None,
+    },
+];
+
 /// The capture-memory scenario, case (a): ten thousand keys, each with a block open at once
 /// (gzip, so each open block has had a compressor of its own).
 #[capture(
@@ -522,9 +626,15 @@ async fn acked(js: &jetstream::Context, durable: &str, count: u64) {
 }
 
 /// Raw async-nats doing a capture by hand: pull (batch 1000), decode, append NDJSON to the
-/// block of its key, and every 10,000 messages of a key write the block to a temporary file,
-/// rename it into place and ack its messages one by one. Timed until the server has every ack.
-async fn raw_capture(js: &jetstream::Context, count: u64, dir: &std::path::Path) -> Measured {
+/// block of its key, and every 10,000 messages of a key compress the block, write it to a
+/// temporary file, fsync it, rename it into place, fsync the folder and ack its messages one
+/// by one. Timed until the server has every ack.
+async fn raw_capture(
+    js: &jetstream::Context,
+    count: u64,
+    dir: &std::path::Path,
+    compression: RawCompression,
+) -> Measured {
     let stream = js.get_stream("bench").await.expect("stream");
     let _ = stream.delete_consumer("raw-capture").await;
     let consumer = stream
@@ -548,11 +658,23 @@ async fn raw_capture(js: &jetstream::Context, count: u64, dir: &std::path::Path)
         let folder = dir.join(key.to_string());
         async move {
             tokio::fs::create_dir_all(&folder).await.expect("folder");
+            // What a capture must do before it acks: the block on disk (fsync), then its name
+            // (rename, fsync of the folder), so a power cut after the acks loses nothing.
             let temporary = folder.join(format!(".tmp-{n}"));
-            tokio::fs::write(&temporary, bytes).await.expect("write");
+            let mut file = tokio::fs::File::create(&temporary).await.expect("create");
+            tokio::io::AsyncWriteExt::write_all(&mut file, &bytes)
+                .await
+                .expect("write");
+            file.sync_all().await.expect("fsync");
             tokio::fs::rename(&temporary, folder.join(format!("block-{n}.ndjson")))
                 .await
                 .expect("rename");
+            tokio::fs::File::open(&folder)
+                .await
+                .expect("folder")
+                .sync_all()
+                .await
+                .expect("fsync the folder");
         }
     };
     let mut seen = 0;
@@ -566,7 +688,7 @@ async fn raw_capture(js: &jetstream::Context, count: u64, dir: &std::path::Path)
         if block.1.len() == 10_000 {
             let (bytes, held) = std::mem::take(block);
             written += 1;
-            store(order.id % 10, bytes, written).await;
+            store(order.id % 10, compression.apply(bytes), written).await;
             for message in held {
                 message.ack().await.expect("ack");
             }
@@ -581,7 +703,7 @@ async fn raw_capture(js: &jetstream::Context, count: u64, dir: &std::path::Path)
             continue;
         }
         written += 1;
-        store(key, bytes, written).await;
+        store(key, compression.apply(bytes), written).await;
         for message in held {
             message.ack().await.expect("ack");
         }
@@ -591,54 +713,69 @@ async fn raw_capture(js: &jetstream::Context, count: u64, dir: &std::path::Path)
 }
 
 /// natty's `#[capture]` on the same workload, timed until the server has every ack.
-async fn natty_capture(server: &NatsServer, js: &jetstream::Context, count: u64) -> Measured {
+async fn natty_capture(server: &NatsServer, js: &jetstream::Context, case: &CaptureCase, count: u64) -> Measured {
     let stream = js.get_stream("bench").await.expect("stream");
-    let _ = stream.delete_consumer("natty-capture").await;
+    let _ = stream.delete_consumer(case.durable).await;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let runtime = natty_runtime::Runtime::builder()
         .url(server.url())
-        .handlers(["bench_capture"])
+        .handlers([case.handler])
         .build()
         .expect("runtime");
     let window = Window::start();
     let running = tokio::spawn(runtime.run_until(async {
         let _ = stopped.await;
     }));
-    acked(js, "natty-capture", count).await;
+    acked(js, case.durable, count).await;
     let measured = window.stop();
     let _ = stop.send(());
     running.await.expect("join").expect("natty run");
     measured
 }
 
+/// Each capture format against the raw capture loop writing the same blocks (where it has
+/// one) and against raw explicit-ack consume of the same messages (the ceiling of any
+/// capture): all three back to back in each round, their order rotating.
 async fn scenario_capture(server: &NatsServer, js: &jetstream::Context, args: &Args) {
     purge(js, "bench").await;
     fill(js, "bench.orders", args.messages).await;
-    let (mut raw, mut natty) = (Vec::new(), Vec::new());
-    for round in 0..args.rounds {
-        let dir = tempfile::tempdir().expect("temp dir");
-        // Read by the store template of `bench_capture` when its runtime starts.
-        std::env::set_var(
-            "NATTY_BENCH_CAPTURE",
-            format!("file://{}", dir.path().join("natty").display()),
-        );
-        let natty_first = round % 2 == 1;
-        if natty_first {
-            natty.push(rate(args.messages, natty_capture(server, js, args.messages).await));
+    for case in &CAPTURE_CASES {
+        let (mut raw, mut consume, mut natty) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..args.rounds {
+            let dir = tempfile::tempdir().expect("temp dir");
+            // Read by the store template of the capture handlers when their runtime starts.
+            std::env::set_var(
+                "NATTY_BENCH_CAPTURE",
+                format!("file://{}", dir.path().join("natty").display()),
+            );
+            for side in (0..3).map(|place| (place + round) % 3) {
+                match (side, case.raw) {
+                    (0, Some(compression)) => raw.push(rate(
+                        args.messages,
+                        raw_capture(js, args.messages, &dir.path().join("raw"), compression).await,
+                    )),
+                    (0, None) => {}
+                    (1, _) => consume.push(rate(args.messages, raw_consume(js, args.messages).await)),
+                    _ => natty.push(rate(
+                        args.messages,
+                        natty_capture(server, js, case, args.messages).await,
+                    )),
+                }
+            }
+            eprintln!(
+                "  capture {} round {round}: raw capture {}, raw consume {:.0}, natty {:.0}",
+                case.name,
+                raw.get(round)
+                    .map_or("-".to_string(), |run: &Run| format!("{:.0}", run.rate)),
+                consume[round].rate,
+                natty[round].rate
+            );
         }
-        raw.push(rate(
-            args.messages,
-            raw_capture(js, args.messages, &dir.path().join("raw")).await,
-        ));
-        if !natty_first {
-            natty.push(rate(args.messages, natty_capture(server, js, args.messages).await));
+        if !raw.is_empty() {
+            report(&format!("capture ({}, local)", case.name), &raw, &natty, ">= 0.95x");
         }
-        eprintln!(
-            "  capture round {round}: raw {:.0}, natty {:.0}",
-            raw[round].rate, natty[round].rate
-        );
+        report(&format!("  {} against raw consume", case.name), &consume, &natty, "-");
     }
-    report("capture (ndjson, local)", &raw, &natty, ">= 1.00x");
 }
 
 async fn scenario_publish(server: &NatsServer, js: &jetstream::Context, args: &Args) -> Rates {

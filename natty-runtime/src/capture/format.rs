@@ -134,6 +134,9 @@ const ZSTD_LEVEL: i32 = 3;
 /// with many keys, most blocks stay small, and paying it for each open one would cost far more
 /// than their data. Below this a block is compressed in one go when it is finished.
 const COMPRESS_AFTER: usize = 256 << 10;
+/// Bytes staged before they are handed to a compressor: a record at a time (a line of NDJSON,
+/// a field of CSV) each call into zstd or deflate costs more than compressing the record.
+const COMPRESS_STAGE: usize = 32 << 10;
 /// About what a zstd level-3 streaming compressor holds (window, hash and chain tables).
 const ZSTD_STATE: usize = 1_300 << 10;
 /// About what a gzip (miniz_oxide) compressor holds, with flate2's output buffer.
@@ -411,8 +414,8 @@ enum Sink {
     Plain(Vec<u8>),
     /// Not compressed yet: below `COMPRESS_AFTER`, or no compression asked.
     Pending(Vec<u8>, Compression),
-    Gzip(flate2::write::GzEncoder<Vec<u8>>),
-    Zstd(zstd::stream::write::Encoder<'static, Vec<u8>>),
+    Gzip(io::BufWriter<flate2::write::GzEncoder<Vec<u8>>>),
+    Zstd(io::BufWriter<zstd::stream::write::Encoder<'static, Vec<u8>>>),
 }
 
 impl Sink {
@@ -430,11 +433,14 @@ impl Sink {
         };
         let mut started = match compression {
             Compression::None => return Ok(()),
-            Compression::Gzip => Self::Gzip(flate2::write::GzEncoder::new(
-                Vec::new(),
-                flate2::Compression::default(),
+            Compression::Gzip => Self::Gzip(io::BufWriter::with_capacity(
+                COMPRESS_STAGE,
+                flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default()),
             )),
-            Compression::Zstd => Self::Zstd(zstd::stream::write::Encoder::new(Vec::new(), ZSTD_LEVEL)?),
+            Compression::Zstd => Self::Zstd(io::BufWriter::with_capacity(
+                COMPRESS_STAGE,
+                zstd::stream::write::Encoder::new(Vec::new(), ZSTD_LEVEL)?,
+            )),
         };
         started.write_all(plain)?;
         *self = started;
@@ -449,8 +455,8 @@ impl Sink {
         self.start_compressing()?;
         match self {
             Self::Plain(bytes) | Self::Pending(bytes, _) => Ok(bytes),
-            Self::Gzip(encoder) => encoder.finish(),
-            Self::Zstd(encoder) => encoder.finish(),
+            Self::Gzip(staged) => staged.into_inner().map_err(|e| e.into_error())?.finish(),
+            Self::Zstd(staged) => staged.into_inner().map_err(|e| e.into_error())?.finish(),
         }
     }
 
@@ -458,8 +464,8 @@ impl Sink {
     fn memory(&self) -> usize {
         match self {
             Self::Plain(bytes) | Self::Pending(bytes, _) => bytes.capacity(),
-            Self::Gzip(encoder) => encoder.get_ref().capacity() + GZIP_STATE,
-            Self::Zstd(encoder) => encoder.get_ref().capacity() + ZSTD_STATE,
+            Self::Gzip(staged) => staged.capacity() + staged.get_ref().get_ref().capacity() + GZIP_STATE,
+            Self::Zstd(staged) => staged.capacity() + staged.get_ref().get_ref().capacity() + ZSTD_STATE,
         }
     }
 }
