@@ -15,8 +15,7 @@ use async_nats::jetstream::{
 use async_nats::Subject;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use futures_util::stream::FuturesUnordered;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::FutureExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -615,7 +614,7 @@ impl Consumer {
         let mut queue: VecDeque<Ready> = VecDeque::new();
         // With one handler slot the handler runs in this task, sparing a spawn per message; it
         // is polled beside the pull, so messages keep being read, held and kept alive meanwhile.
-        let mut inline: FuturesUnordered<BoxFuture<'static, ()>> = FuturesUnordered::new();
+        let mut inline = Inline::new();
         let keep_alive = tokio::spawn(this.clone().keep_alive());
         // A handler running in this task wakes the loop when it ends; spawned handlers and
         // lanes signal `room` instead.
@@ -647,7 +646,7 @@ impl Consumer {
                     let ready = queue.pop_front().expect("the queue is not empty");
                     let delivery = this.clone().deliver(ready, permit, hard_stop.clone());
                     if concurrency == 1 {
-                        inline.push(Box::pin(delivery));
+                        inline.start(delivery);
                     } else {
                         tokio::spawn(delivery);
                     }
@@ -1463,8 +1462,8 @@ impl Lanes {
 }
 
 /// Runs `step` while still driving the handler that runs in the consumer's own task.
-async fn beside<T>(
-    inline: &mut FuturesUnordered<BoxFuture<'static, ()>>,
+async fn beside<T, F: std::future::Future<Output = ()>>(
+    inline: &mut Inline<F>,
     step: impl std::future::Future<Output = T>,
 ) -> T {
     tokio::pin!(step);
@@ -1474,6 +1473,39 @@ async fn beside<T>(
             output = &mut step => return output,
             Some(()) = inline.next(), if !inline.is_empty() => {}
         }
+    }
+}
+
+/// The one delivery a consumer with a single handler slot runs in its own task. Its place is
+/// allocated once and reused: a box (and a task of a `FuturesUnordered`) per message cost more
+/// than the rest of starting one.
+struct Inline<F>(std::pin::Pin<Box<Option<F>>>);
+
+impl<F: std::future::Future<Output = ()>> Inline<F> {
+    fn new() -> Self {
+        Inline(Box::pin(None))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_none()
+    }
+
+    /// Starts `delivery`; the previous one must have ended.
+    fn start(&mut self, delivery: F) {
+        debug_assert!(self.is_empty(), "one delivery at a time");
+        self.0.set(Some(delivery));
+    }
+
+    /// Runs the delivery until it ends (`Some`), or `None` at once when there is none.
+    async fn next(&mut self) -> Option<()> {
+        std::future::poll_fn(|cx| match self.0.as_mut().as_pin_mut() {
+            None => std::task::Poll::Ready(None),
+            Some(delivery) => delivery.poll(cx).map(|()| {
+                self.0.set(None);
+                Some(())
+            }),
+        })
+        .await
     }
 }
 
