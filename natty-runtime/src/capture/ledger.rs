@@ -489,6 +489,21 @@ mod tests {
         assert!(dir.path().join(".natty-manifests/S/d").exists());
     }
 
+    /// Runs the ledger checks on a cloud store opened from `url` with the emulator's `env`,
+    /// then lists `raw` (the same bucket seen directly): only the block is left.
+    #[cfg(feature = "testing")]
+    async fn a_cloud_ledger(url: &str, env: Vec<(String, String)>, raw: std::sync::Arc<dyn object_store::ObjectStore>) {
+        let lookup = |name: &str| env.iter().find(|(key, _)| key == name).map(|(_, value)| value.clone());
+        let store = BlockStore::open_with_env(url, &lookup).unwrap();
+        exercise(store).await;
+        let listed: Vec<_> = raw
+            .list(None)
+            .map(|meta| meta.unwrap().location.to_string())
+            .collect()
+            .await;
+        assert_eq!(listed, ["blocks/k/S-1-21.ndjson"], "the manifest was removed");
+    }
+
     /// S3 through moto: listing, reading, `head` of a missing block and deleting behave as on a
     /// local disk.
     #[cfg(feature = "testing")]
@@ -498,17 +513,7 @@ mod tests {
             .await
             .expect("moto (scripts/install-moto.sh)");
         moto.create_bucket("ledger").await.unwrap();
-        let env = moto.env();
-        let lookup = |name: &str| env.iter().find(|(key, _)| key == name).map(|(_, value)| value.clone());
-        let store = BlockStore::open_with_env("s3://ledger/blocks/{key}", &lookup).unwrap();
-        exercise(store).await;
-        let listed: Vec<_> = moto
-            .store("ledger")
-            .list(None)
-            .map(|meta| meta.unwrap().location.to_string())
-            .collect()
-            .await;
-        assert_eq!(listed, ["blocks/k/S-1-21.ndjson"], "the manifest was removed");
+        a_cloud_ledger("s3://ledger/blocks/{key}", moto.env(), moto.store("ledger")).await;
     }
 
     /// Azure Blob storage through Azurite, likewise.
@@ -519,16 +524,6 @@ mod tests {
             .await
             .expect("Azurite (scripts/install-azurite.sh)");
         azurite.create_container("ledger").await.unwrap();
-        let env = azurite.env();
-        let lookup = |name: &str| env.iter().find(|(key, _)| key == name).map(|(_, value)| value.clone());
-        let store = BlockStore::open_with_env("az://ledger/blocks/{key}", &lookup).unwrap();
-        exercise(store).await;
-        let listed: Vec<_> = azurite
-            .store("ledger")
-            .list(None)
-            .map(|meta| meta.unwrap().location.to_string())
-            .collect()
-            .await;
-        assert_eq!(listed, ["blocks/k/S-1-21.ndjson"], "the manifest was removed");
+        a_cloud_ledger("az://ledger/blocks/{key}", azurite.env(), azurite.store("ledger")).await;
     }
 }
