@@ -140,6 +140,21 @@ async fn startup_waits_for_a_stream_leader_and_fails_clearly_when_none_comes() {
     // Two of three servers down: no quorum, so no leader for the stream.
     cluster.node_mut(1).kill().await;
     cluster.node_mut(2).kill().await;
+    // Until the survivor notices it lost its quorum, it may still call itself the stream's
+    // leader and answer for it: a runtime started then binds and runs (as it should). The
+    // subject of this test starts once the survivor has stepped down.
+    let survivor = async_nats::jetstream::new(cluster.node(0).client().await);
+    wait_until(WAIT, "the survivor to report no leader for the stream", || async {
+        match survivor.get_stream("leaderless").await {
+            Ok(stream) => stream
+                .cached_info()
+                .cluster
+                .as_ref()
+                .is_some_and(|cluster| cluster.leader.as_deref().unwrap_or_default().is_empty()),
+            Err(_) => true,
+        }
+    })
+    .await;
     let builder = || {
         Runtime::builder()
             .url(cluster.urls().join(","))
