@@ -544,63 +544,52 @@ impl Consumer {
         };
         // An ephemeral consumer is this instance's own state, not shared infrastructure: it is
         // created whatever the provisioning mode.
-        match self.provision {
-            _ if def.ephemeral => stream
+        if def.ephemeral {
+            return stream
                 .create_consumer(def.server_config(&self.name)?)
                 .await
-                .map_err(|e| def.error(&self.name, "creating it")(Box::new(e))),
-            Provision::CreateOrUpdate => {
-                use jetstream::consumer::FromConsumer;
-                use jetstream::context::ConsumerInfoErrorKind as Kind;
-                let actual = match stream.consumer_info(&*self.name).await {
-                    Ok(info) => info.config,
-                    Err(error) if matches!(error.kind(), Kind::NotFound) => {
-                        // Two instances starting together both create it: the same
-                        // configuration twice is one consumer.
-                        return stream
-                            .create_consumer(def.server_config(&self.name)?)
-                            .await
-                            .map_err(|e| def.error(&self.name, "creating it")(Box::new(e)));
-                    }
-                    Err(error) => return Err(def.error(&self.name, "looking it up")(Box::new(error))),
-                };
-                let Some((field, declared, server)) = def.drift(&actual) else {
-                    // As declared: bound as it is, settings natty does not declare untouched.
-                    return stream
-                        .get_consumer::<pull::Config>(&self.name)
-                        .await
-                        .map_err(def.error(&self.name, "binding it"));
-                };
-                // Only what differs from the declaration changes; the rest stays the server's.
-                let mut config = pull::Config::try_from_consumer_config(actual)
-                    .map_err(|e| def.error(&self.name, "reading its configuration")(e))?;
-                def.apply(&self.name, &mut config)?;
-                let updated = stream
-                    .create_consumer(config)
-                    .await
-                    .map_err(|e| def.error(&self.name, "updating it")(Box::new(e)))?;
-                tracing::info!(stream = def.stream, consumer = &*self.name, field, from = %server, to = %declared, "updated consumer");
-                Ok(updated)
-            }
-            Provision::VerifyOnly | Provision::Off => {
-                use jetstream::context::ConsumerInfoErrorKind as Kind;
-                match stream.consumer_info(&*self.name).await {
-                    Ok(_) => {}
-                    Err(error) if matches!(error.kind(), Kind::NotFound) => {
-                        return Err(Error::ConsumerNotFound {
-                            stream: def.stream.into(),
-                            consumer: self.name.to_string(),
-                            mode: self.provision.as_str(),
-                        })
-                    }
-                    Err(error) => return Err(def.error(&self.name, "looking it up")(Box::new(error))),
-                }
-                stream
-                    .get_consumer::<pull::Config>(&self.name)
-                    .await
-                    .map_err(def.error(&self.name, "binding it"))
-            }
+                .map_err(|e| def.error(&self.name, "creating it")(Box::new(e)));
         }
+        use jetstream::consumer::FromConsumer;
+        use jetstream::context::ConsumerInfoErrorKind as Kind;
+        // One lookup serves every mode: its answer both decides and binds.
+        let info = match stream.consumer_info(&*self.name).await {
+            Ok(info) => info,
+            Err(error) if matches!(error.kind(), Kind::NotFound) => {
+                if self.provision != Provision::CreateOrUpdate {
+                    return Err(Error::ConsumerNotFound {
+                        stream: def.stream.into(),
+                        consumer: self.name.to_string(),
+                        mode: self.provision.as_str(),
+                    });
+                }
+                // Two instances starting together both create it: the same configuration twice
+                // is one consumer.
+                return stream
+                    .create_consumer(def.server_config(&self.name)?)
+                    .await
+                    .map_err(|e| def.error(&self.name, "creating it")(Box::new(e)));
+            }
+            Err(error) => return Err(def.error(&self.name, "looking it up")(Box::new(error))),
+        };
+        let drift = match self.provision {
+            Provision::CreateOrUpdate => def.drift(&info.config),
+            Provision::VerifyOnly | Provision::Off => None,
+        };
+        let mut config = pull::Config::try_from_consumer_config(info.config.clone())
+            .map_err(|e| def.error(&self.name, "reading its configuration")(e))?;
+        let Some((field, declared, server)) = drift else {
+            // As it is on the server: settings natty does not declare stay untouched.
+            return Ok(PullConsumer::new(config, info, self.js().clone()));
+        };
+        // Only what differs from the declaration changes; the rest stays the server's.
+        def.apply(&self.name, &mut config)?;
+        let updated = stream
+            .create_consumer(config)
+            .await
+            .map_err(|e| def.error(&self.name, "updating it")(Box::new(e)))?;
+        tracing::info!(stream = def.stream, consumer = &*self.name, field, from = %server, to = %declared, "updated consumer");
+        Ok(updated)
     }
 
     /// Runs until `cancel`, then drains: stops pulling, naks what was prefetched but not
