@@ -355,20 +355,12 @@ async fn unanswered(job: Job) {
 
 /// The messages the server has received from clients so far (`/varz` `in_msgs`).
 async fn messages_in(monitor: u16) -> u64 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", monitor))
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], monitor));
+    let (status, body) = natty_tests::http_get(addr, "/varz")
         .await
-        .expect("the monitoring port");
-    // HTTP/1.0: the server closes the connection after answering, so read_to_end returns.
-    stream
-        .write_all(b"GET /varz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        .await
-        .expect("a request to /varz");
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).await.expect("an answer from /varz");
-    let answer = String::from_utf8_lossy(&answer);
-    let body = answer.split("\r\n\r\n").nth(1).expect("a body");
-    let varz: serde_json::Value = serde_json::from_str(body).expect("/varz is JSON");
+        .expect("an answer from /varz");
+    assert_eq!(status, 200, "/varz: {body}");
+    let varz: serde_json::Value = serde_json::from_str(&body).expect("/varz is JSON");
     varz["in_msgs"].as_u64().expect("in_msgs")
 }
 

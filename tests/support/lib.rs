@@ -222,7 +222,28 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result
         .nth(1)
         .and_then(|code| code.parse().ok())
         .ok_or_else(|| invalid("no status code"))?;
-    Ok((status, body.to_string()))
+    let chunked = head
+        .lines()
+        .any(|line| line.eq_ignore_ascii_case("transfer-encoding: chunked"));
+    if !chunked {
+        return Ok((status, body.to_string()));
+    }
+    // HTTP/1.1 servers send a body of unknown length in chunks: `<hex size>\r\n<data>\r\n`,
+    // ended by a chunk of size 0 (nats-server's monitoring does, for anything over 2 KiB).
+    let mut rest = body;
+    let mut joined = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n").ok_or_else(|| invalid("no chunk size"))?;
+        let size = usize::from_str_radix(size.trim(), 16).map_err(|_| invalid("a bad chunk size"))?;
+        if size == 0 {
+            return Ok((status, joined));
+        }
+        let chunk = after.get(..size).ok_or_else(|| invalid("a short chunk"))?;
+        joined.push_str(chunk);
+        rest = after[size..]
+            .strip_prefix("\r\n")
+            .ok_or_else(|| invalid("no end of chunk"))?;
+    }
 }
 
 /// Runs a service to completion (at most `timeout`) and returns its exit code and stderr.
