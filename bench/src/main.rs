@@ -801,7 +801,7 @@ async fn scenario_publish(server: &NatsServer, js: &jetstream::Context, args: &A
             let mut headers = async_nats::HeaderMap::new();
             headers.insert(
                 async_nats::header::NATS_MESSAGE_ID,
-                format!("raw-{round}-{}", order.id).as_str(),
+                format!("{}-{round}-{}", if same_headers { "hdr" } else { "raw" }, order.id).as_str(),
             );
             if same_headers {
                 let id = ids.next().expect("ids");
