@@ -402,9 +402,9 @@ pub struct KvEntry<T> {
 /// ```
 pub struct Kv<T> {
     store: kv::Store,
-    /// natty writes through its own publish path (see [`Kv::put`]), on the context the store
+    /// natty writes through its own publish path (see [`Kv::put`]), on the client the store
     /// came from.
-    js: jetstream::Context,
+    client: Client,
     _value: PhantomData<fn() -> T>,
 }
 
@@ -412,7 +412,7 @@ impl<T> Clone for Kv<T> {
     fn clone(&self) -> Self {
         Kv {
             store: self.store.clone(),
-            js: self.js.clone(),
+            client: self.client.clone(),
             _value: PhantomData,
         }
     }
@@ -438,7 +438,7 @@ impl Client {
         match self.jetstream().get_key_value(bucket).await {
             Ok(store) => Ok(Kv {
                 store,
-                js: self.jetstream().clone(),
+                client: self.clone(),
                 _value: PhantomData,
             }),
             Err(error)
@@ -677,7 +677,7 @@ impl<T> Kv<T> {
                 revision.to_string(),
             );
         }
-        let result = crate::publish::publish_durably(&self.js, &subject, headers, payload).await;
+        let result = crate::publish::publish_durably(&self.client, &subject, headers, payload).await;
         result.map(|ack| ack.sequence).map_err(|error| match error {
             PublishError::Conflict { source, .. } => KvError::Conflict {
                 bucket: self.store.name.clone(),

@@ -10,7 +10,7 @@
 
 use async_nats::jetstream;
 
-use super::{classify, PendingAck, PublishAck, PublishError};
+use super::{classify, Client, PendingAck, PublishAck, PublishError};
 use crate::classify::{failure, Failure};
 
 /// How long [`Client::publish_with`](super::Client::publish_with) keeps trying: longer than a stream leader election on a
@@ -24,15 +24,15 @@ const PUBLISH_RETRY_DELAY: std::time::Duration = std::time::Duration::from_milli
 
 /// Sends one message through `js`, as it is.
 pub(super) async fn send_once(
-    js: &jetstream::Context,
+    client: &Client,
     subject: &async_nats::Subject,
     headers: async_nats::HeaderMap,
     payload: bytes::Bytes,
 ) -> std::result::Result<PendingAck, PublishError> {
-    match js.publish_with_headers(subject.clone(), headers, payload).await {
+    match client.acks.send(subject.clone(), headers, payload).await {
         Ok(ack) => Ok(PendingAck {
             subject: subject.clone(),
-            ack: std::future::IntoFuture::into_future(ack),
+            ack,
         }),
         Err(source) => Err(PublishError::Publish {
             subject: subject.to_string(),
@@ -46,12 +46,13 @@ pub(super) async fn send_once(
 /// The headers must carry a `Nats-Msg-Id`: it is what makes sending again safe. KV writes go
 /// through here too.
 pub(crate) async fn publish_durably(
-    js: &jetstream::Context,
+    client: &Client,
     subject: &async_nats::Subject,
     headers: async_nats::HeaderMap,
     payload: bytes::Bytes,
 ) -> std::result::Result<PublishAck, PublishError> {
     debug_assert!(headers.get(async_nats::header::NATS_MESSAGE_ID).is_some());
+    let js = client.jetstream();
     let started = tokio::time::Instant::now();
     let mut pause = PUBLISH_RETRY_DELAY;
     let mut attempt = 0u32;
@@ -63,7 +64,7 @@ pub(crate) async fn publish_durably(
     let mut unconfirmed = false;
     loop {
         attempt += 1;
-        let result = match send_once(js, subject, headers.clone(), payload.clone()).await {
+        let result = match send_once(client, subject, headers.clone(), payload.clone()).await {
             Ok(pending) => pending.await,
             Err(error) => Err(error),
         };

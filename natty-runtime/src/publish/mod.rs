@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::error::Result;
 use crate::telemetry::Telemetry;
 
+mod acks;
 mod durable;
 
 pub(crate) use durable::publish_durably;
@@ -131,6 +132,8 @@ pub enum PublishError {
 pub struct Client {
     nats: async_nats::Client,
     jetstream: jetstream::Context,
+    /// Where this client's publishes get their acks (see the `acks` module).
+    acks: Arc<acks::Acks>,
     /// The metrics and health of everything running on this connection.
     telemetry: Arc<Telemetry>,
     /// Keeps the connection's lame-duck handling alive (see [`crate::connect`]); `None` for a
@@ -143,6 +146,7 @@ impl Client {
     pub fn new(nats: async_nats::Client) -> Self {
         let jetstream = jetstream::new(nats.clone());
         Client {
+            acks: Arc::new(acks::Acks::new(nats.clone())),
             nats,
             jetstream,
             telemetry: Arc::default(),
@@ -250,7 +254,7 @@ impl Client {
         let mut headers = options.into_headers(format);
         let span = publish_span(&subject);
         crate::telemetry::trace::inject(&span, &mut headers);
-        let result = publish_durably(&self.jetstream, &subject, headers, payload)
+        let result = publish_durably(self, &subject, headers, payload)
             .instrument(span.clone())
             .await;
         let metrics = &self.telemetry.metrics;
@@ -369,7 +373,7 @@ impl Client {
         payload: bytes::Bytes,
     ) -> std::result::Result<PendingAck, PublishError> {
         crate::telemetry::trace::inject(&tracing::Span::current(), &mut headers);
-        send_once(&self.jetstream, subject, headers, payload).await
+        send_once(self, subject, headers, payload).await
     }
 
     /// The underlying async-nats client, for anything natty does not wrap.
@@ -396,20 +400,14 @@ impl Client {
 #[must_use = "a publish is confirmed only when its ack is awaited"]
 pub struct PendingAck {
     subject: async_nats::Subject,
-    ack: AckFuture,
+    ack: acks::Awaiting,
 }
-
-/// async-nats' ack future, already boxed by async-nats: polled in place, with no second box.
-type AckFuture = std::pin::Pin<
-    Box<dyn std::future::Future<Output = std::result::Result<PublishAck, jetstream::context::PublishError>> + Send>,
->;
 
 impl std::future::Future for PendingAck {
     type Output = std::result::Result<PublishAck, PublishError>;
 
     fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
-        self.ack
-            .as_mut()
+        std::pin::Pin::new(&mut self.ack)
             .poll(cx)
             .map_err(|source| classify(&self.subject, source))
     }
