@@ -12,11 +12,9 @@ use crate::handler::{self, HandlerKind};
 
 const CONSUMER: HandlerKind = HandlerKind {
     what: "a consumer handler",
-    extractors: &["Context"],
-    decode: "decode_payload",
-    from_trait: "FromDelivery",
     undecodable: "Outcome::Undecodable",
     delivery_type: "Delivery",
+    describes_payload: true,
 };
 
 const KEYS: &[&str] = &[
@@ -286,13 +284,17 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
             ));
         }
     }
+    // Whether the handler's arguments hold a payload is the compiler's to say (by trait, in
+    // the adapter); with no argument at all it is known here.
+    let mut key_fn = None;
     if let Some(OrderBy::Key(path)) = parsed.order_by.get() {
-        if !handler_args.iter().any(|arg| matches!(arg, handler::Arg::Payload(_))) {
+        if handler_args.is_empty() {
             errors.spanned(
                 path,
                 "a key function is called with the handler's payload: the handler takes none",
             );
         }
+        key_fn = Some(path.span());
     }
     if let Err(error) = errors.into_result() {
         let error = error.to_compile_error();
@@ -358,17 +360,17 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
             OrderBy::Subject => quote!(#p::OrderBy::Subject),
             OrderBy::Token(index) => quote!(#p::OrderBy::Token(#index)),
             OrderBy::Key(path) => {
-                // The key function's argument is the handler's payload, decoded once more here
-                // so the lane is known before the handler starts.
-                let payload = handler_args.iter().find_map(|arg| match arg {
-                    handler::Arg::Payload(ty) => Some(ty),
-                    handler::Arg::Extractor(_) => None,
+                // The message decoded as the key function's argument (its type inferred from
+                // the call), so the lane is known before the handler starts.
+                let matches = handler_args.iter().map(|ty| {
+                    quote_spanned! {path.span()=> #p::KeyArg(&payload).check::<#p::Delivery, _, #ty>();}
                 });
-                let payload = payload.expect("checked above: a key function needs a payload");
                 quote_spanned! {path.span()=>
                     #p::OrderBy::Key(|headers, bytes| {
-                        let payload: #payload = #p::decode(headers, bytes).ok()?;
-                        ::core::option::Option::Some(#p::hash_key(&#path(&payload)))
+                        let payload = #p::decode(headers, bytes).ok()?;
+                        let key = #p::hash_key(&#path(&payload));
+                        #(#matches)*
+                        ::core::option::Option::Some(key)
                     })
                 }
             }
@@ -386,6 +388,7 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         &function,
         &CONSUMER,
         &handler_args,
+        key_fn,
         &adapter,
         quote!(#p::Outcome),
         outcome,

@@ -32,11 +32,9 @@ impl Kind {
                 Kind::Subscribe => "a #[subscribe] handler",
                 Kind::Service => "a #[service] handler",
             },
-            extractors: &["Envelope"],
-            decode: "decode_core_payload",
-            from_trait: "FromCoreDelivery",
             undecodable: "CoreOutcome::Undecodable",
             delivery_type: "CoreDelivery",
+            describes_payload: true,
         }
     }
 }
@@ -149,6 +147,7 @@ pub fn expand(kind: Kind, args: TokenStream, item: TokenStream) -> TokenStream {
         &function,
         &handler_kind,
         &handler_args,
+        None,
         &adapter,
         quote!(#p::CoreOutcome),
         outcome,

@@ -12,17 +12,12 @@ use crate::attr::Errors;
 pub struct HandlerKind {
     /// "a consumer handler", for messages.
     pub what: &'static str,
-    /// Argument types the runtime provides by extraction rather than by decoding the payload,
-    /// matched on the last path segment so `natty_runtime::Context` and `Context` both work.
-    pub extractors: &'static [&'static str],
-    /// `__private` function that decodes the payload.
-    pub decode: &'static str,
-    /// `__private` trait that builds an extractor.
-    pub from_trait: &'static str,
     /// `__private` path of the outcome for an undecodable payload (takes the error).
     pub undecodable: &'static str,
     /// `__private` type the adapter receives.
     pub delivery_type: &'static str,
+    /// Whether its definition records the payload's description (`payload_of`).
+    pub describes_payload: bool,
 }
 
 impl HandlerKind {
@@ -37,14 +32,8 @@ impl HandlerKind {
     }
 }
 
-/// How one handler argument is produced.
-pub enum Arg {
-    Payload(Type),
-    Extractor(Type),
-}
-
 /// Checks the handler's signature, pointing each mistake at its token; returns its arguments.
-pub fn signature(function: &ItemFn, errors: &mut Errors, kind: &HandlerKind) -> Vec<Arg> {
+pub fn signature(function: &ItemFn, errors: &mut Errors, kind: &HandlerKind) -> Vec<Type> {
     let what = kind.what;
     let sig = &function.sig;
     if sig.asyncness.is_none() {
@@ -72,7 +61,6 @@ pub fn signature(function: &ItemFn, errors: &mut Errors, kind: &HandlerKind) -> 
         errors.spanned(variadic, format!("{what} cannot be variadic"));
     }
     let mut args = Vec::new();
-    let mut payload_seen = false;
     for input in &sig.inputs {
         let typed = match input {
             FnArg::Receiver(receiver) => {
@@ -102,68 +90,80 @@ pub fn signature(function: &ItemFn, errors: &mut Errors, kind: &HandlerKind) -> 
             }
             _ => {}
         }
-        if is_extractor(ty, kind.extractors) {
-            args.push(Arg::Extractor(ty.clone()));
-        } else if payload_seen {
-            let extractors = kind
-                .extractors
-                .iter()
-                .map(|e| format!("`{e}`"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            errors.spanned(
-                ty,
-                format!(
-                    "the runtime cannot provide this argument: {what} takes one payload \
-                     (the decoded message) and otherwise only {extractors}"
-                ),
-            );
-        } else {
-            payload_seen = true;
-            args.push(Arg::Payload(ty.clone()));
-        }
+        // What the argument is (the payload, or something built from the delivery) is the
+        // compiler's to decide, by trait: see `HandlerArg` in the runtime.
+        args.push(ty.clone());
     }
     args
 }
 
-fn is_extractor(ty: &Type, extractors: &[&str]) -> bool {
-    let Type::Path(path) = ty else { return false };
-    path.qself.is_none()
-        && path
-            .path
-            .segments
-            .last()
-            .is_some_and(|last| last.arguments.is_none() && extractors.contains(&last.ident.to_string().as_str()))
-}
-
 /// The adapter's parameter name, the statements binding each argument, and the argument
-/// names to call the handler with.
-pub fn bindings(args: &[Arg], kind: &HandlerKind) -> (Ident, Vec<TokenStream>, Vec<Ident>) {
+/// names to call the handler with. `key_fn`: the span of an `order_by` key function, which
+/// needs a payload among the arguments.
+pub fn bindings(args: &[Type], kind: &HandlerKind, key_fn: Option<Span>) -> (Ident, Vec<TokenStream>, Vec<Ident>) {
     // Interpolated (call-site) idents: a token written inside `quote_spanned!` would take the
     // user's span and, inside a `macro_rules!`, that macro's hygiene.
     let delivery = format_ident!("__natty_delivery");
-    let decode = kind.private(kind.decode);
-    let from_trait = kind.private(kind.from_trait);
+    let p = quote::quote!(::natty_runtime::__private);
+    let delivery_type = kind.delivery_type();
     let undecodable = kind.private(kind.undecodable);
+    let built: Vec<Ident> = (0..args.len()).map(|i| format_ident!("__built{}", i)).collect();
     let mut bindings = Vec::new();
+    // First build them all (the one place that requires each type to be an argument, so a
+    // wrong one is reported once, at its type), then check them together, then bind them.
+    for (ty, built) in args.iter().zip(&built) {
+        bindings.push(quote_spanned! {ty.span()=>
+            let #built = #p::arg::<#delivery_type, _, #ty>(&#delivery);
+        });
+    }
+    if args.len() >= 2 {
+        let last = args.last().map_or_else(Span::call_site, Spanned::span);
+        bindings.push(payload_sum(&built, ("AtMostOne", last)));
+    }
+    if let Some(span) = key_fn {
+        bindings.push(payload_sum(&built, ("HoldsPayload", span)));
+    }
     let mut call_args = Vec::new();
-    for (index, arg) in args.iter().enumerate() {
+    for (index, (ty, built)) in args.iter().zip(&built).enumerate() {
         let var = Ident::new(&format!("__arg{index}"), Span::call_site());
         call_args.push(var.clone());
-        bindings.push(match arg {
-            // Spanned at the type so a payload that is not `Deserialize` is reported there.
-            Arg::Payload(ty) => quote_spanned! {ty.span()=>
-                let #var: #ty = match #decode::<#ty>(&#delivery) {
-                    ::core::result::Result::Ok(value) => value,
-                    ::core::result::Result::Err(error) => return #undecodable(error),
-                };
-            },
-            Arg::Extractor(ty) => quote_spanned! {ty.span()=>
-                let #var: #ty = <#ty as #from_trait>::from_delivery(&#delivery);
-            },
+        bindings.push(quote_spanned! {ty.span()=>
+            let #var: #ty = match #built.value {
+                ::core::result::Result::Ok(value) => value,
+                ::core::result::Result::Err(error) => return #undecodable(error),
+            };
         });
     }
     (delivery, bindings, call_args)
+}
+
+/// A check of the built arguments' markers added up (`OneMore`): the sum must implement
+/// `require` (a `__private` trait), reported at its span.
+fn payload_sum(built: &[Ident], (require, span): (&str, Span)) -> TokenStream {
+    let p = quote::quote!(::natty_runtime::__private);
+    let markers: Vec<Ident> = (0..built.len()).map(|i| format_ident!("M{}", i)).collect();
+    let mut bounds = Vec::new();
+    let Some(first) = markers.first() else {
+        return TokenStream::new();
+    };
+    let mut sum = quote::quote!(#first);
+    for marker in markers.iter().skip(1) {
+        bounds.push(quote::quote!(#sum: #p::OneMore<#marker>));
+        sum = quote::quote!(<#sum as #p::OneMore<#marker>>::Sum);
+    }
+    let require = Ident::new(require, span);
+    bounds.push(quote::quote!(#sum: #p::#require));
+    let check = Ident::new("check", span);
+    // Every token of the call at `span`, where the error belongs.
+    let built = built.iter().map(|built| Ident::new(&built.to_string(), span));
+    let call = quote_spanned! {span=> #check(#(#built.marker),*)};
+    quote::quote! {
+        {
+            #[allow(clippy::type_complexity)]
+            fn #check<#(#markers),*>(#(_: ::core::marker::PhantomData<#markers>),*) where #(#bounds),* {}
+            #call;
+        }
+    }
 }
 
 /// The local the adapter binds the handler's return value to, for the outcome expression.
@@ -193,6 +193,24 @@ pub fn describer(name: &Ident, ty: &Type, method: &str) -> TokenStream {
     }
 }
 
+/// A function describing the payload among `args` for the AsyncAPI document, through the
+/// runtime's probes: an argument that is not a decodable payload describes nothing (and a
+/// wrong one is reported once, by the adapter, not again from here).
+fn payload_describer(name: &Ident, args: &[Type]) -> TokenStream {
+    let p = quote::quote!(::natty_runtime::__private);
+    quote::quote! {
+        #[automatically_derived]
+        // The borrows select the probe's impl (autoref specialization): none is needless.
+        #[allow(clippy::needless_borrow)]
+        fn #name() -> ::core::option::Option<#p::PayloadDescription> {
+            #[allow(unused_imports)]
+            use #p::{ArgDecoded as _, ArgKvValue as _, ArgOther as _};
+            ::core::option::Option::None
+                #(.or_else(|| (&&&#p::Probe::<#args>::new()).describe_arg()))*
+        }
+    }
+}
+
 /// Emits the user's function unchanged, its adapter (decode, call, convert the result with
 /// `outcome`, an expression of [`result_ident`]), the function describing its payload type
 /// (plus `items`, e.g. another describer), and the registration of `definition` with its
@@ -201,7 +219,8 @@ pub fn describer(name: &Ident, ty: &Type, method: &str) -> TokenStream {
 pub fn emit(
     function: &ItemFn,
     kind: &HandlerKind,
-    args: &[Arg],
+    args: &[Type],
+    key_fn: Option<Span>,
     adapter: &Ident,
     outcome_type: TokenStream,
     outcome: TokenStream,
@@ -211,16 +230,16 @@ pub fn emit(
     let p = quote::quote!(::natty_runtime::__private);
     let ident = &function.sig.ident;
     let result = result_ident();
-    let (delivery, bindings, call_args) = bindings(args, kind);
+    let (delivery, bindings, call_args) = bindings(args, kind, key_fn);
     let delivery_type = kind.delivery_type();
-    let payload = args.iter().find_map(|arg| match arg {
-        Arg::Payload(ty) => Some(ty),
-        Arg::Extractor(_) => None,
-    });
-    let describe = format_ident!("__natty_payload");
-    let (describer, payload_setter) = match payload {
-        Some(ty) => (describer(&describe, ty, "describe"), quote::quote!(.payload(#describe))),
-        None => (TokenStream::new(), TokenStream::new()),
+    let (describer, payload_setter) = if kind.describes_payload {
+        let describe = format_ident!("__natty_payload");
+        (
+            payload_describer(&describe, args),
+            quote::quote!(.payload_probe(#describe)),
+        )
+    } else {
+        (TokenStream::new(), TokenStream::new())
     };
     quote::quote! {
         #function

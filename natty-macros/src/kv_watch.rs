@@ -12,11 +12,9 @@ const KEYS: &[&str] = &["bucket", "key", "history"];
 
 const KV_WATCH: HandlerKind = HandlerKind {
     what: "a #[kv_watch] handler",
-    extractors: &[],
-    decode: "decode_kv_change",
-    from_trait: "FromKvDelivery",
     undecodable: "CoreOutcome::Undecodable",
     delivery_type: "KvDelivery",
+    describes_payload: true,
 };
 
 pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
@@ -78,6 +76,7 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         &function,
         &KV_WATCH,
         &handler_args,
+        None,
         &adapter,
         quote!(#p::CoreOutcome),
         outcome,

@@ -6,18 +6,16 @@ use syn::spanned::Spanned;
 use syn::{ItemFn, LitStr};
 
 use crate::attr::{self, Errors, Slot};
-use crate::handler::{self, Arg, HandlerKind};
+use crate::handler::{self, HandlerKind};
 
 const KEYS: &[&str] = &["bucket", "key", "ttl"];
 
 const LEADER: HandlerKind = HandlerKind {
     what: "a #[leader] task",
-    extractors: &["Lease"],
-    // Never used: a leader task has no payload, which `expand` reports.
-    decode: "decode",
-    from_trait: "FromLease",
+    // Never used: nothing a leader task takes can fail to build.
     undecodable: "Outcome::Undecodable",
     delivery_type: "Lease",
+    describes_payload: false,
 };
 
 /// Leases shorter than this cannot be kept: the server counts TTLs in whole seconds.
@@ -63,15 +61,8 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
             return quote!(#item #error);
         }
     };
+    // Anything but a `Lease` (a payload, say) is refused by trait: no message reaches a leader.
     let handler_args = handler::signature(&function, &mut errors, &LEADER);
-    for arg in &handler_args {
-        if let Arg::Payload(ty) = arg {
-            errors.spanned(
-                ty,
-                "a #[leader] task takes no message: its only argument can be a `natty_runtime::Lease`",
-            );
-        }
-    }
     for required in ["bucket", "key"] {
         if !seen.iter().any(|seen| seen == required) {
             errors.push(syn::Error::new(
@@ -105,11 +96,11 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         &function,
         &LEADER,
         &handler_args,
+        None,
         &adapter,
         quote!(#p::Outcome),
         outcome,
         quote!(#p::LeaderDef::new(#name, #bucket, #key, #ttl, #adapter)),
-        // Payload arguments were refused above: no payload description is emitted.
         TokenStream::new(),
     )
 }

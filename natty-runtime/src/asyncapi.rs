@@ -89,7 +89,7 @@ impl Runtime {
                 name: def.name,
                 summary,
                 addresses: self.stream_addresses(def.stream, def.subjects),
-                payload: def.payload,
+                payload: def.payload_description(),
                 reply: None,
                 natty: json!({
                     "kind": "consumer",
@@ -108,7 +108,7 @@ impl Runtime {
                     def.name, def.stream, def.durable, def.location
                 ),
                 addresses: self.stream_addresses(def.stream, def.subjects),
-                payload: def.payload,
+                payload: def.payload.map(|describe| describe()),
                 reply: None,
                 natty: json!({
                     "kind": "capture",
@@ -131,7 +131,7 @@ impl Runtime {
                 name: def.name,
                 summary: format!("{kind} `{}`{queue}, declared at {}", def.name, def.location),
                 addresses: vec![Address::subject(def.subject)],
-                payload: def.payload,
+                payload: def.payload_description(),
                 reply,
                 natty: json!({
                     "kind": kind,
@@ -148,7 +148,7 @@ impl Runtime {
                     def.name, def.bucket, def.key, def.location
                 ),
                 addresses: vec![Address::subject(&format!("$KV.{}.{}", def.bucket, def.key))],
-                payload: def.payload,
+                payload: def.payload_description(),
                 reply: None,
                 natty: json!({
                     "kind": "kv_watch",
@@ -304,7 +304,7 @@ struct Receive {
     name: &'static str,
     summary: String,
     addresses: Vec<Address>,
-    payload: Option<fn() -> PayloadDescription>,
+    payload: Option<PayloadDescription>,
     reply: Option<fn() -> PayloadDescription>,
     natty: Value,
 }
@@ -323,7 +323,7 @@ struct Document {
 
 impl Document {
     fn receive(&mut self, receive: Receive) {
-        let message = receive.payload.map(|describe| self.message(describe()));
+        let message = receive.payload.map(|payload| self.message(payload));
         let reply = receive.reply.map(|describe| self.message(describe()));
         let several = receive.addresses.len() > 1;
         for address in &receive.addresses {
@@ -566,6 +566,43 @@ pub trait DescribeUnknown {
 impl<T> DescribeUnknown for Probe<T> {
     fn describe(&self) -> PayloadDescription {
         unknown::<T>("natty cannot decode this type")
+    }
+}
+
+/// A handler argument that is a KV watch's change: its value's payload. Not part of the API.
+pub trait ArgKvValue {
+    /// Describes the payload this argument stands for.
+    fn describe_arg(&self) -> Option<PayloadDescription>;
+}
+
+impl<T: DecodePayload> ArgKvValue for &&Probe<KvChange<T>> {
+    fn describe_arg(&self) -> Option<PayloadDescription> {
+        Some(describe::<T>())
+    }
+}
+
+/// A handler argument that is a decodable payload. Not part of the API.
+pub trait ArgDecoded {
+    /// Describes the payload this argument stands for.
+    fn describe_arg(&self) -> Option<PayloadDescription>;
+}
+
+impl<T: DecodePayload> ArgDecoded for &Probe<T> {
+    fn describe_arg(&self) -> Option<PayloadDescription> {
+        Some(describe::<T>())
+    }
+}
+
+/// Any other handler argument: one the runtime provides, or one the handler's own
+/// compilation refuses (reported there, once). Not part of the API.
+pub trait ArgOther {
+    /// Describes the payload this argument stands for: none.
+    fn describe_arg(&self) -> Option<PayloadDescription>;
+}
+
+impl<T> ArgOther for Probe<T> {
+    fn describe_arg(&self) -> Option<PayloadDescription> {
+        None
     }
 }
 

@@ -74,6 +74,7 @@ pub struct ConsumerDef {
     pub(crate) handler: HandlerFn,
     pub(crate) location: Location,
     pub(crate) payload: Option<fn() -> crate::payload::PayloadDescription>,
+    pub(crate) payload_probe: Option<fn() -> Option<crate::payload::PayloadDescription>>,
 }
 
 impl std::fmt::Debug for ConsumerDef {
@@ -113,6 +114,7 @@ impl ConsumerDef {
             handler,
             location: Location::UNKNOWN,
             payload: None,
+            payload_probe: None,
         }
     }
 
@@ -227,6 +229,23 @@ impl ConsumerDef {
     pub const fn payload(mut self, describe: fn() -> crate::payload::PayloadDescription) -> Self {
         self.payload = Some(describe);
         self
+    }
+
+    /// What generated code registers: a function describing whichever argument is the
+    /// payload, if any is.
+    #[doc(hidden)]
+    pub const fn payload_probe(mut self, describe: fn() -> Option<crate::payload::PayloadDescription>) -> Self {
+        self.payload_probe = Some(describe);
+        self
+    }
+
+    /// The payload's description, as registered.
+    pub(crate) fn payload_description(&self) -> Option<crate::payload::PayloadDescription> {
+        match (self.payload, self.payload_probe) {
+            (Some(describe), _) => Some(describe()),
+            (None, Some(probe)) => probe(),
+            (None, None) => None,
+        }
     }
 
     /// The dead-letter subject in force.

@@ -50,6 +50,7 @@ pub struct SubscriptionDef {
     pub(crate) handler: CoreHandlerFn,
     pub(crate) location: Location,
     pub(crate) payload: Option<fn() -> crate::payload::PayloadDescription>,
+    pub(crate) payload_probe: Option<fn() -> Option<crate::payload::PayloadDescription>>,
     pub(crate) reply: Option<fn() -> crate::payload::PayloadDescription>,
 }
 
@@ -77,6 +78,7 @@ impl SubscriptionDef {
             handler,
             location: Location::UNKNOWN,
             payload: None,
+            payload_probe: None,
             reply: None,
         }
     }
@@ -93,6 +95,7 @@ impl SubscriptionDef {
             handler,
             location: Location::UNKNOWN,
             payload: None,
+            payload_probe: None,
             reply: None,
         }
     }
@@ -121,6 +124,23 @@ impl SubscriptionDef {
     pub const fn payload(mut self, describe: fn() -> crate::payload::PayloadDescription) -> Self {
         self.payload = Some(describe);
         self
+    }
+
+    /// What generated code registers: a function describing whichever argument is the
+    /// payload, if any is.
+    #[doc(hidden)]
+    pub const fn payload_probe(mut self, describe: fn() -> Option<crate::payload::PayloadDescription>) -> Self {
+        self.payload_probe = Some(describe);
+        self
+    }
+
+    /// The payload's description, as registered.
+    pub(crate) fn payload_description(&self) -> Option<crate::payload::PayloadDescription> {
+        match (self.payload, self.payload_probe) {
+            (Some(describe), _) => Some(describe()),
+            (None, Some(probe)) => probe(),
+            (None, None) => None,
+        }
     }
 
     /// Records a `#[service]`'s reply type, for the AsyncAPI document
@@ -193,12 +213,6 @@ impl FromCoreDelivery for Envelope {
             client: delivery.client.clone(),
         }
     }
-}
-
-/// Decodes a core message's payload for a generated adapter.
-#[doc(hidden)]
-pub fn decode_core_payload<T: DecodePayload>(delivery: &CoreDelivery) -> Result<T, DecodeError> {
-    crate::payload::decode(delivery.headers.as_ref(), &delivery.payload)
 }
 
 /// How a core handler ended.

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use crate::error::BoxError;
-use crate::payload::{DecodeError, DecodePayload, EncodePayload, Payload};
+use crate::payload::{DecodeError, EncodePayload, Payload};
 use crate::publish::{Client, PublishAck, PublishError};
 use async_nats::{HeaderMap, Subject};
 
@@ -262,12 +262,6 @@ impl FromDelivery for Context {
             shared: delivery.shared.clone(),
         }
     }
-}
-
-/// Decodes the payload for a generated adapter.
-#[doc(hidden)]
-pub fn decode_payload<T: DecodePayload>(delivery: &Delivery) -> Result<T, DecodeError> {
-    crate::payload::decode(delivery.headers.as_deref(), &delivery.payload)
 }
 
 /// How a delivery ended, as the runtime settles it with the server.

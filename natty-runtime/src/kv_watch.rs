@@ -28,6 +28,7 @@ pub struct KvWatchDef {
     pub(crate) handler: KvHandlerFn,
     pub(crate) location: Location,
     pub(crate) payload: Option<fn() -> crate::payload::PayloadDescription>,
+    pub(crate) payload_probe: Option<fn() -> Option<crate::payload::PayloadDescription>>,
 }
 
 impl KvWatchDef {
@@ -41,6 +42,7 @@ impl KvWatchDef {
             handler,
             location: Location::UNKNOWN,
             payload: None,
+            payload_probe: None,
         }
     }
 
@@ -62,6 +64,23 @@ impl KvWatchDef {
     pub const fn payload(mut self, describe: fn() -> crate::payload::PayloadDescription) -> Self {
         self.payload = Some(describe);
         self
+    }
+
+    /// What generated code registers: a function describing whichever argument is the
+    /// payload, if any is.
+    #[doc(hidden)]
+    pub const fn payload_probe(mut self, describe: fn() -> Option<crate::payload::PayloadDescription>) -> Self {
+        self.payload_probe = Some(describe);
+        self
+    }
+
+    /// The payload's description, as registered.
+    pub(crate) fn payload_description(&self) -> Option<crate::payload::PayloadDescription> {
+        match (self.payload, self.payload_probe) {
+            (Some(describe), _) => Some(describe()),
+            (None, Some(probe)) => probe(),
+            (None, None) => None,
+        }
     }
 
     /// The handler's name.
@@ -111,9 +130,16 @@ pub struct KvDelivery {
 pub trait FromKvEntry: Sized {
     /// Decodes the entry.
     fn from_entry(delivery: &KvDelivery) -> Result<Self, DecodeError>;
+
+    /// The value's payload, for the AsyncAPI document.
+    fn describe() -> crate::payload::PayloadDescription;
 }
 
 impl<T: DecodePayload> FromKvEntry for KvChange<T> {
+    fn describe() -> crate::payload::PayloadDescription {
+        crate::payload::describe_payload::<T>()
+    }
+
     fn from_entry(delivery: &KvDelivery) -> Result<Self, DecodeError> {
         let entry = &delivery.entry;
         let operation = match entry.operation {
@@ -133,12 +159,6 @@ impl<T: DecodePayload> FromKvEntry for KvChange<T> {
             value,
         })
     }
-}
-
-/// Decodes an entry for a generated adapter.
-#[doc(hidden)]
-pub fn decode_kv_change<T: FromKvEntry>(delivery: &KvDelivery) -> Result<T, DecodeError> {
-    T::from_entry(delivery)
 }
 
 /// Extractors of a `#[kv_watch]` handler: none yet; the trait keeps the macros uniform.

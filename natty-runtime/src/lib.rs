@@ -29,6 +29,7 @@
 //! Delivery is at-least-once: a message is acked only after its handler returned `Ok`; an
 //! error naks it for redelivery; a payload that cannot be decoded is terminated and logged.
 
+mod args;
 mod asyncapi;
 #[cfg(feature = "capture")]
 pub mod capture;
@@ -144,21 +145,24 @@ pub fn init_logging() {
 /// Used by the code the macros generate. Not part of the API.
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::args::{
+        arg, AtMostOne, HandlerArg, HoldsPayload, KeyArg, KeyTakes, OneMore, TwoPayloads, ViaParts, ViaPayload,
+    };
     pub use crate::asyncapi::schema::protobuf as protobuf_schema;
     pub use crate::asyncapi::{
-        DescribeDecoded, DescribeDecodedReply, DescribeEncodedReply, DescribeKvValue, DescribeUnknown,
-        DescribeUnknownReply, Probe,
+        ArgDecoded, ArgKvValue, ArgOther, DescribeDecoded, DescribeDecodedReply, DescribeEncodedReply, DescribeKvValue,
+        DescribeUnknown, DescribeUnknownReply, Probe,
     };
     #[cfg(feature = "capture")]
     pub use crate::capture;
     pub use crate::consumer::{hash_key, ConsumerDef, Deliver, HandlerFn, OrderBy};
     pub use crate::core_nats::{
-        decode_core_payload, CoreDelivery, CoreHandlerFn, CoreOutcome, FromCoreDelivery, IntoReply, SubscriptionDef,
+        CoreDelivery, CoreHandlerFn, CoreOutcome, FromCoreDelivery, IntoReply, SubscriptionDef,
     };
     pub use crate::error::BoxError;
-    pub use crate::handler::{decode_payload, Delivery, FromDelivery, IntoOutcome, Outcome};
+    pub use crate::handler::{Delivery, FromDelivery, IntoOutcome, Outcome};
     pub use crate::kv::KvBucketDef;
-    pub use crate::kv_watch::{decode_kv_change, FromKvDelivery, KvDelivery, KvHandlerFn, KvWatchDef};
+    pub use crate::kv_watch::{FromKvDelivery, KvDelivery, KvHandlerFn, KvWatchDef};
     pub use crate::leader::{FromLease, LeaderDef, LeaderFn, Lease};
     pub use crate::object_store::ObjectStoreDef;
     pub use crate::payload::decode;
