@@ -437,7 +437,8 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
             "csv" => quote!(Csv),
             "parquet" => quote!(Parquet),
             "raw" => quote!(Raw),
-            _ => quote!(Ndjson),
+            "ndjson" => quote!(Ndjson),
+            other => unreachable!("format `{other}` was checked when parsed"),
         };
         setters.push(quote!(.format(#p::capture::BlockFormat::#variant)));
     }
@@ -445,7 +446,8 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         let variant = match compression.as_str() {
             "gzip" => quote!(Gzip),
             "zstd" => quote!(Zstd),
-            _ => quote!(None),
+            "none" => quote!(None),
+            other => unreachable!("compression `{other}` was checked when parsed"),
         };
         setters.push(quote!(.compression(#p::capture::Compression::#variant)));
     }
@@ -484,6 +486,7 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     quote! {
         #function
 
+        ::natty_runtime::__natty_capture! {
         #[doc(hidden)]
         #[allow(non_snake_case)]
         fn #adapter(
@@ -504,6 +507,7 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
                 #(#setters)*
                 .payload(#describe)
                 .at(#p::Location { file: ::core::file!(), line: ::core::line!(), module: ::core::module_path!() })
+        }
         }
     }
 }

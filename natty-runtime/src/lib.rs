@@ -142,6 +142,29 @@ pub fn init_logging() {
     telemetry::logging::init();
 }
 
+/// What `#[capture]` generates goes through here: as it is with the `capture` feature, and
+/// as a compile error that says to enable it without.
+#[doc(hidden)]
+#[cfg(feature = "capture")]
+#[macro_export]
+macro_rules! __natty_capture {
+    ($($generated:tt)*) => { $($generated)* };
+}
+
+/// What `#[capture]` generates goes through here: as it is with the `capture` feature, and
+/// as a compile error that says to enable it without.
+#[doc(hidden)]
+#[cfg(not(feature = "capture"))]
+#[macro_export]
+macro_rules! __natty_capture {
+    ($($generated:tt)*) => {
+        ::core::compile_error!(
+            "#[capture] needs natty-runtime's `capture` feature: \
+             natty-runtime = { version = \"...\", features = [\"capture\"] } in Cargo.toml"
+        );
+    };
+}
+
 /// Used by the code the macros generate. Not part of the API.
 #[doc(hidden)]
 pub mod __private {
