@@ -16,6 +16,8 @@
 //! | `NATTY_DRAIN_TIMEOUT` | how long in-flight handlers may run after a shutdown signal | `30s` |
 //! | `NATTY_CAPTURE_DRAIN_TIMEOUT` | how long open capture blocks may take to be stored after a shutdown signal | `60s` |
 //! | `NATTY_CONNECT_TIMEOUT` | how long one connection attempt may take | `5s` |
+//! | `NATTY_STREAM_LEADER_TIMEOUT` | how long startup waits for each consumed stream to have a leader | `30s` |
+//! | `NATTY_STORE_MAX_RETRIES`, `NATTY_STORE_RETRY_TIMEOUT` | retries of one S3/Azure request by a capture's store (read when the store opens) | `10`, `3m` |
 //! | `NATTY_METRICS_ADDR` | where to serve `/metrics` (Prometheus), `/healthz` and `/readyz`, e.g. `0.0.0.0:9090` | not served |
 //! | `NATTY_LOG_FORMAT` | `text` or `json` lines on stderr (read by [`crate::run`]'s logging; `RUST_LOG` filters) | `text` |
 //! | `NATTY_DEV_PORT` | port of the development server | `4222` |
