@@ -89,7 +89,7 @@ impl Runtime {
                 name: def.name,
                 summary,
                 addresses: self.stream_addresses(def.stream, def.subjects),
-                payload: def.payload_description(),
+                payload: def.payload.describe(),
                 reply: None,
                 natty: json!({
                     "kind": "consumer",
@@ -131,7 +131,7 @@ impl Runtime {
                 name: def.name,
                 summary: format!("{kind} `{}`{queue}, declared at {}", def.name, def.location),
                 addresses: vec![Address::subject(def.subject)],
-                payload: def.payload_description(),
+                payload: def.payload.describe(),
                 reply,
                 natty: json!({
                     "kind": kind,
@@ -148,7 +148,7 @@ impl Runtime {
                     def.name, def.bucket, def.key, def.location
                 ),
                 addresses: vec![Address::subject(&format!("$KV.{}.{}", def.bucket, def.key))],
-                payload: def.payload_description(),
+                payload: def.payload.describe(),
                 reply: None,
                 natty: json!({
                     "kind": "kv_watch",

@@ -73,8 +73,7 @@ pub struct ConsumerDef {
     pub(crate) while_leading: Option<(&'static str, &'static str)>,
     pub(crate) handler: HandlerFn,
     pub(crate) location: Location,
-    pub(crate) payload: Option<fn() -> crate::payload::PayloadDescription>,
-    pub(crate) payload_probe: Option<fn() -> Option<crate::payload::PayloadDescription>>,
+    pub(crate) payload: crate::payload::PayloadSource,
 }
 
 impl std::fmt::Debug for ConsumerDef {
@@ -113,8 +112,7 @@ impl ConsumerDef {
             while_leading: None,
             handler,
             location: Location::UNKNOWN,
-            payload: None,
-            payload_probe: None,
+            payload: crate::payload::PayloadSource::Unknown,
         }
     }
 
@@ -227,7 +225,7 @@ impl ConsumerDef {
     /// ([`Runtime::asyncapi`](crate::Runtime::asyncapi)); the macros set it. By hand:
     /// `.payload(natty_runtime::__private::describe_payload::<MyPayload>)`.
     pub const fn payload(mut self, describe: fn() -> crate::payload::PayloadDescription) -> Self {
-        self.payload = Some(describe);
+        self.payload = crate::payload::PayloadSource::Given(describe);
         self
     }
 
@@ -235,17 +233,8 @@ impl ConsumerDef {
     /// payload, if any is.
     #[doc(hidden)]
     pub const fn payload_probe(mut self, describe: fn() -> Option<crate::payload::PayloadDescription>) -> Self {
-        self.payload_probe = Some(describe);
+        self.payload = crate::payload::PayloadSource::Probed(describe);
         self
-    }
-
-    /// The payload's description, as registered.
-    pub(crate) fn payload_description(&self) -> Option<crate::payload::PayloadDescription> {
-        match (self.payload, self.payload_probe) {
-            (Some(describe), _) => Some(describe()),
-            (None, Some(probe)) => probe(),
-            (None, None) => None,
-        }
     }
 
     /// The dead-letter subject in force.

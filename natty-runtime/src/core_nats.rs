@@ -49,8 +49,7 @@ pub struct SubscriptionDef {
     pub(crate) kind: CoreKind,
     pub(crate) handler: CoreHandlerFn,
     pub(crate) location: Location,
-    pub(crate) payload: Option<fn() -> crate::payload::PayloadDescription>,
-    pub(crate) payload_probe: Option<fn() -> Option<crate::payload::PayloadDescription>>,
+    pub(crate) payload: crate::payload::PayloadSource,
     pub(crate) reply: Option<fn() -> crate::payload::PayloadDescription>,
 }
 
@@ -77,8 +76,7 @@ impl SubscriptionDef {
             kind: CoreKind::Subscribe,
             handler,
             location: Location::UNKNOWN,
-            payload: None,
-            payload_probe: None,
+            payload: crate::payload::PayloadSource::Unknown,
             reply: None,
         }
     }
@@ -94,8 +92,7 @@ impl SubscriptionDef {
             kind: CoreKind::Service,
             handler,
             location: Location::UNKNOWN,
-            payload: None,
-            payload_probe: None,
+            payload: crate::payload::PayloadSource::Unknown,
             reply: None,
         }
     }
@@ -122,7 +119,7 @@ impl SubscriptionDef {
     /// ([`Runtime::asyncapi`](crate::Runtime::asyncapi)); the macros set it. By hand:
     /// `.payload(natty_runtime::__private::describe_payload::<MyPayload>)`.
     pub const fn payload(mut self, describe: fn() -> crate::payload::PayloadDescription) -> Self {
-        self.payload = Some(describe);
+        self.payload = crate::payload::PayloadSource::Given(describe);
         self
     }
 
@@ -130,17 +127,8 @@ impl SubscriptionDef {
     /// payload, if any is.
     #[doc(hidden)]
     pub const fn payload_probe(mut self, describe: fn() -> Option<crate::payload::PayloadDescription>) -> Self {
-        self.payload_probe = Some(describe);
+        self.payload = crate::payload::PayloadSource::Probed(describe);
         self
-    }
-
-    /// The payload's description, as registered.
-    pub(crate) fn payload_description(&self) -> Option<crate::payload::PayloadDescription> {
-        match (self.payload, self.payload_probe) {
-            (Some(describe), _) => Some(describe()),
-            (None, Some(probe)) => probe(),
-            (None, None) => None,
-        }
     }
 
     /// Records a `#[service]`'s reply type, for the AsyncAPI document

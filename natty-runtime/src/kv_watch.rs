@@ -27,8 +27,7 @@ pub struct KvWatchDef {
     pub(crate) history: bool,
     pub(crate) handler: KvHandlerFn,
     pub(crate) location: Location,
-    pub(crate) payload: Option<fn() -> crate::payload::PayloadDescription>,
-    pub(crate) payload_probe: Option<fn() -> Option<crate::payload::PayloadDescription>>,
+    pub(crate) payload: crate::payload::PayloadSource,
 }
 
 impl KvWatchDef {
@@ -41,8 +40,7 @@ impl KvWatchDef {
             history: false,
             handler,
             location: Location::UNKNOWN,
-            payload: None,
-            payload_probe: None,
+            payload: crate::payload::PayloadSource::Unknown,
         }
     }
 
@@ -62,7 +60,7 @@ impl KvWatchDef {
     /// ([`Runtime::asyncapi`](crate::Runtime::asyncapi)); the macros set it. By hand:
     /// `.payload(natty_runtime::__private::describe_payload::<MyPayload>)`.
     pub const fn payload(mut self, describe: fn() -> crate::payload::PayloadDescription) -> Self {
-        self.payload = Some(describe);
+        self.payload = crate::payload::PayloadSource::Given(describe);
         self
     }
 
@@ -70,17 +68,8 @@ impl KvWatchDef {
     /// payload, if any is.
     #[doc(hidden)]
     pub const fn payload_probe(mut self, describe: fn() -> Option<crate::payload::PayloadDescription>) -> Self {
-        self.payload_probe = Some(describe);
+        self.payload = crate::payload::PayloadSource::Probed(describe);
         self
-    }
-
-    /// The payload's description, as registered.
-    pub(crate) fn payload_description(&self) -> Option<crate::payload::PayloadDescription> {
-        match (self.payload, self.payload_probe) {
-            (Some(describe), _) => Some(describe()),
-            (None, Some(probe)) => probe(),
-            (None, None) => None,
-        }
     }
 
     /// The handler's name.

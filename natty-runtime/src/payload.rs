@@ -155,6 +155,31 @@ pub struct PayloadDescription {
     pub schema: serde_json::Value,
 }
 
+/// How a handler's definition describes its payload for the AsyncAPI document: given by hand
+/// (`.payload(describe_payload::<T>)`), or probed from the handler's arguments by generated
+/// code, which cannot tell which argument is the payload.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) enum PayloadSource {
+    /// Not described.
+    #[default]
+    Unknown,
+    /// Described by this function.
+    Given(fn() -> PayloadDescription),
+    /// Described by this function when the handler takes a payload.
+    Probed(fn() -> Option<PayloadDescription>),
+}
+
+impl PayloadSource {
+    /// The description, if there is one.
+    pub(crate) fn describe(self) -> Option<PayloadDescription> {
+        match self {
+            PayloadSource::Unknown => None,
+            PayloadSource::Given(describe) => Some(describe()),
+            PayloadSource::Probed(probe) => probe(),
+        }
+    }
+}
+
 /// The [`PayloadDescription`] of a payload type `T`.
 #[doc(hidden)]
 pub fn describe_payload<T: DecodePayload>() -> PayloadDescription {
