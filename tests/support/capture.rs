@@ -12,23 +12,57 @@ use object_store::ObjectStoreExt as _;
 use crate::Reading;
 
 /// Publishes `readings.<sensor>` for each id, up to 512 acks in flight, and checks every ack.
+/// Each carries an idempotency key, so an ack that does not come in time (a loaded machine
+/// running every test at once) is asked for again without storing the reading twice.
 pub async fn publish_readings(client: &async_nats::Client, ids: impl IntoIterator<Item = u64>, sensors: u64) {
     let js = async_nats::jetstream::new(client.clone());
+    let send = |id: u64| {
+        let js = js.clone();
+        async move {
+            let reading = Reading::new(id, sensors);
+            let payload = serde_json::to_vec(&reading).expect("encode");
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, format!("reading-{id}").as_str());
+            let ack = js
+                .publish_with_headers(format!("readings.{}", reading.sensor), headers, payload.into())
+                .await
+                .expect("publish");
+            (id, ack.await)
+        }
+    };
     let mut in_flight = FuturesUnordered::new();
+    let settle = |id: u64, ack: Result<_, async_nats::jetstream::context::PublishError>| {
+        use async_nats::jetstream::context::PublishErrorKind;
+        match ack {
+            Ok(_) => None,
+            Err(error) if error.kind() == PublishErrorKind::TimedOut => Some(id),
+            Err(error) => panic!("publish ack of reading {id}: {error}"),
+        }
+    };
+    let mut late = Vec::new();
     for id in ids {
-        let reading = Reading::new(id, sensors);
-        let payload = serde_json::to_vec(&reading).expect("encode");
-        let ack = js
-            .publish(format!("readings.{}", reading.sensor), payload.into())
-            .await
-            .expect("publish");
-        in_flight.push(std::future::IntoFuture::into_future(ack));
+        in_flight.push(send(id));
         if in_flight.len() >= 512 {
-            in_flight.next().await.expect("pending ack").expect("publish ack");
+            let (id, ack) = in_flight.next().await.expect("pending ack");
+            late.extend(settle(id, ack));
         }
     }
-    while let Some(ack) = in_flight.next().await {
-        ack.expect("publish ack");
+    while let Some((id, ack)) = in_flight.next().await {
+        late.extend(settle(id, ack));
+    }
+    for id in late {
+        let mut attempts = 1;
+        loop {
+            let (_, ack) = send(id).await;
+            match ack {
+                Ok(_) => break,
+                Err(error) if attempts < 5 => {
+                    attempts += 1;
+                    eprintln!("publish ack of reading {id}: {error}; asking again");
+                }
+                Err(error) => panic!("publish ack of reading {id} after {attempts} attempts: {error}"),
+            }
+        }
     }
 }
 
