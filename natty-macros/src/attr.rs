@@ -6,6 +6,55 @@ use quote::ToTokens;
 use syn::meta::ParseNestedMeta;
 use syn::{Expr, ExprArray, ExprLit, Lit, LitStr};
 
+thread_local! {
+    /// The path of natty-runtime named by a `crate = "..."` key of the expansion under way.
+    static CRATE: std::cell::RefCell<Option<syn::Path>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Forgets the `crate` key of an earlier expansion: the first thing every macro does (the
+/// compiler may expand many on one thread).
+pub fn start_expansion() {
+    CRATE.with(|path| *path.borrow_mut() = None);
+}
+
+/// natty-runtime as the user's crate names it: `::natty_runtime`, or the path of a
+/// `crate = "..."` key (a dependency renamed in Cargo.toml, or a re-export), as serde's
+/// `#[serde(crate = "...")]`.
+pub fn runtime() -> TokenStream {
+    CRATE.with(|path| match &*path.borrow() {
+        Some(path) => path.to_token_stream(),
+        None => quote::quote!(::natty_runtime),
+    })
+}
+
+/// The module of natty-runtime everything generated code names lives in.
+pub fn private() -> TokenStream {
+    let runtime = runtime();
+    quote::quote!(#runtime::__private)
+}
+
+/// Reads a `crate = "path"` key: any macro takes it, before its own keys.
+fn crate_key(meta: &ParseNestedMeta) -> syn::Result<Result<(), syn::Error>> {
+    let lit = lit_str(meta)?;
+    let path = match lit.parse::<syn::Path>() {
+        Ok(path) => path,
+        Err(_) => {
+            return Ok(Err(syn::Error::new(
+                lit.span(),
+                "`crate` names the path of natty-runtime, e.g. crate = \"natty\" for a dependency renamed `natty`",
+            )))
+        }
+    };
+    Ok(CRATE.with(|slot| {
+        let mut slot = slot.borrow_mut();
+        if slot.is_some() {
+            return Err(syn::Error::new(lit.span(), "`crate` is given twice"));
+        }
+        *slot = Some(path);
+        Ok(())
+    }))
+}
+
 /// Collects every error instead of stopping at the first, like serde_derive's `Ctxt`.
 #[derive(Default)]
 pub struct Errors(Option<syn::Error>);
@@ -75,7 +124,12 @@ pub fn parse_keys(
     let parser = syn::meta::parser(|meta| {
         let name = meta.path.to_token_stream().to_string().replace(' ', "");
         seen.push(name.clone());
-        match key(&name, &meta)? {
+        let parsed = if name == "crate" {
+            crate_key(&meta)?
+        } else {
+            key(&name, &meta)?
+        };
+        match parsed {
             Ok(()) => Ok(()),
             Err(invalid) => {
                 errors.push(invalid);

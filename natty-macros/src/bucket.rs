@@ -197,7 +197,7 @@ fn expand(kind: Kind, args: TokenStream, item: TokenStream) -> TokenStream {
         return quote!(#item_tokens #error);
     }
 
-    let p = quote!(::natty_runtime::__private);
+    let p = attr::private();
     let name = parsed.name.take().map(|lit| lit.value()).unwrap_or_default();
     let mut setters = Vec::new();
     if let Some(value) = parsed.history.take() {

@@ -412,7 +412,8 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         return quote!(#item #error);
     }
 
-    let p = quote!(::natty_runtime::__private);
+    let p = attr::private();
+    let runtime = attr::runtime();
     let ident = &function.sig.ident;
     let adapter = format_ident!("__natty_capture_{}", ident);
     let describe = format_ident!("__natty_capture_payload_{}", ident);
@@ -486,7 +487,7 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     quote! {
         #function
 
-        ::natty_runtime::__natty_capture! {
+        #runtime::__natty_capture! {
         #[doc(hidden)]
         #[allow(non_snake_case)]
         fn #adapter(

@@ -301,7 +301,7 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         return quote!(#item #error);
     }
 
-    let p = quote!(::natty_runtime::__private);
+    let p = attr::private();
     let ident = &function.sig.ident;
     let adapter = format_ident!("__natty_consumer_{}", ident);
     let name = ident.to_string();

@@ -101,7 +101,7 @@ pub fn expand(kind: Kind, args: TokenStream, item: TokenStream) -> TokenStream {
         return quote!(#item #error);
     }
 
-    let p = quote!(::natty_runtime::__private);
+    let p = attr::private();
     let ident = &function.sig.ident;
     let adapter = format_ident!("__natty_{}_{}", kind.name(), ident);
     let name = ident.to_string();

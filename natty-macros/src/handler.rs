@@ -23,7 +23,8 @@ pub struct HandlerKind {
 impl HandlerKind {
     fn private(&self, path: &str) -> TokenStream {
         let path: syn::Path = syn::parse_str(path).expect("a valid path");
-        quote::quote!(::natty_runtime::__private::#path)
+        let p = crate::attr::private();
+        quote::quote!(#p::#path)
     }
 
     /// The adapter's parameter type.
@@ -104,7 +105,7 @@ pub fn bindings(args: &[Type], kind: &HandlerKind, key_fn: Option<Span>) -> (Ide
     // Interpolated (call-site) idents: a token written inside `quote_spanned!` would take the
     // user's span and, inside a `macro_rules!`, that macro's hygiene.
     let delivery = format_ident!("__natty_delivery");
-    let p = quote::quote!(::natty_runtime::__private);
+    let p = crate::attr::private();
     let delivery_type = kind.delivery_type();
     let undecodable = kind.private(kind.undecodable);
     let built: Vec<Ident> = (0..args.len()).map(|i| format_ident!("__built{}", i)).collect();
@@ -140,7 +141,7 @@ pub fn bindings(args: &[Type], kind: &HandlerKind, key_fn: Option<Span>) -> (Ide
 /// A check of the built arguments' markers added up (`OneMore`): the sum must implement
 /// `require` (a `__private` trait), reported at its span.
 fn payload_sum(built: &[Ident], (require, span): (&str, Span)) -> TokenStream {
-    let p = quote::quote!(::natty_runtime::__private);
+    let p = crate::attr::private();
     let markers: Vec<Ident> = (0..built.len()).map(|i| format_ident!("M{}", i)).collect();
     let mut bounds = Vec::new();
     let Some(first) = markers.first() else {
@@ -176,7 +177,7 @@ pub fn result_ident() -> Ident {
 /// wrong payload type is reported once, by the adapter, and not again from here. `method` is
 /// `describe` for a payload, `describe_reply` for a service's return type.
 pub fn describer(name: &Ident, ty: &Type, method: &str) -> TokenStream {
-    let p = quote::quote!(::natty_runtime::__private);
+    let p = crate::attr::private();
     let method = Ident::new(method, Span::call_site());
     quote::quote! {
         #[automatically_derived]
@@ -197,7 +198,7 @@ pub fn describer(name: &Ident, ty: &Type, method: &str) -> TokenStream {
 /// runtime's probes: an argument that is not a decodable payload describes nothing (and a
 /// wrong one is reported once, by the adapter, not again from here).
 fn payload_describer(name: &Ident, args: &[Type]) -> TokenStream {
-    let p = quote::quote!(::natty_runtime::__private);
+    let p = crate::attr::private();
     quote::quote! {
         #[automatically_derived]
         // The borrows select the probe's impl (autoref specialization): none is needless.
@@ -227,7 +228,7 @@ pub fn emit(
     definition: TokenStream,
     items: TokenStream,
 ) -> TokenStream {
-    let p = quote::quote!(::natty_runtime::__private);
+    let p = crate::attr::private();
     let ident = &function.sig.ident;
     let result = result_ident();
     let (delivery, bindings, call_args) = bindings(args, kind, key_fn);

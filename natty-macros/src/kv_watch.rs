@@ -58,7 +58,7 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         return quote!(#item #error);
     }
 
-    let p = quote!(::natty_runtime::__private);
+    let p = attr::private();
     let ident = &function.sig.ident;
     let adapter = format_ident!("__natty_kv_watch_{}", ident);
     let name = ident.to_string();

@@ -78,7 +78,7 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         return quote!(#item #error);
     }
 
-    let p = quote!(::natty_runtime::__private);
+    let p = attr::private();
     let ident = &function.sig.ident;
     let adapter = format_ident!("__natty_leader_{}", ident);
     let name = ident.to_string();

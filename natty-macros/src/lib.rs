@@ -4,6 +4,10 @@
 //! the types the generated code refers to. Each macro checks what it can at compile time
 //! (subjects, durable names, durations, the handler's signature) and points its error at the
 //! token at fault; on error it still emits the user's item so IDEs keep working.
+//!
+//! Every macro takes a `crate = "path"` key, for a user crate that renamed natty-runtime in its
+//! Cargo.toml (`natty = { package = "natty-runtime", ... }` then `crate = "natty"`) or reaches it
+//! through a re-export, as `#[serde(crate = "...")]` does for serde.
 
 use proc_macro::TokenStream;
 
@@ -36,6 +40,7 @@ mod stream;
 /// error retries with the backoff; after `max_deliver`, the message goes to the dead-letter subject.
 #[proc_macro_attribute]
 pub fn consumer(args: TokenStream, item: TokenStream) -> TokenStream {
+    attr::start_expansion();
     consumer::expand(args.into(), item.into()).into()
 }
 
@@ -51,6 +56,7 @@ pub fn consumer(args: TokenStream, item: TokenStream) -> TokenStream {
 /// nothing is redelivered (use `#[consumer]` for that).
 #[proc_macro_attribute]
 pub fn subscribe(args: TokenStream, item: TokenStream) -> TokenStream {
+    attr::start_expansion();
     core_nats::expand(core_nats::Kind::Subscribe, args.into(), item.into()).into()
 }
 
@@ -64,6 +70,7 @@ pub fn subscribe(args: TokenStream, item: TokenStream) -> TokenStream {
 /// ```
 #[proc_macro_attribute]
 pub fn service(args: TokenStream, item: TokenStream) -> TokenStream {
+    attr::start_expansion();
     core_nats::expand(core_nats::Kind::Service, args.into(), item.into()).into()
 }
 
@@ -78,6 +85,7 @@ pub fn service(args: TokenStream, item: TokenStream) -> TokenStream {
 /// the current values; default only later changes). The handler takes one `KvChange<T>`.
 #[proc_macro_attribute]
 pub fn kv_watch(args: TokenStream, item: TokenStream) -> TokenStream {
+    attr::start_expansion();
     kv_watch::expand(args.into(), item.into()).into()
 }
 
@@ -94,6 +102,7 @@ pub fn kv_watch(args: TokenStream, item: TokenStream) -> TokenStream {
 /// have), `duplicate_window`, `description`.
 #[proc_macro_attribute]
 pub fn stream(args: TokenStream, item: TokenStream) -> TokenStream {
+    attr::start_expansion();
     stream::expand(args.into(), item.into()).into()
 }
 
@@ -114,6 +123,7 @@ pub fn stream(args: TokenStream, item: TokenStream) -> TokenStream {
 /// for JSON), `format` (`"json"`, the default, through serde; `"protobuf"` through prost).
 #[proc_macro_derive(Payload, attributes(payload))]
 pub fn derive_payload(input: TokenStream) -> TokenStream {
+    attr::start_expansion();
     payload::expand(input.into()).into()
 }
 
@@ -128,6 +138,7 @@ pub fn derive_payload(input: TokenStream) -> TokenStream {
 /// `max_value_size`, `max_bytes`, `storage`, `description`.
 #[proc_macro_attribute]
 pub fn kv_bucket(args: TokenStream, item: TokenStream) -> TokenStream {
+    attr::start_expansion();
     bucket::expand_kv(args.into(), item.into()).into()
 }
 
@@ -142,6 +153,7 @@ pub fn kv_bucket(args: TokenStream, item: TokenStream) -> TokenStream {
 /// `storage`, `ttl`, `description`.
 #[proc_macro_attribute]
 pub fn object_store(args: TokenStream, item: TokenStream) -> TokenStream {
+    attr::start_expansion();
     bucket::expand_object_store(args.into(), item.into()).into()
 }
 
@@ -153,6 +165,7 @@ pub fn object_store(args: TokenStream, item: TokenStream) -> TokenStream {
 /// ```
 #[proc_macro_attribute]
 pub fn leader(args: TokenStream, item: TokenStream) -> TokenStream {
+    attr::start_expansion();
     leader::expand(args.into(), item.into()).into()
 }
 
@@ -173,5 +186,6 @@ pub fn leader(args: TokenStream, item: TokenStream) -> TokenStream {
 /// natty-runtime's `capture` feature.
 #[proc_macro_attribute]
 pub fn capture(args: TokenStream, item: TokenStream) -> TokenStream {
+    attr::start_expansion();
     capture::expand(args.into(), item.into()).into()
 }

@@ -78,7 +78,7 @@ pub fn expand(input: TokenStream) -> TokenStream {
         return error.to_compile_error();
     }
 
-    let p = quote!(::natty_runtime::__private);
+    let p = attr::private();
     let name = &input.ident;
     let name_str = name.to_string();
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
@@ -188,7 +188,7 @@ fn template(lit: &LitStr, input: &DeriveInput, errors: &mut Errors) -> Vec<Piece
 /// exactly one subject token, since field values come from users' data (`"a.b"` or `"*"` would
 /// publish elsewhere than the template says).
 fn subject_body(pieces: &[Piece], template: &str) -> TokenStream {
-    let p = quote!(::natty_runtime::__private);
+    let p = attr::private();
     if pieces.iter().all(|piece| matches!(piece, Piece::Text(_))) {
         let text: String = pieces
             .iter()

@@ -139,7 +139,7 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         return quote!(#item_tokens #error);
     }
 
-    let p = quote!(::natty_runtime::__private);
+    let p = attr::private();
     let name = parsed.name.take().map(|lit| lit.value()).unwrap_or_default();
     let subjects = parsed.subjects.take().unwrap_or_default();
     let mut setters = Vec::new();
