@@ -417,7 +417,7 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     let ident = &function.sig.ident;
     let adapter = format_ident!("__natty_capture_{}", ident);
     let describe = format_ident!("__natty_capture_payload_{}", ident);
-    let describer = handler::describer(&describe, &payload, "describe");
+    let describer = handler::payload_describer(&describe, std::slice::from_ref(&payload));
     let name = ident.to_string();
     let stream = parsed.stream.take().map(|lit| lit.value()).unwrap_or_default();
     let durable = parsed.durable.take().map(|lit| lit.value()).unwrap_or_default();
@@ -506,7 +506,7 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         #p::inventory::submit! {
             #p::capture::CaptureDef::new(#name, #stream, #durable, #store, #adapter, #writers)
                 #(#setters)*
-                .payload(#describe)
+                .payload_probe(#describe)
                 .at(#p::Location { file: ::core::file!(), line: ::core::line!(), module: ::core::module_path!() })
         }
         }

@@ -139,7 +139,7 @@ pub fn expand(kind: Kind, args: TokenStream, item: TokenStream) -> TokenStream {
     let mut items = TokenStream::new();
     if let (Kind::Service, syn::ReturnType::Type(_, ty)) = (kind, &function.sig.output) {
         let describe = format_ident!("__natty_reply");
-        items = handler::describer(&describe, ty, "describe_reply");
+        items = handler::reply_describer(&describe, ty);
         setters.push(quote!(.reply(#describe)));
     }
 

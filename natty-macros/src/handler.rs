@@ -172,24 +172,20 @@ pub fn result_ident() -> Ident {
     format_ident!("__natty_result")
 }
 
-/// A function describing `ty` for the AsyncAPI document, named `name`, through the
-/// runtime's probe: the probe falls back to "unknown" for a type natty cannot decode, so a
-/// wrong payload type is reported once, by the adapter, and not again from here. `method` is
-/// `describe` for a payload, `describe_reply` for a service's return type.
-pub fn describer(name: &Ident, ty: &Type, method: &str) -> TokenStream {
+/// A function describing a `#[service]`'s reply (through its return type `ty`) for the
+/// AsyncAPI document, named `name`, through the runtime's probe: the probe falls back to
+/// "unknown" for a type natty cannot describe, so a wrong return type is reported once, by the
+/// adapter, and not again from here.
+pub fn reply_describer(name: &Ident, ty: &Type) -> TokenStream {
     let p = crate::attr::private();
-    let method = Ident::new(method, Span::call_site());
     quote::quote! {
         #[automatically_derived]
         // The borrows select the probe's impl (autoref specialization): none is needless.
         #[allow(clippy::needless_borrow)]
         fn #name() -> #p::PayloadDescription {
             #[allow(unused_imports)]
-            use #p::{
-                DescribeDecoded as _, DescribeDecodedReply as _, DescribeEncodedReply as _, DescribeKvValue as _,
-                DescribeUnknown as _, DescribeUnknownReply as _,
-            };
-            (&&&#p::Probe::<#ty>::new()).#method()
+            use #p::{DescribeDecodedReply as _, DescribeEncodedReply as _, DescribeUnknownReply as _};
+            (&&&#p::Probe::<#ty>::new()).describe_reply()
         }
     }
 }
@@ -197,7 +193,7 @@ pub fn describer(name: &Ident, ty: &Type, method: &str) -> TokenStream {
 /// A function describing the payload among `args` for the AsyncAPI document, through the
 /// runtime's probes: an argument that is not a decodable payload describes nothing (and a
 /// wrong one is reported once, by the adapter, not again from here).
-fn payload_describer(name: &Ident, args: &[Type]) -> TokenStream {
+pub fn payload_describer(name: &Ident, args: &[Type]) -> TokenStream {
     let p = crate::attr::private();
     quote::quote! {
         #[automatically_derived]

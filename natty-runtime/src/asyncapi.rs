@@ -108,7 +108,7 @@ impl Runtime {
                     def.name, def.stream, def.durable, def.location
                 ),
                 addresses: self.stream_addresses(def.stream, def.subjects),
-                payload: def.payload.map(|describe| describe()),
+                payload: def.payload.describe(),
                 reply: None,
                 natty: json!({
                     "kind": "capture",
@@ -530,45 +530,6 @@ impl<T> Probe<T> {
     }
 }
 
-/// A `#[kv_watch]` handler's `KvChange<T>`: the value type `T`. Not part of the API.
-#[doc(hidden)]
-pub trait DescribeKvValue {
-    /// Describes the payload.
-    fn describe(&self) -> PayloadDescription;
-}
-
-impl<T: DecodePayload> DescribeKvValue for &&Probe<KvChange<T>> {
-    fn describe(&self) -> PayloadDescription {
-        describe::<T>()
-    }
-}
-
-/// A decodable payload type. Not part of the API.
-#[doc(hidden)]
-pub trait DescribeDecoded {
-    /// Describes the payload.
-    fn describe(&self) -> PayloadDescription;
-}
-
-impl<T: DecodePayload> DescribeDecoded for &Probe<T> {
-    fn describe(&self) -> PayloadDescription {
-        describe::<T>()
-    }
-}
-
-/// Any other type (the handler does not compile then). Not part of the API.
-#[doc(hidden)]
-pub trait DescribeUnknown {
-    /// Describes the payload.
-    fn describe(&self) -> PayloadDescription;
-}
-
-impl<T> DescribeUnknown for Probe<T> {
-    fn describe(&self) -> PayloadDescription {
-        unknown::<T>("natty cannot decode this type")
-    }
-}
-
 /// A handler argument that is a KV watch's change: its value's payload. Not part of the API.
 pub trait ArgKvValue {
     /// Describes the payload this argument stands for.
@@ -690,12 +651,14 @@ mod tests {
     // The borrows are the point: each level of reference is one level of the probe.
     #[allow(clippy::needless_borrow)]
     fn probes_pick_the_most_specific_description() {
-        let value = (&&&Probe::<KvChange<Reply>>::new()).describe();
+        let value = (&&&Probe::<KvChange<Reply>>::new()).describe_arg().expect("a KV value");
         assert!(value.type_name.ends_with("Reply"), "{}", value.type_name);
-        let decoded = (&&&Probe::<Reply>::new()).describe();
+        let decoded = (&&&Probe::<Reply>::new()).describe_arg().expect("a payload");
         assert_eq!(decoded.schema["properties"]["total"]["type"], "integer");
-        let unknown = (&&&Probe::<std::rc::Rc<()>>::new()).describe();
-        assert!(unknown.schema["description"].is_string());
+        // What the runtime provides, and a type that cannot be an argument at all (its handler
+        // does not compile), describe no payload.
+        assert!((&&&Probe::<crate::Context>::new()).describe_arg().is_none());
+        assert!((&&&Probe::<std::rc::Rc<()>>::new()).describe_arg().is_none());
 
         let reply = (&&&Probe::<Result<Reply, std::io::Error>>::new()).describe_reply();
         assert!(reply.type_name.ends_with("Reply"));

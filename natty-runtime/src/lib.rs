@@ -173,8 +173,7 @@ pub mod __private {
     };
     pub use crate::asyncapi::schema::protobuf as protobuf_schema;
     pub use crate::asyncapi::{
-        ArgDecoded, ArgKvValue, ArgOther, DescribeDecoded, DescribeDecodedReply, DescribeEncodedReply, DescribeKvValue,
-        DescribeUnknown, DescribeUnknownReply, Probe,
+        ArgDecoded, ArgKvValue, ArgOther, DescribeDecodedReply, DescribeEncodedReply, DescribeUnknownReply, Probe,
     };
     #[cfg(feature = "capture")]
     pub use crate::capture;

@@ -120,7 +120,7 @@ pub struct CaptureDef {
     pub(crate) decode: DecodeFn,
     pub(crate) writers: WritersFn,
     pub(crate) location: Location,
-    pub(crate) payload: Option<fn() -> crate::payload::PayloadDescription>,
+    pub(crate) payload: crate::payload::PayloadSource,
 }
 
 impl std::fmt::Debug for CaptureDef {
@@ -170,7 +170,7 @@ impl CaptureDef {
             decode,
             writers,
             location: Location::UNKNOWN,
-            payload: None,
+            payload: crate::payload::PayloadSource::Unknown,
         }
     }
 
@@ -263,7 +263,15 @@ impl CaptureDef {
     /// ([`Runtime::asyncapi`](crate::Runtime::asyncapi)); the macro sets it. By hand:
     /// `.payload(natty_runtime::__private::describe_payload::<MyRecord>)`.
     pub const fn payload(mut self, describe: fn() -> crate::payload::PayloadDescription) -> Self {
-        self.payload = Some(describe);
+        self.payload = crate::payload::PayloadSource::Given(describe);
+        self
+    }
+
+    /// What generated code registers: a function describing the records' type, when natty
+    /// can decode it.
+    #[doc(hidden)]
+    pub const fn payload_probe(mut self, describe: fn() -> Option<crate::payload::PayloadDescription>) -> Self {
+        self.payload = crate::payload::PayloadSource::Probed(describe);
         self
     }
 
