@@ -11,7 +11,7 @@
 
 use crate::core_nats::{CoreDelivery, FromCoreDelivery};
 use crate::handler::{Delivery, FromDelivery};
-use crate::kv_watch::{FromKvDelivery, FromKvEntry, KvDelivery};
+use crate::kv_watch::{FromKvEntry, KvDelivery};
 use crate::payload::{DecodeError, DecodePayload};
 
 /// Marker: the argument is the message's payload, decoded.
@@ -86,12 +86,6 @@ impl<T: FromCoreDelivery> HandlerArg<CoreDelivery, ViaParts> for T {
 impl<T: FromKvEntry> HandlerArg<KvDelivery, ViaPayload> for T {
     fn from_delivery(delivery: &KvDelivery) -> Result<Self, DecodeError> {
         T::from_entry(delivery)
-    }
-}
-
-impl<T: FromKvDelivery> HandlerArg<KvDelivery, ViaParts> for T {
-    fn from_delivery(delivery: &KvDelivery) -> Result<Self, DecodeError> {
-        Ok(<T as FromKvDelivery>::from_delivery(delivery))
     }
 }
 

@@ -150,13 +150,6 @@ impl<T: DecodePayload> FromKvEntry for KvChange<T> {
     }
 }
 
-/// Extractors of a `#[kv_watch]` handler: none yet; the trait keeps the macros uniform.
-#[doc(hidden)]
-pub trait FromKvDelivery: Sized {
-    /// Builds the argument.
-    fn from_delivery(delivery: &KvDelivery) -> Self;
-}
-
 /// Runs one watch until `cancel`. Changes are handled one at a time, in revision order; a
 /// handler error is logged and the watch goes on (a watch has no redelivery: make the
 /// handler retry what must not be skipped, or consume the bucket's stream with a `#[consumer]`).

@@ -184,7 +184,7 @@ pub mod __private {
     pub use crate::error::BoxError;
     pub use crate::handler::{Delivery, FromDelivery, IntoOutcome, Outcome};
     pub use crate::kv::KvBucketDef;
-    pub use crate::kv_watch::{FromKvDelivery, KvDelivery, KvHandlerFn, KvWatchDef};
+    pub use crate::kv_watch::{KvDelivery, KvHandlerFn, KvWatchDef};
     pub use crate::leader::{FromLease, LeaderDef, LeaderFn, Lease};
     pub use crate::object_store::ObjectStoreDef;
     pub use crate::payload::decode;
