@@ -16,7 +16,7 @@ pub struct HandlerKind {
     pub undecodable: &'static str,
     /// `__private` type the adapter receives.
     pub delivery_type: &'static str,
-    /// Whether its definition records the payload's description (`payload_of`).
+    /// Whether its definition records the payload's description (`payload_probe`).
     pub describes_payload: bool,
 }
 
