@@ -823,12 +823,12 @@ impl Consumer {
     /// `ack_wait`, so the server never redelivers a message this instance still holds.
     async fn keep_alive(self: Arc<Self>) {
         loop {
-            // A quarter of ack_wait per tick, and a message is pinged when its last ping is a
-            // tick old: at most half an ack_wait between two pings.
+            // A quarter of ack_wait per tick, and a message is pinged when it was held or last
+            // pinged before the tick that just ended: at most half an ack_wait between two pings.
             let every =
                 Duration::from_nanos(self.ack_wait_nanos.load(Ordering::Relaxed) / 4).max(Duration::from_millis(5));
             tokio::time::sleep(every).await;
-            for reply in self.held.due(every) {
+            for reply in self.held.tick() {
                 self.settle(reply).send(Bytes::from_static(b"+WPI")).await;
             }
         }
@@ -1294,8 +1294,15 @@ pub(crate) struct Ready {
 
 /// The messages a consumer holds — read from the server and not yet settled — with when each
 /// was last pinged, for [`Consumer::keep_alive`] and to recognise redeliveries of them.
+///
+/// "When" is counted in keep-alive ticks, not read from the clock: holding a message is on
+/// every delivery's path, and a clock read cost more than the rest of it.
 #[derive(Default)]
-pub(crate) struct Held(std::sync::Mutex<HashMap<u64, HeldMessage, SequenceHash>>);
+pub(crate) struct Held {
+    messages: std::sync::Mutex<HashMap<u64, HeldMessage, SequenceHash>>,
+    /// Keep-alive ticks so far.
+    tick: AtomicU64,
+}
 
 /// Hashes stream sequences for [`Held`]: they are unique integers chosen by the server, not
 /// by an adversary, so one multiplication spreads them well; SipHash would cost more than the
@@ -1323,22 +1330,24 @@ impl std::hash::Hasher for SequenceHasher {
 
 struct HeldMessage {
     reply: Subject,
-    pinged: std::time::Instant,
+    /// The tick it was held or last pinged in.
+    pinged: u64,
 }
 
 impl Held {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, HeldMessage, SequenceHash>> {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.messages.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Holds the message at `sequence`; false when it is held already.
     fn hold(&self, sequence: u64, reply: &Subject) -> bool {
+        let tick = self.tick.load(Ordering::Relaxed);
         match self.lock().entry(sequence) {
             std::collections::hash_map::Entry::Occupied(_) => false,
             std::collections::hash_map::Entry::Vacant(slot) => {
                 slot.insert(HeldMessage {
                     reply: reply.clone(),
-                    pinged: std::time::Instant::now(),
+                    pinged: tick,
                 });
                 true
             }
@@ -1353,12 +1362,13 @@ impl Held {
         self.lock().contains_key(&sequence)
     }
 
-    /// The reply subjects of messages last pinged at least `every` ago, marked pinged now.
-    fn due(&self, every: Duration) -> Vec<Subject> {
-        let now = std::time::Instant::now();
+    /// Starts the next tick and returns the reply subjects of messages last pinged (or held)
+    /// before the tick that just ended — at least one whole tick ago —, marked pinged now.
+    fn tick(&self) -> Vec<Subject> {
+        let now = self.tick.fetch_add(1, Ordering::Relaxed) + 1;
         self.lock()
             .values_mut()
-            .filter(|held| now.duration_since(held.pinged) >= every)
+            .filter(|held| held.pinged + 2 <= now)
             .map(|held| {
                 held.pinged = now;
                 held.reply.clone()

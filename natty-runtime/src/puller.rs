@@ -223,29 +223,56 @@ pub(crate) struct DeliveryMeta {
 }
 
 pub(crate) fn delivery_meta(reply: &str) -> Option<DeliveryMeta> {
-    // Read once per message: tokens go to an array on the stack, not a Vec.
-    let mut tokens = [""; 12];
-    let mut count = 0;
-    for token in reply.split('.') {
-        if count < tokens.len() {
-            tokens[count] = token;
+    // Read once per message, so one pass over the bytes: token boundaries go to an array on
+    // the stack, numbers are read digit by digit (`str::split` and `u64::from_str` cost more
+    // than the rest of holding a message).
+    let bytes = reply.as_bytes();
+    // Twelve tokens at most are read: the v2 form's last is a random token, and any the
+    // server adds after it are not ours to read.
+    let mut starts = [0usize; 12];
+    let mut count = 1;
+    for (at, byte) in bytes.iter().enumerate() {
+        if *byte == b'.' {
+            if count == starts.len() {
+                break;
+            }
+            starts[count] = at + 1;
+            count += 1;
         }
-        count += 1;
     }
-    if tokens[0] != "$JS" || tokens[1] != "ACK" {
+    let token = |index: usize| -> &[u8] {
+        let end = if index + 1 < count {
+            starts[index + 1] - 1
+        } else {
+            bytes.len()
+        };
+        &bytes[starts[index]..end]
+    };
+    if count < 2 || token(0) != b"$JS" || token(1) != b"ACK" {
         return None;
     }
     let offset = match count {
         9 => 4,
-        n if n >= 11 => 6,
+        11 | 12 => 6,
         _ => return None,
     };
-    let number = |index: usize| tokens.get(offset + index)?.parse::<u64>().ok();
+    let number = |index: usize| decimal(token(offset + index));
     Some(DeliveryMeta {
         delivered: number(0)?,
         sequence: number(1)?,
         timestamp_nanos: number(3)?,
         pending: number(4)?,
+    })
+}
+
+/// A non-empty run of ASCII digits as a `u64`; `None` for anything else or on overflow.
+fn decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |value, digit| {
+        let digit = digit.checked_sub(b'0').filter(|digit| *digit < 10)?;
+        value.checked_mul(10)?.checked_add(u64::from(digit))
     })
 }
 
@@ -269,6 +296,19 @@ mod tests {
         );
         assert_eq!(delivery_info("_INBOX.abc"), None);
         assert_eq!(delivery_info("$JS.ACK.orders.billing.x.5.1.1.1"), None);
+        assert_eq!(delivery_info("$JS.ACK.orders.billing..5.1.1.1"), None);
+        assert_eq!(delivery_info("$JS.ACK.orders.billing.+3.5.1.1.1"), None);
+        assert_eq!(delivery_info("$JS.ACK.orders.billing.3.5.1.1"), None);
+        assert_eq!(
+            delivery_info("$JS.ACK.orders.billing.3.99999999999999999999.1.1.1"),
+            None
+        );
+        assert_eq!(
+            delivery_info("$JS.ACK.hub.szMpdrwD.orders.billing.2.9.4.1790230470084404000.0.tok.more.x"),
+            Some((9, 2))
+        );
+        assert_eq!(delivery_info("$JS.ACK"), None);
+        assert_eq!(delivery_info(""), None);
         assert_eq!(
             super::delivery_meta("$JS.ACK.orders.billing.3.100.7.1790230470084404000.42"),
             Some(super::DeliveryMeta {
