@@ -596,8 +596,30 @@ async fn messages_held_from_a_deleted_stream_do_not_hide_the_new_streams_same_se
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("drain");
     let env = folders(dir.path());
-    let env = [env_refs(&env), vec![("NATTY_HANDLERS", "to_drain")]].concat();
+    // Its metrics tell when readings are in blocks: delivered is not enough, since what reached
+    // the process but no block yet is handed back to the server on the drain.
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let metrics_addr = metrics.to_string();
+    let env = [
+        env_refs(&env),
+        vec![("NATTY_HANDLERS", "to_drain"), ("NATTY_METRICS_ADDR", &metrics_addr)],
+    ]
+    .concat();
     create_readings_stream(&client).await;
+    let held = |count: u64| async move {
+        let Ok((200, body)) = natty_tests::http_get(metrics, "/metrics").await else {
+            return false;
+        };
+        let held: f64 = body
+            .lines()
+            .filter(|line| line.starts_with("natty_capture_held_messages{"))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        held == count as f64
+    };
     let delivered = |last: u64| {
         let js = js.clone();
         async move {
@@ -619,12 +641,26 @@ async fn messages_held_from_a_deleted_stream_do_not_hide_the_new_streams_same_se
         delivered(HALF)
     })
     .await;
+    wait_logged(
+        Duration::from_secs(20),
+        "the first stream's readings in blocks",
+        &logs,
+        || held(HALF),
+    )
+    .await;
     js.delete_stream("readings").await.expect("delete the stream");
     create_readings_stream(&client).await;
     publish_readings(&client, HALF + 1..2 * HALF + 1, SENSORS).await;
     wait_logged(Duration::from_secs(30), "the new stream delivered", &logs, || {
         delivered(HALF)
     })
+    .await;
+    wait_logged(
+        Duration::from_secs(30),
+        "both streams' readings in blocks",
+        &logs,
+        || held(2 * HALF),
+    )
     .await;
     assert!(files(&root).is_empty(), "nothing stored before the drain");
     stop(child, &logs).await;

@@ -1,5 +1,5 @@
 //! The AsyncAPI 3 document of a service: what it receives, on which subjects, in which
-//! format and shape, built from the handlers a [`Runtime`] holds. Also the glue the macros
+//! format and shape, built from a service's declarations. Also the glue the macros
 //! use to record each handler's payload type without adding compile errors of their own.
 
 pub(crate) mod schema;
@@ -9,10 +9,11 @@ use std::marker::PhantomData;
 
 use serde_json::{json, Map, Value};
 
+use crate::config::Config;
 use crate::core_nats::CoreKind;
 use crate::kv_watch::KvChange;
 use crate::payload::{describe_payload as describe, DecodePayload, EncodePayload, PayloadDescription};
-use crate::runtime::Runtime;
+use crate::registry::Declarations;
 use crate::stream::Location;
 
 /// The environment variable giving the document's `info.version`.
@@ -21,59 +22,17 @@ const VERSION_ENV: &str = "NATTY_SERVICE_VERSION";
 /// crate version, only its own.
 const DEFAULT_VERSION: &str = "0.0.0";
 
-impl Runtime {
-    /// An [AsyncAPI 3.0.0](https://www.asyncapi.com/docs/reference/specification/v3.0.0)
-    /// document of this service: what an app built on [`run`](crate::run) prints for
-    /// `--asyncapi`.
-    ///
-    /// - `info.title` is the connection name ([`Config::name`](crate::Config::name));
-    ///   `info.version` is `NATTY_SERVICE_VERSION`, or `0.0.0` when unset (e.g. set it to
-    ///   the application's `CARGO_PKG_VERSION` at build time).
-    /// - `servers`: one per URL of [`Config::url`](crate::Config::url), without credentials;
-    ///   without a URL, the local development server natty would start.
-    /// - `channels`: one per subject a handler receives from: a consumer's filter subjects
-    ///   (its stream's subjects when it has none), a capture's likewise, a subscription's or
-    ///   service's subject, and `$KV.<bucket>.<key>` for a KV watch. A service's reply goes to
-    ///   a channel with a `null` address: the requester's inbox.
-    /// - `operations`: one `receive` per handler (one per handler and subject when a handler
-    ///   has several), keyed by the handler's name, summarised with its kind, stream, durable
-    ///   and where it was declared; a service's has a `reply`. Details are under `x-natty`.
-    /// - `components.messages`: one per payload type, with its `contentType` and its schema
-    ///   as `payload`; `components.schemas`: the named types those schemas refer to.
-    ///
-    /// Schemas are JSON Schema draft-07, AsyncAPI's default schema format, traced from each
-    /// serde payload type's `Deserialize` impl (see [`DecodePayload::json_schema`]): structs
-    /// are objects with their fields required unless `Option`, sequences arrays, maps objects,
-    /// enums `oneOf` their variants as serde_json writes them, integers bounded by their type.
-    /// A type that cannot be traced (one that deserializes from any value, such as
-    /// `serde_json::Value` or an untagged enum) gets an empty schema whose `description` says
-    /// so. A Protobuf payload gets a schema naming the message and `application/protobuf`:
-    /// AsyncAPI's Protobuf schema format wants `.proto` source, which prost types do not keep.
-    /// A `#[service]`'s reply is described when its type is `Deserialize` too (otherwise the
-    /// reply's schema is empty and says why); declared streams and leader tasks are listed
-    /// under the document's `x-natty`.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use natty_runtime::Runtime;
-    ///
-    /// let runtime = Runtime::builder()
-    ///     .without_registered()
-    ///     .url("nats://user:secret@127.0.0.1:4222")
-    ///     .name("billing")
-    ///     .build()?;
-    /// let document = runtime.asyncapi();
-    /// assert_eq!(document["asyncapi"], "3.0.0");
-    /// assert_eq!(document["info"]["title"], "billing");
-    /// // Credentials never reach the document.
-    /// assert_eq!(document["servers"]["nats"]["host"], "127.0.0.1:4222");
-    /// println!("{document:#}");
-    /// # Ok::<(), natty_runtime::Error>(())
-    /// ```
-    pub fn asyncapi(&self) -> Value {
+/// A service as its AsyncAPI document sees it: its settings and its declarations.
+pub(crate) struct Service<'a> {
+    pub(crate) config: &'a Config,
+    pub(crate) declared: &'a Declarations,
+}
+
+impl Service<'_> {
+    /// The document [`Runtime::asyncapi`](crate::Runtime::asyncapi) returns.
+    pub(crate) fn document(&self) -> Value {
         let mut document = Document::default();
-        for def in &self.consumers {
+        for def in &self.declared.consumers {
             let durable = def.durable();
             let summary = match durable {
                 Some(durable) => format!(
@@ -100,7 +59,7 @@ impl Runtime {
             });
         }
         #[cfg(feature = "capture")]
-        for def in &self.captures {
+        for def in &self.declared.captures {
             document.receive(Receive {
                 name: def.name,
                 summary: format!(
@@ -118,7 +77,7 @@ impl Runtime {
                 }),
             });
         }
-        for def in &self.subscriptions {
+        for def in &self.declared.subscriptions {
             let (kind, reply) = match def.kind {
                 CoreKind::Subscribe => ("subscription", None),
                 CoreKind::Service => ("service", def.reply),
@@ -140,7 +99,7 @@ impl Runtime {
                 }),
             });
         }
-        for def in &self.kv_watches {
+        for def in &self.declared.kv_watches {
             document.receive(Receive {
                 name: def.name,
                 summary: format!(
@@ -164,6 +123,7 @@ impl Runtime {
             .filter(|version| !version.trim().is_empty())
             .unwrap_or_else(|| DEFAULT_VERSION.to_owned());
         let streams: Vec<Value> = self
+            .declared
             .streams
             .iter()
             .map(|stream| {
@@ -176,6 +136,7 @@ impl Runtime {
             })
             .collect();
         let leaders: Vec<Value> = self
+            .declared
             .leaders
             .iter()
             .map(|leader| {
@@ -212,7 +173,7 @@ impl Runtime {
             return filters.iter().map(|subject| Address::subject(subject)).collect();
         }
         let mut subjects: Vec<&str> = Vec::new();
-        for declared in self.streams.iter().filter(|declared| declared.name == stream) {
+        for declared in self.declared.streams.iter().filter(|declared| declared.name == stream) {
             for subject in declared.subjects {
                 if !subjects.contains(subject) {
                     subjects.push(subject);

@@ -6,10 +6,11 @@ use std::fmt::Write as _;
 
 use async_nats::jetstream;
 
+use crate::config::Config;
 use crate::config::Provision;
 use crate::consumer::{Consumer, ConsumerDef};
 use crate::error::{Error, Result};
-use crate::runtime::Runtime;
+use crate::registry::Declarations;
 
 /// What the command line asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,149 +89,141 @@ Settings come from the environment:
     )
 }
 
-impl Runtime {
-    /// What `--list` prints: one line per handler and declaration, with where it is declared.
-    pub fn list(&self) -> String {
-        let mut rows: Vec<[String; 5]> = Vec::new();
-        let row = |kind: &str, name: &str, what: String, durable: &str, location: String| {
-            [kind.into(), name.into(), what, durable.into(), location]
-        };
-        for stream in &self.streams {
-            let what = format!("subjects {}", stream.subjects().join(", "));
-            rows.push(row("stream", stream.name(), what, "", stream.location().to_string()));
-        }
-        for bucket in &self.kv_buckets {
-            rows.push(row(
-                "kv_bucket",
-                bucket.name(),
-                String::new(),
-                "",
-                bucket.location().to_string(),
-            ));
-        }
-        for store in &self.object_stores {
-            rows.push(row(
-                "object_store",
-                store.name(),
-                String::new(),
-                "",
-                store.location().to_string(),
-            ));
-        }
-        for consumer in &self.consumers {
-            let durable = if consumer.ephemeral {
-                "(ephemeral)"
-            } else {
-                consumer.durable
-            };
-            rows.push(row(
-                "consumer",
-                consumer.name,
-                consumer_what(consumer),
-                durable,
-                consumer.location.to_string(),
-            ));
-        }
-        #[cfg(feature = "capture")]
-        for capture in &self.captures {
-            let def = capture.consumer_def();
-            rows.push(row(
-                "capture",
-                capture.name(),
-                consumer_what(&def),
-                def.durable,
-                def.location.to_string(),
-            ));
-        }
-        for leader in &self.leaders {
-            let what = format!("bucket {}, key {}", leader.bucket, leader.key);
-            rows.push(row("leader", leader.name, what, "", leader.location.to_string()));
-        }
-        for sub in &self.subscriptions {
-            let mut what = format!("subject {}", sub.subject);
-            if let Some(queue) = sub.queue {
-                let _ = write!(what, ", queue {queue}");
-            }
-            let kind = match sub.kind {
-                crate::core_nats::CoreKind::Subscribe => "subscribe",
-                crate::core_nats::CoreKind::Service => "service",
-            };
-            rows.push(row(kind, sub.name, what, "", sub.location.to_string()));
-        }
-        for watch in &self.kv_watches {
-            let what = format!("bucket {}, key {}", watch.bucket, watch.key);
-            rows.push(row("kv_watch", watch.name, what, "", watch.location.to_string()));
-        }
-        let header = ["KIND", "NAME", "STREAM / SUBJECT", "DURABLE", "DECLARED AT"].map(String::from);
-        let mut widths = [0usize; 5];
-        for cells in std::iter::once(&header).chain(&rows) {
-            for (width, cell) in widths.iter_mut().zip(cells) {
-                *width = (*width).max(cell.chars().count());
-            }
-        }
-        let mut out = String::new();
-        for cells in std::iter::once(&header).chain(&rows) {
-            let mut line = String::new();
-            for (i, (cell, width)) in cells.iter().zip(widths).enumerate() {
-                if i + 1 == cells.len() {
-                    line.push_str(cell);
-                } else {
-                    let _ = write!(line, "{cell:width$}  ");
-                }
-            }
-            out.push_str(line.trim_end());
-            out.push('\n');
-        }
-        out
+/// What `--list` prints (see [`Runtime::list`](crate::Runtime::list)).
+pub(crate) fn list(declared: &Declarations) -> String {
+    let mut rows: Vec<[String; 5]> = Vec::new();
+    let row = |kind: &str, name: &str, what: String, durable: &str, location: String| {
+        [kind.into(), name.into(), what, durable.into(), location]
+    };
+    for stream in &declared.streams {
+        let what = format!("subjects {}", stream.subjects().join(", "));
+        rows.push(row("stream", stream.name(), what, "", stream.location().to_string()));
     }
-
-    /// What `--check` does: connects, compares every declared stream, consumer, KV bucket and
-    /// object store with the server, and prints one line each to stdout. Changes nothing.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Drift`] when anything differs or is missing; a connection error as
-    /// [`Runtime::run`].
-    pub async fn check(self) -> Result<()> {
-        // Without NATS_URL the runtime would start a development server: comparing with a
-        // server made for the occasion would always pass, and say nothing about production.
-        if self.config.url.is_none() {
-            return Err(Error::Usage(
-                "--check compares the declarations with a server: set NATS_URL to the server to check".into(),
-            ));
-        }
-        let (client, _dev) = crate::runtime::connect_config(&self.config, Default::default()).await?;
-        let js = client.jetstream();
-        let mut report = Report::default();
-        for stream in &self.streams {
-            let what = format!("stream `{}`", stream.name());
-            report.record(what, stream.provision(js, Provision::VerifyOnly).await);
-        }
-        for bucket in &self.kv_buckets {
-            let what = format!("KV bucket `{}`", bucket.name());
-            report.record(what, bucket.ensure(&client, Provision::VerifyOnly).await);
-        }
-        for store in &self.object_stores {
-            let what = format!("object store `{}`", store.name());
-            report.record(what, store.ensure(&client, Provision::VerifyOnly).await);
-        }
-        #[cfg(feature = "capture")]
-        let captured: Vec<ConsumerDef> = self.captures.iter().map(|c| c.consumer_def()).collect();
-        #[cfg(not(feature = "capture"))]
-        let captured: Vec<ConsumerDef> = Vec::new();
-        for def in self.consumers.iter().chain(&captured).filter(|def| !def.ephemeral) {
-            let what = format!("consumer `{}` on stream `{}`", def.durable, def.stream);
-            report.record(what, check_consumer(def, &client).await);
-        }
-        print!("{}", report.text);
-        if report.differences == 0 {
-            println!("no drift: the server matches every declaration");
-            Ok(())
+    for bucket in &declared.kv_buckets {
+        rows.push(row(
+            "kv_bucket",
+            bucket.name(),
+            String::new(),
+            "",
+            bucket.location().to_string(),
+        ));
+    }
+    for store in &declared.object_stores {
+        rows.push(row(
+            "object_store",
+            store.name(),
+            String::new(),
+            "",
+            store.location().to_string(),
+        ));
+    }
+    for consumer in &declared.consumers {
+        let durable = if consumer.ephemeral {
+            "(ephemeral)"
         } else {
-            Err(Error::Drift {
-                differences: report.differences,
-            })
+            consumer.durable
+        };
+        rows.push(row(
+            "consumer",
+            consumer.name,
+            consumer_what(consumer),
+            durable,
+            consumer.location.to_string(),
+        ));
+    }
+    #[cfg(feature = "capture")]
+    for capture in &declared.captures {
+        let def = capture.consumer_def();
+        rows.push(row(
+            "capture",
+            capture.name(),
+            consumer_what(&def),
+            def.durable,
+            def.location.to_string(),
+        ));
+    }
+    for leader in &declared.leaders {
+        let what = format!("bucket {}, key {}", leader.bucket, leader.key);
+        rows.push(row("leader", leader.name, what, "", leader.location.to_string()));
+    }
+    for sub in &declared.subscriptions {
+        let mut what = format!("subject {}", sub.subject);
+        if let Some(queue) = sub.queue {
+            let _ = write!(what, ", queue {queue}");
         }
+        let kind = match sub.kind {
+            crate::core_nats::CoreKind::Subscribe => "subscribe",
+            crate::core_nats::CoreKind::Service => "service",
+        };
+        rows.push(row(kind, sub.name, what, "", sub.location.to_string()));
+    }
+    for watch in &declared.kv_watches {
+        let what = format!("bucket {}, key {}", watch.bucket, watch.key);
+        rows.push(row("kv_watch", watch.name, what, "", watch.location.to_string()));
+    }
+    let header = ["KIND", "NAME", "STREAM / SUBJECT", "DURABLE", "DECLARED AT"].map(String::from);
+    let mut widths = [0usize; 5];
+    for cells in std::iter::once(&header).chain(&rows) {
+        for (width, cell) in widths.iter_mut().zip(cells) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for cells in std::iter::once(&header).chain(&rows) {
+        let mut line = String::new();
+        for (i, (cell, width)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == cells.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:width$}  ");
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// What `--check` does (see [`Runtime::check`](crate::Runtime::check)).
+pub(crate) async fn check(config: &Config, declared: &Declarations) -> Result<()> {
+    // Without NATS_URL the runtime would start a development server: comparing with a
+    // server made for the occasion would always pass, and say nothing about production.
+    if config.url.is_none() {
+        return Err(Error::Usage(
+            "--check compares the declarations with a server: set NATS_URL to the server to check".into(),
+        ));
+    }
+    let (client, _dev) = crate::runtime::connect_config(config, Default::default()).await?;
+    let js = client.jetstream();
+    let mut report = Report::default();
+    for stream in &declared.streams {
+        let what = format!("stream `{}`", stream.name());
+        report.record(what, stream.provision(js, Provision::VerifyOnly).await);
+    }
+    for bucket in &declared.kv_buckets {
+        let what = format!("KV bucket `{}`", bucket.name());
+        report.record(what, bucket.ensure(&client, Provision::VerifyOnly).await);
+    }
+    for store in &declared.object_stores {
+        let what = format!("object store `{}`", store.name());
+        report.record(what, store.ensure(&client, Provision::VerifyOnly).await);
+    }
+    #[cfg(feature = "capture")]
+    let captured: Vec<ConsumerDef> = declared.captures.iter().map(|c| c.consumer_def()).collect();
+    #[cfg(not(feature = "capture"))]
+    let captured: Vec<ConsumerDef> = Vec::new();
+    for def in declared.consumers.iter().chain(&captured).filter(|def| !def.ephemeral) {
+        let what = format!("consumer `{}` on stream `{}`", def.durable, def.stream);
+        report.record(what, check_consumer(def, &client).await);
+    }
+    print!("{}", report.text);
+    if report.differences == 0 {
+        println!("no drift: the server matches every declaration");
+        Ok(())
+    } else {
+        Err(Error::Drift {
+            differences: report.differences,
+        })
     }
 }
 

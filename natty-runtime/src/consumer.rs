@@ -600,6 +600,13 @@ impl Consumer {
         Ok(updated)
     }
 
+    /// The task that runs this consumer (see [`Consumer::run`]).
+    pub(crate) fn task(self) -> crate::supervise::Task {
+        crate::supervise::Task::new(format!("consumer {}", self.label()), move |stop| {
+            self.run(stop.cancel, stop.hard_stop)
+        })
+    }
+
     /// Runs until `cancel`, then drains: stops pulling, naks what was prefetched but not
     /// started, and lets in-flight handlers finish until `hard_stop`, when their messages are naked.
     pub(crate) async fn run(self, cancel: CancellationToken, hard_stop: CancellationToken) -> Result<()> {

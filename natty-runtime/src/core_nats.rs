@@ -257,6 +257,14 @@ impl<R: EncodePayload, E: Into<BoxError>> IntoReply for Result<R, E> {
     }
 }
 
+/// The task that runs the subscription or service `def` (see [`run`]).
+pub(crate) fn task(def: SubscriptionDef, client: Client) -> crate::supervise::Task {
+    crate::supervise::Task::new(format!("subscription {}", def.name), move |stop| async move {
+        run(def, client, stop.cancel, stop.hard_stop).await;
+        Ok(())
+    })
+}
+
 /// Runs one subscription until `cancel`, then drains: stops receiving and lets in-flight
 /// handlers finish until `hard_stop`.
 pub(crate) async fn run(def: SubscriptionDef, client: Client, cancel: CancellationToken, hard_stop: CancellationToken) {

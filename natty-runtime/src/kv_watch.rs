@@ -150,6 +150,14 @@ impl<T: DecodePayload> FromKvEntry for KvChange<T> {
     }
 }
 
+/// The task that runs the watch `def` (see [`run`]).
+pub(crate) fn task(def: KvWatchDef, client: Client, provision: Provision) -> crate::supervise::Task {
+    crate::supervise::Task::new(format!("kv_watch {}", def.name), move |stop| async move {
+        run(def, client, provision, stop.cancel, stop.hard_stop).await;
+        Ok(())
+    })
+}
+
 /// Runs one watch until `cancel`. Changes are handled one at a time, in revision order; a
 /// handler error is logged and the watch goes on (a watch has no redelivery: make the
 /// handler retry what must not be skipped, or consume the bucket's stream with a `#[consumer]`).

@@ -822,6 +822,14 @@ pub(crate) async fn provision(def: &LeaderDef, js: &jetstream::Context, mode: Pr
     Ok(())
 }
 
+/// The task that contests and leads the election `def`, with the consumers bound to it (see [`run`]).
+pub(crate) fn task(def: LeaderDef, client: Client, bound: Vec<BoundConsumer>) -> crate::supervise::Task {
+    crate::supervise::Task::new(format!("leader {}", def.name), move |stop| async move {
+        run(def, client, bound, stop.cancel, stop.hard_stop).await;
+        Ok(())
+    })
+}
+
 /// Contests and leads until `cancel`, then releases leadership.
 pub(crate) async fn run(
     def: LeaderDef,

@@ -49,8 +49,10 @@ pub mod object_store;
 pub mod payload;
 pub mod publish;
 mod puller;
+mod registry;
 mod runtime;
 pub mod stream;
+mod supervise;
 mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;

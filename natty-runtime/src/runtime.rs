@@ -1,13 +1,10 @@
 //! The runtime: collects what was registered, connects, provisions, runs every handler
 //! supervised, and drains on shutdown.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-
-use tokio_util::sync::CancellationToken;
 
 use crate::classify::transient;
 use crate::config::{Auth, Config, Provision};
@@ -20,7 +17,9 @@ use crate::kv_watch::KvWatchDef;
 use crate::leader::LeaderDef;
 use crate::object_store::ObjectStoreDef;
 use crate::publish::Client;
+use crate::registry::Declarations;
 use crate::stream::StreamDef;
+use crate::supervise::{Supervisor, Task};
 use crate::telemetry::http::Endpoint;
 use crate::telemetry::Telemetry;
 
@@ -59,15 +58,8 @@ pub struct RuntimeBuilder {
     metrics_listener: Option<std::net::TcpListener>,
     registered: bool,
     only: Option<Vec<String>>,
-    streams: Vec<StreamDef>,
-    consumers: Vec<ConsumerDef>,
-    subscriptions: Vec<SubscriptionDef>,
-    kv_watches: Vec<KvWatchDef>,
-    leaders: Vec<LeaderDef>,
-    kv_buckets: Vec<KvBucketDef>,
-    object_stores: Vec<ObjectStoreDef>,
-    #[cfg(feature = "capture")]
-    captures: Vec<crate::capture::CaptureDef>,
+    /// What was added by hand.
+    declared: Declarations,
 }
 
 impl RuntimeBuilder {
@@ -165,50 +157,50 @@ impl RuntimeBuilder {
 
     /// Declares a stream by hand.
     pub fn stream(mut self, stream: StreamDef) -> Self {
-        self.streams.push(stream);
+        self.declared.streams.push(stream);
         self
     }
 
     /// Adds a consumer by hand.
     pub fn consumer(mut self, consumer: ConsumerDef) -> Self {
-        self.consumers.push(consumer);
+        self.declared.consumers.push(consumer);
         self
     }
 
     /// Adds a core-NATS subscription or service by hand.
     pub fn subscription(mut self, subscription: SubscriptionDef) -> Self {
-        self.subscriptions.push(subscription);
+        self.declared.subscriptions.push(subscription);
         self
     }
 
     /// Adds a KV watch by hand.
     pub fn kv_watch(mut self, watch: KvWatchDef) -> Self {
-        self.kv_watches.push(watch);
+        self.declared.kv_watches.push(watch);
         self
     }
 
     /// Declares a KV bucket by hand.
     pub fn kv_bucket(mut self, bucket: KvBucketDef) -> Self {
-        self.kv_buckets.push(bucket);
+        self.declared.kv_buckets.push(bucket);
         self
     }
 
     /// Declares an object store by hand.
     pub fn object_store(mut self, store: ObjectStoreDef) -> Self {
-        self.object_stores.push(store);
+        self.declared.object_stores.push(store);
         self
     }
 
     /// Adds a leader task by hand.
     pub fn leader(mut self, leader: LeaderDef) -> Self {
-        self.leaders.push(leader);
+        self.declared.leaders.push(leader);
         self
     }
 
     /// Adds a capture by hand.
     #[cfg(feature = "capture")]
     pub fn capture(mut self, capture: crate::capture::CaptureDef) -> Self {
-        self.captures.push(capture);
+        self.declared.captures.push(capture);
         self
     }
 
@@ -253,79 +245,18 @@ impl RuntimeBuilder {
         if let Some(addr) = self.metrics_addr {
             config.metrics_addr = Some(addr);
         }
-        let mut streams = self.streams;
-        let mut consumers = self.consumers;
-        let mut subscriptions = self.subscriptions;
-        let mut kv_watches = self.kv_watches;
-        let mut leaders = self.leaders;
-        let mut kv_buckets = self.kv_buckets;
-        let mut object_stores = self.object_stores;
-        #[cfg(feature = "capture")]
-        let mut captures = self.captures;
-        #[cfg(feature = "capture")]
-        let registered_captures: Vec<crate::capture::CaptureDef> = if self.registered {
-            inventory::iter::<crate::capture::CaptureDef>
-                .into_iter()
-                .copied()
-                .collect()
-        } else {
-            Vec::new()
-        };
-        #[cfg(feature = "capture")]
-        let capture_names: Vec<&str> = registered_captures.iter().map(|c| c.name()).collect();
-        #[cfg(not(feature = "capture"))]
-        let capture_names: Vec<&str> = Vec::new();
+        let mut declared = self.declared;
         if self.registered {
-            streams.extend(inventory::iter::<StreamDef>.into_iter().copied());
-            kv_buckets.extend(inventory::iter::<KvBucketDef>.into_iter().copied());
-            object_stores.extend(inventory::iter::<ObjectStoreDef>.into_iter().copied());
-            let registered: Vec<ConsumerDef> = inventory::iter::<ConsumerDef>.into_iter().copied().collect();
-            let registered_subs: Vec<SubscriptionDef> =
-                inventory::iter::<SubscriptionDef>.into_iter().copied().collect();
-            let registered_watches: Vec<KvWatchDef> = inventory::iter::<KvWatchDef>.into_iter().copied().collect();
-            let registered_leaders: Vec<LeaderDef> = inventory::iter::<LeaderDef>.into_iter().copied().collect();
-            let only = self.only.or_else(|| config.handlers.clone());
-            if let Some(only) = &only {
-                let known: Vec<&str> = registered
-                    .iter()
-                    .map(|c| c.name)
-                    .chain(registered_subs.iter().map(|s| s.name))
-                    .chain(registered_watches.iter().map(|w| w.name))
-                    .chain(registered_leaders.iter().map(|l| l.name))
-                    .chain(capture_names.iter().copied())
-                    .collect();
-                if let Some(unknown) = only.iter().find(|name| !known.contains(&name.as_str())) {
-                    return Err(Error::config(
-                        "NATTY_HANDLERS",
-                        only.join(","),
-                        format!(
-                            "no handler named `{unknown}` is registered; registered: {}",
-                            known.join(", ")
-                        ),
-                    ));
-                }
+            let mut registered = Declarations::registered();
+            if let Some(only) = self.only.or_else(|| config.handlers.clone()) {
+                registered.select(&only, "NATTY_HANDLERS")?;
             }
-            let selected = |name: &str| only.as_ref().is_none_or(|only| only.iter().any(|o| o == name));
-            consumers.extend(registered.into_iter().filter(|c| selected(c.name)));
-            subscriptions.extend(registered_subs.into_iter().filter(|s| selected(s.name)));
-            kv_watches.extend(registered_watches.into_iter().filter(|w| selected(w.name)));
-            leaders.extend(registered_leaders.into_iter().filter(|l| selected(l.name)));
-            #[cfg(feature = "capture")]
-            captures.extend(registered_captures.into_iter().filter(|c| selected(c.name())));
+            declared.extend(registered);
         }
-        let _ = capture_names;
         Ok(Runtime {
             config,
             metrics_listener: self.metrics_listener,
-            streams,
-            consumers,
-            subscriptions,
-            kv_watches,
-            leaders,
-            kv_buckets,
-            object_stores,
-            #[cfg(feature = "capture")]
-            captures,
+            declared,
         })
     }
 }
@@ -335,15 +266,7 @@ impl RuntimeBuilder {
 pub struct Runtime {
     pub(crate) config: Config,
     metrics_listener: Option<std::net::TcpListener>,
-    pub(crate) streams: Vec<StreamDef>,
-    pub(crate) consumers: Vec<ConsumerDef>,
-    pub(crate) subscriptions: Vec<SubscriptionDef>,
-    pub(crate) kv_watches: Vec<KvWatchDef>,
-    pub(crate) leaders: Vec<LeaderDef>,
-    pub(crate) kv_buckets: Vec<KvBucketDef>,
-    pub(crate) object_stores: Vec<ObjectStoreDef>,
-    #[cfg(feature = "capture")]
-    pub(crate) captures: Vec<crate::capture::CaptureDef>,
+    pub(crate) declared: Declarations,
 }
 
 impl Runtime {
@@ -377,239 +300,41 @@ impl Runtime {
     ///
     /// As [`Runtime::run`].
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<()> {
-        #[cfg(feature = "capture")]
-        let capture_consumers: Vec<ConsumerDef> = self.captures.iter().map(|c| c.consumer_def()).collect();
-        #[cfg(not(feature = "capture"))]
-        let capture_consumers: Vec<ConsumerDef> = Vec::new();
-        if self.consumers.is_empty()
-            && self.subscriptions.is_empty()
-            && self.kv_watches.is_empty()
-            && self.leaders.is_empty()
-            && capture_consumers.is_empty()
-        {
-            return Err(Error::NothingRegistered);
-        }
-        let streams = dedup_streams(&self.streams)?;
-        let all_consumers: Vec<ConsumerDef> = self.consumers.iter().chain(&capture_consumers).copied().collect();
-        check_consumers(&all_consumers)?;
-        // The streams handlers read, each once.
-        let mut consumed: Vec<&str> = all_consumers.iter().map(|def| def.stream).collect();
-        consumed.sort_unstable();
-        consumed.dedup();
-
+        let Runtime {
+            config,
+            metrics_listener,
+            declared,
+        } = self;
+        declared.check()?;
         // Served before connecting, so that readiness says "not connected" rather than nothing.
         let telemetry = Arc::new(Telemetry::default());
-        let endpoint = match self.metrics_listener {
-            Some(listener) => Some(Endpoint::serve(listener, telemetry.clone())?),
-            None => match self.config.metrics_addr {
-                Some(addr) => Some(Endpoint::bind(addr, telemetry.clone())?),
-                None => None,
-            },
-        };
-        let (client, _dev) = connect_config(&self.config, telemetry.clone()).await?;
+        let endpoint = serve_endpoint(metrics_listener, &config, &telemetry)?;
+        let (client, _dev) = connect_config(&config, telemetry.clone()).await?;
         if let Some(endpoint) = &endpoint {
             endpoint.connected(&client);
         }
-        let js = client.jetstream();
-        let provision = self.config.provision;
-        // How long provisioning rides through a cluster electing leaders.
-        let patience = self.config.stream_leader_timeout;
-        for stream in &streams {
-            patiently(patience, || stream.provision(js, provision)).await?;
-        }
-        // Default dead-letter subjects need a stream to land in; a service that names its own
-        // dead-letter subjects (or provisions by other means) does not get one.
-        let default_dead_letters = all_consumers.iter().any(|c| c.dead_letter.is_none());
-        if default_dead_letters
-            && provision == Provision::CreateOrUpdate
-            && !streams.iter().any(|s| s.name == DEAD_LETTER_STREAM)
-        {
-            // As replicated as the streams it takes messages from: on a cluster, a one-replica
-            // dead-letter stream on a node that is down would keep every instance from starting.
-            let mut replicas = streams.iter().filter_map(|stream| stream.replicas).max().unwrap_or(1);
-            for name in &consumed {
-                if let Ok(Ok(stream)) = tokio::time::timeout(patience, js.get_stream(*name)).await {
-                    replicas = replicas.max(stream.cached_info().config.num_replicas);
-                }
-            }
-            let dead_letters = StreamDef::new(DEAD_LETTER_STREAM, DEAD_LETTER_SUBJECTS)
-                .replicas(replicas)
-                .description("messages natty terminated or gave up on, with the reason in their headers");
-            patiently(patience, || dead_letters.provision(js, provision)).await?;
-        }
-        // Declared buckets first: a leader's bucket may be one of them (with its replicas).
-        for bucket in &self.kv_buckets {
-            patiently(patience, || bucket.ensure(&client, provision)).await?;
-        }
-        for store in &self.object_stores {
-            patiently(patience, || store.ensure(&client, provision)).await?;
-        }
-        for leader in &self.leaders {
-            patiently(patience, || crate::leader::provision(leader, js, provision)).await?;
-        }
-        // On a cluster a stream is usable only once its replicas have elected a leader: right
-        // after creation, or while a quorum of its servers is restarting.
-        for stream in &consumed {
-            crate::stream::wait_for_leader(js, stream, self.config.stream_leader_timeout).await?;
-        }
-        let mut bound = Vec::with_capacity(self.consumers.len());
-        // Elections: each #[leader], plus one per key that only bound consumers name.
-        let mut elections: Vec<(LeaderDef, Vec<crate::leader::BoundConsumer>)> =
-            self.leaders.iter().map(|leader| (*leader, Vec::new())).collect();
-        for def in &self.consumers {
-            let stream_def = streams.iter().find(|s| s.name == def.stream).copied();
-            let consumer = Consumer::new(*def, client.clone(), provision, stream_def);
-            // Bound here so a missing or refused consumer is a startup error, not a retry loop.
-            bind_when_led(&consumer, js, self.config.stream_leader_timeout).await?;
-            let Some((bucket, key)) = def.while_leading else {
-                bound.push(consumer);
-                continue;
-            };
-            let leading = crate::leader::BoundConsumer {
-                def: *def,
-                provision,
-                stream: stream_def,
-            };
-            match elections
-                .iter_mut()
-                .find(|(leader, _)| leader.bucket == bucket && leader.key == key)
-            {
-                Some((_, consumers)) => consumers.push(leading),
-                None => {
-                    let leader = LeaderDef::new(def.name, bucket, key, Duration::from_secs(10), crate::leader::idle);
-                    patiently(patience, || crate::leader::provision(&leader, js, provision)).await?;
-                    elections.push((leader, vec![leading]));
-                }
-            }
-        }
-        #[cfg(feature = "capture")]
-        let mut captures = Vec::with_capacity(self.captures.len());
-        #[cfg(feature = "capture")]
-        for def in &self.captures {
-            let stream_def = streams.iter().find(|s| s.name == def.stream()).copied();
-            let slot = std::sync::Mutex::new(None);
-            patiently(patience, || async {
-                let started = crate::capture::Capture::start(
-                    *def,
-                    client.clone(),
-                    provision,
-                    stream_def,
-                    self.config.capture_drain_timeout,
-                )
-                .await?;
-                *slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(started);
-                Ok(())
-            })
-            .await?;
-            captures.extend(slot.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner));
-        }
+        provision(&config, &declared, &client).await?;
+        let tasks = start(&config, &declared, &client).await?;
         telemetry.health.set_provisioned();
         tracing::info!(
-            consumers = bound.len(),
-            captures = capture_consumers.len(),
-            subscriptions = self.subscriptions.len(),
-            leaders = self.leaders.len(),
-            streams = streams.len(),
-            provision = provision.as_str(),
+            consumers = declared.consumers.iter().filter(|c| c.while_leading.is_none()).count(),
+            captures = declared.capture_consumers().len(),
+            subscriptions = declared.subscriptions.len(),
+            leaders = declared.leaders.len(),
+            streams = declared.streams.len(),
+            provision = config.provision.as_str(),
             "natty is running"
         );
 
-        let cancel = CancellationToken::new();
-        let hard_stop = CancellationToken::new();
-        let mut tasks = tokio::task::JoinSet::new();
-        let health = &telemetry.health;
-        for consumer in bound {
-            let running = health.task(format!("consumer {}", consumer.label()));
-            let run = consumer.run(cancel.clone(), hard_stop.clone());
-            tasks.spawn(async move {
-                let _running = running;
-                run.await
-            });
+        let mut supervisor = Supervisor::new(&telemetry.health);
+        for task in tasks {
+            supervisor.spawn(task);
         }
-        // A capture drains on a deadline of its own (`capture_drain_timeout`), not `hard_stop`.
-        #[cfg(feature = "capture")]
-        for capture in captures {
-            let running = health.task(format!("capture {}", capture.name()));
-            let run = capture.run(cancel.clone());
-            tasks.spawn(async move {
-                let _running = running;
-                run.await
-            });
-        }
-        for watch in &self.kv_watches {
-            let (client, cancel, hard_stop, watch) = (client.clone(), cancel.clone(), hard_stop.clone(), *watch);
-            let running = health.task(format!("kv_watch {}", watch.name));
-            tasks.spawn(async move {
-                let _running = running;
-                crate::kv_watch::run(watch, client, provision, cancel, hard_stop).await;
-                Ok(())
-            });
-        }
-        for (leader, consumers) in elections {
-            let (client, cancel, hard_stop) = (client.clone(), cancel.clone(), hard_stop.clone());
-            let running = health.task(format!("leader {}", leader.name));
-            tasks.spawn(async move {
-                let _running = running;
-                crate::leader::run(leader, client, consumers, cancel, hard_stop).await;
-                Ok(())
-            });
-        }
-        for subscription in &self.subscriptions {
-            let (client, cancel, hard_stop) = (client.clone(), cancel.clone(), hard_stop.clone());
-            let subscription = *subscription;
-            let running = health.task(format!("subscription {}", subscription.name));
-            tasks.spawn(async move {
-                let _running = running;
-                crate::core_nats::run(subscription, client, cancel, hard_stop).await;
-                Ok(())
-            });
-        }
-
-        tokio::pin!(shutdown);
-        let mut failure = None;
-        tokio::select! {
-            _ = &mut shutdown => {}
-            Some(result) = tasks.join_next() => match result {
-                // A capture stops on an error it cannot retry (a path template its keys cannot fill).
-                Ok(Err(error)) => {
-                    tracing::error!(%error, "a task failed; shutting down");
-                    failure = Some(error);
-                }
-                // Any other task only ends on its own when it panicked: that is a bug, stop loudly.
-                other => tracing::error!(result = ?other, "a task stopped unexpectedly; shutting down"),
-            }
-        }
-
-        tracing::info!(drain_timeout = ?self.config.drain_timeout, "shutting down: draining in-flight handlers");
-        health.set_draining();
-        cancel.cancel();
-        // Every wait from here on has a deadline: with the server gone, a flush or a send waits
-        // for a reconnect that may never come. What is left unsettled is redelivered later.
-        let drain = async { while tasks.join_next().await.is_some() {} };
-        if tokio::time::timeout(self.config.drain_timeout, drain).await.is_err() {
-            tracing::warn!("drain timeout reached: naking what is still in flight");
-            hard_stop.cancel();
-            // Captures store their open blocks on a deadline of their own.
-            #[cfg(feature = "capture")]
-            let grace = if capture_consumers.is_empty() {
-                STOP_GRACE
-            } else {
-                self.config
-                    .capture_drain_timeout
-                    .saturating_sub(self.config.drain_timeout)
-                    + STOP_GRACE
-            };
-            #[cfg(not(feature = "capture"))]
-            let grace = STOP_GRACE;
-            let stopped = async { while tasks.join_next().await.is_some() {} };
-            if tokio::time::timeout(grace, stopped).await.is_err() {
-                tracing::error!(
-                    tasks = tasks.len(),
-                    "tasks still running after the drain timeout (a handler that ignores cancellation, or a server that is gone); abandoning them: what they held is redelivered"
-                );
-                tasks.abort_all();
-            }
-        }
+        let failure = supervisor.watch(shutdown).await;
+        tracing::info!(drain_timeout = ?config.drain_timeout, "shutting down: draining in-flight handlers");
+        supervisor
+            .drain(config.drain_timeout, stop_grace(&config, &declared))
+            .await;
         match tokio::time::timeout(FLUSH_WITHIN, client.flush()).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => tracing::warn!(%error, "could not flush the connection on shutdown"),
@@ -623,6 +348,234 @@ impl Runtime {
             Some(error) => Err(error),
             None => Ok(()),
         }
+    }
+
+    /// What `--list` prints: one line per handler and declaration, with where it is declared.
+    pub fn list(&self) -> String {
+        crate::cli::list(&self.declared)
+    }
+
+    /// What `--check` does: connects, compares every declared stream, consumer, KV bucket and
+    /// object store with the server, and prints one line each to stdout. Changes nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Drift`] when anything differs or is missing; a connection error as
+    /// [`Runtime::run`].
+    pub async fn check(self) -> Result<()> {
+        crate::cli::check(&self.config, &self.declared).await
+    }
+
+    /// An [AsyncAPI 3.0.0](https://www.asyncapi.com/docs/reference/specification/v3.0.0)
+    /// document of this service: what an app built on [`run`](crate::run) prints for
+    /// `--asyncapi`.
+    ///
+    /// - `info.title` is the connection name ([`Config::name`](crate::Config::name));
+    ///   `info.version` is `NATTY_SERVICE_VERSION`, or `0.0.0` when unset (e.g. set it to
+    ///   the application's `CARGO_PKG_VERSION` at build time).
+    /// - `servers`: one per URL of [`Config::url`](crate::Config::url), without credentials;
+    ///   without a URL, the local development server natty would start.
+    /// - `channels`: one per subject a handler receives from: a consumer's filter subjects
+    ///   (its stream's subjects when it has none), a capture's likewise, a subscription's or
+    ///   service's subject, and `$KV.<bucket>.<key>` for a KV watch. A service's reply goes to
+    ///   a channel with a `null` address: the requester's inbox.
+    /// - `operations`: one `receive` per handler (one per handler and subject when a handler
+    ///   has several), keyed by the handler's name, summarised with its kind, stream, durable
+    ///   and where it was declared; a service's has a `reply`. Details are under `x-natty`.
+    /// - `components.messages`: one per payload type, with its `contentType` and its schema
+    ///   as `payload`; `components.schemas`: the named types those schemas refer to.
+    ///
+    /// Schemas are JSON Schema draft-07, AsyncAPI's default schema format, traced from each
+    /// serde payload type's `Deserialize` impl (see [`DecodePayload::json_schema`]): structs
+    /// are objects with their fields required unless `Option`, sequences arrays, maps objects,
+    /// enums `oneOf` their variants as serde_json writes them, integers bounded by their type.
+    /// A type that cannot be traced (one that deserializes from any value, such as
+    /// `serde_json::Value` or an untagged enum) gets an empty schema whose `description` says
+    /// so. A Protobuf payload gets a schema naming the message and `application/protobuf`:
+    /// AsyncAPI's Protobuf schema format wants `.proto` source, which prost types do not keep.
+    /// A `#[service]`'s reply is described when its type is `Deserialize` too (otherwise the
+    /// reply's schema is empty and says why); declared streams and leader tasks are listed
+    /// under the document's `x-natty`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use natty_runtime::Runtime;
+    ///
+    /// let runtime = Runtime::builder()
+    ///     .without_registered()
+    ///     .url("nats://user:secret@127.0.0.1:4222")
+    ///     .name("billing")
+    ///     .build()?;
+    /// let document = runtime.asyncapi();
+    /// assert_eq!(document["asyncapi"], "3.0.0");
+    /// assert_eq!(document["info"]["title"], "billing");
+    /// // Credentials never reach the document.
+    /// assert_eq!(document["servers"]["nats"]["host"], "127.0.0.1:4222");
+    /// println!("{document:#}");
+    /// # Ok::<(), natty_runtime::Error>(())
+    /// ```
+    pub fn asyncapi(&self) -> serde_json::Value {
+        crate::asyncapi::Service {
+            config: &self.config,
+            declared: &self.declared,
+        }
+        .document()
+    }
+}
+
+/// Startup, first phase: serves `/metrics`, `/healthz` and `/readyz` when asked to, on the
+/// caller's listener or the configured address.
+fn serve_endpoint(
+    listener: Option<std::net::TcpListener>,
+    config: &Config,
+    telemetry: &Arc<Telemetry>,
+) -> Result<Option<Endpoint>> {
+    Ok(match listener {
+        Some(listener) => Some(Endpoint::serve(listener, telemetry.clone())?),
+        None => match config.metrics_addr {
+            Some(addr) => Some(Endpoint::bind(addr, telemetry.clone())?),
+            None => None,
+        },
+    })
+}
+
+/// Startup, second phase: creates or checks (as `config.provision` says) every declared stream,
+/// the dead-letter stream when a consumer uses the default dead-letter subjects, the declared
+/// buckets and object stores and the leaders' buckets, then waits until every stream a handler
+/// reads has a leader.
+async fn provision(config: &Config, declared: &Declarations, client: &Client) -> Result<()> {
+    let js = client.jetstream();
+    let provision = config.provision;
+    // How long provisioning rides through a cluster electing leaders.
+    let patience = config.stream_leader_timeout;
+    for stream in &declared.streams {
+        patiently(patience, || stream.provision(js, provision)).await?;
+    }
+    let all_consumers = declared.all_consumers();
+    // The streams handlers read, each once.
+    let mut consumed: Vec<&str> = all_consumers.iter().map(|def| def.stream).collect();
+    consumed.sort_unstable();
+    consumed.dedup();
+    // Default dead-letter subjects need a stream to land in; a service that names its own
+    // dead-letter subjects (or provisions by other means) does not get one.
+    let default_dead_letters = all_consumers.iter().any(|c| c.dead_letter.is_none());
+    if default_dead_letters && provision == Provision::CreateOrUpdate && declared.stream(DEAD_LETTER_STREAM).is_none() {
+        // As replicated as the streams it takes messages from: on a cluster, a one-replica
+        // dead-letter stream on a node that is down would keep every instance from starting.
+        let mut replicas = declared
+            .streams
+            .iter()
+            .filter_map(|stream| stream.replicas)
+            .max()
+            .unwrap_or(1);
+        for name in &consumed {
+            if let Ok(Ok(stream)) = tokio::time::timeout(patience, js.get_stream(*name)).await {
+                replicas = replicas.max(stream.cached_info().config.num_replicas);
+            }
+        }
+        let dead_letters = StreamDef::new(DEAD_LETTER_STREAM, DEAD_LETTER_SUBJECTS)
+            .replicas(replicas)
+            .description("messages natty terminated or gave up on, with the reason in their headers");
+        patiently(patience, || dead_letters.provision(js, provision)).await?;
+    }
+    // Declared buckets first: a leader's bucket may be one of them (with its replicas).
+    for bucket in &declared.kv_buckets {
+        patiently(patience, || bucket.ensure(client, provision)).await?;
+    }
+    for store in &declared.object_stores {
+        patiently(patience, || store.ensure(client, provision)).await?;
+    }
+    for leader in &declared.leaders {
+        patiently(patience, || crate::leader::provision(leader, js, provision)).await?;
+    }
+    // On a cluster a stream is usable only once its replicas have elected a leader: right
+    // after creation, or while a quorum of its servers is restarting.
+    for stream in &consumed {
+        crate::stream::wait_for_leader(js, stream, config.stream_leader_timeout).await?;
+    }
+    Ok(())
+}
+
+/// Startup, third phase: binds every consumer (so a missing or refused one is a startup error,
+/// not a retry loop), groups consumers bound to a lease under their election, starts captures,
+/// and returns the service's tasks, none started yet: consumers, captures, KV watches,
+/// elections, subscriptions.
+async fn start(config: &Config, declared: &Declarations, client: &Client) -> Result<Vec<Task>> {
+    let js = client.jetstream();
+    let provision = config.provision;
+    let patience = config.stream_leader_timeout;
+    let mut tasks = Vec::new();
+    // Elections: each #[leader], plus one per key that only bound consumers name.
+    let mut elections: Vec<(LeaderDef, Vec<crate::leader::BoundConsumer>)> =
+        declared.leaders.iter().map(|leader| (*leader, Vec::new())).collect();
+    for def in &declared.consumers {
+        let stream_def = declared.stream(def.stream);
+        let consumer = Consumer::new(*def, client.clone(), provision, stream_def);
+        bind_when_led(&consumer, js, config.stream_leader_timeout).await?;
+        let Some((bucket, key)) = def.while_leading else {
+            tasks.push(consumer.task());
+            continue;
+        };
+        let leading = crate::leader::BoundConsumer {
+            def: *def,
+            provision,
+            stream: stream_def,
+        };
+        match elections
+            .iter_mut()
+            .find(|(leader, _)| leader.bucket == bucket && leader.key == key)
+        {
+            Some((_, consumers)) => consumers.push(leading),
+            None => {
+                let leader = LeaderDef::new(def.name, bucket, key, Duration::from_secs(10), crate::leader::idle);
+                patiently(patience, || crate::leader::provision(&leader, js, provision)).await?;
+                elections.push((leader, vec![leading]));
+            }
+        }
+    }
+    #[cfg(feature = "capture")]
+    for def in &declared.captures {
+        let stream_def = declared.stream(def.stream());
+        let slot = std::sync::Mutex::new(None);
+        patiently(patience, || async {
+            let started = crate::capture::Capture::start(
+                *def,
+                client.clone(),
+                provision,
+                stream_def,
+                config.capture_drain_timeout,
+            )
+            .await?;
+            *slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(started);
+            Ok(())
+        })
+        .await?;
+        tasks.extend(
+            slot.into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .map(crate::capture::Capture::task),
+        );
+    }
+    for watch in &declared.kv_watches {
+        tasks.push(crate::kv_watch::task(*watch, client.clone(), provision));
+    }
+    for (leader, consumers) in elections {
+        tasks.push(crate::leader::task(leader, client.clone(), consumers));
+    }
+    for subscription in &declared.subscriptions {
+        tasks.push(crate::core_nats::task(*subscription, client.clone()));
+    }
+    Ok(tasks)
+}
+
+/// How long tasks may take to stop once the drain timeout cut them off: captures store their
+/// open blocks on a deadline of their own (`capture_drain_timeout`).
+fn stop_grace(config: &Config, declared: &Declarations) -> Duration {
+    if declared.capture_consumers().is_empty() {
+        STOP_GRACE
+    } else {
+        config.capture_drain_timeout.saturating_sub(config.drain_timeout) + STOP_GRACE
     }
 }
 
@@ -731,35 +684,6 @@ impl std::ops::Deref for Connection {
     fn deref(&self) -> &Client {
         &self.client
     }
-}
-
-fn dedup_streams(streams: &[StreamDef]) -> Result<Vec<StreamDef>> {
-    let mut seen: HashMap<&str, StreamDef> = HashMap::new();
-    for stream in streams {
-        if let Some(first) = seen.get(stream.name) {
-            return Err(Error::Duplicate {
-                what: format!("stream `{}`", stream.name),
-                first: first.location.to_string(),
-                second: stream.location.to_string(),
-            });
-        }
-        seen.insert(stream.name, *stream);
-    }
-    Ok(streams.to_vec())
-}
-
-fn check_consumers(consumers: &[ConsumerDef]) -> Result<()> {
-    let mut seen: HashMap<(&str, &str), &ConsumerDef> = HashMap::new();
-    for consumer in consumers.iter().filter(|c| !c.ephemeral) {
-        if let Some(first) = seen.insert((consumer.stream, consumer.durable), consumer) {
-            return Err(Error::Duplicate {
-                what: format!("consumer `{}` on stream `{}`", consumer.durable, consumer.stream),
-                first: first.location.to_string(),
-                second: consumer.location.to_string(),
-            });
-        }
-    }
-    Ok(())
 }
 
 /// Resolves on the first SIGINT or SIGTERM.

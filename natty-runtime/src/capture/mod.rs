@@ -769,6 +769,12 @@ impl Capture {
         })
     }
 
+    /// The task that runs this capture (see [`Capture::run`]). It drains on a deadline of
+    /// its own (`capture_drain_timeout`), not the supervisor's hard stop.
+    pub(crate) fn task(self) -> crate::supervise::Task {
+        crate::supervise::Task::new(format!("capture {}", self.name()), move |stop| self.run(stop.cancel))
+    }
+
     /// Pulls, splits and writes until `cancel`, storing blocks as they close; then closes every
     /// open block and waits for the stores until the drain deadline.
     pub(crate) async fn run(self, cancel: CancellationToken) -> Result<()> {
