@@ -60,13 +60,20 @@ async fn refused(url: &str, vars: &[(&str, &str)]) -> String {
         Ok(_) => panic!("natty connected to {url}, but the server should have refused it"),
         Err(error) => error,
     };
-    let message = error.to_string();
+    // What failed is the error's text; why is its source, which `fn main() ->
+    // natty_runtime::Result<()>` prints after it (the error's `Debug`).
+    let what = error.to_string();
+    let message = format!("{error:?}");
     assert!(
         matches!(error, natty_runtime::Error::Connect { .. }),
         "expected a connect error, got: {message}"
     );
-    assert!(message.contains("cannot connect to NATS"), "{message}");
-    assert!(message.contains(url), "the error should name {url}: {message}");
+    assert!(what.contains("cannot connect to NATS"), "{what}");
+    assert!(what.contains(url), "the error should name {url}: {what}");
+    assert!(
+        message.starts_with(&what) && message.contains("caused by: "),
+        "the cause follows what failed: {message}"
+    );
     message
 }
 

@@ -267,7 +267,7 @@ impl Report {
             }
             Err(error) => {
                 self.differences += 1;
-                let _ = writeln!(self.text, "DRIFT  {what}: {error}");
+                let _ = writeln!(self.text, "DRIFT  {what}: {}", crate::error::chain(&error));
             }
         }
     }

@@ -129,6 +129,6 @@ async fn leave_lame_duck(client: Arc<async_nats::Client>) {
         .map_or(0, |now| now.subsec_nanos());
     tokio::time::sleep(Duration::from_nanos(u64::from(nanos % 1_000_000_000))).await;
     if let Err(error) = client.force_reconnect().await {
-        tracing::warn!(%error, "cannot reconnect away from the lame-duck server");
+        tracing::warn!(error = %crate::error::chain(&error), "cannot reconnect away from the lame-duck server");
     }
 }

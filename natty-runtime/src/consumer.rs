@@ -633,7 +633,7 @@ impl Consumer {
             let mut puller = match started {
                 Ok(puller) => puller,
                 Err(error) => {
-                    tracing::warn!(stream = this.def.stream, consumer = &*this.name, %error, "cannot subscribe; retrying");
+                    tracing::warn!(stream = this.def.stream, consumer = &*this.name, error = %crate::error::chain(&error), "cannot subscribe; retrying");
                     if !beside(&mut inline, pause(&cancel, &mut failures)).await {
                         break;
                     }
@@ -666,7 +666,7 @@ impl Consumer {
                     .top_up((concurrency + prefetch).saturating_sub(busy + waiting))
                     .await
                 {
-                    tracing::warn!(stream = this.def.stream, consumer = &*this.name, %error, "cannot send a pull request");
+                    tracing::warn!(stream = this.def.stream, consumer = &*this.name, error = %crate::error::chain(&error), "cannot send a pull request");
                 }
                 let pulled = tokio::select! {
                     biased;
@@ -880,7 +880,7 @@ impl Consumer {
                     return true;
                 }
                 Err(error) => {
-                    tracing::error!(%error, "cannot re-bind the consumer; retrying");
+                    tracing::error!(error = %crate::error::chain(&error), "cannot re-bind the consumer; retrying");
                     if !pause(cancel, failures).await {
                         return false;
                     }
@@ -1058,16 +1058,17 @@ impl Consumer {
                         RejectKind::Retry => (Duration::ZERO, "the handler asked for a retry".to_string()),
                         RejectKind::RetryAfter(delay) => (delay, "the handler asked for a retry".to_string()),
                     },
-                    Err(error) => (def.retry_delay(attempt), error.to_string()),
+                    Err(error) => (def.retry_delay(attempt), crate::error::chain(&*error).to_string()),
                 },
                 Ok(Outcome::Undecodable(error)) => {
                     tracing::error!(
                         handler = def.name, stream = def.stream, consumer = &*self.name, sequence = stream_sequence,
-                        payload_type = error.type_name, error = %error,
+                        payload_type = error.type_name, error = %crate::error::chain(&error),
                         "terminating a message whose payload cannot be decoded (stream {}, consumer {}, sequence {})",
                         def.stream, self.name, stream_sequence
                     );
-                    return Box::pin(self.dead_letter_and_terminate(&settle, original, &error.to_string())).await;
+                    let reason = crate::error::chain(&error).to_string();
+                    return Box::pin(self.dead_letter_and_terminate(&settle, original, &reason)).await;
                 }
                 Err(panic) => {
                     let what = panic_message(&*panic);
@@ -1185,7 +1186,9 @@ impl Consumer {
                         stored = true;
                         break;
                     }
-                    Err(error) => tracing::warn!(%error, attempt, subject = %self.dead_letter, "dead letter not acked"),
+                    Err(error) => {
+                        tracing::warn!(error = %crate::error::chain(&error), attempt, subject = %self.dead_letter, "dead letter not acked")
+                    }
                 },
                 Err(error)
                     if error.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded
@@ -1205,7 +1208,7 @@ impl Consumer {
                     continue;
                 }
                 Err(error) => {
-                    tracing::warn!(%error, attempt, subject = %self.dead_letter, "cannot publish the dead letter")
+                    tracing::warn!(error = %crate::error::chain(&error), attempt, subject = %self.dead_letter, "cannot publish the dead letter")
                 }
             }
             settle.send(Bytes::from_static(b"+WPI")).await;
@@ -1613,7 +1616,9 @@ impl Settle<'_> {
         match tokio::time::timeout(SETTLE_WITHIN, self.client.publish(self.reply.clone(), body)).await {
             Ok(Ok(())) => {}
             // The server will redeliver after ack_wait: at-least-once holds.
-            Ok(Err(error)) => tracing::warn!(%error, "cannot settle a message; it will be redelivered after ack_wait"),
+            Ok(Err(error)) => {
+                tracing::warn!(error = %crate::error::chain(&error), "cannot settle a message; it will be redelivered after ack_wait")
+            }
             Err(_) => tracing::warn!(
                 within = ?SETTLE_WITHIN,
                 "cannot settle a message: the connection takes nothing (is the server gone?); it will be redelivered after ack_wait"

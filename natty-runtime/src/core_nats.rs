@@ -277,7 +277,7 @@ pub(crate) async fn run(def: SubscriptionDef, client: Client, cancel: Cancellati
         match subscribed {
             Ok(subscriber) => break subscriber,
             Err(error) => {
-                tracing::warn!(handler = def.name, subject = def.subject, %error, "cannot subscribe; retrying");
+                tracing::warn!(handler = def.name, subject = def.subject, error = %crate::error::chain(&error), "cannot subscribe; retrying");
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -334,20 +334,20 @@ async fn handle(def: SubscriptionDef, client: Client, message: async_nats::Messa
                 let mut headers = HeaderMap::new();
                 headers.insert(CONTENT_TYPE, format.content_type());
                 if let Err(error) = client.nats().publish_with_headers(reply, headers, body).await {
-                    tracing::warn!(handler = def.name, %error, "cannot send the reply");
+                    tracing::warn!(handler = def.name, error = %crate::error::chain(&error), "cannot send the reply");
                 }
             }
             return;
         }
-        CoreOutcome::Failed(error) => error.to_string(),
-        CoreOutcome::Undecodable(error) => error.to_string(),
+        CoreOutcome::Failed(error) => crate::error::chain(&*error).to_string(),
+        CoreOutcome::Undecodable(error) => crate::error::chain(&error).to_string(),
     };
     tracing::warn!(handler = def.name, subject = def.subject, error = %failure, "handler failed");
     if let (CoreKind::Service, Some(reply)) = (def.kind, reply) {
         let mut headers = HeaderMap::new();
         headers.insert(ERROR_HEADER, failure.replace(['\r', '\n'], " ").as_str());
         if let Err(error) = client.nats().publish_with_headers(reply, headers, Bytes::new()).await {
-            tracing::warn!(handler = def.name, %error, "cannot send the error reply");
+            tracing::warn!(handler = def.name, error = %crate::error::chain(&error), "cannot send the error reply");
         }
     }
 }
@@ -357,7 +357,7 @@ async fn handle(def: SubscriptionDef, client: Client, message: async_nats::Messa
 #[non_exhaustive]
 pub enum RequestError {
     /// The request could not be encoded.
-    #[error("cannot encode the request to `{subject}` as {format}: {source}")]
+    #[error("cannot encode the request to `{subject}` as {format}")]
     Encode {
         /// The subject.
         subject: String,
@@ -390,7 +390,7 @@ pub enum RequestError {
         message: String,
     },
     /// The reply is not the expected type.
-    #[error("cannot decode the reply from `{subject}`: {source}")]
+    #[error("cannot decode the reply from `{subject}`")]
     Decode {
         /// The subject.
         subject: String,
@@ -399,7 +399,7 @@ pub enum RequestError {
         source: DecodeError,
     },
     /// Anything else the client reported.
-    #[error("request to `{subject}` failed: {source}")]
+    #[error("request to `{subject}` failed")]
     Other {
         /// The subject.
         subject: String,

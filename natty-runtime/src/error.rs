@@ -10,8 +10,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can stop a natty service from starting or running.
 ///
-/// `Debug` prints the same text as `Display` plus the chain of causes, so that
-/// `fn main() -> natty_runtime::Result<()>` exits with a readable message.
+/// `Display` says what failed; why is in [`source`](std::error::Error::source), as the Rust
+/// API guidelines ask (so `anyhow`'s `{:#}` and error reporters print each cause once).
+/// `Debug` prints the message and every cause, so that `fn main() -> natty_runtime::Result<()>`
+/// exits with the whole story.
 #[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -27,7 +29,7 @@ pub enum Error {
     },
 
     /// Could not connect to the NATS server(s).
-    #[error("cannot connect to NATS at {url}: {source}")]
+    #[error("cannot connect to NATS at {url}")]
     Connect {
         /// The server URL(s) tried.
         url: String,
@@ -52,7 +54,7 @@ pub enum Error {
     NothingRegistered,
 
     /// A JetStream API request failed while provisioning or checking a stream.
-    #[error("stream `{stream}`: {action} failed: {source}")]
+    #[error("stream `{stream}`: {action} failed")]
     Stream {
         /// The stream's name.
         stream: String,
@@ -104,7 +106,7 @@ pub enum Error {
     },
 
     /// A JetStream API request failed while provisioning or binding a consumer.
-    #[error("consumer `{consumer}` on stream `{stream}`: {action} failed: {source}")]
+    #[error("consumer `{consumer}` on stream `{stream}`: {action} failed")]
     Consumer {
         /// The stream's name.
         stream: String,
@@ -181,7 +183,7 @@ pub enum Error {
     Usage(String),
 
     /// An I/O error outside the NATS connection (signals, files).
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         /// What was being done.
         what: String,
@@ -194,16 +196,7 @@ pub enum Error {
 impl fmt::Debug for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{self}")?;
-        let mut source = std::error::Error::source(self);
-        // The top-level Display already embeds the first source; list deeper causes only.
-        if let Some(first) = source {
-            source = first.source();
-        }
-        while let Some(cause) = source {
-            write!(f, "\n  caused by: {cause}")?;
-            source = cause.source();
-        }
-        Ok(())
+        causes(self, |cause| write!(f, "\n  caused by: {cause}"))
     }
 }
 
@@ -214,5 +207,66 @@ impl Error {
             value: value.into(),
             reason: reason.into(),
         }
+    }
+}
+
+/// `error` with its causes, `what failed: why: deeper why`, as one line (what `anyhow`'s
+/// `{:#}` prints): for logs, dead-letter reasons and error replies, where `Display` alone
+/// would say what failed but not why.
+pub(crate) fn chain<'a>(error: &'a (dyn std::error::Error + 'a)) -> Chain<'a> {
+    Chain(error)
+}
+
+/// See [`chain`].
+pub(crate) struct Chain<'a>(&'a (dyn std::error::Error + 'a));
+
+impl fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        causes(self.0, |cause| write!(f, ": {cause}"))
+    }
+}
+
+/// Calls `each` with every cause of `error`, outermost first, leaving out a cause whose text
+/// the one above it already holds: some lower layers print their source in their own message.
+fn causes<'a>(error: &'a (dyn std::error::Error + 'a), mut each: impl FnMut(&str) -> fmt::Result) -> fmt::Result {
+    let mut said = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !said.contains(&text) {
+            each(&text)?;
+        }
+        said = text;
+        source = cause.source();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("{0}")]
+    struct Says(&'static str, #[source] Option<Box<Says>>);
+
+    #[test]
+    fn display_says_what_failed_and_chain_and_debug_say_why_once_each() {
+        let root = Says("connection refused", None);
+        let embeds = Says("i/o error: connection refused", Some(Box::new(root)));
+        let error = Error::Connect {
+            url: "nats://127.0.0.1:4222".into(),
+            source: Box::new(embeds),
+        };
+        assert_eq!(error.to_string(), "cannot connect to NATS at nats://127.0.0.1:4222");
+        assert_eq!(
+            chain(&error).to_string(),
+            "cannot connect to NATS at nats://127.0.0.1:4222: i/o error: connection refused"
+        );
+        assert_eq!(
+            format!("{error:?}"),
+            "cannot connect to NATS at nats://127.0.0.1:4222\n  caused by: i/o error: connection refused"
+        );
     }
 }

@@ -294,7 +294,7 @@ pub enum KvError {
         key: String,
     },
     /// The value could not be encoded.
-    #[error("KV bucket `{bucket}`: cannot encode the value of `{key}` as {format}: {source}")]
+    #[error("KV bucket `{bucket}`: cannot encode the value of `{key}` as {format}")]
     Encode {
         /// The bucket's name.
         bucket: String,
@@ -307,7 +307,7 @@ pub enum KvError {
         source: BoxError,
     },
     /// A stored value could not be decoded as the handle's type.
-    #[error("KV bucket `{bucket}`: key `{key}` at revision {revision}: {source}")]
+    #[error("KV bucket `{bucket}`: key `{key}` at revision {revision}")]
     Decode {
         /// The bucket's name.
         bucket: String,
@@ -320,7 +320,7 @@ pub enum KvError {
         source: DecodeError,
     },
     /// A request about one key failed (no server, timeout, refused).
-    #[error("KV bucket `{bucket}`: {action} `{key}` failed: {source}")]
+    #[error("KV bucket `{bucket}`: {action} `{key}` failed")]
     Request {
         /// The bucket's name.
         bucket: String,
@@ -333,7 +333,7 @@ pub enum KvError {
         source: BoxError,
     },
     /// A request about the whole bucket failed.
-    #[error("KV bucket `{bucket}`: {action} failed: {source}")]
+    #[error("KV bucket `{bucket}`: {action} failed")]
     Bucket {
         /// The bucket's name.
         bucket: String,
@@ -897,7 +897,7 @@ impl Entries {
                 None => match Entries::watch(&self.store, &self.key, self.next).await {
                     Ok(watch) => self.watch.insert(watch),
                     Err(error) => {
-                        tracing::warn!(bucket = %self.store.name, key = %self.key, %error, "cannot watch; retrying");
+                        tracing::warn!(bucket = %self.store.name, key = %self.key, error = %crate::error::chain(&error), "cannot watch; retrying");
                         tokio::time::sleep(RESUME_DELAY).await;
                         continue;
                     }
@@ -914,7 +914,7 @@ impl Entries {
                     return entry;
                 }
                 Some(Err(error)) => {
-                    tracing::warn!(bucket = %self.store.name, key = %self.key, %error, "watch interrupted; resuming");
+                    tracing::warn!(bucket = %self.store.name, key = %self.key, error = %crate::error::chain(&error), "watch interrupted; resuming");
                 }
                 None => {
                     tracing::debug!(bucket = %self.store.name, key = %self.key, "watch ended; resuming");

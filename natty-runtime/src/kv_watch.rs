@@ -173,7 +173,7 @@ pub(crate) async fn run(
         let store = match js.get_key_value(def.bucket).await {
             Ok(store) => store,
             Err(error) if provision == Provision::CreateOrUpdate => {
-                tracing::info!(bucket = def.bucket, %error, "creating the watched KV bucket");
+                tracing::info!(bucket = def.bucket, error = %crate::error::chain(&error), "creating the watched KV bucket");
                 match js
                     .create_key_value(kv::Config {
                         bucket: def.bucket.to_string(),
@@ -184,7 +184,7 @@ pub(crate) async fn run(
                 {
                     Ok(store) => store,
                     Err(error) => {
-                        tracing::warn!(bucket = def.bucket, %error, "cannot create the KV bucket; retrying");
+                        tracing::warn!(bucket = def.bucket, error = %crate::error::chain(&error), "cannot create the KV bucket; retrying");
                         if !wait(&cancel).await {
                             return;
                         }
@@ -193,7 +193,7 @@ pub(crate) async fn run(
                 }
             }
             Err(error) => {
-                tracing::warn!(bucket = def.bucket, %error, "the watched KV bucket is not there; retrying");
+                tracing::warn!(bucket = def.bucket, error = %crate::error::chain(&error), "the watched KV bucket is not there; retrying");
                 if !wait(&cancel).await {
                     return;
                 }
@@ -210,7 +210,7 @@ pub(crate) async fn run(
         let mut entries = match crate::kv::Entries::open(store, def.key.to_string(), start).await {
             Ok(entries) => entries,
             Err(error) => {
-                tracing::warn!(bucket = def.bucket, key = def.key, %error, "cannot watch; retrying");
+                tracing::warn!(bucket = def.bucket, key = def.key, error = %crate::error::chain(&error), "cannot watch; retrying");
                 if !wait(&cancel).await {
                     return;
                 }
@@ -236,8 +236,8 @@ pub(crate) async fn run(
             };
             let failure = match handled {
                 Ok(CoreOutcome::Done | CoreOutcome::Reply(..)) => continue,
-                Ok(CoreOutcome::Failed(error)) => error.to_string(),
-                Ok(CoreOutcome::Undecodable(error)) => error.to_string(),
+                Ok(CoreOutcome::Failed(error)) => crate::error::chain(&*error).to_string(),
+                Ok(CoreOutcome::Undecodable(error)) => crate::error::chain(&error).to_string(),
                 Err(_) => "the handler panicked".to_string(),
             };
             tracing::warn!(handler = def.name, bucket = def.bucket, %key, revision, error = %failure, "KV watch handler failed");

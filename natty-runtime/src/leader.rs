@@ -244,7 +244,7 @@ pub enum FencedError {
         token: u64,
     },
     /// Encoding or publishing failed.
-    #[error("fenced write to `{key}` failed: {source}")]
+    #[error("fenced write to `{key}` failed")]
     Write {
         /// The key written.
         key: String,
@@ -446,7 +446,7 @@ impl Election {
                 "leadership released"
             ),
             Ok(Err(error)) => {
-                tracing::warn!(handler = self.def.name, %error, "cannot release leadership; it ends with its TTL")
+                tracing::warn!(handler = self.def.name, error = %crate::error::chain(&error), "cannot release leadership; it ends with its TTL")
             }
             Err(_) => tracing::warn!(
                 handler = self.def.name,
@@ -462,7 +462,7 @@ impl Election {
         let mut activity = match self.client.nats().subscribe(self.subject.clone()).await {
             Ok(subscriber) => Some(subscriber),
             Err(error) => {
-                tracing::warn!(handler = self.def.name, %error, "cannot watch the election key; polling it");
+                tracing::warn!(handler = self.def.name, error = %crate::error::chain(&error), "cannot watch the election key; polling it");
                 None
             }
         };
@@ -482,7 +482,7 @@ impl Election {
                 Err(error) => {
                     failures += 1;
                     if failures == 1 || failures % 20 == 0 {
-                        tracing::warn!(handler = self.def.name, bucket = self.def.bucket, %error, "cannot read the election key; retrying");
+                        tracing::warn!(handler = self.def.name, bucket = self.def.bucket, error = %crate::error::chain(&*error), "cannot read the election key; retrying");
                     }
                     if !self.pause(cancel, &mut activity, &mut seen).await {
                         return None;
@@ -512,7 +512,7 @@ impl Election {
                         }
                         Ok(None) => {}
                         Err(error) => {
-                            tracing::warn!(handler = self.def.name, %error, "cannot write the election key; retrying");
+                            tracing::warn!(handler = self.def.name, error = %crate::error::chain(&*error), "cannot write the election key; retrying");
                         }
                     }
                 }
@@ -641,8 +641,8 @@ impl Election {
                         task = None;
                         let failure = match joined {
                             Ok(Outcome::Ack) => break TermEnd::Finished,
-                            Ok(Outcome::Failed(error)) => error.to_string(),
-                            Ok(Outcome::Undecodable(error)) => error.to_string(),
+                            Ok(Outcome::Failed(error)) => crate::error::chain(&*error).to_string(),
+                            Ok(Outcome::Undecodable(error)) => crate::error::chain(&error).to_string(),
                             Err(error) => error.to_string(),
                         };
                         failures += 1;
@@ -738,7 +738,7 @@ impl Election {
                     return;
                 }
                 Err(error) => {
-                    tracing::warn!(handler = self.def.name, %error, "cannot renew the lease; retrying until its deadline");
+                    tracing::warn!(handler = self.def.name, error = %crate::error::chain(&*error), "cannot renew the lease; retrying until its deadline");
                     next = Instant::now() + Duration::from_millis(100);
                 }
             }

@@ -231,7 +231,7 @@ pub enum ObjectStoreError {
         object: String,
     },
     /// Reading the data to store failed; what was sent of it is not visible as the object.
-    #[error("object store `{bucket}`: reading the data for `{object}` failed: {source}")]
+    #[error("object store `{bucket}`: reading the data for `{object}` failed")]
     Read {
         /// The store's name.
         bucket: String,
@@ -242,7 +242,7 @@ pub enum ObjectStoreError {
         source: BoxError,
     },
     /// The typed metadata could not be encoded, or the stored metadata decoded, as JSON.
-    #[error("object store `{bucket}`: the metadata of `{object}`: {source}")]
+    #[error("object store `{bucket}`: the metadata of `{object}`")]
     Metadata {
         /// The store's name.
         bucket: String,
@@ -253,7 +253,7 @@ pub enum ObjectStoreError {
         source: serde_json::Error,
     },
     /// A request about one object failed (no server, timeout, refused, store full).
-    #[error("object store `{bucket}`: {action} `{object}` failed: {source}")]
+    #[error("object store `{bucket}`: {action} `{object}` failed")]
     Request {
         /// The store's name.
         bucket: String,
@@ -266,7 +266,7 @@ pub enum ObjectStoreError {
         source: BoxError,
     },
     /// A request about the whole store failed.
-    #[error("object store `{bucket}`: {action} failed: {source}")]
+    #[error("object store `{bucket}`: {action} failed")]
     Bucket {
         /// The store's name.
         bucket: String,

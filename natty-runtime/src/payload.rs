@@ -288,10 +288,7 @@ fn describe(error: &DecodeError) -> String {
             error.expected,
             error.expected.content_type()
         ),
-        (None, Some(source)) => format!(
-            "cannot decode the payload as {} ({}): {source}",
-            error.type_name, error.expected
-        ),
+        (None, Some(_)) => format!("cannot decode the payload as {} ({})", error.type_name, error.expected),
         (None, None) => format!("cannot decode the payload as {}", error.type_name),
     }
 }

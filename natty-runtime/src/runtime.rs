@@ -337,7 +337,7 @@ impl Runtime {
             .await;
         match tokio::time::timeout(FLUSH_WITHIN, client.flush()).await {
             Ok(Ok(())) => {}
-            Ok(Err(error)) => tracing::warn!(%error, "could not flush the connection on shutdown"),
+            Ok(Err(error)) => tracing::warn!(error = %crate::error::chain(&error), "could not flush the connection on shutdown"),
             Err(_) => tracing::warn!(
                 "could not flush the connection on shutdown within {FLUSH_WITHIN:?} (is the server gone?); unsent acks are redelivered"
             ),
@@ -599,7 +599,7 @@ where
     loop {
         match step().await {
             Err(error) if transient(&error) && started.elapsed() + pause < timeout => {
-                tracing::warn!(%error, attempt, "provisioning did not go through (the cluster may be electing leaders); trying again");
+                tracing::warn!(error = %crate::error::chain(&error), attempt, "provisioning did not go through (the cluster may be electing leaders); trying again");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(2));
                 attempt += 1;
@@ -626,10 +626,10 @@ async fn bind_when_led(consumer: &Consumer, js: &async_nats::jetstream::Context,
                     return Err(Error::NoStreamLeader {
                         stream: stream.to_string(),
                         waited,
-                        detail: error.to_string(),
+                        detail: crate::error::chain(&error).to_string(),
                     });
                 }
-                tracing::warn!(%error, stream, "the stream is not available yet; trying again");
+                tracing::warn!(error = %crate::error::chain(&error), stream, "the stream is not available yet; trying again");
                 tokio::time::sleep(pause.min(timeout - waited)).await;
                 pause = (pause * 2).min(Duration::from_secs(2));
                 crate::stream::wait_for_leader(js, stream, timeout.saturating_sub(started.elapsed())).await?;

@@ -76,7 +76,7 @@ impl<'a> Supervisor<'a> {
             Some(result) = self.tasks.join_next() => match result {
                 // A capture stops on an error it cannot retry (a path template its keys cannot fill).
                 Ok(Err(error)) => {
-                    tracing::error!(%error, "a task failed; shutting down");
+                    tracing::error!(error = %crate::error::chain(&error), "a task failed; shutting down");
                     Some(error)
                 }
                 // Any other task only ends on its own when it panicked: that is a bug, stop loudly.

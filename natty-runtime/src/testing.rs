@@ -205,7 +205,7 @@ impl NatsServer {
         if let Some(mut child) = self.child.take() {
             // An error means the process had already exited, which is what was asked for.
             if let Err(err) = child.kill().await {
-                tracing::debug!(pid = self.pid, %err, "nats-server had already exited");
+                tracing::debug!(pid = self.pid, err = %crate::error::chain(&err), "nats-server had already exited");
             }
         }
     }
@@ -443,7 +443,7 @@ impl Launch {
                 }
             }
             if let Err(err) = child.kill().await {
-                tracing::debug!(pid, %err, "nats-server had already exited");
+                tracing::debug!(pid, err = %crate::error::chain(&err), "nats-server had already exited");
             }
             // The last attempt may have been cut short by the deadline before it could report
             // the port clash that made the earlier ones fail.

@@ -561,7 +561,7 @@ impl Shared {
                         )
                     }
                     Ok(Err(error)) => {
-                        tracing::warn!(capture = self.def.name, %error, "cannot sweep the manifests of acked blocks")
+                        tracing::warn!(capture = self.def.name, error = %crate::error::chain(&error), "cannot sweep the manifests of acked blocks")
                     }
                 }
             }
@@ -602,7 +602,7 @@ impl Shared {
                 "removed the manifests of acked blocks"
             ),
             Ok(Err(error)) => {
-                tracing::warn!(capture = self.def.name, %error, "cannot remove the manifests of acked blocks")
+                tracing::warn!(capture = self.def.name, error = %crate::error::chain(&error), "cannot remove the manifests of acked blocks")
             }
             Err(_) => tracing::warn!(
                 capture = self.def.name,
@@ -692,8 +692,9 @@ impl Capture {
         if def.every.is_zero() {
             return Err(def.error("`every` must be longer than zero"));
         }
-        let store = BlockStore::open(def.store).map_err(|error| def.error(error.to_string()))?;
-        let writers = (def.writers)(def.format, def.compression).map_err(|error| def.error(error.to_string()))?;
+        let store = BlockStore::open(def.store).map_err(|error| def.error(crate::error::chain(&error).to_string()))?;
+        let writers = (def.writers)(def.format, def.compression)
+            .map_err(|error| def.error(crate::error::chain(&error).to_string()))?;
         let nats = client.nats().clone();
         let metrics = client.telemetry().metrics.capture(def.name, def.stream);
         let consumer = Consumer::new(def.consumer_def(), client, provision, stream_def);
@@ -730,7 +731,7 @@ impl Capture {
         let swept = store
             .sweep_temporaries()
             .await
-            .map_err(|error| def.error(error.to_string()))?;
+            .map_err(|error| def.error(crate::error::chain(&error).to_string()))?;
         if swept > 0 {
             tracing::info!(
                 capture = def.name,
@@ -810,7 +811,7 @@ impl Capture {
             let mut puller = match Puller::start(&shared.nats, def.stream, def.durable).await {
                 Ok(puller) => puller,
                 Err(error) => {
-                    tracing::warn!(capture = def.name, %error, "cannot subscribe; retrying");
+                    tracing::warn!(capture = def.name, error = %crate::error::chain(&error), "cannot subscribe; retrying");
                     if !crate::consumer::pause(&cancel, &mut failures).await {
                         break None;
                     }
@@ -827,7 +828,7 @@ impl Capture {
                     self.max_held.saturating_sub(held).min(MAX_CREDITS as u64) as usize
                 };
                 if let Err(error) = puller.top_up(room).await {
-                    tracing::warn!(capture = def.name, %error, "cannot send a pull request");
+                    tracing::warn!(capture = def.name, error = %crate::error::chain(&error), "cannot send a pull request");
                 }
                 unsure.refresh_if_due(&shared);
                 let pulled = tokio::select! {
@@ -895,7 +896,11 @@ impl Capture {
                         let captured = match decoded {
                             Ok(Ok(captured)) => captured,
                             Ok(Err(error)) => {
-                                self.dead_letter(reply, original, format!("cannot decode the payload: {error}"));
+                                self.dead_letter(
+                                    reply,
+                                    original,
+                                    format!("cannot decode the payload: {}", crate::error::chain(&*error)),
+                                );
                                 continue;
                             }
                             Err(panic) => {
@@ -992,7 +997,7 @@ impl Capture {
                         break true;
                     }
                     Err(error) => {
-                        tracing::error!(capture = def.name, %error, "cannot re-bind the consumer; retrying");
+                        tracing::error!(capture = def.name, error = %crate::error::chain(&error), "cannot re-bind the consumer; retrying");
                         if !crate::consumer::pause(&cancel, &mut failures).await {
                             break false;
                         }
@@ -1032,7 +1037,7 @@ impl Capture {
             }
         }
         if let Err(error) = shared.nats.flush().await {
-            tracing::warn!(capture = def.name, %error, "cannot flush the acks");
+            tracing::warn!(capture = def.name, error = %crate::error::chain(&error), "cannot flush the acks");
         }
         shared.remove_acked_manifests().await;
         let stats = &shared.stats;
@@ -1246,7 +1251,7 @@ impl Unsure {
                 self.refresh = None;
                 match outcome {
                     Ok(Ok(())) => Ok(()),
-                    Ok(Err(error)) => Err(error.to_string()),
+                    Ok(Err(error)) => Err(crate::error::chain(&error).to_string()),
                     Err(panic) => Err(format!("the ledger read failed: {panic}")),
                 }
             }
@@ -1376,7 +1381,10 @@ impl Blocks {
                     Ok(folder) => folder,
                     Err(error) => {
                         shared.release(incarnation, &[original.stream_sequence]);
-                        let reason = format!("its key cannot fill the store's path template: {error}");
+                        let reason = format!(
+                            "its key cannot fill the store's path template: {}",
+                            crate::error::chain(&error)
+                        );
                         return Err(Box::new((reply, original, reason)));
                     }
                 };
@@ -1408,7 +1416,11 @@ impl Blocks {
             return Err(Box::new((
                 reply,
                 original,
-                format!("cannot write the record as {}: {error}", def.format),
+                format!(
+                    "cannot write the record as {}: {}",
+                    def.format,
+                    crate::error::chain(&error)
+                ),
             )));
         }
         block.replies.push(reply);
@@ -1583,7 +1595,11 @@ async fn store_block_in_span(
         }
         Ok(Err(error)) => {
             release();
-            return Err(def.error(format!("cannot finish a {} block: {error}", def.format)));
+            return Err(def.error(format!(
+                "cannot finish a {} block: {}",
+                def.format,
+                crate::error::chain(&error)
+            )));
         }
         Err(panic) => {
             release();
@@ -1595,7 +1611,7 @@ async fn store_block_in_span(
         Ok(path) => path,
         Err(error) => {
             release();
-            return Err(def.error(error.to_string()));
+            return Err(def.error(crate::error::chain(&error).to_string()));
         }
     };
     let location = shared.store.describe(&path);
@@ -1634,7 +1650,7 @@ async fn store_block_in_span(
                 // A round trip after the acks: once it returns, the server has them all, which
                 // narrows the window in which a crash loses some acks of a stored block.
                 if let Err(error) = shared.nats.flush().await {
-                    tracing::warn!(capture = def.name, %error, "cannot flush the acks of a stored block");
+                    tracing::warn!(capture = def.name, error = %crate::error::chain(&error), "cannot flush the acks of a stored block");
                 }
                 shared.stored(incarnation, sorted.clone());
                 release();
@@ -1662,7 +1678,7 @@ async fn store_block_in_span(
                 shared.stats.store_failures.fetch_add(1, Ordering::Relaxed);
                 shared.metrics.store_failures.inc();
                 tracing::warn!(
-                    capture = def.name, block = %location, messages = count, attempts, retry_in = ?delay, %error,
+                    capture = def.name, block = %location, messages = count, attempts, retry_in = ?delay, error = %crate::error::chain(&error),
                     "cannot store a block; retrying, its messages stay unacked"
                 );
                 tokio::select! {

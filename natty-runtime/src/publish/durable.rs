@@ -125,7 +125,7 @@ pub(crate) async fn publish_durably(
                 other => other,
             });
         }
-        tracing::debug!(%subject, attempt, %error, "publish not confirmed; retrying");
+        tracing::debug!(%subject, attempt, error = %crate::error::chain(&error), "publish not confirmed; retrying");
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(std::time::Duration::from_secs(2));
     }

@@ -44,7 +44,7 @@ fn publish_span(subject: &str) -> tracing::Span {
 pub enum PublishError {
     /// An optimistic-concurrency expectation did not hold (`expected_last_*`): another writer
     /// got there first. Nothing was stored; re-read and decide.
-    #[error("publish to `{subject}` rejected: {expectation} does not hold ({source})")]
+    #[error("publish to `{subject}` rejected: {expectation} does not hold")]
     Conflict {
         /// The target subject.
         subject: String,
@@ -56,7 +56,7 @@ pub enum PublishError {
     },
     /// No ack came in time, even after retries: the message may or may not be stored.
     /// Publishing again with the same [`Publish::id`] is safe: the stream keeps one copy.
-    #[error("publish to `{subject}` unconfirmed after {attempts} attempts (it may be stored): {source}")]
+    #[error("publish to `{subject}` unconfirmed after {attempts} attempts (it may be stored)")]
     Unconfirmed {
         /// The target subject.
         subject: String,
@@ -105,7 +105,7 @@ pub enum PublishError {
         problem: &'static str,
     },
     /// The value could not be encoded.
-    #[error("cannot encode the message for `{subject}` as {format}: {source}")]
+    #[error("cannot encode the message for `{subject}` as {format}")]
     Encode {
         /// The target subject.
         subject: String,
@@ -116,7 +116,7 @@ pub enum PublishError {
         source: crate::error::BoxError,
     },
     /// The server did not ack the message (no stream for the subject, timeout, refused).
-    #[error("publish to `{subject}` was not acknowledged: {source}")]
+    #[error("publish to `{subject}` was not acknowledged")]
     Publish {
         /// The target subject.
         subject: String,

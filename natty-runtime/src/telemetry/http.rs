@@ -95,7 +95,7 @@ async fn serve(
                 Ok(accepted) => accepted,
                 Err(error) => {
                     // Out of file descriptors and the like: back off rather than spin.
-                    tracing::warn!(%error, "metrics endpoint: cannot accept a connection");
+                    tracing::warn!(error = %crate::error::chain(&error), "metrics endpoint: cannot accept a connection");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }

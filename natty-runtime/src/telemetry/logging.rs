@@ -147,7 +147,7 @@ fn env_filter() -> EnvFilter {
 pub(crate) fn shutdown() {
     if let Some(provider) = PROVIDER.get() {
         if let Err(error) = provider.shutdown() {
-            tracing::warn!(%error, "could not flush the span exporter");
+            tracing::warn!(error = %crate::error::chain(&error), "could not flush the span exporter");
         }
     }
 }

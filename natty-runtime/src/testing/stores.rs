@@ -591,7 +591,7 @@ impl Server {
         }
         // An error means the process had already exited, which is what was asked for.
         if let Err(err) = child.kill().await {
-            tracing::debug!(pid = self.pid, %err, "{} had already exited", self.kind.name());
+            tracing::debug!(pid = self.pid, err = %crate::error::chain(&err), "{} had already exited", self.kind.name());
         }
     }
 
@@ -620,7 +620,7 @@ impl Server {
             }
             Err(failure) => {
                 if let Err(err) = child.kill().await {
-                    tracing::debug!(pid = self.pid, %err, "{} had already exited", self.kind.name());
+                    tracing::debug!(pid = self.pid, err = %crate::error::chain(&err), "{} had already exited", self.kind.name());
                 }
                 Err((failure, log_start))
             }

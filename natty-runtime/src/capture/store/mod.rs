@@ -144,7 +144,7 @@ pub enum StoreError {
         reason: String,
     },
     /// Reading or writing the store failed.
-    #[error("store `{url}`: {action} `{location}` failed: {source}")]
+    #[error("store `{url}`: {action} `{location}` failed")]
     Io {
         /// The store URL.
         url: String,
@@ -534,7 +534,7 @@ impl BlockStore {
     /// Aborts a failed multipart upload so the parts already sent are not kept (and billed).
     async fn abort(&self, writer: WriteMultipart, path: &Path) {
         if let Err(err) = writer.abort().await {
-            tracing::warn!(store = %self.inner.url, path = %path, %err, "cannot abort a failed multipart upload");
+            tracing::warn!(store = %self.inner.url, path = %path, err = %crate::error::chain(&err), "cannot abort a failed multipart upload");
         }
     }
 
