@@ -1,5 +1,5 @@
 //! How values become message bytes and back: JSON through serde for any `Serialize` /
-//! `Deserialize` type, Protobuf through prost for types deriving [`Payload`](crate::Payload)
+//! `Deserialize` type, Protobuf through prost for types deriving [`Payload`]
 //! with `format = "protobuf"`. The format travels in a `Content-Type` header, so a consumer
 //! handed the other format reports exactly that instead of a confusing parse error.
 
@@ -65,7 +65,7 @@ impl std::fmt::Display for Format {
 }
 
 /// A value that can be published: every `serde::Serialize` type as JSON, and Protobuf
-/// messages that derive [`Payload`](crate::Payload) with `format = "protobuf"`.
+/// messages that derive [`Payload`] with `format = "protobuf"`.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be published",
     label = "not encodable",
@@ -93,7 +93,7 @@ impl<T: Serialize + ?Sized> EncodePayload for T {
 }
 
 /// A value a handler can take as its payload: every `serde::Deserialize` type as JSON, and
-/// Protobuf messages that derive [`Payload`](crate::Payload) with `format = "protobuf"`.
+/// Protobuf messages that derive [`Payload`] with `format = "protobuf"`.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be a message payload",
     label = "not decodable",
@@ -116,7 +116,7 @@ pub trait DecodePayload: Sized + Send + 'static {
     ///
     /// Named types it refers to are under `definitions`, referenced as `#/definitions/<name>`.
     /// For serde types it is traced from the `Deserialize` impl; a derived Protobuf
-    /// [`Payload`](crate::Payload) gives a schema titled with its name (see
+    /// [`Payload`] gives a schema titled with its name (see
     /// [`Runtime::asyncapi`](crate::Runtime::asyncapi)). The default, for other impls, is an
     /// empty schema (any value) whose `description` says why there is nothing more.
     fn json_schema() -> serde_json::Value {

@@ -386,7 +386,7 @@ impl Runtime {
     ///   as `payload`; `components.schemas`: the named types those schemas refer to.
     ///
     /// Schemas are JSON Schema draft-07, AsyncAPI's default schema format, traced from each
-    /// serde payload type's `Deserialize` impl (see [`DecodePayload::json_schema`]): structs
+    /// serde payload type's `Deserialize` impl (see [`DecodePayload::json_schema`](crate::DecodePayload::json_schema)): structs
     /// are objects with their fields required unless `Option`, sequences arrays, maps objects,
     /// enums `oneOf` their variants as serde_json writes them, integers bounded by their type.
     /// A type that cannot be traced (one that deserializes from any value, such as
