@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use futures_util::future::BoxFuture;
-use futures_util::FutureExt;
+use futures_util::stream::BoxStream;
+use futures_util::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Provision;
@@ -203,11 +204,11 @@ pub(crate) async fn run(
         // Resumes on its own after an interruption, from the revision after the last one
         // delivered, so no change is missed or repeated.
         let start = if def.history {
-            crate::kv::WatchStart::LastPerKey
+            WatchStart::LastPerKey
         } else {
-            crate::kv::WatchStart::New
+            WatchStart::New
         };
-        let mut entries = match crate::kv::Entries::open(store, def.key.to_string(), start).await {
+        let mut entries = match Entries::open(store, def.key.to_string(), start).await {
             Ok(entries) => entries,
             Err(error) => {
                 tracing::warn!(bucket = def.bucket, key = def.key, error = %crate::error::chain(&error), "cannot watch; retrying");
@@ -249,5 +250,115 @@ async fn wait(cancel: &CancellationToken) -> bool {
     tokio::select! {
         _ = cancel.cancelled() => false,
         _ = tokio::time::sleep(Duration::from_millis(500)) => true,
+    }
+}
+
+/// Where a watch starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WatchStart {
+    /// With the changes made after it is set up.
+    New,
+    /// With the current value of each matching key.
+    LastPerKey,
+    /// With this revision.
+    Revision(u64),
+}
+
+/// Pause before setting a broken watch up again, so a server that is down is not hammered.
+const RESUME_DELAY: Duration = Duration::from_millis(250);
+
+/// The raw entries of the keys matching `key`, each once and in revision order, surviving
+/// interruptions: a watch that errors or ends is set up again from the revision after the last
+/// one delivered. Shared by [`Kv`](crate::Kv) watches and `#[kv_watch]`.
+pub(crate) struct Entries {
+    store: kv::Store,
+    key: String,
+    /// The next revision wanted; `None` until the first entry of a [`WatchStart::LastPerKey`] watch.
+    next: Option<u64>,
+    watch: Option<kv::Watch>,
+}
+
+impl Entries {
+    /// Sets the watch up once, so that a key or bucket that cannot be watched is reported to the
+    /// caller rather than retried.
+    pub(crate) async fn open(
+        store: kv::Store,
+        key: String,
+        start: WatchStart,
+    ) -> std::result::Result<Entries, kv::WatchError> {
+        let next = match start {
+            // A start revision rather than "new" makes the start point survive an interruption
+            // before the first change: async-nats would otherwise replay the whole history.
+            WatchStart::New => {
+                let info = store
+                    .stream
+                    .get_info()
+                    .await
+                    .map_err(|error| kv::WatchError::with_source(kv::WatchErrorKind::Other, error))?;
+                Some(info.state.last_sequence + 1)
+            }
+            WatchStart::LastPerKey => None,
+            WatchStart::Revision(revision) => Some(revision),
+        };
+        let mut entries = Entries {
+            store,
+            key,
+            next,
+            watch: None,
+        };
+        entries.watch = Some(Entries::watch(&entries.store, &entries.key, entries.next).await?);
+        Ok(entries)
+    }
+
+    // Not a method on `&self`: `kv::Watch` is not `Sync`, so a future holding `&Entries` would not be `Send`.
+    async fn watch(store: &kv::Store, key: &str, next: Option<u64>) -> std::result::Result<kv::Watch, kv::WatchError> {
+        match next {
+            Some(revision) => store.watch_from_revision(key, revision).await,
+            None => store.watch_with_history(key).await,
+        }
+    }
+
+    /// The next entry, waiting as long as it takes (setting the watch up again as needed).
+    pub(crate) async fn next(&mut self) -> kv::Entry {
+        loop {
+            let watch = match &mut self.watch {
+                Some(watch) => watch,
+                None => match Entries::watch(&self.store, &self.key, self.next).await {
+                    Ok(watch) => self.watch.insert(watch),
+                    Err(error) => {
+                        tracing::warn!(bucket = %self.store.name, key = %self.key, error = %crate::error::chain(&error), "cannot watch; retrying");
+                        tokio::time::sleep(RESUME_DELAY).await;
+                        continue;
+                    }
+                },
+            };
+            match watch.next().await {
+                Some(Ok(entry)) => {
+                    // async-nats re-creates its consumer after a reconnect, from the beginning of
+                    // the bucket if it had delivered nothing yet: skip what precedes the start.
+                    if self.next.is_some_and(|next| entry.revision < next) {
+                        continue;
+                    }
+                    self.next = Some(entry.revision + 1);
+                    return entry;
+                }
+                Some(Err(error)) => {
+                    tracing::warn!(bucket = %self.store.name, key = %self.key, error = %crate::error::chain(&error), "watch interrupted; resuming");
+                }
+                None => {
+                    tracing::debug!(bucket = %self.store.name, key = %self.key, "watch ended; resuming");
+                }
+            }
+            self.watch = None;
+            tokio::time::sleep(RESUME_DELAY).await;
+        }
+    }
+
+    pub(crate) fn into_stream(self) -> BoxStream<'static, kv::Entry> {
+        futures_util::stream::unfold(self, |mut entries| async move {
+            let entry = entries.next().await;
+            Some((entry, entries))
+        })
+        .boxed()
     }
 }

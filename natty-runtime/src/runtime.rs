@@ -311,7 +311,7 @@ impl Runtime {
         let endpoint = serve_endpoint(metrics_listener, &config, &telemetry)?;
         let (client, _dev) = connect_config(&config, telemetry.clone()).await?;
         if let Some(endpoint) = &endpoint {
-            endpoint.connected(&client);
+            endpoint.connected(client.nats(), client.jetstream());
         }
         provision(&config, &declared, &client).await?;
         let tasks = start(&config, &declared, &client).await?;

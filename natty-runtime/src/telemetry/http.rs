@@ -18,7 +18,6 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
-use crate::publish::Client;
 use crate::telemetry::Telemetry;
 
 /// How long a scrape waits for the server's consumer counts before answering without them.
@@ -30,9 +29,12 @@ const MAX_CONNECTIONS: usize = 64;
 /// How long a client has to send its request headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The connection, once there is one: for readiness and for the consumers' pending counts.
+type Connected = (async_nats::Client, jetstream::Context);
+
 /// The running endpoint; stops serving when dropped.
 pub(crate) struct Endpoint {
-    client: Arc<OnceLock<Client>>,
+    client: Arc<OnceLock<Connected>>,
     _stop: tokio_util::sync::DropGuard,
 }
 
@@ -66,22 +68,22 @@ impl Endpoint {
     }
 
     /// Hands the endpoint the connection, once there is one.
-    pub(crate) fn connected(&self, client: &Client) {
-        let _ = self.client.set(client.clone());
+    pub(crate) fn connected(&self, nats: &async_nats::Client, js: &jetstream::Context) {
+        let _ = self.client.set((nats.clone(), js.clone()));
     }
 }
 
 /// What a request handler sees.
 struct State {
     telemetry: Arc<Telemetry>,
-    client: Arc<OnceLock<Client>>,
+    client: Arc<OnceLock<Connected>>,
 }
 
 /// Serves the endpoint on `listener` until `stop`.
 async fn serve(
     listener: TcpListener,
     telemetry: Arc<Telemetry>,
-    client: Arc<OnceLock<Client>>,
+    client: Arc<OnceLock<Connected>>,
     stop: CancellationToken,
 ) {
     let state = Arc::new(State { telemetry, client });
@@ -136,8 +138,8 @@ async fn respond(state: &State, request: Request<Incoming>) -> Response<Full<Byt
     let client = state.client.get();
     match request.uri().path() {
         "/metrics" => {
-            if let Some(client) = client {
-                refresh(client).await;
+            if let Some((nats, js)) = client {
+                refresh(telemetry, nats, js).await;
             }
             reply(
                 StatusCode::OK,
@@ -147,7 +149,7 @@ async fn respond(state: &State, request: Request<Incoming>) -> Response<Full<Byt
         }
         "/healthz" | "/livez" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" => {
-            let report = telemetry.health.report(client.map(Client::nats));
+            let report = telemetry.health.report(client.map(|(nats, _)| nats));
             let status = if report.ready {
                 StatusCode::OK
             } else {
@@ -176,15 +178,14 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
 
 /// Reads what only the server knows (each consumer's pending counts) and the connection state,
 /// so a scrape shows them as of now.
-async fn refresh(client: &Client) {
-    let metrics = &client.telemetry().metrics;
-    metrics.observe_connection(client.nats());
+async fn refresh(telemetry: &Telemetry, nats: &async_nats::Client, js: &jetstream::Context) {
+    let metrics = &telemetry.metrics;
+    metrics.observe_connection(nats);
     // One CONSUMER.INFO request per consumer, a few at a time: a service with many consumers
     // must not send the server a burst per scrape.
     futures_util::stream::iter(metrics.watched())
         .for_each_concurrent(CONCURRENT_INFO_REQUESTS, |watched| async move {
-            let info = client
-                .jetstream()
+            let info = js
                 .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(&watched.consumer, watched.stream);
             if let Ok(Ok(consumer)) = tokio::time::timeout(CONSUMER_INFO_TIMEOUT, info).await {
                 let info = consumer.cached_info();
