@@ -2,8 +2,6 @@
 //! format and shape, built from a service's declarations. Also the glue the macros
 //! use to record each handler's payload type without adding compile errors of their own.
 
-pub(crate) mod schema;
-
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
 
@@ -14,6 +12,7 @@ use crate::core_nats::CoreKind;
 use crate::kv_watch::KvChange;
 use crate::payload::{describe_payload as describe, DecodePayload, EncodePayload, PayloadDescription};
 use crate::registry::Declarations;
+use crate::schema::sanitize_key;
 use crate::stream::Location;
 
 /// The environment variable giving the document's `info.version`.
@@ -436,26 +435,6 @@ fn unique_key(map: &Map<String, Value>, key: &str) -> String {
         .map(|n| format!("{key}_{n}"))
         .find(|candidate| !map.contains_key(candidate))
         .unwrap_or_else(|| key.to_owned())
-}
-
-/// A key AsyncAPI accepts for channels, operations and components (`^[A-Za-z0-9_-]+$`).
-pub(crate) fn sanitize_key(name: &str) -> String {
-    let key: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    let key = key.trim_matches('_');
-    if key.is_empty() {
-        "_".to_owned()
-    } else {
-        key.to_owned()
-    }
 }
 
 /// `alloc::vec::Vec<shop::Order>` -> `Vec<Order>`: each path cut to its last segment.

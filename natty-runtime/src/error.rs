@@ -1,6 +1,8 @@
-//! The runtime's error type: each variant says what failed, where, and what to do about it.
+//! The runtime's error types: each variant says what failed, where, and what to do about it.
 
 use std::fmt;
+
+use crate::format::Format;
 
 /// A boxed error from a lower layer (async-nats, I/O, serde).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -154,7 +156,7 @@ pub enum Error {
 
     /// Publishing failed.
     #[error(transparent)]
-    Publish(#[from] crate::publish::PublishError),
+    Publish(#[from] PublishError),
 
     /// A consumer on the server differs from its declaration (found by `--check`).
     #[error("{field} is {actual} on the server, but declared {declared}")]
@@ -190,6 +192,94 @@ pub enum Error {
         /// The underlying error.
         #[source]
         source: std::io::Error,
+    },
+}
+
+/// Publishing failed. Except for [`PublishError::Unconfirmed`], nothing was stored.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// An optimistic-concurrency expectation did not hold (`expected_last_*`): another writer
+    /// got there first. Nothing was stored; re-read and decide.
+    #[error("publish to `{subject}` rejected: {expectation} does not hold")]
+    Conflict {
+        /// The target subject.
+        subject: String,
+        /// Which expectation failed, e.g. "expected last subject sequence 41".
+        expectation: String,
+        /// The server's answer.
+        #[source]
+        source: async_nats::jetstream::context::PublishError,
+    },
+    /// No ack came in time, even after retries: the message may or may not be stored.
+    /// Publishing again with the same [`Publish::id`](crate::Publish::id) is safe: the stream keeps one copy.
+    #[error("publish to `{subject}` unconfirmed after {attempts} attempts (it may be stored)")]
+    Unconfirmed {
+        /// The target subject.
+        subject: String,
+        /// How many times it was sent.
+        attempts: u32,
+        /// The last error.
+        #[source]
+        source: async_nats::jetstream::context::PublishError,
+    },
+    /// No stream captures the subject: nothing was stored, and retrying would not help.
+    #[error(
+        "no stream captures `{subject}`: nothing was stored (declare a #[stream] whose subjects include it, \
+         or publish with core NATS if no stream should keep it)"
+    )]
+    NoStream {
+        /// The target subject.
+        subject: String,
+    },
+    /// The subject is not one a message can be published to: an empty token (`a..b`, a
+    /// leading or trailing `.`), a wildcard token (`*`, `>`), whitespace or a control
+    /// character. Refused before anything is sent, and never retried: it cannot heal.
+    #[error("cannot publish to {subject:?}: {problem}; nothing was sent")]
+    InvalidSubject {
+        /// The subject given.
+        subject: String,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+    /// A field of a [`Payload`](crate::Payload) fills a placeholder of its subject template with a value that
+    /// is not exactly one subject token (empty, or holding `.`, `*`, `>`, whitespace or a control
+    /// character): published, it would land on another subject than the template says.
+    /// Refused before anything is sent, and never retried.
+    #[error(
+        "{type_name}.{field} = {value:?} cannot fill `{{{field}}}` in the subject `{template}`: {problem}; nothing was sent"
+    )]
+    InvalidSubjectField {
+        /// The payload's Rust type.
+        type_name: &'static str,
+        /// The field at fault.
+        field: &'static str,
+        /// Its value, as `Display` wrote it.
+        value: String,
+        /// The subject template the type declares.
+        template: &'static str,
+        /// What is wrong with the value.
+        problem: &'static str,
+    },
+    /// The value could not be encoded.
+    #[error("cannot encode the message for `{subject}` as {format}")]
+    Encode {
+        /// The target subject.
+        subject: String,
+        /// The format it was encoded in.
+        format: Format,
+        /// What the encoder reported.
+        #[source]
+        source: BoxError,
+    },
+    /// The server did not ack the message (no stream for the subject, timeout, refused).
+    #[error("publish to `{subject}` was not acknowledged")]
+    Publish {
+        /// The target subject.
+        subject: String,
+        /// What the client reported.
+        #[source]
+        source: async_nats::jetstream::context::PublishError,
     },
 }
 

@@ -41,6 +41,7 @@ pub mod consumer;
 pub mod core_nats;
 mod dev_server;
 mod error;
+mod format;
 mod handler;
 pub mod kv;
 pub mod kv_watch;
@@ -51,6 +52,7 @@ pub mod publish;
 mod puller;
 mod registry;
 mod runtime;
+mod schema;
 pub mod stream;
 mod supervise;
 mod telemetry;
@@ -70,8 +72,9 @@ pub use natty_macros::Payload;
 pub use natty_macros::{capture, consumer, kv_bucket, kv_watch, leader, object_store, service, stream, subscribe};
 pub use object_store::{ObjectStore, ObjectStoreDef, ObjectStoreError};
 pub use payload::{DecodeError, DecodePayload, EncodePayload, Format, Payload};
+pub use publish::{connect, Connection};
 pub use publish::{Client, PendingAck, Publish, PublishAck, PublishError};
-pub use runtime::{connect, Connection, Runtime, RuntimeBuilder};
+pub use runtime::{Runtime, RuntimeBuilder};
 pub use stream::{Location, Placement, StreamDef};
 
 /// Re-exports of async-nats, for settings natty passes through.
@@ -173,7 +176,6 @@ pub mod __private {
     pub use crate::args::{
         arg, AtMostOne, HandlerArg, HoldsPayload, KeyArg, KeyTakes, OneMore, TwoPayloads, ViaParts, ViaPayload,
     };
-    pub use crate::asyncapi::schema::protobuf as protobuf_schema;
     pub use crate::asyncapi::{
         ArgDecoded, ArgKvValue, ArgOther, DescribeDecodedReply, DescribeEncodedReply, DescribeUnknownReply, Probe,
     };
@@ -194,6 +196,7 @@ pub mod __private {
         describe_payload, subject_token, DecodePayload, EncodePayload, Format, Payload, PayloadDescription,
     };
     pub use crate::publish::PublishError;
+    pub use crate::schema::protobuf as protobuf_schema;
     pub use crate::stream::{Location, Placement, StreamDef};
     pub use async_nats::jetstream::stream::{RetentionPolicy as Retention, StorageType};
     pub use async_nats::HeaderMap;

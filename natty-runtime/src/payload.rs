@@ -10,59 +10,11 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::BoxError;
-use crate::publish::PublishError;
+use crate::error::PublishError;
+pub use crate::format::Format;
 
 /// The header carrying a message's [`Format`].
 pub const CONTENT_TYPE: &str = "Content-Type";
-
-/// A wire format natty encodes and decodes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Format {
-    /// JSON through serde: `application/json`.
-    Json,
-    /// Protocol Buffers through prost: `application/protobuf`.
-    Protobuf,
-}
-
-impl Format {
-    /// The media type written to the `Content-Type` header.
-    pub const fn content_type(self) -> &'static str {
-        match self {
-            Format::Json => "application/json",
-            Format::Protobuf => "application/protobuf",
-        }
-    }
-
-    /// The format a `Content-Type` value names, ignoring parameters such as `charset`;
-    /// `None` for a media type natty does not know.
-    pub fn from_content_type(value: &str) -> Option<Format> {
-        let media = value.split(';').next().unwrap_or_default().trim();
-        if media.eq_ignore_ascii_case("application/json") {
-            Some(Format::Json)
-        } else if [
-            "application/protobuf",
-            "application/x-protobuf",
-            "application/vnd.google.protobuf",
-        ]
-        .iter()
-        .any(|known| media.eq_ignore_ascii_case(known))
-        {
-            Some(Format::Protobuf)
-        } else {
-            None
-        }
-    }
-}
-
-impl std::fmt::Display for Format {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Format::Json => "JSON",
-            Format::Protobuf => "Protobuf",
-        })
-    }
-}
 
 /// A value that can be published: every `serde::Serialize` type as JSON, and Protobuf
 /// messages that derive [`Payload`] with `format = "protobuf"`.
@@ -137,7 +89,7 @@ impl<T: DeserializeOwned + Send + 'static> DecodePayload for T {
     }
 
     fn json_schema() -> serde_json::Value {
-        crate::asyncapi::schema::traced::<T>()
+        crate::schema::traced::<T>()
     }
 }
 

@@ -10,7 +10,6 @@ use crate::classify::transient;
 use crate::config::{Auth, Config, Provision};
 use crate::consumer::{Consumer, ConsumerDef, DEAD_LETTER_STREAM};
 use crate::core_nats::SubscriptionDef;
-use crate::dev_server::DevServer;
 use crate::error::{Error, Result};
 use crate::kv::KvBucketDef;
 use crate::kv_watch::KvWatchDef;
@@ -309,7 +308,7 @@ impl Runtime {
         // Served before connecting, so that readiness says "not connected" rather than nothing.
         let telemetry = Arc::new(Telemetry::default());
         let endpoint = serve_endpoint(metrics_listener, &config, &telemetry)?;
-        let (client, _dev) = connect_config(&config, telemetry.clone()).await?;
+        let (client, _dev) = crate::publish::connect_config(&config, telemetry.clone()).await?;
         if let Some(endpoint) = &endpoint {
             endpoint.connected(client.nats(), client.jetstream());
         }
@@ -641,50 +640,6 @@ async fn bind_when_led(consumer: &Consumer, js: &async_nats::jetstream::Context,
 
 /// What the dead-letter stream captures: every default dead-letter subject.
 const DEAD_LETTER_SUBJECTS: &[&str] = &["natty.dead.>"];
-
-/// Connects with `config`, starting the development server when no URL is configured.
-pub(crate) async fn connect_config(
-    config: &Config,
-    telemetry: Arc<Telemetry>,
-) -> Result<(Client, Option<Arc<DevServer>>)> {
-    let (url, dev) = match &config.url {
-        Some(url) => (url.clone(), None),
-        None => {
-            let dev = DevServer::ensure(config).await?;
-            (dev.url().to_string(), Some(Arc::new(dev)))
-        }
-    };
-    let connected = crate::connect::connect(config, &url).await?;
-    Ok((Client::connected(connected, telemetry), dev))
-}
-
-/// Connects using the environment's settings (see [`Config`]), for code outside handlers,
-/// such as a publisher's `main`. With no `NATS_URL`, it uses (or starts) the development
-/// server, which lives as long as the returned [`Connection`].
-///
-/// # Errors
-///
-/// [`Error::Config`], [`Error::DevServer`] or [`Error::Connect`].
-pub async fn connect() -> Result<Connection> {
-    let config = Config::from_env()?;
-    let (client, dev) = connect_config(&config, Arc::default()).await?;
-    Ok(Connection { client, _dev: dev })
-}
-
-/// A [`Client`] that keeps the development server it started alive. Derefs to [`Client`].
-#[derive(Clone)]
-pub struct Connection {
-    client: Client,
-    _dev: Option<Arc<DevServer>>,
-}
-
-impl std::ops::Deref for Connection {
-    type Target = Client;
-
-    fn deref(&self) -> &Client {
-        &self.client
-    }
-}
 
 /// Resolves on the first SIGINT or SIGTERM.
 fn shutdown_signal() -> Result<impl Future<Output = ()>> {

@@ -1,5 +1,6 @@
 //! Typed publishing: values to JetStream subjects, each awaited until the stream acks it.
 
+pub use crate::error::PublishError;
 use crate::payload::{EncodePayload, Format, Payload, CONTENT_TYPE};
 
 use async_nats::jetstream;
@@ -15,8 +16,11 @@ use crate::error::Result;
 use crate::telemetry::Telemetry;
 
 mod acks;
+mod connection;
 mod durable;
 
+pub(crate) use connection::connect_config;
+pub use connection::{connect, Connection};
 pub(crate) use durable::publish_durably;
 use durable::send_once;
 
@@ -36,94 +40,6 @@ fn publish_span(subject: &str) -> tracing::Span {
         sequence = tracing::field::Empty,
         error = tracing::field::Empty,
     )
-}
-
-/// Publishing failed. Except for [`PublishError::Unconfirmed`], nothing was stored.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum PublishError {
-    /// An optimistic-concurrency expectation did not hold (`expected_last_*`): another writer
-    /// got there first. Nothing was stored; re-read and decide.
-    #[error("publish to `{subject}` rejected: {expectation} does not hold")]
-    Conflict {
-        /// The target subject.
-        subject: String,
-        /// Which expectation failed, e.g. "expected last subject sequence 41".
-        expectation: String,
-        /// The server's answer.
-        #[source]
-        source: jetstream::context::PublishError,
-    },
-    /// No ack came in time, even after retries: the message may or may not be stored.
-    /// Publishing again with the same [`Publish::id`] is safe: the stream keeps one copy.
-    #[error("publish to `{subject}` unconfirmed after {attempts} attempts (it may be stored)")]
-    Unconfirmed {
-        /// The target subject.
-        subject: String,
-        /// How many times it was sent.
-        attempts: u32,
-        /// The last error.
-        #[source]
-        source: jetstream::context::PublishError,
-    },
-    /// No stream captures the subject: nothing was stored, and retrying would not help.
-    #[error(
-        "no stream captures `{subject}`: nothing was stored (declare a #[stream] whose subjects include it, \
-         or publish with core NATS if no stream should keep it)"
-    )]
-    NoStream {
-        /// The target subject.
-        subject: String,
-    },
-    /// The subject is not one a message can be published to: an empty token (`a..b`, a
-    /// leading or trailing `.`), a wildcard token (`*`, `>`), whitespace or a control
-    /// character. Refused before anything is sent, and never retried: it cannot heal.
-    #[error("cannot publish to {subject:?}: {problem}; nothing was sent")]
-    InvalidSubject {
-        /// The subject given.
-        subject: String,
-        /// What is wrong with it.
-        problem: &'static str,
-    },
-    /// A field of a [`Payload`] fills a placeholder of its subject template with a value that
-    /// is not exactly one subject token (empty, or holding `.`, `*`, `>`, whitespace or a control
-    /// character): published, it would land on another subject than the template says.
-    /// Refused before anything is sent, and never retried.
-    #[error(
-        "{type_name}.{field} = {value:?} cannot fill `{{{field}}}` in the subject `{template}`: {problem}; nothing was sent"
-    )]
-    InvalidSubjectField {
-        /// The payload's Rust type.
-        type_name: &'static str,
-        /// The field at fault.
-        field: &'static str,
-        /// Its value, as `Display` wrote it.
-        value: String,
-        /// The subject template the type declares.
-        template: &'static str,
-        /// What is wrong with the value.
-        problem: &'static str,
-    },
-    /// The value could not be encoded.
-    #[error("cannot encode the message for `{subject}` as {format}")]
-    Encode {
-        /// The target subject.
-        subject: String,
-        /// The format it was encoded in.
-        format: Format,
-        /// What the encoder reported.
-        #[source]
-        source: crate::error::BoxError,
-    },
-    /// The server did not ack the message (no stream for the subject, timeout, refused).
-    #[error("publish to `{subject}` was not acknowledged")]
-    Publish {
-        /// The target subject.
-        subject: String,
-        /// What the client reported.
-        #[source]
-        source: jetstream::context::PublishError,
-    },
 }
 
 /// A connection to NATS with JetStream: what handlers publish through, and what `main` gets

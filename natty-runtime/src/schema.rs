@@ -133,7 +133,7 @@ fn definition_keys(registry: &Registry) -> BTreeMap<String, String> {
     let mut keys = BTreeMap::new();
     let mut taken = BTreeSet::new();
     for name in registry.keys() {
-        let base = super::sanitize_key(name);
+        let base = sanitize_key(name);
         let mut key = base.clone();
         let mut n = 2;
         while !taken.insert(key.clone()) {
@@ -177,11 +177,7 @@ impl Builder<'_> {
             Format::Variable(_) => json!({}),
             Format::TypeName(name) => {
                 self.referenced.insert(name.clone());
-                let key = self
-                    .keys
-                    .get(name)
-                    .cloned()
-                    .unwrap_or_else(|| super::sanitize_key(name));
+                let key = self.keys.get(name).cloned().unwrap_or_else(|| sanitize_key(name));
                 json!({ "$ref": format!("#/definitions/{key}") })
             }
             Format::Unit => json!({ "type": "null" }),
@@ -276,6 +272,26 @@ impl Builder<'_> {
 
 fn integer(minimum: Value, maximum: Value) -> Value {
     json!({ "type": "integer", "minimum": minimum, "maximum": maximum })
+}
+
+/// A key AsyncAPI accepts for channels, operations and components (`^[A-Za-z0-9_-]+$`).
+pub(crate) fn sanitize_key(name: &str) -> String {
+    let key: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let key = key.trim_matches('_');
+    if key.is_empty() {
+        "_".to_owned()
+    } else {
+        key.to_owned()
+    }
 }
 
 #[cfg(test)]
