@@ -15,9 +15,7 @@ use crate::registry::Declarations;
 use crate::schema::sanitize_key;
 use crate::stream::Location;
 
-/// The environment variable giving the document's `info.version`.
-const VERSION_ENV: &str = "NATTY_SERVICE_VERSION";
-/// `info.version` when [`VERSION_ENV`] is unset: natty cannot see the application's own
+/// `info.version` when [`Config::service_version`] is unset: natty cannot see the application's own
 /// crate version, only its own.
 const DEFAULT_VERSION: &str = "0.0.0";
 
@@ -117,10 +115,7 @@ impl Service<'_> {
             });
         }
 
-        let version = std::env::var(VERSION_ENV)
-            .ok()
-            .filter(|version| !version.trim().is_empty())
-            .unwrap_or_else(|| DEFAULT_VERSION.to_owned());
+        let version = self.config.service_version.as_deref().unwrap_or(DEFAULT_VERSION);
         let streams: Vec<Value> = self
             .declared
             .streams

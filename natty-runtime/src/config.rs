@@ -19,7 +19,7 @@
 //! | `NATTY_STREAM_LEADER_TIMEOUT` | how long startup waits for each consumed stream to have a leader | `30s` |
 //! | `NATTY_STORE_MAX_RETRIES`, `NATTY_STORE_RETRY_TIMEOUT` | retries of one S3/Azure request by a capture's store (read when the store opens) | `10`, `3m` |
 //! | `NATTY_METRICS_ADDR` | where to serve `/metrics` (Prometheus), `/healthz` and `/readyz`, e.g. `0.0.0.0:9090` | not served |
-//! | `NATTY_LOG_FORMAT` | `text` or `json` lines on stderr (read by [`crate::run`]'s logging; `RUST_LOG` filters) | `text` |
+//! | `NATTY_LOG_FORMAT` | `text` or `json` lines on stderr (read first by [`crate::run`], to set up logging; `RUST_LOG` filters) | `text` |
 //! | `NATTY_DEV_PORT` | port of the development server | `4222` |
 //! | `NATTY_DEV_DIR` | data folder of the development server | `.natty/dev` |
 //! | `NATTY_NATS_SERVER` | path of the `nats-server` binary for the development server | searched |
@@ -147,6 +147,38 @@ pub struct Config {
     pub handlers: Option<Vec<String>>,
     /// Where to serve `/metrics`, `/healthz` and `/readyz`; `None` serves nothing.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The service's version: `info.version` of its AsyncAPI document; `None` says `0.0.0`
+    /// (natty cannot see the application's crate version, only its own).
+    pub service_version: Option<String>,
+    /// How log lines are written. [`crate::run`] reads it before anything else, to set up
+    /// logging, so the builder cannot change it there; a program that calls
+    /// [`crate::init_logging`] itself gets the same.
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written on stderr (`NATTY_LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl LogFormat {
+    /// Reads `NATTY_LOG_FORMAT` as `lookup` gives it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for a value other than `text` or `json`.
+    pub(crate) fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<LogFormat> {
+        match lookup("NATTY_LOG_FORMAT").as_deref() {
+            None | Some("text") => Ok(LogFormat::Text),
+            Some("json") => Ok(LogFormat::Json),
+            Some(other) => Err(Error::config("NATTY_LOG_FORMAT", other, "expected `text` or `json`")),
+        }
+    }
 }
 
 /// The binary's file name: the default connection and service name.
@@ -174,6 +206,8 @@ impl Default for Config {
             nats_server: None,
             handlers: None,
             metrics_addr: None,
+            service_version: None,
+            log_format: LogFormat::Text,
         }
     }
 }
@@ -189,7 +223,9 @@ impl Config {
         Config::from_lookup(|key| std::env::var(key).ok().filter(|value| !value.is_empty()))
     }
 
-    /// Like [`Config::from_env`], reading through `lookup` (for tests and embedding).
+    /// Like [`Config::from_env`], reading through `lookup` (for tests and embedding). Every
+    /// setting natty reads is read here, except the S3 and Azure settings of a capture's store,
+    /// read when the store opens (`NATTY_STORE_*` and the object-store variables it names).
     ///
     /// # Errors
     ///
@@ -291,6 +327,8 @@ impl Config {
                 )
             })?);
         }
+        config.service_version = lookup("NATTY_SERVICE_VERSION").filter(|version| !version.trim().is_empty());
+        config.log_format = LogFormat::from_lookup(&lookup)?;
         if let Some(value) = lookup("NATTY_DEV_DIR") {
             config.dev_dir = value.into();
         }
@@ -350,6 +388,14 @@ mod tests {
         assert_eq!(config.provision, Provision::VerifyOnly);
         assert_eq!(config.drain_timeout, Duration::from_secs(2));
         assert!(!format!("{:?}", config.auth).contains("s3cret"));
+
+        assert_eq!(config.service_version, None);
+        assert_eq!(config.log_format, LogFormat::Text);
+        let config = from(&[("NATTY_SERVICE_VERSION", "2.0.1"), ("NATTY_LOG_FORMAT", "json")]).unwrap();
+        assert_eq!(config.service_version.as_deref(), Some("2.0.1"));
+        assert_eq!(config.log_format, LogFormat::Json);
+        let error = from(&[("NATTY_LOG_FORMAT", "xml")]).unwrap_err().to_string();
+        assert!(error.contains("NATTY_LOG_FORMAT") && error.contains("xml"), "{error}");
 
         let error = from(&[("NATTY_DRAIN_TIMEOUT", "soon")]).unwrap_err().to_string();
         assert!(error.contains("NATTY_DRAIN_TIMEOUT"), "{error}");

@@ -59,7 +59,7 @@ mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use config::{Auth, Config, Provision, Tls};
+pub use config::{Auth, Config, LogFormat, Provision, Tls};
 pub use consumer::{ConsumerDef, Deliver, KeyFn, OrderBy};
 pub use core_nats::{Envelope, RequestError, SubscriptionDef};
 pub use dev_server::find_nats_server;

@@ -55,6 +55,7 @@ pub struct RuntimeBuilder {
     stream_leader_timeout: Option<Duration>,
     metrics_addr: Option<std::net::SocketAddr>,
     metrics_listener: Option<std::net::TcpListener>,
+    service_version: Option<String>,
     registered: bool,
     only: Option<Vec<String>>,
     /// What was added by hand.
@@ -126,6 +127,13 @@ impl RuntimeBuilder {
     /// Serves `/metrics`, `/healthz` and `/readyz` on this address. Overrides `NATTY_METRICS_ADDR`.
     pub fn metrics_addr(mut self, addr: std::net::SocketAddr) -> Self {
         self.metrics_addr = Some(addr);
+        self
+    }
+
+    /// The service's version, for its AsyncAPI document's `info.version`. Overrides
+    /// `NATTY_SERVICE_VERSION`; e.g. `.service_version(env!("CARGO_PKG_VERSION"))`.
+    pub fn service_version(mut self, version: impl Into<String>) -> Self {
+        self.service_version = Some(version.into());
         self
     }
 
@@ -243,6 +251,9 @@ impl RuntimeBuilder {
         }
         if let Some(addr) = self.metrics_addr {
             config.metrics_addr = Some(addr);
+        }
+        if let Some(version) = self.service_version {
+            config.service_version = Some(version);
         }
         let mut declared = self.declared;
         if self.registered {
@@ -405,10 +416,12 @@ impl Runtime {
     ///     .without_registered()
     ///     .url("nats://user:secret@127.0.0.1:4222")
     ///     .name("billing")
+    ///     .service_version("1.4.2")
     ///     .build()?;
     /// let document = runtime.asyncapi();
     /// assert_eq!(document["asyncapi"], "3.0.0");
     /// assert_eq!(document["info"]["title"], "billing");
+    /// assert_eq!(document["info"]["version"], "1.4.2");
     /// // Credentials never reach the document.
     /// assert_eq!(document["servers"]["nats"]["host"], "127.0.0.1:4222");
     /// println!("{document:#}");

@@ -31,15 +31,12 @@ pub(crate) fn init() {
     if tracing::dispatcher::has_been_set() {
         return;
     }
-    let json = match std::env::var("NATTY_LOG_FORMAT").as_deref() {
-        Ok("json") => true,
-        Ok("text") | Err(_) => false,
-        Ok(other) => {
-            // Logging is not up yet: say it the only way there is.
-            eprintln!("natty: NATTY_LOG_FORMAT={other:?} is not \"text\" or \"json\"; using text");
-            false
-        }
-    };
+    let lookup = |key: &str| std::env::var(key).ok().filter(|value| !value.is_empty());
+    // A wrong value is reported by the configuration, right after: logging starts in text.
+    let json = matches!(
+        crate::config::LogFormat::from_lookup(lookup),
+        Ok(crate::config::LogFormat::Json)
+    );
     match exporting_provider() {
         Some(provider) => init_exporting(json, provider),
         None => init_light(json),
