@@ -56,6 +56,14 @@ async fn handlers_and_main_publish_typed_values_and_await_the_ack() {
         assert_eq!((ack.stream.as_str(), ack.sequence), ("work", id));
     }
 
+    // The handler publishes each receipt after its job is acked by the stream: wait for all
+    // three before reading (a fetch takes what is there, and returns).
+    wait_until(Duration::from_secs(10), "three receipts", || async {
+        js.get_stream("receipts")
+            .await
+            .is_ok_and(|stream| stream.cached_info().state.messages == 3)
+    })
+    .await;
     let receipts = js.get_stream("receipts").await.unwrap();
     let reader = receipts
         .create_consumer(async_nats::jetstream::consumer::pull::Config::default())
