@@ -193,7 +193,7 @@ pub(crate) async fn check(config: &Config, declared: &Declarations) -> Result<()
             "--check compares the declarations with a server: set NATS_URL to the server to check".into(),
         ));
     }
-    let (client, _dev) = crate::publish::connect_config(config, Default::default()).await?;
+    let (client, _dev) = crate::client::connect_config(config, Default::default()).await?;
     let js = client.jetstream();
     let mut report = Report::default();
     for stream in &declared.streams {

@@ -35,6 +35,7 @@ mod asyncapi;
 pub mod capture;
 mod classify;
 mod cli;
+mod client;
 pub mod config;
 mod connect;
 pub mod consumer;
@@ -59,6 +60,7 @@ mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use client::{connect, Connection};
 pub use config::{Auth, Config, LogFormat, Provision, Tls};
 pub use consumer::{ConsumerDef, Deliver, KeyFn, OrderBy};
 pub use core_nats::{Envelope, RequestError, SubscriptionDef};
@@ -72,7 +74,6 @@ pub use natty_macros::Payload;
 pub use natty_macros::{capture, consumer, kv_bucket, kv_watch, leader, object_store, service, stream, subscribe};
 pub use object_store::{ObjectStore, ObjectStoreDef, ObjectStoreError};
 pub use payload::{DecodeError, DecodePayload, EncodePayload, Format, Payload};
-pub use publish::{connect, Connection};
 pub use publish::{Client, PendingAck, Publish, PublishAck, PublishError};
 pub use runtime::{Runtime, RuntimeBuilder};
 pub use stream::{Location, Placement, StreamDef};

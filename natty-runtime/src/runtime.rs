@@ -319,7 +319,7 @@ impl Runtime {
         // Served before connecting, so that readiness says "not connected" rather than nothing.
         let telemetry = Arc::new(Telemetry::default());
         let endpoint = serve_endpoint(metrics_listener, &config, &telemetry)?;
-        let (client, _dev) = crate::publish::connect_config(&config, telemetry.clone()).await?;
+        let (client, _dev) = crate::client::connect_config(&config, telemetry.clone()).await?;
         if let Some(endpoint) = &endpoint {
             endpoint.connected(client.nats(), client.jetstream());
         }

@@ -6,21 +6,13 @@ use crate::payload::{EncodePayload, Format, Payload, CONTENT_TYPE};
 use async_nats::jetstream;
 pub use async_nats::jetstream::publish::PublishAck;
 
-use std::sync::Arc;
-
 use tracing::Instrument;
 
 use crate::classify::{failure, Failure};
-use crate::config::Config;
-use crate::error::Result;
-use crate::telemetry::Telemetry;
 
-mod acks;
-mod connection;
 mod durable;
 
-pub(crate) use connection::connect_config;
-pub use connection::{connect, Connection};
+pub use crate::client::Client;
 pub(crate) use durable::publish_durably;
 use durable::send_once;
 
@@ -42,60 +34,7 @@ fn publish_span(subject: &str) -> tracing::Span {
     )
 }
 
-/// A connection to NATS with JetStream: what handlers publish through, and what `main` gets
-/// from [`crate::connect`]. Cheap to clone.
-#[derive(Clone, Debug)]
-pub struct Client {
-    nats: async_nats::Client,
-    jetstream: jetstream::Context,
-    /// Where this client's publishes get their acks (see the `acks` module).
-    acks: Arc<acks::Acks>,
-    /// The metrics and health of everything running on this connection.
-    telemetry: Arc<Telemetry>,
-    /// Keeps the connection's lame-duck handling alive (see [`crate::connect`]); `None` for a
-    /// client the program connected itself.
-    _anchor: Option<Arc<async_nats::Client>>,
-}
-
 impl Client {
-    /// Wraps an async-nats client.
-    pub fn new(nats: async_nats::Client) -> Self {
-        let jetstream = jetstream::new(nats.clone());
-        Client {
-            acks: Arc::new(acks::Acks::new(nats.clone())),
-            nats,
-            jetstream,
-            telemetry: Arc::default(),
-            _anchor: None,
-        }
-    }
-
-    /// A client on a connection natty made, counting into `telemetry`.
-    pub(crate) fn connected(connected: crate::connect::Connected, telemetry: Arc<Telemetry>) -> Self {
-        Client {
-            telemetry,
-            _anchor: Some(connected.anchor),
-            ..Client::new(connected.nats)
-        }
-    }
-
-    pub(crate) fn telemetry(&self) -> &Telemetry {
-        &self.telemetry
-    }
-
-    /// Connects using `config` (see [`Config`]); with no URL configured this needs a server
-    /// on the development port, see [`crate::connect`].
-    ///
-    /// # Errors
-    ///
-    /// [`crate::Error::Connect`] or [`crate::Error::Config`].
-    pub async fn connect_with(config: &Config, url: &str) -> Result<Client> {
-        Ok(Client::connected(
-            crate::connect::connect(config, url).await?,
-            Arc::default(),
-        ))
-    }
-
     /// Publishes `value` to `subject` (as JSON, or Protobuf for a Protobuf [`Payload`]) and waits until the stream has stored it.
     ///
     /// # Examples
@@ -291,32 +230,13 @@ impl Client {
         crate::telemetry::trace::inject(&tracing::Span::current(), &mut headers);
         send_once(self, subject, headers, payload).await
     }
-
-    /// The underlying async-nats client, for anything natty does not wrap.
-    pub fn nats(&self) -> &async_nats::Client {
-        &self.nats
-    }
-
-    /// The JetStream context.
-    pub fn jetstream(&self) -> &jetstream::Context {
-        &self.jetstream
-    }
-
-    /// Sends everything buffered to the server; call before exiting.
-    ///
-    /// # Errors
-    ///
-    /// When the connection is gone.
-    pub async fn flush(&self) -> std::result::Result<(), async_nats::client::FlushError> {
-        self.nats.flush().await
-    }
 }
 
 /// A publish that was sent and whose ack has not arrived yet; await it for the [`PublishAck`].
 #[must_use = "a publish is confirmed only when its ack is awaited"]
 pub struct PendingAck {
     subject: async_nats::Subject,
-    ack: acks::Awaiting,
+    ack: crate::client::acks::Awaiting,
 }
 
 impl std::future::Future for PendingAck {
