@@ -413,7 +413,7 @@ impl Capture {
                             Err(panic) => {
                                 let reason = format!(
                                     "decoding the payload or computing its key panicked: {}",
-                                    panic_text(&*panic)
+                                    crate::consumer::panic_message(&*panic)
                                 );
                                 self.dead_letter(reply, original, reason);
                                 continue;
@@ -689,15 +689,6 @@ impl Capture {
             self.seal(block, stores);
         }
     }
-}
-
-/// What a panic carried, for a dead letter's reason.
-fn panic_text(panic: &(dyn Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|text| (*text).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
 /// The current time in nanoseconds since the Unix epoch.

@@ -377,7 +377,7 @@ pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a non-string panic".into())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 /// What a dead letter needs of the original message.
 pub(crate) struct Original {
