@@ -109,27 +109,7 @@ impl SubscriptionDef {
         self
     }
 
-    /// Records where the declaration was written (the macros set this).
-    pub const fn at(mut self, location: Location) -> Self {
-        self.location = location;
-        self
-    }
-
-    /// Records the payload type the handler decodes, for the AsyncAPI document
-    /// ([`Runtime::asyncapi`](crate::Runtime::asyncapi)); the macros set it. By hand:
-    /// `.payload(natty_runtime::__private::describe_payload::<MyPayload>)`.
-    pub const fn payload(mut self, describe: fn() -> crate::payload::PayloadDescription) -> Self {
-        self.payload = crate::payload::PayloadSource::Given(describe);
-        self
-    }
-
-    /// What generated code registers: a function describing whichever argument is the
-    /// payload, if any is.
-    #[doc(hidden)]
-    pub const fn payload_probe(mut self, describe: fn() -> Option<crate::payload::PayloadDescription>) -> Self {
-        self.payload = crate::payload::PayloadSource::Probed(describe);
-        self
-    }
+    crate::payload::handler_definition_setters!("the payload type the handler decodes", "MyPayload");
 
     /// Records a `#[service]`'s reply type, for the AsyncAPI document
     /// ([`Runtime::asyncapi`](crate::Runtime::asyncapi)); the macros set it. By hand:

@@ -51,27 +51,7 @@ impl KvWatchDef {
         self
     }
 
-    /// Records where the declaration was written (the macros set this).
-    pub const fn at(mut self, location: Location) -> Self {
-        self.location = location;
-        self
-    }
-
-    /// Records the type of the watched values (the `T` of `KvChange<T>`), for the AsyncAPI document
-    /// ([`Runtime::asyncapi`](crate::Runtime::asyncapi)); the macros set it. By hand:
-    /// `.payload(natty_runtime::__private::describe_payload::<MyPayload>)`.
-    pub const fn payload(mut self, describe: fn() -> crate::payload::PayloadDescription) -> Self {
-        self.payload = crate::payload::PayloadSource::Given(describe);
-        self
-    }
-
-    /// What generated code registers: a function describing whichever argument is the
-    /// payload, if any is.
-    #[doc(hidden)]
-    pub const fn payload_probe(mut self, describe: fn() -> Option<crate::payload::PayloadDescription>) -> Self {
-        self.payload = crate::payload::PayloadSource::Probed(describe);
-        self
-    }
+    crate::payload::handler_definition_setters!("the value type the handler decodes", "MyValue");
 
     /// The handler's name.
     pub fn name(&self) -> &'static str {

@@ -132,6 +132,37 @@ impl PayloadSource {
     }
 }
 
+/// The setters every handler definition shares, written once: `at` (where it was declared),
+/// `payload` (its payload's description, by hand) and `payload_probe` (what generated code
+/// registers). `$what` says what the payload is, `$example` names an example type. The
+/// definition needs `location: Location` and `payload: PayloadSource` fields.
+macro_rules! handler_definition_setters {
+    ($what:literal, $example:literal) => {
+        /// Records where the declaration was written (the macros set this).
+        pub const fn at(mut self, location: $crate::stream::Location) -> Self {
+            self.location = location;
+            self
+        }
+
+        #[doc = concat!("Records ", $what, ", for the AsyncAPI document")]
+        /// ([`Runtime::asyncapi`](crate::Runtime::asyncapi)); the macros set it. By hand:
+        #[doc = concat!("`.payload(natty_runtime::__private::describe_payload::<", $example, ">)`.")]
+        pub const fn payload(mut self, describe: fn() -> $crate::payload::PayloadDescription) -> Self {
+            self.payload = $crate::payload::PayloadSource::Given(describe);
+            self
+        }
+
+        /// What generated code registers: a function describing whichever argument is the
+        /// payload, when natty can decode it.
+        #[doc(hidden)]
+        pub const fn payload_probe(mut self, describe: fn() -> Option<$crate::payload::PayloadDescription>) -> Self {
+            self.payload = $crate::payload::PayloadSource::Probed(describe);
+            self
+        }
+    };
+}
+pub(crate) use handler_definition_setters;
+
 /// The [`PayloadDescription`] of a payload type `T`.
 #[doc(hidden)]
 pub fn describe_payload<T: DecodePayload>() -> PayloadDescription {

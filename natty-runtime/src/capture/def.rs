@@ -159,27 +159,7 @@ impl CaptureDef {
         self
     }
 
-    /// Records where the declaration was written (the macro sets this).
-    pub const fn at(mut self, location: Location) -> Self {
-        self.location = location;
-        self
-    }
-
-    /// Records the record type the capture decodes, for the AsyncAPI document
-    /// ([`Runtime::asyncapi`](crate::Runtime::asyncapi)); the macro sets it. By hand:
-    /// `.payload(natty_runtime::__private::describe_payload::<MyRecord>)`.
-    pub const fn payload(mut self, describe: fn() -> crate::payload::PayloadDescription) -> Self {
-        self.payload = crate::payload::PayloadSource::Given(describe);
-        self
-    }
-
-    /// What generated code registers: a function describing the records' type, when natty
-    /// can decode it.
-    #[doc(hidden)]
-    pub const fn payload_probe(mut self, describe: fn() -> Option<crate::payload::PayloadDescription>) -> Self {
-        self.payload = crate::payload::PayloadSource::Probed(describe);
-        self
-    }
+    crate::payload::handler_definition_setters!("the record type the capture decodes", "MyRecord");
 
     /// The capture's name (its function's name).
     pub fn name(&self) -> &'static str {
