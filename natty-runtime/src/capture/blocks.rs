@@ -30,6 +30,7 @@ impl BlockKey {
         }
     }
 }
+
 /// The open blocks of one capture, by stream incarnation, key and window.
 pub(super) struct Blocks {
     pub(super) open: HashMap<(u64, BlockKey, u64), OpenBlock>,
@@ -42,6 +43,7 @@ pub(super) struct Blocks {
     /// The number of the next block opened (its keep-alive holder).
     pub(super) next_id: u64,
 }
+
 /// A block being filled.
 pub(super) struct OpenBlock {
     /// Its number, unique within the capture.
@@ -60,6 +62,7 @@ pub(super) struct OpenBlock {
     /// When its messages were last kept alive (or the first arrived).
     pub(super) touched: Instant,
 }
+
 /// A message that cannot go into a block: its reply, the message, and why.
 pub(super) type Refused = (Subject, Original, String);
 impl Blocks {

@@ -30,6 +30,7 @@ pub struct CaptureDef {
     pub(crate) location: Location,
     pub(crate) payload: crate::payload::PayloadSource,
 }
+
 impl std::fmt::Debug for CaptureDef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CaptureDef")
@@ -43,6 +44,7 @@ impl std::fmt::Debug for CaptureDef {
             .finish_non_exhaustive()
     }
 }
+
 impl CaptureDef {
     /// A capture named `name` reading `stream` through the durable consumer `durable`, storing
     /// blocks at `store` (a URL with a path template, see [`BlockStore::open`]). `decode` turns
@@ -212,15 +214,18 @@ impl CaptureDef {
         }
     }
 }
+
 /// A capture's consumer has no handler: the capture pulls and settles its messages itself.
 pub(super) fn never_called(_: Delivery) -> futures_util::future::BoxFuture<'static, Outcome> {
     Box::pin(async { Outcome::Ack })
 }
+
 /// A decoded message: its record and its split key.
 pub struct Captured {
     pub(super) record: Box<dyn Any + Send>,
     pub(super) key: BlockKey,
 }
+
 impl Captured {
     /// Pairs a record with its key. The key is anything serde can serialize to a string, a
     /// number, or a struct of those (each field usable in the path template by name).
@@ -239,6 +244,7 @@ impl Captured {
         })
     }
 }
+
 /// Builds the writers of a payload type (what `#[capture]` registers for every format but raw).
 #[doc(hidden)]
 pub fn writers<T>(format: BlockFormat, compression: Compression) -> std::result::Result<WriterFactory, FormatError>
@@ -247,6 +253,7 @@ where
 {
     format::writers::<T>(format, compression)
 }
+
 /// Builds the raw-bytes writers (`format = "raw"`), which need nothing of the payload type.
 #[doc(hidden)]
 pub fn raw_writers(format: BlockFormat, compression: Compression) -> std::result::Result<WriterFactory, FormatError> {

@@ -44,6 +44,7 @@ pub(super) struct Shared {
     /// Cancelled when the drain deadline passes: stores give up, leaving their messages unacked.
     pub(super) abandon: CancellationToken,
 }
+
 impl Shared {
     /// Marks a message held; false if it already is. The `held` stat follows the set.
     pub(super) fn hold(&self, id: MessageId) -> bool {

@@ -11,6 +11,7 @@ pub(super) fn settle_all(nats: &async_nats::Client, replies: Vec<Subject>, body:
         }
     });
 }
+
 /// Stores one block: waits for a store slot, serializes the block, writes it (retrying with
 /// backoff and keeping its messages alive while it fails), then acks its messages.
 pub(super) async fn store_block(
@@ -39,6 +40,7 @@ pub(super) async fn store_block(
         .instrument(span)
         .await
 }
+
 /// Stops keeping a block's messages alive when dropped.
 pub(super) struct Forget<'a>(pub(super) &'a KeepAlive, keep_alive::Holder);
 impl Drop for Forget<'_> {
@@ -46,6 +48,7 @@ impl Drop for Forget<'_> {
         self.0.forget(self.1);
     }
 }
+
 pub(super) async fn store_block_in_span(
     shared: Arc<Shared>,
     block: OpenBlock,

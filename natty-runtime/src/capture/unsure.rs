@@ -15,11 +15,13 @@ pub(super) struct Arrival {
     /// to say whether a stored block holds it.
     pub(super) arrived: Instant,
 }
+
 impl Arrival {
     pub(super) fn id(&self) -> MessageId {
         (self.incarnation, self.original.stream_sequence)
     }
 }
+
 /// Redelivered messages waiting for the ledger to be read (again), held and kept alive
 /// meanwhile, and the refresh under way.
 #[derive(Default)]
@@ -32,6 +34,7 @@ pub(super) struct Unsure {
     pub(super) not_before: Option<Instant>,
     pub(super) failures: u32,
 }
+
 impl Unsure {
     pub(super) fn push(&mut self, arrival: Arrival) {
         if self.waiting.is_empty() {

@@ -382,6 +382,7 @@ pub enum Deliver {
     /// From the first message stored at or after this RFC 3339 time, e.g. `"2026-11-01T00:00:00Z"`.
     FromTime(&'static str),
 }
+
 /// Redelivery delay after a handler error, without a declared backoff: 100 ms, doubling per
 /// attempt, at most 10 s, so a failing dependency is not hammered and a transient failure is
 /// retried quickly.

@@ -308,6 +308,7 @@ impl Consumer {
         }
     }
 }
+
 /// Headers that direct how the server stores a publish (optimistic concurrency, TTL, rollup,
 /// counters, schedules, batches) rather than describe the message: a copy carrying the original's
 /// `Nats-Expected-Last-Subject-Sequence` would be refused by the dead-letter stream forever.
@@ -336,6 +337,7 @@ pub(super) fn without_publish_directives(headers: Option<async_nats::HeaderMap>)
     }
     kept
 }
+
 /// How a delivery ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Settled {
@@ -371,6 +373,7 @@ impl Settled {
         }
     }
 }
+
 /// What a caught panic says.
 pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     panic
@@ -379,6 +382,7 @@ pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic without a message".into())
 }
+
 /// What a dead letter needs of the original message.
 pub(crate) struct Original {
     pub(crate) subject: async_nats::Subject,
@@ -388,6 +392,7 @@ pub(crate) struct Original {
     pub(crate) stream_sequence: u64,
     pub(crate) delivery_count: u64,
 }
+
 /// Settles a message by publishing to its reply subject (what async-nats' `Acker` does), so
 /// that `+TERM` can carry a reason.
 pub(crate) struct Settle<'a> {

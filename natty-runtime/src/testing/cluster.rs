@@ -29,6 +29,7 @@ use super::*;
 pub struct NatsCluster {
     nodes: Vec<ClusterNode>,
 }
+
 /// One node of a [`NatsCluster`].
 #[derive(Debug)]
 pub struct ClusterNode {
@@ -37,6 +38,7 @@ pub struct ClusterNode {
     monitor_port: u16,
     server: NatsServer,
 }
+
 impl NatsCluster {
     /// Starts an `n`-node JetStream cluster and waits until every node reports healthy and
     /// JetStream answers on node 1 (which needs an elected meta leader).
@@ -232,6 +234,7 @@ impl NatsCluster {
         self.wait_ready(Instant::now() + CLUSTER_DEADLINE).await
     }
 }
+
 impl ClusterNode {
     /// The server name, `n1`..`nN`.
     pub fn name(&self) -> &str {
@@ -335,6 +338,7 @@ impl ClusterNode {
         }
     }
 }
+
 /// Whether every stream of the account has an elected leader (stream info is answered by the
 /// leader, and names it).
 pub(super) async fn streams_have_leaders(client: &async_nats::Client, timeout: Duration) -> Result<(), String> {
@@ -368,6 +372,7 @@ pub(super) async fn streams_have_leaders(client: &async_nats::Client, timeout: D
     }
     Ok(())
 }
+
 /// One `GET /healthz` on the monitoring port; `Err` carries the answer for the error message.
 pub(super) async fn healthz(port: u16) -> Result<(), String> {
     let mut stream = TcpStream::connect(("127.0.0.1", port))

@@ -12,6 +12,7 @@ pub(super) enum Readiness {
     /// And JetStream answers an account info request.
     JetStream,
 }
+
 /// Everything needed to start the same server again.
 #[derive(Debug, Clone)]
 pub(super) struct Launch {
@@ -21,12 +22,14 @@ pub(super) struct Launch {
     pub(super) args: Vec<String>,
     pub(super) readiness: Readiness,
 }
+
 /// Why a start attempt failed.
 pub(super) enum WaitError {
     Exited(ExitStatus),
     TimedOut(String),
     Io(io::Error),
 }
+
 impl Launch {
     /// Starts the server and waits until it is ready; returns the child, its pid and its port.
     pub(super) async fn run(&self, dir: &Path, port: Option<u16>, deadline: Instant) -> io::Result<(Child, u32, u16)> {
@@ -116,11 +119,13 @@ impl Launch {
         io::Error::new(kind, message)
     }
 }
+
 pub(super) fn read_log(path: &Path, from: u64) -> String {
     let bytes = std::fs::read(path).unwrap_or_default();
     let from = usize::try_from(from).unwrap_or(usize::MAX).min(bytes.len());
     String::from_utf8_lossy(&bytes[from..]).into_owned()
 }
+
 /// Polls until the server is ready as `readiness` asks, it exits, or the deadline passes.
 pub(super) async fn wait_ready(
     child: &mut Child,
@@ -188,6 +193,7 @@ pub(super) async fn wait_ready(
         tokio::time::sleep(POLL).await;
     }
 }
+
 pub(super) fn read_ports_file(dir: &Path, pid: u32) -> Result<u16, String> {
     let suffix = format!("_{pid}.ports");
     let entries = std::fs::read_dir(dir).map_err(|err| format!("reading {}: {err}", dir.display()))?;
@@ -209,6 +215,7 @@ pub(super) fn read_ports_file(dir: &Path, pid: u32) -> Result<u16, String> {
         .and_then(|port| port.parse().ok())
         .ok_or_else(|| format!("{} has no client URL: {text}", path.display()))
 }
+
 pub(super) async fn connect_probe(port: u16, timeout: Duration) -> Result<async_nats::Client, String> {
     let url = format!("nats://127.0.0.1:{port}");
     let connect = async_nats::ConnectOptions::new()
@@ -220,6 +227,7 @@ pub(super) async fn connect_probe(port: u16, timeout: Duration) -> Result<async_
         Err(_) => Err(format!("connect to {url} timed out")),
     }
 }
+
 pub(super) async fn jetstream_probe(client: &async_nats::Client, timeout: Duration) -> Result<(), String> {
     let mut js = async_nats::jetstream::new(client.clone());
     js.set_timeout(timeout);

@@ -30,6 +30,7 @@ pub struct NatsServer {
     port: u16,
     dir: TempDir,
 }
+
 impl NatsServer {
     /// Starts a server with JetStream on a free port and waits until JetStream answers.
     ///
@@ -146,6 +147,7 @@ impl NatsServer {
         assert!(status.success(), "`kill -{sig} {}` failed with {status}", self.pid);
     }
 }
+
 impl Drop for NatsServer {
     fn drop(&mut self) {
         let Some(child) = self.child.as_mut() else {
@@ -162,6 +164,7 @@ impl Drop for NatsServer {
         }
     }
 }
+
 /// Builds a [`NatsServer`] with a config file, extra arguments, a fixed port, or no JetStream.
 ///
 /// # Examples
@@ -193,6 +196,7 @@ pub struct NatsServerBuilder {
     /// Set by [`NatsCluster`], whose config files must name the store directory before start.
     dir: Option<TempDir>,
 }
+
 impl Default for NatsServerBuilder {
     fn default() -> Self {
         Self {
@@ -205,6 +209,7 @@ impl Default for NatsServerBuilder {
         }
     }
 }
+
 impl NatsServerBuilder {
     /// Extra config file content, written to `server.conf` in the server's directory and passed
     /// with `-c` (for TLS, accounts, authorization...).
