@@ -120,6 +120,20 @@ impl Launch {
     }
 }
 
+/// Kills a server process and waits briefly (a SIGKILLed process goes in milliseconds) so its
+/// directory is not removed under it; `kill_on_drop` and tokio's reaper cover anything left.
+/// What the servers' `Drop` does.
+pub(super) fn kill_and_reap(child: &mut Child) {
+    if child.start_kill().is_err() {
+        return;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The server's log from byte `from` on (empty when it cannot be read).
 pub(super) fn read_log(path: &Path, from: u64) -> String {
     let bytes = std::fs::read(path).unwrap_or_default();
     let from = usize::try_from(from).unwrap_or(usize::MAX).min(bytes.len());

@@ -150,17 +150,8 @@ impl NatsServer {
 
 impl Drop for NatsServer {
     fn drop(&mut self) {
-        let Some(child) = self.child.as_mut() else {
-            return;
-        };
-        if child.start_kill().is_err() {
-            return;
-        }
-        // Wait briefly (a SIGKILLed process goes in milliseconds) so the store directory is not
-        // removed under a live server; `kill_on_drop` and tokio's reaper cover anything left.
-        let deadline = std::time::Instant::now() + Duration::from_secs(2);
-        while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
+        if let Some(child) = self.child.as_mut() {
+            kill_and_reap(child);
         }
     }
 }

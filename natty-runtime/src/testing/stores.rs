@@ -40,6 +40,8 @@ use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
+use super::read_log;
+
 /// Environment variable naming the `moto_server` binary to use, ahead of any other.
 pub const MOTO_SERVER_ENV: &str = "NATTY_MOTO_SERVER";
 /// Environment variable naming the `azurite-blob` binary to use, ahead of any other.
@@ -684,17 +686,8 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let Some(child) = self.child.as_mut() else {
-            return;
-        };
-        if child.start_kill().is_err() {
-            return;
-        }
-        // Wait briefly (a SIGKILLed process goes in milliseconds) so the temporary directory is
-        // not removed under a live server; `kill_on_drop` and tokio's reaper cover the rest.
-        let deadline = std::time::Instant::now() + Duration::from_secs(2);
-        while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
+        if let Some(child) = self.child.as_mut() {
+            super::kill_and_reap(child);
         }
     }
 }
@@ -762,12 +755,6 @@ async fn http_request(
     tokio::time::timeout(timeout, exchange)
         .await
         .unwrap_or_else(|_| Err(format!("{method} {path} on port {port} timed out after {timeout:?}")))
-}
-
-fn read_log(path: &Path, from: u64) -> String {
-    let bytes = std::fs::read(path).unwrap_or_default();
-    let from = usize::try_from(from).unwrap_or(usize::MAX).min(bytes.len());
-    String::from_utf8_lossy(&bytes[from..]).into_owned()
 }
 
 /// A loopback port that was free a moment ago (the listener is closed before returning).
