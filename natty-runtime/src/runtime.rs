@@ -321,7 +321,7 @@ impl Runtime {
         let endpoint = serve_endpoint(metrics_listener, &config, &telemetry)?;
         let (client, _dev) = crate::client::connect_config(&config, telemetry.clone()).await?;
         if let Some(endpoint) = &endpoint {
-            endpoint.connected(client.nats(), client.jetstream());
+            endpoint.connected(client.nats());
         }
         provision(&config, &declared, &client).await?;
         let tasks = start(&config, &declared, &client).await?;

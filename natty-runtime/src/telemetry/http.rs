@@ -29,12 +29,9 @@ const MAX_CONNECTIONS: usize = 64;
 /// How long a client has to send its request headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The connection, once there is one: for readiness and for the consumers' pending counts.
-type Connected = (async_nats::Client, jetstream::Context);
-
 /// The running endpoint; stops serving when dropped.
 pub(crate) struct Endpoint {
-    client: Arc<OnceLock<Connected>>,
+    client: Arc<OnceLock<async_nats::Client>>,
     _stop: tokio_util::sync::DropGuard,
 }
 
@@ -68,22 +65,22 @@ impl Endpoint {
     }
 
     /// Hands the endpoint the connection, once there is one.
-    pub(crate) fn connected(&self, nats: &async_nats::Client, js: &jetstream::Context) {
-        let _ = self.client.set((nats.clone(), js.clone()));
+    pub(crate) fn connected(&self, nats: &async_nats::Client) {
+        let _ = self.client.set(nats.clone());
     }
 }
 
 /// What a request handler sees.
 struct State {
     telemetry: Arc<Telemetry>,
-    client: Arc<OnceLock<Connected>>,
+    client: Arc<OnceLock<async_nats::Client>>,
 }
 
 /// Serves the endpoint on `listener` until `stop`.
 async fn serve(
     listener: TcpListener,
     telemetry: Arc<Telemetry>,
-    client: Arc<OnceLock<Connected>>,
+    client: Arc<OnceLock<async_nats::Client>>,
     stop: CancellationToken,
 ) {
     let state = Arc::new(State { telemetry, client });
@@ -138,8 +135,8 @@ async fn respond(state: &State, request: Request<Incoming>) -> Response<Full<Byt
     let client = state.client.get();
     match request.uri().path() {
         "/metrics" => {
-            if let Some((nats, js)) = client {
-                refresh(telemetry, nats, js).await;
+            if let Some(nats) = client {
+                refresh(telemetry, nats).await;
             }
             reply(
                 StatusCode::OK,
@@ -149,7 +146,7 @@ async fn respond(state: &State, request: Request<Incoming>) -> Response<Full<Byt
         }
         "/healthz" | "/livez" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" => {
-            let report = telemetry.health.report(client.map(|(nats, _)| nats));
+            let report = telemetry.health.report(client);
             let status = if report.ready {
                 StatusCode::OK
             } else {
@@ -178,9 +175,10 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
 
 /// Reads what only the server knows (each consumer's pending counts) and the connection state,
 /// so a scrape shows them as of now.
-async fn refresh(telemetry: &Telemetry, nats: &async_nats::Client, js: &jetstream::Context) {
+async fn refresh(telemetry: &Telemetry, nats: &async_nats::Client) {
     let metrics = &telemetry.metrics;
     metrics.observe_connection(nats);
+    let js = &jetstream::new(nats.clone());
     // One CONSUMER.INFO request per consumer, a few at a time: a service with many consumers
     // must not send the server a burst per scrape.
     futures_util::stream::iter(metrics.watched())
