@@ -181,6 +181,11 @@ impl LogFormat {
     }
 }
 
+/// An environment variable as natty reads its settings: unset and empty are the same.
+pub(crate) fn env(key: &str) -> Option<String> {
+    std::env::var(key).ok().filter(|value| !value.is_empty())
+}
+
 /// The binary's file name: the default connection and service name.
 pub(crate) fn default_name() -> String {
     std::env::current_exe()
@@ -220,7 +225,7 @@ impl Config {
     /// [`Error::Config`] naming the variable whose value cannot be used, or when more than
     /// one authentication method is set.
     pub fn from_env() -> Result<Config> {
-        Config::from_lookup(|key| std::env::var(key).ok().filter(|value| !value.is_empty()))
+        Config::from_lookup(env)
     }
 
     /// Like [`Config::from_env`], reading through `lookup` (for tests and embedding). Every

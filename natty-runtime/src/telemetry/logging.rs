@@ -31,10 +31,9 @@ pub(crate) fn init() {
     if tracing::dispatcher::has_been_set() {
         return;
     }
-    let lookup = |key: &str| std::env::var(key).ok().filter(|value| !value.is_empty());
     // A wrong value is reported by the configuration, right after: logging starts in text.
     let json = matches!(
-        crate::config::LogFormat::from_lookup(lookup),
+        crate::config::LogFormat::from_lookup(crate::config::env),
         Ok(crate::config::LogFormat::Json)
     );
     match exporting_provider() {
