@@ -516,16 +516,30 @@ impl Capture {
             }
         };
 
-        // Messages still waiting for the ledger go back to the server.
-        unsure.hand_back(&shared);
         // Drain: every open block is closed and stored, within a deadline of its own.
+        let deadline = tokio::time::sleep(self.drain_timeout);
+        tokio::pin!(deadline);
+        // Redelivered messages waiting for the ledger were received: one read of it (unless a
+        // failed read is backing off) lets them into the blocks about to be stored rather than
+        // back to the server for yet another delivery. What it cannot settle goes back.
+        if fatal.is_none() && !unsure.waiting.is_empty() {
+            unsure.not_before = None;
+            unsure.refresh_if_due(&shared);
+            tokio::select! {
+                refreshed = unsure.refreshed() => {
+                    for arrival in unsure.settle(refreshed, &shared) {
+                        self.admit(arrival, true, &mut blocks, &mut unsure, &mut stores);
+                    }
+                }
+                _ = &mut deadline => {}
+            }
+        }
+        unsure.hand_back(&shared);
         let open = blocks.open.len();
         for block in blocks.drain() {
             self.seal(block, &mut stores);
         }
         tracing::info!(capture = def.name, open, deadline = ?self.drain_timeout, "capture draining: storing open blocks");
-        let deadline = tokio::time::sleep(self.drain_timeout);
-        tokio::pin!(deadline);
         let mut failed = fatal;
         loop {
             tokio::select! {
