@@ -370,7 +370,7 @@ impl Capture {
                 match pulled {
                     Pulled::Message(message) => {
                         failures = 0;
-                        last_message = Instant::now();
+                        let arrived = Instant::now();
                         let Some(reply) = message.reply.clone() else { continue };
                         let Some(meta) = delivery_meta(&reply) else {
                             tracing::warn!(capture = def.name, reply = %reply, "not a JetStream delivery; ignored");
@@ -425,9 +425,15 @@ impl Capture {
                             reply,
                             timestamp: meta.timestamp_nanos,
                             incarnation: shared.incarnation.load(Ordering::Relaxed),
-                            arrived: last_message,
+                            arrived,
                         };
-                        self.admit(arrival, false, &mut blocks, &mut unsure, &mut stores);
+                        // Redeliveries of messages already held or stored are not activity:
+                        // counted as such, a storm of them (keep-alives late under load) would
+                        // keep the last window from ever closing as idle, and nothing would be
+                        // stored or acked to end the storm.
+                        if self.admit(arrival, false, &mut blocks, &mut unsure, &mut stores) {
+                            last_message = arrived;
+                        }
                         if reached_end {
                             for block in blocks.due(wall_clock_nanos(), grace, true) {
                                 self.seal(block, &mut stores);
@@ -580,7 +586,7 @@ impl Capture {
     /// Takes a decoded message in: acks it again if a stored block holds it, skips it if held,
     /// sets it aside until the ledger is fresh if it is a redelivery, else writes it into its
     /// block (storing the blocks that this closes). `held` is true for one that waited for the
-    /// ledger, and so is held already.
+    /// ledger, and so is held already. False when the message was already held or stored.
     fn admit(
         &self,
         arrival: Arrival,
@@ -588,7 +594,7 @@ impl Capture {
         blocks: &mut Blocks,
         unsure: &mut Unsure,
         stores: &mut JoinSet<std::result::Result<(), Error>>,
-    ) {
+    ) -> bool {
         let shared = &self.shared;
         let id = arrival.id();
         // Only a message delivered before can be in a block already.
@@ -601,7 +607,7 @@ impl Capture {
                     "redelivered after it was stored; acked again"
                 );
                 settle_all(&shared.nats, vec![arrival.reply], b"+ACK");
-                return;
+                return false;
             }
             if !shared.hold(id) {
                 tracing::debug!(
@@ -609,7 +615,7 @@ impl Capture {
                     sequence = id.1,
                     "redelivered while held; skipped"
                 );
-                return;
+                return false;
             }
         }
         if redelivered {
@@ -619,7 +625,7 @@ impl Capture {
                 .unwrap_or(arrival.arrived);
             if !shared.ledger.listed_since(since) {
                 unsure.push(arrival);
-                return;
+                return true;
             }
             if shared.ledger.holds(id.0, id.1) {
                 tracing::debug!(
@@ -629,7 +635,7 @@ impl Capture {
                 );
                 shared.release(id.0, &[id.1]);
                 settle_all(&shared.nats, vec![arrival.reply], b"+ACK");
-                return;
+                return false;
             }
         }
         match blocks.add(arrival, &self.writers, shared) {
@@ -643,6 +649,7 @@ impl Capture {
                 self.dead_letter(reply, original, why);
             }
         }
+        true
     }
 
     /// Dead-letters and terminates one message, off the capture's loop.
