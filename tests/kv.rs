@@ -57,11 +57,11 @@ async fn a_declared_bucket_is_created_updated_and_verified() {
     let client = client(&server).await;
 
     // Verify-only and off never create it.
-    let error = PROFILES.ensure(&client, Provision::VerifyOnly).await.unwrap_err();
+    let error = PROFILES.provision(&client, Provision::VerifyOnly).await.unwrap_err();
     assert!(matches!(error, Error::StreamNotFound { .. }), "{error:?}");
     assert!(error.to_string().contains("KV bucket `profiles`"), "{error}");
     PROFILES
-        .ensure(&client, Provision::Off)
+        .provision(&client, Provision::Off)
         .await
         .expect("off does nothing");
     assert!(matches!(
@@ -70,7 +70,7 @@ async fn a_declared_bucket_is_created_updated_and_verified() {
     ));
 
     PROFILES
-        .ensure(&client, Provision::CreateOrUpdate)
+        .provision(&client, Provision::CreateOrUpdate)
         .await
         .expect("create");
     let config = stream_config(&client, "profiles").await;
@@ -80,11 +80,11 @@ async fn a_declared_bucket_is_created_updated_and_verified() {
     assert_eq!(config.storage, StorageType::File);
     assert_eq!(config.description.as_deref(), Some("user profiles"));
     PROFILES
-        .ensure(&client, Provision::VerifyOnly)
+        .provision(&client, Provision::VerifyOnly)
         .await
         .expect("what was created verifies");
     PROFILES
-        .ensure(&client, Provision::CreateOrUpdate)
+        .provision(&client, Provision::CreateOrUpdate)
         .await
         .expect("a second run changes nothing");
 
@@ -98,7 +98,10 @@ async fn a_declared_bucket_is_created_updated_and_verified() {
     );
 
     // A declaration that drifted from the server: named in verify-only mode, applied otherwise.
-    let error = MORE_HISTORY.ensure(&client, Provision::VerifyOnly).await.unwrap_err();
+    let error = MORE_HISTORY
+        .provision(&client, Provision::VerifyOnly)
+        .await
+        .unwrap_err();
     match &error {
         Error::StreamDrift {
             field,
@@ -110,7 +113,7 @@ async fn a_declared_bucket_is_created_updated_and_verified() {
     }
     assert!(error.to_string().contains("verify-only"), "{error}");
     MORE_HISTORY
-        .ensure(&client, Provision::CreateOrUpdate)
+        .provision(&client, Provision::CreateOrUpdate)
         .await
         .expect("update");
     let config = stream_config(&client, "profiles").await;
@@ -126,7 +129,7 @@ async fn a_declared_bucket_is_created_updated_and_verified() {
     // A change the server refuses is an error naming the setting.
     let error = KvBucketDef::new("profiles")
         .storage(StorageType::Memory)
-        .ensure(&client, Provision::CreateOrUpdate)
+        .provision(&client, Provision::CreateOrUpdate)
         .await
         .unwrap_err();
     assert!(
@@ -137,7 +140,7 @@ async fn a_declared_bucket_is_created_updated_and_verified() {
 
     let error = KvBucketDef::new("profiles")
         .history(65)
-        .ensure(&client, Provision::CreateOrUpdate)
+        .provision(&client, Provision::CreateOrUpdate)
         .await
         .unwrap_err();
     assert!(
@@ -159,7 +162,7 @@ async fn the_macro_registers_the_declaration() {
 
     let server = NatsServer::start().await.expect("nats-server");
     let client = client(&server).await;
-    def.ensure(&client, Provision::CreateOrUpdate).await.expect("create");
+    def.provision(&client, Provision::CreateOrUpdate).await.expect("create");
     let config = stream_config(&client, "sessions").await;
     assert_eq!(config.max_messages_per_subject, 3);
     assert_eq!(config.max_age, Duration::from_secs(600));
@@ -171,7 +174,7 @@ async fn bucket<T>(client: &Client, name: &'static str, storage: StorageType) ->
     KvBucketDef::new(name)
         .history(64)
         .storage(storage)
-        .ensure(client, Provision::CreateOrUpdate)
+        .provision(client, Provision::CreateOrUpdate)
         .await
         .expect("create the bucket");
     client.kv(name).await.expect("open the bucket")
@@ -302,7 +305,7 @@ async fn racing_writers_get_exactly_one_win_per_revision() {
 /// What a watcher saw: key, revision, operation, value.
 type Seen = (String, u64, KvOperation, Option<u64>);
 
-fn collect(mut changes: natty_runtime::kv::KvWatch<Job>) -> (Arc<Mutex<Vec<Seen>>>, tokio::task::JoinHandle<()>) {
+fn collect(mut changes: natty_runtime::kv::KvChanges<Job>) -> (Arc<Mutex<Vec<Seen>>>, tokio::task::JoinHandle<()>) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let sink = seen.clone();
     let task = tokio::spawn(async move {

@@ -92,7 +92,7 @@ fn peak_rss_kib() -> u64 {
 }
 
 async fn store(client: &Client, def: ObjectStoreDef) -> ObjectStore {
-    def.ensure(client, Provision::CreateOrUpdate)
+    def.provision(client, Provision::CreateOrUpdate)
         .await
         .expect("create the store");
     client.object_store(def.name()).await.expect("open the store")
@@ -238,13 +238,13 @@ async fn a_declared_store_is_provisioned_and_its_limits_hold() {
     let server = NatsServer::start().await.expect("nats-server");
     let client = Client::new(server.client().await);
 
-    let error = SMALL.ensure(&client, Provision::VerifyOnly).await.unwrap_err();
+    let error = SMALL.provision(&client, Provision::VerifyOnly).await.unwrap_err();
     assert!(
         matches!(error, Error::StreamNotFound { ref stream, .. } if stream == "OBJ_small"),
         "{error:?}"
     );
     let small = store(&client, SMALL).await;
-    SMALL.ensure(&client, Provision::VerifyOnly).await.expect("verifies");
+    SMALL.provision(&client, Provision::VerifyOnly).await.expect("verifies");
 
     let error = small.put("big.bin", PseudoRandom::new(7, 2 * MIB)).await.unwrap_err();
     assert!(
@@ -258,15 +258,18 @@ async fn a_declared_store_is_provisioned_and_its_limits_hold() {
     assert!(empty.is_empty());
 
     let larger = ObjectStoreDef::new("small").max_bytes(4 * MIB as i64);
-    let error = larger.ensure(&client, Provision::VerifyOnly).await.unwrap_err();
+    let error = larger.provision(&client, Provision::VerifyOnly).await.unwrap_err();
     assert!(
         matches!(error, Error::StreamDrift { field: "max_bytes", .. }),
         "{error:?}"
     );
     assert!(error.to_string().contains("object store `small`"), "{error}");
-    larger.ensure(&client, Provision::CreateOrUpdate).await.expect("update");
     larger
-        .ensure(&client, Provision::VerifyOnly)
+        .provision(&client, Provision::CreateOrUpdate)
+        .await
+        .expect("update");
+    larger
+        .provision(&client, Provision::VerifyOnly)
         .await
         .expect("now verifies");
 }
@@ -290,7 +293,7 @@ async fn the_macro_registers_the_declaration() {
 
     let server = NatsServer::start().await.expect("nats-server");
     let client = Client::new(server.client().await);
-    def.ensure(&client, Provision::CreateOrUpdate).await.expect("create");
+    def.provision(&client, Provision::CreateOrUpdate).await.expect("create");
     let config = client
         .jetstream()
         .get_stream("OBJ_archive")

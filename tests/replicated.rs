@@ -341,7 +341,7 @@ async fn kv_writes_ride_through_the_death_of_the_buckets_leader() {
     let client = natty_runtime::Client::new(cluster.client().await);
     KvBucketDef::new("ledger")
         .replicas(3)
-        .ensure(&client, natty_runtime::Provision::CreateOrUpdate)
+        .provision(&client, natty_runtime::Provision::CreateOrUpdate)
         .await
         .expect("the replicated bucket");
     let kv = client.kv::<u64>("ledger").await.expect("the bucket");

@@ -9,10 +9,10 @@
 //! `#[subscribe]` or `#[service]`). So `use natty_runtime::Context as Ctx;` then `ctx: Ctx`
 //! works, and a payload struct that happens to be called `Envelope` is a payload.
 
-use crate::core_nats::{CoreDelivery, FromCoreDelivery};
 use crate::handler::{Delivery, FromDelivery};
 use crate::kv_watch::{FromKvEntry, KvDelivery};
 use crate::payload::{DecodeError, DecodePayload};
+use crate::subscribe::{CoreDelivery, FromCoreDelivery};
 
 /// Marker: the argument is the message's payload, decoded.
 pub struct ViaPayload;

@@ -8,12 +8,12 @@ use std::marker::PhantomData;
 use serde_json::{json, Map, Value};
 
 use crate::config::Config;
-use crate::core_nats::CoreKind;
 use crate::kv_watch::KvChange;
 use crate::payload::{describe_payload as describe, DecodePayload, EncodePayload, PayloadDescription};
 use crate::registry::Declarations;
 use crate::schema::sanitize_key;
 use crate::stream::Location;
+use crate::subscribe::CoreKind;
 
 /// `info.version` when [`Config::service_version`] is unset: natty cannot see the application's own
 /// crate version, only its own.

@@ -152,8 +152,8 @@ pub(crate) fn list(declared: &Declarations) -> String {
             let _ = write!(what, ", queue {queue}");
         }
         let kind = match sub.kind {
-            crate::core_nats::CoreKind::Subscribe => "subscribe",
-            crate::core_nats::CoreKind::Service => "service",
+            crate::subscribe::CoreKind::Subscribe => "subscribe",
+            crate::subscribe::CoreKind::Service => "service",
         };
         rows.push(row(kind, sub.name, what, "", sub.location.to_string()));
     }
@@ -202,11 +202,11 @@ pub(crate) async fn check(config: &Config, declared: &Declarations) -> Result<()
     }
     for bucket in &declared.kv_buckets {
         let what = format!("KV bucket `{}`", bucket.name());
-        report.record(what, bucket.ensure(&client, Provision::VerifyOnly).await);
+        report.record(what, bucket.provision(&client, Provision::VerifyOnly).await);
     }
     for store in &declared.object_stores {
         let what = format!("object store `{}`", store.name());
-        report.record(what, store.ensure(&client, Provision::VerifyOnly).await);
+        report.record(what, store.provision(&client, Provision::VerifyOnly).await);
     }
     #[cfg(feature = "capture")]
     let captured: Vec<ConsumerDef> = declared.captures.iter().map(|c| c.consumer_def()).collect();

@@ -17,7 +17,7 @@
 //! | `NATTY_CAPTURE_DRAIN_TIMEOUT` | how long open capture blocks may take to be stored after a shutdown signal | `60s` |
 //! | `NATTY_CONNECT_TIMEOUT` | how long one connection attempt may take | `5s` |
 //! | `NATTY_STREAM_LEADER_TIMEOUT` | how long startup waits for each consumed stream to have a leader | `30s` |
-//! | `NATTY_STORE_MAX_RETRIES`, `NATTY_STORE_RETRY_TIMEOUT` | retries of one S3/Azure request by a capture's store (read when the store opens) | `10`, `3m` |
+//! | `NATTY_STORE_MAX_RETRIES`, `NATTY_STORE_RETRY_TIMEOUT` | retries of one S3/Azure request by a capture's store | `10`, `3m` |
 //! | `NATTY_METRICS_ADDR` | where to serve `/metrics` (Prometheus), `/healthz` and `/readyz`, e.g. `0.0.0.0:9090` | not served |
 //! | `NATTY_LOG_FORMAT` | `text` or `json` lines on stderr (read first by [`crate::run`], to set up logging; `RUST_LOG` filters) | `text` |
 //! | `NATTY_DEV_PORT` | port of the development server | `4222` |
@@ -147,6 +147,12 @@ pub struct Config {
     pub handlers: Option<Vec<String>>,
     /// Where to serve `/metrics`, `/healthz` and `/readyz`; `None` serves nothing.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// How many times a capture's store retries one S3 or Azure request; `None` keeps
+    /// `object_store`'s default (10).
+    pub store_max_retries: Option<usize>,
+    /// How long a capture's store retries one S3 or Azure request; `None` keeps
+    /// `object_store`'s default (3 minutes).
+    pub store_retry_timeout: Option<Duration>,
     /// The service's version: `info.version` of its AsyncAPI document; `None` says `0.0.0`
     /// (natty cannot see the application's crate version, only its own).
     pub service_version: Option<String>,
@@ -211,6 +217,8 @@ impl Default for Config {
             nats_server: None,
             handlers: None,
             metrics_addr: None,
+            store_max_retries: None,
+            store_retry_timeout: None,
             service_version: None,
             log_format: LogFormat::Text,
         }
@@ -229,8 +237,9 @@ impl Config {
     }
 
     /// Like [`Config::from_env`], reading through `lookup` (for tests and embedding). Every
-    /// setting natty reads is read here, except the S3 and Azure settings of a capture's store,
-    /// read when the store opens (`NATTY_STORE_*` and the object-store variables it names).
+    /// setting natty reads is read here, except the URL of each capture's store and the
+    /// `AWS_*` / `AZURE_*` variables `object_store` reads when the store opens (they belong to
+    /// the store, which may be prefixed per capture: see the `capture::store` module).
     ///
     /// # Errors
     ///
@@ -332,6 +341,18 @@ impl Config {
                 )
             })?);
         }
+        if let Some(value) = lookup("NATTY_STORE_MAX_RETRIES") {
+            config.store_max_retries = Some(value.trim().parse().map_err(|_| {
+                Error::config(
+                    "NATTY_STORE_MAX_RETRIES",
+                    &value,
+                    "expected a number of retries, e.g. 3",
+                )
+            })?);
+        }
+        if let Some(value) = lookup("NATTY_STORE_RETRY_TIMEOUT") {
+            config.store_retry_timeout = Some(parse_duration("NATTY_STORE_RETRY_TIMEOUT", &value)?);
+        }
         config.service_version = lookup("NATTY_SERVICE_VERSION").filter(|version| !version.trim().is_empty());
         config.log_format = LogFormat::from_lookup(&lookup)?;
         if let Some(value) = lookup("NATTY_DEV_DIR") {
@@ -402,6 +423,17 @@ mod tests {
         let error = from(&[("NATTY_LOG_FORMAT", "xml")]).unwrap_err().to_string();
         assert!(error.contains("NATTY_LOG_FORMAT") && error.contains("xml"), "{error}");
 
+        let config = from(&[("NATTY_STORE_MAX_RETRIES", "3"), ("NATTY_STORE_RETRY_TIMEOUT", "20s")]).unwrap();
+        assert_eq!(config.store_max_retries, Some(3));
+        assert_eq!(config.store_retry_timeout, Some(Duration::from_secs(20)));
+        let error = from(&[("NATTY_STORE_MAX_RETRIES", "lots")]).unwrap_err().to_string();
+        assert!(
+            error.contains("NATTY_STORE_MAX_RETRIES") && error.contains("lots"),
+            "{error}"
+        );
+        let error = from(&[("NATTY_STORE_RETRY_TIMEOUT", "soon")]).unwrap_err().to_string();
+        assert!(error.contains("NATTY_STORE_RETRY_TIMEOUT"), "{error}");
+
         let error = from(&[("NATTY_DRAIN_TIMEOUT", "soon")]).unwrap_err().to_string();
         assert!(error.contains("NATTY_DRAIN_TIMEOUT"), "{error}");
         let error = from(&[("NATTY_PROVISION", "sometimes")]).unwrap_err().to_string();
@@ -412,5 +444,45 @@ mod tests {
         assert!(error.contains("at most one"), "{error}");
         let error = from(&[("NATS_USER", "a")]).unwrap_err().to_string();
         assert!(error.contains("NATS_PASSWORD"), "{error}");
+    }
+
+    /// Every setting the environment gives can be set through the builder, which wins.
+    #[test]
+    fn the_builder_overrides_every_setting() {
+        let runtime = crate::Runtime::builder()
+            .config(from(&[("NATTY_STORE_MAX_RETRIES", "3"), ("NATTY_DEV_PORT", "4999")]).unwrap())
+            .without_registered()
+            .url("nats://b:4222")
+            .name("svc")
+            .provision(Provision::Off)
+            .drain_timeout(Duration::from_secs(1))
+            .capture_drain_timeout(Duration::from_secs(2))
+            .connect_timeout(Duration::from_secs(3))
+            .stream_leader_timeout(Duration::from_secs(4))
+            .store_max_retries(5)
+            .store_retry_timeout(Duration::from_secs(6))
+            .service_version("1.2.3")
+            .dev_port(4333)
+            .dev_dir("/tmp/natty-dev")
+            .nats_server("/opt/nats-server")
+            .tls_required(true)
+            .configure(|config| config.name.push_str("-1"))
+            .build()
+            .unwrap();
+        let config = runtime.config();
+        assert_eq!(config.url.as_deref(), Some("nats://b:4222"));
+        assert_eq!(config.name, "svc-1", "overrides apply in order");
+        assert_eq!(config.provision, Provision::Off);
+        assert_eq!(config.drain_timeout, Duration::from_secs(1));
+        assert_eq!(config.capture_drain_timeout, Duration::from_secs(2));
+        assert_eq!(config.connect_timeout, Duration::from_secs(3));
+        assert_eq!(config.stream_leader_timeout, Duration::from_secs(4));
+        assert_eq!(config.store_max_retries, Some(5));
+        assert_eq!(config.store_retry_timeout, Some(Duration::from_secs(6)));
+        assert_eq!(config.service_version.as_deref(), Some("1.2.3"));
+        assert_eq!(config.dev_port, 4333);
+        assert_eq!(config.dev_dir, PathBuf::from("/tmp/natty-dev"));
+        assert_eq!(config.nats_server, Some(PathBuf::from("/opt/nats-server")));
+        assert!(config.tls.required);
     }
 }

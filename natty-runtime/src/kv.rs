@@ -1,256 +1,24 @@
-//! Typed KV buckets: the [`KvBucketDef`] a `#[kv_bucket]` registers and its provisioning, and
-//! [`Kv`], typed access to a bucket's values (get, put, create, compare-and-set, delete, purge,
-//! keys, and watches that resume after an interruption without losing or repeating a change).
+//! Typed KV buckets: [`Kv`], typed access to a bucket's values (get, put, create, compare-and-set, delete, purge,
+//! keys, and watches that resume after an interruption without losing or repeating a change),
+//! and the [`KvBucketDef`] a `#[kv_bucket]` registers.
 
 use std::fmt;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll};
-use std::time::Duration;
 
-use async_nats::jetstream::{
-    self, kv,
-    stream::{Config as StreamConfig, StorageType},
-};
+use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use futures_util::{Stream, StreamExt, TryStreamExt};
 
-use crate::config::Provision;
-use crate::error::{BoxError, Error, Result};
+use crate::error::BoxError;
 use crate::kv_watch::{Entries, FromKvEntry, KvChange, KvDelivery, WatchStart};
 use crate::payload::{DecodeError, DecodePayload, EncodePayload, Format};
 use crate::publish::{Client, PublishError};
-use crate::stream::{apply_placement, check, is_stream_not_found, placement_drift, Location, Placement, Provisioned};
+use crate::stream::is_stream_not_found;
 
-/// The most revisions per key a bucket may keep: the server's limit.
-pub const MAX_HISTORY: i64 = 64;
-
-/// A declared KV bucket. `#[kv_bucket(...)]` registers one; [`KvBucketDef::new`] builds one by hand.
-///
-/// Only the settings given are enforced: the server keeps its value for the rest. The bucket is
-/// the stream `KV_<name>`.
-///
-/// # Examples
-///
-/// ```
-/// use natty_runtime::kv::KvBucketDef;
-/// use std::time::Duration;
-/// const CONFIG: KvBucketDef = KvBucketDef::new("config").history(5).ttl(Duration::from_secs(3600));
-/// ```
-#[derive(Debug, Clone, Copy)]
-pub struct KvBucketDef {
-    name: &'static str,
-    history: Option<i64>,
-    ttl: Option<Duration>,
-    replicas: Option<usize>,
-    placement: Option<Placement>,
-    max_value_size: Option<i32>,
-    max_bytes: Option<i64>,
-    storage: Option<StorageType>,
-    description: Option<&'static str>,
-    location: Location,
-}
-
-impl KvBucketDef {
-    /// A bucket named `name` (letters, digits, `-` and `_`).
-    pub const fn new(name: &'static str) -> Self {
-        KvBucketDef {
-            name,
-            history: None,
-            ttl: None,
-            replicas: None,
-            placement: None,
-            max_value_size: None,
-            max_bytes: None,
-            storage: None,
-            description: None,
-            location: Location::UNKNOWN,
-        }
-    }
-
-    /// How many revisions of each key are kept, 1 to [`MAX_HISTORY`] (the default is 1).
-    pub const fn history(mut self, history: i64) -> Self {
-        self.history = Some(history);
-        self
-    }
-
-    /// Entries older than this are removed.
-    pub const fn ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = Some(ttl);
-        self
-    }
-
-    /// Number of replicas (1, 3 or 5 in practice).
-    pub const fn replicas(mut self, replicas: usize) -> Self {
-        self.replicas = Some(replicas);
-        self
-    }
-
-    /// Where the bucket's replicas are placed (cluster, server tags).
-    pub const fn placement(mut self, placement: Placement) -> Self {
-        self.placement = Some(placement);
-        self
-    }
-
-    /// The largest value accepted, in bytes.
-    pub const fn max_value_size(mut self, max_value_size: i32) -> Self {
-        self.max_value_size = Some(max_value_size);
-        self
-    }
-
-    /// Size limit of the whole bucket, in bytes.
-    pub const fn max_bytes(mut self, max_bytes: i64) -> Self {
-        self.max_bytes = Some(max_bytes);
-        self
-    }
-
-    /// File or memory storage.
-    pub const fn storage(mut self, storage: StorageType) -> Self {
-        self.storage = Some(storage);
-        self
-    }
-
-    /// Human-readable description.
-    pub const fn description(mut self, description: &'static str) -> Self {
-        self.description = Some(description);
-        self
-    }
-
-    /// Records where the declaration was written (the macros set this).
-    pub const fn at(mut self, location: Location) -> Self {
-        self.location = location;
-        self
-    }
-
-    /// The bucket's name.
-    pub fn name(&self) -> &'static str {
-        self.name
-    }
-
-    /// Where it was declared.
-    pub fn location(&self) -> Location {
-        self.location
-    }
-
-    /// Creates the bucket or brings it in line with this declaration (`CreateOrUpdate`),
-    /// checks it (`VerifyOnly`), or does nothing (`Off`).
-    ///
-    /// An update changes only the declared settings of the bucket's stream and keeps its
-    /// entries; the server refuses some changes (e.g. the storage type).
-    ///
-    /// # Examples
-    ///
-    /// ```no_run
-    /// # async fn demo(client: natty_runtime::Client) -> natty_runtime::Result<()> {
-    /// use natty_runtime::{kv::KvBucketDef, Provision};
-    /// KvBucketDef::new("config").history(5).ensure(&client, Provision::CreateOrUpdate).await?;
-    /// # Ok(()) }
-    /// ```
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Config`] for a history outside 1..=64; [`Error::StreamNotFound`] when the bucket
-    /// is missing in verify-only mode; [`Error::StreamDrift`] naming the first differing setting
-    /// in verify-only mode, or the setting the server refused to change; [`Error::Stream`] when
-    /// a request fails.
-    pub async fn ensure(&self, client: &Client, mode: Provision) -> Result<()> {
-        if let Some(history) = self.history.filter(|history| !(1..=MAX_HISTORY).contains(history)) {
-            return Err(Error::config(
-                format!(
-                    "history of the KV bucket `{}` (declared at {})",
-                    self.name, self.location
-                ),
-                history.to_string(),
-                format!("must be between 1 and {MAX_HISTORY}"),
-            ));
-        }
-        let js = client.jetstream();
-        let bucket = Provisioned {
-            stream: format!("KV_{}", self.name),
-            location: self.location,
-            owner: Some(("KV bucket", self.name)),
-        };
-        bucket
-            .ensure(
-                js,
-                mode,
-                |actual| self.drift(actual),
-                |config| self.apply(config),
-                async {
-                    js.create_key_value(self.new_config())
-                        .await
-                        .map(drop)
-                        .map_err(|error| Box::new(error) as BoxError)
-                },
-            )
-            .await
-    }
-
-    fn new_config(&self) -> kv::Config {
-        kv::Config {
-            bucket: self.name.to_string(),
-            description: self.description.unwrap_or_default().to_string(),
-            history: self.history.unwrap_or(1),
-            max_age: self.ttl.unwrap_or_default(),
-            // -1 is what the server stores for "no limit".
-            max_value_size: self.max_value_size.unwrap_or(-1),
-            max_bytes: self.max_bytes.unwrap_or(-1),
-            storage: self.storage.unwrap_or(StorageType::File),
-            num_replicas: self.replicas.unwrap_or(1),
-            placement: self.placement.map(|placement| placement.server()),
-            ..Default::default()
-        }
-    }
-
-    /// Overwrites the declared settings in the bucket's stream config.
-    fn apply(&self, config: &mut StreamConfig) {
-        if let Some(value) = self.history {
-            config.max_messages_per_subject = value;
-        }
-        if let Some(value) = self.ttl {
-            config.max_age = value;
-        }
-        if let Some(value) = self.replicas {
-            config.num_replicas = value;
-        }
-        apply_placement(self.placement, config);
-        if let Some(value) = self.max_value_size {
-            config.max_message_size = value;
-        }
-        if let Some(value) = self.max_bytes {
-            config.max_bytes = value;
-        }
-        if let Some(value) = self.storage {
-            config.storage = value;
-        }
-        if let Some(value) = self.description {
-            config.description = Some(value.to_string());
-        }
-    }
-
-    /// The first declared setting that differs from the bucket's stream: (field, declared, actual).
-    fn drift(&self, actual: &StreamConfig) -> Option<(&'static str, String, String)> {
-        check("history", self.history, actual.max_messages_per_subject)
-            .or_else(|| check("ttl", self.ttl, actual.max_age))
-            .or_else(|| {
-                check("replicas", self.replicas, actual.num_replicas)
-                    .or_else(|| placement_drift(self.placement, actual.placement.as_ref()))
-            })
-            .or_else(|| check("max_value_size", self.max_value_size, actual.max_message_size))
-            .or_else(|| check("max_bytes", self.max_bytes, actual.max_bytes))
-            .or_else(|| check("storage", self.storage, actual.storage))
-            .or_else(|| {
-                check(
-                    "description",
-                    self.description,
-                    actual.description.as_deref().unwrap_or(""),
-                )
-            })
-    }
-}
-
-inventory::collect!(KvBucketDef);
+pub use crate::kv_bucket::{KvBucketDef, MAX_HISTORY};
 
 /// A KV operation failed. Each variant names the bucket, and the key where there is one.
 #[derive(Debug, thiserror::Error)]
@@ -747,7 +515,7 @@ impl<T> Kv<T> {
     ///
     /// [`KvError::InvalidKey`] or [`KvError::Request`] when the watch cannot be set up; the
     /// stream then yields [`KvError::Decode`] for a value that is not a `T` and goes on.
-    pub async fn watch(&self, key: &str) -> std::result::Result<KvWatch<T>, KvError> {
+    pub async fn watch(&self, key: &str) -> std::result::Result<KvChanges<T>, KvError> {
         self.watch_starting(key, WatchStart::New).await
     }
 
@@ -756,7 +524,7 @@ impl<T> Kv<T> {
     /// # Errors
     ///
     /// As [`Kv::watch`].
-    pub async fn watch_with_history(&self, key: &str) -> std::result::Result<KvWatch<T>, KvError> {
+    pub async fn watch_with_history(&self, key: &str) -> std::result::Result<KvChanges<T>, KvError> {
         self.watch_starting(key, WatchStart::LastPerKey).await
     }
 
@@ -767,18 +535,18 @@ impl<T> Kv<T> {
     /// # Errors
     ///
     /// As [`Kv::watch`].
-    pub async fn watch_from(&self, key: &str, revision: u64) -> std::result::Result<KvWatch<T>, KvError> {
+    pub async fn watch_from(&self, key: &str, revision: u64) -> std::result::Result<KvChanges<T>, KvError> {
         self.watch_starting(key, WatchStart::Revision(revision.max(1))).await
     }
 
-    async fn watch_starting(&self, key: &str, start: WatchStart) -> std::result::Result<KvWatch<T>, KvError> {
+    async fn watch_starting(&self, key: &str, start: WatchStart) -> std::result::Result<KvChanges<T>, KvError> {
         let entries = Entries::open(self.store.clone(), key.to_string(), start)
             .await
             .map_err(|error| match error.kind() {
                 kv::WatchErrorKind::InvalidKey => self.invalid_key(key),
                 _ => self.request(key, "watching")(Box::new(error)),
             })?;
-        Ok(KvWatch {
+        Ok(KvChanges {
             bucket: self.store.name.clone(),
             entries: entries.into_stream(),
             _value: PhantomData,
@@ -793,19 +561,19 @@ impl<T> Kv<T> {
 /// When the connection drops, the watch is set up again as soon as the client reconnects;
 /// when its consumer vanished unnoticed (a quick server restart), after two missed heartbeats
 /// (about 10 s). Either way it goes on from the revision after the last one delivered.
-pub struct KvWatch<T> {
+pub struct KvChanges<T> {
     bucket: String,
     entries: BoxStream<'static, kv::Entry>,
     _value: PhantomData<fn() -> T>,
 }
 
-impl<T> fmt::Debug for KvWatch<T> {
+impl<T> fmt::Debug for KvChanges<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KvWatch").field("bucket", &self.bucket).finish()
+        f.debug_struct("KvChanges").field("bucket", &self.bucket).finish()
     }
 }
 
-impl<T: DecodePayload> Stream for KvWatch<T> {
+impl<T: DecodePayload> Stream for KvChanges<T> {
     type Item = std::result::Result<KvChange<T>, KvError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {

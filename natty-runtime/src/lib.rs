@@ -39,12 +39,12 @@ mod client;
 pub mod config;
 mod connect;
 pub mod consumer;
-pub mod core_nats;
 mod dev_server;
 mod error;
 mod format;
 mod handler;
 pub mod kv;
+mod kv_bucket;
 pub mod kv_watch;
 pub mod leader;
 pub mod object_store;
@@ -54,7 +54,9 @@ mod puller;
 mod registry;
 mod runtime;
 mod schema;
+pub mod service;
 pub mod stream;
+pub mod subscribe;
 mod supervise;
 mod telemetry;
 #[cfg(feature = "testing")]
@@ -63,11 +65,10 @@ pub mod testing;
 pub use client::{connect, Connection};
 pub use config::{Auth, Config, LogFormat, Provision, Tls};
 pub use consumer::{ConsumerDef, Deliver, KeyFn, OrderBy};
-pub use core_nats::{Envelope, RequestError, SubscriptionDef};
 pub use dev_server::find_nats_server;
 pub use error::{BoxError, Error, Result};
 pub use handler::{Context, FromDelivery, IntoOutcome, Reject};
-pub use kv::{Kv, KvBucketDef, KvEntry, KvError, KvWatch};
+pub use kv::{Kv, KvBucketDef, KvChanges, KvEntry, KvError};
 pub use kv_watch::{KvChange, KvOperation, KvWatchDef};
 pub use leader::{FencedError, LeaderDef, Lease};
 pub use natty_macros::Payload;
@@ -76,7 +77,9 @@ pub use object_store::{ObjectStore, ObjectStoreDef, ObjectStoreError};
 pub use payload::{DecodeError, DecodePayload, EncodePayload, Format, Payload};
 pub use publish::{Client, PendingAck, Publish, PublishAck, PublishError};
 pub use runtime::{Runtime, RuntimeBuilder};
+pub use service::RequestError;
 pub use stream::{Location, Placement, StreamDef};
+pub use subscribe::{Envelope, SubscriptionDef};
 
 /// Re-exports of async-nats, for settings natty passes through.
 pub use async_nats;
@@ -183,9 +186,6 @@ pub mod __private {
     #[cfg(feature = "capture")]
     pub use crate::capture;
     pub use crate::consumer::{hash_key, ConsumerDef, Deliver, HandlerFn, OrderBy};
-    pub use crate::core_nats::{
-        CoreDelivery, CoreHandlerFn, CoreOutcome, FromCoreDelivery, IntoReply, SubscriptionDef,
-    };
     pub use crate::error::BoxError;
     pub use crate::handler::{Delivery, FromDelivery, IntoOutcome, Outcome};
     pub use crate::kv::KvBucketDef;
@@ -198,7 +198,9 @@ pub mod __private {
     };
     pub use crate::publish::PublishError;
     pub use crate::schema::protobuf as protobuf_schema;
+    pub use crate::service::IntoReply;
     pub use crate::stream::{Location, Placement, StreamDef};
+    pub use crate::subscribe::{CoreDelivery, CoreHandlerFn, CoreOutcome, FromCoreDelivery, SubscriptionDef};
     pub use async_nats::jetstream::stream::{RetentionPolicy as Retention, StorageType};
     pub use async_nats::HeaderMap;
     pub use bytes::Bytes;

@@ -131,7 +131,7 @@ impl ObjectStoreDef {
     /// [`crate::Error::StreamNotFound`] when the store is missing in verify-only mode;
     /// [`crate::Error::StreamDrift`] naming the first differing setting in verify-only mode, or
     /// the setting the server refused to change; [`crate::Error::Stream`] when a request fails.
-    pub async fn ensure(&self, client: &Client, mode: Provision) -> Result<()> {
+    pub async fn provision(&self, client: &Client, mode: Provision) -> Result<()> {
         let js = client.jetstream();
         let bucket = Provisioned {
             stream: format!("OBJ_{}", self.name),
@@ -150,7 +150,7 @@ impl ObjectStoreDef {
             ..Default::default()
         };
         bucket
-            .ensure(
+            .provision(
                 js,
                 mode,
                 |actual| self.drift(actual),
@@ -571,7 +571,7 @@ impl ObjectStore {
     ///
     /// [`ObjectStoreError::Bucket`] when the watch cannot be set up; the stream then yields
     /// [`ObjectStoreError::Bucket`] for a change it cannot read, and goes on.
-    pub async fn watch(&self) -> std::result::Result<ObjectWatch, ObjectStoreError> {
+    pub async fn watch(&self) -> std::result::Result<ObjectChanges, ObjectStoreError> {
         let bucket = self.bucket.clone();
         let watch = self.store.watch().await.map_err(|error| ObjectStoreError::Bucket {
             bucket: bucket.clone(),
@@ -596,7 +596,7 @@ impl ObjectStore {
                 }),
             })
             .boxed();
-        Ok(ObjectWatch { changes })
+        Ok(ObjectChanges { changes })
     }
 }
 
@@ -844,17 +844,17 @@ pub struct ObjectChange {
 }
 
 /// The changes of an object store, as [`ObjectStore::watch`] delivers them.
-pub struct ObjectWatch {
+pub struct ObjectChanges {
     changes: BoxStream<'static, std::result::Result<ObjectChange, ObjectStoreError>>,
 }
 
-impl fmt::Debug for ObjectWatch {
+impl fmt::Debug for ObjectChanges {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ObjectWatch").finish_non_exhaustive()
+        f.debug_struct("ObjectChanges").finish_non_exhaustive()
     }
 }
 
-impl Stream for ObjectWatch {
+impl Stream for ObjectChanges {
     type Item = std::result::Result<ObjectChange, ObjectStoreError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {

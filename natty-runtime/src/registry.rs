@@ -6,13 +6,13 @@
 use std::collections::HashMap;
 
 use crate::consumer::ConsumerDef;
-use crate::core_nats::SubscriptionDef;
 use crate::error::{Error, Result};
 use crate::kv::KvBucketDef;
 use crate::kv_watch::KvWatchDef;
 use crate::leader::LeaderDef;
 use crate::object_store::ObjectStoreDef;
 use crate::stream::StreamDef;
+use crate::subscribe::SubscriptionDef;
 
 /// A service's declarations: what it provisions and the handlers it runs.
 #[derive(Debug, Default, Clone)]

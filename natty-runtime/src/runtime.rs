@@ -9,7 +9,6 @@ use std::time::Duration;
 use crate::classify::transient;
 use crate::config::{Auth, Config, Provision};
 use crate::consumer::{Consumer, ConsumerDef, DEAD_LETTER_STREAM};
-use crate::core_nats::SubscriptionDef;
 use crate::error::{Error, Result};
 use crate::kv::KvBucketDef;
 use crate::kv_watch::KvWatchDef;
@@ -18,6 +17,7 @@ use crate::object_store::ObjectStoreDef;
 use crate::publish::Client;
 use crate::registry::Declarations;
 use crate::stream::StreamDef;
+use crate::subscribe::SubscriptionDef;
 use crate::supervise::{Supervisor, Task};
 use crate::telemetry::http::Endpoint;
 use crate::telemetry::Telemetry;
@@ -40,26 +40,33 @@ use crate::telemetry::Telemetry;
 ///     .await
 /// # }
 /// ```
-#[derive(Debug, Default)]
+#[derive(Default)]
 #[must_use]
 pub struct RuntimeBuilder {
     config: Option<Config>,
-    url: Option<String>,
-    auth: Option<Auth>,
-    tls_ca: Option<PathBuf>,
-    tls_client: Option<(PathBuf, PathBuf)>,
-    name: Option<String>,
-    provision: Option<Provision>,
-    drain_timeout: Option<Duration>,
-    connect_timeout: Option<Duration>,
-    stream_leader_timeout: Option<Duration>,
-    metrics_addr: Option<std::net::SocketAddr>,
+    /// The settings given here, applied in order over the environment's (or `config`).
+    overrides: Vec<Override>,
     metrics_listener: Option<std::net::TcpListener>,
-    service_version: Option<String>,
     registered: bool,
     only: Option<Vec<String>>,
     /// What was added by hand.
     declared: Declarations,
+}
+
+/// One setting given to the builder.
+type Override = Box<dyn FnOnce(&mut Config) + Send>;
+
+impl std::fmt::Debug for RuntimeBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeBuilder")
+            .field("config", &self.config)
+            .field("overrides", &self.overrides.len())
+            .field("metrics_listener", &self.metrics_listener)
+            .field("registered", &self.registered)
+            .field("only", &self.only)
+            .field("declared", &self.declared)
+            .finish()
+    }
 }
 
 impl RuntimeBuilder {
@@ -69,72 +76,123 @@ impl RuntimeBuilder {
         self
     }
 
-    /// Server URL(s), comma-separated. Overrides `NATS_URL`.
-    pub fn url(mut self, url: impl Into<String>) -> Self {
-        self.url = Some(url.into());
+    /// Sets anything in the [`Config`], for settings without a method of their own.
+    ///
+    /// ```
+    /// let runtime = natty_runtime::Runtime::builder()
+    ///     .configure(|config| config.dev_port = 4333)
+    ///     .build()
+    ///     .unwrap();
+    /// assert_eq!(runtime.config().dev_port, 4333);
+    /// ```
+    pub fn configure(mut self, change: impl FnOnce(&mut Config) + Send + 'static) -> Self {
+        self.overrides.push(Box::new(change));
         self
+    }
+
+    /// Server URL(s), comma-separated. Overrides `NATS_URL`.
+    pub fn url(self, url: impl Into<String>) -> Self {
+        let url = url.into();
+        self.configure(move |config| config.url = Some(url))
     }
 
     /// Authentication. Overrides the `NATS_*` credentials.
-    pub fn auth(mut self, auth: Auth) -> Self {
-        self.auth = Some(auth);
-        self
+    pub fn auth(self, auth: Auth) -> Self {
+        self.configure(move |config| config.auth = auth)
     }
 
-    /// CA certificates to trust (PEM); turns TLS on.
-    pub fn tls_ca(mut self, ca: impl Into<PathBuf>) -> Self {
-        self.tls_ca = Some(ca.into());
-        self
+    /// CA certificates to trust (PEM); turns TLS on. Overrides `NATS_CA`.
+    pub fn tls_ca(self, ca: impl Into<PathBuf>) -> Self {
+        let ca = ca.into();
+        self.configure(move |config| config.tls.ca = Some(ca))
     }
 
-    /// Client certificate and key (PEM), for mutual TLS.
-    pub fn tls_client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
-        self.tls_client = Some((cert.into(), key.into()));
-        self
+    /// Client certificate and key (PEM), for mutual TLS. Overrides `NATS_CERT` and `NATS_KEY`.
+    pub fn tls_client_cert(self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        let (cert, key) = (cert.into(), key.into());
+        self.configure(move |config| {
+            config.tls.cert = Some(cert);
+            config.tls.key = Some(key);
+        })
     }
 
-    /// The connection name the server shows.
-    pub fn name(mut self, name: impl Into<String>) -> Self {
-        self.name = Some(name.into());
-        self
+    /// Refuses a plain-text connection. Overrides `NATS_TLS_REQUIRED`.
+    pub fn tls_required(self, required: bool) -> Self {
+        self.configure(move |config| config.tls.required = required)
+    }
+
+    /// The connection name the server shows. Overrides `NATTY_NAME`.
+    pub fn name(self, name: impl Into<String>) -> Self {
+        let name = name.into();
+        self.configure(move |config| config.name = name)
     }
 
     /// The provisioning mode. Overrides `NATTY_PROVISION`.
-    pub fn provision(mut self, provision: Provision) -> Self {
-        self.provision = Some(provision);
-        self
+    pub fn provision(self, provision: Provision) -> Self {
+        self.configure(move |config| config.provision = provision)
     }
 
     /// How long in-flight handlers may run after shutdown starts. Overrides `NATTY_DRAIN_TIMEOUT`.
-    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
-        self.drain_timeout = Some(timeout);
-        self
+    pub fn drain_timeout(self, timeout: Duration) -> Self {
+        self.configure(move |config| config.drain_timeout = timeout)
+    }
+
+    /// How long open capture blocks may take to be stored after shutdown starts. Overrides
+    /// `NATTY_CAPTURE_DRAIN_TIMEOUT`.
+    pub fn capture_drain_timeout(self, timeout: Duration) -> Self {
+        self.configure(move |config| config.capture_drain_timeout = timeout)
     }
 
     /// How long startup waits for each consumed stream to have a leader. Overrides
     /// `NATTY_STREAM_LEADER_TIMEOUT`.
-    pub fn stream_leader_timeout(mut self, timeout: Duration) -> Self {
-        self.stream_leader_timeout = Some(timeout);
-        self
+    pub fn stream_leader_timeout(self, timeout: Duration) -> Self {
+        self.configure(move |config| config.stream_leader_timeout = timeout)
     }
 
     /// Timeout of one connection attempt. Overrides `NATTY_CONNECT_TIMEOUT`.
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = Some(timeout);
-        self
+    pub fn connect_timeout(self, timeout: Duration) -> Self {
+        self.configure(move |config| config.connect_timeout = timeout)
+    }
+
+    /// How many times a capture's store retries one S3 or Azure request. Overrides
+    /// `NATTY_STORE_MAX_RETRIES`.
+    pub fn store_max_retries(self, retries: usize) -> Self {
+        self.configure(move |config| config.store_max_retries = Some(retries))
+    }
+
+    /// How long a capture's store retries one S3 or Azure request. Overrides
+    /// `NATTY_STORE_RETRY_TIMEOUT`.
+    pub fn store_retry_timeout(self, timeout: Duration) -> Self {
+        self.configure(move |config| config.store_retry_timeout = Some(timeout))
     }
 
     /// Serves `/metrics`, `/healthz` and `/readyz` on this address. Overrides `NATTY_METRICS_ADDR`.
-    pub fn metrics_addr(mut self, addr: std::net::SocketAddr) -> Self {
-        self.metrics_addr = Some(addr);
-        self
+    pub fn metrics_addr(self, addr: std::net::SocketAddr) -> Self {
+        self.configure(move |config| config.metrics_addr = Some(addr))
     }
 
     /// The service's version, for its AsyncAPI document's `info.version`. Overrides
     /// `NATTY_SERVICE_VERSION`; e.g. `.service_version(env!("CARGO_PKG_VERSION"))`.
-    pub fn service_version(mut self, version: impl Into<String>) -> Self {
-        self.service_version = Some(version.into());
-        self
+    pub fn service_version(self, version: impl Into<String>) -> Self {
+        let version = version.into();
+        self.configure(move |config| config.service_version = Some(version))
+    }
+
+    /// Port of the development server started when no URL is set. Overrides `NATTY_DEV_PORT`.
+    pub fn dev_port(self, port: u16) -> Self {
+        self.configure(move |config| config.dev_port = port)
+    }
+
+    /// Data folder of the development server. Overrides `NATTY_DEV_DIR`.
+    pub fn dev_dir(self, dir: impl Into<PathBuf>) -> Self {
+        let dir = dir.into();
+        self.configure(move |config| config.dev_dir = dir)
+    }
+
+    /// The `nats-server` binary the development server runs. Overrides `NATTY_NATS_SERVER`.
+    pub fn nats_server(self, binary: impl Into<PathBuf>) -> Self {
+        let binary = binary.into();
+        self.configure(move |config| config.nats_server = Some(binary))
     }
 
     /// Serves `/metrics`, `/healthz` and `/readyz` on a listener the caller bound (to learn a
@@ -221,39 +279,8 @@ impl RuntimeBuilder {
             Some(config) => config,
             None => Config::from_env()?,
         };
-        if let Some(url) = self.url {
-            config.url = Some(url);
-        }
-        if let Some(auth) = self.auth {
-            config.auth = auth;
-        }
-        if let Some(ca) = self.tls_ca {
-            config.tls.ca = Some(ca);
-        }
-        if let Some((cert, key)) = self.tls_client {
-            config.tls.cert = Some(cert);
-            config.tls.key = Some(key);
-        }
-        if let Some(name) = self.name {
-            config.name = name;
-        }
-        if let Some(provision) = self.provision {
-            config.provision = provision;
-        }
-        if let Some(timeout) = self.drain_timeout {
-            config.drain_timeout = timeout;
-        }
-        if let Some(timeout) = self.connect_timeout {
-            config.connect_timeout = timeout;
-        }
-        if let Some(timeout) = self.stream_leader_timeout {
-            config.stream_leader_timeout = timeout;
-        }
-        if let Some(addr) = self.metrics_addr {
-            config.metrics_addr = Some(addr);
-        }
-        if let Some(version) = self.service_version {
-            config.service_version = Some(version);
+        for change in self.overrides {
+            change(&mut config);
         }
         let mut declared = self.declared;
         if self.registered {
@@ -493,10 +520,10 @@ async fn provision(config: &Config, declared: &Declarations, client: &Client) ->
     }
     // Declared buckets first: a leader's bucket may be one of them (with its replicas).
     for bucket in &declared.kv_buckets {
-        patiently(patience, || bucket.ensure(client, provision)).await?;
+        patiently(patience, || bucket.provision(client, provision)).await?;
     }
     for store in &declared.object_stores {
-        patiently(patience, || store.ensure(client, provision)).await?;
+        patiently(patience, || store.provision(client, provision)).await?;
     }
     for leader in &declared.leaders {
         patiently(patience, || crate::leader::provision(leader, js, provision)).await?;
@@ -551,14 +578,7 @@ async fn start(config: &Config, declared: &Declarations, client: &Client) -> Res
         let stream_def = declared.stream(def.stream());
         let slot = std::sync::Mutex::new(None);
         patiently(patience, || async {
-            let started = crate::capture::Capture::start(
-                *def,
-                client.clone(),
-                provision,
-                stream_def,
-                config.capture_drain_timeout,
-            )
-            .await?;
+            let started = crate::capture::Capture::start(*def, client.clone(), provision, stream_def, config).await?;
             *slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(started);
             Ok(())
         })
@@ -576,7 +596,7 @@ async fn start(config: &Config, declared: &Declarations, client: &Client) -> Res
         tasks.push(crate::leader::task(leader, client.clone(), consumers));
     }
     for subscription in &declared.subscriptions {
-        tasks.push(crate::core_nats::task(*subscription, client.clone()));
+        tasks.push(crate::subscribe::task(*subscription, client.clone()));
     }
     Ok(tasks)
 }

@@ -331,7 +331,7 @@ impl StreamDef {
                 .map_err(|error| Box::new(error) as BoxError)
         };
         target
-            .ensure(
+            .provision(
                 js,
                 mode,
                 |actual| self.drift(actual),
@@ -366,7 +366,7 @@ pub(crate) struct Provisioned {
 impl Provisioned {
     /// Creates the stream with `create`, or compares and updates only the declared settings
     /// (`drift`, `apply`), or checks them, per `mode`.
-    pub(crate) async fn ensure(
+    pub(crate) async fn provision(
         &self,
         js: &jetstream::Context,
         mode: Provision,

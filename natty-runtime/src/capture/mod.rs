@@ -194,12 +194,21 @@ impl Capture {
         client: Client,
         provision: Provision,
         stream_def: Option<StreamDef>,
-        drain_timeout: Duration,
+        settings: &crate::Config,
     ) -> Result<Capture> {
         if def.every.is_zero() {
             return Err(def.error("`every` must be longer than zero"));
         }
-        let store = BlockStore::open(def.store).map_err(|error| def.error(crate::error::chain(&error).to_string()))?;
+        // The store reads its retry settings by their variables' names; the runtime's Config
+        // (the environment, overridden by the builder) stands in for those two.
+        let (max_retries, retry_timeout) = (settings.store_max_retries, settings.store_retry_timeout);
+        let env = move |name: &str| match name {
+            store::MAX_RETRIES_ENV => max_retries.map(|retries| retries.to_string()),
+            store::RETRY_TIMEOUT_ENV => retry_timeout.map(|timeout| humantime::format_duration(timeout).to_string()),
+            _ => std::env::var(name).ok(),
+        };
+        let store = BlockStore::open_with_env(def.store, &env)
+            .map_err(|error| def.error(crate::error::chain(&error).to_string()))?;
         let writers = (def.writers)(def.format, def.compression)
             .map_err(|error| def.error(crate::error::chain(&error).to_string()))?;
         let nats = client.nats().clone();
@@ -273,7 +282,7 @@ impl Capture {
             writers,
             extension: format::extension(def.format, def.compression),
             max_held: max_ack_pending,
-            drain_timeout,
+            drain_timeout: settings.capture_drain_timeout,
         })
     }
 
