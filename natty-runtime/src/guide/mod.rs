@@ -82,3 +82,8 @@ pub mod command_line {}
     doc = "# Testing\n\nThis chapter needs natty-runtime's `testing` feature: build the docs with `--features testing`."
 )]
 pub mod testing {}
+
+/// The README's example, compiled with the guide's.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct Readme;
