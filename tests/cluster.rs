@@ -207,7 +207,7 @@ impl Fault {
         // The capture runs in instance a only: capture output is exactly once with one
         // capturing instance. With several sharing its durable, a consumer leader that dies
         // before replicating what it delivered hands those messages to another instance, and
-        // both store them (README, known limits). The consumer runs in all three.
+        // both store them (the guide's known limits). The consumer runs in all three.
         let consumers: String = handlers
             .split(',')
             .filter(|handler| *handler != ARCHIVE)

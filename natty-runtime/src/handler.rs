@@ -178,7 +178,8 @@ impl std::fmt::Debug for Context {
 /// A handler's decision not to process a message now, returned as its error: `Err(Reject::...)`.
 ///
 /// Any other error retries with the consumer's backoff; a `Reject` says exactly what to do.
-/// It converts into `anyhow::Error` and back, so `?` works in handlers returning `anyhow::Result`.
+/// Return it from a handler whose error type is `Reject` (or `Box<dyn Error + Send + Sync>`):
+/// once converted into an `anyhow::Error` it is no longer recognised, and counts as any other error.
 ///
 /// # Examples
 ///

@@ -28,6 +28,9 @@
 //!
 //! Delivery is at-least-once: a message is acked only after its handler returned `Ok`; an
 //! error naks it for redelivery; a payload that cannot be decoded is terminated and logged.
+//!
+//! Start with [the guide](guide): its chapters, read in order, cover every handler kind,
+//! configuration, observability, running on a cluster, the guarantees and testing.
 
 mod args;
 mod asyncapi;
@@ -42,6 +45,8 @@ pub mod consumer;
 mod dev_server;
 mod error;
 mod format;
+/// The guide: how to write, run, operate and test a natty service, in chapters read in order.
+pub mod guide;
 mod handler;
 pub mod kv;
 mod kv_bucket;
