@@ -103,12 +103,10 @@ async fn a_declared_bucket_is_created_updated_and_verified() {
         .await
         .unwrap_err();
     match &error {
-        Error::StreamDrift {
-            field,
-            declared,
-            actual,
-            ..
-        } => assert_eq!((*field, declared.as_str(), actual.as_str()), ("history", "10", "5")),
+        Error::Drift(drift) => assert_eq!(
+            (drift.field, drift.declared.as_str(), drift.actual.as_str()),
+            ("history", "10", "5")
+        ),
         other => panic!("expected drift, got {other:?}"),
     }
     assert!(error.to_string().contains("verify-only"), "{error}");
@@ -133,7 +131,7 @@ async fn a_declared_bucket_is_created_updated_and_verified() {
         .await
         .unwrap_err();
     assert!(
-        matches!(error, Error::StreamDrift { field: "storage", .. }),
+        matches!(&error, Error::Drift(drift) if drift.field == "storage"),
         "{error:?}"
     );
     assert!(error.to_string().contains("refused"), "{error}");

@@ -260,7 +260,7 @@ async fn a_declared_store_is_provisioned_and_its_limits_hold() {
     let larger = ObjectStoreDef::new("small").max_bytes(4 * MIB as i64);
     let error = larger.provision(&client, Provision::VerifyOnly).await.unwrap_err();
     assert!(
-        matches!(error, Error::StreamDrift { field: "max_bytes", .. }),
+        matches!(&error, Error::Drift(drift) if drift.field == "max_bytes"),
         "{error:?}"
     );
     assert!(error.to_string().contains("object store `small`"), "{error}");

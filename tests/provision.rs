@@ -88,7 +88,10 @@ async fn streams_and_consumers_are_provisioned_verified_and_refusals_reported() 
     // Verify-only reports the drift, naming the field, and changes nothing.
     let error = start_and_stop(&url, Provision::VerifyOnly).await.unwrap_err();
     let text = error.to_string();
-    assert!(matches!(error, Error::StreamDrift { field: "max_age", .. }), "{text}");
+    assert!(
+        matches!(&error, Error::Drift(drift) if drift.field == "max_age"),
+        "{text}"
+    );
     assert!(text.contains("orders") && text.contains("verify-only"), "{text}");
     assert_eq!(stream_config(&js).await.max_age, Duration::from_secs(7200));
 
@@ -108,7 +111,10 @@ async fn streams_and_consumers_are_provisioned_verified_and_refusals_reported() 
     .unwrap();
     let error = start_and_stop(&url, Provision::CreateOrUpdate).await.unwrap_err();
     let text = error.to_string();
-    assert!(matches!(error, Error::StreamDrift { field: "storage", .. }), "{text}");
+    assert!(
+        matches!(&error, Error::Drift(drift) if drift.field == "storage"),
+        "{text}"
+    );
     assert!(text.contains("refused"), "{text}");
 
     // Off touches nothing: the consumer must exist already (it does not on this stream).
@@ -116,7 +122,8 @@ async fn streams_and_consumers_are_provisioned_verified_and_refusals_reported() 
     assert!(matches!(error, Error::ConsumerNotFound { .. }), "{error}");
 }
 
-/// An existing consumer is updated only where it differs from the declaration: what an
+/// An existing consumer that differs from the declaration stops a verify-only start, and is
+/// updated only where it differs otherwise: what an
 /// operator set besides (a description, `max_waiting`, which the server refuses to change at
 /// all, an inactive threshold...) stays as it was; and one that matches is bound untouched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -159,6 +166,21 @@ async fn a_consumer_update_changes_only_the_declared_settings() {
             .unwrap()
             .config
     };
+
+    // Verify-only refuses to start with it, naming the consumer and the setting, and changes
+    // nothing.
+    let error = start_and_stop(&url, Provision::VerifyOnly).await.unwrap_err();
+    let text = error.to_string();
+    assert!(
+        matches!(&error, natty_runtime::Error::Drift(drift) if drift.field == "ack_wait"
+            && drift.declared_on == natty_runtime::Declared::Consumer { stream: "orders".into(), consumer: "billing".into() }),
+        "{text}"
+    );
+    assert!(
+        text.contains("consumer `billing`") && text.contains("verify-only"),
+        "{text}"
+    );
+    assert_eq!(consumer().await.ack_wait, Duration::from_secs(10));
 
     start_and_stop(&url, Provision::CreateOrUpdate)
         .await

@@ -10,7 +10,16 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// `Result` with natty's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Everything that can stop a natty service from starting or running.
+/// Everything that can stop a natty service from starting or running, in three kinds:
+///
+/// - **startup**: the configuration, the connection, provisioning and the declarations
+///   themselves ([`Config`](Error::Config), [`Connect`](Error::Connect),
+///   [`Stream`](Error::Stream), [`Duplicate`](Error::Duplicate), …);
+/// - **drift**: a declaration the server does not match ([`Drift`](Error::Drift), with the
+///   [`Drift`] it found), and the summary of `--check` ([`CheckFailed`](Error::CheckFailed));
+/// - **usage**: a command line the service does not understand ([`Usage`](Error::Usage)).
+///
+/// Publishing has its own error, [`PublishError`], which converts into this one for `?`.
 ///
 /// `Display` says what failed; why is in [`source`](std::error::Error::source), as the Rust
 /// API guidelines ask (so `anyhow`'s `{:#}` and error reporters print each cause once).
@@ -91,22 +100,6 @@ pub enum Error {
         detail: String,
     },
 
-    /// The server's stream differs from the declaration (verify-only mode), or refused to
-    /// change a setting (create-or-update mode).
-    #[error("stream `{stream}`: declared {field} = {declared}, but the server has {actual}{hint}")]
-    StreamDrift {
-        /// The stream's name.
-        stream: String,
-        /// The first differing setting.
-        field: &'static str,
-        /// The declared value.
-        declared: String,
-        /// The server's value.
-        actual: String,
-        /// Context: the server's refusal, or the provisioning mode.
-        hint: String,
-    },
-
     /// A JetStream API request failed while provisioning or binding a consumer.
     #[error("consumer `{consumer}` on stream `{stream}`: {action} failed")]
     Consumer {
@@ -158,24 +151,14 @@ pub enum Error {
     #[error(transparent)]
     Publish(#[from] PublishError),
 
-    /// A consumer on the server differs from its declaration (found by `--check`).
-    #[error("{field} is {actual} on the server, but declared {declared}")]
-    ConsumerDrift {
-        /// The stream.
-        stream: String,
-        /// The consumer's name.
-        consumer: String,
-        /// The setting that differs.
-        field: &'static str,
-        /// The declared value.
-        declared: String,
-        /// The server's value.
-        actual: String,
-    },
+    /// A declared stream, KV bucket, object store or consumer differs from the server's: in
+    /// verify-only mode, where natty changes nothing, or where the server refused the change.
+    #[error(transparent)]
+    Drift(Drift),
 
     /// `--check` found declarations the server does not match; each was printed.
     #[error("--check: {differences} declaration(s) differ from the server or are missing there (listed above)")]
-    Drift {
+    CheckFailed {
         /// How many declarations differ.
         differences: usize,
     },
@@ -193,6 +176,53 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// A declared setting the server does not have (see [`Error::Drift`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{declared_on}: declared {field} = {declared}, but the server has {actual}{hint}")]
+#[non_exhaustive]
+pub struct Drift {
+    /// What differs.
+    pub declared_on: Declared,
+    /// The first differing setting, as declared (`max_age`, `ack_wait`, …).
+    pub field: &'static str,
+    /// The declared value.
+    pub declared: String,
+    /// The server's value.
+    pub actual: String,
+    /// Context: the provisioning mode, or the server's refusal to change it.
+    pub hint: String,
+}
+
+/// What a [`Drift`] is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Declared {
+    /// A stream (`KV_<name>` behind a KV bucket, `OBJ_<name>` behind an object store).
+    Stream(String),
+    /// A durable consumer.
+    Consumer {
+        /// Its stream.
+        stream: String,
+        /// Its durable name.
+        consumer: String,
+    },
+}
+
+impl fmt::Display for Declared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Declared::Stream(stream) => write!(f, "stream `{stream}`"),
+            Declared::Consumer { stream, consumer } => write!(f, "consumer `{consumer}` on stream `{stream}`"),
+        }
+    }
+}
+
+impl From<Drift> for Error {
+    fn from(drift: Drift) -> Error {
+        Error::Drift(drift)
+    }
 }
 
 /// Publishing failed. Except for [`PublishError::Unconfirmed`], nothing was stored.

@@ -141,7 +141,7 @@ impl KvBucketDef {
     /// # Errors
     ///
     /// [`Error::Config`] for a history outside 1..=64; [`Error::StreamNotFound`] when the bucket
-    /// is missing in verify-only mode; [`Error::StreamDrift`] naming the first differing setting
+    /// is missing in verify-only mode; [`Error::Drift`] naming the first differing setting
     /// in verify-only mode, or the setting the server refused to change; [`Error::Stream`] when
     /// a request fails.
     pub async fn provision(&self, client: &Client, mode: Provision) -> Result<()> {

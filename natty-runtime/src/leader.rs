@@ -806,13 +806,14 @@ pub(crate) async fn provision(def: &LeaderDef, js: &jetstream::Context, mode: Pr
         .clone();
     if !config.allow_message_ttl {
         if mode != Provision::CreateOrUpdate {
-            return Err(Error::StreamDrift {
-                stream: format!("KV_{}", def.bucket),
+            return Err(crate::error::Drift {
+                declared_on: crate::error::Declared::Stream(format!("KV_{}", def.bucket)),
                 field: "allow_msg_ttl",
                 declared: "true (leader election needs per-key TTLs)".into(),
                 actual: "false".into(),
                 hint: String::new(),
-            });
+            }
+            .into());
         }
         config.allow_message_ttl = true;
         js.update_stream(&config)

@@ -71,7 +71,7 @@ pub use client::{connect, Connection};
 pub use config::{Auth, Config, LogFormat, Provision, Tls};
 pub use consumer::{ConsumerDef, Deliver, KeyFn, OrderBy};
 pub use dev_server::find_nats_server;
-pub use error::{BoxError, Error, Result};
+pub use error::{BoxError, Declared, Drift, Error, Result};
 pub use handler::{Context, FromDelivery, IntoOutcome, Reject};
 pub use kv::{Kv, KvBucketDef, KvChanges, KvEntry, KvError};
 pub use kv_watch::{KvChange, KvOperation, KvWatchDef};
@@ -106,7 +106,7 @@ pub mod prelude {
 /// # Errors
 ///
 /// See [`Runtime::run`]; [`Error::Usage`] for an argument it does not know;
-/// [`Error::Drift`] when `--check` finds a difference.
+/// [`Error::CheckFailed`] when `--check` finds a difference.
 pub async fn run() -> Result<()> {
     use cli::Command;
     let command = Command::parse(std::env::args_os().skip(1))?;

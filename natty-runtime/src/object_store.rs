@@ -129,7 +129,7 @@ impl ObjectStoreDef {
     /// # Errors
     ///
     /// [`crate::Error::StreamNotFound`] when the store is missing in verify-only mode;
-    /// [`crate::Error::StreamDrift`] naming the first differing setting in verify-only mode, or
+    /// [`crate::Error::Drift`] naming the first differing setting in verify-only mode, or
     /// the setting the server refused to change; [`crate::Error::Stream`] when a request fails.
     pub async fn provision(&self, client: &Client, mode: Provision) -> Result<()> {
         let js = client.jetstream();

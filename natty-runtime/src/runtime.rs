@@ -397,7 +397,7 @@ impl Runtime {
     ///
     /// # Errors
     ///
-    /// [`Error::Drift`] when anything differs or is missing; a connection error as
+    /// [`Error::CheckFailed`] when anything differs or is missing; a connection error as
     /// [`Runtime::run`].
     pub async fn check(self) -> Result<()> {
         crate::cli::check(&self.config, &self.declared).await

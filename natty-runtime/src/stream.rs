@@ -9,7 +9,7 @@ use async_nats::jetstream::{
 };
 
 use crate::config::Provision;
-use crate::error::{BoxError, Error, Result};
+use crate::error::{BoxError, Declared, Drift, Error, Result};
 
 /// Where a declaration was written, for error messages and `--list`.
 #[derive(Debug, Clone, Copy)]
@@ -420,13 +420,14 @@ impl Provisioned {
                     return Ok(());
                 };
                 if mode == Provision::VerifyOnly {
-                    return Err(Error::StreamDrift {
-                        stream: self.stream.clone(),
+                    return Err(Drift {
+                        declared_on: Declared::Stream(self.stream.clone()),
                         field,
                         declared,
                         actual: server,
                         hint: format!(" ({}provisioning is verify-only)", owner("; ")),
-                    });
+                    }
+                    .into());
                 }
                 let mut config = actual.clone();
                 apply(&mut config);
@@ -442,8 +443,8 @@ impl Provisioned {
                         }
                         Ok(())
                     }
-                    Err(error) => Err(Error::StreamDrift {
-                        stream: self.stream.clone(),
+                    Err(error) => Err(Drift {
+                        declared_on: Declared::Stream(self.stream.clone()),
                         field,
                         declared,
                         actual: server,
@@ -451,7 +452,8 @@ impl Provisioned {
                             Some(_) => format!(" ({}); the server refused to change it: {error}", owner("")),
                             None => format!("; the server refused to change it: {error}"),
                         },
-                    }),
+                    }
+                    .into()),
                 }
             }
         }

@@ -190,9 +190,22 @@ impl Consumer {
             Err(error) => return Err(def.error(&self.name, "looking it up")(Box::new(error))),
         };
         let drift = match self.provision {
-            Provision::CreateOrUpdate => def.drift(&info.config),
-            Provision::VerifyOnly | Provision::Off => None,
+            Provision::Off => None,
+            Provision::CreateOrUpdate | Provision::VerifyOnly => def.drift(&info.config),
         };
+        if let (Provision::VerifyOnly, Some((field, declared, actual))) = (self.provision, &drift) {
+            return Err(crate::error::Drift {
+                declared_on: crate::error::Declared::Consumer {
+                    stream: def.stream.into(),
+                    consumer: self.name.to_string(),
+                },
+                field,
+                declared: declared.clone(),
+                actual: actual.clone(),
+                hint: " (provisioning is verify-only)".into(),
+            }
+            .into());
+        }
         let mut config = pull::Config::try_from_consumer_config(info.config.clone())
             .map_err(|e| def.error(&self.name, "reading its configuration")(e))?;
         let Some((field, declared, server)) = drift else {
