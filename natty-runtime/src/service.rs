@@ -1,6 +1,6 @@
 //! `#[service]`: request-reply over core NATS. The handler's `Ok` is encoded as the reply, its
 //! `Err` goes back in the `Natty-Error` header; [`Client::request`] is the typed other side.
-//! A service runs as a subscription (see [`crate::subscribe`]) in a queue group, so each
+//! A service runs as a subscription (see [`crate::subscribe`](mod@crate::subscribe)) in a queue group, so each
 //! request is answered once.
 
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! `#[subscribe]`: handlers of core NATS messages, outside JetStream (at-most-once
 //! publish-subscribe, with optional queue groups). A `#[service]` is a subscription whose
 //! handler's result is the reply: it runs here too, and its own parts (replies, errors, the
-//! typed request client) are in [`crate::service`].
+//! typed request client) are in [`crate::service`](mod@crate::service).
 //!
 //! Core NATS keeps nothing: a message published while no subscriber listens is gone, and one
 //! whose handler fails is not redelivered. Use a `#[consumer]` where that matters.
