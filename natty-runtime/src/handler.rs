@@ -178,8 +178,8 @@ impl std::fmt::Debug for Context {
 /// A handler's decision not to process a message now, returned as its error: `Err(Reject::...)`.
 ///
 /// Any other error retries with the consumer's backoff; a `Reject` says exactly what to do.
-/// Return it from a handler whose error type is `Reject` (or `Box<dyn Error + Send + Sync>`):
-/// once converted into an `anyhow::Error` it is no longer recognised, and counts as any other error.
+/// Return it from a handler whose error type is `Reject`, a boxed error or `anyhow::Error`
+/// (`Err(Reject::terminate(..))?` in an `anyhow::Result` handler works).
 ///
 /// # Examples
 ///
@@ -294,11 +294,54 @@ impl IntoOutcome for () {
     }
 }
 
-impl<E: Into<BoxError>> IntoOutcome for Result<(), E> {
+impl<E: Into<BoxError> + 'static> IntoOutcome for Result<(), E> {
     fn into_outcome(self) -> Outcome {
         match self {
             Ok(()) => Outcome::Ack,
-            Err(error) => Outcome::Failed(error.into()),
+            Err(error) => Outcome::Failed(boxed(error)),
         }
+    }
+}
+
+/// `error` boxed, with a [`Reject`] inside an `anyhow::Error` taken out: anyhow's conversion
+/// into a boxed error wraps it, and the wrapper no longer downcasts to the `Reject` that `?`
+/// put in (it would be retried with backoff instead of doing what it says).
+fn boxed<E: Into<BoxError> + 'static>(error: E) -> BoxError {
+    let mut slot = Some(error);
+    if let Some(anyhow) = (&mut slot as &mut dyn std::any::Any).downcast_mut::<Option<anyhow::Error>>() {
+        let error = anyhow.take().expect("the slot is full");
+        return match error.downcast::<Reject>() {
+            Ok(reject) => Box::new(reject),
+            Err(error) => error.into(),
+        };
+    }
+    slot.take().expect("the slot is full").into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `Err(Reject::terminate(..))?` in a handler returning `anyhow::Result` terminates, as in
+    /// one returning `Result<(), Reject>` or a boxed error; other errors stay plain failures.
+    #[test]
+    fn a_reject_is_recognised_through_anyhow() {
+        let through_anyhow = || -> anyhow::Result<()> {
+            Err(Reject::terminate("bad"))?;
+            Ok(())
+        };
+        let boxed = || -> Result<(), BoxError> { Err(Reject::terminate("bad").into()) };
+        for outcome in [through_anyhow().into_outcome(), boxed().into_outcome()] {
+            let Outcome::Failed(error) = outcome else {
+                panic!("a failure")
+            };
+            assert!(error.downcast::<Reject>().is_ok(), "still a Reject");
+        }
+        let other = || -> anyhow::Result<()> { Err(anyhow::anyhow!("database down")) };
+        let Outcome::Failed(error) = other().into_outcome() else {
+            panic!("a failure")
+        };
+        assert_eq!(error.to_string(), "database down");
+        assert!(error.downcast::<Reject>().is_err());
     }
 }
