@@ -154,7 +154,7 @@ pub enum Error {
     /// A declared stream, KV bucket, object store or consumer differs from the server's: in
     /// verify-only mode, where natty changes nothing, or where the server refused the change.
     #[error(transparent)]
-    Drift(Drift),
+    Drift(Box<Drift>),
 
     /// `--check` found declarations the server does not match; each was printed.
     #[error("--check: {differences} declaration(s) differ from the server or are missing there (listed above)")]
@@ -221,7 +221,7 @@ impl fmt::Display for Declared {
 
 impl From<Drift> for Error {
     fn from(drift: Drift) -> Error {
-        Error::Drift(drift)
+        Error::Drift(Box::new(drift))
     }
 }
 
