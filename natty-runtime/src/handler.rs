@@ -3,10 +3,13 @@
 
 use std::sync::Arc;
 
+use async_nats::{HeaderMap, Subject};
+use bytes::Bytes;
+
 use crate::error::BoxError;
+use crate::format::Format;
 use crate::payload::{DecodeError, EncodePayload, Payload};
 use crate::publish::{Client, PublishAck, PublishError};
-use async_nats::{HeaderMap, Subject};
 
 /// What a consumer shares with every delivery it hands out.
 pub(crate) struct ConsumerShared {
@@ -316,6 +319,36 @@ fn boxed<E: Into<BoxError> + 'static>(error: E) -> BoxError {
         };
     }
     slot.take().expect("the slot is full").into()
+}
+
+/// How a core handler ended.
+#[doc(hidden)]
+#[derive(Debug)]
+pub enum CoreOutcome {
+    /// Done; nothing to send.
+    Done,
+    /// The reply to send, and its format.
+    Reply(Bytes, Format),
+    /// The handler failed.
+    Failed(BoxError),
+    /// The payload cannot be decoded.
+    Undecodable(DecodeError),
+}
+
+impl CoreOutcome {
+    /// A `#[subscribe]` handler's result.
+    pub fn from_outcome(outcome: Outcome) -> CoreOutcome {
+        match outcome {
+            Outcome::Ack => CoreOutcome::Done,
+            Outcome::Failed(error) => CoreOutcome::Failed(error),
+            Outcome::Undecodable(error) => CoreOutcome::Undecodable(error),
+        }
+    }
+
+    /// For the `#[subscribe]` adapter: any handler return type a consumer may have.
+    pub fn subscribed(result: impl IntoOutcome) -> CoreOutcome {
+        CoreOutcome::from_outcome(result.into_outcome())
+    }
 }
 
 #[cfg(test)]

@@ -11,10 +11,10 @@ use futures_util::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Provision;
+use crate::handler::CoreOutcome;
 use crate::payload::{DecodeError, DecodePayload};
 use crate::publish::Client;
 use crate::stream::Location;
-use crate::subscribe::CoreOutcome;
 
 /// The adapter a `#[kv_watch]` generates.
 pub type KvHandlerFn = fn(KvDelivery) -> BoxFuture<'static, CoreOutcome>;

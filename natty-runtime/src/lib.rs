@@ -192,6 +192,7 @@ pub mod __private {
     pub use crate::capture;
     pub use crate::consumer::{hash_key, ConsumerDef, Deliver, HandlerFn, OrderBy};
     pub use crate::error::BoxError;
+    pub use crate::handler::CoreOutcome;
     pub use crate::handler::{Delivery, FromDelivery, IntoOutcome, Outcome};
     pub use crate::kv::KvBucketDef;
     pub use crate::kv_watch::{KvDelivery, KvHandlerFn, KvWatchDef};
@@ -205,7 +206,7 @@ pub mod __private {
     pub use crate::schema::protobuf as protobuf_schema;
     pub use crate::service::IntoReply;
     pub use crate::stream::{Location, Placement, StreamDef};
-    pub use crate::subscribe::{CoreDelivery, CoreHandlerFn, CoreOutcome, FromCoreDelivery, SubscriptionDef};
+    pub use crate::subscribe::{CoreDelivery, CoreHandlerFn, FromCoreDelivery, SubscriptionDef};
     pub use async_nats::jetstream::stream::{RetentionPolicy as Retention, StorageType};
     pub use async_nats::HeaderMap;
     pub use bytes::Bytes;

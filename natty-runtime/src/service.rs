@@ -8,9 +8,9 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 
 use crate::error::BoxError;
+use crate::handler::CoreOutcome;
 use crate::payload::{DecodeError, DecodePayload, EncodePayload, Format, CONTENT_TYPE};
 use crate::publish::Client;
-use crate::subscribe::CoreOutcome;
 
 /// The header carrying a service handler's error back to the requester.
 pub const ERROR_HEADER: &str = "Natty-Error";

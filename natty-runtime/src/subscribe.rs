@@ -17,9 +17,8 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::BoxError;
-use crate::handler::{IntoOutcome, Outcome};
-use crate::payload::{DecodeError, Format, CONTENT_TYPE};
+use crate::handler::CoreOutcome;
+use crate::payload::CONTENT_TYPE;
 use crate::publish::Client;
 use crate::service::ERROR_HEADER;
 use crate::stream::Location;
@@ -177,36 +176,6 @@ impl FromCoreDelivery for Envelope {
             headers: delivery.headers.clone(),
             client: delivery.client.clone(),
         }
-    }
-}
-
-/// How a core handler ended.
-#[doc(hidden)]
-#[derive(Debug)]
-pub enum CoreOutcome {
-    /// Done; nothing to send.
-    Done,
-    /// The reply to send, and its format.
-    Reply(Bytes, Format),
-    /// The handler failed.
-    Failed(BoxError),
-    /// The payload cannot be decoded.
-    Undecodable(DecodeError),
-}
-
-impl CoreOutcome {
-    /// A `#[subscribe]` handler's result.
-    pub fn from_outcome(outcome: Outcome) -> CoreOutcome {
-        match outcome {
-            Outcome::Ack => CoreOutcome::Done,
-            Outcome::Failed(error) => CoreOutcome::Failed(error),
-            Outcome::Undecodable(error) => CoreOutcome::Undecodable(error),
-        }
-    }
-
-    /// For the `#[subscribe]` adapter: any handler return type a consumer may have.
-    pub fn subscribed(result: impl IntoOutcome) -> CoreOutcome {
-        CoreOutcome::from_outcome(result.into_outcome())
     }
 }
 
