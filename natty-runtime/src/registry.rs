@@ -14,51 +14,73 @@ use crate::object_store::ObjectStoreDef;
 use crate::stream::StreamDef;
 use crate::subscribe::SubscriptionDef;
 
-/// A service's declarations: what it provisions and the handlers it runs.
-#[derive(Debug, Default, Clone)]
-pub(crate) struct Declarations {
-    pub(crate) streams: Vec<StreamDef>,
-    pub(crate) kv_buckets: Vec<KvBucketDef>,
-    pub(crate) object_stores: Vec<ObjectStoreDef>,
-    pub(crate) consumers: Vec<ConsumerDef>,
-    pub(crate) subscriptions: Vec<SubscriptionDef>,
-    pub(crate) kv_watches: Vec<KvWatchDef>,
-    pub(crate) leaders: Vec<LeaderDef>,
-    #[cfg(feature = "capture")]
-    pub(crate) captures: Vec<crate::capture::CaptureDef>,
+/// Declares [`Declarations`] from one list: the declarations it provisions, and the handler
+/// kinds with how each one's name is read (for the filter and the unknown-name message). A new
+/// kind is one line here; `registered`, `handler_names`, the filter and `extend` follow.
+macro_rules! declarations {
+    (
+        provisioned { $($decl:ident: $decl_ty:ty),* $(,)? }
+        handlers { $($(#[$cfg:meta])? $field:ident: $ty:ty => $name:expr),* $(,)? }
+    ) => {
+        /// A service's declarations: what it provisions and the handlers it runs.
+        #[derive(Debug, Default, Clone)]
+        pub(crate) struct Declarations {
+            $(pub(crate) $decl: Vec<$decl_ty>,)*
+            $($(#[$cfg])? pub(crate) $field: Vec<$ty>,)*
+        }
+
+        impl Declarations {
+            /// Everything this binary's macros registered.
+            pub(crate) fn registered() -> Declarations {
+                fn all<T: inventory::Collect + Copy>() -> Vec<T> {
+                    inventory::iter::<T>.into_iter().copied().collect()
+                }
+                Declarations {
+                    $($decl: all(),)*
+                    $($(#[$cfg])? $field: all(),)*
+                }
+            }
+
+            /// Every handler's name: consumers, subscriptions and services, KV watches, leader
+            /// tasks and captures (by their key function's name).
+            pub(crate) fn handler_names(&self) -> Vec<&'static str> {
+                #[allow(unused_mut)]
+                let mut names = Vec::new();
+                $($(#[$cfg])? names.extend(self.$field.iter().map($name));)*
+                names
+            }
+
+            /// Keeps the handlers whose name `keep` accepts.
+            fn retain_handlers(&mut self, keep: impl Fn(&str) -> bool) {
+                $($(#[$cfg])? self.$field.retain(|handler| keep(($name)(handler)));)*
+            }
+
+            /// Adds `more` after what is declared already.
+            pub(crate) fn extend(&mut self, more: Declarations) {
+                $(self.$decl.extend(more.$decl);)*
+                $($(#[$cfg])? self.$field.extend(more.$field);)*
+            }
+        }
+    };
+}
+
+declarations! {
+    provisioned {
+        streams: StreamDef,
+        kv_buckets: KvBucketDef,
+        object_stores: ObjectStoreDef,
+    }
+    handlers {
+        consumers: ConsumerDef => |c: &ConsumerDef| c.name,
+        subscriptions: SubscriptionDef => |s: &SubscriptionDef| s.name,
+        kv_watches: KvWatchDef => |w: &KvWatchDef| w.name,
+        leaders: LeaderDef => |l: &LeaderDef| l.name,
+        #[cfg(feature = "capture")]
+        captures: crate::capture::CaptureDef => |c: &crate::capture::CaptureDef| c.name(),
+    }
 }
 
 impl Declarations {
-    /// Everything this binary's macros registered.
-    pub(crate) fn registered() -> Declarations {
-        fn all<T: inventory::Collect + Copy>() -> Vec<T> {
-            inventory::iter::<T>.into_iter().copied().collect()
-        }
-        Declarations {
-            streams: all(),
-            kv_buckets: all(),
-            object_stores: all(),
-            consumers: all(),
-            subscriptions: all(),
-            kv_watches: all(),
-            leaders: all(),
-            #[cfg(feature = "capture")]
-            captures: all(),
-        }
-    }
-
-    /// Every handler's name: consumers, subscriptions and services, KV watches, leader tasks
-    /// and captures (by their key function's name).
-    pub(crate) fn handler_names(&self) -> Vec<&'static str> {
-        let names = self.consumers.iter().map(|c| c.name);
-        let names = names.chain(self.subscriptions.iter().map(|s| s.name));
-        let names = names.chain(self.kv_watches.iter().map(|w| w.name));
-        let names = names.chain(self.leaders.iter().map(|l| l.name));
-        #[cfg(feature = "capture")]
-        let names = names.chain(self.captures.iter().map(|c| c.name()));
-        names.collect()
-    }
-
     /// Keeps only the handlers named in `only` (streams, buckets and object stores stay: a
     /// handler that is not run may still be what another process's handlers read).
     ///
@@ -77,27 +99,8 @@ impl Declarations {
                 ),
             ));
         }
-        let selected = |name: &str| only.iter().any(|o| o == name);
-        self.consumers.retain(|c| selected(c.name));
-        self.subscriptions.retain(|s| selected(s.name));
-        self.kv_watches.retain(|w| selected(w.name));
-        self.leaders.retain(|l| selected(l.name));
-        #[cfg(feature = "capture")]
-        self.captures.retain(|c| selected(c.name()));
+        self.retain_handlers(|name| only.iter().any(|o| o == name));
         Ok(())
-    }
-
-    /// Adds `more` after what is declared already.
-    pub(crate) fn extend(&mut self, more: Declarations) {
-        self.streams.extend(more.streams);
-        self.kv_buckets.extend(more.kv_buckets);
-        self.object_stores.extend(more.object_stores);
-        self.consumers.extend(more.consumers);
-        self.subscriptions.extend(more.subscriptions);
-        self.kv_watches.extend(more.kv_watches);
-        self.leaders.extend(more.leaders);
-        #[cfg(feature = "capture")]
-        self.captures.extend(more.captures);
     }
 
     /// The consumers captures read through.
