@@ -1,29 +1,7 @@
 //! Configuration: read from the environment, overridable through [`crate::Runtime::builder`].
 //!
-//! | variable | meaning | default |
-//! | --- | --- | --- |
-//! | `NATS_URL` | server URL(s), comma-separated | unset: start a development server |
-//! | `NATS_USER`, `NATS_PASSWORD` | user/password auth | |
-//! | `NATS_TOKEN` | token auth | |
-//! | `NATS_NKEY` | nkey seed (`SU...`) | |
-//! | `NATS_CREDS` | path of a `.creds` file (JWT + nkey) | |
-//! | `NATS_CA` | PEM file of CA certificates to trust (enables TLS) | |
-//! | `NATS_CERT`, `NATS_KEY` | client certificate and key, PEM (mutual TLS) | |
-//! | `NATS_TLS_REQUIRED` | `true` to refuse a plain-text connection | `false` |
-//! | `NATTY_NAME` | connection name shown by the server | the binary's name |
-//! | `NATTY_HANDLERS` | comma-separated handler names: run only these | all registered |
-//! | `NATTY_PROVISION` | `create-or-update`, `verify-only` or `off` | `create-or-update` |
-//! | `NATTY_DRAIN_TIMEOUT` | how long in-flight handlers may run after a shutdown signal | `30s` |
-//! | `NATTY_CAPTURE_DRAIN_TIMEOUT` | how long open capture blocks may take to be stored after a shutdown signal | `60s` |
-//! | `NATTY_CONNECT_TIMEOUT` | how long one connection attempt may take | `5s` |
-//! | `NATTY_STREAM_LEADER_TIMEOUT` | how long startup waits for each consumed stream to have a leader | `30s` |
-//! | `NATTY_STORE_MAX_RETRIES`, `NATTY_STORE_RETRY_TIMEOUT` | retries of one S3/Azure request by a capture's store | `10`, `3m` |
-//! | `NATTY_METRICS_ADDR` | where to serve `/metrics` (Prometheus), `/healthz` and `/readyz`, e.g. `0.0.0.0:9090` | not served |
-//! | `NATTY_LOG_FORMAT` | `text` or `json` lines on stderr (read first by [`crate::run`], to set up logging; `RUST_LOG` filters) | `text` |
-//! | `NATTY_DEV_PORT` | port of the development server | `4222` |
-//! | `NATTY_DEV_DIR` | data folder of the development server | `.natty/dev` |
-//! | `NATTY_NATS_SERVER` | path of the `nats-server` binary for the development server | searched |
-//! | `NATTY_SERVICE_VERSION` | `info.version` of the AsyncAPI document ([`crate::Runtime::asyncapi`]) | `0.0.0` |
+//! Every setting, its variable, its builder method and its default are in one table, in the
+//! guide's [configuration chapter](crate::guide::configuration).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -484,5 +462,24 @@ mod tests {
         assert_eq!(config.dev_dir, PathBuf::from("/tmp/natty-dev"));
         assert_eq!(config.nats_server, Some(PathBuf::from("/opt/nats-server")));
         assert!(config.tls.required);
+    }
+
+    /// The guide's table lists every variable `from_lookup` reads: the one table stays whole.
+    #[test]
+    fn the_guide_lists_every_setting() {
+        let asked = std::sync::Mutex::new(Vec::new());
+        let _ = Config::from_lookup(|name| {
+            asked.lock().unwrap().push(name.to_owned());
+            None
+        });
+        let table = include_str!("guide/configuration.md");
+        let asked = asked.into_inner().unwrap();
+        assert!(asked.len() >= 20, "{asked:?}");
+        for name in asked {
+            assert!(
+                table.contains(&format!("`{name}`")),
+                "{name} is missing from guide/configuration.md"
+            );
+        }
     }
 }
