@@ -12,6 +12,7 @@
 use crate::handler::{Delivery, FromDelivery};
 use crate::kv_watch::{FromKvEntry, KvDelivery};
 use crate::payload::{DecodeError, DecodePayload};
+use crate::state::{Need, State};
 use crate::subscribe::{CoreDelivery, FromCoreDelivery};
 
 /// Marker: the argument is the message's payload, decoded.
@@ -35,6 +36,12 @@ pub trait HandlerArg<D, M>: Sized {
     ///
     /// The payload cannot be decoded as this type.
     fn from_delivery(delivery: &D) -> Result<Self, DecodeError>;
+
+    /// The state this argument takes from the runtime, checked at startup: `None` but for
+    /// [`State<T>`].
+    fn need() -> Option<Need> {
+        None
+    }
 }
 
 /// A delivery with a payload to decode.
@@ -75,11 +82,29 @@ impl<T: FromDelivery> HandlerArg<Delivery, ViaParts> for T {
     fn from_delivery(delivery: &Delivery) -> Result<Self, DecodeError> {
         Ok(<T as FromDelivery>::from_delivery(delivery))
     }
+
+    fn need() -> Option<Need> {
+        <T as FromDelivery>::need()
+    }
 }
 
 impl<T: FromCoreDelivery> HandlerArg<CoreDelivery, ViaParts> for T {
     fn from_delivery(delivery: &CoreDelivery) -> Result<Self, DecodeError> {
         Ok(<T as FromCoreDelivery>::from_delivery(delivery))
+    }
+
+    fn need() -> Option<Need> {
+        <T as FromCoreDelivery>::need()
+    }
+}
+
+impl<T: Clone + Send + Sync + 'static> HandlerArg<KvDelivery, ViaParts> for State<T> {
+    fn from_delivery(delivery: &KvDelivery) -> Result<Self, DecodeError> {
+        Ok(delivery.states.argument())
+    }
+
+    fn need() -> Option<Need> {
+        Some(Need::of::<T>())
     }
 }
 
@@ -87,6 +112,12 @@ impl<T: FromKvEntry> HandlerArg<KvDelivery, ViaPayload> for T {
     fn from_delivery(delivery: &KvDelivery) -> Result<Self, DecodeError> {
         T::from_entry(delivery)
     }
+}
+
+/// What argument `T` of a handler fed `D` needs from the runtime's state (the marker inferred):
+/// generated code lists these in the handler's definition, for the startup check.
+pub fn need<D, M, T: HandlerArg<D, M>>() -> Option<Need> {
+    T::need()
 }
 
 /// Builds argument `T` of a handler fed `D` (the marker inferred): what generated adapters
@@ -152,6 +183,10 @@ impl AtMostOne for ViaPayload {}
 impl<T: crate::leader::FromLease> HandlerArg<crate::leader::Lease, ViaParts> for T {
     fn from_delivery(lease: &crate::leader::Lease) -> Result<Self, DecodeError> {
         Ok(<T as crate::leader::FromLease>::from_delivery(lease))
+    }
+
+    fn need() -> Option<Need> {
+        <T as crate::leader::FromLease>::need()
     }
 }
 

@@ -14,7 +14,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 ///
 /// - **startup**: the configuration, the connection, provisioning and the declarations
 ///   themselves ([`Config`](Error::Config), [`Connect`](Error::Connect),
-///   [`Stream`](Error::Stream), [`Duplicate`](Error::Duplicate), …);
+///   [`Stream`](Error::Stream), [`Duplicate`](Error::Duplicate),
+///   [`MissingState`](Error::MissingState), …);
 /// - **drift**: a declaration the server does not match ([`Drift`](Error::Drift), with the
 ///   [`Drift`] it found), and the summary of `--check` ([`CheckFailed`](Error::CheckFailed));
 /// - **usage**: a command line the service does not understand ([`Usage`](Error::Usage)).
@@ -134,6 +135,20 @@ pub enum Error {
         first: String,
         /// Where the second one is.
         second: String,
+    },
+
+    /// A handler takes a `State<T>` no value of which was given to the runtime.
+    #[error(
+        "handler `{handler}` (declared at {location}) takes `State<{type_name}>`, but no `{type_name}` was given: \
+         pass one with Runtime::builder().state(value), or natty_runtime::run_with(value)"
+    )]
+    MissingState {
+        /// The handler's name.
+        handler: String,
+        /// Where it was declared.
+        location: String,
+        /// The state type it takes.
+        type_name: &'static str,
     },
 
     /// A `#[capture]` cannot start: its store, format or consumer limits are unusable.

@@ -581,13 +581,17 @@ impl<T: DecodePayload> Stream for KvChanges<T> {
             return Poll::Ready(None);
         };
         let (key, revision) = (entry.key.clone(), entry.revision);
-        Poll::Ready(Some(KvChange::<T>::from_entry(&KvDelivery { entry }).map_err(
-            |source| KvError::Decode {
+        Poll::Ready(Some(
+            KvChange::<T>::from_entry(&KvDelivery {
+                entry,
+                states: Default::default(),
+            })
+            .map_err(|source| KvError::Decode {
                 bucket: self.bucket.clone(),
                 key,
                 revision,
                 source,
-            },
-        )))
+            }),
+        ))
     }
 }

@@ -28,6 +28,8 @@ pub struct KvWatchDef {
     pub(crate) history: bool,
     pub(crate) handler: KvHandlerFn,
     pub(crate) location: Location,
+    /// The state types its arguments take (see [`crate::State`]), checked at startup.
+    pub(crate) needs: &'static [crate::state::NeedFn],
     pub(crate) payload: crate::payload::PayloadSource,
 }
 
@@ -41,6 +43,7 @@ impl KvWatchDef {
             history: false,
             handler,
             location: Location::UNKNOWN,
+            needs: &[],
             payload: crate::payload::PayloadSource::Unknown,
         }
     }
@@ -52,6 +55,8 @@ impl KvWatchDef {
     }
 
     crate::payload::handler_definition_setters!("the value type the handler decodes", "MyValue");
+
+    crate::state::needs_setter!();
 
     /// The handler's name.
     pub fn name(&self) -> &'static str {
@@ -89,6 +94,8 @@ pub struct KvChange<T> {
 #[doc(hidden)]
 pub struct KvDelivery {
     pub(crate) entry: kv::Entry,
+    /// The runtime's state, for `State<T>` arguments.
+    pub(crate) states: std::sync::Arc<crate::state::States>,
 }
 
 /// A type a `#[kv_watch]` handler can take: [`KvChange`] of any JSON value.
@@ -208,7 +215,7 @@ pub(crate) async fn run(
             // A handler still running at the drain timeout is cut off, so that shutdown ends.
             let handled = tokio::select! {
                 biased;
-                handled = AssertUnwindSafe((def.handler)(KvDelivery { entry })).catch_unwind() => handled,
+                handled = AssertUnwindSafe((def.handler)(KvDelivery { entry, states: client.states.clone() })).catch_unwind() => handled,
                 _ = hard_stop.cancelled() => {
                     tracing::warn!(handler = def.name, bucket = def.bucket, %key, revision,
                         "drain timeout: KV watch handler still running; cut off");

@@ -60,6 +60,7 @@ mod registry;
 mod runtime;
 mod schema;
 pub mod service;
+mod state;
 pub mod stream;
 pub mod subscribe;
 mod supervise;
@@ -83,6 +84,7 @@ pub use payload::{DecodeError, DecodePayload, EncodePayload, Format, Payload};
 pub use publish::{Client, PendingAck, Publish, PublishAck, PublishError};
 pub use runtime::{Runtime, RuntimeBuilder};
 pub use service::RequestError;
+pub use state::State;
 pub use stream::{Location, Placement, StreamDef};
 pub use subscribe::{Envelope, SubscriptionDef};
 
@@ -93,7 +95,7 @@ pub use async_nats;
 pub mod prelude {
     pub use crate::{
         capture, consumer, kv_bucket, kv_watch, leader, object_store, service, stream, subscribe, Client, Context,
-        Envelope, KvChange, Lease, Payload, Reject,
+        Envelope, KvChange, Lease, Payload, Reject, State,
     };
 }
 
@@ -101,13 +103,29 @@ pub mod prelude {
 /// or answers the command line: `--list`, `--check`, `--asyncapi`, `--help`.
 ///
 /// Sets up logging (see [`init_logging`]) unless the program installed its own `tracing`
-/// subscriber. A program with arguments of its own uses [`Runtime::builder`] instead.
+/// subscriber. A program with arguments of its own uses [`Runtime::builder`] instead; one whose
+/// handlers take application state, [`run_with`].
 ///
 /// # Errors
 ///
 /// See [`Runtime::run`]; [`Error::Usage`] for an argument it does not know;
 /// [`Error::CheckFailed`] when `--check` finds a difference.
 pub async fn run() -> Result<()> {
+    serve(Runtime::builder()).await
+}
+
+/// [`run`], with `state` for the handlers that take it as [`State<T>`](State). For values of
+/// several types, call [`state`](RuntimeBuilder::state) once per type on [`Runtime::builder`].
+///
+/// # Errors
+///
+/// As [`run`]; [`Error::MissingState`] when a handler takes a state of another type.
+pub async fn run_with<T: Clone + Send + Sync + 'static>(state: T) -> Result<()> {
+    serve(Runtime::builder().state(state)).await
+}
+
+/// What [`run`] and [`run_with`] do with their builder: the command line, logging, the run.
+async fn serve(builder: RuntimeBuilder) -> Result<()> {
     use cli::Command;
     let command = Command::parse(std::env::args_os().skip(1))?;
     if command == Command::Help {
@@ -115,7 +133,7 @@ pub async fn run() -> Result<()> {
         return Ok(());
     }
     init_logging();
-    let runtime = Runtime::builder().build()?;
+    let runtime = builder.build()?;
     let result = match command {
         Command::Run | Command::Help => runtime.run().await,
         Command::List => {
@@ -183,7 +201,7 @@ macro_rules! __natty_capture {
 #[doc(hidden)]
 pub mod __private {
     pub use crate::args::{
-        arg, AtMostOne, HandlerArg, HoldsPayload, KeyArg, KeyTakes, OneMore, TwoPayloads, ViaParts, ViaPayload,
+        arg, need, AtMostOne, HandlerArg, HoldsPayload, KeyArg, KeyTakes, OneMore, TwoPayloads, ViaParts, ViaPayload,
     };
     pub use crate::asyncapi::{
         ArgDecoded, ArgKvValue, ArgOther, DescribeDecodedReply, DescribeEncodedReply, DescribeUnknownReply, Probe,
@@ -205,6 +223,7 @@ pub mod __private {
     pub use crate::publish::PublishError;
     pub use crate::schema::protobuf as protobuf_schema;
     pub use crate::service::IntoReply;
+    pub use crate::state::{Need, NeedFn};
     pub use crate::stream::{Location, Placement, StreamDef};
     pub use crate::subscribe::{CoreDelivery, CoreHandlerFn, FromCoreDelivery, SubscriptionDef};
     pub use async_nats::jetstream::stream::{RetentionPolicy as Retention, StorageType};

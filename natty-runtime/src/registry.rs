@@ -11,16 +11,18 @@ use crate::kv::KvBucketDef;
 use crate::kv_watch::KvWatchDef;
 use crate::leader::LeaderDef;
 use crate::object_store::ObjectStoreDef;
-use crate::stream::StreamDef;
+use crate::state::{NeedFn, States};
+use crate::stream::{Location, StreamDef};
 use crate::subscribe::SubscriptionDef;
 
 /// Declares [`Declarations`] from one list: the declarations it provisions, and the handler
-/// kinds with how each one's name is read (for the filter and the unknown-name message). A new
-/// kind is one line here; `registered`, `handler_names`, the filter and `extend` follow.
+/// kinds with how each one is described ([`Handler`]: its name, for the filter and the
+/// unknown-name message; where it was declared and the state it needs, for the startup check).
+/// A new kind is one line here; `registered`, `handlers`, the filter and `extend` follow.
 macro_rules! declarations {
     (
         provisioned { $($decl:ident: $decl_ty:ty),* $(,)? }
-        handlers { $($(#[$cfg:meta])? $field:ident: $ty:ty => $name:expr),* $(,)? }
+        handlers { $($(#[$cfg:meta])? $field:ident: $ty:ty => $describe:expr),* $(,)? }
     ) => {
         /// A service's declarations: what it provisions and the handlers it runs.
         #[derive(Debug, Default, Clone)]
@@ -41,18 +43,18 @@ macro_rules! declarations {
                 }
             }
 
-            /// Every handler's name: consumers, subscriptions and services, KV watches, leader
-            /// tasks and captures (by their key function's name).
-            pub(crate) fn handler_names(&self) -> Vec<&'static str> {
+            /// Every handler: consumers, subscriptions and services, KV watches, leader tasks
+            /// and captures (named after their key function).
+            pub(crate) fn handlers(&self) -> Vec<Handler> {
                 #[allow(unused_mut)]
-                let mut names = Vec::new();
-                $($(#[$cfg])? names.extend(self.$field.iter().map($name));)*
-                names
+                let mut handlers = Vec::new();
+                $($(#[$cfg])? handlers.extend(self.$field.iter().map($describe));)*
+                handlers
             }
 
             /// Keeps the handlers whose name `keep` accepts.
             fn retain_handlers(&mut self, keep: impl Fn(&str) -> bool) {
-                $($(#[$cfg])? self.$field.retain(|handler| keep(($name)(handler)));)*
+                $($(#[$cfg])? self.$field.retain(|handler| keep(($describe)(handler).name));)*
             }
 
             /// Adds `more` after what is declared already.
@@ -71,16 +73,54 @@ declarations! {
         object_stores: ObjectStoreDef,
     }
     handlers {
-        consumers: ConsumerDef => |c: &ConsumerDef| c.name,
-        subscriptions: SubscriptionDef => |s: &SubscriptionDef| s.name,
-        kv_watches: KvWatchDef => |w: &KvWatchDef| w.name,
-        leaders: LeaderDef => |l: &LeaderDef| l.name,
+        consumers: ConsumerDef => |c: &ConsumerDef| Handler::new(c.name, c.location, c.needs),
+        subscriptions: SubscriptionDef => |s: &SubscriptionDef| Handler::new(s.name, s.location, s.needs),
+        kv_watches: KvWatchDef => |w: &KvWatchDef| Handler::new(w.name, w.location, w.needs),
+        leaders: LeaderDef => |l: &LeaderDef| Handler::new(l.name, l.location, l.needs),
         #[cfg(feature = "capture")]
-        captures: crate::capture::CaptureDef => |c: &crate::capture::CaptureDef| c.name(),
+        captures: crate::capture::CaptureDef => |c: &crate::capture::CaptureDef| Handler::new(c.name(), c.location(), &[]),
+    }
+}
+
+/// What the registry needs to know of any handler.
+pub(crate) struct Handler {
+    pub(crate) name: &'static str,
+    location: Location,
+    needs: &'static [NeedFn],
+}
+
+impl Handler {
+    fn new(name: &'static str, location: Location, needs: &'static [NeedFn]) -> Handler {
+        Handler { name, location, needs }
     }
 }
 
 impl Declarations {
+    /// Every handler's name.
+    pub(crate) fn handler_names(&self) -> Vec<&'static str> {
+        self.handlers().iter().map(|handler| handler.name).collect()
+    }
+
+    /// Checks that every `State<T>` a handler takes was given.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MissingState`] naming the first handler and type missing.
+    pub(crate) fn check_states(&self, states: &States) -> Result<()> {
+        for handler in self.handlers() {
+            for need in handler.needs.iter().filter_map(|need| need()) {
+                if !states.has((need.type_id)()) {
+                    return Err(Error::MissingState {
+                        handler: handler.name.to_owned(),
+                        location: handler.location.to_string(),
+                        type_name: need.type_name,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Keeps only the handlers named in `only` (streams, buckets and object stores stay: a
     /// handler that is not run may still be what another process's handlers read).
     ///

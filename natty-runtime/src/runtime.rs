@@ -16,6 +16,7 @@ use crate::leader::LeaderDef;
 use crate::object_store::ObjectStoreDef;
 use crate::publish::Client;
 use crate::registry::Declarations;
+use crate::state::States;
 use crate::stream::StreamDef;
 use crate::subscribe::SubscriptionDef;
 use crate::supervise::{Supervisor, Task};
@@ -51,6 +52,8 @@ pub struct RuntimeBuilder {
     only: Option<Vec<String>>,
     /// What was added by hand.
     declared: Declarations,
+    /// The application state handlers take as `State<T>`.
+    states: States,
 }
 
 /// One setting given to the builder.
@@ -65,6 +68,7 @@ impl std::fmt::Debug for RuntimeBuilder {
             .field("registered", &self.registered)
             .field("only", &self.only)
             .field("declared", &self.declared)
+            .field("states", &self.states)
             .finish()
     }
 }
@@ -202,6 +206,18 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Gives handlers a value they take as [`State<T>`](crate::State), found by its type: a
+    /// database pool, an HTTP client, the service's settings. Call it once per type; a later
+    /// value of the same type replaces the earlier. The value is cloned for each handler call,
+    /// so make it cheap to clone (a pool, an `Arc`).
+    ///
+    /// A handler taking a `State<T>` that was never given stops the service at startup, naming
+    /// the handler and the type ([`Error::MissingState`]).
+    pub fn state<T: Clone + Send + Sync + 'static>(mut self, value: T) -> Self {
+        self.states.insert(value);
+        self
+    }
+
     /// Leaves out what the macros registered: only handlers added by hand run.
     pub fn without_registered(mut self) -> Self {
         self.registered = false;
@@ -294,6 +310,7 @@ impl RuntimeBuilder {
             config,
             metrics_listener: self.metrics_listener,
             declared,
+            states: self.states,
         })
     }
 }
@@ -304,6 +321,7 @@ pub struct Runtime {
     pub(crate) config: Config,
     metrics_listener: Option<std::net::TcpListener>,
     pub(crate) declared: Declarations,
+    states: States,
 }
 
 impl Runtime {
@@ -341,12 +359,15 @@ impl Runtime {
             config,
             metrics_listener,
             declared,
+            states,
         } = self;
         declared.check()?;
+        declared.check_states(&states)?;
         // Served before connecting, so that readiness says "not connected" rather than nothing.
         let telemetry = Arc::new(Telemetry::default());
         let endpoint = serve_endpoint(metrics_listener, &config, &telemetry)?;
-        let (client, _dev) = crate::client::connect_config(&config, telemetry.clone()).await?;
+        let (mut client, _dev) = crate::client::connect_config(&config, telemetry.clone()).await?;
+        client.states = Arc::new(states);
         if let Some(endpoint) = &endpoint {
             endpoint.connected(client.nats());
         }

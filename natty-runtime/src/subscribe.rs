@@ -45,6 +45,8 @@ pub struct SubscriptionDef {
     pub(crate) kind: CoreKind,
     pub(crate) handler: CoreHandlerFn,
     pub(crate) location: Location,
+    /// The state types its arguments take (see [`crate::State`]), checked at startup.
+    pub(crate) needs: &'static [crate::state::NeedFn],
     pub(crate) payload: crate::payload::PayloadSource,
     pub(crate) reply: Option<fn() -> crate::payload::PayloadDescription>,
 }
@@ -72,6 +74,7 @@ impl SubscriptionDef {
             kind: CoreKind::Subscribe,
             handler,
             location: Location::UNKNOWN,
+            needs: &[],
             payload: crate::payload::PayloadSource::Unknown,
             reply: None,
         }
@@ -88,6 +91,7 @@ impl SubscriptionDef {
             kind: CoreKind::Service,
             handler,
             location: Location::UNKNOWN,
+            needs: &[],
             payload: crate::payload::PayloadSource::Unknown,
             reply: None,
         }
@@ -106,6 +110,8 @@ impl SubscriptionDef {
     }
 
     crate::payload::handler_definition_setters!("the payload type the handler decodes", "MyPayload");
+
+    crate::state::needs_setter!();
 
     /// Records a `#[service]`'s reply type, for the AsyncAPI document
     /// ([`Runtime::asyncapi`](crate::Runtime::asyncapi)); the macros set it. By hand:
@@ -167,6 +173,21 @@ impl Envelope {
 pub trait FromCoreDelivery: Sized {
     /// Builds the argument.
     fn from_delivery(delivery: &CoreDelivery) -> Self;
+
+    /// The state it takes from the runtime (see [`State`](crate::State)), checked at startup.
+    fn need() -> Option<crate::state::Need> {
+        None
+    }
+}
+
+impl<T: Clone + Send + Sync + 'static> FromCoreDelivery for crate::State<T> {
+    fn from_delivery(delivery: &CoreDelivery) -> Self {
+        delivery.client.states.argument()
+    }
+
+    fn need() -> Option<crate::state::Need> {
+        Some(crate::state::Need::of::<T>())
+    }
 }
 
 impl FromCoreDelivery for Envelope {

@@ -27,6 +27,8 @@ pub struct Client {
     pub(crate) acks: Arc<acks::Acks>,
     /// The metrics and health of everything running on this connection.
     pub(crate) telemetry: Arc<Telemetry>,
+    /// The application state handlers take as `State<T>`: the runtime's, or none.
+    pub(crate) states: Arc<crate::state::States>,
     /// Keeps the connection's lame-duck handling alive (see [`crate::connect`]); `None` for a
     /// client the program connected itself.
     _anchor: Option<Arc<async_nats::Client>>,
@@ -41,6 +43,7 @@ impl Client {
             nats,
             jetstream,
             telemetry: Arc::default(),
+            states: Arc::default(),
             _anchor: None,
         }
     }

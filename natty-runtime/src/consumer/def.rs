@@ -28,6 +28,8 @@ pub struct ConsumerDef {
     pub(crate) while_leading: Option<(&'static str, &'static str)>,
     pub(crate) handler: HandlerFn,
     pub(crate) location: Location,
+    /// The state types its arguments take (see [`crate::State`]), checked at startup.
+    pub(crate) needs: &'static [crate::state::NeedFn],
     pub(crate) payload: crate::payload::PayloadSource,
 }
 
@@ -67,6 +69,7 @@ impl ConsumerDef {
             while_leading: None,
             handler,
             location: Location::UNKNOWN,
+            needs: &[],
             payload: crate::payload::PayloadSource::Unknown,
         }
     }
@@ -171,6 +174,8 @@ impl ConsumerDef {
     }
 
     crate::payload::handler_definition_setters!("the payload type the handler decodes", "MyPayload");
+
+    crate::state::needs_setter!();
 
     /// The dead-letter subject in force.
     pub fn dead_letter_subject(&self) -> String {

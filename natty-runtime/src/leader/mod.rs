@@ -48,6 +48,8 @@ pub struct LeaderDef {
     pub(crate) ttl: Duration,
     pub(crate) handler: LeaderFn,
     pub(crate) location: Location,
+    /// The state types its arguments take (see [`crate::State`]), checked at startup.
+    pub(crate) needs: &'static [crate::state::NeedFn],
 }
 
 impl LeaderDef {
@@ -67,6 +69,7 @@ impl LeaderDef {
             ttl,
             handler,
             location: Location::UNKNOWN,
+            needs: &[],
         }
     }
 
@@ -75,6 +78,8 @@ impl LeaderDef {
         self.location = location;
         self
     }
+
+    crate::state::needs_setter!();
 
     /// The handler's name.
     pub fn name(&self) -> &'static str {
@@ -260,6 +265,21 @@ pub enum FencedError {
 pub trait FromLease: Sized {
     /// Builds the argument.
     fn from_delivery(lease: &Lease) -> Self;
+
+    /// The state it takes from the runtime (see [`State`](crate::State)), checked at startup.
+    fn need() -> Option<crate::state::Need> {
+        None
+    }
+}
+
+impl<T: Clone + Send + Sync + 'static> FromLease for crate::State<T> {
+    fn from_delivery(lease: &Lease) -> Self {
+        lease.inner.client.states.argument()
+    }
+
+    fn need() -> Option<crate::state::Need> {
+        Some(crate::state::Need::of::<T>())
+    }
 }
 
 impl FromLease for Lease {
