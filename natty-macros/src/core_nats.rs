@@ -1,15 +1,13 @@
 //! `#[subscribe(...)]` and `#[service(...)]`: core-NATS handlers. One parser for both; they
 //! differ in what the handler returns and what the runtime does with it.
 
-use proc_macro2::{Span, TokenStream};
+use proc_macro2::TokenStream;
 use quote::{format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{ItemFn, LitStr};
 
-use crate::attr::{self, Errors, Slot};
+use crate::attr::{self, Errors, MacroArgs as _};
 use crate::handler::{self, HandlerKind};
-
-const KEYS: &[&str] = &["subject", "queue", "concurrency"];
 
 /// Which macro is expanding.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -39,38 +37,36 @@ impl Kind {
     }
 }
 
-struct Args {
-    subject: Slot<LitStr>,
-    queue: Slot<LitStr>,
-    concurrency: Slot<usize>,
+attr::args! {
+    /// `#[subscribe(...)]`'s keys.
+    struct SubscribeArgs for "subscribe" {
+        subject: LitStr = "subject" => attr::subject;
+        queue: LitStr = "queue" => |meta| attr::name(meta, "queue group");
+        concurrency: usize = "concurrency" => attr::count;
+    }
 }
 
-impl Args {
-    fn key(&mut self, kind: Kind, key: &str, meta: &syn::meta::ParseNestedMeta) -> syn::Result<syn::Result<()>> {
-        Ok(match key {
-            "subject" => {
-                let lit = attr::lit_str(meta)?;
-                attr::check_subject(&lit).and_then(|()| self.subject.set(meta, lit.clone(), lit.span()))
-            }
-            "queue" => {
-                let lit = attr::lit_str(meta)?;
-                attr::check_name(&lit, "queue group").and_then(|()| self.queue.set(meta, lit.clone(), lit.span()))
-            }
-            "concurrency" => attr::int_at_least(meta, "concurrency", 1)?
-                .and_then(|(value, span)| self.concurrency.set(meta, value as usize, span)),
-            _ => return attr::unknown_key(meta, kind.name(), KEYS),
-        })
+attr::args! {
+    /// `#[service(...)]`'s keys.
+    struct ServiceArgs for "service" {
+        subject: LitStr = "subject" => attr::subject;
+        queue: LitStr = "queue" => |meta| attr::name(meta, "queue group");
+        concurrency: usize = "concurrency" => attr::count;
     }
 }
 
 pub fn expand(kind: Kind, args: TokenStream, item: TokenStream) -> TokenStream {
     let mut errors = Errors::default();
-    let mut parsed = Args {
-        subject: Slot::new("subject"),
-        queue: Slot::new("queue"),
-        concurrency: Slot::new("concurrency"),
+    let (subject, queue, concurrency) = match kind {
+        Kind::Subscribe => {
+            let parsed = SubscribeArgs::parse(args, &mut errors);
+            (parsed.subject, parsed.queue, parsed.concurrency)
+        }
+        Kind::Service => {
+            let parsed = ServiceArgs::parse(args, &mut errors);
+            (parsed.subject, parsed.queue, parsed.concurrency)
+        }
     };
-    let seen = attr::parse_keys(args, &mut errors, |key, meta| parsed.key(kind, key, meta));
     let function: ItemFn = match syn::parse2(item.clone()) {
         Ok(function) => function,
         Err(_) => {
@@ -81,15 +77,7 @@ pub fn expand(kind: Kind, args: TokenStream, item: TokenStream) -> TokenStream {
     };
     let handler_kind = kind.handler_kind();
     let handler_args = handler::signature(&function, &mut errors, &handler_kind);
-    if !seen.iter().any(|seen| seen == "subject") {
-        errors.push(syn::Error::new(
-            Span::call_site(),
-            format!(
-                "missing `subject`, e.g. #[{}(subject = \"orders.lookup\")]",
-                kind.name()
-            ),
-        ));
-    }
+    subject.require(&mut errors, format!("#[{}(subject = \"orders.lookup\")]", kind.name()));
     if kind == Kind::Service && matches!(function.sig.output, syn::ReturnType::Default) {
         errors.spanned(
             &function.sig.ident,
@@ -105,7 +93,7 @@ pub fn expand(kind: Kind, args: TokenStream, item: TokenStream) -> TokenStream {
     let ident = &function.sig.ident;
     let adapter = format_ident!("__natty_{}_{}", kind.name(), ident);
     let name = ident.to_string();
-    let subject = parsed.subject.take().map(|lit| lit.value()).unwrap_or_default();
+    let subject = subject.take().map(|lit| lit.value()).unwrap_or_default();
     let result = handler::result_ident();
     let (constructor, outcome) = match kind {
         Kind::Subscribe => (
@@ -128,10 +116,10 @@ pub fn expand(kind: Kind, args: TokenStream, item: TokenStream) -> TokenStream {
         ),
     };
     let mut setters = Vec::new();
-    if let Some(queue) = parsed.queue.take() {
+    if let Some(queue) = queue.take() {
         setters.push(quote!(.queue(#queue)));
     }
-    if let Some(concurrency) = parsed.concurrency.take() {
+    if let Some(concurrency) = concurrency.take() {
         setters.push(quote!(.concurrency(#concurrency)));
     }
     // A service's reply type, named through its declared return type `Result<R, E>` (an
