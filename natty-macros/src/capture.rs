@@ -13,8 +13,60 @@ use crate::handler;
 /// The placeholders every path template may use; a struct key adds its fields.
 const PLACEHOLDERS: &[&str] = &["key", "stream", "durable", "date", "yyyy", "mm", "dd", "hh", "min"];
 
-const FORMATS: &[&str] = &["csv", "ndjson", "parquet", "raw"];
-const COMPRESSIONS: &[&str] = &["none", "gzip", "zstd"];
+/// `format = "..."`: how a block's records are written, as the runtime's `BlockFormat`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Csv,
+    Ndjson,
+    Parquet,
+    Raw,
+}
+
+impl Format {
+    /// Each format by the name the key takes, in the order an unknown one's error lists them.
+    const NAMES: &[(&str, Format)] = &[
+        ("csv", Format::Csv),
+        ("ndjson", Format::Ndjson),
+        ("parquet", Format::Parquet),
+        ("raw", Format::Raw),
+    ];
+
+    /// The `BlockFormat` variant.
+    fn variant(self) -> TokenStream {
+        match self {
+            Format::Csv => quote!(Csv),
+            Format::Ndjson => quote!(Ndjson),
+            Format::Parquet => quote!(Parquet),
+            Format::Raw => quote!(Raw),
+        }
+    }
+}
+
+/// `compression = "..."`: how a block's file is compressed, as the runtime's `Compression`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+impl Compression {
+    /// Each compression by the name the key takes, in the order an unknown one's error lists them.
+    const NAMES: &[(&str, Compression)] = &[
+        ("none", Compression::None),
+        ("gzip", Compression::Gzip),
+        ("zstd", Compression::Zstd),
+    ];
+
+    /// The `Compression` variant.
+    fn variant(self) -> TokenStream {
+        match self {
+            Compression::None => quote!(None),
+            Compression::Gzip => quote!(Gzip),
+            Compression::Zstd => quote!(Zstd),
+        }
+    }
+}
 
 attr::args! {
     /// `#[capture(...)]`'s keys, in the order an unknown key's error lists them.
@@ -23,8 +75,8 @@ attr::args! {
         durable: LitStr = "durable" => |meta| attr::name(meta, "durable name");
         subjects: Vec<LitStr> = "subject" | "subjects" => attr::subjects;
         store: LitStr = "store" => store;
-        format: String = "format" => |meta| one_of(meta, "format", FORMATS);
-        compression: String = "compression" => |meta| one_of(meta, "compression", COMPRESSIONS);
+        format: Format = "format" => |meta| one_of(meta, "format", Format::NAMES);
+        compression: Compression = "compression" => |meta| one_of(meta, "compression", Compression::NAMES);
         every: u64 = "every" => |meta| attr::duration_at_least(meta, 100_000_000, "`every` must be at least 100ms");
         max_bytes: u64 = "max_bytes" => byte_size;
         max_messages: i64 = "max_messages" => |meta| attr::int_at_least(meta, 1);
@@ -47,14 +99,19 @@ fn store(meta: &syn::meta::ParseNestedMeta) -> Parsed<LitStr> {
     Ok(check_store(&lit).map(|()| (lit.clone(), lit.span())))
 }
 
-/// The value of the key if it is one of `valid`.
-fn one_of(meta: &syn::meta::ParseNestedMeta, key: &str, valid: &[&str]) -> Parsed<String> {
+/// The choice named by the key's string, if it is one of `choices`; an unknown name is an
+/// error at the string that lists the valid ones (never a silent default).
+fn one_of<T: Copy>(meta: &syn::meta::ParseNestedMeta, key: &str, choices: &[(&str, T)]) -> Parsed<T> {
     let lit = attr::lit_str(meta)?;
     let value = lit.value();
-    if valid.contains(&value.as_str()) {
-        return Ok(Ok((value, lit.span())));
+    if let Some((_, choice)) = choices.iter().find(|(name, _)| *name == value) {
+        return Ok(Ok((*choice, lit.span())));
     }
-    let list = valid.iter().map(|v| format!("\"{v}\"")).collect::<Vec<_>>().join(", ");
+    let list = choices
+        .iter()
+        .map(|(name, _)| format!("\"{name}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
     Ok(Err(syn::Error::new(
         lit.span(),
         format!("unknown {key} `{value}`; expected one of {list}"),
@@ -291,7 +348,7 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
             ));
         }
     }
-    let raw = parsed.format.get().is_some_and(|format| format == "raw");
+    let raw = parsed.format.get() == Some(&Format::Raw);
     let Some((payload, _)) = types else {
         let error = errors
             .into_result()
@@ -327,22 +384,11 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         setters.push(quote!(.subjects(&[#(#subjects),*])));
     }
     if let Some(format) = parsed.format.take() {
-        let variant = match format.as_str() {
-            "csv" => quote!(Csv),
-            "parquet" => quote!(Parquet),
-            "raw" => quote!(Raw),
-            "ndjson" => quote!(Ndjson),
-            other => unreachable!("format `{other}` was checked when parsed"),
-        };
+        let variant = format.variant();
         setters.push(quote!(.format(#p::capture::BlockFormat::#variant)));
     }
     if let Some(compression) = parsed.compression.take() {
-        let variant = match compression.as_str() {
-            "gzip" => quote!(Gzip),
-            "zstd" => quote!(Zstd),
-            "none" => quote!(None),
-            other => unreachable!("compression `{other}` was checked when parsed"),
-        };
+        let variant = compression.variant();
         setters.push(quote!(.compression(#p::capture::Compression::#variant)));
     }
     if let Some(nanos) = parsed.every.take() {
