@@ -316,6 +316,12 @@ pub fn subject(meta: &ParseNestedMeta) -> Parsed<LitStr> {
     Ok(check_subject(&lit).map(|()| (lit.clone(), lit.span())))
 }
 
+/// A KV bucket or object store name (see [`check_bucket_name`]).
+pub fn bucket_name(meta: &ParseNestedMeta) -> Parsed<LitStr> {
+    let lit = lit_str(meta)?;
+    Ok(check_bucket_name(&lit).map(|()| (lit.clone(), lit.span())))
+}
+
 /// A subject or a list of them, wildcards allowed; spanned at the first.
 pub fn subjects(meta: &ParseNestedMeta) -> Parsed<Vec<LitStr>> {
     let subjects = str_or_list(meta)?;
@@ -548,4 +554,23 @@ pub fn check_name(lit: &LitStr, what: &str) -> syn::Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Bucket names become stream names (`KV_<name>`, `OBJ_<name>`) and subject tokens: the
+/// server and async-nats accept only letters, digits, `-` and `_`.
+pub fn check_bucket_name(lit: &LitStr) -> syn::Result<()> {
+    check_name(lit, "bucket name")?;
+    let name = lit.value();
+    match name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+    {
+        Some(bad) => Err(syn::Error::new(
+            lit.span(),
+            format!(
+                "invalid bucket name `{name}`: bucket names cannot contain `{bad}`; use letters, digits, `-` and `_`"
+            ),
+        )),
+        None => Ok(()),
+    }
 }

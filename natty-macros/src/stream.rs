@@ -2,9 +2,10 @@
 
 use proc_macro2::TokenStream;
 use quote::quote;
-use syn::{Item, LitStr};
+use syn::LitStr;
 
 use crate::attr::{self, Errors, MacroArgs as _, Parsed};
+use crate::declaration;
 
 attr::args! {
     /// `#[stream(...)]`'s keys, in the order an unknown key's error lists them.
@@ -39,23 +40,18 @@ fn retention(meta: &syn::meta::ParseNestedMeta) -> Parsed<TokenStream> {
     .map(|tokens| (tokens, lit.span())))
 }
 
+/// Expands `#[stream(args)]` on `item`: the struct unchanged, plus its registration (or the
+/// errors, beside the struct).
 pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     let mut errors = Errors::default();
     let parsed = Args::parse(args, &mut errors);
-    let item_tokens = item.clone();
-    match syn::parse2::<Item>(item) {
-        Ok(Item::Struct(item)) if item.generics.params.is_empty() => {}
-        Ok(Item::Struct(item)) => errors.spanned(&item.generics, "a `#[stream]` struct cannot be generic"),
-        Ok(Item::Fn(item)) => errors.spanned(item.sig.fn_token, "`#[stream]` goes on a struct, e.g. `struct Orders;`"),
-        Ok(other) => errors.spanned(other, "`#[stream]` goes on a struct, e.g. `struct Orders;`"),
-        Err(error) => errors.push(error),
-    }
+    declaration::check_item(&item, "stream", "struct Orders;", &mut errors);
     let example = "#[stream(name = \"orders\", subjects = [\"orders.>\"])]";
     parsed.name.require(&mut errors, example);
     parsed.subjects.require(&mut errors, example);
     if let Err(error) = errors.into_result() {
         let error = error.to_compile_error();
-        return quote!(#item_tokens #error);
+        return quote!(#item #error);
     }
 
     let p = attr::private();
@@ -90,16 +86,5 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         setters.push(quote!(.description(#lit)));
     }
 
-    quote! {
-        // The declaration is the item's only use; it is never constructed.
-        #[allow(dead_code)]
-        #item_tokens
-        const _: () = {
-            #p::inventory::submit! {
-                #p::StreamDef::new(#name, &[#(#subjects),*])
-                    #(#setters)*
-                    .at(#p::Location { file: ::core::file!(), line: ::core::line!(), module: ::core::module_path!() })
-            }
-        };
-    }
+    declaration::emit(item, quote!(#p::StreamDef::new(#name, &[#(#subjects),*]) #(#setters)*))
 }
