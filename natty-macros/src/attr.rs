@@ -61,6 +61,7 @@ fn crate_key(meta: &ParseNestedMeta) -> syn::Result<Result<(), syn::Error>> {
 pub struct Errors(Option<syn::Error>);
 
 impl Errors {
+    /// Records `error` beside the ones before it.
     pub fn push(&mut self, error: syn::Error) {
         match &mut self.0 {
             Some(existing) => existing.combine(error),
@@ -68,10 +69,12 @@ impl Errors {
         }
     }
 
+    /// Records an error about `tokens`, spanning all of them.
     pub fn spanned(&mut self, tokens: impl ToTokens, message: impl std::fmt::Display) {
         self.push(syn::Error::new_spanned(tokens, message));
     }
 
+    /// Every recorded error, as one (each still at its own span), or `Ok` when there is none.
     pub fn into_result(self) -> Result<(), syn::Error> {
         match self.0 {
             Some(error) => Err(error),
@@ -99,6 +102,7 @@ pub struct Slot<T> {
 }
 
 impl<T> Slot<T> {
+    /// An empty slot for the key (or alternative keys) `names`; [`args!`] makes them.
     pub fn new(names: &'static [&'static str]) -> Self {
         Slot {
             names,
@@ -147,14 +151,17 @@ impl<T> Slot<T> {
         }
     }
 
+    /// The value, if the key was given a valid one.
     pub fn get(&self) -> Option<&T> {
         self.value.as_ref().map(|(value, _)| value)
     }
 
+    /// Where the value was written, for an error that involves another key.
     pub fn span(&self) -> Option<Span> {
         self.value.as_ref().map(|(_, span)| *span)
     }
 
+    /// The value, to generate code from.
     pub fn take(self) -> Option<T> {
         self.value.map(|(value, _)| value)
     }
@@ -290,6 +297,7 @@ pub fn unknown_key(meta: &ParseNestedMeta, macro_name: &str, valid: &[&str]) -> 
     Ok(Err(error))
 }
 
+/// The string literal after `key =`; anything else is an error that stops parsing.
 pub fn lit_str(meta: &ParseNestedMeta) -> syn::Result<LitStr> {
     meta.value()?.parse::<LitStr>()
 }
@@ -572,5 +580,65 @@ pub fn check_bucket_name(lit: &LitStr) -> syn::Result<()> {
             ),
         )),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    args! {
+        /// One entry of each kind: plain, with another spelling, and two keys in one slot.
+        struct Args for "test" {
+            name: LitStr = "name" => text;
+            subjects: Vec<LitStr> = "subject" | "subjects" => subjects;
+            start: i64 = "first" => |meta| int_at_least(meta, 1),
+                "second" => |meta| int_at_least(meta, 1);
+        }
+    }
+
+    /// The parsed slots and every error's message.
+    fn parse(tokens: TokenStream) -> (Args, Vec<String>) {
+        let mut errors = Errors::default();
+        let args = Args::parse(tokens, &mut errors);
+        (args, messages(errors))
+    }
+
+    fn messages(errors: Errors) -> Vec<String> {
+        match errors.into_result() {
+            Ok(()) => Vec::new(),
+            Err(error) => error.into_iter().map(|error| error.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn an_unknown_key_lists_the_table_without_other_spellings() {
+        assert_eq!(Args::KEYS, ["name", "subject", "first", "second"]);
+        let (_, errors) = parse(quote::quote!(nmae = "x", name = "y"));
+        assert_eq!(
+            errors,
+            ["unknown `test` key `nmae`; valid keys are `name`, `subject`, `first`, `second`"]
+        );
+    }
+
+    #[test]
+    fn a_slot_given_twice_is_named_by_its_listed_keys() {
+        let (_, errors) = parse(quote::quote!(first = 1, second = 2));
+        assert_eq!(errors, ["`first` / `second` set multiple times"]);
+        let (args, errors) = parse(quote::quote!(subjects = "a.b", subject = "c"));
+        assert_eq!(errors, ["`subject` set multiple times"]);
+        assert_eq!(args.subjects.get().map(Vec::len), Some(1));
+    }
+
+    #[test]
+    fn a_refused_value_counts_as_given_but_not_set() {
+        let (args, errors) = parse(quote::quote!(second = 0));
+        assert_eq!(errors, ["`second` must be at least 1"]);
+        assert!(args.start.given());
+        assert!(args.start.get().is_none());
+        let mut missing = Errors::default();
+        args.start.require(&mut missing, "#[test(first = 1)]");
+        args.name.require(&mut missing, "#[test(name = \"x\")]");
+        assert_eq!(messages(missing), ["missing `name`, e.g. #[test(name = \"x\")]"]);
     }
 }

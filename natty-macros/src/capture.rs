@@ -297,6 +297,8 @@ fn signature(function: &ItemFn, errors: &mut Errors) -> Option<(syn::Type, syn::
     Some((payload?, output?))
 }
 
+/// Expands `#[capture(args)]` on `item`: the key function unchanged, plus its adapter and
+/// registration (or the errors, beside the function).
 pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     let mut errors = Errors::default();
     let parsed = Args::parse(args, &mut errors);

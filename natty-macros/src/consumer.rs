@@ -164,6 +164,8 @@ enum OrderBy {
     Key(syn::Path),
 }
 
+/// Expands `#[consumer(args)]` on `item`: the handler unchanged, plus its adapter and
+/// registration (or the errors, beside the handler).
 pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     let mut errors = Errors::default();
     let parsed = Args::parse(args, &mut errors);

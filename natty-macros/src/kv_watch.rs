@@ -29,6 +29,8 @@ const KV_WATCH: HandlerKind = HandlerKind {
     describes_payload: true,
 };
 
+/// Expands `#[kv_watch(args)]` on `item`: the handler unchanged, plus its adapter and
+/// registration (or the errors, beside the handler).
 pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     let mut errors = Errors::default();
     let parsed = Args::parse(args, &mut errors);

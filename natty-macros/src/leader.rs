@@ -38,6 +38,8 @@ const LEADER: HandlerKind = HandlerKind {
 /// Leases shorter than this cannot be kept: the server counts TTLs in whole seconds.
 const MIN_TTL_NANOS: u64 = 1_000_000_000;
 
+/// Expands `#[leader(args)]` on `item`: the task unchanged, plus its adapter and registration
+/// (or the errors, beside the task).
 pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     let mut errors = Errors::default();
     let parsed = Args::parse(args, &mut errors);

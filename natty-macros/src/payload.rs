@@ -41,6 +41,8 @@ enum Piece {
     Field(syn::Ident),
 }
 
+/// Derives `Payload` (and, for protobuf, the encoding traits) from the `#[payload(...)]`
+/// attributes of `input`, or returns the errors.
 pub fn expand(input: TokenStream) -> TokenStream {
     let input: DeriveInput = match syn::parse2(input) {
         Ok(input) => input,
