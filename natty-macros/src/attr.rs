@@ -1,5 +1,6 @@
-//! Shared attribute parsing: duplicate-aware key slots, an error collector, and the
-//! compile-time validators for subjects, durable names and durations.
+//! Shared attribute parsing: the key table every macro declares its arguments with (`args!`),
+//! its duplicate-aware slots, an error collector, the parsers several macros share, and the
+//! compile-time validators for subjects, names and durations.
 
 use proc_macro2::{Span, TokenStream};
 use quote::ToTokens;
@@ -60,6 +61,7 @@ fn crate_key(meta: &ParseNestedMeta) -> syn::Result<Result<(), syn::Error>> {
 pub struct Errors(Option<syn::Error>);
 
 impl Errors {
+    /// Records `error` beside the ones before it.
     pub fn push(&mut self, error: syn::Error) {
         match &mut self.0 {
             Some(existing) => existing.combine(error),
@@ -67,10 +69,12 @@ impl Errors {
         }
     }
 
+    /// Records an error about `tokens`, spanning all of them.
     pub fn spanned(&mut self, tokens: impl ToTokens, message: impl std::fmt::Display) {
         self.push(syn::Error::new_spanned(tokens, message));
     }
 
+    /// Every recorded error, as one (each still at its own span), or `Ok` when there is none.
     pub fn into_result(self) -> Result<(), syn::Error> {
         match self.0 {
             Some(error) => Err(error),
@@ -79,74 +83,208 @@ impl Errors {
     }
 }
 
+/// What a key's parser returns. Outer error: the attribute cannot be parsed further (the value
+/// is not even the right kind of token). Inner error: this key's value is wrong, and parsing goes
+/// on, so that every mistake is reported at once. The span is the value's, for later errors
+/// about it (one key checked against another).
+pub type Parsed<T> = syn::Result<syn::Result<(T, Span)>>;
+
+/// A key's parser: reads the value after `key =` and validates it.
+pub type Parser<T> = fn(&ParseNestedMeta) -> Parsed<T>;
+
 /// A key that may be given once; the second time is an error at the second key.
 pub struct Slot<T> {
-    name: &'static str,
+    /// The names that fill this slot, as the table lists them: one, except where several keys
+    /// are alternatives (the consumer's `deliver` / `start_sequence` / `start_time`).
+    names: &'static [&'static str],
+    given: bool,
     value: Option<(T, Span)>,
 }
 
 impl<T> Slot<T> {
-    pub fn new(name: &'static str) -> Self {
-        Slot { name, value: None }
+    /// An empty slot for the key (or alternative keys) `names`; [`args!`] makes them.
+    pub fn new(names: &'static [&'static str]) -> Self {
+        Slot {
+            names,
+            given: false,
+            value: None,
+        }
     }
 
-    /// Stores `value`, given at `span` (the literal, for later errors about it).
-    pub fn set(&mut self, meta: &ParseNestedMeta, value: T, span: Span) -> syn::Result<()> {
+    /// How errors name this slot: "`name`", or each of its names.
+    fn label(&self) -> String {
+        self.names
+            .iter()
+            .map(|name| format!("`{name}`"))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    }
+
+    /// Reads this slot's key with `parse`. The error for a second value is at the second key
+    /// and its value (a refused value is reported as such, not as a repetition).
+    pub fn parse(&mut self, meta: &ParseNestedMeta, parse: Parser<T>) -> syn::Result<syn::Result<()>> {
+        self.given = true;
+        let (value, span) = match parse(meta)? {
+            Ok(parsed) => parsed,
+            Err(invalid) => return Ok(Err(invalid)),
+        };
         if self.value.is_some() {
-            return Err(meta.error(format!("`{}` set multiple times", self.name)));
+            return Ok(Err(meta.error(format!("{} set multiple times", self.label()))));
         }
         self.value = Some((value, span));
-        Ok(())
+        Ok(Ok(()))
     }
 
+    /// Whether the key was written, even with a value that was refused.
+    pub fn given(&self) -> bool {
+        self.given
+    }
+
+    /// Reports this key missing, at the attribute, unless it was written: a key given with a
+    /// bad value was already reported and is not also "missing". `example` is a whole attribute.
+    pub fn require(&self, errors: &mut Errors, example: impl std::fmt::Display) {
+        if !self.given {
+            errors.push(syn::Error::new(
+                Span::call_site(),
+                format!("missing {}, e.g. {example}", self.label()),
+            ));
+        }
+    }
+
+    /// The value, if the key was given a valid one.
     pub fn get(&self) -> Option<&T> {
         self.value.as_ref().map(|(value, _)| value)
     }
 
+    /// Where the value was written, for an error that involves another key.
     pub fn span(&self) -> Option<Span> {
         self.value.as_ref().map(|(_, span)| *span)
     }
 
+    /// The value, to generate code from.
     pub fn take(self) -> Option<T> {
         self.value.map(|(value, _)| value)
     }
 }
 
+/// A macro's arguments: one [`Slot`] per key, declared with [`args!`].
+pub trait MacroArgs: Default {
+    /// Every key as "unknown key" lists it: in table order, without the alternative spellings.
+    const KEYS: &'static [&'static str];
+
+    /// Parses `key` into its slot (see [`Parsed`] for the two errors).
+    fn key(&mut self, key: &str, meta: &ParseNestedMeta) -> syn::Result<syn::Result<()>>;
+
+    /// Parses one attribute's `key = value` pairs, recording every mistake in `errors`.
+    fn parse(args: TokenStream, errors: &mut Errors) -> Self {
+        let mut parsed = Self::default();
+        parsed.parse_more(args, errors);
+        parsed
+    }
+
+    /// Parses another attribute into the same slots: a derive's keys may be spread over
+    /// several `#[payload(...)]` attributes, and a key is still given once in all of them.
+    fn parse_more(&mut self, args: TokenStream, errors: &mut Errors) {
+        parse_keys(args, errors, |key, meta| self.key(key, meta));
+    }
+}
+
+/// Declares a macro's arguments: the one place each key's name is written. From the table it
+/// makes the struct (a [`Slot`] per field), the dispatch from a key to its field's parser, the
+/// list an unknown key's error shows, and each slot's name for "set multiple times" and
+/// "missing" errors.
+///
+/// ```ignore
+/// attr::args! {
+///     /// `#[leader(...)]`'s keys.
+///     struct Args for "leader" {
+///         bucket: LitStr = "bucket" => |meta| attr::name(meta, "bucket name");
+///         // Several keys filling one slot, each with its parser:
+///         deliver: TokenStream = "deliver" => policy, "start_time" => start_time;
+///         // `| "subjects"`: another spelling, accepted and not listed.
+///         subjects: Vec<LitStr> = "subject" | "subjects" => attr::subjects;
+///     }
+/// }
+/// ```
+///
+/// Every macro also takes `crate = "..."`, read before the table (see [`runtime`]).
+macro_rules! args {
+    (
+        $(#[$doc:meta])*
+        struct $Args:ident for $macro_name:literal {
+            $(
+                $(#[$field_doc:meta])*
+                $field:ident: $T:ty = $($key:literal $(| $alias:literal)* => $parse:expr),+;
+            )*
+        }
+    ) => {
+        $(#[$doc])*
+        struct $Args {
+            $($(#[$field_doc])* $field: $crate::attr::Slot<$T>,)*
+        }
+
+        impl ::core::default::Default for $Args {
+            fn default() -> Self {
+                $Args {
+                    $($field: $crate::attr::Slot::new(&[$($key),+]),)*
+                }
+            }
+        }
+
+        impl $crate::attr::MacroArgs for $Args {
+            const KEYS: &'static [&'static str] = &[$($($key),+),*];
+
+            fn key(
+                &mut self,
+                key: &str,
+                meta: &::syn::meta::ParseNestedMeta,
+            ) -> ::syn::Result<::syn::Result<()>> {
+                $($(
+                    if key == $key $(|| key == $alias)* {
+                        return self.$field.parse(meta, $parse);
+                    }
+                )+)*
+                $crate::attr::unknown_key(meta, $macro_name, Self::KEYS)
+            }
+        }
+    };
+}
+
+pub(crate) use args;
+
 /// Parses `key = value` pairs with `key`, recording a key's invalid value in `errors` and going
-/// on, so that every mistake is reported at once and a key given with a bad value is not also
-/// reported as missing. Returns the names of the keys seen.
-pub fn parse_keys(
+/// on, so that every mistake is reported at once.
+fn parse_keys(
     args: TokenStream,
     errors: &mut Errors,
     mut key: impl FnMut(&str, &ParseNestedMeta) -> syn::Result<Result<(), syn::Error>>,
-) -> Vec<String> {
-    let mut seen = Vec::new();
+) {
     let parser = syn::meta::parser(|meta| {
-        let name = meta.path.to_token_stream().to_string().replace(' ', "");
-        seen.push(name.clone());
+        let name = key_name(&meta);
         let parsed = if name == "crate" {
             crate_key(&meta)?
         } else {
             key(&name, &meta)?
         };
-        match parsed {
-            Ok(()) => Ok(()),
-            Err(invalid) => {
-                errors.push(invalid);
-                Ok(())
-            }
+        if let Err(invalid) = parsed {
+            errors.push(invalid);
         }
+        Ok(())
     });
     if let Err(error) = syn::parse::Parser::parse2(parser, args) {
         errors.push(error);
     }
-    seen
+}
+
+/// The key as written, e.g. `ack_wait` (a path such as `a::b` too, to report it as unknown).
+pub fn key_name(meta: &ParseNestedMeta) -> String {
+    meta.path.to_token_stream().to_string().replace(' ', "")
 }
 
 /// The error for a key the macro does not know, listing the ones it does. Its value is
 /// consumed so parsing can go on to the next key.
 pub fn unknown_key(meta: &ParseNestedMeta, macro_name: &str, valid: &[&str]) -> syn::Result<Result<(), syn::Error>> {
-    let key = meta.path.to_token_stream().to_string().replace(' ', "");
+    let key = key_name(meta);
     let list = valid
         .iter()
         .map(|key| format!("`{key}`"))
@@ -159,13 +297,74 @@ pub fn unknown_key(meta: &ParseNestedMeta, macro_name: &str, valid: &[&str]) -> 
     Ok(Err(error))
 }
 
+/// The string literal after `key =`; anything else is an error that stops parsing.
 pub fn lit_str(meta: &ParseNestedMeta) -> syn::Result<LitStr> {
     meta.value()?.parse::<LitStr>()
 }
 
-/// An integer literal (optionally negative) that must be at least `min`; the error names `key`
-/// and points at the literal.
-pub fn int_at_least(meta: &ParseNestedMeta, key: &str, min: i64) -> syn::Result<Result<(i64, Span), syn::Error>> {
+// Parsers shared by several macros' tables, each a [`Parser`] (or one once its other
+// arguments are given, in a closure).
+
+/// Any string, e.g. a `description`.
+pub fn text(meta: &ParseNestedMeta) -> Parsed<LitStr> {
+    let lit = lit_str(meta)?;
+    let span = lit.span();
+    Ok(Ok((lit, span)))
+}
+
+/// A stream, consumer, bucket or queue-group name: `what` says which, for the error.
+pub fn name(meta: &ParseNestedMeta, what: &str) -> Parsed<LitStr> {
+    let lit = lit_str(meta)?;
+    Ok(check_name(&lit, what).map(|()| (lit.clone(), lit.span())))
+}
+
+/// One subject, wildcards allowed.
+pub fn subject(meta: &ParseNestedMeta) -> Parsed<LitStr> {
+    let lit = lit_str(meta)?;
+    Ok(check_subject(&lit).map(|()| (lit.clone(), lit.span())))
+}
+
+/// A KV bucket or object store name (see [`check_bucket_name`]).
+pub fn bucket_name(meta: &ParseNestedMeta) -> Parsed<LitStr> {
+    let lit = lit_str(meta)?;
+    Ok(check_bucket_name(&lit).map(|()| (lit.clone(), lit.span())))
+}
+
+/// A subject or a list of them, wildcards allowed; spanned at the first.
+pub fn subjects(meta: &ParseNestedMeta) -> Parsed<Vec<LitStr>> {
+    let subjects = str_or_list(meta)?;
+    let span = subjects.first().map_or_else(Span::call_site, LitStr::span);
+    Ok(subjects.iter().try_for_each(check_subject).map(|()| (subjects, span)))
+}
+
+/// A dead-letter subject (see [`check_dead_letter`]).
+pub fn dead_letter(meta: &ParseNestedMeta) -> Parsed<LitStr> {
+    let lit = lit_str(meta)?;
+    Ok(check_dead_letter(&lit).map(|()| (lit.clone(), lit.span())))
+}
+
+/// A duration, in nanoseconds.
+pub fn duration(meta: &ParseNestedMeta) -> Parsed<u64> {
+    let lit = lit_str(meta)?;
+    Ok(nanos(&lit).map(|nanos| (nanos, lit.span())))
+}
+
+/// A duration of at least `min` nanoseconds; `too_short` is the error otherwise.
+pub fn duration_at_least(meta: &ParseNestedMeta, min: u64, too_short: &str) -> Parsed<u64> {
+    let lit = lit_str(meta)?;
+    Ok(nanos(&lit).and_then(|nanos| {
+        if nanos < min {
+            Err(syn::Error::new(lit.span(), too_short))
+        } else {
+            Ok((nanos, lit.span()))
+        }
+    }))
+}
+
+/// An integer literal (optionally negative) that must be at least `min`; the error names the
+/// key and points at the literal.
+pub fn int_at_least(meta: &ParseNestedMeta, min: i64) -> Parsed<i64> {
+    let key = key_name(meta);
     let expr: Expr = meta.value()?.parse()?;
     let span = syn::spanned::Spanned::span(&expr);
     let value = match &expr {
@@ -193,6 +392,11 @@ pub fn int_at_least(meta: &ParseNestedMeta, key: &str, min: i64) -> syn::Result<
     })
 }
 
+/// A positive integer: a count of tasks or messages.
+pub fn count(meta: &ParseNestedMeta) -> Parsed<usize> {
+    Ok(int_at_least(meta, 1)?.map(|(value, span)| (value as usize, span)))
+}
+
 /// A string, or a list of strings: `subject = "a.b"` or `subject = ["a.b", "c.>"]`.
 pub fn str_or_list(meta: &ParseNestedMeta) -> syn::Result<Vec<LitStr>> {
     let expr: Expr = meta.value()?.parse()?;
@@ -217,7 +421,7 @@ pub fn str_or_list(meta: &ParseNestedMeta) -> syn::Result<Vec<LitStr>> {
 }
 
 /// Parses a duration literal such as `"30s"`, `"15m"` or `"1h 30m"`, into nanoseconds.
-pub fn duration(lit: &LitStr) -> syn::Result<u64> {
+pub fn nanos(lit: &LitStr) -> syn::Result<u64> {
     let text = lit.value();
     let parsed = humantime::parse_duration(&text).map_err(|error| {
         syn::Error::new(
@@ -229,20 +433,21 @@ pub fn duration(lit: &LitStr) -> syn::Result<u64> {
 }
 
 /// A storage type, `"file"` or `"memory"`, as the `StorageType` variant's name.
-pub fn storage(lit: &LitStr) -> syn::Result<TokenStream> {
-    match lit.value().as_str() {
-        "file" => Ok(quote::quote!(File)),
-        "memory" => Ok(quote::quote!(Memory)),
+pub fn storage(meta: &ParseNestedMeta) -> Parsed<TokenStream> {
+    let lit = lit_str(meta)?;
+    Ok(match lit.value().as_str() {
+        "file" => Ok((quote::quote!(File), lit.span())),
+        "memory" => Ok((quote::quote!(Memory), lit.span())),
         other => Err(syn::Error::new(
             lit.span(),
             format!("unknown storage `{other}`; expected \"file\" or \"memory\""),
         )),
-    }
+    })
 }
 
 /// `replicas = N`: 1 to 5, as the server allows.
-pub fn replicas(meta: &ParseNestedMeta) -> syn::Result<Result<(usize, Span), syn::Error>> {
-    Ok(int_at_least(meta, "replicas", 1)?.and_then(|(value, span)| {
+pub fn replicas(meta: &ParseNestedMeta) -> Parsed<usize> {
+    Ok(int_at_least(meta, 1)?.and_then(|(value, span)| {
         if value > 5 {
             Err(syn::Error::new(span, "`replicas` must be between 1 and 5"))
         } else {
@@ -251,60 +456,40 @@ pub fn replicas(meta: &ParseNestedMeta) -> syn::Result<Result<(usize, Span), syn
     }))
 }
 
-/// `cluster = "..."` and `tags = [...]`: where a stream's replicas are placed.
-pub struct Placement {
-    cluster: Slot<LitStr>,
-    tags: Slot<Vec<LitStr>>,
+/// `cluster = "..."`: the cluster a stream's replicas are placed in.
+pub fn cluster(meta: &ParseNestedMeta) -> Parsed<LitStr> {
+    name(meta, "cluster name")
 }
 
-impl Default for Placement {
-    fn default() -> Self {
-        Placement {
-            cluster: Slot::new("cluster"),
-            tags: Slot::new("tags"),
-        }
-    }
+/// `tags = [...]`: server tags every replica's server must have.
+pub fn tags(meta: &ParseNestedMeta) -> Parsed<Vec<LitStr>> {
+    let tags = str_or_list(meta)?;
+    let span = tags.first().map_or_else(Span::call_site, LitStr::span);
+    Ok(tags
+        .iter()
+        .try_for_each(|tag| {
+            if tag.value().is_empty() || tag.value().contains(char::is_whitespace) {
+                Err(syn::Error::new(
+                    tag.span(),
+                    "a server tag is a non-empty word without spaces",
+                ))
+            } else {
+                Ok(())
+            }
+        })
+        .map(|()| (tags, span)))
 }
 
-impl Placement {
-    /// Parses `key` if it is a placement key; `None` otherwise.
-    pub fn key(&mut self, key: &str, meta: &ParseNestedMeta) -> syn::Result<Option<Result<(), syn::Error>>> {
-        Ok(Some(match key {
-            "cluster" => {
-                let lit = lit_str(meta)?;
-                check_name(&lit, "cluster name").and_then(|()| self.cluster.set(meta, lit.clone(), lit.span()))
-            }
-            "tags" => {
-                let tags = str_or_list(meta)?;
-                let span = tags.first().map_or_else(Span::call_site, LitStr::span);
-                tags.iter()
-                    .try_for_each(|tag| {
-                        if tag.value().is_empty() || tag.value().contains(char::is_whitespace) {
-                            Err(syn::Error::new(
-                                tag.span(),
-                                "a server tag is a non-empty word without spaces",
-                            ))
-                        } else {
-                            Ok(())
-                        }
-                    })
-                    .and_then(|()| self.tags.set(meta, tags, span))
-            }
-            _ => return Ok(None),
-        }))
+/// The `.placement(...)` setter, when `cluster` or `tags` was given.
+pub fn placement(cluster: Slot<LitStr>, tags: Slot<Vec<LitStr>>, p: &TokenStream) -> Option<TokenStream> {
+    let cluster = cluster.take();
+    let tags = tags.take();
+    if cluster.is_none() && tags.is_none() {
+        return None;
     }
-
-    /// The `.placement(...)` setter, when a placement key was given.
-    pub fn setter(self, p: &TokenStream) -> Option<TokenStream> {
-        let cluster = self.cluster.take();
-        let tags = self.tags.take();
-        if cluster.is_none() && tags.is_none() {
-            return None;
-        }
-        let cluster = cluster.map(|lit| quote::quote!(.cluster(#lit)));
-        let tags = tags.map(|tags| quote::quote!(.tags(&[#(#tags),*])));
-        Some(quote::quote!(.placement(#p::Placement::new() #cluster #tags)))
-    }
+    let cluster = cluster.map(|lit| quote::quote!(.cluster(#lit)));
+    let tags = tags.map(|tags| quote::quote!(.tags(&[#(#tags),*])));
+    Some(quote::quote!(.placement(#p::Placement::new() #cluster #tags)))
 }
 
 /// Emits a `core::time::Duration` constant expression.
@@ -377,4 +562,83 @@ pub fn check_name(lit: &LitStr, what: &str) -> syn::Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Bucket names become stream names (`KV_<name>`, `OBJ_<name>`) and subject tokens: the
+/// server and async-nats accept only letters, digits, `-` and `_`.
+pub fn check_bucket_name(lit: &LitStr) -> syn::Result<()> {
+    check_name(lit, "bucket name")?;
+    let name = lit.value();
+    match name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+    {
+        Some(bad) => Err(syn::Error::new(
+            lit.span(),
+            format!(
+                "invalid bucket name `{name}`: bucket names cannot contain `{bad}`; use letters, digits, `-` and `_`"
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    args! {
+        /// One entry of each kind: plain, with another spelling, and two keys in one slot.
+        struct Args for "test" {
+            name: LitStr = "name" => text;
+            subjects: Vec<LitStr> = "subject" | "subjects" => subjects;
+            start: i64 = "first" => |meta| int_at_least(meta, 1),
+                "second" => |meta| int_at_least(meta, 1);
+        }
+    }
+
+    /// The parsed slots and every error's message.
+    fn parse(tokens: TokenStream) -> (Args, Vec<String>) {
+        let mut errors = Errors::default();
+        let args = Args::parse(tokens, &mut errors);
+        (args, messages(errors))
+    }
+
+    fn messages(errors: Errors) -> Vec<String> {
+        match errors.into_result() {
+            Ok(()) => Vec::new(),
+            Err(error) => error.into_iter().map(|error| error.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn an_unknown_key_lists_the_table_without_other_spellings() {
+        assert_eq!(Args::KEYS, ["name", "subject", "first", "second"]);
+        let (_, errors) = parse(quote::quote!(nmae = "x", name = "y"));
+        assert_eq!(
+            errors,
+            ["unknown `test` key `nmae`; valid keys are `name`, `subject`, `first`, `second`"]
+        );
+    }
+
+    #[test]
+    fn a_slot_given_twice_is_named_by_its_listed_keys() {
+        let (_, errors) = parse(quote::quote!(first = 1, second = 2));
+        assert_eq!(errors, ["`first` / `second` set multiple times"]);
+        let (args, errors) = parse(quote::quote!(subjects = "a.b", subject = "c"));
+        assert_eq!(errors, ["`subject` set multiple times"]);
+        assert_eq!(args.subjects.get().map(Vec::len), Some(1));
+    }
+
+    #[test]
+    fn a_refused_value_counts_as_given_but_not_set() {
+        let (args, errors) = parse(quote::quote!(second = 0));
+        assert_eq!(errors, ["`second` must be at least 1"]);
+        assert!(args.start.given());
+        assert!(args.start.get().is_none());
+        let mut missing = Errors::default();
+        args.start.require(&mut missing, "#[test(first = 1)]");
+        args.name.require(&mut missing, "#[test(name = \"x\")]");
+        assert_eq!(messages(missing), ["missing `name`, e.g. #[test(name = \"x\")]"]);
+    }
 }

@@ -7,172 +7,126 @@ use quote::{format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{ItemFn, LitStr};
 
-use crate::attr::{self, Errors, Slot};
+use crate::attr::{self, Errors, MacroArgs as _, Parsed};
 use crate::handler;
-
-const KEYS: &[&str] = &[
-    "stream",
-    "durable",
-    "subject",
-    "store",
-    "format",
-    "compression",
-    "every",
-    "max_bytes",
-    "max_messages",
-    "ack_wait",
-    "max_ack_pending",
-    "max_deliver",
-    "dead_letter",
-    "store_concurrency",
-    "max_memory",
-];
 
 /// The placeholders every path template may use; a struct key adds its fields.
 const PLACEHOLDERS: &[&str] = &["key", "stream", "durable", "date", "yyyy", "mm", "dd", "hh", "min"];
 
-const FORMATS: &[&str] = &["csv", "ndjson", "parquet", "raw"];
-const COMPRESSIONS: &[&str] = &["none", "gzip", "zstd"];
-
-struct Args {
-    stream: Slot<LitStr>,
-    durable: Slot<LitStr>,
-    subjects: Slot<Vec<LitStr>>,
-    store: Slot<LitStr>,
-    format: Slot<String>,
-    compression: Slot<String>,
-    every: Slot<u64>,
-    max_bytes: Slot<u64>,
-    max_messages: Slot<i64>,
-    ack_wait: Slot<u64>,
-    max_ack_pending: Slot<i64>,
-    max_deliver: Slot<i64>,
-    dead_letter: Slot<LitStr>,
-    store_concurrency: Slot<i64>,
-    max_memory: Slot<u64>,
+/// `format = "..."`: how a block's records are written, as the runtime's `BlockFormat`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Csv,
+    Ndjson,
+    Parquet,
+    Raw,
 }
 
-impl Args {
-    fn parse(args: TokenStream, errors: &mut Errors) -> (Args, Vec<String>) {
-        let mut parsed = Args {
-            stream: Slot::new("stream"),
-            durable: Slot::new("durable"),
-            subjects: Slot::new("subject"),
-            store: Slot::new("store"),
-            format: Slot::new("format"),
-            compression: Slot::new("compression"),
-            every: Slot::new("every"),
-            max_bytes: Slot::new("max_bytes"),
-            max_messages: Slot::new("max_messages"),
-            ack_wait: Slot::new("ack_wait"),
-            max_ack_pending: Slot::new("max_ack_pending"),
-            max_deliver: Slot::new("max_deliver"),
-            dead_letter: Slot::new("dead_letter"),
-            store_concurrency: Slot::new("store_concurrency"),
-            max_memory: Slot::new("max_memory"),
-        };
-        let seen = attr::parse_keys(args, errors, |key, meta| parsed.key(key, meta));
-        (parsed, seen)
-    }
+impl Format {
+    /// Each format by the name the key takes, in the order an unknown one's error lists them.
+    const NAMES: &[(&str, Format)] = &[
+        ("csv", Format::Csv),
+        ("ndjson", Format::Ndjson),
+        ("parquet", Format::Parquet),
+        ("raw", Format::Raw),
+    ];
 
-    fn key(&mut self, key: &str, meta: &syn::meta::ParseNestedMeta) -> syn::Result<syn::Result<()>> {
-        Ok(match key {
-            "stream" => {
-                let lit = attr::lit_str(meta)?;
-                attr::check_name(&lit, "stream name").and_then(|()| self.stream.set(meta, lit.clone(), lit.span()))
-            }
-            "durable" => {
-                let lit = attr::lit_str(meta)?;
-                attr::check_name(&lit, "durable name").and_then(|()| self.durable.set(meta, lit.clone(), lit.span()))
-            }
-            "subject" | "subjects" => {
-                let subjects = attr::str_or_list(meta)?;
-                let span = subjects.first().map_or_else(Span::call_site, |lit| lit.span());
-                subjects
-                    .iter()
-                    .try_for_each(attr::check_subject)
-                    .and_then(|()| self.subjects.set(meta, subjects, span))
-            }
-            "store" => {
-                let lit = attr::lit_str(meta)?;
-                check_store(&lit).and_then(|()| self.store.set(meta, lit.clone(), lit.span()))
-            }
-            "format" => {
-                let lit = attr::lit_str(meta)?;
-                one_of(&lit, "format", FORMATS).and_then(|value| self.format.set(meta, value, lit.span()))
-            }
-            "compression" => {
-                let lit = attr::lit_str(meta)?;
-                one_of(&lit, "compression", COMPRESSIONS)
-                    .and_then(|value| self.compression.set(meta, value, lit.span()))
-            }
-            "every" => {
-                let lit = attr::lit_str(meta)?;
-                attr::duration(&lit)
-                    .and_then(|nanos| {
-                        if nanos < 100_000_000 {
-                            Err(syn::Error::new(lit.span(), "`every` must be at least 100ms"))
-                        } else {
-                            Ok(nanos)
-                        }
-                    })
-                    .and_then(|nanos| self.every.set(meta, nanos, lit.span()))
-            }
-            "max_bytes" => {
-                let expr: syn::Expr = meta.value()?.parse()?;
-                byte_size(&expr, "max_bytes").and_then(|bytes| self.max_bytes.set(meta, bytes, expr.span()))
-            }
-            "max_memory" => {
-                let expr: syn::Expr = meta.value()?.parse()?;
-                byte_size(&expr, "max_memory").and_then(|bytes| self.max_memory.set(meta, bytes, expr.span()))
-            }
-            "max_messages" => attr::int_at_least(meta, "max_messages", 1)?
-                .and_then(|(value, span)| self.max_messages.set(meta, value, span)),
-            "ack_wait" => {
-                let lit = attr::lit_str(meta)?;
-                attr::duration(&lit)
-                    .and_then(|nanos| {
-                        if nanos < 1_000_000_000 {
-                            Err(syn::Error::new(
-                                lit.span(),
-                                "a capture's `ack_wait` must be at least 1s: held messages are kept alive every half ack_wait",
-                            ))
-                        } else {
-                            Ok(nanos)
-                        }
-                    })
-                    .and_then(|nanos| self.ack_wait.set(meta, nanos, lit.span()))
-            }
-            "max_ack_pending" => attr::int_at_least(meta, "max_ack_pending", 1)?
-                .and_then(|(value, span)| self.max_ack_pending.set(meta, value, span)),
-            "max_deliver" => attr::int_at_least(meta, "max_deliver", 1)?
-                .and_then(|(value, span)| self.max_deliver.set(meta, value, span)),
-            "store_concurrency" => attr::int_at_least(meta, "store_concurrency", 1)?
-                .and_then(|(value, span)| self.store_concurrency.set(meta, value, span)),
-            "dead_letter" => {
-                let lit = attr::lit_str(meta)?;
-                attr::check_dead_letter(&lit).and_then(|()| self.dead_letter.set(meta, lit.clone(), lit.span()))
-            }
-            _ => return attr::unknown_key(meta, "capture", KEYS),
-        })
+    /// The `BlockFormat` variant.
+    fn variant(self) -> TokenStream {
+        match self {
+            Format::Csv => quote!(Csv),
+            Format::Ndjson => quote!(Ndjson),
+            Format::Parquet => quote!(Parquet),
+            Format::Raw => quote!(Raw),
+        }
     }
 }
 
-/// The value of `lit` if it is one of `valid`.
-fn one_of(lit: &LitStr, key: &str, valid: &[&str]) -> syn::Result<String> {
+/// `compression = "..."`: how a block's file is compressed, as the runtime's `Compression`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+impl Compression {
+    /// Each compression by the name the key takes, in the order an unknown one's error lists them.
+    const NAMES: &[(&str, Compression)] = &[
+        ("none", Compression::None),
+        ("gzip", Compression::Gzip),
+        ("zstd", Compression::Zstd),
+    ];
+
+    /// The `Compression` variant.
+    fn variant(self) -> TokenStream {
+        match self {
+            Compression::None => quote!(None),
+            Compression::Gzip => quote!(Gzip),
+            Compression::Zstd => quote!(Zstd),
+        }
+    }
+}
+
+attr::args! {
+    /// `#[capture(...)]`'s keys, in the order an unknown key's error lists them.
+    struct Args for "capture" {
+        stream: LitStr = "stream" => |meta| attr::name(meta, "stream name");
+        durable: LitStr = "durable" => |meta| attr::name(meta, "durable name");
+        subjects: Vec<LitStr> = "subject" | "subjects" => attr::subjects;
+        store: LitStr = "store" => store;
+        format: Format = "format" => |meta| one_of(meta, "format", Format::NAMES);
+        compression: Compression = "compression" => |meta| one_of(meta, "compression", Compression::NAMES);
+        every: u64 = "every" => |meta| attr::duration_at_least(meta, 100_000_000, "`every` must be at least 100ms");
+        max_bytes: u64 = "max_bytes" => byte_size;
+        max_messages: i64 = "max_messages" => |meta| attr::int_at_least(meta, 1);
+        ack_wait: u64 = "ack_wait" => |meta| attr::duration_at_least(
+            meta,
+            1_000_000_000,
+            "a capture's `ack_wait` must be at least 1s: held messages are kept alive every half ack_wait",
+        );
+        max_ack_pending: i64 = "max_ack_pending" => |meta| attr::int_at_least(meta, 1);
+        max_deliver: i64 = "max_deliver" => |meta| attr::int_at_least(meta, 1);
+        dead_letter: LitStr = "dead_letter" => attr::dead_letter;
+        store_concurrency: i64 = "store_concurrency" => |meta| attr::int_at_least(meta, 1);
+        max_memory: u64 = "max_memory" => byte_size;
+    }
+}
+
+/// `store = "s3://bucket/{key}/"`, checked by [`check_store`].
+fn store(meta: &syn::meta::ParseNestedMeta) -> Parsed<LitStr> {
+    let lit = attr::lit_str(meta)?;
+    Ok(check_store(&lit).map(|()| (lit.clone(), lit.span())))
+}
+
+/// The choice named by the key's string, if it is one of `choices`; an unknown name is an
+/// error at the string that lists the valid ones (never a silent default).
+fn one_of<T: Copy>(meta: &syn::meta::ParseNestedMeta, key: &str, choices: &[(&str, T)]) -> Parsed<T> {
+    let lit = attr::lit_str(meta)?;
     let value = lit.value();
-    if valid.contains(&value.as_str()) {
-        return Ok(value);
+    if let Some((_, choice)) = choices.iter().find(|(name, _)| *name == value) {
+        return Ok(Ok((*choice, lit.span())));
     }
-    let list = valid.iter().map(|v| format!("\"{v}\"")).collect::<Vec<_>>().join(", ");
-    Err(syn::Error::new(
+    let list = choices
+        .iter()
+        .map(|(name, _)| format!("\"{name}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Ok(Err(syn::Error::new(
         lit.span(),
         format!("unknown {key} `{value}`; expected one of {list}"),
-    ))
+    )))
 }
 
 /// A byte count: an integer, or a string such as `"64MiB"`, `"10MB"`, `"512KiB"`.
-fn byte_size(expr: &syn::Expr, key: &str) -> syn::Result<u64> {
+fn byte_size(meta: &syn::meta::ParseNestedMeta) -> Parsed<u64> {
+    let key = attr::key_name(meta);
+    let expr: syn::Expr = meta.value()?.parse()?;
+    Ok(bytes(&expr, &key).map(|bytes| (bytes, expr.span())))
+}
+
+/// The byte count `expr` says, for `key`'s errors.
+fn bytes(expr: &syn::Expr, key: &str) -> syn::Result<u64> {
     let fail = || {
         syn::Error::new_spanned(
             expr,
@@ -343,9 +297,11 @@ fn signature(function: &ItemFn, errors: &mut Errors) -> Option<(syn::Type, syn::
     Some((payload?, output?))
 }
 
+/// Expands `#[capture(args)]` on `item`: the key function unchanged, plus its adapter and
+/// registration (or the errors, beside the function).
 pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     let mut errors = Errors::default();
-    let (parsed, seen) = Args::parse(args, &mut errors);
+    let parsed = Args::parse(args, &mut errors);
     let function: ItemFn = match syn::parse2(item.clone()) {
         Ok(function) => function,
         Err(_) => {
@@ -355,17 +311,13 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         }
     };
     let types = signature(&function, &mut errors);
-    for (key, example) in [
-        ("stream", "stream = \"orders\""),
-        ("durable", "durable = \"backup\""),
-        ("store", "store = \"file://backup/{key}/\""),
+    for (slot, key_value) in [
+        (&parsed.stream, "stream = \"orders\""),
+        (&parsed.durable, "durable = \"backup\""),
+        (&parsed.store, "store = \"file://backup/{key}/\""),
     ] {
-        if !seen.iter().any(|seen| seen == key) {
-            errors.push(syn::Error::new(
-                Span::call_site(),
-                format!("missing `{key}`, e.g. #[capture(stream = \"orders\", durable = \"backup\", store = \"file://backup/{{key}}/\")]: add `{example}`"),
-            ));
-        }
+        let example = "#[capture(stream = \"orders\", durable = \"backup\", store = \"file://backup/{key}/\")]";
+        slot.require(&mut errors, format!("{example}: add `{key_value}`"));
     }
     if let (Some(store), Some((_, key_type))) = (parsed.store.get(), &types) {
         if is_scalar_key(key_type) {
@@ -398,7 +350,7 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
             ));
         }
     }
-    let raw = parsed.format.get().is_some_and(|format| format == "raw");
+    let raw = parsed.format.get() == Some(&Format::Raw);
     let Some((payload, _)) = types else {
         let error = errors
             .into_result()
@@ -434,22 +386,11 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         setters.push(quote!(.subjects(&[#(#subjects),*])));
     }
     if let Some(format) = parsed.format.take() {
-        let variant = match format.as_str() {
-            "csv" => quote!(Csv),
-            "parquet" => quote!(Parquet),
-            "raw" => quote!(Raw),
-            "ndjson" => quote!(Ndjson),
-            other => unreachable!("format `{other}` was checked when parsed"),
-        };
+        let variant = format.variant();
         setters.push(quote!(.format(#p::capture::BlockFormat::#variant)));
     }
     if let Some(compression) = parsed.compression.take() {
-        let variant = match compression.as_str() {
-            "gzip" => quote!(Gzip),
-            "zstd" => quote!(Zstd),
-            "none" => quote!(None),
-            other => unreachable!("compression `{other}` was checked when parsed"),
-        };
+        let variant = compression.variant();
         setters.push(quote!(.compression(#p::capture::Compression::#variant)));
     }
     if let Some(nanos) = parsed.every.take() {

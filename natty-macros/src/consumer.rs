@@ -7,7 +7,7 @@ use quote::{format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{ItemFn, LitStr};
 
-use crate::attr::{self, Errors, Slot};
+use crate::attr::{self, Errors, MacroArgs as _, Parsed};
 use crate::handler::{self, HandlerKind};
 
 const CONSUMER: HandlerKind = HandlerKind {
@@ -17,227 +17,143 @@ const CONSUMER: HandlerKind = HandlerKind {
     describes_payload: true,
 };
 
-const KEYS: &[&str] = &[
-    "stream",
-    "durable",
-    "subject",
-    "ack_wait",
-    "max_deliver",
-    "max_ack_pending",
-    "replicas",
-    "concurrency",
-    "prefetch",
-    "backoff",
-    "dead_letter",
-    "deliver",
-    "start_sequence",
-    "start_time",
-    "inactive_threshold",
-    "order_by",
-    "while_leading",
-];
-
-struct Args {
-    stream: Slot<LitStr>,
-    durable: Slot<LitStr>,
-    subjects: Slot<Vec<LitStr>>,
-    ack_wait: Slot<u64>,
-    max_deliver: Slot<i64>,
-    max_ack_pending: Slot<i64>,
-    replicas: Slot<usize>,
-    concurrency: Slot<usize>,
-    prefetch: Slot<usize>,
-    backoff: Slot<Vec<u64>>,
-    dead_letter: Slot<LitStr>,
-    /// `deliver`, `start_sequence` and `start_time` all choose where to start: one slot.
-    deliver: Slot<TokenStream>,
-    inactive_threshold: Slot<u64>,
-    order_by: Slot<OrderBy>,
-    /// (bucket, key) of the election this consumer follows.
-    while_leading: Slot<(String, String)>,
+attr::args! {
+    /// `#[consumer(...)]`'s keys, in the order an unknown key's error lists them.
+    struct Args for "consumer" {
+        stream: LitStr = "stream" => |meta| attr::name(meta, "stream name");
+        durable: LitStr = "durable" => |meta| attr::name(meta, "durable name");
+        subjects: Vec<LitStr> = "subject" | "subjects" => attr::subjects;
+        ack_wait: u64 = "ack_wait" => |meta| {
+            attr::duration_at_least(meta, 1_000_000, "`ack_wait` must be at least 1ms")
+        };
+        max_deliver: i64 = "max_deliver" => |meta| attr::int_at_least(meta, 1);
+        max_ack_pending: i64 = "max_ack_pending" => |meta| attr::int_at_least(meta, 1);
+        replicas: usize = "replicas" => attr::replicas;
+        concurrency: usize = "concurrency" => attr::count;
+        prefetch: usize = "prefetch" => attr::count;
+        backoff: Vec<u64> = "backoff" => backoff;
+        dead_letter: LitStr = "dead_letter" => attr::dead_letter;
+        /// Where to start: three keys, one slot.
+        deliver: TokenStream = "deliver" => deliver,
+            "start_sequence" => start_sequence,
+            "start_time" => start_time;
+        inactive_threshold: u64 = "inactive_threshold" => attr::duration;
+        order_by: OrderBy = "order_by" => order_by;
+        /// (bucket, key) of the election this consumer follows.
+        while_leading: (String, String) = "while_leading" => while_leading;
+    }
 }
 
-impl Args {
-    fn parse(args: TokenStream, errors: &mut Errors) -> (Args, Vec<String>) {
-        let mut parsed = Args {
-            stream: Slot::new("stream"),
-            durable: Slot::new("durable"),
-            subjects: Slot::new("subject"),
-            ack_wait: Slot::new("ack_wait"),
-            max_deliver: Slot::new("max_deliver"),
-            max_ack_pending: Slot::new("max_ack_pending"),
-            replicas: Slot::new("replicas"),
-            concurrency: Slot::new("concurrency"),
-            prefetch: Slot::new("prefetch"),
-            backoff: Slot::new("backoff"),
-            dead_letter: Slot::new("dead_letter"),
-            deliver: Slot::new("deliver` / `start_sequence` / `start_time"),
-            inactive_threshold: Slot::new("inactive_threshold"),
-            order_by: Slot::new("order_by"),
-            while_leading: Slot::new("while_leading"),
-        };
-        let seen = attr::parse_keys(args, errors, |key, meta| parsed.key(key, meta));
-        (parsed, seen)
-    }
+/// `backoff = "1s"` or `["1s", "5s", "30s"]`: the delay before each redelivery after an error.
+fn backoff(meta: &syn::meta::ParseNestedMeta) -> Parsed<Vec<u64>> {
+    let steps = attr::str_or_list(meta)?;
+    let span = steps.first().map_or_else(Span::call_site, LitStr::span);
+    Ok(steps
+        .iter()
+        .map(attr::nanos)
+        .collect::<syn::Result<Vec<u64>>>()
+        .map(|nanos| (nanos, span)))
+}
 
-    /// Outer error: the attribute cannot be parsed further. Inner error: this key's value is
-    /// wrong; parsing goes on.
-    fn key(&mut self, key: &str, meta: &syn::meta::ParseNestedMeta) -> syn::Result<syn::Result<()>> {
-        Ok(match key {
-            "stream" => {
-                let lit = attr::lit_str(meta)?;
-                attr::check_name(&lit, "stream name").and_then(|()| self.stream.set(meta, lit.clone(), lit.span()))
-            }
-            "durable" => {
-                let lit = attr::lit_str(meta)?;
-                attr::check_name(&lit, "durable name").and_then(|()| self.durable.set(meta, lit.clone(), lit.span()))
-            }
-            "subject" | "subjects" => {
-                let subjects = attr::str_or_list(meta)?;
-                let span = subjects
-                    .first()
-                    .map_or_else(proc_macro2::Span::call_site, |lit| lit.span());
-                subjects
-                    .iter()
-                    .try_for_each(attr::check_subject)
-                    .and_then(|()| self.subjects.set(meta, subjects, span))
-            }
-            "ack_wait" => {
-                let lit = attr::lit_str(meta)?;
-                attr::duration(&lit)
-                    .and_then(|nanos| {
-                        if nanos < 1_000_000 {
-                            Err(syn::Error::new(lit.span(), "`ack_wait` must be at least 1ms"))
-                        } else {
-                            Ok(nanos)
-                        }
-                    })
-                    .and_then(|nanos| self.ack_wait.set(meta, nanos, lit.span()))
-            }
-            "max_deliver" => attr::int_at_least(meta, "max_deliver", 1)?
-                .and_then(|(value, span)| self.max_deliver.set(meta, value, span)),
-            "max_ack_pending" => attr::int_at_least(meta, "max_ack_pending", 1)?
-                .and_then(|(value, span)| self.max_ack_pending.set(meta, value, span)),
-            "replicas" => attr::replicas(meta)?.and_then(|(value, span)| self.replicas.set(meta, value, span)),
-            "concurrency" => attr::int_at_least(meta, "concurrency", 1)?
-                .and_then(|(value, span)| self.concurrency.set(meta, value as usize, span)),
-            "prefetch" => attr::int_at_least(meta, "prefetch", 1)?
-                .and_then(|(value, span)| self.prefetch.set(meta, value as usize, span)),
-            "backoff" => {
-                let steps = attr::str_or_list(meta)?;
-                let span = steps
-                    .first()
-                    .map_or_else(proc_macro2::Span::call_site, |lit| lit.span());
-                steps
-                    .iter()
-                    .map(attr::duration)
-                    .collect::<syn::Result<Vec<u64>>>()
-                    .and_then(|nanos| self.backoff.set(meta, nanos, span))
-            }
-            "dead_letter" => {
-                let lit = attr::lit_str(meta)?;
-                attr::check_dead_letter(&lit).and_then(|()| self.dead_letter.set(meta, lit.clone(), lit.span()))
-            }
-            "deliver" => {
-                let lit = attr::lit_str(meta)?;
-                match lit.value().as_str() {
-                    "all" => Ok(quote!(All)),
-                    "new" => Ok(quote!(New)),
-                    "last" => Ok(quote!(Last)),
-                    "last_per_subject" => Ok(quote!(LastPerSubject)),
-                    other => Err(syn::Error::new(
-                        lit.span(),
-                        format!(
-                            "unknown deliver policy `{other}`; expected \"all\", \"new\", \"last\" or \"last_per_subject\" \
-                             (start from a sequence or a time with `start_sequence` or `start_time`)"
-                        ),
-                    )),
-                }
-                .and_then(|tokens| self.deliver.set(meta, tokens, lit.span()))
-            }
-            "start_sequence" => attr::int_at_least(meta, "start_sequence", 1)?.and_then(|(value, span)| {
-                let value = value as u64;
-                self.deliver.set(meta, quote!(FromSequence(#value)), span)
-            }),
-            "order_by" => {
-                let expr: syn::Expr = meta.value()?.parse()?;
-                let span = syn::spanned::Spanned::span(&expr);
-                match expr {
-                    syn::Expr::Lit(syn::ExprLit {
-                        lit: syn::Lit::Str(lit),
-                        ..
-                    }) => {
-                        let text = lit.value();
-                        let token = text
-                            .strip_prefix("subject[")
-                            .and_then(|rest| rest.strip_suffix(']'))
-                            .map(|index| index.parse::<usize>());
-                        match (text.as_str(), token) {
-                            ("subject", _) => Ok(OrderBy::Subject),
-                            (_, Some(Ok(index))) => Ok(OrderBy::Token(index)),
-                            _ => Err(syn::Error::new(
-                                lit.span(),
-                                format!(
-                                    "unknown `order_by` `{text}`; expected \"subject\" (the whole subject), \
-                                     \"subject[N]\" (its N-th token, from 0) or a key function's path"
-                                ),
-                            )),
-                        }
-                    }
-                    syn::Expr::Path(path) if path.qself.is_none() => Ok(OrderBy::Key(path.path)),
-                    other => Err(syn::Error::new_spanned(
-                        other,
-                        "`order_by` takes \"subject\", \"subject[N]\" or the path of a function \
-                         `fn(&Payload) -> impl Hash`",
-                    )),
-                }
-                .and_then(|order_by| self.order_by.set(meta, order_by, span))
-            }
-            "while_leading" => {
-                let lit = attr::lit_str(meta)?;
-                let text = lit.value();
-                match text.split_once('/') {
-                    Some((bucket, key)) => {
-                        let bucket_lit = LitStr::new(bucket, lit.span());
-                        let key_lit = LitStr::new(key, lit.span());
-                        attr::check_name(&bucket_lit, "bucket name")
-                            .and_then(|()| attr::check_subject(&key_lit))
-                            .and_then(|()| {
-                                if key.split('.').any(|token| token == "*" || token == ">") {
-                                    Err(syn::Error::new(lit.span(), "an election key is one key: no wildcards"))
-                                } else {
-                                    Ok(())
-                                }
-                            })
-                            .and_then(|()| {
-                                self.while_leading
-                                    .set(meta, (bucket.to_string(), key.to_string()), lit.span())
-                            })
-                    }
-                    None => Err(syn::Error::new(
-                        lit.span(),
-                        format!("`while_leading` takes \"bucket/key\", e.g. \"election/scheduler\"; got `{text}`"),
-                    )),
-                }
-            }
-            "inactive_threshold" => {
-                let lit = attr::lit_str(meta)?;
-                attr::duration(&lit).and_then(|nanos| self.inactive_threshold.set(meta, nanos, lit.span()))
-            }
-            "start_time" => {
-                let lit = attr::lit_str(meta)?;
-                humantime::parse_rfc3339(&lit.value())
-                    .map_err(|error| {
-                        syn::Error::new(
-                            lit.span(),
-                            format!("invalid `start_time`: {error}; write an RFC 3339 UTC time, e.g. \"2026-11-01T00:00:00Z\""),
-                        )
-                    })
-                    .and_then(|_| self.deliver.set(meta, quote!(FromTime(#lit)), lit.span()))
-            }
-            _ => return attr::unknown_key(meta, "consumer", KEYS),
-        })
+/// `deliver = "all" | "new" | "last" | "last_per_subject"`, as the `Deliver` variant.
+fn deliver(meta: &syn::meta::ParseNestedMeta) -> Parsed<TokenStream> {
+    let lit = attr::lit_str(meta)?;
+    Ok(match lit.value().as_str() {
+        "all" => Ok(quote!(All)),
+        "new" => Ok(quote!(New)),
+        "last" => Ok(quote!(Last)),
+        "last_per_subject" => Ok(quote!(LastPerSubject)),
+        other => Err(syn::Error::new(
+            lit.span(),
+            format!(
+                "unknown deliver policy `{other}`; expected \"all\", \"new\", \"last\" or \"last_per_subject\" \
+                 (start from a sequence or a time with `start_sequence` or `start_time`)"
+            ),
+        )),
     }
+    .map(|tokens| (tokens, lit.span())))
+}
+
+/// `start_sequence = N`: start at the stream's N-th message.
+fn start_sequence(meta: &syn::meta::ParseNestedMeta) -> Parsed<TokenStream> {
+    Ok(attr::int_at_least(meta, 1)?.map(|(value, span)| {
+        let value = value as u64;
+        (quote!(FromSequence(#value)), span)
+    }))
+}
+
+/// `start_time = "2026-11-01T00:00:00Z"`: start at the first message stored from then on.
+fn start_time(meta: &syn::meta::ParseNestedMeta) -> Parsed<TokenStream> {
+    let lit = attr::lit_str(meta)?;
+    Ok(humantime::parse_rfc3339(&lit.value())
+        .map_err(|error| {
+            syn::Error::new(
+                lit.span(),
+                format!("invalid `start_time`: {error}; write an RFC 3339 UTC time, e.g. \"2026-11-01T00:00:00Z\""),
+            )
+        })
+        .map(|_| (quote!(FromTime(#lit)), lit.span())))
+}
+
+/// `order_by = "subject" | "subject[N]" | key_fn`.
+fn order_by(meta: &syn::meta::ParseNestedMeta) -> Parsed<OrderBy> {
+    let expr: syn::Expr = meta.value()?.parse()?;
+    let span = syn::spanned::Spanned::span(&expr);
+    Ok(match expr {
+        syn::Expr::Lit(syn::ExprLit {
+            lit: syn::Lit::Str(lit),
+            ..
+        }) => {
+            let text = lit.value();
+            let token = text
+                .strip_prefix("subject[")
+                .and_then(|rest| rest.strip_suffix(']'))
+                .map(|index| index.parse::<usize>());
+            match (text.as_str(), token) {
+                ("subject", _) => Ok(OrderBy::Subject),
+                (_, Some(Ok(index))) => Ok(OrderBy::Token(index)),
+                _ => Err(syn::Error::new(
+                    lit.span(),
+                    format!(
+                        "unknown `order_by` `{text}`; expected \"subject\" (the whole subject), \
+                         \"subject[N]\" (its N-th token, from 0) or a key function's path"
+                    ),
+                )),
+            }
+        }
+        syn::Expr::Path(path) if path.qself.is_none() => Ok(OrderBy::Key(path.path)),
+        other => Err(syn::Error::new_spanned(
+            other,
+            "`order_by` takes \"subject\", \"subject[N]\" or the path of a function \
+             `fn(&Payload) -> impl Hash`",
+        )),
+    }
+    .map(|order_by| (order_by, span)))
+}
+
+/// `while_leading = "bucket/key"`: consume only while this instance leads that election.
+fn while_leading(meta: &syn::meta::ParseNestedMeta) -> Parsed<(String, String)> {
+    let lit = attr::lit_str(meta)?;
+    let text = lit.value();
+    Ok(match text.split_once('/') {
+        Some((bucket, key)) => {
+            let bucket_lit = LitStr::new(bucket, lit.span());
+            let key_lit = LitStr::new(key, lit.span());
+            attr::check_name(&bucket_lit, "bucket name")
+                .and_then(|()| attr::check_subject(&key_lit))
+                .and_then(|()| {
+                    if key.split('.').any(|token| token == "*" || token == ">") {
+                        Err(syn::Error::new(lit.span(), "an election key is one key: no wildcards"))
+                    } else {
+                        Ok(((bucket.to_string(), key.to_string()), lit.span()))
+                    }
+                })
+        }
+        None => Err(syn::Error::new(
+            lit.span(),
+            format!("`while_leading` takes \"bucket/key\", e.g. \"election/scheduler\"; got `{text}`"),
+        )),
+    })
 }
 
 /// How an ordered consumer keys its messages.
@@ -248,9 +164,11 @@ enum OrderBy {
     Key(syn::Path),
 }
 
+/// Expands `#[consumer(args)]` on `item`: the handler unchanged, plus its adapter and
+/// registration (or the errors, beside the handler).
 pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     let mut errors = Errors::default();
-    let (parsed, seen) = Args::parse(args, &mut errors);
+    let parsed = Args::parse(args, &mut errors);
     let function: ItemFn = match syn::parse2(item.clone()) {
         Ok(function) => function,
         Err(_) => {
@@ -259,15 +177,10 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         }
     };
     let handler_args = handler::signature(&function, &mut errors, &CONSUMER);
-    // A key given with a bad value was already reported; it is not also "missing".
-    if !seen.iter().any(|seen| seen == "stream") {
-        errors.push(syn::Error::new(
-            Span::call_site(),
-            "missing `stream`, e.g. #[consumer(stream = \"orders\", durable = \"billing\")]",
-        ));
-    }
-    let durable_given = seen.iter().any(|seen| seen == "durable");
-    if let (true, Some(span)) = (durable_given, parsed.inactive_threshold.span()) {
+    parsed
+        .stream
+        .require(&mut errors, "#[consumer(stream = \"orders\", durable = \"billing\")]");
+    if let (true, Some(span)) = (parsed.durable.given(), parsed.inactive_threshold.span()) {
         errors.push(syn::Error::new(
             span,
             "`inactive_threshold` applies to ephemeral consumers: leave out `durable` for one",

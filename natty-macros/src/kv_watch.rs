@@ -1,14 +1,26 @@
 //! `#[kv_watch(bucket = "...", key = "...")]`: a handler called on each change of a KV key.
 
-use proc_macro2::{Span, TokenStream};
+use proc_macro2::TokenStream;
 use quote::{format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{ItemFn, LitStr};
 
-use crate::attr::{self, Errors, Slot};
+use crate::attr::{self, Errors, MacroArgs as _};
 use crate::handler::{self, HandlerKind};
 
-const KEYS: &[&str] = &["bucket", "key", "history"];
+attr::args! {
+    /// `#[kv_watch(...)]`'s keys.
+    struct Args for "kv_watch" {
+        bucket: LitStr = "bucket" => |meta| attr::name(meta, "bucket name");
+        /// Which keys to watch: wildcards allowed.
+        key: LitStr = "key" => attr::subject;
+        /// Whether to start with the current values.
+        history: bool = "history" => |meta| {
+            let lit: syn::LitBool = meta.value()?.parse()?;
+            Ok(Ok((lit.value, lit.span())))
+        };
+    }
+}
 
 const KV_WATCH: HandlerKind = HandlerKind {
     what: "a #[kv_watch] handler",
@@ -17,28 +29,11 @@ const KV_WATCH: HandlerKind = HandlerKind {
     describes_payload: true,
 };
 
+/// Expands `#[kv_watch(args)]` on `item`: the handler unchanged, plus its adapter and
+/// registration (or the errors, beside the handler).
 pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     let mut errors = Errors::default();
-    let mut bucket: Slot<LitStr> = Slot::new("bucket");
-    let mut key: Slot<LitStr> = Slot::new("key");
-    let mut history: Slot<bool> = Slot::new("history");
-    let seen = attr::parse_keys(args, &mut errors, |name, meta| {
-        Ok(match name {
-            "bucket" => {
-                let lit = attr::lit_str(meta)?;
-                attr::check_name(&lit, "bucket name").and_then(|()| bucket.set(meta, lit.clone(), lit.span()))
-            }
-            "key" => {
-                let lit = attr::lit_str(meta)?;
-                attr::check_subject(&lit).and_then(|()| key.set(meta, lit.clone(), lit.span()))
-            }
-            "history" => {
-                let lit: syn::LitBool = meta.value()?.parse()?;
-                history.set(meta, lit.value, lit.span())
-            }
-            _ => return attr::unknown_key(meta, "kv_watch", KEYS),
-        })
-    });
+    let parsed = Args::parse(args, &mut errors);
     let function: ItemFn = match syn::parse2(item.clone()) {
         Ok(function) => function,
         Err(_) => {
@@ -47,12 +42,9 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         }
     };
     let handler_args = handler::signature(&function, &mut errors, &KV_WATCH);
-    if !seen.iter().any(|seen| seen == "bucket") {
-        errors.push(syn::Error::new(
-            Span::call_site(),
-            "missing `bucket`, e.g. #[kv_watch(bucket = \"config\", key = \"features.>\")]",
-        ));
-    }
+    parsed
+        .bucket
+        .require(&mut errors, "#[kv_watch(bucket = \"config\", key = \"features.>\")]");
     if let Err(error) = errors.into_result() {
         let error = error.to_compile_error();
         return quote!(#item #error);
@@ -62,9 +54,9 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     let ident = &function.sig.ident;
     let adapter = format_ident!("__natty_kv_watch_{}", ident);
     let name = ident.to_string();
-    let bucket = bucket.take().map(|lit| lit.value()).unwrap_or_default();
-    let key = key.take().map_or_else(|| ">".to_string(), |lit| lit.value());
-    let history = history.take().unwrap_or(false);
+    let bucket = parsed.bucket.take().map(|lit| lit.value()).unwrap_or_default();
+    let key = parsed.key.take().map_or_else(|| ">".to_string(), |lit| lit.value());
+    let history = parsed.history.take().unwrap_or(false);
     let result = handler::result_ident();
     let outcome = match &function.sig.output {
         syn::ReturnType::Default => quote!(#p::CoreOutcome::subscribed(#result)),

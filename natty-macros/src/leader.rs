@@ -1,14 +1,31 @@
 //! `#[leader(bucket = "...", key = "...", ttl = "10s")]`: a task that runs in one instance at a time.
 
-use proc_macro2::{Span, TokenStream};
+use proc_macro2::TokenStream;
 use quote::{format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{ItemFn, LitStr};
 
-use crate::attr::{self, Errors, Slot};
+use crate::attr::{self, Errors, MacroArgs as _};
 use crate::handler::{self, HandlerKind};
 
-const KEYS: &[&str] = &["bucket", "key", "ttl"];
+attr::args! {
+    /// `#[leader(...)]`'s keys.
+    struct Args for "leader" {
+        /// The KV bucket holding the election.
+        bucket: LitStr = "bucket" => |meta| attr::name(meta, "bucket name");
+        /// The election's key in it: one key, no wildcards.
+        key: LitStr = "key" => |meta| {
+            let lit = attr::lit_str(meta)?;
+            Ok(check_key(&lit).map(|()| (lit.clone(), lit.span())))
+        };
+        /// How long a lease lasts unless renewed.
+        ttl: u64 = "ttl" => |meta| attr::duration_at_least(
+            meta,
+            MIN_TTL_NANOS,
+            "`ttl` must be at least 1s: the server counts lease TTLs in whole seconds",
+        );
+    }
+}
 
 const LEADER: HandlerKind = HandlerKind {
     what: "a #[leader] task",
@@ -21,39 +38,11 @@ const LEADER: HandlerKind = HandlerKind {
 /// Leases shorter than this cannot be kept: the server counts TTLs in whole seconds.
 const MIN_TTL_NANOS: u64 = 1_000_000_000;
 
+/// Expands `#[leader(args)]` on `item`: the task unchanged, plus its adapter and registration
+/// (or the errors, beside the task).
 pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     let mut errors = Errors::default();
-    let mut bucket: Slot<LitStr> = Slot::new("bucket");
-    let mut key: Slot<LitStr> = Slot::new("key");
-    let mut ttl: Slot<u64> = Slot::new("ttl");
-    let seen = attr::parse_keys(args, &mut errors, |name, meta| {
-        Ok(match name {
-            "bucket" => {
-                let lit = attr::lit_str(meta)?;
-                attr::check_name(&lit, "bucket name").and_then(|()| bucket.set(meta, lit.clone(), lit.span()))
-            }
-            "key" => {
-                let lit = attr::lit_str(meta)?;
-                check_key(&lit).and_then(|()| key.set(meta, lit.clone(), lit.span()))
-            }
-            "ttl" => {
-                let lit = attr::lit_str(meta)?;
-                attr::duration(&lit)
-                    .and_then(|nanos| {
-                        if nanos < MIN_TTL_NANOS {
-                            Err(syn::Error::new(
-                                lit.span(),
-                                "`ttl` must be at least 1s: the server counts lease TTLs in whole seconds",
-                            ))
-                        } else {
-                            Ok(nanos)
-                        }
-                    })
-                    .and_then(|nanos| ttl.set(meta, nanos, lit.span()))
-            }
-            _ => return attr::unknown_key(meta, "leader", KEYS),
-        })
-    });
+    let parsed = Args::parse(args, &mut errors);
     let function: ItemFn = match syn::parse2(item.clone()) {
         Ok(function) => function,
         Err(_) => {
@@ -63,16 +52,9 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     };
     // Anything but a `Lease` (a payload, say) is refused by trait: no message reaches a leader.
     let handler_args = handler::signature(&function, &mut errors, &LEADER);
-    for required in ["bucket", "key"] {
-        if !seen.iter().any(|seen| seen == required) {
-            errors.push(syn::Error::new(
-                Span::call_site(),
-                format!(
-                    "missing `{required}`, e.g. #[leader(bucket = \"election\", key = \"scheduler\", ttl = \"10s\")]"
-                ),
-            ));
-        }
-    }
+    let example = "#[leader(bucket = \"election\", key = \"scheduler\", ttl = \"10s\")]";
+    parsed.bucket.require(&mut errors, example);
+    parsed.key.require(&mut errors, example);
     if let Err(error) = errors.into_result() {
         let error = error.to_compile_error();
         return quote!(#item #error);
@@ -82,9 +64,9 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     let ident = &function.sig.ident;
     let adapter = format_ident!("__natty_leader_{}", ident);
     let name = ident.to_string();
-    let bucket = bucket.take().map(|lit| lit.value()).unwrap_or_default();
-    let key = key.take().map(|lit| lit.value()).unwrap_or_default();
-    let ttl = attr::duration_tokens(ttl.take().unwrap_or(10 * MIN_TTL_NANOS));
+    let bucket = parsed.bucket.take().map(|lit| lit.value()).unwrap_or_default();
+    let key = parsed.key.take().map(|lit| lit.value()).unwrap_or_default();
+    let ttl = attr::duration_tokens(parsed.ttl.take().unwrap_or(10 * MIN_TTL_NANOS));
     let result = handler::result_ident();
     let outcome = match &function.sig.output {
         syn::ReturnType::Default => quote!(#p::IntoOutcome::into_outcome(#result)),

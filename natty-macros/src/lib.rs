@@ -12,15 +12,18 @@
 use proc_macro::TokenStream;
 
 mod attr;
-mod bucket;
 mod capture;
 mod consumer;
-mod core_nats;
+mod declaration;
 mod handler;
+mod kv_bucket;
 mod kv_watch;
 mod leader;
+mod object_store;
 mod payload;
+mod service;
 mod stream;
+mod subscribe;
 
 /// Declares a JetStream pull consumer whose messages are handled by this `async fn`: durable
 /// and shared by every instance when `durable` is given, else ephemeral, one per instance.
@@ -57,7 +60,7 @@ pub fn consumer(args: TokenStream, item: TokenStream) -> TokenStream {
 #[proc_macro_attribute]
 pub fn subscribe(args: TokenStream, item: TokenStream) -> TokenStream {
     attr::start_expansion();
-    core_nats::expand(core_nats::Kind::Subscribe, args.into(), item.into()).into()
+    subscribe::expand(args.into(), item.into()).into()
 }
 
 /// Answers requests on `subject`: the handler's `Ok` value is the JSON reply, its `Err` reaches
@@ -71,7 +74,7 @@ pub fn subscribe(args: TokenStream, item: TokenStream) -> TokenStream {
 #[proc_macro_attribute]
 pub fn service(args: TokenStream, item: TokenStream) -> TokenStream {
     attr::start_expansion();
-    core_nats::expand(core_nats::Kind::Service, args.into(), item.into()).into()
+    service::expand(args.into(), item.into()).into()
 }
 
 /// Calls this `async fn` on each change of a KV key, in revision order.
@@ -139,7 +142,7 @@ pub fn derive_payload(input: TokenStream) -> TokenStream {
 #[proc_macro_attribute]
 pub fn kv_bucket(args: TokenStream, item: TokenStream) -> TokenStream {
     attr::start_expansion();
-    bucket::expand_kv(args.into(), item.into()).into()
+    kv_bucket::expand(args.into(), item.into()).into()
 }
 
 /// Declares an object store that `natty_runtime::run()` provisions (or verifies).
@@ -154,7 +157,7 @@ pub fn kv_bucket(args: TokenStream, item: TokenStream) -> TokenStream {
 #[proc_macro_attribute]
 pub fn object_store(args: TokenStream, item: TokenStream) -> TokenStream {
     attr::start_expansion();
-    bucket::expand_object_store(args.into(), item.into()).into()
+    object_store::expand(args.into(), item.into()).into()
 }
 
 /// Runs this `async fn` in exactly one instance at a time, across every process of the service.

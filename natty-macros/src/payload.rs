@@ -4,14 +4,35 @@ use proc_macro2::{Span, TokenStream};
 use quote::quote;
 use syn::{Data, DeriveInput, Fields, LitStr};
 
-use crate::attr::{self, Errors, Slot};
+use crate::attr::{self, Errors, MacroArgs as _, Parsed};
 
-const KEYS: &[&str] = &["subject", "format"];
+attr::args! {
+    /// `#[payload(...)]`'s keys.
+    struct Args for "payload" {
+        /// A template: `{field}` placeholders are checked against the struct's fields later.
+        subject: LitStr = "subject" => attr::text;
+        format: Format = "format" => format;
+    }
+}
 
 #[derive(Clone, Copy, PartialEq)]
 enum Format {
     Json,
     Protobuf,
+}
+
+/// `format = "json" | "protobuf"`.
+fn format(meta: &syn::meta::ParseNestedMeta) -> Parsed<Format> {
+    let lit = attr::lit_str(meta)?;
+    Ok(match lit.value().as_str() {
+        "json" => Ok(Format::Json),
+        "protobuf" => Ok(Format::Protobuf),
+        other => Err(syn::Error::new(
+            lit.span(),
+            format!("unknown format `{other}`; expected \"json\" or \"protobuf\""),
+        )),
+    }
+    .map(|format| (format, lit.span())))
 }
 
 /// One piece of a subject template: literal text or a field to format.
@@ -20,14 +41,15 @@ enum Piece {
     Field(syn::Ident),
 }
 
+/// Derives `Payload` (and, for protobuf, the encoding traits) from the `#[payload(...)]`
+/// attributes of `input`, or returns the errors.
 pub fn expand(input: TokenStream) -> TokenStream {
     let input: DeriveInput = match syn::parse2(input) {
         Ok(input) => input,
         Err(error) => return error.to_compile_error(),
     };
     let mut errors = Errors::default();
-    let mut subject: Slot<LitStr> = Slot::new("subject");
-    let mut format: Slot<Format> = Slot::new("format");
+    let mut parsed = Args::default();
     let mut attributes = 0;
     for attribute in input.attrs.iter().filter(|a| a.path().is_ident("payload")) {
         attributes += 1;
@@ -38,42 +60,21 @@ pub fn expand(input: TokenStream) -> TokenStream {
                 continue;
             }
         };
-        attr::parse_keys(args, &mut errors, |key, meta| {
-            Ok(match key {
-                "subject" => {
-                    let lit = attr::lit_str(meta)?;
-                    let span = lit.span();
-                    subject.set(meta, lit, span)
-                }
-                "format" => {
-                    let lit = attr::lit_str(meta)?;
-                    match lit.value().as_str() {
-                        "json" => Ok(Format::Json),
-                        "protobuf" => Ok(Format::Protobuf),
-                        other => Err(syn::Error::new(
-                            lit.span(),
-                            format!("unknown format `{other}`; expected \"json\" or \"protobuf\""),
-                        )),
-                    }
-                    .and_then(|value| format.set(meta, value, lit.span()))
-                }
-                _ => return attr::unknown_key(meta, "payload", KEYS),
-            })
-        });
+        parsed.parse_more(args, &mut errors);
     }
-    let format_value = format.get().copied().unwrap_or(Format::Json);
+    let format_value = parsed.format.get().copied().unwrap_or(Format::Json);
     if attributes == 0 {
         errors.push(syn::Error::new(
             Span::call_site(),
             "`#[derive(Payload)]` needs `#[payload(subject = \"...\")]` (and `format = \"protobuf\"` for prost messages)",
         ));
-    } else if subject.get().is_none() && format_value == Format::Json {
+    } else if parsed.subject.get().is_none() && format_value == Format::Json {
         errors.push(syn::Error::new(
             Span::call_site(),
             "a JSON payload needs `subject`: decoding already works for any `serde::Deserialize` type",
         ));
     }
-    let pieces = subject.get().map(|lit| template(lit, &input, &mut errors));
+    let pieces = parsed.subject.get().map(|lit| template(lit, &input, &mut errors));
     if let Err(error) = errors.into_result() {
         return error.to_compile_error();
     }
@@ -84,7 +85,7 @@ pub fn expand(input: TokenStream) -> TokenStream {
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
     let mut out = TokenStream::new();
     if let Some(pieces) = pieces {
-        let template = subject.get().map(LitStr::value).unwrap_or_default();
+        let template = parsed.subject.get().map(LitStr::value).unwrap_or_default();
         let body = subject_body(&pieces, &template);
         out.extend(quote! {
             #[automatically_derived]

@@ -1,0 +1,93 @@
+//! `#[service(...)]`: a core-NATS request handler whose `Ok` value is the reply. Parses the
+//! subject and the handler's signature, then emits the handler unchanged plus an adapter and a
+//! description of its reply, and registers a `SubscriptionDef`.
+
+use proc_macro2::TokenStream;
+use quote::{format_ident, quote, quote_spanned};
+use syn::spanned::Spanned;
+use syn::{ItemFn, LitStr};
+
+use crate::attr::{self, Errors, MacroArgs as _};
+use crate::handler::{self, HandlerKind};
+
+const SERVICE: HandlerKind = HandlerKind {
+    what: "a #[service] handler",
+    undecodable: "CoreOutcome::Undecodable",
+    delivery_type: "CoreDelivery",
+    describes_payload: true,
+};
+
+attr::args! {
+    /// `#[service(...)]`'s keys.
+    struct Args for "service" {
+        subject: LitStr = "subject" => attr::subject;
+        /// The queue group instances share; default: the subject.
+        queue: LitStr = "queue" => |meta| attr::name(meta, "queue group");
+        concurrency: usize = "concurrency" => attr::count;
+    }
+}
+
+/// Expands `#[service(args)]` on `item`: the handler unchanged, plus its adapter, reply
+/// description and registration (or the errors, beside the handler).
+pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
+    let mut errors = Errors::default();
+    let parsed = Args::parse(args, &mut errors);
+    let function: ItemFn = match syn::parse2(item.clone()) {
+        Ok(function) => function,
+        Err(_) => {
+            let error = syn::Error::new_spanned(&item, "`#[service]` goes on an `async fn`").to_compile_error();
+            return quote!(#item #error);
+        }
+    };
+    let handler_args = handler::signature(&function, &mut errors, &SERVICE);
+    parsed
+        .subject
+        .require(&mut errors, "#[service(subject = \"orders.lookup\")]");
+    if matches!(function.sig.output, syn::ReturnType::Default) {
+        errors.spanned(
+            &function.sig.ident,
+            "a #[service] handler returns its reply: `-> Result<Reply, E>` with `Reply: Serialize`",
+        );
+    }
+    if let Err(error) = errors.into_result() {
+        let error = error.to_compile_error();
+        return quote!(#item #error);
+    }
+    let syn::ReturnType::Type(_, reply) = &function.sig.output else {
+        unreachable!("a handler without a return type was rejected above");
+    };
+
+    let p = attr::private();
+    let ident = &function.sig.ident;
+    let adapter = format_ident!("__natty_service_{}", ident);
+    let name = ident.to_string();
+    let subject = parsed.subject.take().map(|lit| lit.value()).unwrap_or_default();
+    let result = handler::result_ident();
+    let outcome = quote_spanned! {reply.span()=>
+        <#reply as #p::IntoReply>::into_reply(#result)
+    };
+    let mut setters = Vec::new();
+    if let Some(queue) = parsed.queue.take() {
+        setters.push(quote!(.queue(#queue)));
+    }
+    if let Some(concurrency) = parsed.concurrency.take() {
+        setters.push(quote!(.concurrency(#concurrency)));
+    }
+    // The reply type, named through the declared return type `Result<R, E>` (an alias works
+    // too: the probe sees the type it stands for).
+    let describe = format_ident!("__natty_reply");
+    let items = handler::reply_describer(&describe, reply);
+    setters.push(quote!(.reply(#describe)));
+
+    handler::emit(
+        &function,
+        &SERVICE,
+        &handler_args,
+        None,
+        &adapter,
+        quote!(#p::CoreOutcome),
+        outcome,
+        quote!(#p::SubscriptionDef::service(#name, #subject, #adapter) #(#setters)*),
+        items,
+    )
+}
