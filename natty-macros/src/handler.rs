@@ -208,6 +208,28 @@ pub fn payload_describer(name: &Ident, args: &[Type]) -> TokenStream {
     }
 }
 
+/// What each argument needs from the runtime's state (a `State<T>`'s `T`, probed), as the
+/// `&'static [NeedFn]` of the handler's definition, for the startup check.
+fn needs(args: &[Type]) -> TokenStream {
+    let p = crate::attr::private();
+    let probes = args.iter().map(|ty| {
+        quote::quote! {
+            {
+                #[automatically_derived]
+                // The borrows select the probe's impl (autoref specialization).
+                #[allow(clippy::needless_borrow)]
+                fn need() -> ::core::option::Option<#p::Need> {
+                    #[allow(unused_imports)]
+                    use #p::{ArgState as _, ArgStateless as _};
+                    (&&#p::Probe::<#ty>::new()).need()
+                }
+                need as #p::NeedFn
+            }
+        }
+    });
+    quote::quote!(&[#(#probes),*])
+}
+
 /// Emits the user's function unchanged, its adapter (decode, call, convert the result with
 /// `outcome`, an expression of [`result_ident`]), the function describing its payload type
 /// (plus `items`, e.g. another describer), and the registration of `definition` with its
@@ -229,6 +251,7 @@ pub fn emit(
     let result = result_ident();
     let (delivery, bindings, call_args) = bindings(args, kind, key_fn);
     let delivery_type = kind.delivery_type();
+    let needs = needs(args);
     let (describer, payload_setter) = if kind.describes_payload {
         let describe = format_ident!("__natty_payload");
         (
@@ -257,6 +280,7 @@ pub fn emit(
             #p::inventory::submit! {
                 #definition
                     #payload_setter
+                    .needs(#needs)
                     .at(#p::Location { file: ::core::file!(), line: ::core::line!(), module: ::core::module_path!() })
             }
         };

@@ -9,6 +9,7 @@
 //! `#[subscribe]` or `#[service]`). So `use natty_runtime::Context as Ctx;` then `ctx: Ctx`
 //! works, and a payload struct that happens to be called `Envelope` is a payload.
 
+use crate::asyncapi::Probe;
 use crate::handler::{Delivery, FromDelivery};
 use crate::kv_watch::{FromKvEntry, KvDelivery};
 use crate::payload::{DecodeError, DecodePayload};
@@ -27,7 +28,8 @@ pub struct ViaParts;
     label = "neither a payload natty can decode nor something the runtime provides",
     note = "a handler takes one payload (a `serde::Deserialize` type, or a Protobuf `Payload`), and besides it \
             `natty_runtime::Context` in a #[consumer], `natty_runtime::Envelope` in a #[subscribe] or #[service]; \
-            a #[kv_watch] takes one `natty_runtime::KvChange<T>`, a #[leader] task only `natty_runtime::Lease`"
+            a #[kv_watch] takes one `natty_runtime::KvChange<T>`, a #[leader] task `natty_runtime::Lease`; \
+            any handler may take `natty_runtime::State<T>`, a value given to the runtime"
 )]
 pub trait HandlerArg<D, M>: Sized {
     /// Builds the argument for one delivery.
@@ -36,12 +38,6 @@ pub trait HandlerArg<D, M>: Sized {
     ///
     /// The payload cannot be decoded as this type.
     fn from_delivery(delivery: &D) -> Result<Self, DecodeError>;
-
-    /// The state this argument takes from the runtime, checked at startup: `None` but for
-    /// [`State<T>`].
-    fn need() -> Option<Need> {
-        None
-    }
 }
 
 /// A delivery with a payload to decode.
@@ -82,29 +78,30 @@ impl<T: FromDelivery> HandlerArg<Delivery, ViaParts> for T {
     fn from_delivery(delivery: &Delivery) -> Result<Self, DecodeError> {
         Ok(<T as FromDelivery>::from_delivery(delivery))
     }
-
-    fn need() -> Option<Need> {
-        <T as FromDelivery>::need()
-    }
 }
 
 impl<T: FromCoreDelivery> HandlerArg<CoreDelivery, ViaParts> for T {
     fn from_delivery(delivery: &CoreDelivery) -> Result<Self, DecodeError> {
         Ok(<T as FromCoreDelivery>::from_delivery(delivery))
     }
+}
 
-    fn need() -> Option<Need> {
-        <T as FromCoreDelivery>::need()
+/// An argument of a `#[kv_watch]` handler built from the runtime rather than from the entry:
+/// a [`State<T>`].
+pub trait FromKvParts: Sized {
+    /// Builds the argument.
+    fn from_parts(delivery: &KvDelivery) -> Self;
+}
+
+impl<T: Clone + Send + Sync + 'static> FromKvParts for State<T> {
+    fn from_parts(delivery: &KvDelivery) -> Self {
+        delivery.states.argument()
     }
 }
 
-impl<T: Clone + Send + Sync + 'static> HandlerArg<KvDelivery, ViaParts> for State<T> {
+impl<T: FromKvParts> HandlerArg<KvDelivery, ViaParts> for T {
     fn from_delivery(delivery: &KvDelivery) -> Result<Self, DecodeError> {
-        Ok(delivery.states.argument())
-    }
-
-    fn need() -> Option<Need> {
-        Some(Need::of::<T>())
+        Ok(T::from_parts(delivery))
     }
 }
 
@@ -112,12 +109,6 @@ impl<T: FromKvEntry> HandlerArg<KvDelivery, ViaPayload> for T {
     fn from_delivery(delivery: &KvDelivery) -> Result<Self, DecodeError> {
         T::from_entry(delivery)
     }
-}
-
-/// What argument `T` of a handler fed `D` needs from the runtime's state (the marker inferred):
-/// generated code lists these in the handler's definition, for the startup check.
-pub fn need<D, M, T: HandlerArg<D, M>>() -> Option<Need> {
-    T::need()
 }
 
 /// Builds argument `T` of a handler fed `D` (the marker inferred): what generated adapters
@@ -184,10 +175,6 @@ impl<T: crate::leader::FromLease> HandlerArg<crate::leader::Lease, ViaParts> for
     fn from_delivery(lease: &crate::leader::Lease) -> Result<Self, DecodeError> {
         Ok(<T as crate::leader::FromLease>::from_delivery(lease))
     }
-
-    fn need() -> Option<Need> {
-        <T as crate::leader::FromLease>::need()
-    }
 }
 
 /// For `order_by = key_fn`: the argument marked `M` is compatible with a key function taking
@@ -223,3 +210,30 @@ impl HoldsPayload for ViaPayload {}
 
 // Reported by `AtMostOne`; here it only keeps the impl from being unique.
 impl HoldsPayload for TwoPayloads {}
+
+/// A handler argument that is a [`State<T>`]: what generated code lists in the handler's
+/// definition (its `needs`), for the startup check. Probed by autoref specialization, as the
+/// payload is for the AsyncAPI document, rather than required by a bound: a wrong argument is
+/// reported once, where it is built. Not part of the API.
+pub trait ArgState {
+    /// The state this argument takes.
+    fn need(&self) -> Option<Need>;
+}
+
+impl<T: 'static> ArgState for &Probe<State<T>> {
+    fn need(&self) -> Option<Need> {
+        Some(Need::of::<T>())
+    }
+}
+
+/// Any other handler argument: it takes no state. Not part of the API.
+pub trait ArgStateless {
+    /// The state this argument takes: none.
+    fn need(&self) -> Option<Need>;
+}
+
+impl<T> ArgStateless for Probe<T> {
+    fn need(&self) -> Option<Need> {
+        None
+    }
+}

@@ -253,20 +253,11 @@ impl std::error::Error for Reject {}
 pub trait FromDelivery: Sized {
     /// Builds the argument.
     fn from_delivery(delivery: &Delivery) -> Self;
-
-    /// The state it takes from the runtime (see [`State`](crate::State)), checked at startup.
-    fn need() -> Option<crate::state::Need> {
-        None
-    }
 }
 
 impl<T: Clone + Send + Sync + 'static> FromDelivery for crate::State<T> {
     fn from_delivery(delivery: &Delivery) -> Self {
         delivery.shared.client.states.argument()
-    }
-
-    fn need() -> Option<crate::state::Need> {
-        Some(crate::state::Need::of::<T>())
     }
 }
 

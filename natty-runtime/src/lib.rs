@@ -201,7 +201,8 @@ macro_rules! __natty_capture {
 #[doc(hidden)]
 pub mod __private {
     pub use crate::args::{
-        arg, need, AtMostOne, HandlerArg, HoldsPayload, KeyArg, KeyTakes, OneMore, TwoPayloads, ViaParts, ViaPayload,
+        arg, ArgState, ArgStateless, AtMostOne, HandlerArg, HoldsPayload, KeyArg, KeyTakes, OneMore, TwoPayloads,
+        ViaParts, ViaPayload,
     };
     pub use crate::asyncapi::{
         ArgDecoded, ArgKvValue, ArgOther, DescribeDecodedReply, DescribeEncodedReply, DescribeUnknownReply, Probe,

@@ -173,20 +173,11 @@ impl Envelope {
 pub trait FromCoreDelivery: Sized {
     /// Builds the argument.
     fn from_delivery(delivery: &CoreDelivery) -> Self;
-
-    /// The state it takes from the runtime (see [`State`](crate::State)), checked at startup.
-    fn need() -> Option<crate::state::Need> {
-        None
-    }
 }
 
 impl<T: Clone + Send + Sync + 'static> FromCoreDelivery for crate::State<T> {
     fn from_delivery(delivery: &CoreDelivery) -> Self {
         delivery.client.states.argument()
-    }
-
-    fn need() -> Option<crate::state::Need> {
-        Some(crate::state::Need::of::<T>())
     }
 }
 

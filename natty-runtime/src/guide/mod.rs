@@ -3,7 +3,7 @@
 //! Examples marked `no_run` need a NATS server to do anything; they compile all the same.
 //!
 //! 1. [Getting started](crate::guide::getting_started): a first service, the development server, the two
-//!    ways to run it.
+//!    ways to run it, application state.
 //! 2. [Consumers](crate::guide::consumers): `#[consumer]`, acks, retries and backoff, [`Reject`](crate::Reject),
 //!    dead letters, ordering lanes, concurrency and prefetch, consumers bound to leadership.
 //! 3. [Payloads](crate::guide::payloads): JSON through serde, Protobuf through prost, subjects built from

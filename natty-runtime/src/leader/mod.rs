@@ -265,20 +265,11 @@ pub enum FencedError {
 pub trait FromLease: Sized {
     /// Builds the argument.
     fn from_delivery(lease: &Lease) -> Self;
-
-    /// The state it takes from the runtime (see [`State`](crate::State)), checked at startup.
-    fn need() -> Option<crate::state::Need> {
-        None
-    }
 }
 
 impl<T: Clone + Send + Sync + 'static> FromLease for crate::State<T> {
     fn from_delivery(lease: &Lease) -> Self {
         lease.inner.client.states.argument()
-    }
-
-    fn need() -> Option<crate::state::Need> {
-        Some(crate::state::Need::of::<T>())
     }
 }
 
