@@ -99,7 +99,7 @@ impl ObjectReader {
         self.info.size
     }
 
-    /// The typed metadata stored with it, as [`ObjectStore::metadata`].
+    /// The typed metadata stored with it, as [`ObjectStore::metadata`](super::ObjectStore::metadata).
     ///
     /// # Errors
     ///
