@@ -7,8 +7,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use natty_examples::orders::{OrderInvoiced, OrderPlaced};
-use natty_runtime::testing::NatsServer;
+use natty_runtime::testing::{NatsServer, TestApp};
 use natty_tests::{collect_lines, read_all, spawn_service, wait_until};
+
+/// The billing service's handlers, compiled into this test too: `TestApp` runs them in-process.
+#[allow(dead_code)]
+#[path = "../src/bin/order_billing.rs"]
+mod billing;
 
 const BILLING: &str = env!("CARGO_BIN_EXE_order-billing");
 const PLACER: &str = env!("CARGO_BIN_EXE_order-placer");
@@ -116,4 +121,50 @@ async fn protobuf_orders_are_billed_once_each_in_order_per_customer() {
     assert_eq!(stream.get_info().await.unwrap().state.messages, before);
 
     billing.kill().await.ok();
+}
+
+/// The same service through the test kit, in-process: each order is invoiced once, the empty
+/// one is dead-lettered with its reason, and `settled` means all of it is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn billing_in_process_with_the_test_kit() {
+    use natty_examples::orders::LineItem;
+    let app = TestApp::builder()
+        .handlers(["bill"])
+        .start()
+        .await
+        .expect("the billing service starts");
+    let order = |id: &str, customer: &str, items: u32| OrderPlaced {
+        order_id: id.into(),
+        customer: customer.into(),
+        items: (1..=items)
+            .map(|line| LineItem {
+                sku: format!("sku-{line}"),
+                quantity: line,
+                unit_price_cents: 100,
+            })
+            .collect(),
+    };
+    app.emit(&order("o-1", "ada", 2)).await.expect("placed");
+    app.emit(&order("o-2", "grace", 1)).await.expect("placed");
+    app.emit(&order("o-3", "ada", 0)).await.expect("placed");
+    app.settled().await.expect("settled");
+
+    let dead = app.dead_letters().await.expect("dead letters");
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(dead[0].reason.contains("order o-3 has no items"), "{:?}", dead[0]);
+    assert_eq!(dead[0].original_subject, "orders.placed.ada");
+
+    // Two invoices, each published once, beside the three orders.
+    let js = app.client().jetstream();
+    let mut orders = js.get_stream("orders").await.expect("the orders stream");
+    let info = orders.info().await.expect("stream info");
+    assert_eq!(info.state.messages, 5, "3 orders and 2 invoices");
+    let invoice = orders
+        .get_last_raw_message_by_subject("orders.invoiced.ada")
+        .await
+        .expect("ada's invoice");
+    let invoice =
+        <OrderInvoiced as natty_runtime::DecodePayload>::from_bytes(&invoice.payload).expect("a Protobuf invoice");
+    assert_eq!((invoice.order_id.as_str(), invoice.total_cents), ("o-1", 300));
+    app.stop().await.expect("drained");
 }

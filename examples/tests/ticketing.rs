@@ -7,8 +7,13 @@ use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use natty_runtime::testing::{nats_server_binary, NatsServer};
+use natty_runtime::testing::{nats_server_binary, NatsServer, TestApp};
 use natty_tests::{collect_lines, send_signal, spawn_service, wait_until};
+
+/// The pricing service's handler, compiled into this test too: `TestApp` runs it in-process.
+#[allow(dead_code)]
+#[path = "../src/bin/ticket_pricing.rs"]
+mod pricing;
 
 const LISTENER: &str = env!("CARGO_BIN_EXE_ticket-listener");
 const PUBLISHER: &str = env!("CARGO_BIN_EXE_ticket-publisher");
@@ -163,4 +168,32 @@ async fn two_pricing_instances_quote_and_report_errors() {
     assert_eq!(ask(5).await.unwrap(), PriceQuote { seats: 5, total: 9000 });
     let error = ask(0).await.unwrap_err();
     assert!(error.to_string().contains("at least one seat"), "{error}");
+}
+
+/// The pricing service through the test kit, in-process: quotes, the group discount, and the
+/// service's own error reaching the caller. A core service is listening once `start` returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pricing_in_process_with_the_test_kit() {
+    use natty_examples::{PriceQuery, PriceQuote};
+    let app = TestApp::builder()
+        .handlers(["quote"])
+        .start()
+        .await
+        .expect("the pricing service starts");
+    let client = app.client().clone();
+    let ask = |seats| {
+        let client = client.clone();
+        async move {
+            let query = PriceQuery {
+                seats,
+                unit_price: 2000,
+            };
+            client.request::<_, PriceQuote>("tickets.price", &query).await
+        }
+    };
+    assert_eq!(ask(2).await.unwrap(), PriceQuote { seats: 2, total: 4000 });
+    assert_eq!(ask(5).await.unwrap(), PriceQuote { seats: 5, total: 9000 });
+    let error = ask(0).await.unwrap_err();
+    assert!(error.to_string().contains("at least one seat"), "{error}");
+    app.stop().await.expect("drained");
 }

@@ -617,7 +617,7 @@ async fn start(config: &Config, declared: &Declarations, client: &Client) -> Res
         tasks.push(crate::leader::task(leader, client.clone(), consumers));
     }
     for subscription in &declared.subscriptions {
-        tasks.push(crate::subscribe::task(*subscription, client.clone()));
+        tasks.push(crate::subscribe::task(*subscription, client.clone()).await);
     }
     Ok(tasks)
 }

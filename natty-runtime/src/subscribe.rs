@@ -191,33 +191,52 @@ impl FromCoreDelivery for Envelope {
     }
 }
 
-/// The task that runs the subscription or service `def` (see [`run`]).
-pub(crate) fn task(def: SubscriptionDef, client: Client) -> crate::supervise::Task {
+/// The task that runs the subscription or service `def` (see [`run`]). It subscribes now, so
+/// that a service reported ready receives what is published from then on; should that fail,
+/// the task keeps trying.
+pub(crate) async fn task(def: SubscriptionDef, client: Client) -> crate::supervise::Task {
+    let subscribed = subscribe(&def, &client).await.ok();
     crate::supervise::Task::new(format!("subscription {}", def.name), move |stop| async move {
-        run(def, client, stop.cancel, stop.hard_stop).await;
+        run(def, client, subscribed, stop.cancel, stop.hard_stop).await;
         Ok(())
     })
 }
 
-/// Runs one subscription until `cancel`, then drains: stops receiving and lets in-flight
-/// handlers finish until `hard_stop`.
-pub(crate) async fn run(def: SubscriptionDef, client: Client, cancel: CancellationToken, hard_stop: CancellationToken) {
+/// Subscribes to `def`'s subject, in its queue group if it has one.
+async fn subscribe(
+    def: &SubscriptionDef,
+    client: &Client,
+) -> Result<async_nats::Subscriber, async_nats::SubscribeError> {
     let subject = def.subject.to_string();
-    let mut subscriber = loop {
-        let subscribed = match def.queue {
-            Some(queue) => client.nats().queue_subscribe(subject.clone(), queue.to_string()).await,
-            None => client.nats().subscribe(subject.clone()).await,
-        };
-        match subscribed {
-            Ok(subscriber) => break subscriber,
-            Err(error) => {
-                tracing::warn!(handler = def.name, subject = def.subject, error = %crate::error::chain(&error), "cannot subscribe; retrying");
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+    match def.queue {
+        Some(queue) => client.nats().queue_subscribe(subject, queue.to_string()).await,
+        None => client.nats().subscribe(subject).await,
+    }
+}
+
+/// Runs one subscription (`subscribed` already, or subscribing until it can) until `cancel`,
+/// then drains: stops receiving and lets in-flight handlers finish until `hard_stop`.
+pub(crate) async fn run(
+    def: SubscriptionDef,
+    client: Client,
+    subscribed: Option<async_nats::Subscriber>,
+    cancel: CancellationToken,
+    hard_stop: CancellationToken,
+) {
+    let mut subscriber = match subscribed {
+        Some(subscriber) => subscriber,
+        None => loop {
+            match subscribe(&def, &client).await {
+                Ok(subscriber) => break subscriber,
+                Err(error) => {
+                    tracing::warn!(handler = def.name, subject = def.subject, error = %crate::error::chain(&error), "cannot subscribe; retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
                 }
             }
-        }
+        },
     };
     let permits = Arc::new(Semaphore::new(def.concurrency));
     loop {

@@ -375,25 +375,10 @@ pub(super) async fn streams_have_leaders(client: &async_nats::Client, timeout: D
 
 /// One `GET /healthz` on the monitoring port; `Err` carries the answer for the error message.
 pub(super) async fn healthz(port: u16) -> Result<(), String> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port))
-        .await
-        .map_err(|err| format!("monitoring port {port}: {err}"))?;
-    // HTTP/1.0 so the server closes the connection after answering and read_to_end returns.
-    stream
-        .write_all(b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        .await
-        .map_err(|err| format!("monitoring port {port}: {err}"))?;
-    let mut answer = Vec::new();
-    stream
-        .read_to_end(&mut answer)
-        .await
-        .map_err(|err| format!("monitoring port {port}: {err}"))?;
-    let answer = String::from_utf8_lossy(&answer);
-    let status_line = answer.lines().next().unwrap_or_default();
-    if status_line.split_whitespace().nth(1) == Some("200") {
-        Ok(())
-    } else {
-        let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default().trim();
-        Err(format!("/healthz: {status_line} {body}"))
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    match super::http_get(addr, "/healthz").await {
+        Ok((200, _)) => Ok(()),
+        Ok((status, body)) => Err(format!("/healthz: {status} {}", body.trim())),
+        Err(err) => Err(format!("monitoring port {port}: {err}")),
     }
 }

@@ -30,11 +30,13 @@
 //! # }
 //! ```
 
+mod app;
 mod cluster;
 mod launch;
 mod server;
 pub mod stores;
 
+pub use app::{DeadLetter, TestApp, TestAppBuilder};
 pub use cluster::{ClusterNode, NatsCluster};
 use launch::*;
 pub use server::{NatsServer, NatsServerBuilder};
@@ -107,6 +109,33 @@ fn free_ports(count: usize) -> io::Result<Vec<u16>> {
         .collect()
 }
 
+/// One `GET path` over HTTP/1.0 (the server closes the connection after answering): the
+/// status code and the body.
+pub(crate) async fn http_get(addr: std::net::SocketAddr, path: &str) -> io::Result<(u16, String)> {
+    let mut stream = tokio::time::timeout(PROBE_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(PROBE_TIMEOUT, stream.read_to_end(&mut answer))
+        .await
+        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+    let answer = String::from_utf8_lossy(&answer);
+    let status = answer
+        .lines()
+        .next()
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("not an HTTP answer: {answer:?}")))?;
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
 /// A path as a quoted nats-server config string (JSON string syntax, which the config accepts).
 fn quoted(path: &Path) -> String {
     serde_json::Value::from(path.to_string_lossy().into_owned()).to_string()
@@ -169,5 +198,10 @@ impl RunningRuntime {
     pub async fn stop(self) -> crate::Result<()> {
         let _ = self.stop.send(());
         self.task.await.expect("the runtime task panicked")
+    }
+
+    /// Whether the runtime has stopped by itself (a startup error, most likely).
+    pub fn finished(&self) -> bool {
+        self.task.is_finished()
     }
 }

@@ -1,0 +1,129 @@
+//! `TestApp`, the test kit, with JetStream's real semantics: `settled` waits out a handler's
+//! retries (`max_deliver`, backoff) and a slow handler; `dead_letters` returns what the service
+//! gave up on, with its reason and headers; a subscription is listening once `start` returns;
+//! the server restarts under the running service; state and a handler selection come through
+//! the builder; a startup error is returned, not hidden behind a timeout.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use natty_runtime::prelude::*;
+use natty_runtime::testing::TestApp;
+use natty_runtime::Error;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Serialize, Deserialize, Payload)]
+#[payload(subject = "kit.orders.{id}")]
+struct Order {
+    id: u64,
+    total_cents: u64,
+}
+
+#[stream(name = "kit-orders", subjects = ["kit.orders.>"])]
+struct Orders;
+
+/// Counts what the handlers did.
+#[derive(Clone, Default)]
+struct Counts {
+    billed: Arc<AtomicU64>,
+    attempts: Arc<AtomicU64>,
+    heard: Arc<AtomicU64>,
+}
+
+/// Bills orders; an order for nothing is rejected for good, an order for 1 cent fails twice
+/// before it goes through, and each takes a while.
+#[consumer(stream = "kit-orders", durable = "kit-billing", backoff = ["50ms"])]
+async fn bill(order: Order, State(counts): State<Counts>) -> Result<(), Reject> {
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    if order.total_cents == 0 {
+        return Err(Reject::terminate(format!("order {} is for nothing", order.id)));
+    }
+    if order.total_cents == 1 && counts.attempts.fetch_add(1, Ordering::SeqCst) < 2 {
+        return Err(Reject::retry());
+    }
+    counts.billed.fetch_add(1, Ordering::SeqCst);
+    Ok(())
+}
+
+#[subscribe(subject = "kit.pings")]
+async fn hear(_order: Order, State(counts): State<Counts>) {
+    counts.heard.fetch_add(1, Ordering::SeqCst);
+}
+
+/// Takes a state the startup test does not give.
+#[derive(Clone)]
+struct Unused;
+
+#[consumer(stream = "kit-orders", durable = "kit-unused")]
+async fn unused(_order: Order, State(_unused): State<Unused>) {}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settled_waits_out_retries_and_dead_letters_are_read_back() {
+    let counts = Counts::default();
+    let started = Instant::now();
+    let mut app = TestApp::builder()
+        .handlers(["bill", "hear"])
+        .state(counts.clone())
+        .start()
+        .await
+        .expect("the app starts");
+    let startup = started.elapsed();
+    assert!(startup < Duration::from_secs(5), "started in {startup:?}");
+
+    // Listening as soon as start returns: a core message is not lost.
+    let ping = serde_json::to_vec(&Order { id: 0, total_cents: 0 }).unwrap();
+    app.client().nats().publish("kit.pings", ping.into()).await.unwrap();
+    app.client().nats().flush().await.unwrap();
+
+    for id in 1..=10 {
+        app.emit(&Order {
+            id,
+            total_cents: 100 * id,
+        })
+        .await
+        .expect("emit");
+    }
+    app.emit(&Order { id: 11, total_cents: 1 }).await.expect("emit");
+    app.emit(&Order { id: 12, total_cents: 0 }).await.expect("emit");
+    app.settled().await.expect("settled");
+    // Settled means done: every billing happened, including the one retried twice.
+    assert_eq!(counts.billed.load(Ordering::SeqCst), 11);
+    assert_eq!(counts.attempts.load(Ordering::SeqCst), 3);
+
+    let dead = app.dead_letters().await.expect("dead letters");
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(dead[0].reason.contains("order 12 is for nothing"), "{:?}", dead[0]);
+    assert_eq!(dead[0].original_subject, "kit.orders.12");
+    assert_eq!(dead[0].consumer, "kit-billing");
+    let order: Order = serde_json::from_slice(&dead[0].payload).unwrap();
+    assert_eq!(order.id, 12);
+    assert_eq!(counts.heard.load(Ordering::SeqCst), 1, "the ping was heard");
+
+    // The server restarts under the running service, which carries on.
+    app.restart_server().await.expect("restart");
+    app.emit(&Order {
+        id: 13,
+        total_cents: 1300,
+    })
+    .await
+    .expect("emit after the restart");
+    app.settled().await.expect("settled after the restart");
+    assert_eq!(counts.billed.load(Ordering::SeqCst), 12);
+    app.stop().await.expect("drained");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_startup_error_is_returned_at_once() {
+    let started = Instant::now();
+    let error = TestApp::builder()
+        .handlers(["unused"])
+        .start()
+        .await
+        .expect_err("a state is missing");
+    assert!(
+        matches!(&error, Error::MissingState { handler, .. } if handler == "unused"),
+        "{error}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+}
