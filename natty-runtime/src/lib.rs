@@ -82,7 +82,7 @@ pub use natty_macros::{capture, consumer, kv_bucket, kv_watch, leader, object_st
 pub use object_store::{ObjectStore, ObjectStoreDef, ObjectStoreError};
 pub use payload::{DecodeError, DecodePayload, EncodePayload, Format, Payload};
 pub use publish::{Client, PendingAck, Publish, PublishAck, PublishError};
-pub use runtime::{Runtime, RuntimeBuilder};
+pub use runtime::{Runtime, RuntimeBuilder, Shutdown};
 pub use service::RequestError;
 pub use state::State;
 pub use stream::{Location, Placement, StreamDef};

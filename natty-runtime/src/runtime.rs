@@ -695,8 +695,71 @@ async fn bind_when_led(consumer: &Consumer, js: &async_nats::jetstream::Context,
 /// What the dead-letter stream captures: every default dead-letter subject.
 const DEAD_LETTER_SUBJECTS: &[&str] = &["natty.dead.>"];
 
+/// A shutdown shared by everything a program runs: natty's runtime, an HTTP server beside it,
+/// a task of its own. Every clone's [`wait`](Shutdown::wait) resolves once it is
+/// [`trigger`](Shutdown::trigger)ed, which [`on_signals`](Shutdown::on_signals) does on the first
+/// SIGINT or SIGTERM.
+///
+/// # Examples
+///
+/// One SIGTERM drains both an axum server and the handlers:
+///
+/// ```no_run
+/// # async fn demo() -> natty_runtime::Result<()> {
+/// let shutdown = natty_runtime::Shutdown::on_signals()?;
+/// // With axum: `axum::serve(listener, app).with_graceful_shutdown(shutdown.wait())`.
+/// let http = tokio::spawn(shutdown.wait());
+/// let natty = natty_runtime::Runtime::builder().build()?.run_until(shutdown.wait());
+/// let (http, natty) = tokio::join!(http, natty);
+/// # let _ = http;
+/// natty
+/// # }
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct Shutdown {
+    token: tokio_util::sync::CancellationToken,
+}
+
+impl Shutdown {
+    /// A shutdown that happens when [`trigger`](Shutdown::trigger)ed.
+    pub fn new() -> Shutdown {
+        Shutdown::default()
+    }
+
+    /// A shutdown triggered by the first SIGINT or SIGTERM. Call it inside the tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] when the signal handlers cannot be installed.
+    pub fn on_signals() -> Result<Shutdown> {
+        let shutdown = Shutdown::new();
+        let signals = shutdown_signal()?;
+        let trigger = shutdown.clone();
+        tokio::spawn(async move {
+            signals.await;
+            trigger.trigger();
+        });
+        Ok(shutdown)
+    }
+
+    /// Starts the shutdown: every [`wait`](Shutdown::wait) resolves.
+    pub fn trigger(&self) {
+        self.token.cancel();
+    }
+
+    /// Resolves once the shutdown has started (at once if it already has).
+    pub fn wait(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.token.clone().cancelled_owned()
+    }
+
+    /// Whether the shutdown has started.
+    pub fn is_triggered(&self) -> bool {
+        self.token.is_cancelled()
+    }
+}
+
 /// Resolves on the first SIGINT or SIGTERM.
-fn shutdown_signal() -> Result<impl Future<Output = ()>> {
+fn shutdown_signal() -> Result<impl Future<Output = ()> + Send + 'static> {
     use tokio::signal::unix::{signal, SignalKind};
     let io = |source| Error::Io {
         what: "cannot install the SIGTERM/SIGINT handler".into(),
@@ -710,4 +773,22 @@ fn shutdown_signal() -> Result<impl Future<Output = ()>> {
             _ = int.recv() => tracing::info!("received SIGINT"),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn every_clone_sees_one_trigger() {
+        let shutdown = Shutdown::new();
+        let (first, second) = (shutdown.wait(), shutdown.clone().wait());
+        assert!(!shutdown.is_triggered());
+        shutdown.clone().trigger();
+        tokio::time::timeout(std::time::Duration::from_secs(1), async { tokio::join!(first, second) })
+            .await
+            .expect("both waits resolve");
+        shutdown.wait().await;
+        assert!(shutdown.is_triggered());
+    }
 }
