@@ -17,6 +17,18 @@ const CONSUMER: HandlerKind = HandlerKind {
     describes_payload: true,
 };
 
+/// A batch consumer's handler: its arguments are built from the whole batch (`Vec<T>`,
+/// `Batch<T>`, `State<T>`).
+const BATCH: HandlerKind = HandlerKind {
+    what: "a consumer handler",
+    undecodable: "Outcome::Undecodable",
+    delivery_type: "BatchDelivery",
+    describes_payload: false,
+};
+
+/// How long a batch waits to fill when `batch_wait` is not given.
+const DEFAULT_BATCH_WAIT_NANOS: u64 = 100_000_000;
+
 attr::args! {
     /// `#[consumer(...)]`'s keys, in the order an unknown key's error lists them.
     struct Args for "consumer" {
@@ -41,6 +53,10 @@ attr::args! {
         order_by: OrderBy = "order_by" => order_by;
         /// (bucket, key) of the election this consumer follows.
         while_leading: (String, String) = "while_leading" => while_leading;
+        batch: usize = "batch" => attr::count;
+        batch_wait: u64 = "batch_wait" => |meta| {
+            attr::duration_at_least(meta, 1_000_000, "`batch_wait` must be at least 1ms")
+        };
     }
 }
 
@@ -176,7 +192,20 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
             return quote!(#item #error);
         }
     };
-    let handler_args = handler::signature(&function, &mut errors, &CONSUMER);
+    let kind = if parsed.batch.given() { &BATCH } else { &CONSUMER };
+    let handler_args = handler::signature(&function, &mut errors, kind);
+    if let (false, Some(span)) = (parsed.batch.given(), parsed.batch_wait.span()) {
+        errors.push(syn::Error::new(
+            span,
+            "`batch_wait` applies to batch handlers: add `batch = <size>`",
+        ));
+    }
+    if let (true, Some(span)) = (parsed.batch.given(), parsed.order_by.span()) {
+        errors.push(syn::Error::new(
+            span,
+            "`order_by` applies to handlers of one message: a batch holds its messages in stream order",
+        ));
+    }
     parsed
         .stream
         .require(&mut errors, "#[consumer(stream = \"orders\", durable = \"billing\")]");
@@ -220,9 +249,14 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     let name = ident.to_string();
     let stream = parsed.stream.take().map(|lit| lit.value()).unwrap_or_default();
     // Without a durable name, each instance gets its own ephemeral consumer.
+    // A batch consumer's per-message handler is a placeholder: its batch handler runs instead.
+    let per_message = match parsed.batch.given() {
+        true => quote!(#p::batch_only),
+        false => quote!(#adapter),
+    };
     let constructor = match parsed.durable.take().map(|lit| lit.value()) {
-        Some(durable) => quote!(#p::ConsumerDef::new(#name, #stream, #durable, #adapter)),
-        None => quote!(#p::ConsumerDef::ephemeral(#name, #stream, #adapter)),
+        Some(durable) => quote!(#p::ConsumerDef::new(#name, #stream, #durable, #per_message)),
+        None => quote!(#p::ConsumerDef::ephemeral(#name, #stream, #per_message)),
     };
 
     let result = handler::result_ident();
@@ -296,10 +330,14 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     if let Some(deliver) = parsed.deliver.take() {
         setters.push(quote!(.deliver(#p::Deliver::#deliver)));
     }
+    if let Some(size) = parsed.batch.take() {
+        let wait = attr::duration_tokens(parsed.batch_wait.take().unwrap_or(DEFAULT_BATCH_WAIT_NANOS));
+        setters.push(quote!(.batch(#size, #wait, #adapter)));
+    }
 
     handler::emit(
         &function,
-        &CONSUMER,
+        kind,
         &handler_args,
         key_fn,
         &adapter,

@@ -28,7 +28,8 @@ pub struct ViaParts;
     label = "neither a payload natty can decode nor something the runtime provides",
     note = "a handler takes one payload (a `serde::Deserialize` type, or a Protobuf `Payload`), and besides it \
             `natty_runtime::Context` in a #[consumer], `natty_runtime::Envelope` in a #[subscribe] or #[service]; \
-            a #[kv_watch] takes one `natty_runtime::KvChange<T>`, a #[leader] task `natty_runtime::Lease`; \
+            a #[kv_watch] takes one `natty_runtime::KvChange<T>`, a #[leader] task `natty_runtime::Lease`, \
+            a batch #[consumer] its messages as `Vec<T>` or `natty_runtime::Batch<T>`; \
             any handler may take `natty_runtime::State<T>`, a value given to the runtime"
 )]
 pub trait HandlerArg<D, M>: Sized {

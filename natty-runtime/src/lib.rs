@@ -70,7 +70,7 @@ pub mod testing;
 
 pub use client::{connect, Connection};
 pub use config::{Auth, Config, LogFormat, Provision, Tls};
-pub use consumer::{ConsumerDef, Deliver, KeyFn, OrderBy};
+pub use consumer::{Batch, ConsumerDef, Deliver, KeyFn, OrderBy};
 pub use dev_server::find_nats_server;
 pub use error::{BoxError, Declared, Drift, Error, Result};
 pub use handler::{Context, FromDelivery, IntoOutcome, Reject};
@@ -94,8 +94,8 @@ pub use async_nats;
 /// What a service needs in scope: the macros, [`Context`] and [`Client`].
 pub mod prelude {
     pub use crate::{
-        capture, consumer, kv_bucket, kv_watch, leader, object_store, service, stream, subscribe, Client, Context,
-        Envelope, KvChange, Lease, Payload, Reject, State,
+        capture, consumer, kv_bucket, kv_watch, leader, object_store, service, stream, subscribe, Batch, Client,
+        Context, Envelope, KvChange, Lease, Payload, Reject, State,
     };
 }
 
@@ -209,7 +209,9 @@ pub mod __private {
     };
     #[cfg(feature = "capture")]
     pub use crate::capture;
-    pub use crate::consumer::{hash_key, ConsumerDef, Deliver, HandlerFn, OrderBy};
+    pub use crate::consumer::{
+        batch_only, hash_key, BatchDelivery, BatchHandlerFn, ConsumerDef, Deliver, HandlerFn, OrderBy,
+    };
     pub use crate::error::BoxError;
     pub use crate::handler::CoreOutcome;
     pub use crate::handler::{Delivery, FromDelivery, IntoOutcome, Outcome};

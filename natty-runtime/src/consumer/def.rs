@@ -27,6 +27,8 @@ pub struct ConsumerDef {
     pub(crate) order_by: Option<OrderBy>,
     pub(crate) while_leading: Option<(&'static str, &'static str)>,
     pub(crate) handler: HandlerFn,
+    /// Set for a batch handler, which runs instead of `handler`.
+    pub(crate) batch: Option<super::batch::BatchDef>,
     pub(crate) location: Location,
     /// The state types its arguments take (see [`crate::State`]), checked at startup.
     pub(crate) needs: &'static [crate::state::NeedFn],
@@ -68,6 +70,7 @@ impl ConsumerDef {
             order_by: None,
             while_leading: None,
             handler,
+            batch: None,
             location: Location::UNKNOWN,
             needs: &[],
             payload: crate::payload::PayloadSource::Unknown,
@@ -170,6 +173,18 @@ impl ConsumerDef {
     /// the lease is won and stops, naking what is in flight, when the lease ends.
     pub const fn while_leading(mut self, bucket: &'static str, key: &'static str) -> Self {
         self.while_leading = Some((bucket, key));
+        self
+    }
+
+    /// Makes this a batch consumer: `handler` gets up to `size` messages at once, fewer once
+    /// `wait` has passed since the first of them arrived (see [`Batch`](crate::Batch)). The
+    /// macros set it for `#[consumer(..., batch = 500, batch_wait = "100ms")]`.
+    pub const fn batch(mut self, size: usize, wait: Duration, handler: super::batch::BatchHandlerFn) -> Self {
+        self.batch = Some(super::batch::BatchDef {
+            size: if size == 0 { 1 } else { size },
+            wait,
+            handler,
+        });
         self
     }
 

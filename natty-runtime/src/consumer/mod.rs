@@ -28,11 +28,13 @@ use crate::puller::{delivery_info, Pulled, Puller};
 use crate::stream::{check, is_stream_not_found, Location, StreamDef};
 use crate::telemetry::{ConsumerMetrics, DeliveryScope};
 
+mod batch;
 mod def;
 mod held;
 mod lanes;
 mod settle;
 
+pub use batch::{batch_only, Batch, BatchDelivery, BatchHandlerFn};
 pub use def::{hash_key, ConsumerDef, Deliver, HandlerFn, KeyFn, OrderBy};
 use held::Held;
 use lanes::{beside, Inline, Lanes};
@@ -244,7 +246,10 @@ impl Consumer {
         let keep_alive = tokio::spawn(this.clone().keep_alive());
         // A handler running in this task wakes the loop when it ends; spawned handlers and
         // lanes signal `room` instead.
-        let signalled = concurrency > 1 || this.def.order_by.is_some();
+        let batch = this.def.batch;
+        let signalled = concurrency > 1 || this.def.order_by.is_some() || batch.is_some();
+        // When the first message of the batch being gathered arrived.
+        let mut gathering: Option<tokio::time::Instant> = None;
         let mut failures = 0u32;
         loop {
             let started = beside(
@@ -265,7 +270,20 @@ impl Consumer {
             let rebind = loop {
                 // Start what can start now: the permit is taken without waiting (no waiter is
                 // registered on the hot path); a slot that frees up later wakes the loop.
-                while !queue.is_empty() {
+                // A batch starts when full, or once its first message has waited `batch_wait`.
+                while let Some(batch) = batch {
+                    let due = gathering.is_some_and(|since| since.elapsed() >= batch.wait);
+                    if queue.is_empty() || (queue.len() < batch.size && !due) {
+                        break;
+                    }
+                    let Ok(permit) = permits.clone().try_acquire_owned() else {
+                        break;
+                    };
+                    let readies: Vec<Ready> = queue.drain(..queue.len().min(batch.size)).collect();
+                    gathering = (!queue.is_empty()).then(tokio::time::Instant::now);
+                    tokio::spawn(this.clone().deliver_batch(batch, readies, permit, hard_stop.clone()));
+                }
+                while batch.is_none() && !queue.is_empty() {
                     let Ok(permit) = permits.clone().try_acquire_owned() else {
                         break;
                     };
@@ -281,20 +299,30 @@ impl Consumer {
                 // read and waits: a message is asked for only when there is room to start it soon.
                 let busy = concurrency - permits.available_permits();
                 let waiting = queue.len() + lanes.waiting();
-                let prefetch = this
-                    .pacing
-                    .prefetch(concurrency, this.def.max_prefetch(), this.def.prefetch.is_some());
-                if let Err(error) = puller
-                    .top_up((concurrency + prefetch).saturating_sub(busy + waiting))
-                    .await
-                {
+                let wanted = match batch {
+                    // Every batch slot full, and one more batch gathering.
+                    Some(batch) => ((concurrency + 1) * batch.size).saturating_sub(busy * batch.size + waiting),
+                    None => {
+                        let prefetch =
+                            this.pacing
+                                .prefetch(concurrency, this.def.max_prefetch(), this.def.prefetch.is_some());
+                        (concurrency + prefetch).saturating_sub(busy + waiting)
+                    }
+                };
+                if let Err(error) = puller.top_up(wanted).await {
                     tracing::warn!(stream = this.def.stream, consumer = &*this.name, error = %crate::error::chain(&error), "cannot send a pull request");
                 }
+                // A partial batch is due at its deadline, if a batch slot is free to take it.
+                let batch_due = match (batch, gathering) {
+                    (Some(batch), Some(since)) if permits.available_permits() > 0 => Some(since + batch.wait),
+                    _ => None,
+                };
                 let pulled = tokio::select! {
                     biased;
                     _ = cancel.cancelled() => break false,
                     Some(()) = inline.next(), if !inline.is_empty() => continue,
                     _ = this.room.notified(), if signalled => continue,
+                    _ = tokio::time::sleep_until(batch_due.unwrap_or_else(tokio::time::Instant::now)), if batch_due.is_some() => continue,
                     pulled = puller.next() => pulled,
                 };
                 match pulled {
@@ -307,7 +335,12 @@ impl Consumer {
                             Some(order_by) => {
                                 lanes.dispatch(this.clone(), order_by, ready, &permits, &cancel, &hard_stop)
                             }
-                            None => queue.push_back(ready),
+                            None => {
+                                if queue.is_empty() {
+                                    gathering = Some(tokio::time::Instant::now());
+                                }
+                                queue.push_back(ready)
+                            }
                         }
                     }
                     Pulled::Credits => {}
