@@ -1,7 +1,7 @@
 //! natty against raw async-nats, measured in the same run on the same server.
 //!
 //! ```text
-//! cargo run --release -p natty-bench -- [--rounds 5] [--messages 200000] [--only consume,publish,scale,...]
+//! cargo run --release -p natty-bench -- [--rounds 5] [--messages 200000] [--only consume,batch,publish,scale,...]
 //!     [--faststream <python of bench/faststream's venv>] [--no-subscriber-too]
 //! ```
 //!
@@ -56,7 +56,13 @@ static TARGET: AtomicU64 = AtomicU64::new(u64::MAX);
 static DONE: Notify = Notify::const_new();
 
 fn count_one() {
-    if HANDLED.fetch_add(1, Ordering::Relaxed) + 1 == TARGET.load(Ordering::Relaxed) {
+    count(1);
+}
+
+fn count(handled: u64) {
+    let before = HANDLED.fetch_add(handled, Ordering::Relaxed);
+    let target = TARGET.load(Ordering::Relaxed);
+    if before < target && before + handled >= target {
         DONE.notify_one();
     }
 }
@@ -240,6 +246,12 @@ async fn consume_default(_order: Order) {
 )]
 async fn consume_prefetch(_order: Order) {
     count_one();
+}
+
+/// The batch scenario: batches of 500 into a handler that does nothing.
+#[consumer(stream = "bench", durable = "natty-batch", max_ack_pending = 20000, batch = 500)]
+async fn consume_batch(orders: Vec<Order>) {
+    count(orders.len() as u64);
 }
 
 /// The concurrency scenario: 5 ms of simulated I/O per message, 64 at a time.
@@ -603,6 +615,63 @@ async fn scenario_consume(server: &NatsServer, js: &jetstream::Context, args: &A
     let natty = report("consume (defaults)", &raw, &default, ">= 1.00x");
     report("consume (prefetch 1000)", &raw, &tuned, ">= 1.00x");
     natty
+}
+
+/// Raw async-nats fetching batches of 500 (`fetch`), decoding each message and acking each, as
+/// natty's batch consumer does.
+async fn raw_batches(js: &jetstream::Context, count: u64) -> Measured {
+    let consumer = fresh_consumer(js, "raw-batch").await;
+    let window = Window::start();
+    let mut seen = 0;
+    while seen < count {
+        let mut batch = consumer
+            .fetch()
+            .max_messages(500)
+            .expires(Duration::from_millis(100))
+            .messages()
+            .await
+            .expect("fetch");
+        let mut messages = Vec::with_capacity(500);
+        while let Some(message) = batch.next().await {
+            messages.push(message.expect("message"));
+        }
+        let _orders: Vec<Order> = messages
+            .iter()
+            .map(|message| serde_json::from_slice(&message.payload).expect("decode"))
+            .collect();
+        for message in &messages {
+            message.ack().await.expect("ack");
+        }
+        seen += messages.len() as u64;
+    }
+    window.stop()
+}
+
+async fn scenario_batch(server: &NatsServer, js: &jetstream::Context, args: &Args) {
+    purge(js, "bench").await;
+    fill(js, "bench.orders", args.messages).await;
+    let (mut raw, mut natty) = (Vec::new(), Vec::new());
+    for round in 0..args.rounds {
+        let natty_first = round % 2 == 1;
+        if natty_first {
+            natty.push(rate(
+                args.messages,
+                natty_consume(server, js, "consume_batch", "natty-batch", args.messages).await,
+            ));
+        }
+        raw.push(rate(args.messages, raw_batches(js, args.messages).await));
+        if !natty_first {
+            natty.push(rate(
+                args.messages,
+                natty_consume(server, js, "consume_batch", "natty-batch", args.messages).await,
+            ));
+        }
+        eprintln!(
+            "  batch round {round}: raw {:.0} ({:.2} us cpu/msg), natty {:.0} ({:.2})",
+            raw[round].rate, raw[round].cpu_us, natty[round].rate, natty[round].cpu_us
+        );
+    }
+    report("batch of 500 (no-op)", &raw, &natty, "report");
 }
 
 /// Waits until `durable` on `bench` has acked `count` messages: everything captured and stored.
@@ -1366,6 +1435,9 @@ async fn main() {
     } else {
         Rates::NOT_RUN
     };
+    if wants("batch") {
+        scenario_batch(&server, &js, &args).await;
+    }
     let publish = if wants("publish") {
         scenario_publish(&server, &js, &args).await
     } else {
