@@ -9,7 +9,7 @@
 //! `#[subscribe]` or `#[service]`). So `use natty_runtime::Context as Ctx;` then `ctx: Ctx`
 //! works, and a payload struct that happens to be called `Envelope` is a payload.
 
-use crate::asyncapi::Probe;
+use crate::consumer::{BatchDelivery, FromBatch, FromBatchParts};
 use crate::handler::{Delivery, FromDelivery};
 use crate::kv_watch::{FromKvEntry, KvDelivery};
 use crate::payload::{DecodeError, DecodePayload};
@@ -84,6 +84,18 @@ impl<T: FromDelivery> HandlerArg<Delivery, ViaParts> for T {
 impl<T: FromCoreDelivery> HandlerArg<CoreDelivery, ViaParts> for T {
     fn from_delivery(delivery: &CoreDelivery) -> Result<Self, DecodeError> {
         Ok(<T as FromCoreDelivery>::from_delivery(delivery))
+    }
+}
+
+impl<T: FromBatch> HandlerArg<BatchDelivery, ViaPayload> for T {
+    fn from_delivery(delivery: &BatchDelivery) -> Result<Self, DecodeError> {
+        Ok(T::from_batch(delivery))
+    }
+}
+
+impl<T: FromBatchParts> HandlerArg<BatchDelivery, ViaParts> for T {
+    fn from_delivery(delivery: &BatchDelivery) -> Result<Self, DecodeError> {
+        Ok(T::from_parts(delivery))
     }
 }
 
@@ -236,5 +248,21 @@ pub trait ArgStateless {
 impl<T> ArgStateless for Probe<T> {
     fn need(&self) -> Option<Need> {
         None
+    }
+}
+
+/// What generated code asks of an argument's type without requiring anything of it (its
+/// payload's description, the state it takes), by autoref specialization: the probe's
+/// most-referenced impl that applies wins, and the last applies to every type, so a type that
+/// is not an argument yields the compiler's usual error at the handler and none from here.
+/// Not part of the API.
+#[doc(hidden)]
+pub struct Probe<T>(std::marker::PhantomData<fn() -> T>);
+
+impl<T> Probe<T> {
+    /// A probe of `T`.
+    #[allow(clippy::new_without_default)]
+    pub const fn new() -> Self {
+        Probe(std::marker::PhantomData)
     }
 }

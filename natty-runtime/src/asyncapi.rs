@@ -3,10 +3,10 @@
 //! use to record each handler's payload type without adding compile errors of their own.
 
 use std::collections::BTreeMap;
-use std::marker::PhantomData;
 
 use serde_json::{json, Map, Value};
 
+use crate::args::Probe;
 use crate::config::Config;
 use crate::kv_watch::KvChange;
 use crate::payload::{describe_payload as describe, DecodePayload, EncodePayload, PayloadDescription};
@@ -448,21 +448,6 @@ fn short_type_name(type_name: &str) -> String {
         }
     }
     short
-}
-
-/// What a handler's definition records about its payload type, chosen by the macros with
-/// autoref specialization: the probe's most-referenced impl that applies wins, and the last
-/// applies to every type, so a payload type that is not decodable yields the compiler's
-/// usual error at the handler and none from here. Not part of the API.
-#[doc(hidden)]
-pub struct Probe<T>(PhantomData<fn() -> T>);
-
-impl<T> Probe<T> {
-    /// A probe of `T`.
-    #[allow(clippy::new_without_default)]
-    pub const fn new() -> Self {
-        Probe(PhantomData)
-    }
 }
 
 /// A handler argument that is a KV watch's change: its value's payload. Not part of the API.

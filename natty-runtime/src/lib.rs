@@ -201,11 +201,11 @@ macro_rules! __natty_capture {
 #[doc(hidden)]
 pub mod __private {
     pub use crate::args::{
-        arg, ArgState, ArgStateless, AtMostOne, HandlerArg, HoldsPayload, KeyArg, KeyTakes, OneMore, TwoPayloads,
-        ViaParts, ViaPayload,
+        arg, ArgState, ArgStateless, AtMostOne, HandlerArg, HoldsPayload, KeyArg, KeyTakes, OneMore, Probe,
+        TwoPayloads, ViaParts, ViaPayload,
     };
     pub use crate::asyncapi::{
-        ArgDecoded, ArgKvValue, ArgOther, DescribeDecodedReply, DescribeEncodedReply, DescribeUnknownReply, Probe,
+        ArgDecoded, ArgKvValue, ArgOther, DescribeDecodedReply, DescribeEncodedReply, DescribeUnknownReply,
     };
     #[cfg(feature = "capture")]
     pub use crate::capture;

@@ -8,7 +8,6 @@
 use std::sync::Mutex;
 
 use super::*;
-use crate::args::{HandlerArg, ViaParts, ViaPayload};
 use crate::payload::{DecodeError, DecodePayload};
 use crate::state::State;
 
@@ -161,18 +160,6 @@ pub trait FromBatchParts: Sized {
 impl<T: Clone + Send + Sync + 'static> FromBatchParts for State<T> {
     fn from_parts(delivery: &BatchDelivery) -> Self {
         delivery.shared.client.states.argument()
-    }
-}
-
-impl<T: FromBatch> HandlerArg<BatchDelivery, ViaPayload> for T {
-    fn from_delivery(delivery: &BatchDelivery) -> std::result::Result<Self, DecodeError> {
-        Ok(T::from_batch(delivery))
-    }
-}
-
-impl<T: FromBatchParts> HandlerArg<BatchDelivery, ViaParts> for T {
-    fn from_delivery(delivery: &BatchDelivery) -> std::result::Result<Self, DecodeError> {
-        Ok(T::from_parts(delivery))
     }
 }
 

@@ -34,7 +34,7 @@ mod held;
 mod lanes;
 mod settle;
 
-pub use batch::{batch_only, Batch, BatchDelivery, BatchHandlerFn};
+pub use batch::{batch_only, Batch, BatchDelivery, BatchHandlerFn, FromBatch, FromBatchParts};
 pub use def::{hash_key, ConsumerDef, Deliver, HandlerFn, KeyFn, OrderBy};
 use held::Held;
 use lanes::{beside, Inline, Lanes};
