@@ -23,6 +23,10 @@ const HEARTBEAT: Duration = Duration::from_secs(5);
 const STALL: Duration = Duration::from_secs(11);
 /// A stall timer that fires this late was held up by a pause of the whole process.
 const PAUSED: Duration = Duration::from_secs(1);
+/// How often a puller with credits outstanding looks whether the connection was re-made: the
+/// server it reconnected to (a restarted one) knows none of its pull requests, and waiting for
+/// the stall would leave the consumer idle for `STALL`.
+const RECONNECT_CHECK: Duration = Duration::from_secs(1);
 
 /// What the server sent.
 pub(crate) enum Pulled {
@@ -61,6 +65,10 @@ pub(crate) struct Puller {
     /// The size of the last request sent: the one a `409 Exceeded MaxWaiting` turns away.
     last_batch: usize,
     last_heard: Instant,
+    /// The connection's reconnect count when the outstanding requests were sent.
+    connects: u64,
+    /// When the reconnect count was last looked at.
+    checked: Instant,
 }
 
 impl Puller {
@@ -80,6 +88,8 @@ impl Puller {
             outstanding: 0,
             last_batch: 0,
             last_heard: Instant::now(),
+            connects: client.statistics().connects.load(std::sync::atomic::Ordering::Relaxed),
+            checked: Instant::now(),
         })
     }
 
@@ -101,6 +111,7 @@ impl Puller {
         if self.outstanding == 0 {
             // The stall clock starts with the first credit, not with the last idle period.
             self.last_heard = Instant::now();
+            self.connects = self.reconnects();
         }
         self.outstanding += batch;
         self.last_batch = batch;
@@ -108,13 +119,32 @@ impl Puller {
         Ok(())
     }
 
+    /// How many times the connection was made.
+    fn reconnects(&self) -> u64 {
+        self.client
+            .statistics()
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The next message or event.
     pub(crate) async fn next(&mut self) -> Pulled {
         loop {
             let stall_at = self.last_heard + STALL;
+            // From the last message or check: no clock read per message. Not polled while a
+            // message is ready (the first branch wins), so the hot path sets no timer either.
+            let check_at = self.last_heard.max(self.checked) + RECONNECT_CHECK;
             let message = tokio::select! {
                 biased;
                 message = self.subscriber.next() => message,
+                _ = tokio::time::sleep_until(check_at), if self.outstanding > 0 => {
+                    self.checked = Instant::now();
+                    if self.reconnects() != self.connects {
+                        self.outstanding = 0;
+                        return Pulled::Stalled("reconnected: the server may not know the pull requests");
+                    }
+                    continue;
+                }
                 _ = tokio::time::sleep_until(stall_at), if self.outstanding > 0 => {
                     // Woken long after the stall deadline: this process was paused (SIGSTOP, a
                     // frozen VM), not the server silent. What it sent meanwhile may still be
