@@ -206,13 +206,34 @@ pub async fn run_command(
 /// `GET path` over plain HTTP/1.1 on `addr`: the status code and the body. Written out by
 /// hand so the tests depend on no HTTP client, and see exactly what a scraper would.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    http_exchange(addr, request.as_bytes()).await
+}
+
+/// `POST path` of `body` as JSON over plain HTTP/1.1 on `addr`: the status code and the body.
+pub async fn http_post(addr: std::net::SocketAddr, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    http_exchange(addr, request.as_bytes()).await
+}
+
+/// Sends `request` on a new connection to `addr` and reads the response to its end.
+async fn http_exchange(addr: std::net::SocketAddr, request: &[u8]) -> std::io::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await?;
+    stream.write_all(request).await?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await?;
-    let response = String::from_utf8_lossy(&response).into_owned();
+    parse_http_response(&response)
+}
+
+/// The status code and body of one whole HTTP/1.1 response, as read to the end of its
+/// connection; a chunked body is joined.
+pub fn parse_http_response(response: &[u8]) -> std::io::Result<(u16, String)> {
+    let response = String::from_utf8_lossy(response).into_owned();
     let invalid = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{what}: {response:?}"));
     let (head, body) = response
         .split_once("\r\n\r\n")
