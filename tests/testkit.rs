@@ -2,7 +2,8 @@
 //! retries (`max_deliver`, backoff) and a slow handler; `dead_letters` returns what the service
 //! gave up on, with its reason and headers; a subscription is listening once `start` returns;
 //! the server restarts under the running service; state and a handler selection come through
-//! the builder; a startup error is returned, not hidden behind a timeout.
+//! the builder; a startup error is returned, not hidden behind a timeout; without a nats-server
+//! binary the error says how to install one.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -34,7 +35,9 @@ struct Counts {
 
 /// Bills orders; an order for nothing is rejected for good, an order for 1 cent fails twice
 /// before it goes through, and each takes a while.
-#[consumer(stream = "kit-orders", durable = "kit-billing", backoff = ["50ms"])]
+/// A short `ack_wait`: acks the server had not written to disk when it restarted come back
+/// (redelivered) within it.
+#[consumer(stream = "kit-orders", durable = "kit-billing", backoff = ["50ms"], ack_wait = "2s")]
 async fn bill(order: Order, State(counts): State<Counts>) -> Result<(), Reject> {
     tokio::time::sleep(Duration::from_millis(20)).await;
     if order.total_cents == 0 {
@@ -111,9 +114,10 @@ async fn settled_waits_out_retries_and_dead_letters_are_read_back() {
     })
     .await
     .expect("emit after the restart");
-    // Within 5 s: the consumer re-asks as soon as it sees the reconnect, rather than after
-    // the 11 s its pull requests' silence would take.
-    app.settled_within(Duration::from_secs(5))
+    // Within 8 s: the consumer re-asks as soon as it sees the reconnect, rather than after
+    // the 11 s its pull requests' silence would take (and what the server lost acks for comes
+    // back after the 2 s ack_wait).
+    app.settled_within(Duration::from_secs(8))
         .await
         .expect("settled after the restart");
     assert!(
@@ -136,4 +140,38 @@ async fn a_startup_error_is_returned_at_once() {
         "{error}"
     );
     assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+}
+
+/// Run as a child process by the test below, with no nats-server to be found (an environment
+/// variable of its own, so the other tests are not affected).
+#[tokio::test]
+#[ignore = "run by without_a_nats_server_the_error_says_how_to_install_one"]
+async fn start_without_a_nats_server() {
+    let error = TestApp::start().await.expect_err("no nats-server binary");
+    println!("TESTAPP ERROR {error:?}");
+}
+
+#[test]
+fn without_a_nats_server_the_error_says_how_to_install_one() {
+    let output = std::process::Command::new(std::env::current_exe().expect("this test binary"))
+        .args(["--ignored", "--exact", "start_without_a_nats_server", "--nocapture"])
+        .env("NATTY_NATS_SERVER", "/nonexistent/nats-server")
+        .output()
+        .expect("run the child test");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // The error's Debug: what failed, then each cause on a line of its own.
+    let error = stdout
+        .split_once("TESTAPP ERROR")
+        .map(|(_, error)| error)
+        .unwrap_or_else(|| panic!("no error printed: {stdout}"));
+    assert!(
+        error.contains("cannot start a nats-server") && error.contains("/nonexistent/nats-server does not exist"),
+        "{error}"
+    );
+    assert!(error.contains("scripts/install-nats-server.sh"), "{error}");
 }
