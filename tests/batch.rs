@@ -196,3 +196,19 @@ async fn batches_fill_flush_retry_whole_and_settle_one_by_one() {
     assert!((901..=905).all(|id| log.seen.lock().unwrap().get(&id) == Some(&1)));
     app.stop().await.expect("drained");
 }
+
+/// The AsyncAPI document describes a batch handler's payload as each message's type, not as
+/// the `Vec` (or `Batch`) the handler takes.
+#[test]
+fn a_batch_handlers_payload_is_its_item_type() {
+    let document = natty_runtime::Runtime::builder()
+        .handlers(["load", "sum"])
+        .build()
+        .expect("runtime")
+        .asyncapi();
+    let messages = document["components"]["messages"].as_object().expect("messages");
+    let names: Vec<&String> = messages.keys().collect();
+    assert_eq!(names, ["Row"], "{document:#}");
+    assert_eq!(messages["Row"]["payload"]["type"], "object", "{document:#}");
+    assert_eq!(messages["Row"]["payload"]["title"], "Row", "{document:#}");
+}

@@ -369,7 +369,7 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     let ident = &function.sig.ident;
     let adapter = format_ident!("__natty_capture_{}", ident);
     let describe = format_ident!("__natty_capture_payload_{}", ident);
-    let describer = handler::payload_describer(&describe, std::slice::from_ref(&payload));
+    let describer = handler::payload_describer(&describe, std::slice::from_ref(&payload), handler::Describes::Argument);
     let name = ident.to_string();
     let stream = parsed.stream.take().map(|lit| lit.value()).unwrap_or_default();
     let durable = parsed.durable.take().map(|lit| lit.value()).unwrap_or_default();

@@ -8,13 +8,13 @@ use syn::spanned::Spanned;
 use syn::{ItemFn, LitStr};
 
 use crate::attr::{self, Errors, MacroArgs as _, Parsed};
-use crate::handler::{self, HandlerKind};
+use crate::handler::{self, Describes, HandlerKind};
 
 const CONSUMER: HandlerKind = HandlerKind {
     what: "a consumer handler",
     undecodable: "Outcome::Undecodable",
     delivery_type: "Delivery",
-    describes_payload: true,
+    describes: Describes::Argument,
 };
 
 /// A batch consumer's handler: its arguments are built from the whole batch (`Vec<T>`,
@@ -23,7 +23,7 @@ const BATCH: HandlerKind = HandlerKind {
     what: "a consumer handler",
     undecodable: "Outcome::Undecodable",
     delivery_type: "BatchDelivery",
-    describes_payload: false,
+    describes: Describes::BatchItems,
 };
 
 /// How long a batch waits to fill when `batch_wait` is not given.

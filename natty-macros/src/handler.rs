@@ -16,8 +16,19 @@ pub struct HandlerKind {
     pub undecodable: &'static str,
     /// `__private` type the adapter receives.
     pub delivery_type: &'static str,
-    /// Whether its definition records the payload's description (`payload_probe`).
-    pub describes_payload: bool,
+    /// What its definition records of the payload (`payload_probe`), for the AsyncAPI document.
+    pub describes: Describes,
+}
+
+/// What a handler's definition records of its payload, for the AsyncAPI document.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Describes {
+    /// Nothing (a leader task has no payload).
+    Nothing,
+    /// The argument that is the payload.
+    Argument,
+    /// The item type of a batch handler's `Vec<T>` or `Batch<T>`.
+    BatchItems,
 }
 
 impl HandlerKind {
@@ -193,17 +204,26 @@ pub fn reply_describer(name: &Ident, ty: &Type) -> TokenStream {
 /// A function describing the payload among `args` for the AsyncAPI document, through the
 /// runtime's probes: an argument that is not a decodable payload describes nothing (and a
 /// wrong one is reported once, by the adapter, not again from here).
-pub fn payload_describer(name: &Ident, args: &[Type]) -> TokenStream {
+pub fn payload_describer(name: &Ident, args: &[Type], describes: Describes) -> TokenStream {
     let p = crate::attr::private();
+    // A batch handler's payload is the item of its `Vec<T>` or `Batch<T>`; elsewhere a `Vec<T>`
+    // is the payload itself (a JSON array), so the batch probe is in scope only for batches.
+    let (traits, probe) = match describes {
+        Describes::BatchItems => (quote::quote!(ArgBatchItems as _, ArgOther as _), quote::quote!(&&&&)),
+        _ => (
+            quote::quote!(ArgDecoded as _, ArgKvValue as _, ArgOther as _),
+            quote::quote!(&&&),
+        ),
+    };
     quote::quote! {
         #[automatically_derived]
         // The borrows select the probe's impl (autoref specialization): none is needless.
         #[allow(clippy::needless_borrow)]
         fn #name() -> ::core::option::Option<#p::PayloadDescription> {
             #[allow(unused_imports)]
-            use #p::{ArgDecoded as _, ArgKvValue as _, ArgOther as _};
+            use #p::{#traits};
             ::core::option::Option::None
-                #(.or_else(|| (&&&#p::Probe::<#args>::new()).describe_arg()))*
+                #(.or_else(|| (#probe #p::Probe::<#args>::new()).describe_arg()))*
         }
     }
 }
@@ -252,14 +272,15 @@ pub fn emit(
     let (delivery, bindings, call_args) = bindings(args, kind, key_fn);
     let delivery_type = kind.delivery_type();
     let needs = needs(args);
-    let (describer, payload_setter) = if kind.describes_payload {
-        let describe = format_ident!("__natty_payload");
-        (
-            payload_describer(&describe, args),
-            quote::quote!(.payload_probe(#describe)),
-        )
-    } else {
-        (TokenStream::new(), TokenStream::new())
+    let (describer, payload_setter) = match kind.describes {
+        Describes::Nothing => (TokenStream::new(), TokenStream::new()),
+        describes => {
+            let describe = format_ident!("__natty_payload");
+            (
+                payload_describer(&describe, args, describes),
+                quote::quote!(.payload_probe(#describe)),
+            )
+        }
     };
     quote::quote! {
         #function

@@ -6,7 +6,7 @@ use syn::spanned::Spanned;
 use syn::{ItemFn, LitStr};
 
 use crate::attr::{self, Errors, MacroArgs as _};
-use crate::handler::{self, HandlerKind};
+use crate::handler::{self, Describes, HandlerKind};
 
 attr::args! {
     /// `#[kv_watch(...)]`'s keys.
@@ -26,7 +26,7 @@ const KV_WATCH: HandlerKind = HandlerKind {
     what: "a #[kv_watch] handler",
     undecodable: "CoreOutcome::Undecodable",
     delivery_type: "KvDelivery",
-    describes_payload: true,
+    describes: Describes::Argument,
 };
 
 /// Expands `#[kv_watch(args)]` on `item`: the handler unchanged, plus its adapter and

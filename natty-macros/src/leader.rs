@@ -6,7 +6,7 @@ use syn::spanned::Spanned;
 use syn::{ItemFn, LitStr};
 
 use crate::attr::{self, Errors, MacroArgs as _};
-use crate::handler::{self, HandlerKind};
+use crate::handler::{self, Describes, HandlerKind};
 
 attr::args! {
     /// `#[leader(...)]`'s keys.
@@ -32,7 +32,7 @@ const LEADER: HandlerKind = HandlerKind {
     // Never used: nothing a leader task takes can fail to build.
     undecodable: "Outcome::Undecodable",
     delivery_type: "Lease",
-    describes_payload: false,
+    describes: Describes::Nothing,
 };
 
 /// Leases shorter than this cannot be kept: the server counts TTLs in whole seconds.

@@ -8,13 +8,13 @@ use syn::spanned::Spanned;
 use syn::{ItemFn, LitStr};
 
 use crate::attr::{self, Errors, MacroArgs as _};
-use crate::handler::{self, HandlerKind};
+use crate::handler::{self, Describes, HandlerKind};
 
 const SUBSCRIBE: HandlerKind = HandlerKind {
     what: "a #[subscribe] handler",
     undecodable: "CoreOutcome::Undecodable",
     delivery_type: "CoreDelivery",
-    describes_payload: true,
+    describes: Describes::Argument,
 };
 
 attr::args! {

@@ -462,6 +462,25 @@ impl<T: DecodePayload> ArgKvValue for &&Probe<KvChange<T>> {
     }
 }
 
+/// A batch handler's messages: `Vec<T>` or `Batch<T>` of a decodable `T`, whose payload is
+/// `T`. Only batch handlers' describers bring it in scope. Not part of the API.
+pub trait ArgBatchItems {
+    /// Describes the payload of each message of the batch.
+    fn describe_arg(&self) -> Option<PayloadDescription>;
+}
+
+impl<T: DecodePayload> ArgBatchItems for &&&Probe<Vec<T>> {
+    fn describe_arg(&self) -> Option<PayloadDescription> {
+        Some(describe::<T>())
+    }
+}
+
+impl<T: DecodePayload> ArgBatchItems for &&&Probe<crate::consumer::Batch<T>> {
+    fn describe_arg(&self) -> Option<PayloadDescription> {
+        Some(describe::<T>())
+    }
+}
+
 /// A handler argument that is a decodable payload. Not part of the API.
 pub trait ArgDecoded {
     /// Describes the payload this argument stands for.

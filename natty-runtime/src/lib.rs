@@ -205,7 +205,8 @@ pub mod __private {
         TwoPayloads, ViaParts, ViaPayload,
     };
     pub use crate::asyncapi::{
-        ArgDecoded, ArgKvValue, ArgOther, DescribeDecodedReply, DescribeEncodedReply, DescribeUnknownReply,
+        ArgBatchItems, ArgDecoded, ArgKvValue, ArgOther, DescribeDecodedReply, DescribeEncodedReply,
+        DescribeUnknownReply,
     };
     #[cfg(feature = "capture")]
     pub use crate::capture;
