@@ -75,6 +75,15 @@ impl Errors {
     }
 
     /// Every recorded error, as one (each still at its own span), or `Ok` when there is none.
+    /// `Err` with the errors emitted beside `item` (kept as written, so the code using it still
+    /// resolves and only these errors are reported), `Ok` when there are none.
+    pub fn beside(self, item: &TokenStream) -> Result<(), TokenStream> {
+        self.into_result().map_err(|error| {
+            let error = error.to_compile_error();
+            quote::quote!(#item #error)
+        })
+    }
+
     pub fn into_result(self) -> Result<(), syn::Error> {
         match self.0 {
             Some(error) => Err(error),

@@ -302,13 +302,9 @@ fn signature(function: &ItemFn, errors: &mut Errors) -> Option<(syn::Type, syn::
 pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     let mut errors = Errors::default();
     let parsed = Args::parse(args, &mut errors);
-    let function: ItemFn = match syn::parse2(item.clone()) {
+    let function = match handler::function(&item, "capture", "a `fn` that returns a record's split key") {
         Ok(function) => function,
-        Err(_) => {
-            let error = syn::Error::new_spanned(&item, "`#[capture]` goes on a `fn` that returns a record's split key")
-                .to_compile_error();
-            return quote!(#item #error);
-        }
+        Err(beside) => return beside,
     };
     let types = signature(&function, &mut errors);
     for (slot, key_value) in [
@@ -359,9 +355,8 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         let error = error.to_compile_error();
         return quote!(#item #error);
     };
-    if let Err(error) = errors.into_result() {
-        let error = error.to_compile_error();
-        return quote!(#item #error);
+    if let Err(beside) = errors.beside(&item) {
+        return beside;
     }
 
     let p = attr::private();

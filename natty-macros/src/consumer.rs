@@ -5,7 +5,7 @@
 use proc_macro2::{Span, TokenStream};
 use quote::{format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
-use syn::{ItemFn, LitStr};
+use syn::LitStr;
 
 use crate::attr::{self, Errors, MacroArgs as _, Parsed};
 use crate::handler::{self, Describes, HandlerKind};
@@ -185,12 +185,9 @@ enum OrderBy {
 pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     let mut errors = Errors::default();
     let parsed = Args::parse(args, &mut errors);
-    let function: ItemFn = match syn::parse2(item.clone()) {
+    let function = match handler::function(&item, "consumer", "an `async fn`") {
         Ok(function) => function,
-        Err(_) => {
-            let error = syn::Error::new_spanned(&item, "`#[consumer]` goes on an `async fn`").to_compile_error();
-            return quote!(#item #error);
-        }
+        Err(beside) => return beside,
     };
     let kind = if parsed.batch.given() { &BATCH } else { &CONSUMER };
     let handler_args = handler::signature(&function, &mut errors, kind);
@@ -238,9 +235,8 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         }
         key_fn = Some(path.span());
     }
-    if let Err(error) = errors.into_result() {
-        let error = error.to_compile_error();
-        return quote!(#item #error);
+    if let Err(beside) = errors.beside(&item) {
+        return beside;
     }
 
     let p = attr::private();

@@ -44,6 +44,14 @@ impl HandlerKind {
     }
 }
 
+/// The item `#[attribute]` is on, as a function; else the error, beside the item.
+pub fn function(item: &TokenStream, attribute: &str, what: &str) -> Result<ItemFn, TokenStream> {
+    syn::parse2(item.clone()).map_err(|_| {
+        let error = syn::Error::new_spanned(item, format!("`#[{attribute}]` goes on {what}")).to_compile_error();
+        quote::quote!(#item #error)
+    })
+}
+
 /// Checks the handler's signature, pointing each mistake at its token; returns its arguments.
 pub fn signature(function: &ItemFn, errors: &mut Errors, kind: &HandlerKind) -> Vec<Type> {
     let what = kind.what;

@@ -61,9 +61,8 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     let parsed = Args::parse(args, &mut errors);
     declaration::check_item(&item, "kv_bucket", "struct Config;", &mut errors);
     parsed.name.require(&mut errors, "#[kv_bucket(name = \"config\")]");
-    if let Err(error) = errors.into_result() {
-        let error = error.to_compile_error();
-        return quote!(#item #error);
+    if let Err(beside) = errors.beside(&item) {
+        return beside;
     }
 
     let p = attr::private();

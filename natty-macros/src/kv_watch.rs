@@ -3,7 +3,7 @@
 use proc_macro2::TokenStream;
 use quote::{format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
-use syn::{ItemFn, LitStr};
+use syn::LitStr;
 
 use crate::attr::{self, Errors, MacroArgs as _};
 use crate::handler::{self, Describes, HandlerKind};
@@ -34,20 +34,16 @@ const KV_WATCH: HandlerKind = HandlerKind {
 pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     let mut errors = Errors::default();
     let parsed = Args::parse(args, &mut errors);
-    let function: ItemFn = match syn::parse2(item.clone()) {
+    let function = match handler::function(&item, "kv_watch", "an `async fn`") {
         Ok(function) => function,
-        Err(_) => {
-            let error = syn::Error::new_spanned(&item, "`#[kv_watch]` goes on an `async fn`").to_compile_error();
-            return quote!(#item #error);
-        }
+        Err(beside) => return beside,
     };
     let handler_args = handler::signature(&function, &mut errors, &KV_WATCH);
     parsed
         .bucket
         .require(&mut errors, "#[kv_watch(bucket = \"config\", key = \"features.>\")]");
-    if let Err(error) = errors.into_result() {
-        let error = error.to_compile_error();
-        return quote!(#item #error);
+    if let Err(beside) = errors.beside(&item) {
+        return beside;
     }
 
     let p = attr::private();

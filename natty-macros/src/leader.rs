@@ -3,7 +3,7 @@
 use proc_macro2::TokenStream;
 use quote::{format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
-use syn::{ItemFn, LitStr};
+use syn::LitStr;
 
 use crate::attr::{self, Errors, MacroArgs as _};
 use crate::handler::{self, Describes, HandlerKind};
@@ -43,21 +43,17 @@ const MIN_TTL_NANOS: u64 = 1_000_000_000;
 pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     let mut errors = Errors::default();
     let parsed = Args::parse(args, &mut errors);
-    let function: ItemFn = match syn::parse2(item.clone()) {
+    let function = match handler::function(&item, "leader", "an `async fn`") {
         Ok(function) => function,
-        Err(_) => {
-            let error = syn::Error::new_spanned(&item, "`#[leader]` goes on an `async fn`").to_compile_error();
-            return quote!(#item #error);
-        }
+        Err(beside) => return beside,
     };
     // Anything but a `Lease` (a payload, say) is refused by trait: no message reaches a leader.
     let handler_args = handler::signature(&function, &mut errors, &LEADER);
     let example = "#[leader(bucket = \"election\", key = \"scheduler\", ttl = \"10s\")]";
     parsed.bucket.require(&mut errors, example);
     parsed.key.require(&mut errors, example);
-    if let Err(error) = errors.into_result() {
-        let error = error.to_compile_error();
-        return quote!(#item #error);
+    if let Err(beside) = errors.beside(&item) {
+        return beside;
     }
 
     let p = attr::private();

@@ -28,9 +28,8 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     let parsed = Args::parse(args, &mut errors);
     declaration::check_item(&item, "object_store", "struct Config;", &mut errors);
     parsed.name.require(&mut errors, "#[object_store(name = \"reports\")]");
-    if let Err(error) = errors.into_result() {
-        let error = error.to_compile_error();
-        return quote!(#item #error);
+    if let Err(beside) = errors.beside(&item) {
+        return beside;
     }
 
     let p = attr::private();

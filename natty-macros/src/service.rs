@@ -5,7 +5,7 @@
 use proc_macro2::TokenStream;
 use quote::{format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
-use syn::{ItemFn, LitStr};
+use syn::LitStr;
 
 use crate::attr::{self, Errors, MacroArgs as _};
 use crate::handler::{self, Describes, HandlerKind};
@@ -32,12 +32,9 @@ attr::args! {
 pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     let mut errors = Errors::default();
     let parsed = Args::parse(args, &mut errors);
-    let function: ItemFn = match syn::parse2(item.clone()) {
+    let function = match handler::function(&item, "service", "an `async fn`") {
         Ok(function) => function,
-        Err(_) => {
-            let error = syn::Error::new_spanned(&item, "`#[service]` goes on an `async fn`").to_compile_error();
-            return quote!(#item #error);
-        }
+        Err(beside) => return beside,
     };
     let handler_args = handler::signature(&function, &mut errors, &SERVICE);
     parsed
@@ -49,9 +46,8 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
             "a #[service] handler returns its reply: `-> Result<Reply, E>` with `Reply: Serialize`",
         );
     }
-    if let Err(error) = errors.into_result() {
-        let error = error.to_compile_error();
-        return quote!(#item #error);
+    if let Err(beside) = errors.beside(&item) {
+        return beside;
     }
     let syn::ReturnType::Type(_, reply) = &function.sig.output else {
         unreachable!("a handler without a return type was rejected above");

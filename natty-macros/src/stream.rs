@@ -49,9 +49,8 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     let example = "#[stream(name = \"orders\", subjects = [\"orders.>\"])]";
     parsed.name.require(&mut errors, example);
     parsed.subjects.require(&mut errors, example);
-    if let Err(error) = errors.into_result() {
-        let error = error.to_compile_error();
-        return quote!(#item #error);
+    if let Err(beside) = errors.beside(&item) {
+        return beside;
     }
 
     let p = attr::private();

@@ -5,7 +5,7 @@
 use proc_macro2::TokenStream;
 use quote::{format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
-use syn::{ItemFn, LitStr};
+use syn::LitStr;
 
 use crate::attr::{self, Errors, MacroArgs as _};
 use crate::handler::{self, Describes, HandlerKind};
@@ -32,20 +32,16 @@ attr::args! {
 pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     let mut errors = Errors::default();
     let parsed = Args::parse(args, &mut errors);
-    let function: ItemFn = match syn::parse2(item.clone()) {
+    let function = match handler::function(&item, "subscribe", "an `async fn`") {
         Ok(function) => function,
-        Err(_) => {
-            let error = syn::Error::new_spanned(&item, "`#[subscribe]` goes on an `async fn`").to_compile_error();
-            return quote!(#item #error);
-        }
+        Err(beside) => return beside,
     };
     let handler_args = handler::signature(&function, &mut errors, &SUBSCRIBE);
     parsed
         .subject
         .require(&mut errors, "#[subscribe(subject = \"orders.lookup\")]");
-    if let Err(error) = errors.into_result() {
-        let error = error.to_compile_error();
-        return quote!(#item #error);
+    if let Err(beside) = errors.beside(&item) {
+        return beside;
     }
 
     let p = attr::private();
