@@ -13,7 +13,7 @@ use futures_util::stream::BoxStream;
 use futures_util::{Stream, StreamExt, TryStreamExt};
 
 use crate::error::BoxError;
-use crate::kv_watch::{Entries, FromKvEntry, KvChange, KvDelivery, WatchStart};
+use crate::kv_watch::{Entries, KvChange, WatchStart};
 use crate::payload::{DecodeError, DecodePayload, EncodePayload, Format};
 use crate::publish::{Client, PublishError};
 use crate::stream::is_stream_not_found;
@@ -581,17 +581,11 @@ impl<T: DecodePayload> Stream for KvChanges<T> {
             return Poll::Ready(None);
         };
         let (key, revision) = (entry.key.clone(), entry.revision);
-        Poll::Ready(Some(
-            KvChange::<T>::from_entry(&KvDelivery {
-                entry,
-                states: Default::default(),
-            })
-            .map_err(|source| KvError::Decode {
-                bucket: self.bucket.clone(),
-                key,
-                revision,
-                source,
-            }),
-        ))
+        Poll::Ready(Some(KvChange::<T>::decode(&entry).map_err(|source| KvError::Decode {
+            bucket: self.bucket.clone(),
+            key,
+            revision,
+            source,
+        })))
     }
 }

@@ -118,7 +118,13 @@ impl<T: DecodePayload> FromKvEntry for KvChange<T> {
     }
 
     fn from_entry(delivery: &KvDelivery) -> Result<Self, DecodeError> {
-        let entry = &delivery.entry;
+        KvChange::decode(&delivery.entry)
+    }
+}
+
+impl<T: DecodePayload> KvChange<T> {
+    /// The change `entry` records, its value decoded as `T`.
+    pub(crate) fn decode(entry: &kv::Entry) -> Result<Self, DecodeError> {
         let operation = match entry.operation {
             kv::Operation::Put => KvOperation::Put,
             kv::Operation::Delete => KvOperation::Delete,
