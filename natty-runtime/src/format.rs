@@ -19,6 +19,16 @@ impl Format {
         }
     }
 
+    /// Writes the `Content-Type` header naming this format into `headers`. The name is a
+    /// static [`HeaderName`](async_nats::HeaderName): a name given as `&str` is validated and
+    /// copied on every insert, and this runs once per message.
+    pub(crate) fn write_content_type(self, headers: &mut async_nats::HeaderMap) {
+        headers.insert(
+            const { async_nats::HeaderName::from_static(crate::payload::CONTENT_TYPE) },
+            self.content_type(),
+        );
+    }
+
     /// The format a `Content-Type` value names, ignoring parameters such as `charset`;
     /// `None` for a media type natty does not know.
     pub fn from_content_type(value: &str) -> Option<Format> {

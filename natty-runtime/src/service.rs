@@ -9,7 +9,7 @@ use async_nats::HeaderMap;
 
 use crate::error::BoxError;
 use crate::handler::CoreOutcome;
-use crate::payload::{DecodeError, DecodePayload, EncodePayload, Format, CONTENT_TYPE};
+use crate::payload::{DecodeError, DecodePayload, EncodePayload, Format};
 use crate::publish::Client;
 
 /// The header carrying a service handler's error back to the requester.
@@ -132,7 +132,7 @@ impl Client {
             source,
         })?;
         let mut headers = HeaderMap::new();
-        headers.insert(CONTENT_TYPE, Req::FORMAT.content_type());
+        Req::FORMAT.write_content_type(&mut headers);
         let sent = self
             .nats()
             .send_request(

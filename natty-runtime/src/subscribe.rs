@@ -18,7 +18,6 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::handler::CoreOutcome;
-use crate::payload::CONTENT_TYPE;
 use crate::publish::Client;
 use crate::service::ERROR_HEADER;
 use crate::stream::Location;
@@ -285,7 +284,7 @@ async fn handle(def: SubscriptionDef, client: Client, message: async_nats::Messa
         CoreOutcome::Reply(body, format) => {
             if let Some(reply) = reply {
                 let mut headers = HeaderMap::new();
-                headers.insert(CONTENT_TYPE, format.content_type());
+                format.write_content_type(&mut headers);
                 if let Err(error) = client.nats().publish_with_headers(reply, headers, body).await {
                     tracing::warn!(handler = def.name, error = %crate::error::chain(&error), "cannot send the reply");
                 }

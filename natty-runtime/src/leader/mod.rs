@@ -28,7 +28,7 @@ use tracing::Instrument;
 use crate::config::Provision;
 use crate::error::{BoxError, Error, Result};
 use crate::handler::Outcome;
-use crate::payload::{EncodePayload, CONTENT_TYPE};
+use crate::payload::EncodePayload;
 use crate::publish::Client;
 use crate::stream::Location;
 
@@ -186,7 +186,7 @@ impl Lease {
         loop {
             let token = self.token();
             let mut headers = HeaderMap::new();
-            headers.insert(CONTENT_TYPE, T::FORMAT.content_type());
+            T::FORMAT.write_content_type(&mut headers);
             headers.insert(
                 async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
                 token.to_string().as_str(),

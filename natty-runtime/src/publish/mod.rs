@@ -1,7 +1,7 @@
 //! Typed publishing: values to JetStream subjects, each awaited until the stream acks it.
 
 pub use crate::error::PublishError;
-use crate::payload::{EncodePayload, Format, Payload, CONTENT_TYPE};
+use crate::payload::{EncodePayload, Format, Payload};
 
 use async_nats::jetstream;
 pub use async_nats::jetstream::publish::PublishAck;
@@ -392,7 +392,7 @@ impl Publish {
     /// The headers to send: the options' plus the payload's `Content-Type`.
     fn into_headers(self, format: Format) -> async_nats::HeaderMap {
         let mut headers = self.headers.unwrap_or_default();
-        headers.insert(CONTENT_TYPE, format.content_type());
+        format.write_content_type(&mut headers);
         headers
     }
 }
