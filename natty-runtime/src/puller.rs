@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use async_nats::{StatusCode, Subject};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::time::Instant;
 
 /// How long one pull request waits on the server.
@@ -53,6 +53,16 @@ pub(crate) enum Pulled {
     Closed,
 }
 
+/// What [`Puller::wait`] saw.
+enum Waited {
+    /// The subscription's next message (`None`: it closed).
+    Message(Option<async_nats::Message>),
+    /// A timer found nothing wrong (no reconnect; or it woke late, after a pause): look again.
+    Again,
+    /// The pull requests are likely gone.
+    Stalled(&'static str),
+}
+
 /// One consumer's pull subscription and its outstanding credits.
 pub(crate) struct Puller {
     client: async_nats::Client,
@@ -64,7 +74,10 @@ pub(crate) struct Puller {
     outstanding: usize,
     /// The size of the last request sent: the one a `409 Exceeded MaxWaiting` turns away.
     last_batch: usize,
+    /// When the server was last heard from, as of the last wait (see `heard`).
     last_heard: Instant,
+    /// Something arrived since `last_heard` was set: the next wait starts the silence anew.
+    heard: bool,
     /// The connection's reconnect count when the outstanding requests were sent.
     connects: u64,
     /// When the reconnect count was last looked at.
@@ -88,6 +101,7 @@ impl Puller {
             outstanding: 0,
             last_batch: 0,
             last_heard: Instant::now(),
+            heard: false,
             connects: client.statistics().connects.load(std::sync::atomic::Ordering::Relaxed),
             checked: Instant::now(),
         })
@@ -130,38 +144,26 @@ impl Puller {
     /// The next message or event.
     pub(crate) async fn next(&mut self) -> Pulled {
         loop {
-            let stall_at = self.last_heard + STALL;
-            // From the last message or check: no clock read per message. Not polled while a
-            // message is ready (the first branch wins), so the hot path sets no timer either.
-            let check_at = self.last_heard.max(self.checked) + RECONNECT_CHECK;
-            let message = tokio::select! {
-                biased;
-                message = self.subscriber.next() => message,
-                _ = tokio::time::sleep_until(check_at), if self.outstanding > 0 => {
-                    self.checked = Instant::now();
-                    if self.reconnects() != self.connects {
+            // The hot path: a message already waits in the subscription's channel. It is taken
+            // without making the two timers of `wait` (each reads the runtime's handle) and
+            // without reading the clock.
+            let message = match self.subscriber.next().now_or_never() {
+                Some(message) => {
+                    self.heard = true;
+                    message
+                }
+                None => match self.wait().await {
+                    Waited::Message(message) => message,
+                    Waited::Again => continue,
+                    Waited::Stalled(why) => {
                         self.outstanding = 0;
-                        return Pulled::Stalled("reconnected: the server may not know the pull requests");
+                        return Pulled::Stalled(why);
                     }
-                    continue;
-                }
-                _ = tokio::time::sleep_until(stall_at), if self.outstanding > 0 => {
-                    // Woken long after the stall deadline: this process was paused (SIGSTOP, a
-                    // frozen VM), not the server silent. What it sent meanwhile may still be
-                    // unread: give it a heartbeat's time to speak before judging, rather than
-                    // dropping credits the server still holds and asking for them twice.
-                    if Instant::now() > stall_at + PAUSED {
-                        self.last_heard = Instant::now();
-                        continue;
-                    }
-                    self.outstanding = 0;
-                    return Pulled::Stalled("no message or heartbeat from the server");
-                }
+                },
             };
             let Some(message) = message else {
                 return Pulled::Closed;
             };
-            self.last_heard = Instant::now();
             if message.status.is_some_and(|status| status != StatusCode::OK) {
                 tracing::trace!(status = ?message.status, description = ?message.description, outstanding = self.outstanding, "pull status");
             }
@@ -206,6 +208,43 @@ impl Puller {
                 Some(other) => {
                     tracing::debug!(status = %other, description = ?message.description, "unexpected pull status");
                 }
+            }
+        }
+    }
+
+    /// Waits for the subscription's next message, watching for a stall and a reconnect while
+    /// credits are outstanding.
+    async fn wait(&mut self) -> Waited {
+        if std::mem::take(&mut self.heard) {
+            // Something came since the last wait: the silence starts now. Read here, once per
+            // wait, rather than once per message.
+            self.last_heard = Instant::now();
+        }
+        let stall_at = self.last_heard + STALL;
+        let check_at = self.last_heard.max(self.checked) + RECONNECT_CHECK;
+        tokio::select! {
+            biased;
+            message = self.subscriber.next() => {
+                self.heard = true;
+                Waited::Message(message)
+            }
+            _ = tokio::time::sleep_until(check_at), if self.outstanding > 0 => {
+                self.checked = Instant::now();
+                if self.reconnects() != self.connects {
+                    return Waited::Stalled("reconnected: the server may not know the pull requests");
+                }
+                Waited::Again
+            }
+            _ = tokio::time::sleep_until(stall_at), if self.outstanding > 0 => {
+                // Woken long after the stall deadline: this process was paused (SIGSTOP, a
+                // frozen VM), not the server silent. What it sent meanwhile may still be
+                // unread: give it a heartbeat's time to speak before judging, rather than
+                // dropping credits the server still holds and asking for them twice.
+                if Instant::now() > stall_at + PAUSED {
+                    self.last_heard = Instant::now();
+                    return Waited::Again;
+                }
+                Waited::Stalled("no message or heartbeat from the server")
             }
         }
     }

@@ -317,13 +317,20 @@ impl Consumer {
                     (Some(batch), Some(since)) if permits.available_permits() > 0 => Some(since + batch.wait),
                     _ => None,
                 };
+                // Polled once or twice per message, so nothing here costs unless it is needed:
+                // cancellation is an atomic load at the top and a waiter registered only when
+                // the loop is about to sleep (its branch comes last); the batch timer is made
+                // only when a batch is due.
+                if cancel.is_cancelled() {
+                    break false;
+                }
                 let pulled = tokio::select! {
                     biased;
-                    _ = cancel.cancelled() => break false,
                     Some(()) = inline.next(), if !inline.is_empty() => continue,
                     _ = this.room.notified(), if signalled => continue,
-                    _ = tokio::time::sleep_until(batch_due.unwrap_or_else(tokio::time::Instant::now)), if batch_due.is_some() => continue,
+                    _ = async { tokio::time::sleep_until(batch_due?).await; Some(()) }, if batch_due.is_some() => continue,
                     pulled = puller.next() => pulled,
+                    _ = cancel.cancelled() => break false,
                 };
                 match pulled {
                     Pulled::Message(message) => {
@@ -336,7 +343,9 @@ impl Consumer {
                                 lanes.dispatch(this.clone(), order_by, ready, &permits, &cancel, &hard_stop)
                             }
                             None => {
-                                if queue.is_empty() {
+                                // Only a batch waits for its first message's age (a clock read
+                                // per message otherwise).
+                                if batch.is_some() && queue.is_empty() {
                                     gathering = Some(tokio::time::Instant::now());
                                 }
                                 queue.push_back(ready)

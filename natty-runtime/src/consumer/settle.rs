@@ -403,7 +403,15 @@ pub(crate) struct Settle<'a> {
 
 impl Settle<'_> {
     pub(crate) async fn send(&self, body: Bytes) {
-        match tokio::time::timeout(SETTLE_WITHIN, self.client.publish(self.reply.clone(), body)).await {
+        let publish = self.client.publish(self.reply.clone(), body);
+        tokio::pin!(publish);
+        // Almost always done at the first poll (the connection's queue has room): the timeout,
+        // whose timer reads the clock and the runtime's handle, is set only when it is not.
+        let sent = match futures_util::poll!(&mut publish) {
+            std::task::Poll::Ready(sent) => Ok(sent),
+            std::task::Poll::Pending => tokio::time::timeout(SETTLE_WITHIN, publish).await,
+        };
+        match sent {
             Ok(Ok(())) => {}
             // The server will redeliver after ack_wait: at-least-once holds.
             Ok(Err(error)) => {
