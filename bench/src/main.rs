@@ -386,13 +386,37 @@ fn median(mut values: Vec<f64>) -> f64 {
 struct Measured {
     wall: Duration,
     cpu: Option<Duration>,
+    /// The nats-server's CPU time across the window: on this machine most of the cost of a
+    /// message is the server's, and what a client sends (headers, acks) changes it.
+    server: Option<Duration>,
 }
 
 impl Measured {
     /// A window whose work ran in other processes (the scale-out workers): wall time only.
     fn wall(wall: Duration) -> Measured {
-        Measured { wall, cpu: None }
+        Measured {
+            wall,
+            cpu: None,
+            server: None,
+        }
     }
+}
+
+/// The benchmark's nats-server, whose CPU time each window also reads.
+static SERVER_PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+/// The CPU time (user + system) the benchmark's nats-server has used so far, from
+/// `/proc/<pid>/stat` (in clock ticks of 10 ms: fine over windows of a second or more).
+fn server_cpu_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", SERVER_PID.get()?)).ok()?;
+    // Fields after the command name (which may hold spaces, so split after its `)`):
+    // state is the 3rd field of the line, utime the 14th and stime the 15th.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    #[allow(unsafe_code)] // sysconf has no safe wrapper in std
+    // SAFETY: sysconf reads a constant of the system and has no memory effects.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(Duration::from_secs_f64(ticks as f64 / per_second as f64))
 }
 
 /// A measured window in progress. Raw and natty run in this one process, one after the
@@ -400,12 +424,14 @@ impl Measured {
 struct Window {
     wall: Instant,
     cpu: Duration,
+    server: Option<Duration>,
 }
 
 impl Window {
     fn start() -> Window {
         Window {
             cpu: cpu_time(),
+            server: server_cpu_time(),
             wall: Instant::now(),
         }
     }
@@ -415,6 +441,10 @@ impl Window {
         Measured {
             wall,
             cpu: Some(cpu_time().saturating_sub(self.cpu)),
+            server: self
+                .server
+                .zip(server_cpu_time())
+                .map(|(start, end)| end.saturating_sub(start)),
         }
     }
 }
@@ -433,19 +463,21 @@ fn cpu_time() -> Duration {
     time(usage.ru_utime) + time(usage.ru_stime)
 }
 
-/// One side's round: messages/s and CPU microseconds per message (NaN if not measured here).
+/// One side's round: messages/s and CPU microseconds per message of this process and of the
+/// server (NaN where not measured).
 #[derive(Clone, Copy)]
 struct Run {
     rate: f64,
     cpu_us: f64,
+    server_us: f64,
 }
 
 fn rate(count: u64, measured: Measured) -> Run {
+    let per_message = |cpu: Option<Duration>| cpu.map_or(f64::NAN, |cpu| cpu.as_secs_f64() * 1e6 / count as f64);
     Run {
         rate: count as f64 / measured.wall.as_secs_f64(),
-        cpu_us: measured
-            .cpu
-            .map_or(f64::NAN, |cpu| cpu.as_secs_f64() * 1e6 / count as f64),
+        cpu_us: per_message(measured.cpu),
+        server_us: per_message(measured.server),
     }
 }
 
@@ -566,6 +598,14 @@ fn report(name: &str, raw: &[Run], natty: &[Run], goal: &str) -> Rates {
             "{:<28} cpu/msg raw {raw_cpu:>7.2} us       natty {natty_cpu:>7.2} us       natty/raw {:>5.2}",
             "",
             ratio(|run| run.cpu_us)
+        );
+    }
+    let (raw_server, natty_server) = (middle(raw, |run| run.server_us), middle(natty, |run| run.server_us));
+    if raw_server.is_finite() && natty_server.is_finite() {
+        println!(
+            "{:<28} server cpu/msg raw {raw_server:>5.2} us  natty {natty_server:>7.2} us       natty/raw {:>5.2}",
+            "",
+            ratio(|run| run.server_us)
         );
     }
     Rates {
@@ -875,7 +915,8 @@ async fn scenario_publish(server: &NatsServer, js: &jetstream::Context, args: &A
             if same_headers {
                 let id = ids.next().expect("ids");
                 headers.insert("Content-Type", "application/json");
-                headers.insert("traceparent", format!("00-{id:032x}-{:016x}-01", id as u64).as_str());
+                // Not sampled, as natty marks a trace it starts with no exporter.
+                headers.insert("traceparent", format!("00-{id:032x}-{:016x}-00", id as u64).as_str());
             }
             let ack = js
                 .publish_with_headers("bench.pub-raw", headers, payload.into())
@@ -921,8 +962,9 @@ async fn scenario_publish(server: &NatsServer, js: &jetstream::Context, args: &A
             }
         }
         eprintln!(
-            "  publish round {round}: raw {:.0} ({:.2} us cpu/msg), natty {:.0} ({:.2}), raw with natty's headers {:.0} ({:.2})",
-            raw[round].rate, raw[round].cpu_us, natty[round].rate, natty[round].cpu_us, same[round].rate, same[round].cpu_us
+            "  publish round {round}: raw {:.0} ({:.2} us cpu/msg, server {:.2}), natty {:.0} ({:.2}, {:.2}), raw with natty's headers {:.0} ({:.2}, {:.2})",
+            raw[round].rate, raw[round].cpu_us, raw[round].server_us, natty[round].rate, natty[round].cpu_us, natty[round].server_us,
+            same[round].rate, same[round].cpu_us, same[round].server_us
         );
     }
     let rate = report("publish, id each (2000 in flight)", &raw, &natty, ">= 0.97x");
@@ -1412,6 +1454,7 @@ async fn main() {
     let args = args();
     let wants = |name: &str| args.only.as_ref().is_none_or(|only| only.iter().any(|o| o == name));
     let server = NatsServer::start().await.expect("nats-server");
+    let _ = SERVER_PID.set(server.pid());
     let js = jetstream::new(server.client().await);
     for (name, subjects) in [("bench", "bench.>"), ("idle", "idle.>")] {
         js.create_stream(jetstream::stream::Config {
