@@ -53,6 +53,8 @@ attr::args! {
         order_by: OrderBy = "order_by" => order_by;
         /// (bucket, key) of the election this consumer follows.
         while_leading: (String, String) = "while_leading" => while_leading;
+        /// `"sent"` (the default) or `"confirmed"`.
+        ack: TokenStream = "ack" => ack;
         batch: usize = "batch" => attr::count;
         batch_wait: u64 = "batch_wait" => |meta| {
             attr::duration_at_least(meta, 1_000_000, "`batch_wait` must be at least 1ms")
@@ -84,6 +86,23 @@ fn deliver(meta: &syn::meta::ParseNestedMeta) -> Parsed<TokenStream> {
             format!(
                 "unknown deliver policy `{other}`; expected \"all\", \"new\", \"last\" or \"last_per_subject\" \
                  (start from a sequence or a time with `start_sequence` or `start_time`)"
+            ),
+        )),
+    }
+    .map(|tokens| (tokens, lit.span())))
+}
+
+/// `ack = "sent" | "confirmed"`, as the `Ack` variant.
+fn ack(meta: &syn::meta::ParseNestedMeta) -> Parsed<TokenStream> {
+    let lit = attr::lit_str(meta)?;
+    Ok(match lit.value().as_str() {
+        "sent" => Ok(quote!(Sent)),
+        "confirmed" => Ok(quote!(Confirmed)),
+        other => Err(syn::Error::new(
+            lit.span(),
+            format!(
+                "unknown ack mode `{other}`; expected \"confirmed\" (wait until the server confirms each ack, \
+                 sending it again until it does) or \"sent\" (the default: send and go on)"
             ),
         )),
     }
@@ -325,6 +344,9 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     }
     if let Some(deliver) = parsed.deliver.take() {
         setters.push(quote!(.deliver(#p::Deliver::#deliver)));
+    }
+    if let Some(ack) = parsed.ack.take() {
+        setters.push(quote!(.ack(#p::Ack::#ack)));
     }
     if let Some(size) = parsed.batch.take() {
         let wait = attr::duration_tokens(parsed.batch_wait.take().unwrap_or(DEFAULT_BATCH_WAIT_NANOS));

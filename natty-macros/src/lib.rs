@@ -37,7 +37,9 @@ mod subscribe;
 /// `ack_wait`, `max_deliver`, `max_ack_pending`, `replicas` (of the consumer's state; default:
 /// the stream's), `concurrency`, `prefetch`, `backoff` (a list of
 /// durations: the delay before each redelivery after an error), `dead_letter` (a subject),
-/// `deliver` / `start_sequence` / `start_time` (where to start), `inactive_threshold` (ephemeral only).
+/// `deliver` / `start_sequence` / `start_time` (where to start), `inactive_threshold` (ephemeral only),
+/// `ack` (`"sent"`, the default, or `"confirmed"`: wait until the server confirms each ack),
+/// `order_by`, `while_leading`, `batch` / `batch_wait`.
 /// Arguments: at most one payload (any `serde::Deserialize` type, JSON) and a `Context`.
 /// `Ok` or `()` acks; `Err(Reject::...)` naks now, naks after a delay, or terminates; any other
 /// error retries with the backoff; after `max_deliver`, the message goes to the dead-letter subject.

@@ -16,6 +16,19 @@ pub(crate) struct ConsumerShared {
     pub(crate) stream: &'static str,
     pub(crate) name: std::sync::Arc<str>,
     pub(crate) client: Client,
+    /// The consumer's `ack_wait` as the server has it (read at each bind; the declared one, or
+    /// the server's default, until then): for in-progress pings, and how long a confirmed ack
+    /// is retried.
+    pub(crate) ack_wait_nanos: std::sync::atomic::AtomicU64,
+    /// The sequences whose ack was confirmed lately (see [`crate::consumer::Confirmed`]).
+    pub(crate) confirmed: crate::consumer::Confirmed,
+}
+
+impl ConsumerShared {
+    /// The consumer's `ack_wait`.
+    pub(crate) fn ack_wait(&self) -> std::time::Duration {
+        std::time::Duration::from_nanos(self.ack_wait_nanos.load(std::sync::atomic::Ordering::Relaxed))
+    }
 }
 
 /// One message as handed to a handler's generated adapter. Not constructed by users.
@@ -125,6 +138,68 @@ impl Context {
                     std::time::Duration::from_millis(50 * 2u64.pow(exponent)).min(std::time::Duration::from_secs(1));
                 Err(Reject::retry_after(delay))
             }
+        }
+    }
+
+    /// Acks the message now and waits until the server confirms it, sending it again with
+    /// backoff for up to the consumer's `ack_wait` (as [`Ack::Confirmed`](crate::Ack::Confirmed)
+    /// does after a handler returns, whatever the consumer's own `ack` setting).
+    ///
+    /// Call it before a step that must not be repeated, when the message must not come again
+    /// once that step has begun. The message is then settled: what the handler returns
+    /// afterwards is logged, not acted on. For a side effect that must happen exactly once,
+    /// see [`idempotency_key`](Context::idempotency_key).
+    ///
+    /// # Examples
+    ///
+    /// ```ignore
+    /// #[consumer(stream = "orders", durable = "shipping")]
+    /// async fn ship(order: Order, ctx: Context) -> anyhow::Result<()> {
+    ///     ctx.ack().await?; // from here on, the order is not handled again
+    ///     courier.dispatch(&order).await?;
+    ///     Ok(())
+    /// }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`AckError::Refused`](crate::AckError::Refused) when the consumer is gone from the
+    /// server; [`AckError::Unconfirmed`](crate::AckError::Unconfirmed) when no answer came
+    /// within `ack_wait` (the ack may or may not have been applied).
+    pub async fn ack(&self) -> Result<(), crate::AckError> {
+        let acked = crate::consumer::confirm(&self.shared, &self.reply, self.stream_sequence, b"+ACK").await;
+        // The runtime must not settle the message again (a nak or a dead letter after the
+        // handler fails), even if the ack was not confirmed: the handler was told so.
+        crate::telemetry::DeliveryScope::with_current(|delivery| {
+            if delivery.sequence == self.stream_sequence && *delivery.consumer == *self.shared.name {
+                delivery.settled_by_handler.set(true);
+            }
+        });
+        acked
+    }
+
+    /// A key that names this message across redeliveries and republishing: the publisher's
+    /// idempotency key (its `Nats-Msg-Id`, which every natty publish carries) when it has one
+    /// that is also a valid KV key, else `<stream>.<stream sequence>`. Either way it is a valid
+    /// KV key, so it can be the key of the guard below.
+    ///
+    /// Exactly once, as NATS offers it, is an idempotent side effect keyed by this plus a
+    /// confirmed ack: write the effect where a second write with the same key is refused or
+    /// deduplicated — a [`Kv::create`](crate::Kv::create) of the key, a publish with
+    /// [`Publish::id`](crate::Publish::id) set to it, a database row with it as a unique key —
+    /// then [`ack`](Context::ack). A crash between the two redelivers the message; the second
+    /// write finds the first and the handler only acks. The guide's "Exactly once" section has
+    /// the whole recipe.
+    pub fn idempotency_key(&self) -> String {
+        match self
+            .headers
+            .as_deref()
+            .and_then(|headers| headers.get(async_nats::header::NATS_MESSAGE_ID))
+            .map(|id| id.as_str())
+            .filter(|id| crate::kv::valid_key(id))
+        {
+            Some(id) => id.to_string(),
+            None => format!("{}.{}", self.shared.stream, self.stream_sequence),
         }
     }
 

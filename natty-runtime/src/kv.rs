@@ -129,7 +129,7 @@ enum Write {
 
 /// Whether `key` is a valid KV key, as async-nats judges it (letters, digits, `-`, `/`, `_`,
 /// `=`, and `.` between non-empty tokens).
-fn valid_key(key: &str) -> bool {
+pub(crate) fn valid_key(key: &str) -> bool {
     !key.is_empty()
         && key.split('.').all(|token| !token.is_empty())
         && key

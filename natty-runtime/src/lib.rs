@@ -70,7 +70,7 @@ pub mod testing;
 
 pub use client::{connect, Connection};
 pub use config::{Auth, Config, LogFormat, Provision, Tls};
-pub use consumer::{Batch, ConsumerDef, Deliver, KeyFn, OrderBy};
+pub use consumer::{Ack, AckError, Batch, ConsumerDef, Deliver, KeyFn, OrderBy};
 pub use dev_server::find_nats_server;
 pub use error::{BoxError, Declared, Drift, Error, Result};
 pub use handler::{Context, FromDelivery, IntoOutcome, Reject};
@@ -211,7 +211,7 @@ pub mod __private {
     #[cfg(feature = "capture")]
     pub use crate::capture;
     pub use crate::consumer::{
-        batch_only, hash_key, BatchDelivery, BatchHandlerFn, ConsumerDef, Deliver, HandlerFn, OrderBy,
+        batch_only, hash_key, Ack, BatchDelivery, BatchHandlerFn, ConsumerDef, Deliver, HandlerFn, OrderBy,
     };
     pub use crate::error::BoxError;
     pub use crate::handler::CoreOutcome;

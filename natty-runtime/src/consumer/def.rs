@@ -26,6 +26,7 @@ pub struct ConsumerDef {
     pub(crate) inactive_threshold: Option<Duration>,
     pub(crate) order_by: Option<OrderBy>,
     pub(crate) while_leading: Option<(&'static str, &'static str)>,
+    pub(crate) ack: super::Ack,
     pub(crate) handler: HandlerFn,
     /// Set for a batch handler, which runs instead of `handler`.
     pub(crate) batch: Option<super::batch::BatchDef>,
@@ -69,6 +70,7 @@ impl ConsumerDef {
             inactive_threshold: None,
             order_by: None,
             while_leading: None,
+            ack: super::Ack::Sent,
             handler,
             batch: None,
             location: Location::UNKNOWN,
@@ -128,6 +130,13 @@ impl ConsumerDef {
     /// How many handlers run at once in this instance (default 1).
     pub const fn concurrency(mut self, concurrency: usize) -> Self {
         self.concurrency = if concurrency == 0 { 1 } else { concurrency };
+        self
+    }
+
+    /// How a handler's success is acked: sent (the default) or [`Ack::Confirmed`](super::Ack::Confirmed),
+    /// waiting for the server to confirm it and sending it again until it does.
+    pub const fn ack(mut self, ack: super::Ack) -> Self {
+        self.ack = ack;
         self
     }
 

@@ -28,12 +28,15 @@ use crate::puller::{delivery_info, Pulled, Puller};
 use crate::stream::{check, is_stream_not_found, Location, StreamDef};
 use crate::telemetry::{ConsumerMetrics, DeliveryScope};
 
+mod ack;
 mod batch;
 mod def;
 mod held;
 mod lanes;
 mod settle;
 
+pub(crate) use ack::{confirm, Confirmed};
+pub use ack::{Ack, AckError};
 pub use batch::{batch_only, Batch, BatchDelivery, BatchHandlerFn, FromBatch, FromBatchParts};
 pub use def::{hash_key, ConsumerDef, Deliver, HandlerFn, KeyFn, OrderBy};
 use held::Held;
@@ -68,9 +71,6 @@ pub(crate) struct Consumer {
     /// re-create a stream that vanished (a memory stream after a server restart).
     stream_def: Option<StreamDef>,
     pacing: Pacing,
-    /// The consumer's `ack_wait` as the server has it (read at each bind; the declared one, or
-    /// the server's default, until then), for in-progress pings.
-    ack_wait_nanos: AtomicU64,
     /// What this instance read and has not settled, kept alive together.
     held: Held,
     /// Signalled when a handler slot frees up or a waiting message starts: the pull loop may
@@ -97,6 +97,8 @@ impl Consumer {
             stream: def.stream,
             name: name.clone(),
             client,
+            ack_wait_nanos: AtomicU64::new(def.ack_wait.unwrap_or(Duration::from_secs(30)).as_nanos() as u64),
+            confirmed: Confirmed::default(),
         });
         Consumer {
             def,
@@ -104,7 +106,6 @@ impl Consumer {
             provision,
             stream_def,
             pacing: Pacing::default(),
-            ack_wait_nanos: AtomicU64::new(def.ack_wait.unwrap_or(Duration::from_secs(30)).as_nanos() as u64),
             held: Held::default(),
             room: tokio::sync::Notify::new(),
             dead_letter: def.dead_letter_subject().into(),
@@ -132,7 +133,8 @@ impl Consumer {
     pub(crate) async fn bind(&self) -> Result<PullConsumer> {
         let consumer = self.bind_inner().await?;
         let ack_wait = consumer.cached_info().config.ack_wait;
-        self.ack_wait_nanos
+        self.shared
+            .ack_wait_nanos
             .store(ack_wait.as_nanos().max(1) as u64, Ordering::Relaxed);
         Ok(consumer)
     }
@@ -437,6 +439,16 @@ impl Consumer {
             tracing::warn!(reply = %reply, "received a message that is not a JetStream delivery; ignored");
             return None;
         };
+        if self.shared.confirmed.contains(sequence) {
+            tracing::debug!(
+                stream = self.def.stream,
+                consumer = &*self.name,
+                sequence,
+                delivered,
+                "a delivery sent before this instance's ack of it was applied; dropped"
+            );
+            return None;
+        }
         if !self.held.hold(sequence, &reply) {
             tracing::debug!(
                 stream = self.def.stream,
@@ -496,9 +508,10 @@ impl Consumer {
         loop {
             // A quarter of ack_wait per tick, and a message is pinged when it was held or last
             // pinged before the tick that just ended: at most half an ack_wait between two pings.
-            let every =
-                Duration::from_nanos(self.ack_wait_nanos.load(Ordering::Relaxed) / 4).max(Duration::from_millis(5));
+            let every = Duration::from_nanos(self.shared.ack_wait_nanos.load(Ordering::Relaxed) / 4)
+                .max(Duration::from_millis(5));
             tokio::time::sleep(every).await;
+            self.shared.confirmed.forget_older_than(self.shared.ack_wait() * 2);
             for reply in self.held.tick() {
                 self.settle(reply).send(Bytes::from_static(b"+WPI")).await;
             }

@@ -28,6 +28,7 @@ impl Consumer {
             sequence: stream_sequence,
             delivery_count,
             trace: crate::telemetry::trace::incoming(message.headers.as_ref()),
+            settled_by_handler: std::cell::Cell::new(false),
         };
         // A span per delivery only where something records it: with natty's own subscriber and
         // no exporter, the scope gives logs their fields and publishes their trace context.
@@ -114,10 +115,32 @@ impl Consumer {
             let Some(outcome) = self.attempt(delivery, &settle, hard_stop).await else {
                 return Settled::CutOff;
             };
+            if DeliveryScope::settled_by_handler() {
+                // `ctx.ack()` acked it: what the handler did after that changes nothing.
+                if !matches!(outcome, Ok(Outcome::Ack)) {
+                    tracing::warn!(
+                        handler = def.name,
+                        stream = def.stream,
+                        consumer = &*self.name,
+                        sequence = stream_sequence,
+                        "the handler failed after acking its message; it is not retried"
+                    );
+                }
+                return Settled::Acked;
+            }
             let last_attempt = def.max_deliver.is_some_and(|max| attempt >= max as u64);
             let failure = match outcome {
                 Ok(Outcome::Ack) => {
-                    settle.send(Bytes::from_static(b"+ACK")).await;
+                    match def.ack {
+                        Ack::Sent => settle.send(Bytes::from_static(b"+ACK")).await,
+                        Ack::Confirmed => {
+                            if let Err(error) = Box::pin(confirm(&self.shared, &reply, stream_sequence, b"+ACK")).await
+                            {
+                                tracing::warn!(handler = def.name, error = %error, "the message may be delivered again");
+                                self.metrics.acks_unconfirmed.inc();
+                            }
+                        }
+                    }
                     return Settled::Acked;
                 }
                 Ok(Outcome::Failed(error)) => match error.downcast::<Reject>() {

@@ -31,6 +31,7 @@ pub(crate) struct Metrics {
     naked: Counters,
     terminated: Counters,
     dead_lettered: Counters,
+    acks_unconfirmed: Counters,
     handler_seconds: Histograms,
     in_flight: Gauges,
     pending: Gauges,
@@ -89,6 +90,7 @@ pub(crate) struct ConsumerMetrics {
     pub(crate) naked: Counter,
     pub(crate) terminated: Counter,
     pub(crate) dead_lettered: Counter,
+    pub(crate) acks_unconfirmed: Counter,
     pub(crate) handler_seconds: Option<Histogram>,
     pub(crate) in_flight: Gauge,
 }
@@ -152,6 +154,7 @@ impl Metrics {
             naked: Counters::default(),
             terminated: Counters::default(),
             dead_lettered: Counters::default(),
+            acks_unconfirmed: Counters::default(),
             handler_seconds: Histograms::new_with_constructor(latency),
             in_flight: Gauges::default(),
             pending: Gauges::default(),
@@ -195,6 +198,11 @@ impl Metrics {
             "dead_lettered",
             "Messages copied to the dead-letter subject",
             m.dead_lettered.clone(),
+        );
+        consumer.register(
+            "acks_unconfirmed",
+            "Confirmed acks the server did not confirm within ack_wait (the message may come again)",
+            m.acks_unconfirmed.clone(),
         );
         consumer.register(
             "handler_duration_seconds",
@@ -303,6 +311,7 @@ impl Metrics {
             naked: self.naked.get_or_create_owned(&labels),
             terminated: self.terminated.get_or_create_owned(&labels),
             dead_lettered: self.dead_lettered.get_or_create_owned(&labels),
+            acks_unconfirmed: self.acks_unconfirmed.get_or_create_owned(&labels),
             handler_seconds: Some(self.handler_seconds.get_or_create_owned(&labels)),
             in_flight: self.in_flight.get_or_create_owned(&labels),
         }

@@ -1,0 +1,327 @@
+//! Confirmed acks and exactly-once handling: a `#[consumer(ack = "confirmed")]` on a 3-node
+//! cluster whose consumer leader is made to step down again and again handles every message
+//! once (a lost fire-and-forget ack would bring its message back after `ack_wait`);
+//! `ctx.ack()` reports a refused ack, and settles its message whatever the handler does next;
+//! the exactly-once recipe (an effect keyed by `ctx.idempotency_key()`, then a confirmed ack)
+//! holds across SIGKILLs between the effect and the ack.
+//!
+//! Streams are declared per test (not with `#[stream]`): every registered stream is provisioned
+//! by every runtime in this binary, and the cluster's stream has three replicas.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use natty_runtime::prelude::*;
+use natty_runtime::testing::{NatsCluster, NatsServer, RunningRuntime};
+use natty_runtime::{AckError, Runtime, StreamDef};
+use natty_tests::{collect_lines, collect_stderr, spawn_service, wait_until, Job};
+
+const WAIT: Duration = Duration::from_secs(90);
+
+/// job id → how many times the confirmed handler ran for it.
+static CONFIRMED: Mutex<BTreeMap<u64, u32>> = Mutex::new(BTreeMap::new());
+
+#[consumer(
+    stream = "acks",
+    durable = "confirmed",
+    ack = "confirmed",
+    replicas = 3,
+    ack_wait = "3s",
+    max_ack_pending = 64
+)]
+async fn confirmed(job: Job) {
+    *CONFIRMED.lock().unwrap().entry(job.id).or_default() += 1;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmed_acks_survive_consumer_leader_elections() {
+    const JOBS: u64 = 1000;
+    let cluster = NatsCluster::start(3).await.expect("a 3-node cluster");
+    let runtime = Runtime::builder()
+        .url(cluster.urls().join(","))
+        .handlers(["confirmed"])
+        .stream(StreamDef::new("acks", &["acks.>"]).replicas(3))
+        .build()
+        .unwrap();
+    let running = RunningRuntime::spawn(runtime);
+    let nats = cluster.client().await;
+    let js = async_nats::jetstream::new(nats.clone());
+    natty_tests::wait_for_consumer(&js, "acks", "confirmed", WAIT).await;
+
+    // Published at a steady pace while the consumer's leader steps down ten times, so acks are
+    // in flight at every election.
+    let publisher = tokio::spawn({
+        let js = js.clone();
+        async move {
+            for id in 1..=JOBS {
+                let payload = serde_json::to_vec(&Job { id }).unwrap();
+                js.publish(format!("acks.{id}"), payload.into())
+                    .await
+                    .expect("publish")
+                    .await
+                    .expect("publish ack");
+                tokio::time::sleep(Duration::from_millis(8)).await;
+            }
+        }
+    });
+    let mut elections = 0;
+    while elections < 10 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let answer = nats
+            .request("$JS.API.CONSUMER.LEADER.STEPDOWN.acks.confirmed", "".into())
+            .await;
+        // Refused while the previous election is still settling: asked again next round.
+        if answer.is_ok_and(|reply| String::from_utf8_lossy(&reply.payload).contains("\"success\":true")) {
+            elections += 1;
+        }
+    }
+    publisher.await.unwrap();
+    wait_until(WAIT, "every job handled", || async {
+        CONFIRMED.lock().unwrap().len() as u64 == JOBS
+    })
+    .await;
+    // An ack lost at an election brings its message back after ack_wait (3 s): watch for
+    // twice that, until the server holds nothing unacked.
+    let quiet_until = tokio::time::Instant::now() + Duration::from_secs(6);
+    wait_until(WAIT, "nothing unacked, for two ack_waits", || async {
+        let stream = js.get_stream("acks").await.unwrap();
+        let info = stream.consumer_info("confirmed").await.unwrap();
+        info.num_ack_pending == 0 && tokio::time::Instant::now() >= quiet_until
+    })
+    .await;
+    let twice: Vec<(u64, u32)> = CONFIRMED
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, &times)| times > 1)
+        .map(|(&id, &times)| (id, times))
+        .collect();
+    assert!(twice.is_empty(), "jobs handled more than once (job, times): {twice:?}");
+    running.stop().await.unwrap();
+}
+
+/// Set by the test once the stream is gone; the handler waits for it.
+static STREAM_DELETED: AtomicBool = AtomicBool::new(false);
+static REFUSED: Mutex<Vec<Result<(), AckError>>> = Mutex::new(Vec::new());
+static REFUSED_STARTED: AtomicBool = AtomicBool::new(false);
+
+#[consumer(stream = "refusals", durable = "refused", ack_wait = "20s")]
+async fn refused(_job: Job, ctx: Context) {
+    REFUSED_STARTED.store(true, Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !STREAM_DELETED.load(Ordering::SeqCst) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let acked = ctx.ack().await;
+    REFUSED.lock().unwrap().push(acked);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctx_ack_reports_a_refused_ack() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let nats = server.client().await;
+    let js = async_nats::jetstream::new(nats.clone());
+    // Created here and not declared, so natty cannot create it again once it is deleted.
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "refusals".into(),
+        subjects: vec!["refusals.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let running = RunningRuntime::spawn(
+        Runtime::builder()
+            .url(server.url())
+            .handlers(["refused"])
+            .build()
+            .unwrap(),
+    );
+    natty_tests::wait_for_consumer(&js, "refusals", "refused", WAIT).await;
+    let payload = serde_json::to_vec(&Job { id: 1 }).unwrap();
+    js.publish("refusals.1", payload.into()).await.unwrap().await.unwrap();
+    wait_until(WAIT, "the handler started", || async {
+        REFUSED_STARTED.load(Ordering::SeqCst)
+    })
+    .await;
+    js.delete_stream("refusals").await.unwrap();
+    STREAM_DELETED.store(true, Ordering::SeqCst);
+    // Refused at once, not after ack_wait (20 s) of retries.
+    let asked = tokio::time::Instant::now();
+    wait_until(Duration::from_secs(15), "the handler's ack answered", || async {
+        !REFUSED.lock().unwrap().is_empty()
+    })
+    .await;
+    assert!(asked.elapsed() < Duration::from_secs(15));
+    let answer = REFUSED.lock().unwrap()[0].clone();
+    match &answer {
+        Err(
+            error @ AckError::Refused {
+                stream,
+                consumer,
+                sequence,
+                ..
+            },
+        ) => {
+            assert_eq!(
+                (stream.as_str(), consumer.as_str(), *sequence),
+                ("refusals", "refused", 1)
+            );
+            let text = error.to_string();
+            assert!(text.contains("refused") && text.contains("no longer exists"), "{text}");
+        }
+        other => panic!("expected a refused ack, got {other:?}"),
+    }
+    running.stop().await.unwrap();
+}
+
+static SETTLED_FIRST: Mutex<Vec<(u64, bool)>> = Mutex::new(Vec::new());
+
+#[consumer(stream = "early", durable = "early", ack_wait = "1s", backoff = ["10ms"])]
+async fn acks_then_fails(job: Job, ctx: Context) -> Result<(), std::io::Error> {
+    let acked = ctx.ack().await.is_ok();
+    SETTLED_FIRST.lock().unwrap().push((job.id, acked));
+    Err(std::io::Error::other("failed after acking"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_acked_by_its_handler_is_not_retried_when_the_handler_then_fails() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let nats = server.client().await;
+    let js = async_nats::jetstream::new(nats.clone());
+    let runtime = Runtime::builder()
+        .url(server.url())
+        .handlers(["acks_then_fails"])
+        .stream(StreamDef::new("early", &["early.>"]))
+        .build()
+        .unwrap();
+    let running = RunningRuntime::spawn(runtime);
+    natty_tests::wait_for_consumer(&js, "early", "early", WAIT).await;
+    for id in 1..=3 {
+        let payload = serde_json::to_vec(&Job { id }).unwrap();
+        js.publish(format!("early.{id}"), payload.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    wait_until(WAIT, "three jobs handled", || async {
+        SETTLED_FIRST.lock().unwrap().len() >= 3
+    })
+    .await;
+    // A nak (the handler's error) or a lost ack would bring them back within a second (the
+    // backoff, or ack_wait): watch three ack_waits.
+    let quiet_until = tokio::time::Instant::now() + Duration::from_secs(3);
+    wait_until(WAIT, "nothing unacked, for three ack_waits", || async {
+        let stream = js.get_stream("early").await.unwrap();
+        let info = stream.consumer_info("early").await.unwrap();
+        info.num_ack_pending == 0 && tokio::time::Instant::now() >= quiet_until
+    })
+    .await;
+    let settled = SETTLED_FIRST.lock().unwrap().clone();
+    assert_eq!(
+        settled,
+        [(1, true), (2, true), (3, true)],
+        "each handled once, its ack confirmed"
+    );
+    running.stop().await.unwrap();
+}
+
+const ONCE: &str = env!("CARGO_BIN_EXE_natty-test-once");
+
+/// What a run of the `once` worker printed, by word: `attempt`, `effect`, `again`, `acked`.
+fn words(lines: &[String]) -> BTreeMap<String, Vec<u64>> {
+    let mut words: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for line in lines {
+        if let Some((word, id)) = line.split_once(' ') {
+            if let Ok(id) = id.parse() {
+                words.entry(word.to_string()).or_default().push(id);
+            }
+        }
+    }
+    words
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_holds_across_sigkills_between_the_effect_and_the_ack() {
+    const JOBS: u64 = 20;
+    /// The worker dies right after writing the effect of these jobs, before acking them.
+    const DIE_AFTER: [u64; 3] = [3, 9, 15];
+    let server = NatsServer::start().await.expect("nats-server");
+    let url = server.url();
+    let nats = server.client().await;
+    let mut all: Vec<String> = Vec::new();
+    let mut published = false;
+    for die in DIE_AFTER {
+        let die = die.to_string();
+        let mut worker = spawn_service(Path::new(ONCE), Some(&url), &[("ONCE_DIE_AFTER", die.as_str())]);
+        let (out, err) = (collect_lines(&mut worker), collect_stderr(&mut worker));
+        if !published {
+            // The worker declares the stream and the bucket: publish once it is up.
+            let js = async_nats::jetstream::new(nats.clone());
+            natty_tests::wait_for_consumer(&js, "payments", "charger", WAIT).await;
+            for id in 1..=JOBS {
+                let payload = serde_json::to_vec(&Job { id }).unwrap();
+                js.publish(format!("payments.{id}"), payload.into())
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+            }
+            published = true;
+        }
+        let status = tokio::time::timeout(WAIT, worker.wait())
+            .await
+            .unwrap_or_else(|_| panic!("the worker did not die after job {die}: {:?}", err.lock().unwrap()))
+            .unwrap();
+        assert!(!status.success(), "killed, not exited: {status:?}");
+        let lines = out.lock().unwrap().clone();
+        assert!(
+            words(&lines)
+                .get("effect")
+                .is_some_and(|ids| ids.contains(&die.parse().unwrap()))
+                || words(&lines)
+                    .get("again")
+                    .is_some_and(|ids| ids.contains(&die.parse().unwrap())),
+            "died at job {die}'s effect: {lines:?}"
+        );
+        all.extend(lines);
+    }
+    // A last run, left alone, finishes the rest.
+    let mut worker = spawn_service(Path::new(ONCE), Some(&url), &[]);
+    let out = collect_lines(&mut worker);
+    let _err = collect_stderr(&mut worker);
+    wait_until(WAIT, "every job acked", || async {
+        let mut seen = words(&all).remove("acked").unwrap_or_default();
+        seen.extend(words(&out.lock().unwrap()).remove("acked").unwrap_or_default());
+        (1..=JOBS).all(|id| seen.contains(&id))
+    })
+    .await;
+    natty_tests::send_signal(worker.id().unwrap(), "TERM");
+    worker.wait().await.unwrap();
+    all.extend(out.lock().unwrap().clone());
+
+    let words = words(&all);
+    let mut effects = words.get("effect").cloned().unwrap_or_default();
+    effects.sort_unstable();
+    assert_eq!(
+        effects,
+        (1..=JOBS).collect::<Vec<_>>(),
+        "each job's effect exactly once"
+    );
+    let again = words.get("again").cloned().unwrap_or_default();
+    for die in DIE_AFTER {
+        assert!(
+            again.contains(&die),
+            "job {die} came again after the kill and found its effect made: {again:?}"
+        );
+    }
+    // The bucket agrees: one entry per job.
+    let js = async_nats::jetstream::new(nats);
+    let charges = js.get_key_value("charges").await.unwrap();
+    let mut keys = futures_util::StreamExt::collect::<Vec<_>>(charges.keys().await.unwrap()).await;
+    keys.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
+    assert_eq!(keys.len() as u64, JOBS, "{keys:?}");
+}
