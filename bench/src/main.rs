@@ -248,6 +248,29 @@ async fn consume_prefetch(_order: Order) {
     count_one();
 }
 
+/// The confirmed-ack scenario: the defaults, but each ack waited for until the server confirms it.
+#[consumer(
+    stream = "bench",
+    durable = "natty-confirmed",
+    max_ack_pending = 20000,
+    ack = "confirmed"
+)]
+async fn consume_confirmed(_order: Order) {
+    count_one();
+}
+
+/// The same with 32 handlers at once, so that round trips overlap.
+#[consumer(
+    stream = "bench",
+    durable = "natty-confirmed-32",
+    max_ack_pending = 20000,
+    ack = "confirmed",
+    concurrency = 32
+)]
+async fn consume_confirmed_32(_order: Order) {
+    count_one();
+}
+
 /// The batch scenario: batches of 500 into a handler that does nothing.
 #[consumer(stream = "bench", durable = "natty-batch", max_ack_pending = 20000, batch = 500)]
 async fn consume_batch(orders: Vec<Order>) {
@@ -685,6 +708,70 @@ async fn raw_batches(js: &jetstream::Context, count: u64) -> Measured {
         seen += messages.len() as u64;
     }
     window.stop()
+}
+
+/// Raw async-nats acking each message with `double_ack` (an ack the server confirms), one at a
+/// time: what natty's `ack = "confirmed"` does with one handler slot.
+async fn raw_confirmed(js: &jetstream::Context, count: u64) -> Measured {
+    let consumer = fresh_consumer(js, "raw-confirmed").await;
+    let window = Window::start();
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(1000)
+        .messages()
+        .await
+        .expect("messages");
+    let mut seen = 0;
+    while let Some(message) = messages.next().await {
+        let message = message.expect("message");
+        let _order: Order = serde_json::from_slice(&message.payload).expect("decode");
+        message.double_ack().await.expect("confirmed ack");
+        seen += 1;
+        if seen == count {
+            break;
+        }
+    }
+    let measured = window.stop();
+    drop(messages);
+    measured
+}
+
+/// Confirmed acks against natty's default (sent, not waited for), on a tenth of the messages
+/// (a round trip per message makes the one-slot side slow; its rate does not depend on the
+/// count): natty's defaults, `ack = "confirmed"` with one handler slot and with 32, and raw
+/// async-nats acking with `double_ack`, their order rotating.
+async fn scenario_confirmed(server: &NatsServer, js: &jetstream::Context, args: &Args) {
+    let count = (args.messages / 10).max(1000);
+    purge(js, "bench").await;
+    fill(js, "bench.orders", count).await;
+    let (mut sent, mut one, mut many, mut raw) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in 0..args.rounds {
+        for side in (0..4).map(|place| (place + round) % 4) {
+            match side {
+                0 => sent.push(rate(
+                    count,
+                    natty_consume(server, js, "consume_default", "natty-default", count).await,
+                )),
+                1 => one.push(rate(
+                    count,
+                    natty_consume(server, js, "consume_confirmed", "natty-confirmed", count).await,
+                )),
+                2 => many.push(rate(
+                    count,
+                    natty_consume(server, js, "consume_confirmed_32", "natty-confirmed-32", count).await,
+                )),
+                _ => raw.push(rate(count, raw_confirmed(js, count).await)),
+            }
+        }
+        eprintln!(
+            "  confirmed round {round}: natty sent {:.0}, confirmed {:.0}, confirmed x32 {:.0}, raw double_ack {:.0}",
+            sent[round].rate, one[round].rate, many[round].rate, raw[round].rate
+        );
+    }
+    println!("confirmed acks, {count} messages (\"raw\" below is the side compared against):");
+    report("  confirmed vs natty sent", &sent, &one, "-");
+    report("  confirmed x32 vs sent", &sent, &many, "-");
+    report("  confirmed vs raw double_ack", &raw, &one, "-");
 }
 
 async fn scenario_batch(server: &NatsServer, js: &jetstream::Context, args: &Args) {
@@ -1478,6 +1565,9 @@ async fn main() {
     } else {
         Rates::NOT_RUN
     };
+    if wants("confirmed") {
+        scenario_confirmed(&server, &js, &args).await;
+    }
     if wants("batch") {
         scenario_batch(&server, &js, &args).await;
     }
