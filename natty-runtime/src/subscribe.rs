@@ -105,7 +105,8 @@ impl SubscriptionDef {
 
     /// No queue group: every instance receives every message. What a `#[subscribe]` does
     /// unless given a `queue`; for a `#[service]` (`queue = false`), every instance answers
-    /// each request.
+    /// each request, and [`Client::request_many`](crate::Client::request_many) gathers the
+    /// replies.
     pub const fn no_queue(mut self) -> Self {
         self.queue = None;
         self
