@@ -67,12 +67,15 @@ pub fn subscribe(args: TokenStream, item: TokenStream) -> TokenStream {
 
 /// Answers requests on `subject`: the handler's `Ok` value is the JSON reply, its `Err` reaches
 /// the requester as `RequestError::Remote`. Instances share a queue group (the subject, unless
-/// `queue` is given), so each request is answered once.
+/// `queue` is given), so each request is answered once; with `queue = false` every instance
+/// answers, and `Client::request_many` gathers the replies.
 ///
 /// ```ignore
 /// #[service(subject = "orders.lookup")]
 /// async fn lookup(query: Lookup) -> anyhow::Result<Order> { /* ... */ }
 /// ```
+///
+/// Keys: `subject` (required), `queue` (a group name, or `false`), `concurrency`.
 #[proc_macro_attribute]
 pub fn service(args: TokenStream, item: TokenStream) -> TokenStream {
     attr::start_expansion();

@@ -4,8 +4,9 @@
 
 use proc_macro2::TokenStream;
 use quote::{format_ident, quote, quote_spanned};
+use syn::meta::ParseNestedMeta;
 use syn::spanned::Spanned;
-use syn::LitStr;
+use syn::{Expr, ExprLit, Lit, LitBool, LitStr};
 
 use crate::attr::{self, Errors, MacroArgs as _};
 use crate::handler::{self, Describes, HandlerKind};
@@ -21,8 +22,9 @@ attr::args! {
     /// `#[service(...)]`'s keys.
     struct Args for "service" {
         subject: LitStr = "subject" => attr::subject;
-        /// The queue group instances share; default: the subject.
-        queue: LitStr = "queue" => |meta| attr::name(meta, "queue group");
+        /// The queue group instances share (default: the subject), or `None` for `queue =
+        /// false`: no group, every instance answers.
+        queue: Option<LitStr> = "queue" => queue;
         concurrency: usize = "concurrency" => attr::count;
     }
 }
@@ -63,8 +65,10 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         <#reply as #p::IntoReply>::into_reply(#result)
     };
     let mut setters = Vec::new();
-    if let Some(queue) = parsed.queue.take() {
-        setters.push(quote!(.queue(#queue)));
+    match parsed.queue.take() {
+        Some(Some(queue)) => setters.push(quote!(.queue(#queue))),
+        Some(None) => setters.push(quote!(.no_queue())),
+        None => {}
     }
     if let Some(concurrency) = parsed.concurrency.take() {
         setters.push(quote!(.concurrency(#concurrency)));
@@ -86,4 +90,30 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         quote!(#p::SubscriptionDef::service(#name, #subject, #adapter) #(#setters)*),
         items,
     )
+}
+
+/// `queue = "name"`, or `queue = false` (`None`): every instance answers, for a gather with
+/// `Client::request_many`. `true` is refused rather than read as "the default group": it names
+/// no group, and the default needs no key.
+fn queue(meta: &ParseNestedMeta) -> attr::Parsed<Option<LitStr>> {
+    let expr: Expr = meta.value()?.parse()?;
+    let span = expr.span();
+    Ok(match &expr {
+        Expr::Lit(ExprLit { lit: Lit::Str(lit), .. }) => {
+            attr::check_name(lit, "queue group").map(|()| (Some(lit.clone()), span))
+        }
+        Expr::Lit(ExprLit {
+            lit: Lit::Bool(LitBool { value: false, .. }),
+            ..
+        }) => Ok((None, span)),
+        Expr::Lit(ExprLit { lit: Lit::Bool(_), .. }) => Err(syn::Error::new_spanned(
+            &expr,
+            "`queue = true` names no queue group: give one (`queue = \"quotes\"`), or leave `queue` out for \
+             the default group (the subject); `queue = false` has every instance answer",
+        )),
+        _ => Err(syn::Error::new_spanned(
+            &expr,
+            "`queue` takes a queue group name, e.g. `queue = \"quotes\"`, or `false` to have every instance answer",
+        )),
+    })
 }

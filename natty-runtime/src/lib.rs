@@ -83,7 +83,7 @@ pub use object_store::{ObjectStore, ObjectStoreDef, ObjectStoreError};
 pub use payload::{DecodeError, DecodePayload, EncodePayload, Format, Payload};
 pub use publish::{Client, PendingAck, Publish, PublishAck, PublishError};
 pub use runtime::{Runtime, RuntimeBuilder, Shutdown};
-pub use service::RequestError;
+pub use service::{EndedBy, Replies, RequestError, RequestMany};
 pub use state::State;
 pub use stream::{Location, Placement, StreamDef};
 pub use subscribe::{Envelope, SubscriptionDef};

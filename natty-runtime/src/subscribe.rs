@@ -80,7 +80,8 @@ impl SubscriptionDef {
     }
 
     /// A request-reply handler. Instances share the queue group `subject` unless told
-    /// otherwise, so each request is answered once.
+    /// otherwise ([`queue`](Self::queue), [`no_queue`](Self::no_queue)), so each request is
+    /// answered once.
     pub const fn service(name: &'static str, subject: &'static str, handler: CoreHandlerFn) -> Self {
         SubscriptionDef {
             name,
@@ -99,6 +100,15 @@ impl SubscriptionDef {
     /// A queue group: each message goes to one member of the group.
     pub const fn queue(mut self, queue: &'static str) -> Self {
         self.queue = Some(queue);
+        self
+    }
+
+    /// No queue group: every instance receives every message. What a `#[subscribe]` does
+    /// unless given a `queue`; for a `#[service]` (`queue = false`), every instance answers
+    /// each request, and [`Client::request_many`](crate::Client::request_many) gathers the
+    /// replies.
+    pub const fn no_queue(mut self) -> Self {
+        self.queue = None;
         self
     }
 

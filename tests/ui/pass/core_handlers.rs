@@ -16,4 +16,15 @@ async fn lookup(price: Price) -> Result<Price, std::io::Error> {
     Ok(price)
 }
 
+// No queue group: every instance answers each request.
+#[service(subject = "prices.quote", queue = false)]
+async fn quote(price: Price) -> Result<Price, std::io::Error> {
+    Ok(price)
+}
+
+#[service(subject = "prices.convert", queue = "converters", concurrency = 2)]
+async fn convert(price: Price) -> Result<Price, std::io::Error> {
+    Ok(price)
+}
+
 fn main() {}
