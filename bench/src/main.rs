@@ -801,12 +801,16 @@ async fn scenario_batch(server: &NatsServer, js: &jetstream::Context, args: &Arg
     report("batch of 500 (no-op)", &raw, &natty, "report");
 }
 
-/// Waits until `durable` on `bench` has acked `count` messages: everything captured and stored.
-async fn acked(js: &jetstream::Context, durable: &str, count: u64) {
-    let stream = js.get_stream("bench").await.expect("stream");
+/// Waits until `durable` on `bench` has acked every message in it: everything captured and stored.
+async fn acked(js: &jetstream::Context, durable: &str) {
+    let mut stream = js.get_stream("bench").await.expect("stream");
+    // The stream's messages are numbered on from before its purges: the work is done when the
+    // ack floor reaches its last sequence (not the message count, which a fresh consumer's
+    // floor already passes after a purge: rounds "done" at once, at absurd rates).
+    let last = stream.info().await.expect("stream info").state.last_sequence;
     loop {
         if let Ok(info) = stream.consumer_info(durable).await {
-            if info.ack_floor.stream_sequence >= count && info.num_ack_pending == 0 {
+            if info.ack_floor.stream_sequence >= last && info.num_ack_pending == 0 {
                 return;
             }
             // BENCH_DEBUG=1 shows how the ack floor moves: where a capture spends its time.
@@ -904,12 +908,12 @@ async fn raw_capture(
             message.ack().await.expect("ack");
         }
     }
-    acked(js, "raw-capture", count).await;
+    acked(js, "raw-capture").await;
     window.stop()
 }
 
 /// natty's `#[capture]` on the same workload, timed until the server has every ack.
-async fn natty_capture(server: &NatsServer, js: &jetstream::Context, case: &CaptureCase, count: u64) -> Measured {
+async fn natty_capture(server: &NatsServer, js: &jetstream::Context, case: &CaptureCase) -> Measured {
     let stream = js.get_stream("bench").await.expect("stream");
     let _ = stream.delete_consumer(case.durable).await;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -922,7 +926,7 @@ async fn natty_capture(server: &NatsServer, js: &jetstream::Context, case: &Capt
     let running = tokio::spawn(runtime.run_until(async {
         let _ = stopped.await;
     }));
-    acked(js, case.durable, count).await;
+    acked(js, case.durable).await;
     let measured = window.stop();
     let _ = stop.send(());
     running.await.expect("join").expect("natty run");
@@ -952,10 +956,7 @@ async fn scenario_capture(server: &NatsServer, js: &jetstream::Context, args: &A
                     )),
                     (0, None) => {}
                     (1, _) => consume.push(rate(args.messages, raw_consume(js, args.messages).await)),
-                    _ => natty.push(rate(
-                        args.messages,
-                        natty_capture(server, js, case, args.messages).await,
-                    )),
+                    _ => natty.push(rate(args.messages, natty_capture(server, js, case).await)),
                 }
             }
             eprintln!(
