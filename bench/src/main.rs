@@ -338,24 +338,8 @@ async fn raw_scale_worker() {
         .await;
 }
 
-macro_rules! idle_consumers {
-    ($($name:ident => $durable:literal),* $(,)?) => {$(
-        /// One of the footprint scenario's ten consumers; prints when it handles a message.
-        #[consumer(stream = "idle", durable = $durable, subject = "idle.go")]
-        async fn $name(_order: Order) {
-            println!("handled");
-        }
-    )*};
-}
-
-idle_consumers! {
-    idle0 => "idle0", idle1 => "idle1", idle2 => "idle2", idle3 => "idle3", idle4 => "idle4",
-    idle5 => "idle5", idle6 => "idle6", idle7 => "idle7", idle8 => "idle8", idle9 => "idle9",
-}
-
-const IDLE: [&str; 10] = [
-    "idle0", "idle1", "idle2", "idle3", "idle4", "idle5", "idle6", "idle7", "idle8", "idle9",
-];
+/// How many consumers the footprint scenario's service (`natty-bench-idle`) runs.
+const IDLE_CONSUMERS: usize = 10;
 
 struct Args {
     rounds: usize,
@@ -1283,12 +1267,13 @@ async fn scenario_footprint(server: &NatsServer, js: &jetstream::Context) {
         .expect("publish")
         .await
         .expect("ack");
-    let exe = std::env::current_exe().expect("current exe");
+    // A service of its own, built beside this program: its memory is a service's.
+    let exe = std::env::current_exe()
+        .expect("current exe")
+        .with_file_name("natty-bench-idle");
     let started = Instant::now();
     let mut child = tokio::process::Command::new(exe)
-        .arg("--idle-service")
         .env("NATS_URL", server.url())
-        .env("NATTY_HANDLERS", IDLE.join(","))
         // Set up as run() does (its log level included); its log lines are not shown.
         .stderr(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
@@ -1304,7 +1289,7 @@ async fn scenario_footprint(server: &NatsServer, js: &jetstream::Context) {
     assert_eq!(first.as_deref(), Some("handled"));
     // Let the other nine handle their copy too, then let it sit idle before reading its memory.
     let mut handled = 1;
-    while handled < IDLE.len() {
+    while handled < IDLE_CONSUMERS {
         if tokio::time::timeout(Duration::from_secs(30), lines.next_line())
             .await
             .is_err()
@@ -1524,17 +1509,6 @@ async fn main() {
                 eprintln!("{error:?}");
                 std::process::exit(1);
             }
-        }
-        return;
-    }
-    if std::env::args().any(|arg| arg == "--idle-service") {
-        // The footprint scenario's child: a service with ten idle consumers. Not `run()`, which
-        // would take `--idle-service` for a command of its own.
-        set_up_as_run();
-        let service = async { natty_runtime::Runtime::builder().build()?.run().await };
-        if let Err(error) = service.await {
-            eprintln!("{error:?}");
-            std::process::exit(1);
         }
         return;
     }
