@@ -53,6 +53,7 @@ mod kv_bucket;
 pub mod kv_watch;
 pub mod leader;
 pub mod object_store;
+pub mod partition;
 pub mod payload;
 pub mod publish;
 mod puller;
