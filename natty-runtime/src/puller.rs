@@ -272,8 +272,10 @@ impl Puller {
 }
 
 /// Stream sequence and delivery count from a JetStream reply subject (see [`DeliveryMeta`]).
+/// Read for every message a consumer takes: the two numbers only.
 pub(crate) fn delivery_info(reply: &str) -> Option<(u64, u64)> {
-    delivery_meta(reply).map(|meta| (meta.sequence, meta.delivered))
+    let tokens = AckTokens::read(reply)?;
+    Some((tokens.number(1)?, tokens.number(0)?))
 }
 
 /// What a JetStream reply subject says of its message:
@@ -291,47 +293,71 @@ pub(crate) struct DeliveryMeta {
     pub(crate) pending: u64,
 }
 
+/// Everything a reply subject says (see [`DeliveryMeta`]); `None` for anything else.
 pub(crate) fn delivery_meta(reply: &str) -> Option<DeliveryMeta> {
-    // Read once per message, so one pass over the bytes: token boundaries go to an array on
-    // the stack, numbers are read digit by digit (`str::split` and `u64::from_str` cost more
-    // than the rest of holding a message).
-    let bytes = reply.as_bytes();
-    // Twelve tokens at most are read: the v2 form's last is a random token, and any the
-    // server adds after it are not ours to read.
-    let mut starts = [0usize; 12];
-    let mut count = 1;
-    for (at, byte) in bytes.iter().enumerate() {
-        if *byte == b'.' {
-            if count == starts.len() {
+    let tokens = AckTokens::read(reply)?;
+    Some(DeliveryMeta {
+        delivered: tokens.number(0)?,
+        sequence: tokens.number(1)?,
+        timestamp_nanos: tokens.number(3)?,
+        pending: tokens.number(4)?,
+    })
+}
+
+/// The tokens of a JetStream reply subject, found in one pass (`memchr` for the dots; the
+/// stream and consumer names are skipped at its speed), numbers read only when asked for:
+/// `str::split` and `u64::from_str` cost more than the rest of holding a message.
+struct AckTokens<'a> {
+    bytes: &'a [u8],
+    /// Where each token starts; twelve at most are read (the v2 form's last is a random token,
+    /// and any the server adds after it are not ours to read).
+    starts: [usize; 12],
+    count: usize,
+    /// The index of the delivery count's token: 4 (v1) or 6 (v2).
+    numbers: usize,
+}
+
+impl<'a> AckTokens<'a> {
+    fn read(reply: &'a str) -> Option<AckTokens<'a>> {
+        let bytes = reply.as_bytes();
+        let mut tokens = AckTokens {
+            bytes,
+            starts: [0; 12],
+            count: 1,
+            numbers: 0,
+        };
+        for dot in memchr::memchr_iter(b'.', bytes) {
+            if tokens.count == tokens.starts.len() {
                 break;
             }
-            starts[count] = at + 1;
-            count += 1;
+            tokens.starts[tokens.count] = dot + 1;
+            tokens.count += 1;
         }
-    }
-    let token = |index: usize| -> &[u8] {
-        let end = if index + 1 < count {
-            starts[index + 1] - 1
-        } else {
-            bytes.len()
+        if tokens.count < 2 || tokens.token(0) != b"$JS" || tokens.token(1) != b"ACK" {
+            return None;
+        }
+        tokens.numbers = match tokens.count {
+            9 => 4,
+            11 | 12 => 6,
+            _ => return None,
         };
-        &bytes[starts[index]..end]
-    };
-    if count < 2 || token(0) != b"$JS" || token(1) != b"ACK" {
-        return None;
+        Some(tokens)
     }
-    let offset = match count {
-        9 => 4,
-        11 | 12 => 6,
-        _ => return None,
-    };
-    let number = |index: usize| decimal(token(offset + index));
-    Some(DeliveryMeta {
-        delivered: number(0)?,
-        sequence: number(1)?,
-        timestamp_nanos: number(3)?,
-        pending: number(4)?,
-    })
+
+    fn token(&self, index: usize) -> &'a [u8] {
+        let end = if index + 1 < self.count {
+            self.starts[index + 1] - 1
+        } else {
+            self.bytes.len()
+        };
+        &self.bytes[self.starts[index]..end]
+    }
+
+    /// The `index`-th number: 0 the delivery count, 1 the stream sequence, 2 the consumer
+    /// sequence, 3 the timestamp, 4 the pending count.
+    fn number(&self, index: usize) -> Option<u64> {
+        decimal(self.token(self.numbers + index))
+    }
 }
 
 /// A non-empty run of ASCII digits as a `u64`; `None` for anything else or on overflow.
