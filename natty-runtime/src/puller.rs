@@ -271,16 +271,17 @@ impl Puller {
     }
 }
 
-/// Stream sequence and delivery count from a JetStream reply subject (see [`DeliveryMeta`]).
+/// Stream sequence and delivery count from a JetStream reply subject (`$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>...`).
 /// Read for every message a consumer takes: the two numbers only.
 pub(crate) fn delivery_info(reply: &str) -> Option<(u64, u64)> {
     let tokens = AckTokens::read(reply)?;
     Some((tokens.number(1)?, tokens.number(0)?))
 }
 
-/// What a JetStream reply subject says of its message:
+/// What a JetStream reply subject says of its message (read by capture, which stores it):
 /// `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>` (v1),
 /// or `$JS.ACK.<domain>.<account hash>.<stream>.<consumer>.<delivered>.<stream seq>...` (v2).
+#[cfg(feature = "capture")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct DeliveryMeta {
     /// The stream sequence.
@@ -294,6 +295,7 @@ pub(crate) struct DeliveryMeta {
 }
 
 /// Everything a reply subject says (see [`DeliveryMeta`]); `None` for anything else.
+#[cfg(feature = "capture")]
 pub(crate) fn delivery_meta(reply: &str) -> Option<DeliveryMeta> {
     let tokens = AckTokens::read(reply)?;
     Some(DeliveryMeta {
@@ -404,6 +406,7 @@ mod tests {
         );
         assert_eq!(delivery_info("$JS.ACK"), None);
         assert_eq!(delivery_info(""), None);
+        #[cfg(feature = "capture")]
         assert_eq!(
             super::delivery_meta("$JS.ACK.orders.billing.3.100.7.1790230470084404000.42"),
             Some(super::DeliveryMeta {
