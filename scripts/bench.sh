@@ -8,4 +8,7 @@ NATTY_NATS_SERVER="$(NATTY_PIN=1 scripts/install-nats-server.sh)"
 export NATTY_NATS_SERVER
 python="$(bench/faststream/install.sh)"
 cargo build --release --locked -p natty-bench
+# The footprint scenario's service, built on its own so that it has natty-runtime's default
+# features, as a user's service does (built with natty-bench, it would take the benchmark's).
+cargo build --release --locked -p natty-bench-idle
 exec target/release/natty-bench --faststream "$python" "$@"

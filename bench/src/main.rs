@@ -338,7 +338,7 @@ async fn raw_scale_worker() {
         .await;
 }
 
-/// How many consumers the footprint scenario's service (`natty-bench-idle`) runs.
+/// How many consumers the footprint scenario's service (`bench/idle`, `natty-bench-idle`) runs.
 const IDLE_CONSUMERS: usize = 10;
 
 struct Args {
@@ -1267,10 +1267,18 @@ async fn scenario_footprint(server: &NatsServer, js: &jetstream::Context) {
         .expect("publish")
         .await
         .expect("ack");
-    // A service of its own, built beside this program: its memory is a service's.
+    // A service of its own (bench/idle), built beside this program with natty-runtime's default
+    // features: its memory is a user's service's, not this program's.
     let exe = std::env::current_exe()
         .expect("current exe")
         .with_file_name("natty-bench-idle");
+    if !exe.exists() {
+        println!(
+            "footprint: skipped ({} is missing; build it with `cargo build --release -p natty-bench-idle`, as scripts/bench.sh does)",
+            exe.display()
+        );
+        return;
+    }
     let started = Instant::now();
     let mut child = tokio::process::Command::new(exe)
         .env("NATS_URL", server.url())

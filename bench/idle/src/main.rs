@@ -1,7 +1,7 @@
 //! The footprint scenario's service: ten consumers on the `idle` stream, each printing
 //! `handled` for a message, run through `natty_runtime::run()` as a user's service is — its
-//! own small binary, so that its memory is a service's, not the benchmark's (whose every
-//! scenario's handlers and their code would count too).
+//! own small binary with natty-runtime's default features, so that its memory is a service's,
+//! not the benchmark's (whose every scenario's handlers, capture and OTLP code would count too).
 
 use natty_runtime::prelude::*;
 use serde::Deserialize;
