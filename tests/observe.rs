@@ -1,6 +1,7 @@
 //! Observability: W3C trace context from a publisher into the consumer's span, the Prometheus
 //! endpoint and its counters, and readiness through startup and drain.
 
+use futures_util::StreamExt;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -653,4 +654,89 @@ async fn without_an_exporter_json_log_lines_inside_a_delivery_carry_its_fields()
     assert_eq!(value["span"], expected, "{line}");
     assert_eq!(value["spans"], serde_json::json!([expected]), "{line}");
     drop(relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_exporter_a_service_continues_the_trace_of_its_request() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let (relay, logs) = relay_service(&server, "text").await;
+    let client = server.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    // The test answers the service's own request, keeping its headers.
+    let mut probe = client.subscribe("questions.probe").await.unwrap();
+    let asked = tokio::spawn({
+        let client = client.clone();
+        async move {
+            let request = probe.next().await.expect("the service's request");
+            let reply = request.reply.clone().expect("a request has a reply subject");
+            client.publish(reply, request.payload.clone()).await.unwrap();
+            request.headers.expect("the request's headers")
+        }
+    });
+    // A core request in the upstream trace.
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        "traceparent",
+        format!("00-{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-01").as_str(),
+    );
+    let payload = serde_json::to_vec(&Job { id: 3 }).unwrap();
+    let answer = wait_until_answered(&client, headers, payload).await;
+    let body = String::from_utf8_lossy(&answer.payload).to_string();
+    let job: Job = serde_json::from_slice(&answer.payload).unwrap_or_else(|error| panic!("{error}: {body} {:?}", answer.headers));
+    assert_eq!(job.id, 3);
+
+    // The request the service made, and the message it published, continue that trace.
+    let probe_headers = tokio::time::timeout(WAIT, asked).await.unwrap().unwrap();
+    let (trace, span, _) = valid_traceparent(&probe_headers);
+    assert_eq!(
+        trace, UPSTREAM_TRACE,
+        "a request inside a service handler stays in its trace"
+    );
+    assert_ne!(span, UPSTREAM_SPAN);
+    let published = last_on(&js, "relay.asked").await;
+    assert_eq!(valid_traceparent(&published).0, UPSTREAM_TRACE, "so does its publish");
+
+    // Its log line shows the handler, the subject and the trace, and no JetStream fields.
+    let line = {
+        let found = || -> Option<String> {
+            logs.lock()
+                .unwrap()
+                .iter()
+                .find(|line| line.contains("answering a question"))
+                .cloned()
+        };
+        wait_until(WAIT, "the service's log line", || async { found().is_some() }).await;
+        found().unwrap()
+    };
+    for field in [
+        "natty.handle{",
+        "handler=\"ask\"",
+        "subject=questions.ask",
+        &format!("trace_id={UPSTREAM_TRACE}"),
+    ] {
+        assert!(line.contains(field), "{field:?} missing from {line:?}");
+    }
+    assert!(!line.contains("stream=") && !line.contains("sequence="), "{line}");
+    drop(relay);
+}
+
+/// Sends the traced request until the service, still starting, answers it.
+async fn wait_until_answered(
+    client: &async_nats::Client,
+    headers: async_nats::HeaderMap,
+    payload: Vec<u8>,
+) -> async_nats::Message {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let request = async_nats::Request::new()
+            .headers(headers.clone())
+            .payload(payload.clone().into())
+            .timeout(Some(Duration::from_secs(5)));
+        match client.send_request("questions.ask", request).await {
+            Ok(answer) => return answer,
+            // Not listening yet (no responders): ask again shortly.
+            Err(_) if tokio::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(error) => panic!("the service never answered: {error}"),
+        }
+    }
 }

@@ -160,6 +160,8 @@ impl Client {
         let payload = payload?;
         let mut headers = HeaderMap::new();
         format.write_content_type(&mut headers);
+        // A request inside a delivery carries a child of its trace, as a publish does.
+        crate::telemetry::trace::inject(&tracing::Span::current(), &mut headers);
         let sent = self
             .nats()
             .send_request(
@@ -357,6 +359,7 @@ impl<Resp: DecodePayload> RequestMany<Resp> {
             .map_err(|error| failed(error.into()))?;
         let mut headers = HeaderMap::new();
         self.format.write_content_type(&mut headers);
+        crate::telemetry::trace::inject(&tracing::Span::current(), &mut headers);
         self.nats
             .publish_with_reply_and_headers(subject.clone(), inbox, headers, payload)
             .await

@@ -21,6 +21,8 @@ use crate::handler::CoreOutcome;
 use crate::publish::Client;
 use crate::service::ERROR_HEADER;
 use crate::stream::Location;
+use crate::telemetry::DeliveryScope;
+use tracing::Instrument;
 
 /// The adapter a `#[subscribe]` or `#[service]` generates.
 pub type CoreHandlerFn = fn(CoreDelivery) -> BoxFuture<'static, CoreOutcome>;
@@ -277,6 +279,28 @@ pub(crate) async fn run(
 
 async fn handle(def: SubscriptionDef, client: Client, message: async_nats::Message, hard_stop: CancellationToken) {
     let reply = message.reply.clone();
+    // The handler runs in the trace its message carries (or a new one), as a consumer's does:
+    // what it publishes or requests carries a child of it, and its log lines show it.
+    let scope = DeliveryScope {
+        handler: def.name,
+        stream: "",
+        consumer: Arc::from(""),
+        subject: message.subject.clone(),
+        sequence: 0,
+        delivery_count: 0,
+        trace: crate::telemetry::trace::incoming(message.headers.as_ref()),
+        settled_by_handler: std::cell::Cell::new(false),
+    };
+    let span = (!crate::telemetry::light()).then(|| {
+        let span = tracing::info_span!(
+            "natty.handle",
+            otel.kind = if def.kind == CoreKind::Service { "server" } else { "consumer" },
+            handler = def.name,
+            subject = %message.subject,
+        );
+        crate::telemetry::trace::adopt(&span, message.headers.as_ref());
+        span
+    });
     let delivery = CoreDelivery {
         subject: message.subject,
         payload: message.payload,
@@ -284,6 +308,7 @@ async fn handle(def: SubscriptionDef, client: Client, message: async_nats::Messa
         client: client.clone(),
     };
     let handled = AssertUnwindSafe((def.handler)(delivery)).catch_unwind();
+    let handled = scope.run(handled.instrument(span.unwrap_or_else(tracing::Span::none)));
     let outcome = tokio::select! {
         biased;
         outcome = handled => outcome.unwrap_or_else(|_| CoreOutcome::Failed("the handler panicked".into())),

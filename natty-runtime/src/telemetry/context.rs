@@ -60,6 +60,12 @@ impl DeliveryScope {
         DELIVERY.scope(self, future)
     }
 
+    /// A JetStream delivery (a consumer's), as opposed to a core message (`#[subscribe]`,
+    /// `#[service]`), which has no stream, consumer, sequence or delivery count.
+    pub(crate) fn is_jetstream(&self) -> bool {
+        !self.stream.is_empty()
+    }
+
     /// Whether the handler of the delivery running on this task settled it itself.
     pub(crate) fn settled_by_handler() -> bool {
         DELIVERY

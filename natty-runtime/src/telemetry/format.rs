@@ -18,6 +18,18 @@ use super::context::DeliveryScope;
 
 /// The name a delivery goes by in log lines, as the span it stands for.
 const NAME: &str = "natty.deliver";
+/// The name of a core message's scope (a `#[subscribe]` or `#[service]` handler), as its
+/// `natty.handle` span is named when something records spans.
+const CORE_NAME: &str = "natty.handle";
+
+/// The scope's name as logs show it.
+fn name(delivery: &DeliveryScope) -> &'static str {
+    if delivery.is_jetstream() {
+        NAME
+    } else {
+        CORE_NAME
+    }
+}
 
 /// Human-readable lines: `time LEVEL natty.deliver{handler="…" …}: target: message fields`,
 /// as tracing-subscriber's `Full` format prints a line inside the `natty.deliver` span.
@@ -97,19 +109,23 @@ fn write_delivery_text(writer: &mut Writer<'_>, delivery: &DeliveryScope, ansi: 
     let field = |writer: &mut Writer<'_>, name: &str, value: &dyn fmt::Display| {
         write!(writer, "{italic}{name}{reset}{dim}={reset}{value}")
     };
-    write!(writer, "{bold}{NAME}{reset}{bold}{{{reset}")?;
+    write!(writer, "{bold}{}{reset}{bold}{{{reset}", name(delivery))?;
     field(writer, "handler", &format_args!("{:?}", delivery.handler))?;
     writer.write_char(' ')?;
-    field(writer, "stream", &format_args!("{:?}", delivery.stream))?;
-    writer.write_char(' ')?;
-    field(writer, "consumer", &format_args!("{:?}", &*delivery.consumer))?;
-    writer.write_char(' ')?;
+    if delivery.is_jetstream() {
+        field(writer, "stream", &format_args!("{:?}", delivery.stream))?;
+        writer.write_char(' ')?;
+        field(writer, "consumer", &format_args!("{:?}", &*delivery.consumer))?;
+        writer.write_char(' ')?;
+    }
     field(writer, "subject", &delivery.subject)?;
     writer.write_char(' ')?;
-    field(writer, "sequence", &delivery.sequence)?;
-    writer.write_char(' ')?;
-    field(writer, "delivery_count", &delivery.delivery_count)?;
-    writer.write_char(' ')?;
+    if delivery.is_jetstream() {
+        field(writer, "sequence", &delivery.sequence)?;
+        writer.write_char(' ')?;
+        field(writer, "delivery_count", &delivery.delivery_count)?;
+        writer.write_char(' ')?;
+    }
     field(writer, "trace_id", &format_args!("{:032x}", delivery.trace.trace_id))?;
     write!(writer, "{bold}}}{reset}{dim}:{reset}")
 }
@@ -150,6 +166,14 @@ where
 /// The delivery as the JSON format writes a span: its fields by name, then `name`.
 fn delivery_json(delivery: &DeliveryScope) -> String {
     let quoted = |value: &str| serde_json::to_string(value).unwrap_or_else(|_| "\"\"".to_string());
+    if !delivery.is_jetstream() {
+        return format!(
+            r#"{{"handler":{},"subject":{},"trace_id":"{:032x}","name":"{CORE_NAME}"}}"#,
+            quoted(delivery.handler),
+            quoted(delivery.subject.as_str()),
+            delivery.trace.trace_id,
+        );
+    }
     format!(
         r#"{{"consumer":{},"delivery_count":{},"handler":{},"sequence":{},"stream":{},"subject":{},"trace_id":"{:032x}","name":"{NAME}"}}"#,
         quoted(&delivery.consumer),
