@@ -520,7 +520,13 @@ async fn fresh_consumer(js: &jetstream::Context, durable: &str) -> jetstream::co
 
 /// Raw async-nats: a well-tuned pull loop (batch 1000), serde decode, explicit ack each.
 async fn raw_consume(js: &jetstream::Context, count: u64) -> Measured {
-    let consumer = fresh_consumer(js, "raw").await;
+    raw_pull_loop(js, "raw", count, false).await
+}
+
+/// The raw pull loop on a fresh durable `durable`, acking each message with `ack()`, or with
+/// `double_ack()` (an ack the server confirms) when `confirmed`.
+async fn raw_pull_loop(js: &jetstream::Context, durable: &str, count: u64, confirmed: bool) -> Measured {
+    let consumer = fresh_consumer(js, durable).await;
     let window = Window::start();
     let mut messages = consumer
         .stream()
@@ -532,7 +538,11 @@ async fn raw_consume(js: &jetstream::Context, count: u64) -> Measured {
     while let Some(message) = messages.next().await {
         let message = message.expect("message");
         let _order: Order = serde_json::from_slice(&message.payload).expect("decode");
-        message.ack().await.expect("ack");
+        if confirmed {
+            message.double_ack().await.expect("confirmed ack");
+        } else {
+            message.ack().await.expect("ack");
+        }
         seen += 1;
         if seen == count {
             break;
@@ -697,27 +707,7 @@ async fn raw_batches(js: &jetstream::Context, count: u64) -> Measured {
 /// Raw async-nats acking each message with `double_ack` (an ack the server confirms), one at a
 /// time: what natty's `ack = "confirmed"` does with one handler slot.
 async fn raw_confirmed(js: &jetstream::Context, count: u64) -> Measured {
-    let consumer = fresh_consumer(js, "raw-confirmed").await;
-    let window = Window::start();
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(1000)
-        .messages()
-        .await
-        .expect("messages");
-    let mut seen = 0;
-    while let Some(message) = messages.next().await {
-        let message = message.expect("message");
-        let _order: Order = serde_json::from_slice(&message.payload).expect("decode");
-        message.double_ack().await.expect("confirmed ack");
-        seen += 1;
-        if seen == count {
-            break;
-        }
-    }
-    let measured = window.stop();
-    drop(messages);
-    measured
+    raw_pull_loop(js, "raw-confirmed", count, true).await
 }
 
 /// Confirmed acks against natty's default (sent, not waited for), on a tenth of the messages
