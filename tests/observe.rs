@@ -682,7 +682,8 @@ async fn without_an_exporter_a_service_continues_the_trace_of_its_request() {
     let payload = serde_json::to_vec(&Job { id: 3 }).unwrap();
     let answer = wait_until_answered(&client, headers, payload).await;
     let body = String::from_utf8_lossy(&answer.payload).to_string();
-    let job: Job = serde_json::from_slice(&answer.payload).unwrap_or_else(|error| panic!("{error}: {body} {:?}", answer.headers));
+    let job: Job =
+        serde_json::from_slice(&answer.payload).unwrap_or_else(|error| panic!("{error}: {body} {:?}", answer.headers));
     assert_eq!(job.id, 3);
 
     // The request the service made, and the message it published, continue that trace.

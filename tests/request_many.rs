@@ -140,6 +140,19 @@ fn venues(items: &[Result<Quote, RequestError>]) -> Vec<String> {
 /// A responder outside natty on `SUBJECT` that answers each request with `reply(n)` for n = 0,
 /// 1, ... every `every` until `reply` gives `None`, and records the inbox it answers to. It is
 /// subscribed (the server knows) when this returns.
+/// A reply for each of the first `limit` ticks: quote `tick-<n>`, then silence.
+fn ticks(limit: u32) -> impl Fn(u32) -> Option<Vec<u8>> + Send + 'static {
+    move |n| {
+        (n < limit).then(|| {
+            serde_json::to_vec(&Quote {
+                venue: format!("tick-{n}"),
+                cents: u64::from(n),
+            })
+            .unwrap()
+        })
+    }
+}
+
 async fn raw_responder(
     server: &NatsServer,
     every: Duration,
@@ -282,16 +295,7 @@ async fn ends_at_the_deadline_with_what_came_and_unsubscribes() {
     let server = NatsServer::start().await.expect("nats-server");
     let client = connect(&server).await;
     // Replies every 100 ms, for a minute: each comes within the quiet period.
-    let (responder, inbox) = raw_responder(&server, Duration::from_millis(100), |n| {
-        (n < 600).then(|| {
-            serde_json::to_vec(&Quote {
-                venue: format!("tick-{n}"),
-                cents: u64::from(n),
-            })
-            .unwrap()
-        })
-    })
-    .await;
+    let (responder, inbox) = raw_responder(&server, Duration::from_millis(100), ticks(600)).await;
 
     let deadline = Duration::from_millis(800);
     let started = Instant::now();
@@ -322,16 +326,7 @@ async fn ends_at_the_deadline_with_what_came_and_unsubscribes() {
 async fn dropping_the_stream_unsubscribes() {
     let server = NatsServer::start().await.expect("nats-server");
     let client = connect(&server).await;
-    let (responder, inbox) = raw_responder(&server, Duration::from_millis(50), |n| {
-        (n < 1200).then(|| {
-            serde_json::to_vec(&Quote {
-                venue: format!("tick-{n}"),
-                cents: u64::from(n),
-            })
-            .unwrap()
-        })
-    })
-    .await;
+    let (responder, inbox) = raw_responder(&server, Duration::from_millis(50), ticks(1200)).await;
 
     let mut replies = client
         .request_many::<Quote>(SUBJECT, &acme())
