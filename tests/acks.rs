@@ -325,3 +325,98 @@ async fn exactly_once_holds_across_sigkills_between_the_effect_and_the_ack() {
     keys.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
     assert_eq!(keys.len() as u64, JOBS, "{keys:?}");
 }
+
+static AGAIN: Mutex<Vec<(u64, u64)>> = Mutex::new(Vec::new());
+
+#[consumer(stream = "again", durable = "again", ack = "confirmed", ack_wait = "10s")]
+async fn again(job: Job, ctx: Context) {
+    AGAIN.lock().unwrap().push((job.id, ctx.delivery_count()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_made_anew_delivers_a_confirmed_sequence_again_and_it_is_handled() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let js = async_nats::jetstream::new(server.client().await);
+    let runtime = Runtime::builder()
+        .url(server.url())
+        .handlers(["again"])
+        .stream(StreamDef::new("again", &["again.>"]))
+        .build()
+        .unwrap();
+    let running = RunningRuntime::spawn(runtime);
+    natty_tests::wait_for_consumer(&js, "again", "again", WAIT).await;
+    let payload = serde_json::to_vec(&Job { id: 1 }).unwrap();
+    js.publish("again.1", payload.into()).await.unwrap().await.unwrap();
+    wait_until(WAIT, "job 1 handled and its ack confirmed", || async {
+        let stream = js.get_stream("again").await.unwrap();
+        !AGAIN.lock().unwrap().is_empty() && stream.consumer_info("again").await.unwrap().num_ack_pending == 0
+    })
+    .await;
+    // Deleted and made anew (natty binds it again): the new consumer delivers sequence 1 as its
+    // first delivery. It is a new message to this consumer, not a late copy of the acked one:
+    // handled at once, not dropped until the confirmation is forgotten (2 × ack_wait = 20 s).
+    js.get_stream("again")
+        .await
+        .unwrap()
+        .delete_consumer("again")
+        .await
+        .unwrap();
+    wait_until(
+        Duration::from_secs(15),
+        "job 1 handled again by the new consumer",
+        || async { AGAIN.lock().unwrap().len() >= 2 },
+    )
+    .await;
+    assert_eq!(AGAIN.lock().unwrap()[1], (1, 1));
+    running.stop().await.unwrap();
+}
+
+/// job id → times the handler started.
+static SPAWNED_ACK: Mutex<BTreeMap<u64, u32>> = Mutex::new(BTreeMap::new());
+
+#[consumer(stream = "spawned", durable = "spawned", order_by = "subject", backoff = ["10ms"], ack_wait = "2s")]
+async fn acks_from_a_task(job: Job, ctx: Context) -> Result<(), std::io::Error> {
+    *SPAWNED_ACK.lock().unwrap().entry(job.id).or_default() += 1;
+    // Acked from a task of its own, then the handler fails: the message is settled all the
+    // same, so the ordered consumer does not run it again in place.
+    let acked = tokio::spawn(async move { ctx.ack().await }).await.expect("the task");
+    assert!(acked.is_ok(), "{acked:?}");
+    Err(std::io::Error::other("failed after acking"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_from_a_spawned_task_settles_the_message_for_an_ordered_consumer() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let js = async_nats::jetstream::new(server.client().await);
+    let runtime = Runtime::builder()
+        .url(server.url())
+        .handlers(["acks_from_a_task"])
+        .stream(StreamDef::new("spawned", &["spawned.>"]))
+        .build()
+        .unwrap();
+    let running = RunningRuntime::spawn(runtime);
+    natty_tests::wait_for_consumer(&js, "spawned", "spawned", WAIT).await;
+    for id in 1..=3 {
+        let payload = serde_json::to_vec(&Job { id }).unwrap();
+        js.publish(format!("spawned.{id}"), payload.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    wait_until(WAIT, "three jobs handled", || async {
+        SPAWNED_ACK.lock().unwrap().len() == 3
+    })
+    .await;
+    // A retry in place would come within the 10 ms backoff; a lost ack after ack_wait (2 s).
+    let quiet_until = tokio::time::Instant::now() + Duration::from_secs(3);
+    wait_until(WAIT, "nothing unacked, for an ack_wait and more", || async {
+        let stream = js.get_stream("spawned").await.unwrap();
+        let info = stream.consumer_info("spawned").await.unwrap();
+        info.num_ack_pending == 0 && tokio::time::Instant::now() >= quiet_until
+    })
+    .await;
+    let runs = SPAWNED_ACK.lock().unwrap().clone();
+    assert!(runs.values().all(|&times| times == 1), "each handled once: {runs:?}");
+    running.stop().await.unwrap();
+}

@@ -198,7 +198,13 @@ async fn every_instance_answers_and_a_service_error_is_one_item() {
     let client = connect(&server).await;
     let running = start_venues(&server, &client).await;
 
-    let replies = client.request_many::<Quote>(SUBJECT, &acme()).await.expect("send");
+    // A quiet period well above what a loaded machine needs between replies.
+    let replies = client
+        .request_many::<Quote>(SUBJECT, &acme())
+        .quiet(Duration::from_secs(3))
+        .deadline(Duration::from_secs(20))
+        .await
+        .expect("send");
     assert_eq!(replies.subject(), SUBJECT);
     let (items, ended_by) = gather(replies).await;
     assert_eq!(items.len(), 3, "{items:?}");
@@ -217,7 +223,8 @@ async fn every_instance_answers_and_a_service_error_is_one_item() {
     };
     let replies = client
         .request_many::<Quote>(SUBJECT, &empty)
-        .quiet(Duration::from_millis(300))
+        .max_replies(3)
+        .quiet(Duration::from_secs(5))
         .await
         .expect("send");
     let (items, _) = gather(replies).await;
@@ -386,9 +393,11 @@ async fn a_garbage_reply_is_an_item_error_and_the_others_still_come() {
     })
     .await;
 
+    // Ends at the count, not on a quiet period a loaded machine could outlast.
     let replies = client
         .request_many::<Quote>(SUBJECT, &acme())
-        .quiet(Duration::from_millis(500))
+        .max_replies(4)
+        .quiet(Duration::from_secs(5))
         .await
         .expect("send");
     let (items, ended_by) = gather(replies).await;
@@ -402,7 +411,7 @@ async fn a_garbage_reply_is_an_item_error_and_the_others_still_come() {
         errors[0]
     );
     assert!(errors[0].to_string().contains(SUBJECT), "{}", errors[0]);
-    assert_eq!(ended_by, Some(EndedBy::Quiet));
+    assert_eq!(ended_by, Some(EndedBy::MaxReplies));
 
     responder.abort();
     stop(running).await;

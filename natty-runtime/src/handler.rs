@@ -22,6 +22,10 @@ pub(crate) struct ConsumerShared {
     pub(crate) ack_wait_nanos: std::sync::atomic::AtomicU64,
     /// The sequences whose ack was confirmed lately (see [`crate::consumer::Confirmed`]).
     pub(crate) confirmed: crate::consumer::Confirmed,
+    /// The messages whose handler acked them itself (see [`crate::consumer::HandlerAcks`]).
+    pub(crate) handler_acks: crate::consumer::HandlerAcks,
+    /// The runtime's hard stop, once the consumer runs: a confirmed ack stops retrying then.
+    pub(crate) hard_stop: std::sync::OnceLock<tokio_util::sync::CancellationToken>,
 }
 
 impl ConsumerShared {
@@ -167,14 +171,14 @@ impl Context {
     /// server; [`AckError::Unconfirmed`](crate::AckError::Unconfirmed) when no answer came
     /// within `ack_wait` (the ack may or may not have been applied).
     pub async fn ack(&self) -> Result<(), crate::AckError> {
-        let acked = crate::consumer::confirm(&self.shared, &self.reply, self.stream_sequence, b"+ACK").await;
+        // Acked already: the same answer, without acking again.
+        if let Some(acked) = self.shared.handler_acks.get(self.stream_sequence) {
+            return acked;
+        }
+        let acked = crate::consumer::confirm(&self.shared, &self.reply, b"+ACK").await;
         // The runtime must not settle the message again (a nak or a dead letter after the
         // handler fails), even if the ack was not confirmed: the handler was told so.
-        crate::telemetry::DeliveryScope::with_current(|delivery| {
-            if delivery.sequence == self.stream_sequence && *delivery.consumer == *self.shared.name {
-                delivery.settled_by_handler.set(true);
-            }
-        });
+        self.shared.handler_acks.set(self.stream_sequence, acked.clone());
         acked
     }
 

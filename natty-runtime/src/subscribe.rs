@@ -289,7 +289,6 @@ async fn handle(def: SubscriptionDef, client: Client, message: async_nats::Messa
         sequence: 0,
         delivery_count: 0,
         trace: crate::telemetry::trace::incoming(message.headers.as_ref()),
-        settled_by_handler: std::cell::Cell::new(false),
     };
     let span = (!crate::telemetry::light()).then(|| {
         let span = tracing::info_span!(

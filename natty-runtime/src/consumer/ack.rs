@@ -76,34 +76,52 @@ pub enum AckError {
     },
 }
 
-/// The sequences whose ack the server confirmed lately, in one consumer of this instance.
+/// The sequences whose ack the server confirmed lately, in one consumer of this instance, each
+/// with the delivery count of the copy that was acked.
 ///
-/// A delivery of one of them that arrives after the confirmation was sent before the ack was
-/// applied: a redelivery after `ack_wait` (a consumer leader election can swallow the
-/// keep-alive pings) that the retried ack raced. The server no longer holds it; handling it
-/// would run the handler twice for a message whose ack was confirmed, so it is dropped. Kept
-/// two `ack_wait`s, past which no such redelivery can still be on its way.
+/// A delivery of one of them with a *higher* count, arriving after the confirmation, was sent
+/// before the ack was applied: a redelivery after `ack_wait` (a consumer leader election can
+/// swallow the keep-alive pings) that the retried ack raced. The server no longer holds it;
+/// handling it would run the handler twice for a message whose ack was confirmed, so it is
+/// dropped. A delivery with the same or a lower count is a new one (the consumer was deleted
+/// and made again, or reset) and is handled; binding the consumer again forgets everything.
+/// Kept two `ack_wait`s, past which no such redelivery can still be on its way.
 #[derive(Default)]
 pub(crate) struct Confirmed {
-    /// Whether `at` holds anything: the common case (no confirmed acks) reads no lock.
+    /// Whether anything is recorded: consumers without confirmed acks read no lock.
     any: std::sync::atomic::AtomicBool,
-    at: std::sync::Mutex<std::collections::HashMap<u64, Instant>>,
+    recorded: std::sync::Mutex<Recorded>,
+}
+
+#[derive(Default)]
+struct Recorded {
+    /// Sequence → the delivery count of the copy acked.
+    delivered: std::collections::HashMap<u64, u64>,
+    /// (when, sequence, delivery count), oldest first: forgetting is a walk from the front.
+    order: std::collections::VecDeque<(Instant, u64, u64)>,
 }
 
 impl Confirmed {
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, Instant>> {
-        self.at.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn lock(&self) -> std::sync::MutexGuard<'_, Recorded> {
+        self.recorded.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Records that the ack of `sequence` was confirmed.
-    pub(crate) fn record(&self, sequence: u64) {
-        self.lock().insert(sequence, Instant::now());
+    /// Records that the ack of the copy of `sequence` delivered `delivered` times was confirmed.
+    pub(crate) fn record(&self, sequence: u64, delivered: u64) {
+        let mut recorded = self.lock();
+        recorded.delivered.insert(sequence, delivered);
+        recorded.order.push_back((Instant::now(), sequence, delivered));
         self.any.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Whether the ack of `sequence` was confirmed lately.
-    pub(crate) fn contains(&self, sequence: u64) -> bool {
-        self.any.load(std::sync::atomic::Ordering::Relaxed) && self.lock().contains_key(&sequence)
+    /// Whether a delivery of `sequence`, the `delivered`-th, raced an ack confirmed lately.
+    pub(crate) fn raced(&self, sequence: u64, delivered: u64) -> bool {
+        self.any.load(std::sync::atomic::Ordering::Relaxed)
+            && self
+                .lock()
+                .delivered
+                .get(&sequence)
+                .is_some_and(|acked| delivered > *acked)
     }
 
     /// Forgets confirmations older than `age`.
@@ -111,49 +129,106 @@ impl Confirmed {
         if !self.any.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
-        let mut at = self.lock();
-        at.retain(|_, confirmed| confirmed.elapsed() < age);
-        self.any.store(!at.is_empty(), std::sync::atomic::Ordering::Relaxed);
+        let mut recorded = self.lock();
+        while let Some(&(at, sequence, delivered)) = recorded.order.front() {
+            if at.elapsed() < age {
+                break;
+            }
+            recorded.order.pop_front();
+            // Recorded again since (a later copy acked): that record stays.
+            if recorded.delivered.get(&sequence) == Some(&delivered) {
+                recorded.delivered.remove(&sequence);
+            }
+        }
+        self.any
+            .store(!recorded.order.is_empty(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Forgets everything: the consumer was bound again, and may be a new one.
+    pub(crate) fn clear(&self) {
+        if self.any.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            *self.lock() = Recorded::default();
+        }
     }
 }
 
+/// How one attempt of `confirm` went.
+enum Attempt {
+    Confirmed,
+    /// The consumer no longer exists.
+    Gone,
+    Failed(String),
+}
+
+/// After this many "no responders", `confirm` asks whether the consumer still exists (two API
+/// requests): once or twice is an election, not worth a burst of requests at that moment.
+const NO_RESPONDERS_BEFORE_LOOKUP: u32 = 3;
+
 /// Sends `body` (`+ACK`) to the message's `reply` subject until the server confirms it, for at
-/// most the consumer's `ack_wait` (see [`Ack::Confirmed`]).
-pub(crate) async fn confirm(
-    shared: &ConsumerShared,
-    reply: &Subject,
-    sequence: u64,
-    body: &'static [u8],
-) -> Result<(), AckError> {
+/// most the consumer's `ack_wait` (see [`Ack::Confirmed`]), every attempt bounded by that
+/// deadline. At the runtime's hard stop it sends the ack once more without waiting and gives up.
+pub(crate) async fn confirm(shared: &ConsumerShared, reply: &Subject, body: &'static [u8]) -> Result<(), AckError> {
+    let (sequence, delivered) = crate::puller::delivery_info(reply).unwrap_or((0, 0));
     let started = Instant::now();
-    let within = shared.ack_wait();
-    let deadline = started + within;
+    let deadline = started + shared.ack_wait();
     let nats = shared.client.nats();
     let mut pause = FIRST_PAUSE;
     let mut attempts = 0u32;
+    let mut no_responders = 0u32;
+    let unconfirmed = |attempts, last: String| AckError::Unconfirmed {
+        stream: shared.stream.to_string(),
+        consumer: shared.name.to_string(),
+        sequence,
+        attempts,
+        waited: started.elapsed(),
+        last,
+    };
+    let hard_stop = shared.hard_stop.get().cloned().unwrap_or_default();
     loop {
         attempts += 1;
-        let wait = deadline
-            .saturating_duration_since(Instant::now())
-            .clamp(Duration::from_millis(10), ATTEMPT);
-        let request = async_nats::Request::new()
-            .payload(Bytes::from_static(body))
-            .timeout(Some(wait));
-        let last = match nats.send_request(reply.clone(), request).await {
-            // The answer to an applied ack is an empty message without a status.
-            Ok(answer) if answer.status.is_none_or(|status| status.is_success()) => {
-                shared.confirmed.record(sequence);
-                return Ok(());
+        let attempt_started = Instant::now();
+        let until = deadline.min(attempt_started + ATTEMPT);
+        let attempt = async {
+            let request = async_nats::Request::new()
+                .payload(Bytes::from_static(body))
+                // The attempt's own bound is `until`, which also covers sending while the
+                // connection's queue is full (async-nats' timeout starts after that).
+                .timeout(None);
+            let answer = nats.send_request(reply.clone(), request).await;
+            match answer {
+                // The answer to an applied ack is an empty message without a status.
+                Ok(answer) if answer.status.is_none_or(|status| status.is_success()) => Attempt::Confirmed,
+                Ok(answer) => Attempt::Failed(format!(
+                    "the server answered {}{}",
+                    answer.status.map(|status| status.to_string()).unwrap_or_default(),
+                    answer.description.map(|text| format!(" ({text})")).unwrap_or_default()
+                )),
+                Err(error) if error.kind() == async_nats::RequestErrorKind::NoResponders => {
+                    no_responders += 1;
+                    // Nothing takes this consumer's acks: an election in progress (brief), or
+                    // the consumer is gone, which no retry mends.
+                    if no_responders >= NO_RESPONDERS_BEFORE_LOOKUP && consumer_gone(shared).await {
+                        return Attempt::Gone;
+                    }
+                    Attempt::Failed("no responders (no consumer leader)".into())
+                }
+                Err(error) => Attempt::Failed(crate::error::chain(&error).to_string()),
             }
-            Ok(answer) => format!(
-                "the server answered {}{}",
-                answer.status.map(|status| status.to_string()).unwrap_or_default(),
-                answer.description.map(|text| format!(" ({text})")).unwrap_or_default()
-            ),
-            Err(error) if error.kind() == async_nats::RequestErrorKind::NoResponders => {
-                // Nothing takes this consumer's acks: an election in progress (brief), or the
-                // consumer is gone, which no retry mends.
-                if consumer_gone(shared).await {
+        };
+        let last = tokio::select! {
+            biased;
+            _ = hard_stop.cancelled() => {
+                // Shutting down: one last ack, not waited for (the message comes again if it
+                // is lost, as with a fire-and-forget ack).
+                let _ = tokio::time::timeout(Duration::from_millis(100), nats.publish(reply.clone(), Bytes::from_static(body))).await;
+                return Err(unconfirmed(attempts, "the service is shutting down".into()));
+            }
+            attempted = tokio::time::timeout_at(until, attempt) => match attempted {
+                Ok(Attempt::Confirmed) => {
+                    shared.confirmed.record(sequence, delivered);
+                    return Ok(());
+                }
+                Ok(Attempt::Gone) => {
                     return Err(AckError::Refused {
                         stream: shared.stream.to_string(),
                         consumer: shared.name.to_string(),
@@ -161,27 +236,80 @@ pub(crate) async fn confirm(
                         reason: "the consumer no longer exists on the server".into(),
                     });
                 }
-                "no responders (no consumer leader)".into()
-            }
-            Err(error) if error.kind() == async_nats::RequestErrorKind::TimedOut => {
-                format!("no answer within {wait:?}")
-            }
-            Err(error) => crate::error::chain(&error).to_string(),
+                Ok(Attempt::Failed(last)) => last,
+                Err(_) => format!("no answer within {:?}", until.saturating_duration_since(attempt_started)),
+            },
         };
         if Instant::now() + pause >= deadline {
-            return Err(AckError::Unconfirmed {
-                stream: shared.stream.to_string(),
-                consumer: shared.name.to_string(),
-                sequence,
-                attempts,
-                waited: started.elapsed(),
-                last,
-            });
+            return Err(unconfirmed(attempts, last));
         }
         tracing::debug!(stream = shared.stream, consumer = &*shared.name, sequence, attempts, reason = %last,
             "ack not confirmed yet; sending it again");
-        tokio::time::sleep(pause).await;
+        tokio::select! {
+            _ = hard_stop.cancelled() => {}
+            _ = tokio::time::sleep(pause) => {}
+        }
         pause = (pause * 2).min(ATTEMPT);
+    }
+}
+
+/// What [`Context::ack`](crate::Context::ack) did, for the messages whose handler acked them
+/// itself: kept by sequence (not in the delivery's task-local, since a handler may ack from a
+/// task it spawned) until the runtime settles the message, which it then leaves alone.
+#[derive(Default)]
+pub(crate) struct HandlerAcks {
+    /// Whether anything is kept: settling reads no lock unless a handler acked lately.
+    any: std::sync::atomic::AtomicBool,
+    by_sequence: std::sync::Mutex<std::collections::HashMap<u64, Result<(), AckError>>>,
+}
+
+impl HandlerAcks {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, Result<(), AckError>>> {
+        self.by_sequence
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// What an earlier `ctx.ack()` of `sequence` returned, if there was one.
+    pub(crate) fn get(&self, sequence: u64) -> Option<Result<(), AckError>> {
+        if !self.any.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        self.lock().get(&sequence).cloned()
+    }
+
+    /// Keeps what `ctx.ack()` of `sequence` returned.
+    pub(crate) fn set(&self, sequence: u64, acked: Result<(), AckError>) {
+        self.lock().insert(sequence, acked);
+        self.any.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the handler acked `sequence` itself; forgets it (the message is being settled).
+    pub(crate) fn take(&self, sequence: u64) -> bool {
+        if !self.any.load(std::sync::atomic::Ordering::Relaxed) {
+            return false;
+        }
+        let mut by_sequence = self.lock();
+        let taken = by_sequence.remove(&sequence).is_some();
+        self.any
+            .store(!by_sequence.is_empty(), std::sync::atomic::Ordering::Relaxed);
+        taken
+    }
+
+    /// Whether the handler acked `sequence` itself.
+    pub(crate) fn contains(&self, sequence: u64) -> bool {
+        self.any.load(std::sync::atomic::Ordering::Relaxed) && self.lock().contains_key(&sequence)
+    }
+
+    /// Forgets what is no longer `held` (acked by a task that outlived its message's settling).
+    pub(crate) fn retain(&self, held: impl Fn(u64) -> bool) {
+        if !self.any.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let mut by_sequence = self.lock();
+        by_sequence.retain(|sequence, _| held(*sequence));
+        self.any
+            .store(!by_sequence.is_empty(), std::sync::atomic::Ordering::Relaxed);
     }
 }
 

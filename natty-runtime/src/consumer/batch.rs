@@ -245,10 +245,18 @@ impl Consumer {
                 error = %failure, "batch handler failed; its messages will be redelivered");
         }
         let mut outcomes = [0usize; 4];
+        // With confirmed acks, the batch's acks go out together and are waited for together:
+        // one round trip for the batch, not one per message.
+        let mut to_confirm = Vec::new();
         for (reply, original) in originals {
             let sequence = original.stream_sequence;
+            let verdict = verdicts.next().flatten();
+            if def.ack == Ack::Confirmed && outcome.is_some() && verdict.is_none() && failure.is_none() {
+                to_confirm.push((sequence, reply));
+                continue;
+            }
             let settle = self.settle(reply);
-            let settled = match (outcome.is_some(), verdicts.next().flatten(), &failure) {
+            let settled = match (outcome.is_some(), verdict, &failure) {
                 (false, _, _) => {
                     settle.send(Bytes::from_static(b"-NAK")).await;
                     Settled::CutOff
@@ -276,6 +284,21 @@ impl Consumer {
             self.held.release(sequence);
             settled.count(&self.metrics);
             outcomes[settled as usize] += 1;
+        }
+        let confirmed = futures_util::future::join_all(
+            to_confirm
+                .iter()
+                .map(|(_, reply)| confirm(&self.shared, reply, b"+ACK")),
+        )
+        .await;
+        for ((sequence, _), acked) in to_confirm.iter().zip(confirmed) {
+            if let Err(error) = acked {
+                tracing::warn!(handler = def.name, error = %error, "the message may be delivered again");
+                self.metrics.acks_unconfirmed.inc();
+            }
+            self.held.release(*sequence);
+            Settled::Acked.count(&self.metrics);
+            outcomes[Settled::Acked as usize] += 1;
         }
         span.record(
             "outcome",

@@ -35,7 +35,7 @@ mod held;
 mod lanes;
 mod settle;
 
-pub(crate) use ack::{confirm, Confirmed};
+pub(crate) use ack::{confirm, Confirmed, HandlerAcks};
 pub use ack::{Ack, AckError};
 pub use batch::{batch_only, Batch, BatchDelivery, BatchHandlerFn, FromBatch, FromBatchParts};
 pub use def::{hash_key, ConsumerDef, Deliver, HandlerFn, KeyFn, OrderBy};
@@ -99,6 +99,8 @@ impl Consumer {
             client,
             ack_wait_nanos: AtomicU64::new(def.ack_wait.unwrap_or(Duration::from_secs(30)).as_nanos() as u64),
             confirmed: Confirmed::default(),
+            handler_acks: HandlerAcks::default(),
+            hard_stop: std::sync::OnceLock::new(),
         });
         Consumer {
             def,
@@ -132,6 +134,9 @@ impl Consumer {
     /// and records its `ack_wait`.
     pub(crate) async fn bind(&self) -> Result<PullConsumer> {
         let consumer = self.bind_inner().await?;
+        // Possibly a new consumer, whose deliveries start again at 1: no earlier confirmation
+        // may drop one of them.
+        self.shared.confirmed.clear();
         let ack_wait = consumer.cached_info().config.ack_wait;
         self.shared
             .ack_wait_nanos
@@ -237,6 +242,8 @@ impl Consumer {
     /// started, and lets in-flight handlers finish until `hard_stop`, when their messages are naked.
     pub(crate) async fn run(self, cancel: CancellationToken, hard_stop: CancellationToken) -> Result<()> {
         let this = Arc::new(self);
+        // Set once: a supervised restart runs under the same runtime and the same hard stop.
+        let _ = this.shared.hard_stop.set(hard_stop.clone());
         let concurrency = this.def.concurrency;
         let permits = Arc::new(Semaphore::new(concurrency));
         let lanes = Lanes::default();
@@ -270,6 +277,12 @@ impl Consumer {
                 }
             };
             let rebind = loop {
+                // Cancellation first: an atomic load, so that nothing more starts or is asked
+                // for once it came (a waiter is registered only when the loop is about to
+                // sleep: the branch comes last in the select below).
+                if cancel.is_cancelled() {
+                    break false;
+                }
                 // Start what can start now: the permit is taken without waiting (no waiter is
                 // registered on the hot path); a slot that frees up later wakes the loop.
                 // A batch starts when full, or once its first message has waited `batch_wait`.
@@ -320,12 +333,8 @@ impl Consumer {
                     _ => None,
                 };
                 // Polled once or twice per message, so nothing here costs unless it is needed:
-                // cancellation is an atomic load at the top and a waiter registered only when
-                // the loop is about to sleep (its branch comes last); the batch timer is made
-                // only when a batch is due.
-                if cancel.is_cancelled() {
-                    break false;
-                }
+                // the cancellation waiter is registered only when the loop is about to sleep
+                // (its branch comes last), the batch timer made only when a batch is due.
                 let pulled = tokio::select! {
                     biased;
                     Some(()) = inline.next(), if !inline.is_empty() => continue,
@@ -439,7 +448,7 @@ impl Consumer {
             tracing::warn!(reply = %reply, "received a message that is not a JetStream delivery; ignored");
             return None;
         };
-        if self.shared.confirmed.contains(sequence) {
+        if self.shared.confirmed.raced(sequence, delivered) {
             tracing::debug!(
                 stream = self.def.stream,
                 consumer = &*self.name,
@@ -512,6 +521,7 @@ impl Consumer {
                 .max(Duration::from_millis(5));
             tokio::time::sleep(every).await;
             self.shared.confirmed.forget_older_than(self.shared.ack_wait() * 2);
+            self.shared.handler_acks.retain(|sequence| self.held.contains(sequence));
             for reply in self.held.tick() {
                 self.settle(reply).send(Bytes::from_static(b"+WPI")).await;
             }

@@ -28,7 +28,6 @@ impl Consumer {
             sequence: stream_sequence,
             delivery_count,
             trace: crate::telemetry::trace::incoming(message.headers.as_ref()),
-            settled_by_handler: std::cell::Cell::new(false),
         };
         // A span per delivery only where something records it: with natty's own subscriber and
         // no exporter, the scope gives logs their fields and publishes their trace context.
@@ -115,7 +114,7 @@ impl Consumer {
             let Some(outcome) = self.attempt(delivery, &settle, hard_stop).await else {
                 return Settled::CutOff;
             };
-            if DeliveryScope::settled_by_handler() {
+            if self.shared.handler_acks.take(stream_sequence) {
                 // `ctx.ack()` acked it: what the handler did after that changes nothing.
                 if !matches!(outcome, Ok(Outcome::Ack)) {
                     tracing::warn!(
@@ -134,8 +133,7 @@ impl Consumer {
                     match def.ack {
                         Ack::Sent => settle.send(Bytes::from_static(b"+ACK")).await,
                         Ack::Confirmed => {
-                            if let Err(error) = Box::pin(confirm(&self.shared, &reply, stream_sequence, b"+ACK")).await
-                            {
+                            if let Err(error) = Box::pin(confirm(&self.shared, &reply, b"+ACK")).await {
                                 tracing::warn!(handler = def.name, error = %error, "the message may be delivered again");
                                 self.metrics.acks_unconfirmed.inc();
                             }
@@ -225,9 +223,15 @@ impl Consumer {
                 Some(outcome)
             }
             _ = hard_stop.cancelled() => {
-                tracing::warn!(stream = def.stream, consumer = &*self.name, sequence,
-                    "drain timeout: handler still running; nak so the message is redelivered");
-                Box::pin(settle.send(Bytes::from_static(b"-NAK"))).await;
+                if self.shared.handler_acks.contains(sequence) {
+                    // Acked by the handler already: a nak now would be a lie.
+                    tracing::warn!(stream = def.stream, consumer = &*self.name, sequence,
+                        "drain timeout: handler still running after acking its message");
+                } else {
+                    tracing::warn!(stream = def.stream, consumer = &*self.name, sequence,
+                        "drain timeout: handler still running; nak so the message is redelivered");
+                    Box::pin(settle.send(Bytes::from_static(b"-NAK"))).await;
+                }
                 None
             }
         }

@@ -45,9 +45,6 @@ pub(crate) struct DeliveryScope {
     pub(crate) sequence: u64,
     pub(crate) delivery_count: u64,
     pub(crate) trace: TraceContext,
-    /// The handler settled the message itself ([`crate::Context::ack`]): the runtime does not
-    /// settle it again, whatever the handler returns.
-    pub(crate) settled_by_handler: std::cell::Cell<bool>,
 }
 
 impl DeliveryScope {
@@ -64,13 +61,6 @@ impl DeliveryScope {
     /// `#[service]`), which has no stream, consumer, sequence or delivery count.
     pub(crate) fn is_jetstream(&self) -> bool {
         !self.stream.is_empty()
-    }
-
-    /// Whether the handler of the delivery running on this task settled it itself.
-    pub(crate) fn settled_by_handler() -> bool {
-        DELIVERY
-            .try_with(|delivery| delivery.settled_by_handler.get())
-            .unwrap_or(false)
     }
 
     /// Calls `f` with the scope of the delivery running on this task, if any.
