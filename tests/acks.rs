@@ -420,3 +420,48 @@ async fn an_ack_from_a_spawned_task_settles_the_message_for_an_ordered_consumer(
     assert!(runs.values().all(|&times| times == 1), "each handled once: {runs:?}");
     running.stop().await.unwrap();
 }
+
+static BATCHED: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+
+#[consumer(
+    stream = "batched",
+    durable = "batched",
+    ack = "confirmed",
+    batch = 10,
+    batch_wait = "50ms"
+)]
+async fn batched(jobs: Vec<Job>) {
+    BATCHED.lock().unwrap().extend(jobs.iter().map(|job| job.id));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_handlers_acks_are_confirmed_together() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let js = async_nats::jetstream::new(server.client().await);
+    let runtime = Runtime::builder()
+        .url(server.url())
+        .handlers(["batched"])
+        .stream(StreamDef::new("batched", &["batched.>"]))
+        .build()
+        .unwrap();
+    let running = RunningRuntime::spawn(runtime);
+    natty_tests::wait_for_consumer(&js, "batched", "batched", WAIT).await;
+    for id in 1..=25 {
+        let payload = serde_json::to_vec(&Job { id }).unwrap();
+        js.publish(format!("batched.{id}"), payload.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    wait_until(WAIT, "every job handled and acked", || async {
+        let stream = js.get_stream("batched").await.unwrap();
+        let info = stream.consumer_info("batched").await.unwrap();
+        BATCHED.lock().unwrap().len() >= 25 && info.num_ack_pending == 0 && info.ack_floor.stream_sequence == 25
+    })
+    .await;
+    let mut handled = BATCHED.lock().unwrap().clone();
+    handled.sort_unstable();
+    assert_eq!(handled, (1..=25).collect::<Vec<_>>(), "each once");
+    running.stop().await.unwrap();
+}
