@@ -160,7 +160,16 @@ async fn raw_responder(
 ) -> (tokio::task::JoinHandle<()>, Arc<Mutex<Option<String>>>) {
     let nats = server.client().await;
     let mut requests = nats.subscribe(SUBJECT).await.expect("subscribe");
-    nats.flush().await.expect("flush");
+    // Listening once the server says so: it handles a connection's operations in order, so
+    // when a message this connection publishes comes back to it, the subscription above is
+    // in place (a flush only writes to the socket; a request racing it got "no responders").
+    let ready = nats.new_inbox();
+    let mut echo = nats.subscribe(ready.clone()).await.expect("subscribe");
+    nats.publish(ready, bytes::Bytes::new()).await.expect("publish");
+    tokio::time::timeout(Duration::from_secs(10), echo.next())
+        .await
+        .expect("the server echoes within 10 s")
+        .expect("the echo");
     let inbox = Arc::new(Mutex::new(None));
     let seen = inbox.clone();
     let task = tokio::spawn(async move {
