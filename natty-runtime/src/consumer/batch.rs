@@ -293,8 +293,7 @@ impl Consumer {
         .await;
         for ((sequence, _), acked) in to_confirm.iter().zip(confirmed) {
             if let Err(error) = acked {
-                tracing::warn!(handler = def.name, error = %error, "the message may be delivered again");
-                self.metrics.acks_unconfirmed.inc();
+                self.unconfirmed(&error);
             }
             self.held.release(*sequence);
             Settled::Acked.count(&self.metrics);

@@ -517,8 +517,7 @@ impl Consumer {
         loop {
             // A quarter of ack_wait per tick, and a message is pinged when it was held or last
             // pinged before the tick that just ended: at most half an ack_wait between two pings.
-            let every = Duration::from_nanos(self.shared.ack_wait_nanos.load(Ordering::Relaxed) / 4)
-                .max(Duration::from_millis(5));
+            let every = (self.shared.ack_wait() / 4).max(Duration::from_millis(5));
             tokio::time::sleep(every).await;
             self.shared.confirmed.forget_older_than(self.shared.ack_wait() * 2);
             self.shared.handler_acks.retain(|sequence| self.held.contains(sequence));

@@ -134,8 +134,7 @@ impl Consumer {
                         Ack::Sent => settle.send(Bytes::from_static(b"+ACK")).await,
                         Ack::Confirmed => {
                             if let Err(error) = Box::pin(confirm(&self.shared, &reply, b"+ACK")).await {
-                                tracing::warn!(handler = def.name, error = %error, "the message may be delivered again");
-                                self.metrics.acks_unconfirmed.inc();
+                                self.unconfirmed(&error);
                             }
                         }
                     }
@@ -235,6 +234,12 @@ impl Consumer {
                 None
             }
         }
+    }
+
+    /// Logs and counts an ack `ack = "confirmed"` could not confirm (the message may come again).
+    pub(super) fn unconfirmed(&self, error: &AckError) {
+        tracing::warn!(handler = self.def.name, error = %error, "the message may be delivered again");
+        self.metrics.acks_unconfirmed.inc();
     }
 
     /// Keeps a message for `delay` without handling it (the keep-alive task pings it); false if
