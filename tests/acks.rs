@@ -21,6 +21,27 @@ use natty_tests::{collect_lines, collect_stderr, spawn_service, wait_until, Job}
 
 const WAIT: Duration = Duration::from_secs(90);
 
+/// A runtime of `handler` alone on `server`, declaring `stream`, once its consumer `durable`
+/// is there to publish to.
+async fn start(
+    server: &NatsServer,
+    js: &async_nats::jetstream::Context,
+    handler: &'static str,
+    stream: StreamDef,
+    durable: &str,
+) -> RunningRuntime {
+    let name = stream.name();
+    let runtime = Runtime::builder()
+        .url(server.url())
+        .handlers([handler])
+        .stream(stream)
+        .build()
+        .unwrap();
+    let running = RunningRuntime::spawn(runtime);
+    natty_tests::wait_for_consumer(js, name, durable, WAIT).await;
+    running
+}
+
 /// job id → how many times the confirmed handler ran for it.
 static CONFIRMED: Mutex<BTreeMap<u64, u32>> = Mutex::new(BTreeMap::new());
 
@@ -191,14 +212,14 @@ async fn a_message_acked_by_its_handler_is_not_retried_when_the_handler_then_fai
     let server = NatsServer::start().await.expect("nats-server");
     let nats = server.client().await;
     let js = async_nats::jetstream::new(nats.clone());
-    let runtime = Runtime::builder()
-        .url(server.url())
-        .handlers(["acks_then_fails"])
-        .stream(StreamDef::new("early", &["early.>"]))
-        .build()
-        .unwrap();
-    let running = RunningRuntime::spawn(runtime);
-    natty_tests::wait_for_consumer(&js, "early", "early", WAIT).await;
+    let running = start(
+        &server,
+        &js,
+        "acks_then_fails",
+        StreamDef::new("early", &["early.>"]),
+        "early",
+    )
+    .await;
     for id in 1..=3 {
         let payload = serde_json::to_vec(&Job { id }).unwrap();
         js.publish(format!("early.{id}"), payload.into())
@@ -337,14 +358,7 @@ async fn again(job: Job, ctx: Context) {
 async fn a_consumer_made_anew_delivers_a_confirmed_sequence_again_and_it_is_handled() {
     let server = NatsServer::start().await.expect("nats-server");
     let js = async_nats::jetstream::new(server.client().await);
-    let runtime = Runtime::builder()
-        .url(server.url())
-        .handlers(["again"])
-        .stream(StreamDef::new("again", &["again.>"]))
-        .build()
-        .unwrap();
-    let running = RunningRuntime::spawn(runtime);
-    natty_tests::wait_for_consumer(&js, "again", "again", WAIT).await;
+    let running = start(&server, &js, "again", StreamDef::new("again", &["again.>"]), "again").await;
     let payload = serde_json::to_vec(&Job { id: 1 }).unwrap();
     js.publish("again.1", payload.into()).await.unwrap().await.unwrap();
     wait_until(WAIT, "job 1 handled and its ack confirmed", || async {
@@ -388,14 +402,14 @@ async fn acks_from_a_task(job: Job, ctx: Context) -> Result<(), std::io::Error> 
 async fn an_ack_from_a_spawned_task_settles_the_message_for_an_ordered_consumer() {
     let server = NatsServer::start().await.expect("nats-server");
     let js = async_nats::jetstream::new(server.client().await);
-    let runtime = Runtime::builder()
-        .url(server.url())
-        .handlers(["acks_from_a_task"])
-        .stream(StreamDef::new("spawned", &["spawned.>"]))
-        .build()
-        .unwrap();
-    let running = RunningRuntime::spawn(runtime);
-    natty_tests::wait_for_consumer(&js, "spawned", "spawned", WAIT).await;
+    let running = start(
+        &server,
+        &js,
+        "acks_from_a_task",
+        StreamDef::new("spawned", &["spawned.>"]),
+        "spawned",
+    )
+    .await;
     for id in 1..=3 {
         let payload = serde_json::to_vec(&Job { id }).unwrap();
         js.publish(format!("spawned.{id}"), payload.into())
@@ -438,14 +452,14 @@ async fn batched(jobs: Vec<Job>) {
 async fn a_batch_handlers_acks_are_confirmed_together() {
     let server = NatsServer::start().await.expect("nats-server");
     let js = async_nats::jetstream::new(server.client().await);
-    let runtime = Runtime::builder()
-        .url(server.url())
-        .handlers(["batched"])
-        .stream(StreamDef::new("batched", &["batched.>"]))
-        .build()
-        .unwrap();
-    let running = RunningRuntime::spawn(runtime);
-    natty_tests::wait_for_consumer(&js, "batched", "batched", WAIT).await;
+    let running = start(
+        &server,
+        &js,
+        "batched",
+        StreamDef::new("batched", &["batched.>"]),
+        "batched",
+    )
+    .await;
     for id in 1..=25 {
         let payload = serde_json::to_vec(&Job { id }).unwrap();
         js.publish(format!("batched.{id}"), payload.into())

@@ -189,6 +189,14 @@ async fn raw_responder(
     (task, inbox)
 }
 
+/// Waits (at most 5 s) until nobody listens on `inbox`.
+async fn until_unsubscribed(nats: &async_nats::Client, inbox: &str) {
+    wait_until(Duration::from_secs(5), "the reply inbox to be unsubscribed", || {
+        unsubscribed(nats, inbox)
+    })
+    .await;
+}
+
 /// Whether nobody listens on `inbox` any more: a request to it gets "no responders" from the
 /// server, where a listening inbox lets it time out.
 async fn unsubscribed(nats: &async_nats::Client, inbox: &str) -> bool {
@@ -331,10 +339,7 @@ async fn ends_at_the_deadline_with_what_came_and_unsubscribes() {
 
     // The responder goes on; the inbox it answers to is gone.
     let inbox = inbox.lock().unwrap().clone().expect("the responder saw the request");
-    wait_until(Duration::from_secs(5), "the reply inbox to be unsubscribed", || {
-        unsubscribed(client.nats(), &inbox)
-    })
-    .await;
+    until_unsubscribed(client.nats(), &inbox).await;
     responder.abort();
 }
 
@@ -356,10 +361,7 @@ async fn dropping_the_stream_unsubscribes() {
     // Still listening while the stream is held: the probe is answered by nobody, not refused.
     assert!(!unsubscribed(client.nats(), &inbox).await, "unsubscribed too early");
     drop(replies);
-    wait_until(Duration::from_secs(5), "the reply inbox to be unsubscribed", || {
-        unsubscribed(client.nats(), &inbox)
-    })
-    .await;
+    until_unsubscribed(client.nats(), &inbox).await;
     responder.abort();
 }
 
