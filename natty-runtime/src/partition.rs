@@ -9,6 +9,10 @@
 
 use std::collections::BTreeMap;
 
+// Wired by the partitioned groups that follow (issue 19); tested until then.
+#[allow(dead_code)]
+pub(crate) mod membership;
+
 /// The partition nats-server's `{{partition(n, ...)}}` transform gives a message whose selected
 /// wildcard tokens are `tokens`: FNV-1a (32 bits) over the tokens concatenated without a
 /// separator, modulo `partitions` (`getHashPartition` in `server/subject_transform.go`).

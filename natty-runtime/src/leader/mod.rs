@@ -297,46 +297,63 @@ pub(crate) fn idle(lease: Lease) -> BoxFuture<'static, Outcome> {
 
 /// Makes sure the leader's bucket exists and accepts per-message TTLs.
 pub(crate) async fn provision(def: &LeaderDef, js: &jetstream::Context, mode: Provision) -> Result<()> {
+    provision_ttl_bucket(
+        js,
+        def.bucket,
+        "natty leader election",
+        mode,
+        &format!("leader `{}`", def.name),
+    )
+    .await
+}
+
+/// Makes sure KV bucket `bucket` exists and accepts per-message TTLs (what elections and group
+/// memberships need); `user` names who needs it, in errors.
+pub(crate) async fn provision_ttl_bucket(
+    js: &jetstream::Context,
+    bucket: &str,
+    description: &str,
+    mode: Provision,
+    user: &str,
+) -> Result<()> {
     if mode == Provision::Off {
         return Ok(());
     }
-    let stream_name = format!("KV_{}", def.bucket);
+    let stream_name = format!("KV_{bucket}");
     let error = |action: &'static str, source: BoxError| Error::Stream {
         stream: stream_name.clone(),
         action,
         source,
     };
-    let mut stream = match js.get_stream(format!("KV_{}", def.bucket)).await {
+    let mut stream = match js.get_stream(&stream_name).await {
         Ok(stream) => stream,
         Err(_) if mode == Provision::CreateOrUpdate => {
             let created = js
                 .create_key_value(jetstream::kv::Config {
-                    bucket: def.bucket.to_string(),
+                    bucket: bucket.to_string(),
                     history: 1,
-                    description: "natty leader election".into(),
+                    description: description.into(),
                     ..Default::default()
                 })
                 .await;
             // Another instance starting at the same time may have created it (and already
             // allowed TTLs, so that this create sees a different configuration): use theirs.
-            match js.get_stream(format!("KV_{}", def.bucket)).await {
+            match js.get_stream(&stream_name).await {
                 Ok(stream) => stream,
                 Err(read) => {
                     let source: BoxError = match created {
                         Err(create) => create.into(),
                         Ok(_) => read.into(),
                     };
-                    return Err(error("creating the leader election bucket", source));
+                    return Err(error("creating the bucket", source));
                 }
             }
         }
         Err(_) => {
             return Err(Error::StreamNotFound {
-                stream: format!("KV_{}", def.bucket),
+                stream: stream_name,
                 hint: format!(
-                    " (the KV bucket `{}` of leader `{}`; provisioning is {})",
-                    def.bucket,
-                    def.name,
+                    " (the KV bucket `{bucket}` of {user}; provisioning is {})",
                     mode.as_str()
                 ),
             })
@@ -345,15 +362,15 @@ pub(crate) async fn provision(def: &LeaderDef, js: &jetstream::Context, mode: Pr
     let mut config = stream
         .info()
         .await
-        .map_err(|e| error("reading the leader election bucket", e.into()))?
+        .map_err(|e| error("reading the bucket", e.into()))?
         .config
         .clone();
     if !config.allow_message_ttl {
         if mode != Provision::CreateOrUpdate {
             return Err(crate::error::Drift {
-                declared_on: crate::error::Declared::Stream(format!("KV_{}", def.bucket)),
+                declared_on: crate::error::Declared::Stream(stream_name),
                 field: "allow_msg_ttl",
-                declared: "true (leader election needs per-key TTLs)".into(),
+                declared: format!("true ({user} needs per-key TTLs)"),
                 actual: "false".into(),
                 hint: String::new(),
             }
@@ -362,7 +379,7 @@ pub(crate) async fn provision(def: &LeaderDef, js: &jetstream::Context, mode: Pr
         config.allow_message_ttl = true;
         js.update_stream(&config)
             .await
-            .map_err(|e| error("allowing per-key TTLs for leader election", e.into()))?;
+            .map_err(|e| error("allowing per-key TTLs", e.into()))?;
     }
     Ok(())
 }
