@@ -55,11 +55,30 @@ attr::args! {
         while_leading: (String, String) = "while_leading" => while_leading;
         /// `"sent"` (the default) or `"confirmed"`.
         ack: TokenStream = "ack" => ack;
+        /// A partitioned group of this many partitions.
+        partitions: u32 = "partitions" => partitions;
         batch: usize = "batch" => attr::count;
         batch_wait: u64 = "batch_wait" => |meta| {
             attr::duration_at_least(meta, 1_000_000, "`batch_wait` must be at least 1ms")
         };
     }
+}
+
+/// The most partitions a group may have (the runtime's `MAX_PARTITIONS`).
+const MAX_PARTITIONS: i64 = 64;
+
+/// `partitions = N`: 1 to 64.
+fn partitions(meta: &syn::meta::ParseNestedMeta) -> Parsed<u32> {
+    Ok(attr::int_at_least(meta, 1)?.and_then(|(value, span)| {
+        if value > MAX_PARTITIONS {
+            Err(syn::Error::new(
+                span,
+                format!("`partitions` must be between 1 and {MAX_PARTITIONS}: each is a durable consumer of its own"),
+            ))
+        } else {
+            Ok((value as u32, span))
+        }
+    }))
 }
 
 /// `backoff = "1s"` or `["1s", "5s", "30s"]`: the delay before each redelivery after an error.
@@ -199,6 +218,71 @@ enum OrderBy {
     Key(syn::Path),
 }
 
+/// What a partitioned group needs: a durable, one subject, and a key the server can compute
+/// from it (`order_by` on the subject or on one of its `*` tokens).
+fn check_partitions(parsed: &Args, span: Span, errors: &mut Errors) {
+    let mut refuse = |span: Span, message: &str| errors.push(syn::Error::new(span, message));
+    if !parsed.durable.given() {
+        refuse(
+            span,
+            "`partitions` makes a durable consumer a group shared by every instance: give it a `durable`",
+        );
+    }
+    if let Some(other) = parsed.batch.span().or(parsed.while_leading.span()) {
+        refuse(
+            other,
+            "a partitioned group cannot be a batch consumer or `while_leading`: its partitions are already owned by one instance each",
+        );
+    }
+    let subject = match parsed.subjects.get().map(Vec::as_slice) {
+        Some([one]) => one,
+        Some([_, second, ..]) => {
+            refuse(
+                second.span(),
+                "a partitioned group consumes one subject, with its key under a `*` wildcard",
+            );
+            return;
+        }
+        _ => {
+            refuse(
+                span,
+                "`partitions` needs the `subject` its key is in, e.g. subject = \"accounts.*.posted\", order_by = \"subject[1]\"",
+            );
+            return;
+        }
+    };
+    let value = subject.value();
+    let tokens: Vec<&str> = value.split('.').collect();
+    if tokens.contains(&">") {
+        refuse(
+            subject.span(),
+            "a partitioned group's subject cannot hold `>`: write each token, with the key under a `*`",
+        );
+        return;
+    }
+    let order_span = parsed.order_by.span().unwrap_or(span);
+    match parsed.order_by.get() {
+        Some(OrderBy::Token(index)) if tokens.get(*index) != Some(&"*") => refuse(
+            order_span,
+            &format!(
+                "the key of a partitioned group must be a `*` token of its subject: token {index} of \"{value}\" is {}",
+                tokens.get(*index).map_or("missing".to_string(), |token| format!("`{token}`"))
+            ),
+        ),
+        Some(OrderBy::Subject) if !tokens.contains(&"*") => refuse(
+            subject.span(),
+            "with `order_by = \"subject\"` a partitioned group's subject needs a `*` wildcard to partition by",
+        ),
+        Some(OrderBy::Key(_)) | None => refuse(
+            order_span,
+            "`partitions` needs `order_by = \"subject[N]\"` (or \"subject\"): the server routes each message to its \
+             partition by its subject, so the key must be a token of it. To key by the payload, publish the key into the \
+             subject (e.g. `accounts.{id}.posted`)",
+        ),
+        _ => {}
+    }
+}
+
 /// Expands `#[consumer(args)]` on `item`: the handler unchanged, plus its adapter and
 /// registration (or the errors, beside the handler).
 pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
@@ -241,6 +325,9 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
                 ),
             ));
         }
+    }
+    if let Some(span) = parsed.partitions.span() {
+        check_partitions(&parsed, span, &mut errors);
     }
     // Whether the handler's arguments hold a payload is the compiler's to say (by trait, in
     // the adapter); with no argument at all it is known here.
@@ -347,6 +434,9 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     }
     if let Some(ack) = parsed.ack.take() {
         setters.push(quote!(.ack(#p::Ack::#ack)));
+    }
+    if let Some(partitions) = parsed.partitions.take() {
+        setters.push(quote!(.partitions(#partitions)));
     }
     if let Some(size) = parsed.batch.take() {
         let wait = attr::duration_tokens(parsed.batch_wait.take().unwrap_or(DEFAULT_BATCH_WAIT_NANOS));

@@ -32,6 +32,10 @@ impl Service<'_> {
         for def in &self.declared.consumers {
             let durable = def.durable();
             let summary = match durable {
+                Some(durable) if def.partitions > 0 => format!(
+                    "consumer `{}` on stream `{}`, durable `{durable}` in {} partitions (one instance owns each), declared at {}",
+                    def.name, def.stream, def.partitions, def.location
+                ),
                 Some(durable) => format!(
                     "consumer `{}` on stream `{}`, durable `{durable}`, declared at {}",
                     def.name, def.stream, def.location
@@ -41,18 +45,22 @@ impl Service<'_> {
                     def.name, def.stream, def.location
                 ),
             };
+            let mut natty = json!({
+                "kind": "consumer",
+                "stream": def.stream,
+                "durable": durable,
+                "location": location(def.location),
+            });
+            if def.partitions > 0 {
+                natty["partitions"] = json!(def.partitions);
+            }
             document.receive(Receive {
                 name: def.name,
                 summary,
                 addresses: self.stream_addresses(def.stream, def.subjects),
                 payload: def.payload.describe(),
                 reply: None,
-                natty: json!({
-                    "kind": "consumer",
-                    "stream": def.stream,
-                    "durable": durable,
-                    "location": location(def.location),
-                }),
+                natty,
             });
         }
         #[cfg(feature = "capture")]

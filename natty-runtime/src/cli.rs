@@ -117,15 +117,17 @@ pub(crate) fn list(declared: &Declarations) -> String {
     }
     for consumer in &declared.consumers {
         let durable = if consumer.ephemeral {
-            "(ephemeral)"
+            "(ephemeral)".to_string()
+        } else if consumer.partitions > 0 {
+            format!("{} ({} partitions)", consumer.durable, consumer.partitions)
         } else {
-            consumer.durable
+            consumer.durable.to_string()
         };
         rows.push(row(
             "consumer",
             consumer.name,
             consumer_what(consumer),
-            durable,
+            &durable,
             consumer.location.to_string(),
         ));
     }
@@ -211,6 +213,24 @@ pub(crate) async fn check(config: &Config, declared: &Declarations) -> Result<()
     #[cfg(not(feature = "capture"))]
     let captured: Vec<ConsumerDef> = Vec::new();
     for def in declared.consumers.iter().chain(&captured).filter(|def| !def.ephemeral) {
+        if def.partitions > 0 {
+            // A group: its derived stream, and the consumer of every partition.
+            let group = match crate::partition::group::Group::new(*def) {
+                Ok(group) => group,
+                Err(error) => {
+                    report.record(format!("partitioned consumer `{}`", def.name), Err(error));
+                    continue;
+                }
+            };
+            let what = format!("stream `{}` of partitioned consumer `{}`", group.derived(), def.name);
+            report.record(what, group.provision(client.jetstream(), Provision::VerifyOnly).await);
+            for k in 0..def.partitions {
+                let partition = group.consumer(k);
+                let what = format!("consumer `{}` on stream `{}`", partition.durable, partition.stream);
+                report.record(what, check_consumer(&partition, &client).await);
+            }
+            continue;
+        }
         let what = format!("consumer `{}` on stream `{}`", def.durable, def.stream);
         report.record(what, check_consumer(def, &client).await);
     }

@@ -2,15 +2,14 @@
 //! computed exactly as nats-server's `partition()` subject transform computes it, and how a
 //! group's partitions are spread over its live instances.
 //!
-//! The groups themselves are not built yet (`docs/design/partitions.md` has the design they
-//! follow); these two pure functions come first because everything else rests on them: the
-//! server routes each message to a partition and natty must agree with it to the bit, and
-//! every instance must work out the same owners from the same membership without talking.
+//! The groups themselves are in [`group`] (`docs/design/partitions.md` has the design they
+//! follow); these two pure functions are what everything else rests on: the server routes each
+//! message to a partition and natty must agree with it to the bit, and every instance must work
+//! out the same owners from the same membership without talking.
 
 use std::collections::BTreeMap;
 
-// Wired by the partitioned groups that follow (issue 19); tested until then.
-#[allow(dead_code)]
+pub(crate) mod group;
 pub(crate) mod membership;
 
 /// The partition nats-server's `{{partition(n, ...)}}` transform gives a message whose selected
@@ -61,8 +60,6 @@ const FNV_PRIME: u32 = 0x0100_0193;
 ///   rendezvous hash of (partition, member): spread evenly, and the same on every instance.
 ///
 /// Returns one owner per partition, or an empty list when there are no members.
-// Used by the partitioned groups that follow (issue 19); tested here until then.
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn assign<'a>(partitions: u32, members: &[&'a str], current: &[Option<&str>]) -> Vec<&'a str> {
     let mut members: Vec<&'a str> = members.to_vec();
     members.sort_unstable();
@@ -122,7 +119,6 @@ pub(crate) fn assign<'a>(partitions: u32, members: &[&'a str], current: &[Option
 /// The rendezvous weight of `member` for `partition`: FNV-1a over both, then mixed
 /// (splitmix64's finaliser) so that nearby inputs give unrelated weights. Fixed arithmetic, not
 /// `std`'s randomly seeded hasher: every instance must compute the same.
-#[cfg_attr(not(test), allow(dead_code))]
 fn rendezvous(partition: u32, member: &str) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in member.bytes().chain(partition.to_le_bytes()) {

@@ -82,6 +82,9 @@ pub(crate) struct Puller {
     connects: u64,
     /// When the reconnect count was last looked at.
     checked: Instant,
+    /// How long each request waits on the server, and its idle heartbeat.
+    expires: Duration,
+    heartbeat: Duration,
 }
 
 impl Puller {
@@ -104,7 +107,18 @@ impl Puller {
             heard: false,
             connects: client.statistics().connects.load(std::sync::atomic::Ordering::Relaxed),
             checked: Instant::now(),
+            expires: EXPIRES,
+            heartbeat: HEARTBEAT,
         })
+    }
+
+    /// Makes each pull request wait at most `expires` on the server (heartbeats every quarter
+    /// of it). A partition's owner asks with short requests: once its lease is gone, no
+    /// request of its may still be waiting to deliver it messages.
+    pub(crate) fn expiring(mut self, expires: Duration) -> Self {
+        self.expires = expires.min(EXPIRES);
+        self.heartbeat = (self.expires / 4).min(HEARTBEAT);
+        self
     }
 
     /// Asks for more once the credits outstanding fall to half of `target`, so the server
@@ -116,8 +130,8 @@ impl Puller {
         let batch = target - self.outstanding;
         let body = format!(
             r#"{{"batch":{batch},"expires":{},"idle_heartbeat":{}}}"#,
-            EXPIRES.as_nanos(),
-            HEARTBEAT.as_nanos()
+            self.expires.as_nanos(),
+            self.heartbeat.as_nanos()
         );
         self.client
             .publish_with_reply(self.next_subject.clone(), self.inbox.clone(), body.into())

@@ -570,6 +570,15 @@ async fn start(config: &Config, declared: &Declarations, client: &Client) -> Res
     let mut elections: Vec<(LeaderDef, Vec<crate::leader::BoundConsumer>)> =
         declared.leaders.iter().map(|leader| (*leader, Vec::new())).collect();
     for def in &declared.consumers {
+        if def.partitions > 0 {
+            // A partitioned group: its partitions' consumers are bound by whichever instance
+            // owns them, when it does.
+            let group = crate::partition::group::Group::new(*def)?;
+            patiently(patience, || group.provision(js, provision)).await?;
+            crate::stream::wait_for_leader(js, group.derived(), config.stream_leader_timeout).await?;
+            tasks.push(group.task(client.clone(), provision));
+            continue;
+        }
         let stream_def = declared.stream(def.stream);
         let consumer = Consumer::new(*def, client.clone(), provision, stream_def);
         bind_when_led(&consumer, js, config.stream_leader_timeout).await?;

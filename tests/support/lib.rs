@@ -20,6 +20,16 @@ pub struct Job {
     pub id: u64,
 }
 
+/// The payload of the `accounts` stream of the partitioned-group tests: posting `n` (1, 2, ...)
+/// of account `key`, published to `accounts.<key>.posted`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Posting {
+    /// The account, also the subject's key token.
+    pub key: u64,
+    /// The posting's number within its account: the order they must be handled in.
+    pub n: u64,
+}
+
 /// The payload of the `readings` stream used by the capture tests: flat but for `place`,
 /// which CSV flattens into `place.site` and `place.floor` columns.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

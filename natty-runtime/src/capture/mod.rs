@@ -502,7 +502,10 @@ impl Capture {
             };
             if !rebind {
                 // Messages that reached us but no block: back to the server at once.
-                shared.consumer.hand_back(puller).await;
+                shared
+                    .consumer
+                    .hand_back(shared.consumer.stop_pulling(puller).await)
+                    .await;
                 break None;
             }
             drop(puller);

@@ -26,6 +26,10 @@ pub struct ConsumerDef {
     pub(crate) inactive_threshold: Option<Duration>,
     pub(crate) order_by: Option<OrderBy>,
     pub(crate) while_leading: Option<(&'static str, &'static str)>,
+    /// How many partitions its group has (0: not a group; see [`ConsumerDef::partitions`]).
+    pub(crate) partitions: u32,
+    /// Set on the consumer of one partition of a group: which one.
+    pub(crate) partition: Option<u32>,
     pub(crate) ack: super::Ack,
     pub(crate) handler: HandlerFn,
     /// Set for a batch handler, which runs instead of `handler`.
@@ -70,6 +74,8 @@ impl ConsumerDef {
             inactive_threshold: None,
             order_by: None,
             while_leading: None,
+            partitions: 0,
+            partition: None,
             ack: super::Ack::Sent,
             handler,
             batch: None,
@@ -183,6 +189,23 @@ impl ConsumerDef {
     pub const fn while_leading(mut self, bucket: &'static str, key: &'static str) -> Self {
         self.while_leading = Some((bucket, key));
         self
+    }
+
+    /// Makes the durable a partitioned group of `partitions` partitions (Kafka-like scale-out):
+    /// each message belongs to the partition of its [`order_by`](Self::order_by) key, computed
+    /// by the server from the subject; each partition is owned by one live instance at a time,
+    /// spread evenly over the instances running, and handed over when one joins or leaves. The
+    /// order of a key then holds across every instance. Needs a durable, one subject with the key
+    /// under a `*` wildcard, and `order_by` on the subject or one of its tokens; the group is
+    /// checked at startup (see the consumers guide, "Partitioned groups").
+    pub const fn partitions(mut self, partitions: u32) -> Self {
+        self.partitions = partitions;
+        self
+    }
+
+    /// How many partitions its group has; 0 for a consumer that is not a group.
+    pub fn partition_count(&self) -> u32 {
+        self.partitions
     }
 
     /// Makes this a batch consumer: `handler` gets up to `size` messages at once, fewer once

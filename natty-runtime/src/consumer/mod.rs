@@ -80,6 +80,13 @@ pub(crate) struct Consumer {
     /// The consumer's name on the server: the durable name, or a fresh one per ephemeral instance.
     name: Arc<str>,
     pub(crate) metrics: ConsumerMetrics,
+    /// A partition of a group: the last message given back, whose nak is confirmed before the
+    /// partition is released (the server applies a consumer's acks in order, so that one
+    /// answered means every earlier nak is in its redelivery queue before a successor pulls).
+    last_given_back: std::sync::Mutex<Option<Subject>>,
+    /// The highest stream sequence the consumer had delivered when last bound: for a partition
+    /// taken over, what came before it is a redelivery of an earlier owner's.
+    delivered_through: AtomicU64,
 }
 
 impl Consumer {
@@ -113,6 +120,8 @@ impl Consumer {
             dead_letter: def.dead_letter_subject().into(),
             name,
             metrics,
+            last_given_back: std::sync::Mutex::new(None),
+            delivered_through: AtomicU64::new(0),
         }
     }
 
@@ -138,6 +147,8 @@ impl Consumer {
         // may drop one of them.
         self.shared.confirmed.clear();
         let ack_wait = consumer.cached_info().config.ack_wait;
+        self.delivered_through
+            .store(consumer.cached_info().delivered.stream_sequence, Ordering::Relaxed);
         self.shared
             .ack_wait_nanos
             .store(ack_wait.as_nanos().max(1) as u64, Ordering::Relaxed);
@@ -260,6 +271,35 @@ impl Consumer {
         // When the first message of the batch being gathered arrived.
         let mut gathering: Option<tokio::time::Instant> = None;
         let mut failures = 0u32;
+        // Prefetched messages that arrived after the pull stopped, for an ordered consumer.
+        let mut late = Vec::new();
+        // A partition taken over: what its earlier owners were delivered comes back first, in
+        // the order it was given back or expired, which is not always stream order (a nak goes
+        // behind redeliveries already queued; expiries are sorted only within one pass of the
+        // server's timer). Held until all of it is here, then handled in stream order.
+        let mut resequence = this.def.partition.and_then(|_| {
+            let through = this.delivered_through.load(Ordering::Relaxed);
+            (through > 0).then(|| Resequence {
+                through,
+                held: Vec::new(),
+            })
+        });
+        // Starts a message: in its key's lane, or queued for a handler slot.
+        macro_rules! dispatch {
+            ($ready:expr) => {
+                match this.def.order_by {
+                    Some(order_by) => lanes.dispatch(this.clone(), order_by, $ready, &permits, &cancel, &hard_stop),
+                    None => {
+                        // Only a batch waits for its first message's age (a clock read
+                        // per message otherwise).
+                        if batch.is_some() && queue.is_empty() {
+                            gathering = Some(tokio::time::Instant::now());
+                        }
+                        queue.push_back($ready)
+                    }
+                }
+            };
+        }
         loop {
             let started = beside(
                 &mut inline,
@@ -267,6 +307,9 @@ impl Consumer {
             )
             .await;
             let mut puller = match started {
+                // A partition's owner must have no request waiting on the server once its lease
+                // has ended there (see `partition::group`).
+                Ok(puller) if this.def.partition.is_some() => puller.expiring(crate::partition::group::PULL_EXPIRES),
                 Ok(puller) => puller,
                 Err(error) => {
                     tracing::warn!(stream = this.def.stream, consumer = &*this.name, error = %crate::error::chain(&error), "cannot subscribe; retrying");
@@ -349,21 +392,25 @@ impl Consumer {
                         let Some(ready) = this.take_hold(message) else {
                             continue;
                         };
-                        match this.def.order_by {
-                            Some(order_by) => {
-                                lanes.dispatch(this.clone(), order_by, ready, &permits, &cancel, &hard_stop)
+                        if let Some(redelivered) = resequence.as_mut() {
+                            if ready.sequence <= redelivered.through {
+                                redelivered.held.push(ready);
+                                continue;
                             }
-                            None => {
-                                // Only a batch waits for its first message's age (a clock read
-                                // per message otherwise).
-                                if batch.is_some() && queue.is_empty() {
-                                    gathering = Some(tokio::time::Instant::now());
-                                }
-                                queue.push_back(ready)
+                            // Past what was delivered before: every earlier message came first.
+                            for ready in resequence.take().map(Resequence::sorted).unwrap_or_default() {
+                                dispatch!(ready);
                             }
                         }
+                        dispatch!(ready);
                     }
-                    Pulled::Credits => {}
+                    Pulled::Credits => {
+                        // A request ended with credits unused: nothing more is waiting to be
+                        // redelivered.
+                        for ready in resequence.take().map(Resequence::sorted).unwrap_or_default() {
+                            dispatch!(ready);
+                        }
+                    }
                     Pulled::ConsumerDeleted => {
                         tracing::warn!(
                             stream = this.def.stream,
@@ -400,7 +447,14 @@ impl Consumer {
                 }
             };
             if !rebind {
-                beside(&mut inline, this.hand_back(puller)).await;
+                let left = beside(&mut inline, this.stop_pulling(puller)).await;
+                if this.def.order_by.is_some() {
+                    // Later than anything waiting in the lanes: given back after them, so that
+                    // the server redelivers each key's messages in their order.
+                    late = left;
+                } else {
+                    beside(&mut inline, this.hand_back(left)).await;
+                }
                 break;
             }
             drop(puller);
@@ -409,13 +463,24 @@ impl Consumer {
             }
         }
         // What was read but not started goes back to the server at once, for another instance.
+        for ready in resequence.take().map(Resequence::sorted).unwrap_or_default() {
+            beside(&mut inline, this.give_back(ready)).await;
+        }
         for ready in queue.drain(..) {
             beside(&mut inline, this.give_back(ready)).await;
         }
         // In-flight handlers hold permits; they release them when settled (or naked at hard_stop).
         while inline.next().await.is_some() {}
         lanes.finish().await;
+        this.hand_back(late).await;
         let _ = permits.acquire_many(concurrency as u32).await;
+        let last_given_back = this.last_given_back.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(reply) = last_given_back {
+            if let Err(error) = confirm(&this.shared, &reply, b"-NAK").await {
+                tracing::warn!(stream = this.def.stream, consumer = &*this.name, error = %error,
+                    "the server did not confirm the partition's last nak; a successor may see those messages after ack_wait");
+            }
+        }
         keep_alive.abort();
         let left = this.held.sequences();
         if !left.is_empty() {
@@ -442,8 +507,14 @@ impl Consumer {
     /// Holds a message just read: `None` for a redelivery of one this instance still holds (the
     /// copy being worked on settles it; handling it again would run it twice) or for anything
     /// that is not a JetStream delivery.
-    fn take_hold(&self, message: async_nats::Message) -> Option<Ready> {
+    fn take_hold(&self, mut message: async_nats::Message) -> Option<Ready> {
         let reply = message.reply.clone()?;
+        if self.def.partition.is_some() {
+            // `<partition>.<the subject published>`: handlers, keys and dead letters see the latter.
+            if let Some((_, subject)) = message.subject.split_once('.') {
+                message.subject = Subject::from(subject);
+            }
+        }
         let Some((sequence, delivered)) = delivery_info(&reply) else {
             tracing::warn!(reply = %reply, "received a message that is not a JetStream delivery; ignored");
             return None;
@@ -497,9 +568,18 @@ impl Consumer {
 
     /// Returns a message that was read but not started to the server, for another instance.
     async fn give_back(&self, ready: Ready) {
-        self.settle(ready.reply).send(Bytes::from_static(b"-NAK")).await;
+        self.nak(ready.reply).await;
         self.held.release(ready.sequence);
         self.metrics.naked.inc();
+    }
+
+    /// Naks a message given back (not one that failed: that has its delay), remembering the
+    /// last one of a partition's consumer.
+    async fn nak(&self, reply: Subject) {
+        if self.def.partition.is_some() {
+            *self.last_given_back.lock().unwrap_or_else(|e| e.into_inner()) = Some(reply.clone());
+        }
+        self.settle(reply).send(Bytes::from_static(b"-NAK")).await;
     }
 
     /// How to settle a delivery with reply subject `reply`.
@@ -527,10 +607,14 @@ impl Consumer {
         }
     }
 
-    /// Stops pulling and returns prefetched messages that were not started to the server at
-    /// once, so another instance can take them instead of waiting out ack_wait.
-    pub(crate) async fn hand_back(&self, puller: Puller) {
-        let prefetched = puller.stop(HAND_BACK_WITHIN).await;
+    /// Stops pulling: the prefetched messages still on their way.
+    pub(crate) async fn stop_pulling(&self, puller: Puller) -> Vec<async_nats::Message> {
+        puller.stop(HAND_BACK_WITHIN).await
+    }
+
+    /// Returns prefetched messages that were not started to the server at once, so another
+    /// instance can take them instead of waiting out ack_wait.
+    pub(crate) async fn hand_back(&self, prefetched: Vec<async_nats::Message>) {
         let mut handed_back = 0;
         for message in prefetched {
             let Some(reply) = message.reply else { continue };
@@ -539,7 +623,7 @@ impl Consumer {
             if delivery_info(&reply).is_some_and(|(sequence, _)| self.held.contains(sequence)) {
                 continue;
             }
-            self.settle(reply).send(Bytes::from_static(b"-NAK")).await;
+            self.nak(reply).await;
             self.metrics.naked.inc();
             handed_back += 1;
         }
@@ -622,6 +706,20 @@ pub(crate) struct Ready {
     reply: Subject,
     sequence: u64,
     delivered: u64,
+}
+
+/// The redeliveries a partition's new owner holds back until all of them are here.
+struct Resequence {
+    /// The consumer's last delivered stream sequence when bound: anything up to it is a redelivery.
+    through: u64,
+    held: Vec<Ready>,
+}
+
+impl Resequence {
+    fn sorted(mut self) -> Vec<Ready> {
+        self.held.sort_unstable_by_key(|ready| ready.sequence);
+        self.held
+    }
 }
 
 /// A short random suffix for an ephemeral consumer's name: unique per instance and start.

@@ -34,11 +34,20 @@ enum KeyState {
     Held { revision: u64 },
 }
 
-/// What the value of the election key says, for people looking at the bucket.
-#[derive(serde::Serialize)]
+/// What the value of the election key says, for people looking at the bucket (and for a
+/// partitioned group, which reads who holds each of its partitions).
+#[derive(serde::Serialize, serde::Deserialize)]
 struct Holder<'a> {
-    holder: &'a str,
+    #[serde(borrow)]
+    holder: std::borrow::Cow<'a, str>,
     ttl_ms: u128,
+}
+
+/// The holder named in an election key's value.
+pub(crate) fn holder_of(value: &[u8]) -> Option<String> {
+    serde_json::from_slice::<Holder<'_>>(value)
+        .ok()
+        .map(|holder| holder.holder.into_owned())
 }
 
 /// One instance's side of one election.
@@ -59,6 +68,8 @@ pub(super) struct Election {
     margin: Duration,
     /// How often a follower looks at the key when nothing woke it.
     pub(super) poll: Duration,
+    /// See [`super::Contender::takeover_wait`].
+    takeover_wait: Duration,
 }
 
 impl TermEnd {
@@ -87,13 +98,15 @@ impl Election {
         client: Client,
         bound: Vec<BoundConsumer>,
         hard_stop: CancellationToken,
+        contender: super::Contender,
     ) -> Election {
         let ttl = def.ttl.max(Duration::from_secs(1));
         let seconds = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
         Election {
             subject: def.subject(),
             stream: format!("KV_{}", def.bucket),
-            holder: format!("{}-{}", std::process::id(), crate::consumer::unique_suffix()),
+            holder: contender.holder,
+            takeover_wait: contender.takeover_wait,
             server_ttl: format!("{seconds}s"),
             margin: (ttl / 5).max(Duration::from_millis(200)).min(ttl / 2),
             poll: (ttl / 8).clamp(Duration::from_millis(50), Duration::from_millis(500)),
@@ -146,7 +159,7 @@ impl Election {
         );
         headers.insert(TTL_HEADER, self.server_ttl.as_str());
         let value = serde_json::to_vec(&Holder {
-            holder: &self.holder,
+            holder: std::borrow::Cow::Borrowed(&self.holder),
             ttl_ms: self.ttl().as_millis(),
         })?;
         let js = self.client.jetstream();
@@ -164,15 +177,18 @@ impl Election {
         }
     }
 
-    /// Deletes the key if it is still at `revision`, marking the delete as a release.
-    async fn release(&self, revision: u64) {
+    /// Deletes the key if it is still at `revision`, marking the delete as a release when
+    /// `clean`: nothing this term or an earlier one started can still be running.
+    async fn release(&self, revision: u64, clean: bool) {
         let mut headers = HeaderMap::new();
         headers.insert(
             async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
             revision.to_string().as_str(),
         );
         headers.insert(KV_OPERATION_HEADER, "DEL");
-        headers.insert(RELEASED_HEADER, self.holder.as_str());
+        if clean {
+            headers.insert(RELEASED_HEADER, self.holder.as_str());
+        }
         let released = tokio::time::timeout(Duration::from_secs(2), async {
             self.client
                 .jetstream()
@@ -244,11 +260,13 @@ impl Election {
                     match self.write(expected, self.ttl() - self.margin).await {
                         Ok(Some(revision)) => {
                             let previous_until = match seen {
-                                Some((_, at)) if !released => at + self.ttl(),
+                                Some((_, at)) if !released => at + self.ttl() + self.takeover_wait,
                                 // A delete or purge marker that is not a release: the key was
                                 // removed under a holder this instance never saw, which acts
                                 // until its next renewal fails. Wait out a whole lease.
-                                None if !released && expected > 0 => sent_at + self.ttl(),
+                                None if !released && expected > 0 => sent_at + self.ttl() + self.takeover_wait,
+                                // Absent: any holder's lease has ended on the server already.
+                                None if !released => sent_at + self.takeover_wait,
                                 _ => sent_at,
                             };
                             return Some((revision, sent_at, previous_until));
@@ -329,7 +347,16 @@ impl Election {
         let renewing = self.renew(lease.clone());
         tokio::pin!(renewing);
         // The previous leader's lease may not be over yet (it was not released): wait it out.
+        // A takeover wait is for messages an old holder left unacked: with none, there is none.
+        let previous_until =
+            if previous_until > Instant::now() && !self.takeover_wait.is_zero() && self.nothing_pending().await {
+                Instant::now()
+            } else {
+                previous_until
+            };
         let mut start_at = Some(previous_until);
+        // Whether the predecessor was waited out (the term's work could start).
+        let mut waited_out = false;
         let mut task: Option<tokio::task::JoinHandle<Outcome>> = None;
         let mut failures = 0u32;
         // Bound consumers run for the whole term (not restarted with the task); on shutdown
@@ -357,6 +384,7 @@ impl Election {
                 ended = started => match ended {
                     Ok(()) => {
                         start_at = None;
+                        waited_out = true;
                         if !consumers_started && lease.is_valid() {
                             consumers_started = true;
                             for bound in &self.bound {
@@ -443,9 +471,39 @@ impl Election {
                 );
             }
             // Conditional on the token: if the lease ran out meanwhile, this changes nothing.
-            TermEnd::Finished | TermEnd::Shutdown => self.release(lease.token()).await,
+            // A term that ended while still waiting out its predecessor passes that wait on: its
+            // delete is no release, so the successor waits as it would have.
+            TermEnd::Finished | TermEnd::Shutdown => self.release(lease.token(), waited_out).await,
         }
         end
+    }
+
+    /// Whether no bound consumer has a message delivered and unacked on the server (one that
+    /// does not exist yet has none). Any doubt (no answer) counts as pending.
+    async fn nothing_pending(&self) -> bool {
+        use async_nats::jetstream::context::ConsumerInfoErrorKind as Kind;
+        for bound in &self.bound {
+            let Some(durable) = bound.def.durable() else { continue };
+            let stream = match self.client.jetstream().get_stream_no_info(bound.def.stream()).await {
+                Ok(stream) => stream,
+                Err(_) => return false,
+            };
+            match stream.consumer_info(durable).await {
+                Ok(info) if info.num_ack_pending == 0 => {}
+                Err(error) if matches!(error.kind(), Kind::NotFound) => {}
+                Ok(info) => {
+                    tracing::info!(
+                        handler = self.def.name,
+                        key = self.def.key,
+                        pending = info.num_ack_pending,
+                        "the previous holder left messages unacked: waiting until they come back to the server"
+                    );
+                    return false;
+                }
+                Err(_) => return false,
+            }
+        }
+        true
     }
 
     /// Renews the lease every third of its TTL until it cannot: returns (and the term ends)

@@ -34,6 +34,7 @@ use crate::stream::Location;
 
 mod election;
 
+pub(crate) use election::holder_of;
 use election::{Election, TermEnd};
 
 /// The adapter a `#[leader]` generates: runs the task for one lease.
@@ -303,18 +304,20 @@ pub(crate) async fn provision(def: &LeaderDef, js: &jetstream::Context, mode: Pr
         "natty leader election",
         mode,
         &format!("leader `{}`", def.name),
+        1,
     )
     .await
 }
 
 /// Makes sure KV bucket `bucket` exists and accepts per-message TTLs (what elections and group
-/// memberships need); `user` names who needs it, in errors.
+/// memberships need), created with `replicas`; `user` names who needs it, in errors.
 pub(crate) async fn provision_ttl_bucket(
     js: &jetstream::Context,
     bucket: &str,
     description: &str,
     mode: Provision,
     user: &str,
+    replicas: usize,
 ) -> Result<()> {
     if mode == Provision::Off {
         return Ok(());
@@ -333,6 +336,7 @@ pub(crate) async fn provision_ttl_bucket(
                     bucket: bucket.to_string(),
                     history: 1,
                     description: description.into(),
+                    num_replicas: replicas,
                     ..Default::default()
                 })
                 .await;
@@ -400,8 +404,35 @@ pub(crate) async fn run(
     cancel: CancellationToken,
     hard_stop: CancellationToken,
 ) {
+    let contender = Contender {
+        holder: format!("{}-{}", std::process::id(), crate::consumer::unique_suffix()),
+        takeover_wait: Duration::ZERO,
+    };
+    run_as(def, client, bound, cancel, hard_stop, contender).await
+}
+
+/// Who contests an election, and how a term taken over from a holder that did not release
+/// starts (a partition of a group: see `partition::group`).
+pub(crate) struct Contender {
+    /// The name written into the key while leading.
+    pub(crate) holder: String,
+    /// How much longer than the old holder's lease to wait before the bound consumers start,
+    /// when the old holder did not release and its consumers still have messages unacked:
+    /// until they came back to the server.
+    pub(crate) takeover_wait: Duration,
+}
+
+/// [`run`] as `contender`.
+pub(crate) async fn run_as(
+    def: LeaderDef,
+    client: Client,
+    bound: Vec<BoundConsumer>,
+    cancel: CancellationToken,
+    hard_stop: CancellationToken,
+    contender: Contender,
+) {
     let metrics = client.telemetry().metrics.leader(def.name, def.bucket, def.key);
-    let election = Election::new(def, client, bound, hard_stop);
+    let election = Election::new(def, client, bound, hard_stop, contender);
     loop {
         let Some((revision, sent_at, previous_until)) = election.campaign(&cancel).await else {
             return;

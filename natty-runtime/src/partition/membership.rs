@@ -163,6 +163,7 @@ mod tests {
             "test",
             Provision::CreateOrUpdate,
             "a test",
+            1,
         )
         .await
         .expect("a bucket with per-key TTLs");

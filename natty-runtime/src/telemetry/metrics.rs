@@ -39,6 +39,8 @@ pub(crate) struct Metrics {
     redelivered: Gauges,
     is_leader: Gauges,
     terms: Counters,
+    partitions_owned: Gauges,
+    handovers: Counters,
     capture_blocks: Counters,
     capture_bytes: Counters,
     capture_messages: Counters,
@@ -126,6 +128,13 @@ pub(crate) struct LeaderMetrics {
     pub(crate) terms: Counter,
 }
 
+/// A partitioned group's gauge and counter, for one instance.
+#[derive(Clone, Default)]
+pub(crate) struct GroupMetrics {
+    pub(crate) owned: Gauge,
+    pub(crate) handovers: Counter,
+}
+
 /// A capture's counters.
 #[cfg(feature = "capture")]
 #[derive(Clone)]
@@ -162,6 +171,8 @@ impl Metrics {
             redelivered: Gauges::default(),
             is_leader: Gauges::default(),
             terms: Counters::default(),
+            partitions_owned: Gauges::default(),
+            handovers: Counters::default(),
             capture_blocks: Counters::default(),
             capture_bytes: Counters::default(),
             capture_messages: Counters::default(),
@@ -236,6 +247,17 @@ impl Metrics {
             m.is_leader.clone(),
         );
         leader.register("terms", "Terms this instance began as leader", m.terms.clone());
+        let group = registry.sub_registry_with_prefix("group");
+        group.register(
+            "partitions_owned",
+            "Partitions of a partitioned group this instance is assigned and runs",
+            m.partitions_owned.clone(),
+        );
+        group.register(
+            "handovers",
+            "Partitions this instance gave up to another (a join or a rebalance; not shutdown)",
+            m.handovers.clone(),
+        );
         let capture = registry.sub_registry_with_prefix("capture");
         capture.register("blocks", "Blocks stored", m.capture_blocks.clone());
         capture.register(
@@ -323,6 +345,15 @@ impl Metrics {
         LeaderMetrics {
             is_leader: self.is_leader.get_or_create_owned(&labels),
             terms: self.terms.get_or_create_owned(&labels),
+        }
+    }
+
+    /// Handles for one partitioned group.
+    pub(crate) fn group(&self, name: &'static str, group: &'static str) -> GroupMetrics {
+        let labels: Labels = vec![("consumer", name.into()), ("group", group.into())];
+        GroupMetrics {
+            owned: self.partitions_owned.get_or_create_owned(&labels),
+            handovers: self.handovers.get_or_create_owned(&labels),
         }
     }
 

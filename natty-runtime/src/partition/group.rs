@@ -1,0 +1,643 @@
+//! A partitioned consumer group (`#[consumer(partitions = N)]`), as `docs/design/partitions.md`
+//! chose to build it:
+//!
+//! - **Partition token.** A derived work-queue stream `<stream>_<durable>` sources the user's
+//!   stream through a `{{partition(N, ...)}}` subject transform, so each stored subject starts
+//!   with its partition: `3.accounts.42.posted`. The user's stream and its other readers are
+//!   untouched. Handlers see the original subject (the token is taken off on receipt).
+//! - **One durable per partition.** `<durable>-p<k>` filters `<k>.>`: its own ack floor,
+//!   pending set and redelivery queue, never re-created when instances come and go.
+//! - **Membership from liveness.** Each instance keeps `<group>.m.<instance>` alive in the
+//!   `natty_groups` KV bucket with a per-key TTL (see [`super::membership`]).
+//! - **Assignment.** Every instance computes the same balanced, sticky owners from the same
+//!   members and holders ([`super::assign`]) and contests only its own partitions.
+//! - **Ownership.** Partition k is led through the lease `<group>.p.<k>`: the `#[leader]`
+//!   election (compare-and-set writes with a TTL, a local deadline that ends first, the
+//!   revision as epoch), with the partition's consumer bound to it. A partition given up is
+//!   drained (in-flight handlers finish, waiting messages are naked in order, the last nak is
+//!   confirmed) before its lease is released; a successor taking a lease that was not released
+//!   (its owner was killed or cut off) waits until every message the old owner held has come
+//!   back to the server, so a key's messages are never handled out of order or by two owners.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream::RetentionPolicy};
+use futures_util::StreamExt;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::membership::Membership;
+use crate::config::Provision;
+use crate::consumer::{ConsumerDef, Deliver, OrderBy};
+use crate::error::{Error, Result};
+use crate::leader::{BoundConsumer, LeaderDef};
+use crate::publish::Client;
+
+/// The KV bucket holding every group's members and partition leases.
+pub(crate) const GROUPS_BUCKET: &str = "natty_groups";
+/// The most partitions a group may have: each is a durable consumer (a Raft group of its own
+/// on a cluster) and a lease renewed every few seconds.
+pub(crate) const MAX_PARTITIONS: u32 = 64;
+/// How long a partition's lease and an instance's membership last without renewal. A pull
+/// request of a partition's owner waits at most [`PULL_EXPIRES`], which must end before the
+/// lease does on the server: the election's margin is a fifth of the TTL (1 s here).
+pub(crate) const LEASE_TTL: Duration = Duration::from_secs(5);
+/// How long an owner's pull request may wait on the server.
+pub(crate) const PULL_EXPIRES: Duration = Duration::from_secs(1);
+/// `ack_wait` of the partitions' consumers unless declared: after an owner is killed, its
+/// partitions move once its lease has run out and its messages have come back, so this bounds
+/// how long they stand still.
+pub(crate) const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(10);
+/// How long a partition given up (to a newcomer, or on shutdown) waits for its running
+/// handlers before cutting them off (their messages are naked and handled by the next owner).
+pub(crate) const HANDOVER_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often an instance reads the membership when nothing woke it.
+const POLL: Duration = Duration::from_millis(500);
+/// Room added to a successor's wait for the old owner's messages to come back.
+const TAKEOVER_MARGIN: Duration = Duration::from_secs(1);
+
+/// A declared partitioned group: the user's consumer and what its group is made of.
+#[derive(Clone)]
+pub(crate) struct Group {
+    def: ConsumerDef,
+    partitions: u32,
+    /// The derived work-queue stream, also the group's name in the bucket.
+    derived: &'static str,
+    /// The transform from the user's subject to the partitioned one.
+    source: String,
+    destination: String,
+    /// One consumer definition per partition.
+    consumers: Vec<ConsumerDef>,
+    /// This instance's name in the group (also the holder written into its leases).
+    member: String,
+}
+
+fn leak(text: String) -> &'static str {
+    Box::leak(text.into_boxed_str())
+}
+
+impl Group {
+    /// The group `def` declares, checked: a durable, one subject, a key under `*` wildcards.
+    pub(crate) fn new(def: ConsumerDef) -> Result<Group> {
+        let what = format!("partitions of consumer `{}` at {}", def.name, def.location);
+        let refuse = |value: String, reason: &str| Err(Error::config(what.clone(), value, reason.to_string()));
+        let partitions = def.partitions;
+        if !(1..=MAX_PARTITIONS).contains(&partitions) {
+            return refuse(
+                partitions.to_string(),
+                &format!("a group has 1 to {MAX_PARTITIONS} partitions"),
+            );
+        }
+        if def.ephemeral {
+            return refuse(
+                partitions.to_string(),
+                "a partitioned group is a durable consumer: give it a `durable`",
+            );
+        }
+        if def.while_leading.is_some() || def.batch.is_some() {
+            return refuse(
+                partitions.to_string(),
+                "a partitioned group cannot also be `while_leading` or a batch consumer",
+            );
+        }
+        let [subject] = def.subjects else {
+            return refuse(
+                format!("{:?}", def.subjects),
+                "a partitioned group consumes one subject, with its key under a `*` wildcard (e.g. \"accounts.*.posted\")",
+            );
+        };
+        let tokens: Vec<&str> = subject.split('.').collect();
+        if tokens.contains(&">") {
+            return refuse(
+                subject.to_string(),
+                "a partitioned group's subject cannot hold `>`: its partition key must be a `*` token",
+            );
+        }
+        // The 1-based index of each `*` among the subject's wildcards, by token position.
+        let wildcards: Vec<(usize, usize)> = tokens
+            .iter()
+            .enumerate()
+            .filter(|(_, token)| **token == "*")
+            .enumerate()
+            .map(|(nth, (position, _))| (position, nth + 1))
+            .collect();
+        let keyed: Vec<usize> =
+            match def.order_by {
+                Some(OrderBy::Token(position)) => match wildcards.iter().find(|(at, _)| *at == position) {
+                    Some((_, nth)) => vec![*nth],
+                    None => return refuse(
+                        format!("order_by = subject[{position}] on \"{subject}\""),
+                        "the key of a partitioned group must be a `*` token of its subject, which the server hashes",
+                    ),
+                },
+                Some(OrderBy::Subject) if !wildcards.is_empty() => wildcards.iter().map(|(_, nth)| *nth).collect(),
+                Some(OrderBy::Subject) => {
+                    return refuse(
+                        subject.to_string(),
+                        "with `order_by = \"subject\"` the subject needs a `*` wildcard to partition by",
+                    )
+                }
+                Some(OrderBy::Key(_)) | None => return refuse(
+                    partitions.to_string(),
+                    "a partitioned group needs `order_by = \"subject[N]\"` (or \"subject\"): the server computes the \
+                     partition from the subject, so the key must be in it",
+                ),
+            };
+        let derived = format!("{}_{}", def.stream, def.durable);
+        let group_keys = format!("{derived}.m.x");
+        if !crate::kv::valid_key(&group_keys) {
+            return refuse(
+                derived,
+                "the stream and durable names of a partitioned group must be letters, digits, `-`, `_`, `=` or `/` (they name its KV keys)",
+            );
+        }
+        let keys = keyed.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
+        let mut nth = 0;
+        let rest: Vec<String> = tokens
+            .iter()
+            .map(|token| match *token {
+                "*" => {
+                    nth += 1;
+                    format!("{{{{wildcard({nth})}}}}")
+                }
+                other => other.to_string(),
+            })
+            .collect();
+        let destination = format!("{{{{partition({partitions},{keys})}}}}.{}", rest.join("."));
+        let derived = leak(derived);
+        let dead_letter = leak(def.dead_letter_subject());
+        let consumers = (0..partitions)
+            .map(|k| {
+                let mut consumer = def;
+                consumer.stream = derived;
+                consumer.durable = leak(format!("{}-p{k}", def.durable));
+                consumer.subjects = Box::leak(Box::new([leak(format!("{k}.>"))]));
+                consumer.partitions = 0;
+                consumer.partition = Some(k);
+                // The derived stream's source starts where the user asked; its consumers read all of it.
+                consumer.deliver = Deliver::All;
+                consumer.dead_letter = Some(dead_letter);
+                consumer.ack_wait = Some(def.ack_wait.unwrap_or(DEFAULT_ACK_WAIT));
+                consumer
+            })
+            .collect();
+        Ok(Group {
+            def,
+            partitions,
+            derived,
+            source: subject.to_string(),
+            destination,
+            consumers,
+            member: format!("{}-{}", std::process::id(), crate::consumer::unique_suffix()),
+        })
+    }
+
+    /// The derived stream's name.
+    pub(crate) fn derived(&self) -> &'static str {
+        self.derived
+    }
+
+    /// The consumer definition of partition `k`.
+    pub(crate) fn consumer(&self, k: u32) -> ConsumerDef {
+        self.consumers[k as usize]
+    }
+
+    /// The source of the derived stream: the user's stream through the partitioning transform.
+    fn source(&self, origin: &jetstream::stream::Config) -> Result<jetstream::stream::Source> {
+        let mut source = jetstream::stream::Source {
+            name: origin.name.clone(),
+            subject_transforms: vec![jetstream::stream::SubjectTransform {
+                source: self.source.clone(),
+                destination: self.destination.clone(),
+            }],
+            ..Default::default()
+        };
+        match self.def.deliver {
+            Deliver::All => {}
+            Deliver::New => source.start_time = Some(async_nats::datetime::now()),
+            Deliver::FromSequence(sequence) => source.start_sequence = Some(sequence),
+            Deliver::FromTime(rfc3339) => {
+                source.start_time = Some(async_nats::datetime::parse_rfc3339(rfc3339).map_err(|error| {
+                    Error::config(
+                        format!("start_time of consumer `{}`", self.def.name),
+                        rfc3339,
+                        format!("not an RFC 3339 time: {error}"),
+                    )
+                })?)
+            }
+            Deliver::Last | Deliver::LastPerSubject => {
+                return Err(Error::config(
+                    format!("deliver of consumer `{}`", self.def.name),
+                    format!("{:?}", self.def.deliver),
+                    "a partitioned group starts at the first message, a sequence, a time or new messages",
+                ))
+            }
+        }
+        Ok(source)
+    }
+
+    /// Creates (or checks) the derived stream and the groups bucket.
+    pub(crate) async fn provision(&self, js: &jetstream::Context, mode: Provision) -> Result<()> {
+        if mode == Provision::Off {
+            return Ok(());
+        }
+        let stream_error = |action: &'static str| {
+            let stream = self.derived.to_string();
+            move |source: crate::error::BoxError| Error::Stream { stream, action, source }
+        };
+        let mut origin = js
+            .get_stream(self.def.stream)
+            .await
+            .map_err(|e| Error::StreamNotFound {
+                stream: self.def.stream.into(),
+                hint: format!(
+                    " (partitioned consumer `{}` at {} reads it: {e})",
+                    self.def.name, self.def.location
+                ),
+            })?;
+        let origin = origin
+            .info()
+            .await
+            .map_err(|e| stream_error("reading the stream it sources")(e.into()))?
+            .config
+            .clone();
+        // As available as the stream it partitions (the first group to create the bucket decides).
+        crate::leader::provision_ttl_bucket(
+            js,
+            GROUPS_BUCKET,
+            "natty partitioned groups: members and partition leases",
+            mode,
+            &format!("partitioned consumer `{}`", self.def.name),
+            origin.num_replicas,
+        )
+        .await?;
+        match js.get_stream(self.derived).await {
+            Ok(mut stream) => {
+                let info = stream
+                    .info()
+                    .await
+                    .map_err(|e| stream_error("reading the partitioned group's stream")(e.into()))?;
+                let sources = info.config.sources.clone().unwrap_or_default();
+                let transforms: Vec<(&str, &str)> = sources
+                    .iter()
+                    .flat_map(|source| {
+                        source
+                            .subject_transforms
+                            .iter()
+                            .map(|t| (t.source.as_str(), t.destination.as_str()))
+                    })
+                    .collect();
+                let wanted = [(self.source.as_str(), self.destination.as_str())];
+                if transforms != wanted || sources.first().is_none_or(|s| s.name != self.def.stream) {
+                    return Err(crate::error::Drift {
+                        declared_on: crate::error::Declared::Stream(self.derived.to_string()),
+                        field: "sources",
+                        declared: format!("{} through {} -> {}", self.def.stream, self.source, self.destination),
+                        actual: format!("{sources:?}"),
+                        hint:
+                            " (the group's partitions or subject changed: every key would move to another partition. \
+                               Let the old group drain, delete this stream and its consumers, then start the new one)"
+                                .into(),
+                    }
+                    .into());
+                }
+                Ok(())
+            }
+            Err(error) if crate::stream::is_stream_not_found(&error) && mode == Provision::CreateOrUpdate => {
+                let config = jetstream::stream::Config {
+                    name: self.derived.to_string(),
+                    description: Some(format!(
+                        "natty: the {} partitions of `{}` for durable `{}` (partitioned consumer `{}`)",
+                        self.partitions, self.def.stream, self.def.durable, self.def.name
+                    )),
+                    retention: RetentionPolicy::WorkQueue,
+                    storage: origin.storage,
+                    num_replicas: origin.num_replicas,
+                    // Sourcing never repeats a message (the source tracks its position), and a
+                    // window would drop a later origin message sharing a `Nats-Msg-Id` with an
+                    // earlier one sourced together (a backfill of history): the smallest the
+                    // server accepts (error 10052 below 100 ms).
+                    duplicate_window: Duration::from_millis(100),
+                    sources: Some(vec![self.source(&origin)?]),
+                    ..Default::default()
+                };
+                // Two instances starting together both create it: the same configuration twice
+                // is one stream.
+                js.get_or_create_stream(config)
+                    .await
+                    .map_err(|e| stream_error("creating the partitioned group's stream")(e.into()))?;
+                tracing::info!(
+                    stream = self.derived,
+                    source = self.def.stream,
+                    partitions = self.partitions,
+                    "created the partitioned group's stream"
+                );
+                Ok(())
+            }
+            Err(error) if crate::stream::is_stream_not_found(&error) => Err(Error::StreamNotFound {
+                stream: self.derived.into(),
+                hint: format!(
+                    " (the stream of partitioned consumer `{}`; provisioning is {})",
+                    self.def.name,
+                    mode.as_str()
+                ),
+            }),
+            Err(error) => Err(stream_error("looking up the partitioned group's stream")(error.into())),
+        }
+    }
+
+    /// The group's task: joins, and contests and runs the partitions assigned to this instance.
+    pub(crate) fn task(self, client: Client, provision: Provision) -> crate::supervise::Task {
+        crate::supervise::Task::new(format!("group {}", self.derived), move |stop| async move {
+            self.run(client, provision, stop.cancel, stop.hard_stop).await;
+            Ok(())
+        })
+    }
+
+    /// The election of partition `k`'s lease.
+    fn lease(&self, k: u32) -> LeaderDef {
+        LeaderDef::new(
+            self.def.name,
+            GROUPS_BUCKET,
+            leak(format!("{}.p.{k}", self.derived)),
+            LEASE_TTL,
+            crate::leader::idle,
+        )
+        .at(self.def.location)
+    }
+
+    /// Joins the group, keeps the partitions assigned to this instance running until `cancel`,
+    /// then leaves and hands every partition over.
+    async fn run(self, client: Client, provision: Provision, cancel: CancellationToken, hard_stop: CancellationToken) {
+        let prefix = format!("{}.m", self.derived);
+        let membership = loop {
+            match Membership::join(&client, GROUPS_BUCKET, &prefix, &self.member, LEASE_TTL).await {
+                Ok(membership) => break membership,
+                Err(error) => {
+                    tracing::warn!(group = self.derived, error = %crate::error::chain(&*error), "cannot join the group; retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(POLL) => {}
+                    }
+                }
+            }
+        };
+        tracing::info!(group = self.derived, member = %self.member, partitions = self.partitions, "joined the partitioned group");
+        let metrics = client.telemetry().metrics.group(self.def.name, self.derived);
+        let leases: Vec<LeaderDef> = (0..self.partitions).map(|k| self.lease(k)).collect();
+        let mut holders = Holders::new(self.partitions);
+        let mut watch = holders.watch(&client, self.derived).await;
+        let mut running: BTreeMap<u32, Partition> = BTreeMap::new();
+        let mut failures = 0u32;
+        let mut last_owned: Vec<u32> = Vec::new();
+        // Let the members starting together see one another before claiming anything.
+        let mut next = tokio::time::Instant::now() + POLL;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                event = async { match watch.as_mut() { Some(w) => w.next().await, None => std::future::pending().await } } => {
+                    match event {
+                        Some(Ok(entry)) => holders.apply(&entry, self.derived),
+                        _ => watch = None,
+                    }
+                    continue;
+                }
+                _ = tokio::time::sleep_until(next) => {}
+            }
+            next = tokio::time::Instant::now() + POLL;
+            if watch.is_none() {
+                watch = holders.watch(&client, self.derived).await;
+            }
+            let members = match membership.members().await {
+                Ok(members) => {
+                    failures = 0;
+                    members
+                }
+                Err(error) => {
+                    failures += 1;
+                    if failures == 1 || failures % 20 == 0 {
+                        tracing::warn!(group = self.derived, error = %crate::error::chain(&*error), "cannot read the group's members");
+                    }
+                    continue;
+                }
+            };
+            let members: Vec<&str> = members.iter().map(String::as_str).collect();
+            let current: Vec<Option<&str>> = holders.0.iter().map(Option::as_deref).collect();
+            let owners = super::assign(self.partitions, &members, &current);
+            running.retain(|_, partition| !partition.handle.is_finished());
+            for k in 0..self.partitions {
+                let mine = owners.get(k as usize) == Some(&self.member.as_str());
+                match running.get_mut(&k) {
+                    None if mine => {
+                        let partition = Partition::start(
+                            self.lease_for(k, &leases),
+                            self.consumer(k),
+                            &client,
+                            provision,
+                            &self.member,
+                            &hard_stop,
+                        );
+                        running.insert(k, partition);
+                    }
+                    Some(partition) if !mine && !partition.cancel.is_cancelled() => {
+                        tracing::info!(group = self.derived, partition = k, "handing the partition over");
+                        metrics.handovers.inc();
+                        partition.give_up();
+                    }
+                    _ => {}
+                }
+            }
+            let owned: Vec<u32> = running
+                .iter()
+                .filter(|(_, p)| !p.cancel.is_cancelled())
+                .map(|(k, _)| *k)
+                .collect();
+            if owned != last_owned {
+                tracing::info!(
+                    group = self.derived,
+                    ?owned,
+                    ?members,
+                    "partitions assigned to this instance"
+                );
+                last_owned = owned;
+            }
+            metrics.owned.set(last_owned.len() as i64);
+        }
+        // Leaving first lets the others work out the new owners while this instance drains.
+        membership.leave().await;
+        for partition in running.values() {
+            partition.give_up();
+        }
+        for (_, partition) in running {
+            let _ = partition.handle.await;
+        }
+        metrics.owned.set(0);
+        tracing::info!(group = self.derived, member = %self.member, "left the partitioned group");
+    }
+
+    fn lease_for(&self, k: u32, leases: &[LeaderDef]) -> LeaderDef {
+        leases[k as usize]
+    }
+}
+
+/// A partition this instance contests or owns: the election task with its bound consumer.
+struct Partition {
+    cancel: CancellationToken,
+    hard_stop: CancellationToken,
+    handle: JoinHandle<()>,
+}
+
+impl Partition {
+    fn start(
+        lease: LeaderDef,
+        consumer: ConsumerDef,
+        client: &Client,
+        provision: Provision,
+        member: &str,
+        hard_stop: &CancellationToken,
+    ) -> Partition {
+        let cancel = CancellationToken::new();
+        let own_hard_stop = hard_stop.child_token();
+        let bound = vec![BoundConsumer {
+            def: consumer,
+            provision,
+            stream: None,
+        }];
+        // The successor of an owner that did not release waits until every message that owner
+        // held is back on the server (it expires `ack_wait` after its last keep-alive).
+        let takeover_wait = consumer.ack_wait.unwrap_or(DEFAULT_ACK_WAIT) + TAKEOVER_MARGIN;
+        let handle = tokio::spawn(crate::leader::run_as(
+            lease,
+            client.clone(),
+            bound,
+            cancel.clone(),
+            own_hard_stop.clone(),
+            crate::leader::Contender {
+                holder: member.to_string(),
+                takeover_wait,
+            },
+        ));
+        Partition {
+            cancel,
+            hard_stop: own_hard_stop,
+            handle,
+        }
+    }
+
+    /// Drains the partition and releases its lease; handlers still running after
+    /// [`HANDOVER_TIMEOUT`] are cut off.
+    fn give_up(&self) {
+        if self.cancel.is_cancelled() {
+            return;
+        }
+        self.cancel.cancel();
+        let hard_stop = self.hard_stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(HANDOVER_TIMEOUT).await;
+            hard_stop.cancel();
+        });
+    }
+}
+
+/// Who holds each partition's lease, as this instance last saw the bucket.
+struct Holders(Vec<Option<String>>);
+
+impl Holders {
+    fn new(partitions: u32) -> Holders {
+        Holders(vec![None; partitions as usize])
+    }
+
+    /// Watches the group's leases, from their current values on.
+    async fn watch(&self, client: &Client, group: &str) -> Option<async_nats::jetstream::kv::Watch> {
+        let store = client.jetstream().get_key_value(GROUPS_BUCKET).await.ok()?;
+        store.watch_with_history(format!("{group}.p.>")).await.ok()
+    }
+
+    fn apply(&mut self, entry: &async_nats::jetstream::kv::Entry, group: &str) {
+        let Some(k) = entry
+            .key
+            .strip_prefix(group)
+            .and_then(|rest| rest.strip_prefix(".p."))
+            .and_then(|k| k.parse::<usize>().ok())
+        else {
+            return;
+        };
+        let Some(slot) = self.0.get_mut(k) else { return };
+        *slot = match entry.operation {
+            async_nats::jetstream::kv::Operation::Put => crate::leader::holder_of(&entry.value),
+            _ => None,
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handler::{Delivery, Outcome};
+    use futures_util::future::BoxFuture;
+
+    fn handler(_: Delivery) -> BoxFuture<'static, Outcome> {
+        Box::pin(async { Outcome::Ack })
+    }
+
+    fn def(subjects: &'static [&'static str], order_by: Option<OrderBy>) -> ConsumerDef {
+        let def = ConsumerDef::new("post", "accounts", "ledger", handler)
+            .subjects(subjects)
+            .partitions(8);
+        match order_by {
+            Some(order_by) => def.order_by(order_by),
+            None => def,
+        }
+    }
+
+    #[test]
+    fn the_transform_prefixes_the_partition_of_the_key_tokens() {
+        let group = Group::new(def(&["accounts.*.posted"], Some(OrderBy::Token(1)))).unwrap();
+        assert_eq!(group.derived(), "accounts_ledger");
+        assert_eq!(group.source, "accounts.*.posted");
+        assert_eq!(group.destination, "{{partition(8,1)}}.accounts.{{wildcard(1)}}.posted");
+        let third = group.consumer(3);
+        assert_eq!(
+            (third.stream, third.durable, third.subjects),
+            ("accounts_ledger", "ledger-p3", &["3.>"][..])
+        );
+        assert_eq!(third.partition, Some(3));
+        assert_eq!(
+            third.dead_letter_subject(),
+            "natty.dead.accounts.ledger",
+            "the group's, not the partition's"
+        );
+        assert_eq!(third.ack_wait, Some(DEFAULT_ACK_WAIT));
+
+        // The second wildcard as the key; the whole subject as the key takes every wildcard.
+        let second = Group::new(def(&["a.*.b.*"], Some(OrderBy::Token(3)))).unwrap();
+        assert_eq!(
+            second.destination,
+            "{{partition(8,2)}}.a.{{wildcard(1)}}.b.{{wildcard(2)}}"
+        );
+        let whole = Group::new(def(&["a.*.b.*"], Some(OrderBy::Subject))).unwrap();
+        assert_eq!(
+            whole.destination,
+            "{{partition(8,1,2)}}.a.{{wildcard(1)}}.b.{{wildcard(2)}}"
+        );
+    }
+
+    #[test]
+    fn a_group_the_server_cannot_partition_is_refused_with_the_reason() {
+        let refused = |def: ConsumerDef| match Group::new(def) {
+            Err(error) => error.to_string(),
+            Ok(_) => panic!("accepted"),
+        };
+        assert!(refused(def(&["accounts.*.posted"], Some(OrderBy::Token(2)))).contains("must be a `*` token"));
+        assert!(refused(def(&["accounts.*.posted"], None)).contains("needs `order_by"));
+        assert!(refused(def(&["accounts.>"], Some(OrderBy::Subject))).contains("cannot hold `>`"));
+        assert!(refused(def(&["a.*", "b.*"], Some(OrderBy::Token(1)))).contains("one subject"));
+        assert!(refused(def(&["a.*"], Some(OrderBy::Token(1))).partitions(65)).contains("1 to 64"));
+        let ephemeral = ConsumerDef::ephemeral("post", "accounts", handler)
+            .subjects(&["a.*"])
+            .order_by(OrderBy::Token(1))
+            .partitions(2);
+        assert!(refused(ephemeral).contains("durable"));
+    }
+}

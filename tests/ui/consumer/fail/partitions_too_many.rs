@@ -1,0 +1,13 @@
+use natty_runtime::prelude::*;
+
+#[derive(serde::Deserialize)]
+struct Posting {
+    account: String,
+}
+
+#[consumer(stream = "accounts", durable = "ledger", subject = "accounts.*.posted", partitions = 65, order_by = "subject[1]")]
+async fn post(p: Posting) {
+    let _ = p.account;
+}
+
+fn main() {}
