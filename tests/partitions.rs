@@ -3,7 +3,8 @@
 //! while a fourth joins, one is SIGKILLed and one gets SIGTERM; from what every instance printed:
 //! every posting handled, each account's postings in order (a repeat only as a replay after the
 //! SIGKILL), never two handlers of one account at once, anywhere; every instance alive at the
-//! end owns partitions; the handover times measured.
+//! end owns partitions; the handover times measured. And a partitioned capture through the same
+//! faults: every record stored exactly once.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -345,4 +346,164 @@ async fn scenario(url: &str, nats: async_nats::Client, replicas: usize) {
         after_kill <= Duration::from_secs(10),
         "SIGKILL loses partitions for the lease and ack_wait: {after_kill:?}"
     );
+}
+
+const CAPTURE: &str = env!("CARGO_BIN_EXE_natty-test-capture");
+const SENSORS: u64 = 10;
+
+/// A capture with `partitions = 4` run by 3 instances while a 4th joins, one is SIGKILLed and
+/// one gets SIGTERM: reading every block back gives each reading exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_capture_stores_every_record_exactly_once_through_a_join_a_sigkill_and_a_sigterm() {
+    let server = NatsServer::start().await.expect("nats-server");
+    capture_scenario(&server.url(), server.client().await, 1).await;
+}
+
+/// The same on a 3-node cluster with 3 replicas: the case a capture shared by several instances
+/// (without partitions) does not cover, a consumer leader handing a message to a second instance
+/// while the first still holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_capture_on_a_cluster_stores_every_record_exactly_once() {
+    let cluster = NatsCluster::start(3).await.expect("a 3-node cluster");
+    capture_scenario(&cluster.urls().join(","), cluster.client().await, 3).await;
+}
+
+async fn capture_scenario(url: &str, client: async_nats::Client, replicas: usize) {
+    use natty_tests::capture::{publish_readings, Tally};
+    let url = url.to_string();
+    let js = async_nats::jetstream::new(client.clone());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "readings".into(),
+        subjects: vec!["readings.>".into()],
+        num_replicas: replicas,
+        ..Default::default()
+    })
+    .await
+    .expect("the readings stream");
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("file://{}", dir.path().join("group").display());
+    let start = |url: &str| {
+        let mut child = spawn_service(
+            Path::new(CAPTURE),
+            Some(url),
+            &[("NATTY_HANDLERS", "to_group"), ("GROUP_STORE", store.as_str())],
+        );
+        let (out, err) = (collect_lines(&mut child), collect_stderr(&mut child));
+        let pid = child.id().expect("a pid");
+        Instance {
+            name: "capture",
+            child,
+            pid,
+            out,
+            err,
+        }
+    };
+    let holders = |js: async_nats::jetstream::Context| async move {
+        let Ok(store) = js.get_key_value("natty_groups").await else {
+            return vec![None; 4];
+        };
+        let mut holders = Vec::new();
+        for k in 0..4 {
+            let holder = match store.get(format!("readings_group.p.{k}")).await {
+                Ok(Some(value)) => serde_json::from_slice::<serde_json::Value>(&value).ok().and_then(|v| {
+                    v["holder"]
+                        .as_str()
+                        .and_then(|h| h.split('-').next())
+                        .and_then(|p| p.parse::<u32>().ok())
+                }),
+                _ => None,
+            };
+            holders.push(holder);
+        }
+        holders
+    };
+    let mut instances = vec![start(&url), start(&url), start(&url)];
+    wait_until(WAIT, "every partition captured by one of the first three", || async {
+        holders(js.clone()).await.iter().all(Option::is_some)
+    })
+    .await;
+
+    // 10 sensors, about 1,500 readings a second, for about 10 s.
+    const BATCHES: u64 = 70;
+    let publisher = tokio::spawn({
+        let client = client.clone();
+        async move {
+            for batch in 0..BATCHES {
+                publish_readings(&client, batch * 150 + 1..(batch + 1) * 150 + 1, SENSORS).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    instances.push(start(&url));
+    let newcomer = instances[3].pid;
+    wait_until(WAIT, "the newcomer capturing a partition", || async {
+        holders(js.clone()).await.contains(&Some(newcomer))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Killed with blocks open (every 2 s, the kill lands inside a window).
+    send_signal(instances[1].pid, "KILL");
+    let _ = instances[1].child.wait().await;
+    let killed = instances[1].pid;
+    wait_until(WAIT, "the killed instance's partitions captured again", || async {
+        holders(js.clone())
+            .await
+            .iter()
+            .all(|h| h.is_some() && *h != Some(killed))
+    })
+    .await;
+    send_signal(instances[2].pid, "TERM");
+    let status = tokio::time::timeout(WAIT, instances[2].child.wait())
+        .await
+        .expect("the stopped instance exits")
+        .unwrap();
+    assert!(
+        status.success(),
+        "SIGTERM ends the instance cleanly: {status:?}\n{}",
+        instances[2].err.lock().unwrap().join("\n")
+    );
+    tokio::time::timeout(WAIT, publisher).await.expect("published").unwrap();
+
+    // Everything sourced into the group's work-queue stream and captured (acked, so removed).
+    let last = BATCHES * 150;
+    wait_until(Duration::from_secs(120), "every reading captured", || async {
+        let Ok(mut stream) = js.get_stream("readings_group").await else {
+            return false;
+        };
+        let Ok(info) = stream.info().await else { return false };
+        info.state.last_sequence >= last && info.state.messages == 0
+    })
+    .await;
+    for index in [0, 3] {
+        send_signal(instances[index].pid, "TERM");
+        let status = tokio::time::timeout(WAIT, instances[index].child.wait())
+            .await
+            .expect("exits")
+            .unwrap();
+        assert!(
+            status.success(),
+            "instance {index} exits cleanly:\n{}",
+            instances[index].err.lock().unwrap().join("\n")
+        );
+    }
+    let tally = Tally::of_folder(&dir.path().join("group"), SENSORS);
+    tally.assert_exactly_once(
+        1..last + 1,
+        "a partitioned capture through a join, a SIGKILL and a SIGTERM",
+    );
+}
+
+/// `--list` and `--asyncapi` show the group and its partitions; no server needed.
+#[tokio::test]
+async fn the_command_line_shows_the_group() {
+    let (code, out, err) = natty_tests::run_command(Path::new(LEDGER), None, &["--list"], WAIT).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("ledger (8 partitions)"), "{out}");
+    let (code, out, err) = natty_tests::run_command(Path::new(LEDGER), None, &["--asyncapi"], WAIT).await;
+    assert_eq!(code, Some(0), "{err}");
+    let document: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let found = document.to_string();
+    assert!(found.contains(r#""partitions":8"#), "{found}");
+    assert!(found.contains("in 8 partitions (one instance owns each)"), "{found}");
 }

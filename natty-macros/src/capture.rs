@@ -90,6 +90,8 @@ attr::args! {
         dead_letter: LitStr = "dead_letter" => attr::dead_letter;
         store_concurrency: i64 = "store_concurrency" => |meta| attr::int_at_least(meta, 1);
         max_memory: u64 = "max_memory" => byte_size;
+        /// Captured by a partitioned group of this many partitions.
+        partitions: u32 = "partitions" => crate::consumer::partitions;
     }
 }
 
@@ -415,6 +417,9 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     if let Some(value) = parsed.store_concurrency.take() {
         let value = value as usize;
         setters.push(quote!(.store_concurrency(#value)));
+    }
+    if let Some(partitions) = parsed.partitions.take() {
+        setters.push(quote!(.partitions(#partitions)));
     }
     if let Some(bytes) = parsed.max_memory.take() {
         setters.push(quote!(.max_memory(#bytes)));

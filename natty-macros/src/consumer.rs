@@ -67,8 +67,8 @@ attr::args! {
 /// The most partitions a group may have (the runtime's `MAX_PARTITIONS`).
 const MAX_PARTITIONS: i64 = 64;
 
-/// `partitions = N`: 1 to 64.
-fn partitions(meta: &syn::meta::ParseNestedMeta) -> Parsed<u32> {
+/// `partitions = N`: 1 to 64 (also `#[capture]`'s).
+pub(crate) fn partitions(meta: &syn::meta::ParseNestedMeta) -> Parsed<u32> {
     Ok(attr::int_at_least(meta, 1)?.and_then(|(value, span)| {
         if value > MAX_PARTITIONS {
             Err(syn::Error::new(

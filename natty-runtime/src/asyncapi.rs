@@ -65,21 +65,27 @@ impl Service<'_> {
         }
         #[cfg(feature = "capture")]
         for def in &self.declared.captures {
+            let mut natty = json!({
+                "kind": "capture",
+                "stream": def.stream,
+                "durable": def.durable,
+                "location": location(def.location),
+            });
+            let mut grouped = String::new();
+            if def.partitions > 0 {
+                natty["partitions"] = json!(def.partitions);
+                grouped = format!(" in {} partitions (one instance captures each)", def.partitions);
+            }
             document.receive(Receive {
                 name: def.name,
                 summary: format!(
-                    "capture `{}` on stream `{}`, durable `{}`, declared at {}",
+                    "capture `{}` on stream `{}`, durable `{}`{grouped}, declared at {}",
                     def.name, def.stream, def.durable, def.location
                 ),
                 addresses: self.stream_addresses(def.stream, def.subjects),
                 payload: def.payload.describe(),
                 reply: None,
-                natty: json!({
-                    "kind": "capture",
-                    "stream": def.stream,
-                    "durable": def.durable,
-                    "location": location(def.location),
-                }),
+                natty,
             });
         }
         for def in &self.declared.subscriptions {

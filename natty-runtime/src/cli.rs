@@ -118,10 +118,8 @@ pub(crate) fn list(declared: &Declarations) -> String {
     for consumer in &declared.consumers {
         let durable = if consumer.ephemeral {
             "(ephemeral)".to_string()
-        } else if consumer.partitions > 0 {
-            format!("{} ({} partitions)", consumer.durable, consumer.partitions)
         } else {
-            consumer.durable.to_string()
+            durable_column(consumer)
         };
         rows.push(row(
             "consumer",
@@ -138,7 +136,7 @@ pub(crate) fn list(declared: &Declarations) -> String {
             "capture",
             capture.name(),
             consumer_what(&def),
-            def.durable,
+            &durable_column(&def),
             def.location.to_string(),
         ));
     }
@@ -208,14 +206,23 @@ pub(crate) async fn check(config: &Config, declared: &Declarations) -> Result<()
         let what = format!("object store `{}`", store.name());
         report.record(what, store.provision(&client, Provision::VerifyOnly).await);
     }
+    use crate::partition::group::Group;
+    /// How to make a durable's group, if it is partitioned.
+    type MakeGroup = Box<dyn Fn() -> Result<Group>>;
+    let mut durables: Vec<(ConsumerDef, MakeGroup)> = Vec::new();
+    for def in &declared.consumers {
+        let def = *def;
+        durables.push((def, Box::new(move || Group::new(def))));
+    }
     #[cfg(feature = "capture")]
-    let captured: Vec<ConsumerDef> = declared.captures.iter().map(|c| c.consumer_def()).collect();
-    #[cfg(not(feature = "capture"))]
-    let captured: Vec<ConsumerDef> = Vec::new();
-    for def in declared.consumers.iter().chain(&captured).filter(|def| !def.ephemeral) {
+    for capture in &declared.captures {
+        let capture = *capture;
+        durables.push((capture.consumer_def(), Box::new(move || Group::for_capture(capture))));
+    }
+    for (def, group) in durables.iter().filter(|(def, _)| !def.ephemeral) {
         if def.partitions > 0 {
             // A group: its derived stream, and the consumer of every partition.
-            let group = match crate::partition::group::Group::new(*def) {
+            let group = match group() {
                 Ok(group) => group,
                 Err(error) => {
                     report.record(format!("partitioned consumer `{}`", def.name), Err(error));
@@ -242,6 +249,14 @@ pub(crate) async fn check(config: &Config, declared: &Declarations) -> Result<()
         Err(Error::CheckFailed {
             differences: report.differences,
         })
+    }
+}
+
+/// A durable's name for `--list`, with its partitions when it is a group.
+fn durable_column(def: &ConsumerDef) -> String {
+    match def.partitions {
+        0 => def.durable.to_string(),
+        partitions => format!("{} ({partitions} partitions)", def.durable),
     }
 }
 

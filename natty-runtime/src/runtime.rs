@@ -576,7 +576,7 @@ async fn start(config: &Config, declared: &Declarations, client: &Client) -> Res
             let group = crate::partition::group::Group::new(*def)?;
             patiently(patience, || group.provision(js, provision)).await?;
             crate::stream::wait_for_leader(js, group.derived(), config.stream_leader_timeout).await?;
-            tasks.push(group.task(client.clone(), provision));
+            tasks.push(group.task(client.clone(), provision, config));
             continue;
         }
         let stream_def = declared.stream(def.stream);
@@ -586,11 +586,7 @@ async fn start(config: &Config, declared: &Declarations, client: &Client) -> Res
             tasks.push(consumer.task());
             continue;
         };
-        let leading = crate::leader::BoundConsumer {
-            def: *def,
-            provision,
-            stream: stream_def,
-        };
+        let leading = crate::leader::BoundConsumer::new(*def, provision, stream_def);
         match elections
             .iter_mut()
             .find(|(leader, _)| leader.bucket == bucket && leader.key == key)
@@ -605,6 +601,14 @@ async fn start(config: &Config, declared: &Declarations, client: &Client) -> Res
     }
     #[cfg(feature = "capture")]
     for def in &declared.captures {
+        if def.partitions > 0 {
+            // A partitioned capture: each partition captured by the instance that owns it.
+            let group = crate::partition::group::Group::for_capture(*def)?;
+            patiently(patience, || group.provision(js, provision)).await?;
+            crate::stream::wait_for_leader(js, group.derived(), config.stream_leader_timeout).await?;
+            tasks.push(group.task(client.clone(), provision, config));
+            continue;
+        }
         let stream_def = declared.stream(def.stream());
         let slot = std::sync::Mutex::new(None);
         patiently(patience, || async {

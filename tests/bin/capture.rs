@@ -3,8 +3,9 @@
 //! `PARQUET_STORE`, `RAW_STORE`: `file://...`, `s3://...` or `az://...`), and `to_drain`, whose
 //! hour-long windows close only on shutdown (`DRAIN_STORE`), and `to_fragile`, whose key
 //! function panics on some readings and whose path template other readings' keys cannot fill
-//! (`FRAGILE_STORE`), and `to_bounded`, whose memory budget is small (`BOUNDED_STORE`). Run one
-//! of them with `NATTY_HANDLERS=to_csv` and so on.
+//! (`FRAGILE_STORE`), and `to_bounded`, whose memory budget is small (`BOUNDED_STORE`), and
+//! `to_group`, a partitioned capture for several instances (`GROUP_STORE`). Run one of them with
+//! `NATTY_HANDLERS=to_csv` and so on.
 
 use natty_runtime::prelude::*;
 use natty_tests::Reading;
@@ -106,6 +107,22 @@ fn to_fragile(reading: &Reading) -> Spot {
         sensor: reading.sensor.clone(),
         site: (reading.note.as_deref() != Some("nowhere")).then(|| reading.place.site.clone()),
     }
+}
+
+/// A partitioned group of four partitions: run by several instances, each partition captured
+/// by one of them at a time (`GROUP_STORE`).
+#[capture(
+    stream = "readings",
+    durable = "group",
+    format = "ndjson",
+    partitions = 4,
+    store = "${GROUP_STORE}/{key}",
+    every = "2s",
+    max_messages = 20000,
+    ack_wait = "4s"
+)]
+fn to_group(reading: &Reading) -> String {
+    reading.sensor.clone()
 }
 
 /// A memory budget of 256 KiB: about a thousand held readings.

@@ -25,6 +25,10 @@ pub struct CaptureDef {
     pub(crate) dead_letter: Option<&'static str>,
     pub(crate) store_concurrency: usize,
     pub(crate) max_memory: u64,
+    /// How many partitions its group has (0: one capture shared by every instance).
+    pub(crate) partitions: u32,
+    /// Set on the capture of one partition of a group: which one.
+    pub(crate) partition: Option<u32>,
     pub(crate) decode: DecodeFn,
     pub(crate) writers: WritersFn,
     pub(crate) location: Location,
@@ -75,6 +79,8 @@ impl CaptureDef {
             dead_letter: None,
             store_concurrency: DEFAULT_STORE_CONCURRENCY,
             max_memory: DEFAULT_MAX_MEMORY,
+            partitions: 0,
+            partition: None,
             decode,
             writers,
             location: Location::UNKNOWN,
@@ -161,6 +167,15 @@ impl CaptureDef {
         self
     }
 
+    /// Spreads the capture over the instances running as a partitioned group of `partitions`
+    /// partitions (by subject): each partition is captured by one live instance at a time, so
+    /// every record is stored exactly once however many instances capture, through joins,
+    /// SIGTERMs and SIGKILLs (see the capture guide, "Several instances").
+    pub const fn partitions(mut self, partitions: u32) -> Self {
+        self.partitions = partitions;
+        self
+    }
+
     crate::payload::handler_definition_setters!("the record type the capture decodes", "MyRecord");
 
     /// The capture's name (its function's name).
@@ -203,6 +218,8 @@ impl CaptureDef {
         if let Some(subject) = self.dead_letter {
             def = def.dead_letter(subject);
         }
+        def.partitions = self.partitions;
+        def.partition = self.partition;
         def
     }
 

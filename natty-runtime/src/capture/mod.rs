@@ -292,6 +292,21 @@ impl Capture {
         crate::supervise::Task::new(format!("capture {}", self.name()), move |stop| self.run(stop.cancel))
     }
 
+    /// [`run`](Capture::run), abandoning what is open or storing at `hard_stop` (the capture of
+    /// a partition whose lease ended: the next holder captures those messages).
+    pub(crate) async fn run_until(self, cancel: CancellationToken, hard_stop: CancellationToken) -> Result<()> {
+        let abandon = self.shared.abandon.clone();
+        let run = self.run(cancel);
+        tokio::pin!(run);
+        tokio::select! {
+            ended = &mut run => ended,
+            _ = hard_stop.cancelled() => {
+                abandon.cancel();
+                run.await
+            }
+        }
+    }
+
     /// Pulls, splits and writes until `cancel`, storing blocks as they close; then closes every
     /// open block and waits for the stores until the drain deadline.
     pub(crate) async fn run(self, cancel: CancellationToken) -> Result<()> {
@@ -325,6 +340,8 @@ impl Capture {
         let pressure = self.max_held - self.max_held / 10;
         let fatal: Option<Error> = 'session: loop {
             let mut puller = match Puller::start(&shared.nats, def.stream, def.durable).await {
+                // A partition's owner must have no request waiting once its lease has ended.
+                Ok(puller) if def.partition.is_some() => puller.expiring(crate::partition::group::PULL_EXPIRES),
                 Ok(puller) => puller,
                 Err(error) => {
                     tracing::warn!(capture = def.name, error = %crate::error::chain(&error), "cannot subscribe; retrying");
@@ -397,8 +414,13 @@ impl Capture {
                         // whole backlog waiting on them).
                         let reached_end = meta.pending == 0 && !caught_up;
                         caught_up = meta.pending == 0;
+                        let subject = match (def.partition, message.subject.split_once('.')) {
+                            // `<partition>.<the subject published>`: dead letters show the latter.
+                            (Some(_), Some((_, published))) => async_nats::Subject::from(published),
+                            _ => message.subject,
+                        };
                         let original = Original {
-                            subject: message.subject,
+                            subject,
                             payload: message.payload,
                             headers: message.headers.map(Arc::new),
                             stream_sequence: meta.sequence,

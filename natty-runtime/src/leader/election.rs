@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::error::{BoxError, Error};
+use crate::error::BoxError;
 use crate::handler::Outcome;
 use crate::publish::Client;
 
@@ -388,16 +388,9 @@ impl Election {
                         if !consumers_started && lease.is_valid() {
                             consumers_started = true;
                             for bound in &self.bound {
-                                let consumer = crate::consumer::Consumer::new(bound.def, self.client.clone(), bound.provision, bound.stream);
+                                let (bound, client) = (bound.clone(), self.client.clone());
                                 let (cancel, hard_stop) = (term_cancel.clone(), term_hard_stop.clone());
-                                consumers.spawn(async move {
-                                    // Bound first: the keep-alive follows the consumer's ack_wait as the server has it.
-                                    let mut failures = 0;
-                                    if consumer.rebind(&cancel, &mut failures).await {
-                                        consumer.run(cancel, hard_stop).await?;
-                                    }
-                                    Ok::<(), Error>(())
-                                });
+                                consumers.spawn(async move { bound.run(client, cancel, hard_stop).await });
                             }
                         }
                         if lease.is_valid() {

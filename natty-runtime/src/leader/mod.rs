@@ -280,12 +280,55 @@ impl FromLease for Lease {
     }
 }
 
-/// A consumer that runs only while this instance leads (see [`crate::ConsumerDef::while_leading`]).
+/// A consumer that runs only while this instance leads (see [`crate::ConsumerDef::while_leading`]),
+/// or a partition of a partitioned group.
 #[derive(Clone)]
 pub(crate) struct BoundConsumer {
     pub(crate) def: crate::consumer::ConsumerDef,
     pub(crate) provision: Provision,
     pub(crate) stream: Option<crate::stream::StreamDef>,
+    /// Set when what runs on the consumer is a capture (a partition of a partitioned capture),
+    /// with the settings it starts with.
+    #[cfg(feature = "capture")]
+    pub(crate) capture: Option<(crate::capture::CaptureDef, Arc<crate::Config>)>,
+}
+
+impl BoundConsumer {
+    pub(crate) fn new(
+        def: crate::consumer::ConsumerDef,
+        provision: Provision,
+        stream: Option<crate::stream::StreamDef>,
+    ) -> Self {
+        BoundConsumer {
+            def,
+            provision,
+            stream,
+            #[cfg(feature = "capture")]
+            capture: None,
+        }
+    }
+
+    /// Runs it for a term: until `cancel` (draining) or `hard_stop` (cut off; a capture abandons
+    /// its open blocks, whose messages the next holder captures).
+    pub(crate) async fn run(
+        &self,
+        client: Client,
+        cancel: CancellationToken,
+        hard_stop: CancellationToken,
+    ) -> Result<()> {
+        #[cfg(feature = "capture")]
+        if let Some((capture, settings)) = &self.capture {
+            let started = crate::capture::Capture::start(*capture, client, self.provision, None, settings).await?;
+            return started.run_until(cancel, hard_stop).await;
+        }
+        let consumer = crate::consumer::Consumer::new(self.def, client, self.provision, self.stream);
+        // Bound first: the keep-alive follows the consumer's ack_wait as the server has it.
+        let mut failures = 0;
+        if consumer.rebind(&cancel, &mut failures).await {
+            consumer.run(cancel, hard_stop).await?;
+        }
+        Ok(())
+    }
 }
 
 /// The task of an election that only exists for bound consumers: it holds the lease.

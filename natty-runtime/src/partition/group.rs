@@ -20,6 +20,7 @@
 //!   back to the server, so a key's messages are never handled out of order or by two owners.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream::RetentionPolicy};
@@ -64,11 +65,13 @@ pub(crate) struct Group {
     partitions: u32,
     /// The derived work-queue stream, also the group's name in the bucket.
     derived: &'static str,
-    /// The transform from the user's subject to the partitioned one.
-    source: String,
-    destination: String,
+    /// The transforms (source, destination) from the user's subjects to the partitioned ones.
+    transforms: Vec<(String, String)>,
     /// One consumer definition per partition.
     consumers: Vec<ConsumerDef>,
+    /// For a partitioned capture: its definition (per partition, see [`Group::capture`]).
+    #[cfg(feature = "capture")]
+    capture: Option<crate::capture::CaptureDef>,
     /// This instance's name in the group (also the holder written into its leases).
     member: String,
 }
@@ -144,27 +147,50 @@ impl Group {
                      partition from the subject, so the key must be in it",
                 ),
             };
+        let keys = keyed.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
+        let destination = format!("{{{{partition({partitions},{keys})}}}}.{}", with_wildcards(subject));
+        Group::assemble(def, vec![(subject.to_string(), destination)])
+    }
+
+    /// The group a `#[capture(partitions = N)]` forms: partitioned by the whole subject (a
+    /// capture's records have no order to keep, only a home each).
+    #[cfg(feature = "capture")]
+    pub(crate) fn for_capture(capture: crate::capture::CaptureDef) -> Result<Group> {
+        let def = capture.consumer_def();
+        let partitions = def.partitions;
+        if !(1..=MAX_PARTITIONS).contains(&partitions) {
+            return Err(Error::config(
+                format!("partitions of capture `{}` at {}", def.name, def.location),
+                partitions.to_string(),
+                format!("a group has 1 to {MAX_PARTITIONS} partitions"),
+            ));
+        }
+        let transforms = match def.subjects {
+            [] => vec![(">".to_string(), format!("{{{{partition({partitions})}}}}.>"))],
+            subjects => subjects
+                .iter()
+                .map(|subject| {
+                    let destination = format!("{{{{partition({partitions})}}}}.{}", with_wildcards(subject));
+                    (subject.to_string(), destination)
+                })
+                .collect(),
+        };
+        let mut group = Group::assemble(def, transforms)?;
+        group.capture = Some(capture);
+        Ok(group)
+    }
+
+    /// The group of `def` with the derived stream sourcing through `transforms`.
+    fn assemble(def: ConsumerDef, transforms: Vec<(String, String)>) -> Result<Group> {
+        let partitions = def.partitions;
         let derived = format!("{}_{}", def.stream, def.durable);
-        let group_keys = format!("{derived}.m.x");
-        if !crate::kv::valid_key(&group_keys) {
-            return refuse(
+        if !crate::kv::valid_key(&format!("{derived}.m.x")) {
+            return Err(Error::config(
+                format!("partitions of `{}` at {}", def.name, def.location),
                 derived,
                 "the stream and durable names of a partitioned group must be letters, digits, `-`, `_`, `=` or `/` (they name its KV keys)",
-            );
+            ));
         }
-        let keys = keyed.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
-        let mut nth = 0;
-        let rest: Vec<String> = tokens
-            .iter()
-            .map(|token| match *token {
-                "*" => {
-                    nth += 1;
-                    format!("{{{{wildcard({nth})}}}}")
-                }
-                other => other.to_string(),
-            })
-            .collect();
-        let destination = format!("{{{{partition({partitions},{keys})}}}}.{}", rest.join("."));
         let derived = leak(derived);
         let dead_letter = leak(def.dead_letter_subject());
         let consumers = (0..partitions)
@@ -186,10 +212,27 @@ impl Group {
             def,
             partitions,
             derived,
-            source: subject.to_string(),
-            destination,
+            transforms,
             consumers,
+            #[cfg(feature = "capture")]
+            capture: None,
             member: format!("{}-{}", std::process::id(), crate::consumer::unique_suffix()),
+        })
+    }
+
+    /// The capture of partition `k`, for a partitioned capture.
+    #[cfg(feature = "capture")]
+    fn capture(&self, k: u32) -> Option<crate::capture::CaptureDef> {
+        let consumer = self.consumer(k);
+        self.capture.map(|mut capture| {
+            capture.stream = consumer.stream;
+            capture.durable = consumer.durable;
+            capture.subjects = consumer.subjects;
+            capture.ack_wait = consumer.ack_wait;
+            capture.dead_letter = consumer.dead_letter;
+            capture.partitions = 0;
+            capture.partition = Some(k);
+            capture
         })
     }
 
@@ -207,10 +250,14 @@ impl Group {
     fn source(&self, origin: &jetstream::stream::Config) -> Result<jetstream::stream::Source> {
         let mut source = jetstream::stream::Source {
             name: origin.name.clone(),
-            subject_transforms: vec![jetstream::stream::SubjectTransform {
-                source: self.source.clone(),
-                destination: self.destination.clone(),
-            }],
+            subject_transforms: self
+                .transforms
+                .iter()
+                .map(|(source, destination)| jetstream::stream::SubjectTransform {
+                    source: source.clone(),
+                    destination: destination.clone(),
+                })
+                .collect(),
             ..Default::default()
         };
         match self.def.deliver {
@@ -288,12 +335,12 @@ impl Group {
                             .map(|t| (t.source.as_str(), t.destination.as_str()))
                     })
                     .collect();
-                let wanted = [(self.source.as_str(), self.destination.as_str())];
+                let wanted: Vec<(&str, &str)> = self.transforms.iter().map(|(s, d)| (s.as_str(), d.as_str())).collect();
                 if transforms != wanted || sources.first().is_none_or(|s| s.name != self.def.stream) {
                     return Err(crate::error::Drift {
                         declared_on: crate::error::Declared::Stream(self.derived.to_string()),
                         field: "sources",
-                        declared: format!("{} through {} -> {}", self.def.stream, self.source, self.destination),
+                        declared: format!("{} through {:?}", self.def.stream, self.transforms),
                         actual: format!("{sources:?}"),
                         hint:
                             " (the group's partitions or subject changed: every key would move to another partition. \
@@ -348,11 +395,36 @@ impl Group {
     }
 
     /// The group's task: joins, and contests and runs the partitions assigned to this instance.
-    pub(crate) fn task(self, client: Client, provision: Provision) -> crate::supervise::Task {
+    pub(crate) fn task(self, client: Client, provision: Provision, settings: &crate::Config) -> crate::supervise::Task {
+        let settings = Arc::new(settings.clone());
         crate::supervise::Task::new(format!("group {}", self.derived), move |stop| async move {
-            self.run(client, provision, stop.cancel, stop.hard_stop).await;
+            self.run(client, provision, settings, stop.cancel, stop.hard_stop).await;
             Ok(())
         })
+    }
+
+    /// What runs on partition `k` while this instance owns it: its consumer, or its capture.
+    fn bound(&self, k: u32, provision: Provision, settings: &Arc<crate::Config>) -> BoundConsumer {
+        #[allow(unused_mut)]
+        let mut bound = BoundConsumer::new(self.consumer(k), provision, None);
+        #[cfg(feature = "capture")]
+        {
+            bound.capture = self.capture(k).map(|capture| (capture, settings.clone()));
+        }
+        #[cfg(not(feature = "capture"))]
+        let _ = settings;
+        bound
+    }
+
+    /// How long a partition given up may drain before it is cut off: a capture stores its open
+    /// blocks, on its own deadline.
+    fn handover_timeout(&self, settings: &crate::Config) -> Duration {
+        #[cfg(feature = "capture")]
+        if self.capture.is_some() {
+            return settings.capture_drain_timeout;
+        }
+        let _ = settings;
+        HANDOVER_TIMEOUT
     }
 
     /// The election of partition `k`'s lease.
@@ -369,7 +441,15 @@ impl Group {
 
     /// Joins the group, keeps the partitions assigned to this instance running until `cancel`,
     /// then leaves and hands every partition over.
-    async fn run(self, client: Client, provision: Provision, cancel: CancellationToken, hard_stop: CancellationToken) {
+    async fn run(
+        self,
+        client: Client,
+        provision: Provision,
+        settings: Arc<crate::Config>,
+        cancel: CancellationToken,
+        hard_stop: CancellationToken,
+    ) {
+        let handover = self.handover_timeout(&settings);
         let prefix = format!("{}.m", self.derived);
         let membership = loop {
             match Membership::join(&client, GROUPS_BUCKET, &prefix, &self.member, LEASE_TTL).await {
@@ -432,11 +512,11 @@ impl Group {
                     None if mine => {
                         let partition = Partition::start(
                             self.lease_for(k, &leases),
-                            self.consumer(k),
+                            self.bound(k, provision, &settings),
                             &client,
-                            provision,
                             &self.member,
                             &hard_stop,
+                            handover,
                         );
                         running.insert(k, partition);
                     }
@@ -481,32 +561,45 @@ impl Group {
     }
 }
 
+/// `subject` with each `*` as the transform's `{{wildcard(i)}}` (a `>` stays: it carries the rest).
+fn with_wildcards(subject: &str) -> String {
+    let mut nth = 0;
+    subject
+        .split('.')
+        .map(|token| match token {
+            "*" => {
+                nth += 1;
+                format!("{{{{wildcard({nth})}}}}")
+            }
+            other => other.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
 /// A partition this instance contests or owns: the election task with its bound consumer.
 struct Partition {
     cancel: CancellationToken,
     hard_stop: CancellationToken,
     handle: JoinHandle<()>,
+    handover: Duration,
 }
 
 impl Partition {
     fn start(
         lease: LeaderDef,
-        consumer: ConsumerDef,
+        bound: BoundConsumer,
         client: &Client,
-        provision: Provision,
         member: &str,
         hard_stop: &CancellationToken,
+        handover: Duration,
     ) -> Partition {
         let cancel = CancellationToken::new();
         let own_hard_stop = hard_stop.child_token();
-        let bound = vec![BoundConsumer {
-            def: consumer,
-            provision,
-            stream: None,
-        }];
         // The successor of an owner that did not release waits until every message that owner
         // held is back on the server (it expires `ack_wait` after its last keep-alive).
-        let takeover_wait = consumer.ack_wait.unwrap_or(DEFAULT_ACK_WAIT) + TAKEOVER_MARGIN;
+        let takeover_wait = bound.def.ack_wait.unwrap_or(DEFAULT_ACK_WAIT) + TAKEOVER_MARGIN;
+        let bound = vec![bound];
         let handle = tokio::spawn(crate::leader::run_as(
             lease,
             client.clone(),
@@ -522,19 +615,20 @@ impl Partition {
             cancel,
             hard_stop: own_hard_stop,
             handle,
+            handover,
         }
     }
 
-    /// Drains the partition and releases its lease; handlers still running after
-    /// [`HANDOVER_TIMEOUT`] are cut off.
+    /// Drains the partition and releases its lease; handlers still running after the handover
+    /// timeout ([`HANDOVER_TIMEOUT`] for handlers) are cut off.
     fn give_up(&self) {
         if self.cancel.is_cancelled() {
             return;
         }
         self.cancel.cancel();
-        let hard_stop = self.hard_stop.clone();
+        let (hard_stop, handover) = (self.hard_stop.clone(), self.handover);
         tokio::spawn(async move {
-            tokio::time::sleep(HANDOVER_TIMEOUT).await;
+            tokio::time::sleep(handover).await;
             hard_stop.cancel();
         });
     }
@@ -595,8 +689,13 @@ mod tests {
     fn the_transform_prefixes_the_partition_of_the_key_tokens() {
         let group = Group::new(def(&["accounts.*.posted"], Some(OrderBy::Token(1)))).unwrap();
         assert_eq!(group.derived(), "accounts_ledger");
-        assert_eq!(group.source, "accounts.*.posted");
-        assert_eq!(group.destination, "{{partition(8,1)}}.accounts.{{wildcard(1)}}.posted");
+        assert_eq!(
+            group.transforms,
+            [(
+                "accounts.*.posted".to_string(),
+                "{{partition(8,1)}}.accounts.{{wildcard(1)}}.posted".to_string()
+            )]
+        );
         let third = group.consumer(3);
         assert_eq!(
             (third.stream, third.durable, third.subjects),
@@ -613,12 +712,12 @@ mod tests {
         // The second wildcard as the key; the whole subject as the key takes every wildcard.
         let second = Group::new(def(&["a.*.b.*"], Some(OrderBy::Token(3)))).unwrap();
         assert_eq!(
-            second.destination,
+            second.transforms[0].1,
             "{{partition(8,2)}}.a.{{wildcard(1)}}.b.{{wildcard(2)}}"
         );
         let whole = Group::new(def(&["a.*.b.*"], Some(OrderBy::Subject))).unwrap();
         assert_eq!(
-            whole.destination,
+            whole.transforms[0].1,
             "{{partition(8,1,2)}}.a.{{wildcard(1)}}.b.{{wildcard(2)}}"
         );
     }
