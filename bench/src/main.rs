@@ -305,6 +305,24 @@ async fn scale_work(_order: Order) {
     tokio::time::sleep(SCALE_WORK).await;
 }
 
+/// How many keys the scale-out scenario's messages have (`scale.k<n>`).
+const SCALE_KEYS: u64 = 64;
+
+/// The scale-out scenario's ordered worker: a partitioned group keeping each key's order across
+/// the instances, the same work and concurrency per instance.
+#[consumer(
+    stream = "scale",
+    durable = "ordered",
+    subject = "scale.*",
+    partitions = 8,
+    order_by = "subject[1]",
+    concurrency = 16,
+    max_ack_pending = 10000
+)]
+async fn scale_ordered(_order: Order) {
+    tokio::time::sleep(SCALE_WORK).await;
+}
+
 /// The scale-out scenario's raw worker: async-nats' pull stream, the same work and concurrency,
 /// an ack after each.
 async fn raw_scale_worker() {
@@ -382,8 +400,9 @@ async fn purge(js: &jetstream::Context, stream: &str) {
         .expect("purge");
 }
 
+/// The median; runs measured by wall time only have NaN for CPU, which sorts last.
 fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    values.sort_by(f64::total_cmp);
     values[values.len() / 2]
 }
 
@@ -490,10 +509,15 @@ fn rate(count: u64, measured: Measured) -> Run {
 
 /// Publishes `count` orders to `subject` with up to 2000 acks in flight (setup, not measured).
 async fn fill(js: &jetstream::Context, subject: &str, count: u64) {
+    publish_orders(js, count, |_| subject.to_string()).await;
+}
+
+/// Publishes orders 0..`count`, each to `subject_of(id)`, up to 2000 acks in flight.
+async fn publish_orders(js: &jetstream::Context, count: u64, subject_of: impl Fn(u64) -> String) {
     let mut in_flight = FuturesUnordered::new();
     for id in 0..count {
         let payload = serde_json::to_vec(&Order::new(id)).expect("encode");
-        let ack = js.publish(subject.to_string(), payload.into()).await.expect("publish");
+        let ack = js.publish(subject_of(id), payload.into()).await.expect("publish");
         in_flight.push(std::future::IntoFuture::into_future(ack));
         if in_flight.len() >= 2000 {
             in_flight.next().await.expect("ack").expect("publish ack");
@@ -1172,35 +1196,52 @@ async fn scenario_scale(args: &Args) {
     })
     .await
     .expect("create the R3 stream");
-    fill(&js, "scale.orders", count).await;
+    fill_keyed(&js, "scale", SCALE_KEYS, count).await;
     println!(
-        "scale-out: {count} messages on an R3 stream, 3 nodes on loopback; {} ms of work per message, {SCALE_CONCURRENCY} at a time per instance",
+        "scale-out: {count} messages on an R3 stream ({SCALE_KEYS} keys), 3 nodes on loopback; {} ms of work per message, {SCALE_CONCURRENCY} at a time per instance",
         SCALE_WORK.as_millis()
     );
+    println!("  ordered: natty's partitioned group (8 partitions, order_by the key), against natty's shared durable (no order across instances)");
     for instances in 1..=3 {
-        let (mut raw, mut natty) = (Vec::new(), Vec::new());
+        let (mut raw, mut natty, mut ordered) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..args.rounds.min(3) {
-            for side in ["raw", "natty"] {
+            for side in ["raw", "natty", "ordered"] {
                 let took = scale_run(&js, &url, side, instances, count).await;
                 let rate = rate(count, Measured::wall(took));
-                if side == "raw" {
-                    raw.push(rate)
-                } else {
-                    natty.push(rate)
+                match side {
+                    "raw" => raw.push(rate),
+                    "natty" => natty.push(rate),
+                    _ => ordered.push(rate),
                 }
             }
             eprintln!(
-                "  scale {instances} instance(s) round {round}: raw {:.0}, natty {:.0}",
-                raw[round].rate, natty[round].rate
+                "  scale {instances} instance(s) round {round}: raw {:.0}, natty {:.0}, ordered {:.0}",
+                raw[round].rate, natty[round].rate, ordered[round].rate
             );
         }
         report(&format!("scale-out, {instances} instance(s)"), &raw, &natty, ">= 1.00x");
+        let ratio = median(ordered.iter().zip(&natty).map(|(o, n)| o.rate / n.rate).collect());
+        let middle = |runs: &[Run]| median(runs.iter().map(|run| run.rate).collect());
+        println!(
+            "{:<28} shared {:>7.0} msg/s   ordered {:>8.0} msg/s   ordered/shared {ratio:>5.2}x",
+            format!("  ordered, {instances} instance(s)"),
+            middle(&natty),
+            middle(&ordered)
+        );
     }
+}
+
+/// Publishes `count` orders to `<prefix>.k<id % keys>`.
+async fn fill_keyed(js: &jetstream::Context, prefix: &str, keys: u64, count: u64) {
+    publish_orders(js, count, |id| format!("{prefix}.k{}", id % keys)).await;
 }
 
 /// One scale-out run: a fresh durable, `instances` worker processes of `side`, until all
 /// `count` messages are acked.
 async fn scale_run(js: &jetstream::Context, url: &str, side: &str, instances: usize, count: u64) -> Duration {
+    if side == "ordered" {
+        return scale_run_ordered(js, url, instances, count).await;
+    }
     let stream = js.get_stream("scale").await.expect("stream");
     let _ = stream.delete_consumer("scale").await;
     stream
@@ -1211,22 +1252,7 @@ async fn scale_run(js: &jetstream::Context, url: &str, side: &str, instances: us
         })
         .await
         .expect("consumer");
-    let exe = std::env::current_exe().expect("current exe");
-    let mut children = Vec::new();
-    for _ in 0..instances {
-        children.push(
-            tokio::process::Command::new(&exe)
-                .arg("--scale-worker")
-                .arg(side)
-                .env("NATS_URL", url)
-                .env("NATTY_HANDLERS", "scale_work")
-                // Set up as run() does (its log level included); their log lines are not shown.
-                .stderr(std::process::Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .expect("spawn a scale worker"),
-        );
-    }
+    let children = scale_workers(url, side, "scale_work", instances);
     let mut started = None;
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
@@ -1244,6 +1270,60 @@ async fn scale_run(js: &jetstream::Context, url: &str, side: &str, instances: us
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let took = started.expect("a first delivery").elapsed();
+    for mut child in children {
+        let _ = child.kill().await;
+    }
+    took
+}
+
+/// Starts `instances` scale workers running `handler` (natty, set up as `run()` does).
+fn scale_workers(url: &str, side: &str, handler: &str, instances: usize) -> Vec<tokio::process::Child> {
+    let exe = std::env::current_exe().expect("current exe");
+    (0..instances)
+        .map(|_| {
+            tokio::process::Command::new(&exe)
+                .arg("--scale-worker")
+                .arg(side)
+                .env("NATS_URL", url)
+                .env("NATTY_HANDLERS", handler)
+                // Set up as run() does (its log level included); their log lines are not shown.
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("spawn a scale worker")
+        })
+        .collect()
+}
+
+/// One ordered scale-out run: a fresh group (its stream sources all `count` messages anew),
+/// `instances` workers, from the first ack until the group's work queue is empty.
+async fn scale_run_ordered(js: &jetstream::Context, url: &str, instances: usize, count: u64) -> Duration {
+    // A fresh group, and no members or leases left by the last run's killed workers.
+    let _ = js.delete_stream("scale_ordered").await;
+    let _ = js.delete_stream("KV_natty_groups").await;
+    let children = scale_workers(url, "natty", "scale_ordered", instances);
+    let mut started = None;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        if let Ok(mut stream) = js.get_stream("scale_ordered").await {
+            if let Ok(info) = stream.info().await {
+                let state = &info.state;
+                // A work queue removes what is acked.
+                if started.is_none() && state.last_sequence > state.messages {
+                    started = Some(Instant::now());
+                }
+                if state.last_sequence >= count && state.messages == 0 {
+                    break;
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ordered scale-out run ({instances}) did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = started.expect("a first ack").elapsed();
     for mut child in children {
         let _ = child.kill().await;
     }

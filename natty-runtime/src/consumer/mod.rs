@@ -87,6 +87,9 @@ pub(crate) struct Consumer {
     /// The highest stream sequence the consumer had delivered when last bound: for a partition
     /// taken over, what came before it is a redelivery of an earlier owner's.
     delivered_through: AtomicU64,
+    /// Handler slots shared with other consumers (the partitions an instance owns of one group
+    /// share its `concurrency`); `None`: its own.
+    shared_permits: Option<Arc<Semaphore>>,
 }
 
 impl Consumer {
@@ -122,7 +125,16 @@ impl Consumer {
             metrics,
             last_given_back: std::sync::Mutex::new(None),
             delivered_through: AtomicU64::new(0),
+            shared_permits: None,
         }
+    }
+
+    /// Takes its handler slots from `permits`, shared with other consumers. Only for ordered
+    /// consumers, whose lanes hold every running handler (the drain waits for them there).
+    pub(crate) fn sharing(mut self, permits: Arc<Semaphore>) -> Self {
+        debug_assert!(self.def.order_by.is_some(), "shared handler slots need lanes");
+        self.shared_permits = Some(permits);
+        self
     }
 
     /// The handler's name, for logs and readiness.
@@ -256,7 +268,10 @@ impl Consumer {
         // Set once: a supervised restart runs under the same runtime and the same hard stop.
         let _ = this.shared.hard_stop.set(hard_stop.clone());
         let concurrency = this.def.concurrency;
-        let permits = Arc::new(Semaphore::new(concurrency));
+        let permits = match &this.shared_permits {
+            Some(shared) => shared.clone(),
+            None => Arc::new(Semaphore::new(concurrency)),
+        };
         let lanes = Lanes::default();
         // Messages read and held but not started (an ordered consumer's wait in their lanes).
         let mut queue: VecDeque<Ready> = VecDeque::new();
@@ -473,7 +488,9 @@ impl Consumer {
         while inline.next().await.is_some() {}
         lanes.finish().await;
         this.hand_back(late).await;
-        let _ = permits.acquire_many(concurrency as u32).await;
+        if this.shared_permits.is_none() {
+            let _ = permits.acquire_many(concurrency as u32).await;
+        }
         let last_given_back = this.last_given_back.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(reply) = last_given_back {
             if let Err(error) = confirm(&this.shared, &reply, b"-NAK").await {

@@ -291,6 +291,8 @@ pub(crate) struct BoundConsumer {
     /// with the settings it starts with.
     #[cfg(feature = "capture")]
     pub(crate) capture: Option<(crate::capture::CaptureDef, Arc<crate::Config>)>,
+    /// Handler slots shared with the other partitions this instance owns of the same group.
+    pub(crate) permits: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl BoundConsumer {
@@ -305,6 +307,7 @@ impl BoundConsumer {
             stream,
             #[cfg(feature = "capture")]
             capture: None,
+            permits: None,
         }
     }
 
@@ -321,7 +324,10 @@ impl BoundConsumer {
             let started = crate::capture::Capture::start(*capture, client, self.provision, None, settings).await?;
             return started.run_until(cancel, hard_stop).await;
         }
-        let consumer = crate::consumer::Consumer::new(self.def, client, self.provision, self.stream);
+        let mut consumer = crate::consumer::Consumer::new(self.def, client, self.provision, self.stream);
+        if let Some(permits) = &self.permits {
+            consumer = consumer.sharing(permits.clone());
+        }
         // Bound first: the keep-alive follows the consumer's ack_wait as the server has it.
         let mut failures = 0;
         if consumer.rebind(&cancel, &mut failures).await {

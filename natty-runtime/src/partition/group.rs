@@ -55,6 +55,8 @@ pub(crate) const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(10);
 pub(crate) const HANDOVER_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often an instance reads the membership when nothing woke it.
 const POLL: Duration = Duration::from_millis(500);
+/// How long after a change in the group the owners are worked out again.
+const SETTLE: Duration = Duration::from_millis(50);
 /// Room added to a successor's wait for the old owner's messages to come back.
 const TAKEOVER_MARGIN: Duration = Duration::from_secs(1);
 
@@ -404,9 +406,16 @@ impl Group {
     }
 
     /// What runs on partition `k` while this instance owns it: its consumer, or its capture.
-    fn bound(&self, k: u32, provision: Provision, settings: &Arc<crate::Config>) -> BoundConsumer {
-        #[allow(unused_mut)]
+    fn bound(
+        &self,
+        k: u32,
+        provision: Provision,
+        settings: &Arc<crate::Config>,
+        permits: &Arc<tokio::sync::Semaphore>,
+    ) -> BoundConsumer {
         let mut bound = BoundConsumer::new(self.consumer(k), provision, None);
+        // The instance's `concurrency` is for all the partitions it owns, not each.
+        bound.permits = Some(permits.clone());
         #[cfg(feature = "capture")]
         {
             bound.capture = self.capture(k).map(|capture| (capture, settings.clone()));
@@ -450,6 +459,7 @@ impl Group {
         hard_stop: CancellationToken,
     ) {
         let handover = self.handover_timeout(&settings);
+        let permits = Arc::new(tokio::sync::Semaphore::new(self.def.concurrency));
         let prefix = format!("{}.m", self.derived);
         let membership = loop {
             match Membership::join(&client, GROUPS_BUCKET, &prefix, &self.member, LEASE_TTL).await {
@@ -472,7 +482,8 @@ impl Group {
         let mut failures = 0u32;
         let mut last_owned: Vec<u32> = Vec::new();
         // Let the members starting together see one another before claiming anything.
-        let mut next = tokio::time::Instant::now() + POLL;
+        let first = tokio::time::Instant::now() + POLL;
+        let mut next = first;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -481,6 +492,9 @@ impl Group {
                         Some(Ok(entry)) => holders.apply(&entry, self.derived),
                         _ => watch = None,
                     }
+                    // Look again once this burst of changes has passed (a join, a leave, a
+                    // release), not at the next poll.
+                    next = next.min(tokio::time::Instant::now() + SETTLE).max(first);
                     continue;
                 }
                 _ = tokio::time::sleep_until(next) => {}
@@ -512,7 +526,7 @@ impl Group {
                     None if mine => {
                         let partition = Partition::start(
                             self.lease_for(k, &leases),
-                            self.bound(k, provision, &settings),
+                            self.bound(k, provision, &settings, &permits),
                             &client,
                             &self.member,
                             &hard_stop,
@@ -642,10 +656,11 @@ impl Holders {
         Holders(vec![None; partitions as usize])
     }
 
-    /// Watches the group's leases, from their current values on.
+    /// Watches the group (leases and members), from the current values on.
     async fn watch(&self, client: &Client, group: &str) -> Option<async_nats::jetstream::kv::Watch> {
         let store = client.jetstream().get_key_value(GROUPS_BUCKET).await.ok()?;
-        store.watch_with_history(format!("{group}.p.>")).await.ok()
+        // Members too: a join or a leave wakes the assignment at once, not at the next poll.
+        store.watch_with_history(format!("{group}.>")).await.ok()
     }
 
     fn apply(&mut self, entry: &async_nats::jetstream::kv::Entry, group: &str) {
