@@ -30,9 +30,14 @@ struct Instance {
 }
 
 impl Instance {
+    /// An instance of the ledger service.
     fn start(name: &'static str, url: &str) -> Instance {
         let log = std::env::var("NATTY_TEST_LEDGER_LOG").unwrap_or_else(|_| "info,async_nats=warn".into());
-        let mut child = spawn_service(Path::new(LEDGER), Some(url), &[("RUST_LOG", &log)]);
+        Instance::spawn(name, LEDGER, url, &[("RUST_LOG", &log)])
+    }
+
+    fn spawn(name: &'static str, binary: &str, url: &str, env: &[(&str, &str)]) -> Instance {
+        let mut child = spawn_service(Path::new(binary), Some(url), env);
         let (out, err) = (collect_lines(&mut child), collect_stderr(&mut child));
         Instance {
             name,
@@ -41,6 +46,21 @@ impl Instance {
             out,
             err,
         }
+    }
+
+    /// Sends SIGTERM and checks that the instance exits cleanly.
+    async fn stop(&mut self) {
+        send_signal(self.pid, "TERM");
+        let status = tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("instance {} exits after SIGTERM", self.name))
+            .unwrap();
+        assert!(
+            status.success(),
+            "SIGTERM ends instance {} cleanly: {status:?}\n{}",
+            self.name,
+            self.err.lock().unwrap().join("\n")
+        );
     }
 }
 
@@ -102,14 +122,14 @@ fn runs(outputs: &[Vec<String>]) -> BTreeMap<u64, Vec<Run>> {
     runs
 }
 
-/// Who holds each partition's lease now: the holders' process ids.
-async fn holders(js: &async_nats::jetstream::Context) -> Vec<Option<u32>> {
+/// Who holds each of the `partitions` leases of `group` now: the holders' process ids.
+async fn holders(js: &async_nats::jetstream::Context, group: &str, partitions: u32) -> Vec<Option<u32>> {
     let Ok(store) = js.get_key_value("natty_groups").await else {
-        return vec![None; PARTITIONS as usize];
+        return vec![None; partitions as usize];
     };
     let mut holders = Vec::new();
-    for k in 0..PARTITIONS {
-        let holder = match store.get(format!("accounts_ledger.p.{k}")).await {
+    for k in 0..partitions {
+        let holder = match store.get(format!("{group}.p.{k}")).await {
             Ok(Some(value)) => serde_json::from_slice::<serde_json::Value>(&value).ok().and_then(|v| {
                 v["holder"]
                     .as_str()
@@ -156,7 +176,7 @@ async fn scenario(url: &str, nats: async_nats::Client, replicas: usize) {
     ];
     wait_until(WAIT, "every partition owned by one of the first three", || async {
         let pids: BTreeSet<u32> = instances.iter().map(|i| i.pid).collect();
-        holders(&js)
+        holders(&js, "accounts_ledger", PARTITIONS)
             .await
             .iter()
             .all(|h| h.is_some_and(|pid| pids.contains(&pid)))
@@ -189,7 +209,7 @@ async fn scenario(url: &str, nats: async_nats::Client, replicas: usize) {
     instances.push(Instance::start("d", &url));
     wait_until(WAIT, "the newcomer owning partitions", || async {
         let d = instances[3].pid;
-        holders(&js).await.contains(&Some(d))
+        holders(&js, "accounts_ledger", PARTITIONS).await.contains(&Some(d))
     })
     .await;
 
@@ -202,21 +222,12 @@ async fn scenario(url: &str, nats: async_nats::Client, replicas: usize) {
     // Once the killed instance's partitions have moved, stop another one cleanly.
     wait_until(WAIT, "the killed instance's partitions owned again", || async {
         let b = instances[1].pid;
-        let now = holders(&js).await;
+        let now = holders(&js, "accounts_ledger", PARTITIONS).await;
         now.iter().all(|h| h.is_some() && *h != Some(b))
     })
     .await;
     let stopped_at = unix_nanos();
-    send_signal(instances[2].pid, "TERM");
-    let status = tokio::time::timeout(WAIT, instances[2].child.wait())
-        .await
-        .expect("the stopped instance exits")
-        .unwrap();
-    assert!(
-        status.success(),
-        "SIGTERM ends the instance cleanly: {status:?}\n{}",
-        instances[2].err.lock().unwrap().join("\n")
-    );
+    instances[2].stop().await;
 
     tokio::time::timeout(WAIT, publisher).await.expect("published").unwrap();
     let every_posting_ended = |outputs: &[Vec<String>]| {
@@ -242,19 +253,14 @@ async fn scenario(url: &str, nats: async_nats::Client, replicas: usize) {
         WAIT,
         "the live instances owning every partition between them",
         || async {
-            let now = holders(&js).await;
+            let now = holders(&js, "accounts_ledger", PARTITIONS).await;
             now.iter().all(|h| h.is_some_and(|pid| alive.contains(&pid)))
                 && alive.iter().all(|pid| now.contains(&Some(*pid)))
         },
     )
     .await;
     for index in [0, 3] {
-        send_signal(instances[index].pid, "TERM");
-        let status = tokio::time::timeout(WAIT, instances[index].child.wait())
-            .await
-            .expect("exits")
-            .unwrap();
-        assert!(status.success(), "instance {} exits cleanly", instances[index].name);
+        instances[index].stop().await;
     }
 
     let outputs = outputs();
@@ -382,44 +388,11 @@ async fn capture_scenario(url: &str, client: async_nats::Client, replicas: usize
     .expect("the readings stream");
     let dir = tempfile::tempdir().unwrap();
     let store = format!("file://{}", dir.path().join("group").display());
-    let start = |url: &str| {
-        let mut child = spawn_service(
-            Path::new(CAPTURE),
-            Some(url),
-            &[("NATTY_HANDLERS", "to_group"), ("GROUP_STORE", store.as_str())],
-        );
-        let (out, err) = (collect_lines(&mut child), collect_stderr(&mut child));
-        let pid = child.id().expect("a pid");
-        Instance {
-            name: "capture",
-            child,
-            pid,
-            out,
-            err,
-        }
-    };
-    let holders = |js: async_nats::jetstream::Context| async move {
-        let Ok(store) = js.get_key_value("natty_groups").await else {
-            return vec![None; 4];
-        };
-        let mut holders = Vec::new();
-        for k in 0..4 {
-            let holder = match store.get(format!("readings_group.p.{k}")).await {
-                Ok(Some(value)) => serde_json::from_slice::<serde_json::Value>(&value).ok().and_then(|v| {
-                    v["holder"]
-                        .as_str()
-                        .and_then(|h| h.split('-').next())
-                        .and_then(|p| p.parse::<u32>().ok())
-                }),
-                _ => None,
-            };
-            holders.push(holder);
-        }
-        holders
-    };
+    let env = [("NATTY_HANDLERS", "to_group"), ("GROUP_STORE", store.as_str())];
+    let start = |url: &str| Instance::spawn("capture", CAPTURE, url, &env);
     let mut instances = vec![start(&url), start(&url), start(&url)];
     wait_until(WAIT, "every partition captured by one of the first three", || async {
-        holders(js.clone()).await.iter().all(Option::is_some)
+        holders(&js, "readings_group", 4).await.iter().all(Option::is_some)
     })
     .await;
 
@@ -438,7 +411,7 @@ async fn capture_scenario(url: &str, client: async_nats::Client, replicas: usize
     instances.push(start(&url));
     let newcomer = instances[3].pid;
     wait_until(WAIT, "the newcomer capturing a partition", || async {
-        holders(js.clone()).await.contains(&Some(newcomer))
+        holders(&js, "readings_group", 4).await.contains(&Some(newcomer))
     })
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -447,22 +420,13 @@ async fn capture_scenario(url: &str, client: async_nats::Client, replicas: usize
     let _ = instances[1].child.wait().await;
     let killed = instances[1].pid;
     wait_until(WAIT, "the killed instance's partitions captured again", || async {
-        holders(js.clone())
+        holders(&js, "readings_group", 4)
             .await
             .iter()
             .all(|h| h.is_some() && *h != Some(killed))
     })
     .await;
-    send_signal(instances[2].pid, "TERM");
-    let status = tokio::time::timeout(WAIT, instances[2].child.wait())
-        .await
-        .expect("the stopped instance exits")
-        .unwrap();
-    assert!(
-        status.success(),
-        "SIGTERM ends the instance cleanly: {status:?}\n{}",
-        instances[2].err.lock().unwrap().join("\n")
-    );
+    instances[2].stop().await;
     tokio::time::timeout(WAIT, publisher).await.expect("published").unwrap();
 
     // Everything sourced into the group's work-queue stream and captured (acked, so removed).
@@ -476,16 +440,7 @@ async fn capture_scenario(url: &str, client: async_nats::Client, replicas: usize
     })
     .await;
     for index in [0, 3] {
-        send_signal(instances[index].pid, "TERM");
-        let status = tokio::time::timeout(WAIT, instances[index].child.wait())
-            .await
-            .expect("exits")
-            .unwrap();
-        assert!(
-            status.success(),
-            "instance {index} exits cleanly:\n{}",
-            instances[index].err.lock().unwrap().join("\n")
-        );
+        instances[index].stop().await;
     }
     let tally = Tally::of_folder(&dir.path().join("group"), SENSORS);
     tally.assert_exactly_once(

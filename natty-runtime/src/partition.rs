@@ -2,7 +2,7 @@
 //! computed exactly as nats-server's `partition()` subject transform computes it, and how a
 //! group's partitions are spread over its live instances.
 //!
-//! The groups themselves are in [`group`] (`docs/design/partitions.md` has the design they
+//! The groups themselves are in `partition/group.rs` (`docs/design/partitions.md` has the design they
 //! follow); these two pure functions are what everything else rests on: the server routes each
 //! message to a partition and natty must agree with it to the bit, and every instance must work
 //! out the same owners from the same membership without talking.

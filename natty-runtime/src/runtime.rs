@@ -574,9 +574,7 @@ async fn start(config: &Config, declared: &Declarations, client: &Client) -> Res
             // A partitioned group: its partitions' consumers are bound by whichever instance
             // owns them, when it does.
             let group = crate::partition::group::Group::new(*def)?;
-            patiently(patience, || group.provision(js, provision)).await?;
-            crate::stream::wait_for_leader(js, group.derived(), config.stream_leader_timeout).await?;
-            tasks.push(group.task(client.clone(), provision, config));
+            tasks.push(start_group(group, config, client).await?);
             continue;
         }
         let stream_def = declared.stream(def.stream);
@@ -604,9 +602,7 @@ async fn start(config: &Config, declared: &Declarations, client: &Client) -> Res
         if def.partitions > 0 {
             // A partitioned capture: each partition captured by the instance that owns it.
             let group = crate::partition::group::Group::for_capture(*def)?;
-            patiently(patience, || group.provision(js, provision)).await?;
-            crate::stream::wait_for_leader(js, group.derived(), config.stream_leader_timeout).await?;
-            tasks.push(group.task(client.clone(), provision, config));
+            tasks.push(start_group(group, config, client).await?);
             continue;
         }
         let stream_def = declared.stream(def.stream());
@@ -633,6 +629,15 @@ async fn start(config: &Config, declared: &Declarations, client: &Client) -> Res
         tasks.push(crate::subscribe::task(*subscription, client.clone()).await);
     }
     Ok(tasks)
+}
+
+/// Provisions a partitioned group's stream and bucket, waits for the stream's leader, and
+/// returns the group's task.
+async fn start_group(group: crate::partition::group::Group, config: &Config, client: &Client) -> Result<Task> {
+    let js = client.jetstream();
+    patiently(config.stream_leader_timeout, || group.provision(js, config.provision)).await?;
+    crate::stream::wait_for_leader(js, group.derived(), config.stream_leader_timeout).await?;
+    Ok(group.task(client.clone(), config.provision, config))
 }
 
 /// How long tasks may take to stop once the drain timeout cut them off: captures store their
