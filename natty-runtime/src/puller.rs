@@ -263,6 +263,24 @@ impl Puller {
         }
     }
 
+    /// Asks for nothing more and listens until every request sent has ended (its messages came
+    /// or its unused credits came back), at most `listen`; then [`stop`](Puller::stop)s. Returns
+    /// the messages that came meanwhile.
+    pub(crate) async fn finish(mut self, listen: Duration, within: Duration) -> Vec<async_nats::Message> {
+        let deadline = Instant::now() + listen;
+        let mut left = Vec::new();
+        while self.outstanding > 0 {
+            match tokio::time::timeout_at(deadline, self.next()).await {
+                Ok(Pulled::Message(message)) => left.push(message),
+                Ok(Pulled::Credits) => {}
+                // Gone, refused or silent: nothing more will come from these requests.
+                Ok(_) | Err(_) => break,
+            }
+        }
+        left.extend(self.stop(within).await);
+        left
+    }
+
     /// Stops the subscription and returns the messages already sent to it, so they can be
     /// handed back; waits at most `within`.
     pub(crate) async fn stop(mut self, within: Duration) -> Vec<async_nats::Message> {

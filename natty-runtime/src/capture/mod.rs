@@ -245,7 +245,12 @@ impl Capture {
             )));
         }
         let swept = store
-            .sweep_temporaries()
+            // A partition's capture starts at every takeover, beside other writers of the folder:
+            // only what no write can still be working on.
+            .sweep_temporaries_older_than(match def.partition {
+                Some(_) => Duration::from_secs(3600),
+                None => Duration::ZERO,
+            })
             .await
             .map_err(|error| def.error(crate::error::chain(&error).to_string()))?;
         if swept > 0 {

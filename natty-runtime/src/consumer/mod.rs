@@ -90,6 +90,8 @@ pub(crate) struct Consumer {
     /// Handler slots shared with other consumers (the partitions an instance owns of one group
     /// share its `concurrency`); `None`: its own.
     shared_permits: Option<Arc<Semaphore>>,
+    /// The lease a bound consumer runs under: nothing starts once it is no longer valid.
+    lease: Option<crate::leader::Lease>,
 }
 
 impl Consumer {
@@ -126,6 +128,7 @@ impl Consumer {
             last_given_back: std::sync::Mutex::new(None),
             delivered_through: AtomicU64::new(0),
             shared_permits: None,
+            lease: None,
         }
     }
 
@@ -134,6 +137,13 @@ impl Consumer {
     pub(crate) fn sharing(mut self, permits: Arc<Semaphore>) -> Self {
         debug_assert!(self.def.order_by.is_some(), "shared handler slots need lanes");
         self.shared_permits = Some(permits);
+        self
+    }
+
+    /// Starts no handler once `lease` is no longer valid: a process frozen past its lease wakes
+    /// up knowing, before its renewal fails, and gives what it holds back.
+    pub(crate) fn under(mut self, lease: crate::leader::Lease) -> Self {
+        self.lease = Some(lease);
         self
     }
 
@@ -264,6 +274,13 @@ impl Consumer {
     /// Runs until `cancel`, then drains: stops pulling, naks what was prefetched but not
     /// started, and lets in-flight handlers finish until `hard_stop`, when their messages are naked.
     pub(crate) async fn run(self, cancel: CancellationToken, hard_stop: CancellationToken) -> Result<()> {
+        self.run_drained(cancel, hard_stop).await.map(drop)
+    }
+
+    /// [`run`](Consumer::run), telling whether the drain was clean: every message this instance
+    /// held was settled, and for a partition's consumer the server confirmed it has what was
+    /// given back (so a successor may start at once).
+    pub(crate) async fn run_drained(self, cancel: CancellationToken, hard_stop: CancellationToken) -> Result<bool> {
         let this = Arc::new(self);
         // Set once: a supervised restart runs under the same runtime and the same hard stop.
         let _ = this.shared.hard_stop.set(hard_stop.clone());
@@ -491,16 +508,23 @@ impl Consumer {
         if this.shared_permits.is_none() {
             let _ = permits.acquire_many(concurrency as u32).await;
         }
+        let mut clean = true;
         let last_given_back = this.last_given_back.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(reply) = last_given_back {
-            if let Err(error) = confirm(&this.shared, &reply, b"-NAK").await {
-                tracing::warn!(stream = this.def.stream, consumer = &*this.name, error = %error,
-                    "the server did not confirm the partition's last nak; a successor may see those messages after ack_wait");
+            // Its own short deadline, not the hard stop (which may have cut handlers off already).
+            let request = async_nats::Request::new().payload(Bytes::from_static(b"-NAK"));
+            let answer =
+                tokio::time::timeout(SETTLE_WITHIN, this.shared.client.nats().send_request(reply, request)).await;
+            if !matches!(&answer, Ok(Ok(answer)) if answer.status.is_none_or(|status| status.is_success())) {
+                clean = false;
+                tracing::warn!(stream = this.def.stream, consumer = &*this.name,
+                    "the server did not confirm the partition's last nak; its successor waits for what this instance held");
             }
         }
         keep_alive.abort();
         let left = this.held.sequences();
         if !left.is_empty() {
+            clean = false;
             tracing::warn!(stream = this.def.stream, consumer = &*this.name, count = left.len(), sequences = ?left,
                 "stopped with messages unsettled (the server could not be told); it redelivers them after ack_wait");
         }
@@ -518,7 +542,7 @@ impl Consumer {
                 );
             }
         }
-        Ok(())
+        Ok(clean)
     }
 
     /// Holds a message just read: `None` for a redelivery of one this instance still holds (the
@@ -624,8 +648,19 @@ impl Consumer {
         }
     }
 
-    /// Stops pulling: the prefetched messages still on their way.
+    /// Stops pulling: the prefetched messages still on their way. A partition's consumer keeps
+    /// listening until each of its pull requests has ended (they expire within a second): in a
+    /// cluster an unsubscribe reaches the consumer leader late, and a message it sent in between
+    /// would only come back after `ack_wait`, behind what the successor handles.
     pub(crate) async fn stop_pulling(&self, puller: Puller) -> Vec<async_nats::Message> {
+        if self.def.partition.is_some() {
+            return puller
+                .finish(
+                    crate::partition::group::PULL_EXPIRES + Duration::from_secs(1),
+                    HAND_BACK_WITHIN,
+                )
+                .await;
+        }
         puller.stop(HAND_BACK_WITHIN).await
     }
 

@@ -12,6 +12,14 @@ impl Consumer {
         permit: OwnedSemaphorePermit,
         hard_stop: CancellationToken,
     ) {
+        if self.lease.as_ref().is_some_and(|lease| !lease.is_valid()) {
+            // The lease ended (this process may have been frozen past it): the next holder
+            // handles the message.
+            self.give_back(ready).await;
+            drop(permit);
+            self.room.notify_one();
+            return;
+        }
         let Ready {
             message,
             reply,
@@ -229,7 +237,7 @@ impl Consumer {
                 } else {
                     tracing::warn!(stream = def.stream, consumer = &*self.name, sequence,
                         "drain timeout: handler still running; nak so the message is redelivered");
-                    Box::pin(settle.send(Bytes::from_static(b"-NAK"))).await;
+                    Box::pin(self.nak(settle.reply.clone())).await;
                 }
                 None
             }
@@ -249,7 +257,7 @@ impl Consumer {
             biased;
             _ = tokio::time::sleep(delay) => true,
             _ = hard_stop.cancelled() => {
-                settle.send(Bytes::from_static(b"-NAK")).await;
+                self.nak(settle.reply.clone()).await;
                 false
             }
         }

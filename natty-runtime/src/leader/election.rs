@@ -19,7 +19,9 @@ use crate::error::BoxError;
 use crate::handler::Outcome;
 use crate::publish::Client;
 
-use super::{BoundConsumer, LeaderDef, Lease, LeaseState, KV_OPERATION_HEADER, RELEASED_HEADER, TTL_HEADER};
+use super::{
+    BoundConsumer, LeaderDef, Lease, LeaseState, KV_OPERATION_HEADER, RELEASED_HEADER, TTL_HEADER, WAIT_HEADER,
+};
 
 /// What the election key holds.
 enum KeyState {
@@ -29,6 +31,8 @@ enum KeyState {
         expected: u64,
         /// Deleted by a leader that stepped down cleanly: nothing to wait out.
         released: bool,
+        /// Deleted by a leader that stepped down owing a wait (see `WAIT_HEADER`).
+        owed: Option<Duration>,
     },
     /// A lease is held, as of `revision`.
     Held { revision: u64 },
@@ -134,6 +138,11 @@ impl Election {
                     KeyState::Free {
                         expected: message.sequence,
                         released: message.headers.get(RELEASED_HEADER).is_some(),
+                        owed: message
+                            .headers
+                            .get(WAIT_HEADER)
+                            .and_then(|ms| ms.as_str().parse().ok())
+                            .map(Duration::from_millis),
                     }
                 } else {
                     KeyState::Held {
@@ -144,6 +153,7 @@ impl Election {
             Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(KeyState::Free {
                 expected: 0,
                 released: false,
+                owed: None,
             }),
             Err(error) => Err(error.into()),
         }
@@ -178,8 +188,9 @@ impl Election {
     }
 
     /// Deletes the key if it is still at `revision`, marking the delete as a release when
-    /// `clean`: nothing this term or an earlier one started can still be running.
-    async fn release(&self, revision: u64, clean: bool) {
+    /// `clean` (nothing this term or an earlier one started can still be running), or else with
+    /// the wait its successor owes (`owed`, from now).
+    async fn release(&self, revision: u64, clean: bool, owed: Duration) {
         let mut headers = HeaderMap::new();
         headers.insert(
             async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
@@ -188,6 +199,10 @@ impl Election {
         headers.insert(KV_OPERATION_HEADER, "DEL");
         if clean {
             headers.insert(RELEASED_HEADER, self.holder.as_str());
+        } else {
+            // Rounded up: never less than owed.
+            let ms = owed.as_millis() + u128::from(owed.subsec_nanos() % 1_000_000 > 0);
+            headers.insert(WAIT_HEADER, ms.to_string().as_str());
         }
         let released = tokio::time::timeout(Duration::from_secs(2), async {
             self.client
@@ -255,11 +270,22 @@ impl Election {
                         seen = Some((revision, Instant::now()));
                     }
                 }
-                KeyState::Free { expected, released } => {
+                KeyState::Free {
+                    expected,
+                    released,
+                    owed,
+                } => {
                     let sent_at = Instant::now();
                     match self.write(expected, self.ttl() - self.margin).await {
                         Ok(Some(revision)) => {
                             let previous_until = match seen {
+                                // Deleted by a holder that owed a wait: it is passed on.
+                                _ if owed.is_some() => sent_at + owed.unwrap_or_default(),
+                                // Expired on the server: the holder's local deadline, which ends
+                                // first, has passed; what it held comes back within the wait.
+                                Some(_) if !released && expected == 0 && !self.takeover_wait.is_zero() => {
+                                    sent_at + self.takeover_wait
+                                }
                                 Some((_, at)) if !released => at + self.ttl() + self.takeover_wait,
                                 // A delete or purge marker that is not a release: the key was
                                 // removed under a holder this instance never saw, which acts
@@ -363,8 +389,10 @@ impl Election {
         // they drain like any consumer, on a lost lease they stop at once.
         let term_cancel = cancel.child_token();
         let term_hard_stop = self.hard_stop.child_token();
-        let mut consumers = tokio::task::JoinSet::new();
+        let mut consumers: tokio::task::JoinSet<crate::error::Result<bool>> = tokio::task::JoinSet::new();
         let mut consumers_started = false;
+        // Whether everything bound to this term drained cleanly (see `BoundConsumer::run`).
+        let mut clean = true;
         let end = loop {
             let started = async {
                 match (&mut task, start_at) {
@@ -381,6 +409,19 @@ impl Election {
                 _ = cancel.cancelled() => break TermEnd::Shutdown,
                 _ = lease.lost() => break TermEnd::Lost,
                 _ = &mut renewing => break TermEnd::Lost,
+                // A bound consumer or capture runs until the term ends: one that stops on its
+                // own (it cannot start, it failed) ends the term, so that the lease is contested
+                // again rather than held with nothing behind it.
+                Some(ended) = consumers.join_next(), if !consumers.is_empty() => {
+                    clean = false;
+                    match ended {
+                        Ok(Err(error)) => tracing::error!(handler = self.def.name, key = self.def.key,
+                            error = %crate::error::chain(&error), "a consumer bound to the lease failed; stepping down to contest it again"),
+                        _ => tracing::error!(handler = self.def.name, key = self.def.key,
+                            "a consumer bound to the lease stopped; stepping down to contest it again"),
+                    }
+                    break TermEnd::Finished;
+                }
                 ended = started => match ended {
                     Ok(()) => {
                         start_at = None;
@@ -388,9 +429,9 @@ impl Election {
                         if !consumers_started && lease.is_valid() {
                             consumers_started = true;
                             for bound in &self.bound {
-                                let (bound, client) = (bound.clone(), self.client.clone());
+                                let (bound, client, lease) = (bound.clone(), self.client.clone(), lease.clone());
                                 let (cancel, hard_stop) = (term_cancel.clone(), term_hard_stop.clone());
-                                consumers.spawn(async move { bound.run(client, cancel, hard_stop).await });
+                                consumers.spawn(async move { bound.run(client, lease, cancel, hard_stop).await });
                             }
                         }
                         if lease.is_valid() {
@@ -431,22 +472,28 @@ impl Election {
         if !matches!(end, TermEnd::Shutdown) {
             term_hard_stop.cancel();
         }
-        let drained = async { while consumers.join_next().await.is_some() {} };
+        let drained = async {
+            let mut clean = true;
+            while let Some(ended) = consumers.join_next().await {
+                clean &= matches!(ended, Ok(Ok(true)));
+            }
+            clean
+        };
         tokio::pin!(drained);
-        if matches!(end, TermEnd::Shutdown) {
+        let drained_cleanly = if matches!(end, TermEnd::Shutdown) {
             tokio::select! {
                 biased;
-                _ = &mut drained => {}
+                clean = &mut drained => clean,
                 _ = &mut renewing => {
                     tracing::warn!(handler = self.def.name,
                         "the lease cannot be kept while bound handlers drain: stopping them now");
                     term_hard_stop.cancel();
-                    (&mut drained).await;
+                    (&mut drained).await
                 }
             }
         } else {
-            (&mut drained).await;
-        }
+            (&mut drained).await
+        };
         if let Some(handle) = task {
             if tokio::time::timeout(Duration::from_secs(5), handle).await.is_err() {
                 tracing::error!(
@@ -464,9 +511,19 @@ impl Election {
                 );
             }
             // Conditional on the token: if the lease ran out meanwhile, this changes nothing.
-            // A term that ended while still waiting out its predecessor passes that wait on: its
-            // delete is no release, so the successor waits as it would have.
-            TermEnd::Finished | TermEnd::Shutdown => self.release(lease.token(), waited_out).await,
+            // A term that ended while still waiting out its predecessor, or whose bound consumers
+            // did not drain cleanly, passes the wait on: its delete is no release, so the
+            // successor waits as it would have after a crash.
+            TermEnd::Finished | TermEnd::Shutdown => {
+                let owed = match start_at {
+                    // Still waiting out the predecessor: the rest of that wait.
+                    Some(until) if !waited_out => until.saturating_duration_since(Instant::now()),
+                    // What this term held may still be out: until it comes back.
+                    _ => self.takeover_wait,
+                };
+                self.release(lease.token(), waited_out && clean && drained_cleanly, owed)
+                    .await
+            }
         }
         end
     }
@@ -477,14 +534,21 @@ impl Election {
         use async_nats::jetstream::context::ConsumerInfoErrorKind as Kind;
         for bound in &self.bound {
             let Some(durable) = bound.def.durable() else { continue };
-            let stream = match self.client.jetstream().get_stream_no_info(bound.def.stream()).await {
-                Ok(stream) => stream,
-                Err(_) => return false,
-            };
-            match stream.consumer_info(durable).await {
-                Ok(info) if info.num_ack_pending == 0 => {}
-                Err(error) if matches!(error.kind(), Kind::NotFound) => {}
-                Ok(info) => {
+            // Bounded well inside the lease, which is not renewed while this waits.
+            let info = tokio::time::timeout(Duration::from_secs(1), async {
+                let stream = self
+                    .client
+                    .jetstream()
+                    .get_stream_no_info(bound.def.stream())
+                    .await
+                    .ok()?;
+                Some(stream.consumer_info(durable).await)
+            })
+            .await;
+            match info {
+                Ok(Some(Ok(info))) if info.num_ack_pending == 0 => {}
+                Ok(Some(Err(error))) if matches!(error.kind(), Kind::NotFound) => {}
+                Ok(Some(Ok(info))) => {
                     tracing::info!(
                         handler = self.def.name,
                         key = self.def.key,
@@ -493,7 +557,7 @@ impl Election {
                     );
                     return false;
                 }
-                Err(_) => return false,
+                _ => return false,
             }
         }
         true

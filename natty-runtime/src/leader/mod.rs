@@ -102,6 +102,10 @@ const EXPECTED_SUBJECT_HEADER: &str = "Nats-Expected-Last-Subject-Sequence-Subje
 const KV_OPERATION_HEADER: &str = "KV-Operation";
 /// Set on the delete that releases a lease, so a successor knows it need not wait.
 const RELEASED_HEADER: &str = "Natty-Released";
+/// Set on the delete of a term that ended with a wait still owed (its predecessor not yet waited
+/// out, or what it held not confirmed back on the server): how many milliseconds its successor
+/// must wait from its own win, so that the wait is passed on, not started again.
+const WAIT_HEADER: &str = "Natty-Wait-Ms";
 
 /// Leadership of one key, handed to a `#[leader]` task. Cheap to clone.
 ///
@@ -312,28 +316,32 @@ impl BoundConsumer {
     }
 
     /// Runs it for a term: until `cancel` (draining) or `hard_stop` (cut off; a capture abandons
-    /// its open blocks, whose messages the next holder captures).
+    /// its open blocks, whose messages the next holder captures). True when it drained cleanly:
+    /// nothing it held is still out (see `Consumer::run_drained`).
     pub(crate) async fn run(
         &self,
         client: Client,
+        lease: Lease,
         cancel: CancellationToken,
         hard_stop: CancellationToken,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         #[cfg(feature = "capture")]
         if let Some((capture, settings)) = &self.capture {
             let started = crate::capture::Capture::start(*capture, client, self.provision, None, settings).await?;
-            return started.run_until(cancel, hard_stop).await;
+            // Unstored messages come back to the next holder, whose ledger tells it which of
+            // them a block already holds: order does not matter to a capture.
+            return started.run_until(cancel, hard_stop).await.map(|()| true);
         }
-        let mut consumer = crate::consumer::Consumer::new(self.def, client, self.provision, self.stream);
+        let mut consumer = crate::consumer::Consumer::new(self.def, client, self.provision, self.stream).under(lease);
         if let Some(permits) = &self.permits {
             consumer = consumer.sharing(permits.clone());
         }
         // Bound first: the keep-alive follows the consumer's ack_wait as the server has it.
         let mut failures = 0;
         if consumer.rebind(&cancel, &mut failures).await {
-            consumer.run(cancel, hard_stop).await?;
+            return consumer.run_drained(cancel, hard_stop).await;
         }
-        Ok(())
+        Ok(true)
     }
 }
 

@@ -461,11 +461,15 @@ impl Group {
         let handover = self.handover_timeout(&settings);
         let permits = Arc::new(tokio::sync::Semaphore::new(self.def.concurrency));
         let prefix = format!("{}.m", self.derived);
+        let mut attempts = 0u32;
         let membership = loop {
             match Membership::join(&client, GROUPS_BUCKET, &prefix, &self.member, LEASE_TTL).await {
                 Ok(membership) => break membership,
                 Err(error) => {
-                    tracing::warn!(group = self.derived, error = %crate::error::chain(&*error), "cannot join the group; retrying");
+                    attempts += 1;
+                    if attempts == 1 || attempts % 20 == 0 {
+                        tracing::warn!(group = self.derived, attempts, error = %crate::error::chain(&*error), "cannot join the group; retrying");
+                    }
                     tokio::select! {
                         _ = cancel.cancelled() => return,
                         _ = tokio::time::sleep(POLL) => {}
@@ -516,6 +520,7 @@ impl Group {
                     continue;
                 }
             };
+            holders.refresh(&client, self.derived).await;
             let members: Vec<&str> = members.iter().map(String::as_str).collect();
             let current: Vec<Option<&str>> = holders.0.iter().map(Option::as_deref).collect();
             let owners = super::assign(self.partitions, &members, &current);
@@ -661,6 +666,24 @@ impl Holders {
         let store = client.jetstream().get_key_value(GROUPS_BUCKET).await.ok()?;
         // Members too: a join or a leave wakes the assignment at once, not at the next poll.
         store.watch_with_history(format!("{group}.>")).await.ok()
+    }
+
+    /// Reads every lease anew: a lease that ran out on the server (its holder stopped renewing)
+    /// leaves no trace a watch would see.
+    async fn refresh(&mut self, client: &Client, group: &str) {
+        let Ok(store) = client.jetstream().get_key_value(GROUPS_BUCKET).await else {
+            return;
+        };
+        for (k, slot) in self.0.iter_mut().enumerate() {
+            match store.entry(format!("{group}.p.{k}")).await {
+                Ok(Some(entry)) if entry.operation == async_nats::jetstream::kv::Operation::Put => {
+                    *slot = crate::leader::holder_of(&entry.value)
+                }
+                Ok(_) => *slot = None,
+                // Unknown: keep what was seen.
+                Err(_) => {}
+            }
+        }
     }
 
     fn apply(&mut self, entry: &async_nats::jetstream::kv::Entry, group: &str) {

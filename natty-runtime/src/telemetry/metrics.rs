@@ -250,7 +250,7 @@ impl Metrics {
         let group = registry.sub_registry_with_prefix("group");
         group.register(
             "partitions_owned",
-            "Partitions of a partitioned group this instance is assigned and runs",
+            "Partitions of a partitioned group assigned to this instance (held, or contested until their lease is free)",
             m.partitions_owned.clone(),
         );
         group.register(

@@ -71,6 +71,7 @@ use std::io::Write as _;
 use std::path::{Component, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use object_store::local::LocalFileSystem;
@@ -548,12 +549,19 @@ impl BlockStore {
     ///
     /// [`StoreError::Io`] when the folder cannot be listed or a file cannot be removed.
     pub async fn sweep_temporaries(&self) -> Result<usize, StoreError> {
+        self.sweep_temporaries_older_than(Duration::ZERO).await
+    }
+
+    /// [`sweep_temporaries`](Self::sweep_temporaries), leaving those modified within `age`:
+    /// another writer's (a partitioned capture's other partitions, another instance) may be in
+    /// flight.
+    pub async fn sweep_temporaries_older_than(&self, age: Duration) -> Result<usize, StoreError> {
         let Backend::Local { root, .. } = &self.inner.backend else {
             return Ok(0);
         };
         let tmp_dir = root.join(TMP_DIR);
         let url = self.inner.url.clone();
-        let task = tokio::task::spawn_blocking(move || sweep_local(&tmp_dir, &url));
+        let task = tokio::task::spawn_blocking(move || sweep_local(&tmp_dir, &url, age));
         match task.await {
             Ok(outcome) => outcome,
             Err(err) => Err(StoreError::Io {
@@ -769,7 +777,7 @@ fn new_temporary(tmp_dir: &std::path::Path) -> std::io::Result<(PathBuf, std::fs
     }
 }
 
-fn sweep_local(tmp_dir: &std::path::Path, url: &str) -> Result<usize, StoreError> {
+fn sweep_local(tmp_dir: &std::path::Path, url: &str, age: Duration) -> Result<usize, StoreError> {
     let io_error = |action: &'static str, location: &std::path::Path, err: std::io::Error| StoreError::Io {
         url: url.to_owned(),
         action,
@@ -785,6 +793,16 @@ fn sweep_local(tmp_dir: &std::path::Path, url: &str) -> Result<usize, StoreError
     for entry in entries {
         let entry = entry.map_err(|err| io_error("listing temporaries in", tmp_dir, err))?;
         let path = entry.path();
+        let fresh = !age.is_zero()
+            && entry
+                .metadata()
+                .and_then(|meta| meta.modified())
+                .ok()
+                .and_then(|modified| modified.elapsed().ok())
+                .is_none_or(|since| since < age);
+        if fresh {
+            continue;
+        }
         let is_dir = entry.file_type().map(|kind| kind.is_dir()).unwrap_or(false);
         let outcome = if is_dir {
             std::fs::remove_dir_all(&path)
