@@ -1,5 +1,5 @@
 //! The command line every binary built on [`crate::run`] answers: `--list`, `--check`,
-//! `--asyncapi` and `--help`. With no argument, the service runs.
+//! `--asyncapi`, `--dead-letters` and `--help`. With no argument, the service runs.
 
 use std::ffi::OsString;
 use std::fmt::Write as _;
@@ -11,13 +11,23 @@ use crate::error::{Error, Result};
 use crate::registry::Declarations;
 
 /// What the command line asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Command {
     Run,
     Help,
     List,
     Check,
     AsyncApi,
+    /// `--dead-letters list|replay|delete [filters]`.
+    DeadLetters(DeadLetterAction, crate::dead_letters::Filter, bool),
+}
+
+/// What `--dead-letters` does with the dead letters its filters select.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DeadLetterAction {
+    List,
+    Replay,
+    Delete,
 }
 
 impl Command {
@@ -38,6 +48,7 @@ impl Command {
             Some("--list") => Command::List,
             Some("--check") => Command::Check,
             Some("--asyncapi") => Command::AsyncApi,
+            Some("--dead-letters") => return dead_letters_command(&args[1..]),
             Some(_) => {
                 return Err(Error::Usage(format!(
                     "unknown argument `{}`; {}",
@@ -57,6 +68,119 @@ impl Command {
     }
 }
 
+/// Reads `--dead-letters`'s arguments: an action, then filters (`--consumer`, `--subject`,
+/// `--reason`, `--sequence`) and `--all`.
+fn dead_letters_command(args: &[OsString]) -> Result<Command> {
+    let usage = |why: String| {
+        Err(Error::Usage(format!(
+            "{why}; usage: --dead-letters list|replay|delete [--consumer NAME] [--subject PATTERN] \
+             [--reason TEXT] [--sequence N] [--all]"
+        )))
+    };
+    let text = |arg: &OsString| arg.to_str().map(str::to_owned);
+    let action = match args.first().and_then(text).as_deref() {
+        Some("list") => DeadLetterAction::List,
+        Some("replay") => DeadLetterAction::Replay,
+        Some("delete") => DeadLetterAction::Delete,
+        Some(other) => return usage(format!("unknown action `{other}`")),
+        None => return usage("an action is missing".into()),
+    };
+    let mut filter = crate::dead_letters::Filter::default();
+    let mut all = false;
+    let mut rest = args[1..].iter();
+    while let Some(arg) = rest.next() {
+        let Some(flag) = text(arg) else {
+            return usage(format!("`{}` is not UTF-8", arg.to_string_lossy()));
+        };
+        if flag == "--all" {
+            all = true;
+            continue;
+        }
+        let Some(value) = rest.next().and_then(text) else {
+            return usage(format!("`{flag}` needs a value"));
+        };
+        match flag.as_str() {
+            "--consumer" => filter.consumer = Some(value),
+            "--subject" => filter.subject = Some(value),
+            "--reason" => filter.reason = Some(value),
+            "--sequence" => match value.parse() {
+                Ok(sequence) => filter.sequence = Some(sequence),
+                Err(_) => return usage(format!("`--sequence {value}` is not a sequence number")),
+            },
+            other => return usage(format!("unknown option `{other}`")),
+        }
+    }
+    if action != DeadLetterAction::List && !all && !filter.is_narrowed() {
+        return usage(format!(
+            "{} takes every dead letter only with `--all`; or select some with a filter",
+            if action == DeadLetterAction::Replay {
+                "replay"
+            } else {
+                "delete"
+            }
+        ));
+    }
+    Ok(Command::DeadLetters(action, filter, all))
+}
+
+/// Runs `--dead-letters`: lists the selected dead letters, or replays or deletes each,
+/// printing one line per dead letter. Fails if any could not be replayed or deleted.
+pub(crate) async fn dead_letters(
+    config: &Config,
+    action: DeadLetterAction,
+    filter: &crate::dead_letters::Filter,
+) -> Result<()> {
+    if config.url.is_none() {
+        return Err(Error::Usage(
+            "--dead-letters reads a server's dead letters: set NATS_URL to the server".into(),
+        ));
+    }
+    let (client, _dev) = crate::client::connect_config(config, Default::default()).await?;
+    let js = client.jetstream();
+    let letters = crate::dead_letters::list(js, filter).await?;
+    if action == DeadLetterAction::List {
+        print!("{}", crate::dead_letters::table(&letters));
+        return Ok(());
+    }
+    let mut failed = 0;
+    for letter in &letters {
+        let done = match action {
+            DeadLetterAction::Replay => crate::dead_letters::replay(js, letter).await,
+            _ => crate::dead_letters::delete(js, letter).await,
+        };
+        let verb = if action == DeadLetterAction::Replay {
+            "replayed"
+        } else {
+            "deleted"
+        };
+        match done {
+            Ok(()) => println!(
+                "{verb} {} ({} to {})",
+                letter.sequence, letter.consumer, letter.original_subject
+            ),
+            Err(error) => {
+                failed += 1;
+                println!("FAILED {}: {}", letter.sequence, crate::error::chain(&error));
+            }
+        }
+    }
+    println!(
+        "{} dead letter(s) {}, {failed} failed",
+        letters.len() - failed,
+        if action == DeadLetterAction::Replay {
+            "replayed"
+        } else {
+            "deleted"
+        }
+    );
+    if failed > 0 {
+        return Err(Error::Usage(format!(
+            "{failed} dead letter(s) could not be handled; see above"
+        )));
+    }
+    Ok(())
+}
+
 /// The `--help` text.
 pub(crate) fn help() -> String {
     let name = crate::config::default_name();
@@ -71,6 +195,11 @@ Commands:
   --list       each handler and declaration: kind, name, stream or subject, durable, source location
   --check      connect and compare what is declared with the server; exits non-zero on any difference
   --asyncapi   print an AsyncAPI 3 document of every channel, with payload schemas
+  --dead-letters list|replay|delete [--consumer NAME] [--subject PATTERN] [--reason TEXT]
+               [--sequence N] [--all]
+               list the dead letters (why, from where, a payload preview), replay them to the
+               subject they were first published to, or delete them; replay and delete need a
+               filter or --all
   -h, --help   this text
 
 Settings come from the environment:
@@ -312,6 +441,39 @@ mod tests {
         assert!(matches!(parse(&["--check"]), Ok(Command::Check)));
         assert!(matches!(parse(&["--list", "x"]), Err(Error::Usage(_))));
         assert!(matches!(parse(&["run"]), Err(Error::Usage(_))));
+    }
+
+    #[test]
+    fn dead_letter_commands_parse_and_take_everything_only_with_all() {
+        let parse = |args: &[&str]| Command::parse(args.iter().map(OsString::from));
+        let Ok(Command::DeadLetters(DeadLetterAction::List, filter, false)) = parse(&["--dead-letters", "list"]) else {
+            panic!("list parses");
+        };
+        assert!(!filter.is_narrowed());
+        let Ok(Command::DeadLetters(DeadLetterAction::Replay, filter, false)) =
+            parse(&["--dead-letters", "replay", "--consumer", "billing", "--sequence", "7"])
+        else {
+            panic!("replay with filters parses");
+        };
+        assert_eq!(
+            (filter.consumer.as_deref(), filter.sequence),
+            (Some("billing"), Some(7))
+        );
+        assert!(matches!(
+            parse(&["--dead-letters", "delete", "--all"]),
+            Ok(Command::DeadLetters(DeadLetterAction::Delete, _, true))
+        ));
+        for refused in [
+            &["--dead-letters"][..],
+            &["--dead-letters", "replay"],
+            &["--dead-letters", "delete"],
+            &["--dead-letters", "frob"],
+            &["--dead-letters", "list", "--sequence", "x"],
+            &["--dead-letters", "list", "--subject"],
+            &["--dead-letters", "list", "--colour", "red"],
+        ] {
+            assert!(matches!(parse(refused), Err(Error::Usage(_))), "{refused:?}");
+        }
     }
 
     #[cfg(unix)]

@@ -42,6 +42,7 @@ mod client;
 pub mod config;
 mod connect;
 pub mod consumer;
+pub mod dead_letters;
 mod dev_server;
 mod error;
 mod format;
@@ -142,6 +143,7 @@ async fn serve(builder: RuntimeBuilder) -> Result<()> {
             Ok(())
         }
         Command::Check => runtime.check().await,
+        Command::DeadLetters(action, filter, _all) => cli::dead_letters(runtime.config(), action, &filter).await,
         Command::AsyncApi => {
             println!("{:#}", runtime.asyncapi());
             Ok(())

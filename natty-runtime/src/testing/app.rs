@@ -6,12 +6,9 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use async_nats::HeaderMap;
-use bytes::Bytes;
-
 use super::{NatsServer, RunningRuntime};
 use crate::config::Config;
-use crate::consumer::DEAD_LETTER_STREAM;
+pub use crate::dead_letters::DeadLetter;
 use crate::error::{Error, Result};
 use crate::payload::{EncodePayload, Payload};
 use crate::publish::{Client, PublishAck, PublishError};
@@ -278,45 +275,7 @@ impl TestApp {
     ///
     /// [`Error::Stream`] when the stream cannot be read.
     pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>> {
-        let js = self.client.jetstream();
-        let failed = |action: &'static str| {
-            move |error: Box<dyn std::error::Error + Send + Sync>| Error::Stream {
-                stream: DEAD_LETTER_STREAM.into(),
-                action,
-                source: error,
-            }
-        };
-        let mut stream = match js.get_stream(DEAD_LETTER_STREAM).await {
-            Ok(stream) => stream,
-            Err(error) if crate::stream::is_stream_not_found(&error) => return Ok(Vec::new()),
-            Err(error) => return Err(failed("looking it up")(Box::new(error))),
-        };
-        let state = stream
-            .info()
-            .await
-            .map_err(|error| failed("reading its state")(Box::new(error)))?
-            .state
-            .clone();
-        let mut letters = Vec::new();
-        if state.messages == 0 {
-            return Ok(letters);
-        }
-        for sequence in state.first_sequence..=state.last_sequence {
-            let message = match stream.get_raw_message(sequence).await {
-                Ok(message) => message,
-                // A hole: a message deleted from the stream.
-                Err(error) if error.kind() == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound => {
-                    continue
-                }
-                Err(error) => return Err(failed("reading a message")(Box::new(error))),
-            };
-            letters.push(DeadLetter::from_parts(
-                message.subject.to_string(),
-                message.headers,
-                message.payload,
-            ));
-        }
-        Ok(letters)
+        crate::dead_letters::list(self.client.jetstream(), &crate::dead_letters::Filter::default()).await
     }
 
     /// Stops the server and starts it again on the same port and store: the service
@@ -341,50 +300,6 @@ impl TestApp {
         match self.running.take() {
             Some(running) => running.stop().await,
             None => Ok(()),
-        }
-    }
-}
-
-/// A message the service gave up on, as it was dead-lettered.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct DeadLetter {
-    /// The subject it was dead-lettered to.
-    pub subject: String,
-    /// Why natty gave up on it (`Natty-Dead-Letter-Reason`).
-    pub reason: String,
-    /// The subject it was first published to.
-    pub original_subject: String,
-    /// The durable consumer that gave up on it.
-    pub consumer: String,
-    /// Its sequence in the stream it came from.
-    pub original_sequence: u64,
-    /// How many times it was delivered.
-    pub delivery_count: u64,
-    /// Every header: the original's and natty's.
-    pub headers: HeaderMap,
-    /// The original payload.
-    pub payload: Bytes,
-}
-
-impl DeadLetter {
-    fn from_parts(subject: String, headers: HeaderMap, payload: Bytes) -> DeadLetter {
-        let text = |name: &str| {
-            headers
-                .get(name)
-                .map(|value| value.as_str().to_owned())
-                .unwrap_or_default()
-        };
-        let number = |name: &str| text(name).parse().unwrap_or_default();
-        DeadLetter {
-            subject,
-            reason: text("Natty-Dead-Letter-Reason"),
-            original_subject: text("Natty-Original-Subject"),
-            consumer: text("Natty-Original-Consumer"),
-            original_sequence: number("Natty-Original-Sequence"),
-            delivery_count: number("Natty-Delivery-Count"),
-            headers,
-            payload,
         }
     }
 }
