@@ -11,4 +11,6 @@ cargo build --release --locked -p natty-bench
 # The footprint scenario's service, built on its own so that it has natty-runtime's default
 # features, as a user's service does (built with natty-bench, it would take the benchmark's).
 cargo build --release --locked -p natty-bench-idle
+# And built for size (fat LTO, one codegen unit), as a service whose footprint matters would be.
+cargo build --profile release-small --locked -p natty-bench-idle
 exec target/release/natty-bench --faststream "$python" "$@"

@@ -1332,23 +1332,39 @@ async fn scale_run_ordered(js: &jetstream::Context, url: &str, instances: usize,
 
 async fn scenario_footprint(server: &NatsServer, js: &jetstream::Context) {
     purge(js, "idle").await;
-    js.publish("idle.go", serde_json::to_vec(&Order::new(1)).expect("encode").into())
-        .await
-        .expect("publish")
-        .await
-        .expect("ack");
     // A service of its own (bench/idle), built beside this program with natty-runtime's default
-    // features: its memory is a user's service's, not this program's.
-    let exe = std::env::current_exe()
-        .expect("current exe")
-        .with_file_name("natty-bench-idle");
-    if !exe.exists() {
-        println!(
-            "footprint: skipped ({} is missing; build it with `cargo build --release -p natty-bench-idle`, as scripts/bench.sh does)",
-            exe.display()
-        );
-        return;
+    // features: its memory is a user's service's, not this program's. Built twice by
+    // scripts/bench.sh: with cargo's release profile, and for size (`release-small`: fat LTO, one
+    // codegen unit), as a service whose footprint matters would be.
+    let exe = std::env::current_exe().expect("current exe");
+    let small = exe
+        .parent()
+        .and_then(|dir| dir.parent())
+        .map(|target| target.join("release-small").join("natty-bench-idle"));
+    let builds = [
+        ("footprint", Some(exe.with_file_name("natty-bench-idle"))),
+        ("footprint, built for size", small),
+    ];
+    for (label, exe) in builds {
+        let Some(exe) = exe.filter(|exe| exe.exists()) else {
+            println!(
+                "{label}: skipped (the service is missing; scripts/bench.sh builds it with `cargo build --release -p natty-bench-idle` and `--profile release-small`)"
+            );
+            continue;
+        };
+        // One message for the ten durables to handle at start (the last run's are acked).
+        js.publish("idle.go", serde_json::to_vec(&Order::new(1)).expect("encode").into())
+            .await
+            .expect("publish")
+            .await
+            .expect("ack");
+        footprint(server, &exe, label).await;
     }
+}
+
+/// Starts the footprint service at `exe`, waits until its ten consumers handled the waiting
+/// message, lets it sit idle, then prints its resident memory and its time to the first message.
+async fn footprint(server: &NatsServer, exe: &std::path::Path, label: &str) {
     let started = Instant::now();
     let mut child = tokio::process::Command::new(exe)
         .env("NATS_URL", server.url())
@@ -1391,8 +1407,7 @@ async fn scenario_footprint(server: &NatsServer, js: &jetstream::Context) {
     let (rss, anonymous) = (field("VmRSS:"), field("RssAnon:"));
     let _ = child.kill().await;
     println!(
-        "{:<28} idle RSS with 10 consumers {rss} (anonymous {anonymous}); process start to first handled message {:.0} ms",
-        "footprint",
+        "{label:<28} idle RSS with 10 consumers {rss} (anonymous {anonymous}); process start to first handled message {:.0} ms",
         to_first.as_secs_f64() * 1000.0
     );
 }
