@@ -130,12 +130,11 @@ pub(crate) async fn dead_letters(
     action: DeadLetterAction,
     filter: &crate::dead_letters::Filter,
 ) -> Result<()> {
-    if config.url.is_none() {
-        return Err(Error::Usage(
-            "--dead-letters reads a server's dead letters: set NATS_URL to the server".into(),
-        ));
-    }
-    let (client, _dev) = crate::client::connect_config(config, Default::default()).await?;
+    let client = connect_to_server(
+        config,
+        "--dead-letters reads a server's dead letters: set NATS_URL to the server",
+    )
+    .await?;
     let js = client.jetstream();
     let letters = crate::dead_letters::list(js, filter).await?;
     if action == DeadLetterAction::List {
@@ -179,6 +178,18 @@ pub(crate) async fn dead_letters(
         )));
     }
     Ok(())
+}
+
+/// Connects to the server `NATS_URL` names, for a command that reads it; without one, the
+/// usage error `unset`. The runtime would otherwise start a development server, and a command
+/// run against a server made for the occasion says nothing about production (a `--check`
+/// would always pass).
+async fn connect_to_server(config: &Config, unset: &str) -> Result<crate::Client> {
+    if config.url.is_none() {
+        return Err(Error::Usage(unset.to_string()));
+    }
+    let (client, _dev) = crate::client::connect_config(config, Default::default()).await?;
+    Ok(client)
 }
 
 /// The `--help` text.
@@ -313,14 +324,11 @@ pub(crate) fn list(declared: &Declarations) -> String {
 
 /// What `--check` does (see [`Runtime::check`](crate::Runtime::check)).
 pub(crate) async fn check(config: &Config, declared: &Declarations) -> Result<()> {
-    // Without NATS_URL the runtime would start a development server: comparing with a
-    // server made for the occasion would always pass, and say nothing about production.
-    if config.url.is_none() {
-        return Err(Error::Usage(
-            "--check compares the declarations with a server: set NATS_URL to the server to check".into(),
-        ));
-    }
-    let (client, _dev) = crate::client::connect_config(config, Default::default()).await?;
+    let client = connect_to_server(
+        config,
+        "--check compares the declarations with a server: set NATS_URL to the server to check",
+    )
+    .await?;
     let js = client.jetstream();
     let mut report = Report::default();
     for stream in &declared.streams {

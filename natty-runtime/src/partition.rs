@@ -10,6 +10,15 @@
 use std::collections::BTreeMap;
 
 pub(crate) mod group;
+
+/// The subject a message of a partitioned group was published to: its stored subject without
+/// the leading partition token (`3.accounts.42.posted` → `accounts.42.posted`).
+pub(crate) fn published_subject(stored: &async_nats::Subject) -> async_nats::Subject {
+    match stored.split_once('.') {
+        Some((_, published)) => async_nats::Subject::from(published),
+        None => stored.clone(),
+    }
+}
 pub(crate) mod membership;
 
 /// The partition nats-server's `{{partition(n, ...)}}` transform gives a message whose selected

@@ -419,10 +419,10 @@ impl Capture {
                         // whole backlog waiting on them).
                         let reached_end = meta.pending == 0 && !caught_up;
                         caught_up = meta.pending == 0;
-                        let subject = match (def.partition, message.subject.split_once('.')) {
-                            // `<partition>.<the subject published>`: dead letters show the latter.
-                            (Some(_), Some((_, published))) => async_nats::Subject::from(published),
-                            _ => message.subject,
+                        // Dead letters show the subject published, not the stored one.
+                        let subject = match def.partition {
+                            Some(_) => crate::partition::published_subject(&message.subject),
+                            None => message.subject,
                         };
                         let original = Original {
                             subject,

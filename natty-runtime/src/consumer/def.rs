@@ -308,13 +308,7 @@ impl ConsumerDef {
             Deliver::LastPerSubject => DeliverPolicy::LastPerSubject,
             Deliver::FromSequence(start_sequence) => DeliverPolicy::ByStartSequence { start_sequence },
             Deliver::FromTime(rfc3339) => DeliverPolicy::ByStartTime {
-                start_time: async_nats::datetime::parse_rfc3339(rfc3339).map_err(|error| {
-                    Error::config(
-                        format!("start_time of consumer `{consumer}`"),
-                        rfc3339,
-                        format!("not an RFC 3339 time: {error}"),
-                    )
-                })?,
+                start_time: ConsumerDef::start_time(consumer, rfc3339)?,
             },
         };
         // The subjects are always compared (none declared means the whole stream), so always set.
@@ -336,6 +330,18 @@ impl ConsumerDef {
             config.num_replicas = value;
         }
         Ok(())
+    }
+
+    /// `start_time` of consumer `consumer` as the server takes it; a time that is not RFC 3339
+    /// is a config error.
+    pub(crate) fn start_time(consumer: &str, rfc3339: &str) -> Result<async_nats::datetime::DateTime> {
+        async_nats::datetime::parse_rfc3339(rfc3339).map_err(|error| {
+            Error::config(
+                format!("start_time of consumer `{consumer}`"),
+                rfc3339,
+                format!("not an RFC 3339 time: {error}"),
+            )
+        })
     }
 
     /// The first declared setting that differs from the server's `actual` configuration:

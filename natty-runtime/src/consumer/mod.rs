@@ -551,10 +551,8 @@ impl Consumer {
     fn take_hold(&self, mut message: async_nats::Message) -> Option<Ready> {
         let reply = message.reply.clone()?;
         if self.def.partition.is_some() {
-            // `<partition>.<the subject published>`: handlers, keys and dead letters see the latter.
-            if let Some((_, subject)) = message.subject.split_once('.') {
-                message.subject = Subject::from(subject);
-            }
+            // Handlers, keys and dead letters see the subject published, not the stored one.
+            message.subject = crate::partition::published_subject(&message.subject);
         }
         let Some((sequence, delivered)) = delivery_info(&reply) else {
             tracing::warn!(reply = %reply, "received a message that is not a JetStream delivery; ignored");

@@ -64,7 +64,6 @@ const TAKEOVER_MARGIN: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub(crate) struct Group {
     def: ConsumerDef,
-    partitions: u32,
     /// The derived work-queue stream, also the group's name in the bucket.
     derived: &'static str,
     /// The transforms (source, destination) from the user's subjects to the partitioned ones.
@@ -88,12 +87,6 @@ impl Group {
         let what = format!("partitions of consumer `{}` at {}", def.name, def.location);
         let refuse = |value: String, reason: &str| Err(Error::config(what.clone(), value, reason.to_string()));
         let partitions = def.partitions;
-        if !(1..=MAX_PARTITIONS).contains(&partitions) {
-            return refuse(
-                partitions.to_string(),
-                &format!("a group has 1 to {MAX_PARTITIONS} partitions"),
-            );
-        }
         if def.ephemeral {
             return refuse(
                 partitions.to_string(),
@@ -160,13 +153,6 @@ impl Group {
     pub(crate) fn for_capture(capture: crate::capture::CaptureDef) -> Result<Group> {
         let def = capture.consumer_def();
         let partitions = def.partitions;
-        if !(1..=MAX_PARTITIONS).contains(&partitions) {
-            return Err(Error::config(
-                format!("partitions of capture `{}` at {}", def.name, def.location),
-                partitions.to_string(),
-                format!("a group has 1 to {MAX_PARTITIONS} partitions"),
-            ));
-        }
         let transforms = match def.subjects {
             [] => vec![(">".to_string(), format!("{{{{partition({partitions})}}}}.>"))],
             subjects => subjects
@@ -185,6 +171,13 @@ impl Group {
     /// The group of `def` with the derived stream sourcing through `transforms`.
     fn assemble(def: ConsumerDef, transforms: Vec<(String, String)>) -> Result<Group> {
         let partitions = def.partitions;
+        if !(1..=MAX_PARTITIONS).contains(&partitions) {
+            return Err(Error::config(
+                format!("partitions of `{}` at {}", def.name, def.location),
+                partitions.to_string(),
+                format!("a group has 1 to {MAX_PARTITIONS} partitions"),
+            ));
+        }
         let derived = format!("{}_{}", def.stream, def.durable);
         if !crate::kv::valid_key(&format!("{derived}.m.x")) {
             return Err(Error::config(
@@ -212,7 +205,6 @@ impl Group {
             .collect();
         Ok(Group {
             def,
-            partitions,
             derived,
             transforms,
             consumers,
@@ -266,15 +258,7 @@ impl Group {
             Deliver::All => {}
             Deliver::New => source.start_time = Some(async_nats::datetime::now()),
             Deliver::FromSequence(sequence) => source.start_sequence = Some(sequence),
-            Deliver::FromTime(rfc3339) => {
-                source.start_time = Some(async_nats::datetime::parse_rfc3339(rfc3339).map_err(|error| {
-                    Error::config(
-                        format!("start_time of consumer `{}`", self.def.name),
-                        rfc3339,
-                        format!("not an RFC 3339 time: {error}"),
-                    )
-                })?)
-            }
+            Deliver::FromTime(rfc3339) => source.start_time = Some(ConsumerDef::start_time(self.def.name, rfc3339)?),
             Deliver::Last | Deliver::LastPerSubject => {
                 return Err(Error::config(
                     format!("deliver of consumer `{}`", self.def.name),
@@ -358,7 +342,7 @@ impl Group {
                     name: self.derived.to_string(),
                     description: Some(format!(
                         "natty: the {} partitions of `{}` for durable `{}` (partitioned consumer `{}`)",
-                        self.partitions, self.def.stream, self.def.durable, self.def.name
+                        self.def.partitions, self.def.stream, self.def.durable, self.def.name
                     )),
                     retention: RetentionPolicy::WorkQueue,
                     storage: origin.storage,
@@ -379,7 +363,7 @@ impl Group {
                 tracing::info!(
                     stream = self.derived,
                     source = self.def.stream,
-                    partitions = self.partitions,
+                    partitions = self.def.partitions,
                     "created the partitioned group's stream"
                 );
                 Ok(())
@@ -477,11 +461,12 @@ impl Group {
                 }
             }
         };
-        tracing::info!(group = self.derived, member = %self.member, partitions = self.partitions, "joined the partitioned group");
+        tracing::info!(group = self.derived, member = %self.member, partitions = self.def.partitions, "joined the partitioned group");
         let metrics = client.telemetry().metrics.group(self.def.name, self.derived);
-        let leases: Vec<LeaderDef> = (0..self.partitions).map(|k| self.lease(k)).collect();
-        let mut holders = Holders::new(self.partitions);
-        let mut watch = holders.watch(&client, self.derived).await;
+        let leases: Vec<LeaderDef> = (0..self.def.partitions).map(|k| self.lease(k)).collect();
+        let store = membership.store().clone();
+        let mut holders = Holders::new(self.def.partitions);
+        let mut watch = watch(&store, self.derived).await;
         let mut running: BTreeMap<u32, Partition> = BTreeMap::new();
         let mut failures = 0u32;
         let mut last_owned: Vec<u32> = Vec::new();
@@ -492,9 +477,9 @@ impl Group {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 event = async { match watch.as_mut() { Some(w) => w.next().await, None => std::future::pending().await } } => {
-                    match event {
-                        Some(Ok(entry)) => holders.apply(&entry, self.derived),
-                        _ => watch = None,
+                    // Only a wake-up: the holders are read anew below.
+                    if !matches!(event, Some(Ok(_))) {
+                        watch = None;
                     }
                     // Look again once this burst of changes has passed (a join, a leave, a
                     // release), not at the next poll.
@@ -505,7 +490,7 @@ impl Group {
             }
             next = tokio::time::Instant::now() + POLL;
             if watch.is_none() {
-                watch = holders.watch(&client, self.derived).await;
+                watch = self::watch(&store, self.derived).await;
             }
             let members = match membership.members().await {
                 Ok(members) => {
@@ -520,17 +505,17 @@ impl Group {
                     continue;
                 }
             };
-            holders.refresh(&client, self.derived).await;
+            holders.refresh(&store, self.derived).await;
             let members: Vec<&str> = members.iter().map(String::as_str).collect();
             let current: Vec<Option<&str>> = holders.0.iter().map(Option::as_deref).collect();
-            let owners = super::assign(self.partitions, &members, &current);
+            let owners = super::assign(self.def.partitions, &members, &current);
             running.retain(|_, partition| !partition.handle.is_finished());
-            for k in 0..self.partitions {
+            for k in 0..self.def.partitions {
                 let mine = owners.get(k as usize) == Some(&self.member.as_str());
                 match running.get_mut(&k) {
                     None if mine => {
                         let partition = Partition::start(
-                            self.lease_for(k, &leases),
+                            leases[k as usize],
                             self.bound(k, provision, &settings, &permits),
                             &client,
                             &self.member,
@@ -573,10 +558,6 @@ impl Group {
         }
         metrics.owned.set(0);
         tracing::info!(group = self.derived, member = %self.member, "left the partitioned group");
-    }
-
-    fn lease_for(&self, k: u32, leases: &[LeaderDef]) -> LeaderDef {
-        leases[k as usize]
     }
 }
 
@@ -653,7 +634,13 @@ impl Partition {
     }
 }
 
-/// Who holds each partition's lease, as this instance last saw the bucket.
+/// Watches the group (leases and members) to wake the assignment at once after a join, a leave or
+/// a release, rather than at the next poll.
+async fn watch(store: &async_nats::jetstream::kv::Store, group: &str) -> Option<async_nats::jetstream::kv::Watch> {
+    store.watch_with_history(format!("{group}.>")).await.ok()
+}
+
+/// Who holds each partition's lease, as this instance last read the bucket.
 struct Holders(Vec<Option<String>>);
 
 impl Holders {
@@ -661,19 +648,9 @@ impl Holders {
         Holders(vec![None; partitions as usize])
     }
 
-    /// Watches the group (leases and members), from the current values on.
-    async fn watch(&self, client: &Client, group: &str) -> Option<async_nats::jetstream::kv::Watch> {
-        let store = client.jetstream().get_key_value(GROUPS_BUCKET).await.ok()?;
-        // Members too: a join or a leave wakes the assignment at once, not at the next poll.
-        store.watch_with_history(format!("{group}.>")).await.ok()
-    }
-
-    /// Reads every lease anew: a lease that ran out on the server (its holder stopped renewing)
-    /// leaves no trace a watch would see.
-    async fn refresh(&mut self, client: &Client, group: &str) {
-        let Ok(store) = client.jetstream().get_key_value(GROUPS_BUCKET).await else {
-            return;
-        };
+    /// Reads every lease anew (a lease that ran out on the server, its holder having stopped
+    /// renewing, leaves no trace a watch would see).
+    async fn refresh(&mut self, store: &async_nats::jetstream::kv::Store, group: &str) {
         for (k, slot) in self.0.iter_mut().enumerate() {
             match store.entry(format!("{group}.p.{k}")).await {
                 Ok(Some(entry)) if entry.operation == async_nats::jetstream::kv::Operation::Put => {
@@ -684,22 +661,6 @@ impl Holders {
                 Err(_) => {}
             }
         }
-    }
-
-    fn apply(&mut self, entry: &async_nats::jetstream::kv::Entry, group: &str) {
-        let Some(k) = entry
-            .key
-            .strip_prefix(group)
-            .and_then(|rest| rest.strip_prefix(".p."))
-            .and_then(|k| k.parse::<usize>().ok())
-        else {
-            return;
-        };
-        let Some(slot) = self.0.get_mut(k) else { return };
-        *slot = match entry.operation {
-            async_nats::jetstream::kv::Operation::Put => crate::leader::holder_of(&entry.value),
-            _ => None,
-        };
     }
 }
 

@@ -24,7 +24,8 @@ const TTL: &str = "Nats-TTL";
 /// or drop (which stops the renewals, so the key expires).
 pub(crate) struct Membership {
     client: Client,
-    bucket: String,
+    /// The bucket, looked up once: every poll lists its keys.
+    store: async_nats::jetstream::kv::Store,
     prefix: String,
     subject: String,
     renewing: tokio::task::JoinHandle<()>,
@@ -43,6 +44,7 @@ impl Membership {
     ) -> Result<Membership, BoxError> {
         let seconds = ttl.as_secs().max(1) + u64::from(ttl.subsec_nanos() > 0);
         let subject = format!("$KV.{bucket}.{group}.{instance}");
+        let store = client.jetstream().get_key_value(bucket).await?;
         announce(client, &subject, seconds).await?;
         let renewing = tokio::spawn({
             let (client, subject) = (client.clone(), subject.clone());
@@ -60,7 +62,7 @@ impl Membership {
         });
         Ok(Membership {
             client: client.clone(),
-            bucket: bucket.to_string(),
+            store,
             prefix: format!("{group}."),
             subject,
             renewing,
@@ -69,8 +71,7 @@ impl Membership {
 
     /// The group's live members, by instance name, sorted.
     pub(crate) async fn members(&self) -> Result<Vec<String>, BoxError> {
-        let store = self.client.jetstream().get_key_value(&self.bucket).await?;
-        let mut keys = store.keys().await?;
+        let mut keys = self.store.keys().await?;
         let mut members = Vec::new();
         while let Some(key) = keys.next().await {
             if let Some(instance) = key?.strip_prefix(&self.prefix) {
@@ -79,6 +80,11 @@ impl Membership {
         }
         members.sort_unstable();
         Ok(members)
+    }
+
+    /// The bucket the membership is kept in.
+    pub(crate) fn store(&self) -> &async_nats::jetstream::kv::Store {
+        &self.store
     }
 
     /// Leaves the group at once: stops renewing and deletes the key, so the others see it go
