@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs every test: installs the pinned nats-server, moto, Azurite and the AsyncAPI parser when
-# missing, then the whole workspace's tests (unit, integration against real servers, trybuild UI
+# Runs every test: installs the pinned nats-server, moto, Azurite, the AsyncAPI parser,
+# puppeteer-core and Debian's chromium when missing, then the whole workspace's tests (unit, integration against real servers, trybuild UI
 # tests, doc tests).
 # Extra arguments go to `cargo test`.
 set -euo pipefail
@@ -11,7 +11,10 @@ NATTY_MOTO_SERVER="$(scripts/install-moto.sh)"
 NATTY_AZURITE="$(scripts/install-azurite.sh)"
 # The AsyncAPI test validates the document with the official parser (node).
 NATTY_ASYNCAPI_VALIDATOR="$(scripts/install-asyncapi-parser.sh)"
-export NATTY_NATS_SERVER NATTY_MOTO_SERVER NATTY_AZURITE NATTY_ASYNCAPI_VALIDATOR
+# The console's browser test drives headless Chromium with puppeteer-core (node).
+NATTY_CHROMIUM="$(scripts/install-chromium.sh)"
+NATTY_CONSOLE_DRIVER="$(scripts/install-puppeteer.sh)"
+export NATTY_NATS_SERVER NATTY_MOTO_SERVER NATTY_AZURITE NATTY_ASYNCAPI_VALIDATOR NATTY_CHROMIUM NATTY_CONSOLE_DRIVER
 cargo test --workspace --all-targets --locked "$@"
 # --all-targets leaves out doc tests; the examples in the docs must compile and run too.
 cargo test --workspace --doc --locked "$@"

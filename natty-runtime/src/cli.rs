@@ -219,7 +219,8 @@ Settings come from the environment:
   NATTY_PROVISION          create-or-update (default), verify-only or off
   NATTY_HANDLERS           run only these handlers (comma-separated names)
   NATTY_DRAIN_TIMEOUT      how long in-flight handlers may finish on shutdown (default 30s)
-  NATTY_METRICS_ADDR       serve /metrics, /healthz and /readyz here, e.g. 0.0.0.0:9090
+  NATTY_METRICS_ADDR       serve the console (/), /metrics, /healthz and /readyz here, e.g. 0.0.0.0:9090
+  NATTY_CONSOLE_TOKEN      the console's token: read it from elsewhere, replay, delete, pause
   NATTY_LOG_FORMAT         text (default) or json
   RUST_LOG                 log filter (default info)
   OTEL_EXPORTER_OTLP_ENDPOINT   export spans over OTLP/HTTP (with the `otlp` feature)

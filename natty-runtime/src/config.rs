@@ -78,6 +78,50 @@ impl std::fmt::Debug for Auth {
     }
 }
 
+/// The console's token (`NATTY_CONSOLE_TOKEN`); shown as `ConsoleToken(..)`, never itself.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ConsoleToken(String);
+
+/// The shortest console token taken: one that can be guessed is no lock.
+const MIN_CONSOLE_TOKEN: usize = 16;
+
+impl ConsoleToken {
+    /// A token of at least 16 characters, none of them whitespace or control characters.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] naming `NATTY_CONSOLE_TOKEN` otherwise (the token is not repeated).
+    pub fn new(token: impl Into<String>) -> Result<ConsoleToken> {
+        let token = token.into();
+        if token.chars().count() < MIN_CONSOLE_TOKEN {
+            return Err(Error::config(
+                "NATTY_CONSOLE_TOKEN",
+                "(hidden)",
+                format!("expected at least {MIN_CONSOLE_TOKEN} characters, e.g. from `openssl rand -hex 16`"),
+            ));
+        }
+        if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(Error::config(
+                "NATTY_CONSOLE_TOKEN",
+                "(hidden)",
+                "expected no spaces or control characters (it travels in an HTTP header)",
+            ));
+        }
+        Ok(ConsoleToken(token))
+    }
+
+    /// The token itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ConsoleToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConsoleToken(..)")
+    }
+}
+
 /// TLS settings. Setting any file turns TLS on.
 #[derive(Debug, Clone, Default)]
 pub struct Tls {
@@ -123,8 +167,11 @@ pub struct Config {
     pub nats_server: Option<PathBuf>,
     /// Run only the registered handlers with these names.
     pub handlers: Option<Vec<String>>,
-    /// Where to serve `/metrics`, `/healthz` and `/readyz`; `None` serves nothing.
+    /// Where to serve the console, `/metrics`, `/healthz` and `/readyz`; `None` serves nothing.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The console's token: needed to read it from anywhere but the machine it runs on, and
+    /// for every action; `None` makes it read-only and loopback-only.
+    pub console_token: Option<ConsoleToken>,
     /// How many times a capture's store retries one S3 or Azure request; `None` keeps
     /// `object_store`'s default (10).
     pub store_max_retries: Option<usize>,
@@ -195,6 +242,7 @@ impl Default for Config {
             nats_server: None,
             handlers: None,
             metrics_addr: None,
+            console_token: None,
             store_max_retries: None,
             store_retry_timeout: None,
             service_version: None,
@@ -318,6 +366,9 @@ impl Config {
                     "expected an address and port, e.g. 0.0.0.0:9090 or 127.0.0.1:0",
                 )
             })?);
+        }
+        if let Some(value) = lookup("NATTY_CONSOLE_TOKEN") {
+            config.console_token = Some(ConsoleToken::new(value)?);
         }
         if let Some(value) = lookup("NATTY_STORE_MAX_RETRIES") {
             config.store_max_retries = Some(value.trim().parse().map_err(|_| {

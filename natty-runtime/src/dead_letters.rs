@@ -47,6 +47,8 @@ pub struct DeadLetter {
     pub headers: HeaderMap,
     /// The original payload.
     pub payload: Bytes,
+    /// When it was dead-lettered (stored in the dead-letter stream).
+    pub time: Option<std::time::SystemTime>,
 }
 
 impl DeadLetter {
@@ -69,6 +71,7 @@ impl DeadLetter {
             delivery_count: number(DELIVERY_COUNT),
             headers,
             payload,
+            time: None,
         }
     }
 
@@ -151,9 +154,62 @@ fn failed(action: &'static str) -> impl Fn(Box<dyn std::error::Error + Send + Sy
 ///
 /// [`Error::Stream`] when the stream cannot be read.
 pub async fn list(js: &jetstream::Context, filter: &Filter) -> Result<Vec<DeadLetter>> {
+    let mut letters = Vec::new();
+    let Some((stream, state)) = open(js).await? else {
+        return Ok(letters);
+    };
+    let range = match filter.sequence {
+        Some(sequence) => sequence..=sequence,
+        None => state.first_sequence..=state.last_sequence,
+    };
+    for sequence in range {
+        if let Some(letter) = read(&stream, sequence).await? {
+            if filter.matches(&letter) {
+                letters.push(letter);
+            }
+        }
+    }
+    Ok(letters)
+}
+
+/// The newest `limit` dead letters `filter` selects, newest first, looking at no more than the
+/// last `scan` messages of the stream (a console refreshing every few seconds must not read a
+/// stream of a million dead letters each time); and how many messages the stream holds.
+///
+/// # Errors
+///
+/// [`Error::Stream`] when the stream cannot be read.
+pub(crate) async fn newest(
+    js: &jetstream::Context,
+    filter: &Filter,
+    limit: usize,
+    scan: u64,
+) -> Result<(Vec<DeadLetter>, u64)> {
+    let mut letters = Vec::new();
+    let Some((stream, state)) = open(js).await? else {
+        return Ok((letters, 0));
+    };
+    let oldest = state
+        .first_sequence
+        .max(state.last_sequence.saturating_sub(scan.saturating_sub(1)));
+    for sequence in (oldest..=state.last_sequence).rev() {
+        if letters.len() >= limit {
+            break;
+        }
+        if let Some(letter) = read(&stream, sequence).await? {
+            if filter.matches(&letter) {
+                letters.push(letter);
+            }
+        }
+    }
+    Ok((letters, state.messages))
+}
+
+/// The dead-letter stream and its state; `None` when it does not exist or is empty.
+async fn open(js: &jetstream::Context) -> Result<Option<(jetstream::stream::Stream, jetstream::stream::State)>> {
     let mut stream = match js.get_stream(DEAD_LETTER_STREAM).await {
         Ok(stream) => stream,
-        Err(error) if crate::stream::is_stream_not_found(&error) => return Ok(Vec::new()),
+        Err(error) if crate::stream::is_stream_not_found(&error) => return Ok(None),
         Err(error) => return Err(failed("looking it up")(Box::new(error))),
     };
     let state = stream
@@ -162,27 +218,19 @@ pub async fn list(js: &jetstream::Context, filter: &Filter) -> Result<Vec<DeadLe
         .map_err(|error| failed("reading its state")(Box::new(error)))?
         .state
         .clone();
-    let mut letters = Vec::new();
-    if state.messages == 0 {
-        return Ok(letters);
-    }
-    let range = match filter.sequence {
-        Some(sequence) => sequence..=sequence,
-        None => state.first_sequence..=state.last_sequence,
+    Ok((state.messages > 0).then_some((stream, state)))
+}
+
+/// The dead letter at `sequence`; `None` for a hole (replayed, or deleted by hand).
+async fn read(stream: &jetstream::stream::Stream, sequence: u64) -> Result<Option<DeadLetter>> {
+    let message = match stream.get_raw_message(sequence).await {
+        Ok(message) => message,
+        Err(error) if error.kind() == RawMessageErrorKind::NoMessageFound => return Ok(None),
+        Err(error) => return Err(failed("reading a message")(Box::new(error))),
     };
-    for sequence in range {
-        let message = match stream.get_raw_message(sequence).await {
-            Ok(message) => message,
-            // A hole: a message deleted from the stream (replayed, or deleted by hand).
-            Err(error) if error.kind() == RawMessageErrorKind::NoMessageFound => continue,
-            Err(error) => return Err(failed("reading a message")(Box::new(error))),
-        };
-        let letter = DeadLetter::from_parts(sequence, message.subject.to_string(), message.headers, message.payload);
-        if filter.matches(&letter) {
-            letters.push(letter);
-        }
-    }
-    Ok(letters)
+    let mut letter = DeadLetter::from_parts(sequence, message.subject.to_string(), message.headers, message.payload);
+    letter.time = Some(message.time.into());
+    Ok(Some(letter))
 }
 
 /// Publishes `letter` again to the subject it was first published to, with its original

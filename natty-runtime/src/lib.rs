@@ -41,6 +41,7 @@ mod cli;
 mod client;
 pub mod config;
 mod connect;
+mod console;
 pub mod consumer;
 pub mod dead_letters;
 mod dev_server;
@@ -71,7 +72,7 @@ mod telemetry;
 pub mod testing;
 
 pub use client::{connect, Connection};
-pub use config::{Auth, Config, LogFormat, Provision, Tls};
+pub use config::{Auth, Config, ConsoleToken, LogFormat, Provision, Tls};
 pub use consumer::{Ack, AckError, Batch, ConsumerDef, Deliver, KeyFn, OrderBy};
 pub use dev_server::find_nats_server;
 pub use error::{BoxError, Declared, Drift, Error, Result};

@@ -22,6 +22,7 @@ use crate::subscribe::SubscriptionDef;
 use crate::supervise::{Supervisor, Task};
 use crate::telemetry::http::Endpoint;
 use crate::telemetry::Telemetry;
+use tokio_util::sync::CancellationToken;
 
 /// Builds a [`Runtime`]: the environment's settings, overridden by what is set here, plus
 /// handlers registered by the macros and any added by hand.
@@ -123,6 +124,11 @@ impl RuntimeBuilder {
     /// Refuses a plain-text connection. Overrides `NATS_TLS_REQUIRED`.
     pub fn tls_required(self, required: bool) -> Self {
         self.configure(move |config| config.tls.required = required)
+    }
+
+    /// The console's token. Overrides `NATTY_CONSOLE_TOKEN`.
+    pub fn console_token(self, token: crate::config::ConsoleToken) -> Self {
+        self.configure(move |config| config.console_token = Some(token))
     }
 
     /// The connection name the server shows. Overrides `NATTY_NAME`.
@@ -373,6 +379,14 @@ impl Runtime {
         }
         provision(&config, &declared, &client).await?;
         let tasks = start(&config, &declared, &client).await?;
+        // Every instance answers the fleet's status requests, whether it serves a page or not.
+        let console = crate::console::Console::new(&config, &declared, &client);
+        let console_stop = CancellationToken::new();
+        console.start(console_stop.clone());
+        let _console_stop = console_stop.drop_guard();
+        if let Some(endpoint) = &endpoint {
+            endpoint.console(&console);
+        }
         telemetry.health.set_provisioned();
         tracing::info!(
             consumers = declared.consumers.iter().filter(|c| c.while_leading.is_none()).count(),
@@ -484,17 +498,18 @@ impl Runtime {
     }
 }
 
-/// Startup, first phase: serves `/metrics`, `/healthz` and `/readyz` when asked to, on the
+/// Startup, first phase: serves the console, `/metrics`, `/healthz` and `/readyz` when asked to, on the
 /// caller's listener or the configured address.
 fn serve_endpoint(
     listener: Option<std::net::TcpListener>,
     config: &Config,
     telemetry: &Arc<Telemetry>,
 ) -> Result<Option<Endpoint>> {
+    let token = config.console_token.as_ref().map(|token| token.expose().to_string());
     Ok(match listener {
-        Some(listener) => Some(Endpoint::serve(listener, telemetry.clone())?),
+        Some(listener) => Some(Endpoint::serve(listener, telemetry.clone(), token)?),
         None => match config.metrics_addr {
-            Some(addr) => Some(Endpoint::bind(addr, telemetry.clone())?),
+            Some(addr) => Some(Endpoint::bind(addr, telemetry.clone(), token)?),
             None => None,
         },
     })

@@ -216,17 +216,38 @@ pub async fn run_command(
 /// `GET path` over plain HTTP/1.1 on `addr`: the status code and the body. Written out by
 /// hand so the tests depend on no HTTP client, and see exactly what a scraper would.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    http_exchange(addr, request.as_bytes()).await
+    http_request(addr, "GET", path, &[], None).await
 }
 
 /// `POST path` of `body` as JSON over plain HTTP/1.1 on `addr`: the status code and the body.
 pub async fn http_post(addr: std::net::SocketAddr, path: &str, body: &str) -> std::io::Result<(u16, String)> {
-    let request = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
+    http_request(addr, "POST", path, &[], Some(body)).await
+}
+
+/// `method path` over plain HTTP/1.1 on `addr` with `headers` (a `Host` naming `addr` unless
+/// given) and a JSON `body`: the status code and the body.
+pub async fn http_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    let mut request = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+    if !headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("host")) {
+        request.push_str(&format!("Host: {addr}\r\n"));
+    }
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if let Some(body) = body {
+        request.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    request.push_str("\r\n");
+    request.push_str(body.unwrap_or_default());
     http_exchange(addr, request.as_bytes()).await
 }
 

@@ -384,6 +384,7 @@ impl Capture {
                             self.admit(arrival, true, &mut blocks, &mut unsure, &mut stores);
                         }
                         self.relieve(&mut blocks, &mut stores);
+                        shared.metrics.open_blocks.set(blocks.open.len() as i64);
                         continue;
                     }
                     _ = tick.tick() => {

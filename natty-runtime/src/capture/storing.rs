@@ -160,7 +160,14 @@ pub(super) async fn store_block_in_span(
                 metrics.blocks.inc();
                 metrics.messages.inc_by(count);
                 metrics.bytes.inc_by(bytes.len() as u64);
-                metrics.store_seconds.observe(took.as_secs_f64());
+                metrics.store_seconds.observe(took);
+                if let Ok(mut last) = metrics.last_block.lock() {
+                    *last = Some(crate::telemetry::metrics::StoredBlock {
+                        path: location.to_string(),
+                        bytes: bytes.len() as u64,
+                        at: std::time::SystemTime::now(),
+                    });
+                }
                 let span = tracing::Span::current();
                 span.record("bytes", bytes.len());
                 span.record("path", tracing::field::display(&location));

@@ -26,6 +26,8 @@
 //! 13. [Shutdown and guarantees](crate::guide::guarantees): the drain, at-least-once, and the known limits.
 //! 14. [The command line](crate::guide::command_line): `--list`, `--check`, `--asyncapi`.
 //! 15. [Testing](crate::guide::testing): real servers in tests with `natty_runtime::testing`.
+//! 16. [The operator console](crate::guide::console): the page every service serves, the fleet it
+//!     shows, its JSON API, its token, and replaying, deleting and pausing from it.
 //!
 //! For how natty is built inside, read `ARCHITECTURE.md` in the repository; for runnable
 //! services, its `examples/` folder.
@@ -87,3 +89,6 @@ pub mod testing {}
 #[cfg(doctest)]
 #[doc = include_str!("../../../README.md")]
 pub struct Readme;
+
+#[doc = include_str!("console.md")]
+pub mod console {}

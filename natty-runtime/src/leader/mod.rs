@@ -462,7 +462,7 @@ pub(crate) async fn run(
     hard_stop: CancellationToken,
 ) {
     let contender = Contender {
-        holder: format!("{}-{}", std::process::id(), crate::consumer::unique_suffix()),
+        holder: client.telemetry().instance.id.clone(),
         takeover_wait: Duration::ZERO,
     };
     run_as(def, client, bound, cancel, hard_stop, contender).await
@@ -494,8 +494,7 @@ pub(crate) async fn run_as(
         let Some((revision, sent_at, previous_until)) = election.campaign(&cancel).await else {
             return;
         };
-        metrics.terms.inc();
-        metrics.is_leader.set(1);
+        metrics.began(revision);
         let span = tracing::info_span!(
             "natty.leader.term",
             handler = def.name,
@@ -508,7 +507,7 @@ pub(crate) async fn run_as(
             .lead(revision, sent_at, previous_until, &cancel)
             .instrument(span.clone())
             .await;
-        metrics.is_leader.set(0);
+        metrics.ended();
         span.record("ended", end.as_str());
         match end {
             TermEnd::Shutdown => return,

@@ -210,7 +210,8 @@ impl Group {
             consumers,
             #[cfg(feature = "capture")]
             capture: None,
-            member: format!("{}-{}", std::process::id(), crate::consumer::unique_suffix()),
+            // The instance's id, known once there is a client (`run`).
+            member: String::new(),
         })
     }
 
@@ -435,13 +436,15 @@ impl Group {
     /// Joins the group, keeps the partitions assigned to this instance running until `cancel`,
     /// then leaves and hands every partition over.
     async fn run(
-        self,
+        mut self,
         client: Client,
         provision: Provision,
         settings: Arc<crate::Config>,
         cancel: CancellationToken,
         hard_stop: CancellationToken,
     ) {
+        // Named as the instance is everywhere (the console maps owners to instances).
+        self.member.clone_from(&client.telemetry().instance.id);
         let handover = self.handover_timeout(&settings);
         let permits = Arc::new(tokio::sync::Semaphore::new(self.def.concurrency));
         let prefix = format!("{}.m", self.derived);
@@ -547,6 +550,9 @@ impl Group {
                 last_owned = owned;
             }
             metrics.owned.set(last_owned.len() as i64);
+            if let Ok(mut ownership) = metrics.ownership.lock() {
+                *ownership = (last_owned.clone(), holders.0.clone());
+            }
         }
         // Leaving first lets the others work out the new owners while this instance drains.
         membership.leave().await;
@@ -557,6 +563,9 @@ impl Group {
             let _ = partition.handle.await;
         }
         metrics.owned.set(0);
+        if let Ok(mut ownership) = metrics.ownership.lock() {
+            ownership.0.clear();
+        }
         tracing::info!(group = self.derived, member = %self.member, "left the partitioned group");
     }
 }

@@ -1,5 +1,6 @@
-//! The operations endpoint: `/metrics` (Prometheus), `/healthz` (liveness) and `/readyz`
-//! (readiness), served with hyper on the address in `NATTY_METRICS_ADDR`.
+//! The operations endpoint: the console (`/` and `/api/`, see [`crate::console`]), `/metrics`
+//! (Prometheus), `/healthz` (liveness) and `/readyz` (readiness), served with hyper on the
+//! address in `NATTY_METRICS_ADDR`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use std::sync::OnceLock;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::console::Console;
 use crate::error::{Error, Result};
 use crate::telemetry::Telemetry;
 
@@ -32,21 +34,26 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// The running endpoint; stops serving when dropped.
 pub(crate) struct Endpoint {
     client: Arc<OnceLock<async_nats::Client>>,
+    console: Arc<OnceLock<Arc<Console>>>,
     _stop: tokio_util::sync::DropGuard,
 }
 
 impl Endpoint {
     /// Binds `addr` and serves on it.
-    pub(crate) fn bind(addr: SocketAddr, telemetry: Arc<Telemetry>) -> Result<Endpoint> {
+    pub(crate) fn bind(addr: SocketAddr, telemetry: Arc<Telemetry>, token: Option<String>) -> Result<Endpoint> {
         let listener = std::net::TcpListener::bind(addr).map_err(|source| Error::Io {
             what: format!("cannot listen on {addr} for metrics and health (NATTY_METRICS_ADDR)"),
             source,
         })?;
-        Endpoint::serve(listener, telemetry)
+        Endpoint::serve(listener, telemetry, token)
     }
 
-    /// Serves on a bound listener.
-    pub(crate) fn serve(listener: std::net::TcpListener, telemetry: Arc<Telemetry>) -> Result<Endpoint> {
+    /// Serves on a bound listener; `token` is the console's (`NATTY_CONSOLE_TOKEN`).
+    pub(crate) fn serve(
+        listener: std::net::TcpListener,
+        telemetry: Arc<Telemetry>,
+        token: Option<String>,
+    ) -> Result<Endpoint> {
         let io = |source| Error::Io {
             what: "cannot serve metrics and health".into(),
             source,
@@ -56,10 +63,18 @@ impl Endpoint {
         let listener = TcpListener::from_std(listener).map_err(io)?;
         let stop = CancellationToken::new();
         let client = Arc::new(OnceLock::new());
-        tokio::spawn(serve(listener, telemetry, client.clone(), stop.clone()));
-        tracing::info!("serving metrics and health on http://{addr} (/metrics, /healthz, /readyz)");
+        let console = Arc::new(OnceLock::new());
+        let state = Arc::new(State {
+            telemetry,
+            client: client.clone(),
+            console: console.clone(),
+            token,
+        });
+        tokio::spawn(serve(listener, state, stop.clone()));
+        tracing::info!("serving the console, metrics and health on http://{addr} (/, /metrics, /healthz, /readyz)");
         Ok(Endpoint {
             client,
+            console,
             _stop: stop.drop_guard(),
         })
     }
@@ -68,27 +83,29 @@ impl Endpoint {
     pub(crate) fn connected(&self, nats: &async_nats::Client) {
         let _ = self.client.set(nats.clone());
     }
+
+    /// Hands the endpoint the console, once it runs.
+    pub(crate) fn console(&self, console: &Arc<Console>) {
+        let _ = self.console.set(console.clone());
+    }
 }
 
 /// What a request handler sees.
 struct State {
     telemetry: Arc<Telemetry>,
     client: Arc<OnceLock<async_nats::Client>>,
+    console: Arc<OnceLock<Arc<Console>>>,
+    /// The console's token.
+    token: Option<String>,
 }
 
 /// Serves the endpoint on `listener` until `stop`.
-async fn serve(
-    listener: TcpListener,
-    telemetry: Arc<Telemetry>,
-    client: Arc<OnceLock<async_nats::Client>>,
-    stop: CancellationToken,
-) {
-    let state = Arc::new(State { telemetry, client });
+async fn serve(listener: TcpListener, state: Arc<State>, stop: CancellationToken) {
     // Scrapers and probes make a handful of connections; more are refused rather than let
     // anyone on the network tie up the service's memory.
     let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -110,7 +127,7 @@ async fn serve(
             let _permit = permit;
             let service = hyper::service::service_fn(move |request| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(respond(&state, request).await) }
+                async move { Ok::<_, Infallible>(respond(&state, peer, request).await) }
             });
             // A client that opens a connection and sends nothing is dropped after the header
             // timeout (hyper needs a timer to enforce it).
@@ -127,7 +144,11 @@ async fn serve(
     }
 }
 
-async fn respond(state: &State, request: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn respond(state: &State, peer: SocketAddr, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    if crate::console::api::serves(request.uri().path()) {
+        let console = state.console.get().cloned();
+        return crate::console::api::respond(console, state.token.as_deref(), peer, request).await;
+    }
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n".into());
     }
@@ -158,7 +179,7 @@ async fn respond(state: &State, request: Request<Incoming>) -> Response<Full<Byt
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try /metrics, /healthz or /readyz\n".into(),
+            "not found: try / (the console), /metrics, /healthz or /readyz\n".into(),
         ),
     }
 }

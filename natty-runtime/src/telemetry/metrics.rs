@@ -3,25 +3,21 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+
+use super::latency::Latency;
 
 type Labels = Vec<(&'static str, String)>;
 type Counters = Family<Labels, Counter>;
 type Gauges = Family<Labels, Gauge>;
-type Histograms = Family<Labels, Histogram, fn() -> Histogram>;
-
-/// Latency buckets from 0.5 ms to ~16 s, doubling: handlers and stores span that range.
-fn latency() -> Histogram {
-    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
-}
+type Histograms = Family<Labels, Latency>;
 
 /// Every metric natty exports, registered once.
 pub(crate) struct Metrics {
@@ -47,6 +43,7 @@ pub(crate) struct Metrics {
     capture_store_seconds: Histograms,
     capture_store_failures: Counters,
     capture_held: Gauges,
+    capture_open_blocks: Gauges,
     published: Counters,
     /// `published` by stream name, resolved once per stream.
     published_by_stream: RwLock<HashMap<String, Counter>>,
@@ -56,17 +53,23 @@ pub(crate) struct Metrics {
     connects_seen: AtomicU64,
     /// The consumers whose server-side counts (pending, ack pending) are read at each scrape.
     consumers: Mutex<Vec<Watched>>,
+    /// Leaders, groups and captures, for the console.
+    pub(crate) board: Mutex<Board>,
 }
 
-/// A consumer to ask the server about at scrape time.
+/// A consumer to ask the server about at scrape time, with its counters (the console sums
+/// them per handler).
 #[derive(Clone)]
 pub(crate) struct Watched {
-    handler: &'static str,
+    pub(crate) handler: &'static str,
     pub(crate) stream: &'static str,
     pub(crate) consumer: String,
+    /// What its series are labelled with: the consumer's name, or `ephemeral`.
+    label: String,
     pending: Gauge,
     ack_pending: Gauge,
     redelivered: Gauge,
+    pub(crate) counts: ConsumerMetrics,
 }
 
 impl Watched {
@@ -93,7 +96,7 @@ pub(crate) struct ConsumerMetrics {
     pub(crate) terminated: Counter,
     pub(crate) dead_lettered: Counter,
     pub(crate) acks_unconfirmed: Counter,
-    pub(crate) handler_seconds: Option<Histogram>,
+    pub(crate) handler_seconds: Option<Latency>,
     pub(crate) in_flight: Gauge,
 }
 
@@ -107,7 +110,7 @@ impl ConsumerMetrics {
     /// Records how long one handler call took.
     pub(crate) fn handled_in(&self, took: Duration) {
         if let Some(histogram) = &self.handler_seconds {
-            histogram.observe(took.as_secs_f64());
+            histogram.observe(took);
         }
     }
 }
@@ -121,18 +124,64 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// A leader task's gauges.
+/// A leader task's gauges, and its term for the console.
 #[derive(Clone, Default)]
 pub(crate) struct LeaderMetrics {
     pub(crate) is_leader: Gauge,
     pub(crate) terms: Counter,
+    /// The term this instance holds: its fencing token and since when.
+    pub(crate) term: Arc<Mutex<Option<(u64, SystemTime)>>>,
 }
 
-/// A partitioned group's gauge and counter, for one instance.
+impl LeaderMetrics {
+    /// A term begins.
+    pub(crate) fn began(&self, token: u64) {
+        self.terms.inc();
+        self.is_leader.set(1);
+        if let Ok(mut term) = self.term.lock() {
+            *term = Some((token, SystemTime::now()));
+        }
+    }
+
+    /// The term ended.
+    pub(crate) fn ended(&self) {
+        self.is_leader.set(0);
+        if let Ok(mut term) = self.term.lock() {
+            *term = None;
+        }
+    }
+}
+
+/// A partitioned group's gauge and counter, for one instance, and who owns what.
 #[derive(Clone, Default)]
 pub(crate) struct GroupMetrics {
     pub(crate) owned: Gauge,
     pub(crate) handovers: Counter,
+    /// The partitions this instance runs, and every partition's lease holder as last read.
+    pub(crate) ownership: Arc<Mutex<Ownership>>,
+}
+
+/// The partitions an instance runs, and every partition's lease holder (`None`: free).
+pub(crate) type Ownership = (Vec<u32>, Vec<Option<String>>);
+
+/// The last block a capture stored, for the console.
+#[derive(Clone, Debug)]
+pub(crate) struct StoredBlock {
+    pub(crate) path: String,
+    pub(crate) bytes: u64,
+    pub(crate) at: SystemTime,
+}
+
+/// What the console lists besides consumers: every leader, group and capture of this instance.
+#[derive(Default)]
+pub(crate) struct Board {
+    /// Name, bucket, key.
+    pub(crate) leaders: Vec<(&'static str, &'static str, &'static str, LeaderMetrics)>,
+    /// Consumer name, group (its derived stream).
+    pub(crate) groups: Vec<(&'static str, &'static str, GroupMetrics)>,
+    /// Name, stream.
+    #[cfg(feature = "capture")]
+    pub(crate) captures: Vec<(&'static str, &'static str, CaptureMetrics)>,
 }
 
 /// A capture's counters.
@@ -142,9 +191,11 @@ pub(crate) struct CaptureMetrics {
     pub(crate) blocks: Counter,
     pub(crate) bytes: Counter,
     pub(crate) messages: Counter,
-    pub(crate) store_seconds: Histogram,
+    pub(crate) store_seconds: Latency,
     pub(crate) store_failures: Counter,
     pub(crate) held: Gauge,
+    pub(crate) open_blocks: Gauge,
+    pub(crate) last_block: Arc<Mutex<Option<StoredBlock>>>,
 }
 
 impl Default for Metrics {
@@ -164,7 +215,7 @@ impl Metrics {
             terminated: Counters::default(),
             dead_lettered: Counters::default(),
             acks_unconfirmed: Counters::default(),
-            handler_seconds: Histograms::new_with_constructor(latency),
+            handler_seconds: Histograms::default(),
             in_flight: Gauges::default(),
             pending: Gauges::default(),
             ack_pending: Gauges::default(),
@@ -176,9 +227,10 @@ impl Metrics {
             capture_blocks: Counters::default(),
             capture_bytes: Counters::default(),
             capture_messages: Counters::default(),
-            capture_store_seconds: Histograms::new_with_constructor(latency),
+            capture_store_seconds: Histograms::default(),
             capture_store_failures: Counters::default(),
             capture_held: Gauges::default(),
+            capture_open_blocks: Gauges::default(),
             published: Counters::default(),
             published_by_stream: RwLock::default(),
             publish_failures: Counter::default(),
@@ -186,6 +238,7 @@ impl Metrics {
             reconnects: Counter::default(),
             connects_seen: AtomicU64::new(0),
             consumers: Mutex::new(Vec::new()),
+            board: Mutex::default(),
         };
         let m = &metrics;
         let consumer = registry.sub_registry_with_prefix("consumer");
@@ -281,6 +334,11 @@ impl Metrics {
             "Messages held unacked in open or storing blocks",
             m.capture_held.clone(),
         );
+        capture.register(
+            "open_blocks",
+            "Blocks open (filling, not yet sealed for storing)",
+            m.capture_open_blocks.clone(),
+        );
         let publish = registry.sub_registry_with_prefix("publish");
         publish.register(
             "messages",
@@ -314,20 +372,7 @@ impl Metrics {
             ("stream", stream.into()),
             ("consumer", label.into()),
         ];
-        let watched = Watched {
-            handler,
-            stream,
-            consumer: consumer.to_string(),
-            pending: self.pending.get_or_create_owned(&labels),
-            ack_pending: self.ack_pending.get_or_create_owned(&labels),
-            redelivered: self.redelivered.get_or_create_owned(&labels),
-        };
-        if let Ok(mut all) = self.consumers.lock() {
-            // The newest instance of a handler's consumer replaces the one before it.
-            all.retain(|w| !(w.handler == handler && w.stream == stream));
-            all.push(watched);
-        }
-        ConsumerMetrics {
+        let counts = ConsumerMetrics {
             delivered: self.delivered.get_or_create_owned(&labels),
             acked: self.acked.get_or_create_owned(&labels),
             naked: self.naked.get_or_create_owned(&labels),
@@ -336,39 +381,85 @@ impl Metrics {
             acks_unconfirmed: self.acks_unconfirmed.get_or_create_owned(&labels),
             handler_seconds: Some(self.handler_seconds.get_or_create_owned(&labels)),
             in_flight: self.in_flight.get_or_create_owned(&labels),
+        };
+        let watched = Watched {
+            handler,
+            stream,
+            consumer: consumer.to_string(),
+            label: label.to_string(),
+            pending: self.pending.get_or_create_owned(&labels),
+            ack_pending: self.ack_pending.get_or_create_owned(&labels),
+            redelivered: self.redelivered.get_or_create_owned(&labels),
+            counts: counts.clone(),
+        };
+        if let Ok(mut all) = self.consumers.lock() {
+            // The newest instance of a handler's consumer replaces the one before it (an
+            // ephemeral one is named anew each time); a partitioned group's partitions are
+            // consumers of their own.
+            all.retain(|w| !(w.handler == handler && w.stream == stream && w.label == label));
+            all.push(watched);
         }
+        counts
     }
 
     /// Handles for one leader task.
     pub(crate) fn leader(&self, name: &'static str, bucket: &'static str, key: &'static str) -> LeaderMetrics {
         let labels: Labels = vec![("leader", name.into()), ("bucket", bucket.into()), ("key", key.into())];
-        LeaderMetrics {
+        let metrics = LeaderMetrics {
             is_leader: self.is_leader.get_or_create_owned(&labels),
             terms: self.terms.get_or_create_owned(&labels),
+            term: Arc::default(),
+        };
+        if let Ok(mut board) = self.board.lock() {
+            board.leaders.retain(|(n, b, k, _)| (*n, *b, *k) != (name, bucket, key));
+            board.leaders.push((name, bucket, key, metrics.clone()));
         }
+        metrics
     }
 
     /// Handles for one partitioned group.
     pub(crate) fn group(&self, name: &'static str, group: &'static str) -> GroupMetrics {
         let labels: Labels = vec![("consumer", name.into()), ("group", group.into())];
-        GroupMetrics {
+        let metrics = GroupMetrics {
             owned: self.partitions_owned.get_or_create_owned(&labels),
             handovers: self.handovers.get_or_create_owned(&labels),
+            ownership: Arc::default(),
+        };
+        if let Ok(mut board) = self.board.lock() {
+            board.groups.retain(|(n, g, _)| (*n, *g) != (name, group));
+            board.groups.push((name, group, metrics.clone()));
         }
+        metrics
     }
 
     /// Handles for one capture.
     #[cfg(feature = "capture")]
     pub(crate) fn capture(&self, name: &'static str, stream: &'static str) -> CaptureMetrics {
         let labels: Labels = vec![("capture", name.into()), ("stream", stream.into())];
-        CaptureMetrics {
+        let metrics = CaptureMetrics {
             blocks: self.capture_blocks.get_or_create_owned(&labels),
             bytes: self.capture_bytes.get_or_create_owned(&labels),
             messages: self.capture_messages.get_or_create_owned(&labels),
             store_seconds: self.capture_store_seconds.get_or_create_owned(&labels),
             store_failures: self.capture_store_failures.get_or_create_owned(&labels),
             held: self.capture_held.get_or_create_owned(&labels),
+            open_blocks: self.capture_open_blocks.get_or_create_owned(&labels),
+            last_block: Arc::default(),
+        };
+        if let Ok(mut board) = self.board.lock() {
+            // A partitioned capture runs one capture per partition, all under its name and
+            // the group's stream: they share the last block shown.
+            match board.captures.iter().find(|(n, s, _)| (*n, *s) == (name, stream)) {
+                Some((_, _, known)) => {
+                    return CaptureMetrics {
+                        last_block: known.last_block.clone(),
+                        ..metrics
+                    }
+                }
+                None => board.captures.push((name, stream, metrics.clone())),
+            }
         }
+        metrics
     }
 
     /// Counts a publish acked by `stream`. The counter is looked up by name in a cache, so the

@@ -5,6 +5,7 @@
 pub(crate) mod context;
 mod format;
 pub(crate) mod http;
+pub(crate) mod latency;
 pub(crate) mod logging;
 pub(crate) mod metrics;
 pub(crate) mod trace;
@@ -25,6 +26,53 @@ pub(crate) use metrics::{ConsumerMetrics, Metrics};
 pub(crate) struct Telemetry {
     pub(crate) metrics: Metrics,
     pub(crate) health: Health,
+    pub(crate) instance: Instance,
+}
+
+/// This running service: how the console, leader leases and partitioned groups name it.
+#[derive(Debug)]
+pub(crate) struct Instance {
+    /// `<host>-<pid>-<random>`: unique across restarts and hosts, and a valid KV key token.
+    pub(crate) id: String,
+    pub(crate) host: String,
+    pub(crate) pid: u32,
+    pub(crate) started: std::time::SystemTime,
+}
+
+impl Default for Instance {
+    fn default() -> Self {
+        let host = hostname();
+        let pid = std::process::id();
+        let token: String = host
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .take(40)
+            .collect();
+        // Six hex digits tell apart two services with one pid (containers) or one restart.
+        let suffix = &crate::consumer::unique_suffix()[6..];
+        Instance {
+            id: format!("{token}-{pid}-{suffix}"),
+            host,
+            pid,
+            started: std::time::SystemTime::now(),
+        }
+    }
+}
+
+/// The machine's name as the kernel has it (a pod's name under Kubernetes).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "host".to_string())
 }
 
 /// The readiness checks: connected, provisioned, every handler running, not draining.
@@ -39,9 +87,9 @@ pub(crate) struct Health {
 #[derive(Debug, Serialize)]
 pub(crate) struct Readiness {
     pub(crate) ready: bool,
-    connected: bool,
+    pub(crate) connected: bool,
     provisioned: bool,
-    draining: bool,
+    pub(crate) draining: bool,
     /// Handlers that are not running (stopped, or not started yet).
     not_running: Vec<String>,
     handlers: usize,
