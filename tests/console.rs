@@ -1,5 +1,6 @@
 //! The operator console, through real services (`tests/bin/console.rs`) on a real nats-server:
-//! its JSON API shows the whole fleet (two instances) and runs each action (replay, delete,
+//! its JSON API shows the whole fleet (two instances, its leader, its partitioned group's
+//! owners, its capture's last block) and runs each action (replay, delete,
 //! pause, resume) only with the token; without a token the console is read-only and local; and
 //! the page itself, loaded in headless Chromium, shows the handlers, the leader and a dead
 //! letter, refuses a replay without the token and replays it with the token (screenshots kept
@@ -177,8 +178,63 @@ async fn the_console_api_shows_the_fleet_and_acts_only_with_the_token() {
             .map(|h| h["name"].as_str().unwrap())
             .collect();
         names.sort_unstable();
-        assert_eq!(names, ["archive", "picky", "ping", "reaper"], "{instance}");
+        assert_eq!(names, ["archive", "picky", "ping", "reaper", "tally"], "{instance}");
     }
+
+    // The group's partitions: each owned by one instance, the owners the instances, both
+    // instances agreeing on them.
+    wait_until(
+        WAIT,
+        "the group's 4 partitions owned, split between the instances",
+        || async {
+            let (_, fleet) = get(one.addr, "/api/fleet").await;
+            let Some(instances) = fleet["instances"].as_array().filter(|all| all.len() == 2) else {
+                return false;
+            };
+            let ids: Vec<&Value> = instances.iter().map(|i| &i["instance"]).collect();
+            let mut owned: Vec<u64> = instances
+                .iter()
+                .flat_map(|i| i["groups"][0]["owned"].as_array().cloned().unwrap_or_default())
+                .map(|k| k.as_u64().unwrap())
+                .collect();
+            owned.sort_unstable();
+            let owners = &instances[0]["groups"][0]["owners"];
+            owned == [0, 1, 2, 3]
+                && instances.iter().all(|i| i["groups"][0]["owners"] == *owners)
+                && (0..4).all(|k| ids.contains(&&owners[k.to_string()]))
+                && instances
+                    .iter()
+                    .all(|i| !i["groups"][0]["owned"].as_array().unwrap().is_empty())
+        },
+    )
+    .await;
+
+    // A capture's last stored block.
+    for id in 1..=10 {
+        let reading = serde_json::to_vec(&natty_tests::Reading::new(id, 2)).unwrap();
+        js.publish("readings.x", reading.into()).await.unwrap().await.unwrap();
+    }
+    wait_until(WAIT, "the capture's last stored block shown", || async {
+        let (_, fleet) = get(one.addr, "/api/fleet").await;
+        let captures: Vec<&Value> = fleet["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| &i["captures"][0])
+            .collect();
+        captures
+            .iter()
+            .map(|c| c["messages"].as_u64().unwrap_or(0))
+            .sum::<u64>()
+            == 10
+            && captures.iter().any(|c| {
+                c["last_block"]["path"]
+                    .as_str()
+                    .is_some_and(|path| path.contains("sensor-"))
+                    && c["last_block"]["bytes"].as_u64().is_some_and(|bytes| bytes > 0)
+            })
+    })
+    .await;
 
     // A dead letter, listed with where it came from and why.
     publish(&js, 1).await;
@@ -414,7 +470,7 @@ async fn the_page_in_chromium_shows_the_fleet_and_replays_a_dead_letter() {
         .map(|h| h["name"].as_str().unwrap())
         .collect();
     handlers.sort_unstable();
-    assert_eq!(handlers, ["archive", "picky", "ping", "reaper"], "{seen}");
+    assert_eq!(handlers, ["archive", "picky", "ping", "reaper", "tally"], "{seen}");
     let leader = &seen["leaders"][0];
     assert_eq!(leader["name"], "reaper", "{seen}");
     assert!(

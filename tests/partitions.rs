@@ -131,9 +131,10 @@ async fn holders(js: &async_nats::jetstream::Context, group: &str, partitions: u
     for k in 0..partitions {
         let holder = match store.get(format!("{group}.p.{k}")).await {
             Ok(Some(value)) => serde_json::from_slice::<serde_json::Value>(&value).ok().and_then(|v| {
+                // `<host>-<pid>-<random>`, the host perhaps with dashes of its own.
                 v["holder"]
                     .as_str()
-                    .and_then(|h| h.split('-').next())
+                    .and_then(|h| h.rsplit('-').nth(1))
                     .and_then(|pid| pid.parse().ok())
             }),
             _ => None,

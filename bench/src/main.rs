@@ -585,26 +585,105 @@ async fn natty_consume(
     durable: &str,
     count: u64,
 ) -> Measured {
+    natty_consume_watched(server, js, handler, durable, count, false).await
+}
+
+/// [`natty_consume`], with the console served and, when `watched`, looked at the whole time as
+/// its page does (the fleet every 2 s, the dead letters every 5 s).
+async fn natty_consume_watched(
+    server: &NatsServer,
+    js: &jetstream::Context,
+    handler: &str,
+    durable: &str,
+    count: u64,
+    watched: bool,
+) -> Measured {
     let stream = js.get_stream("bench").await.expect("stream");
     let _ = stream.delete_consumer(durable).await;
     HANDLED.store(0, Ordering::SeqCst);
     TARGET.store(count, Ordering::SeqCst);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let runtime = natty_runtime::Runtime::builder()
-        .url(server.url())
-        .handlers([handler])
-        .build()
-        .expect("runtime");
+    let mut builder = natty_runtime::Runtime::builder().url(server.url()).handlers([handler]);
+    let mut page = None;
+    if watched {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a port for the console");
+        page = Some(listener.local_addr().expect("its address"));
+        builder = builder.metrics_listener(listener);
+    }
+    let runtime = builder.build().expect("runtime");
     let done = DONE.notified();
     let window = Window::start();
     let running = tokio::spawn(runtime.run_until(async {
         let _ = stopped.await;
     }));
+    let looking = page.map(|addr| tokio::spawn(look_at_console(addr)));
     done.await;
     let measured = window.stop();
+    if let Some(looking) = looking {
+        looking.abort();
+    }
     let _ = stop.send(());
     running.await.expect("join").expect("natty run");
     measured
+}
+
+/// Asks the console at `addr` what its page asks, as often, until aborted.
+async fn look_at_console(addr: std::net::SocketAddr) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let get = |path: &'static str| async move {
+        let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
+            return;
+        };
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        if stream.write_all(request.as_bytes()).await.is_ok() {
+            let mut answer = Vec::new();
+            let _ = stream.read_to_end(&mut answer).await;
+        }
+    };
+    for tick in 0u64.. {
+        get("/api/fleet").await;
+        if tick % 5 == 0 {
+            get("/api/dead-letters").await;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// What the console costs a consumer while its page is open: natty's default consume with no
+/// console served, then with the console served and asked every 2 s, alternating.
+async fn scenario_console(server: &NatsServer, js: &jetstream::Context, args: &Args) {
+    purge(js, "bench").await;
+    fill(js, "bench.orders", args.messages).await;
+    let (mut closed, mut open) = (Vec::new(), Vec::new());
+    for round in 0..args.rounds {
+        let open_first = round % 2 == 1;
+        for watched in [open_first, !open_first] {
+            let measured =
+                natty_consume_watched(server, js, "consume_default", "natty-console", args.messages, watched).await;
+            let runs = if watched { &mut open } else { &mut closed };
+            runs.push(rate(args.messages, measured));
+        }
+        eprintln!(
+            "  console round {round}: closed {:.0} ({:.2} us cpu/msg), open {:.0} ({:.2})",
+            closed[round].rate, closed[round].cpu_us, open[round].rate, open[round].cpu_us
+        );
+    }
+    let ratio = |of: fn(&Run) -> f64| median(open.iter().zip(&closed).map(|(o, c)| of(o) / of(c)).collect());
+    let middle = |runs: &[Run], of: fn(&Run) -> f64| median(runs.iter().map(of).collect());
+    println!(
+        "{:<28} closed {:>10.0} msg/s   open {:>10.0} msg/s   open/closed {:>5.2}x   (goal: no measurable cost)",
+        "consume, console open",
+        middle(&closed, |run| run.rate),
+        middle(&open, |run| run.rate),
+        ratio(|run| run.rate)
+    );
+    println!(
+        "{:<28} cpu/msg closed {:>5.2} us  open {:>7.2} us       open/closed {:>5.2}",
+        "",
+        middle(&closed, |run| run.cpu_us),
+        middle(&open, |run| run.cpu_us),
+        ratio(|run| run.cpu_us)
+    );
 }
 
 /// The median rates of one comparison, raw async-nats and natty (NaN when not run).
@@ -1635,6 +1714,9 @@ async fn main() {
     };
     if wants("confirmed") {
         scenario_confirmed(&server, &js, &args).await;
+    }
+    if wants("console") {
+        scenario_console(&server, &js, &args).await;
     }
     if wants("batch") {
         scenario_batch(&server, &js, &args).await;

@@ -155,26 +155,35 @@ fn failed(action: &'static str) -> impl Fn(Box<dyn std::error::Error + Send + Sy
 /// [`Error::Stream`] when the stream cannot be read.
 pub async fn list(js: &jetstream::Context, filter: &Filter) -> Result<Vec<DeadLetter>> {
     let mut letters = Vec::new();
-    let Some((stream, state)) = open(js).await? else {
-        return Ok(letters);
-    };
-    let range = match filter.sequence {
-        Some(sequence) => sequence..=sequence,
-        None => state.first_sequence..=state.last_sequence,
-    };
-    for sequence in range {
-        if let Some(letter) = read(&stream, sequence).await? {
-            if filter.matches(&letter) {
-                letters.push(letter);
-            }
-        }
+    let mut scan = Scan::start(js, filter).await?;
+    while let Some(letter) = scan.next(filter).await? {
+        letters.push(letter);
     }
     Ok(letters)
 }
 
+/// What [`newest`] found.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Newest {
+    /// Newest first.
+    pub(crate) letters: Vec<DeadLetter>,
+    /// How many the filter selects: exact when `more` is false, else at least this many.
+    pub(crate) total: u64,
+    pub(crate) more: bool,
+}
+
+/// The last [`newest`] answer, reused while the stream and the filter are the same (a console
+/// asks every few seconds, and dead letters change rarely).
+#[derive(Default)]
+pub(crate) struct NewestCache(std::sync::Mutex<Option<(NewestKey, Newest)>>);
+
+/// What a [`newest`] answer was for: the stream's first and last sequence and message count,
+/// the filter, the limit.
+type NewestKey = (u64, u64, u64, Filter, usize);
+
 /// The newest `limit` dead letters `filter` selects, newest first, looking at no more than the
-/// last `scan` messages of the stream (a console refreshing every few seconds must not read a
-/// stream of a million dead letters each time); and how many messages the stream holds.
+/// last `scan` messages of the stream: a console refreshing every few seconds must not read a
+/// stream of a million dead letters each time. An unchanged stream is not read again.
 ///
 /// # Errors
 ///
@@ -184,25 +193,99 @@ pub(crate) async fn newest(
     filter: &Filter,
     limit: usize,
     scan: u64,
-) -> Result<(Vec<DeadLetter>, u64)> {
-    let mut letters = Vec::new();
+    cache: &NewestCache,
+) -> Result<Newest> {
     let Some((stream, state)) = open(js).await? else {
-        return Ok((letters, 0));
+        return Ok(Newest::default());
     };
+    let key = (
+        state.first_sequence,
+        state.last_sequence,
+        state.messages,
+        filter.clone(),
+        limit,
+    );
+    if let Some((_, known)) = cache.0.lock().ok().and_then(|c| c.clone()).filter(|(k, _)| *k == key) {
+        return Ok(known);
+    }
     let oldest = state
         .first_sequence
         .max(state.last_sequence.saturating_sub(scan.saturating_sub(1)));
-    for sequence in (oldest..=state.last_sequence).rev() {
-        if letters.len() >= limit {
+    let mut found = Newest::default();
+    let mut sequence = state.last_sequence;
+    while sequence >= oldest && sequence > 0 {
+        if found.letters.len() >= limit {
+            found.more = true;
             break;
         }
         if let Some(letter) = read(&stream, sequence).await? {
             if filter.matches(&letter) {
-                letters.push(letter);
+                found.letters.push(letter);
             }
         }
+        sequence -= 1;
     }
-    Ok((letters, state.messages))
+    found.more |= oldest > state.first_sequence;
+    found.total = if filter.is_narrowed() {
+        found.letters.len() as u64
+    } else {
+        // Every message of the stream is a dead letter: the count is the stream's.
+        found.more = false;
+        state.messages
+    };
+    if let Ok(mut cached) = cache.0.lock() {
+        *cached = Some((key, found.clone()));
+    }
+    Ok(found)
+}
+
+/// The dead letters a filter selects, read one at a time, oldest first: an operation on many
+/// holds one payload in memory at a time.
+pub(crate) struct Scan {
+    stream: Option<jetstream::stream::Stream>,
+    next: u64,
+    last: u64,
+}
+
+impl Scan {
+    /// From the oldest dead letter to the newest as of now.
+    pub(crate) async fn start(js: &jetstream::Context, filter: &Filter) -> Result<Scan> {
+        Ok(match open(js).await? {
+            Some((stream, state)) => {
+                let (next, last) = match filter.sequence {
+                    Some(sequence) => (sequence, sequence),
+                    None => (state.first_sequence, state.last_sequence),
+                };
+                Scan {
+                    stream: Some(stream),
+                    next,
+                    last,
+                }
+            }
+            None => Scan {
+                stream: None,
+                next: 1,
+                last: 0,
+            },
+        })
+    }
+
+    /// The next dead letter `filter` selects; `None` at the end.
+    pub(crate) async fn next(&mut self, filter: &Filter) -> Result<Option<DeadLetter>> {
+        let Some(stream) = &self.stream else {
+            return Ok(None);
+        };
+        while self.next <= self.last {
+            let sequence = self.next;
+            self.next += 1;
+            if let Some(letter) = read(stream, sequence).await? {
+                if filter.matches(&letter) {
+                    return Ok(Some(letter));
+                }
+            }
+        }
+        Ok(None)
+    }
 }
 
 /// The dead-letter stream and its state; `None` when it does not exist or is empty.

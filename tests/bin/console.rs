@@ -2,7 +2,7 @@
 //! dead-letters every job (with its reason) until the file `PICKY_ACCEPT` names exists, then
 //! handles it and prints `handled <id>`; `reaper` leads through `console_leases`/`reaper` and
 //! holds its lease until shutdown; `ping` answers core requests; `archive` captures readings
-//! into `${ARCHIVE_STORE}` (a `file://` URL).
+//! into `${ARCHIVE_STORE}` (a `file://` URL); `tally` is a group of 4 partitions.
 
 use natty_runtime::prelude::*;
 use natty_tests::{Job, Reading};
@@ -12,6 +12,20 @@ struct Jobs;
 
 #[stream(name = "readings", subjects = ["readings.>"])]
 struct Readings;
+
+#[stream(name = "tallies", subjects = ["tallies.>"])]
+struct Tallies;
+
+#[consumer(
+    stream = "tallies",
+    durable = "tally",
+    subject = "tallies.*.x",
+    partitions = 4,
+    order_by = "subject[1]"
+)]
+async fn tally(job: Job) {
+    println!("tallied {}", job.id);
+}
 
 #[consumer(stream = "jobs", durable = "picky", subject = "jobs.>")]
 async fn picky(job: Job) -> Result<(), Reject> {

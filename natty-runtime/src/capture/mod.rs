@@ -332,6 +332,7 @@ impl Capture {
         };
         let mut stores: JoinSet<std::result::Result<(), Error>> = JoinSet::new();
         let mut unsure = Unsure::default();
+        let mut open_blocks = OpenBlocks::new(&shared.metrics.open_blocks);
         let mut tick = tokio::time::interval(grace.clamp(Duration::from_millis(20), Duration::from_millis(250)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_message = Instant::now();
@@ -384,7 +385,7 @@ impl Capture {
                             self.admit(arrival, true, &mut blocks, &mut unsure, &mut stores);
                         }
                         self.relieve(&mut blocks, &mut stores);
-                        shared.metrics.open_blocks.set(blocks.open.len() as i64);
+                        open_blocks.show(blocks.open.len());
                         continue;
                     }
                     _ = tick.tick() => {
@@ -759,4 +760,30 @@ fn wall_clock_nanos() -> u64 {
         .unwrap_or_default()
         .as_nanos()
         .min(u64::MAX as u128) as u64
+}
+
+/// This capture's share of the `open_blocks` gauge: the partitions of a partitioned capture
+/// count into one gauge, each adding what changed since it last showed, and taking its share
+/// back when it stops.
+struct OpenBlocks<'a> {
+    gauge: &'a prometheus_client::metrics::gauge::Gauge,
+    shown: i64,
+}
+
+impl<'a> OpenBlocks<'a> {
+    fn new(gauge: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
+        OpenBlocks { gauge, shown: 0 }
+    }
+
+    fn show(&mut self, open: usize) {
+        let open = open as i64;
+        self.gauge.inc_by(open - self.shown);
+        self.shown = open;
+    }
+}
+
+impl Drop for OpenBlocks<'_> {
+    fn drop(&mut self) {
+        self.gauge.dec_by(self.shown);
+    }
 }

@@ -28,6 +28,8 @@ const LIST_LIMIT: usize = 200;
 const LIST_SCAN: u64 = 5_000;
 /// Characters of a dead letter's payload shown.
 const PREVIEW_CHARS: usize = 200;
+/// Dead letters one replay or delete request acts on at most.
+const MAX_ACTED: usize = 1_000;
 /// The longest pause the console sets.
 const MAX_PAUSE: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -55,10 +57,15 @@ fn authorize(
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
+        .and_then(|value| {
+            let (scheme, credentials) = value.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(credentials)
+        })
         .map(str::trim);
     match (presented, token) {
         (Some(presented), Some(token)) if same(presented, token) => Ok(()),
+        // A token left in the page by another service on this port: reading locally needs none.
+        (Some(_), None) if access == Access::Read && local(peer, headers) => Ok(()),
         (Some(_), Some(_)) => Err((StatusCode::UNAUTHORIZED, "wrong console token")),
         (Some(_), None) => Err((
             StatusCode::FORBIDDEN,
@@ -94,13 +101,18 @@ fn same(presented: &str, token: &str) -> bool {
     differ == 0
 }
 
-/// A request from this machine, to this machine by a loopback name.
+/// Headers a proxy adds: a request carrying one came from elsewhere through a proxy on this
+/// machine, whatever its peer address says.
+const FORWARDED: [&str; 4] = ["forwarded", "x-forwarded-for", "x-real-ip", "via"];
+
+/// A request from this machine, to this machine by a loopback name, not through a proxy.
 fn local(peer: SocketAddr, headers: &HeaderMap) -> bool {
-    if !peer.ip().to_canonical().is_loopback() {
+    if !peer.ip().to_canonical().is_loopback() || FORWARDED.iter().any(|name| headers.contains_key(*name)) {
         return false;
     }
+    // No name, or one that is not text: not known to be local.
     let Some(host) = headers.get(header::HOST).and_then(|value| value.to_str().ok()) else {
-        return true;
+        return false;
     };
     let name = match host.strip_prefix('[') {
         Some(v6) => v6.split(']').next().unwrap_or_default(),
@@ -139,7 +151,10 @@ pub(crate) async fn respond(
         return error(status, why);
     }
     let Some(console) = console else {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "not connected to NATS yet");
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not running yet: connecting to NATS or provisioning",
+        );
     };
     match (access, path.as_str()) {
         (Access::Read, "/api/fleet") => json(StatusCode::OK, &console.fleet().await),
@@ -161,8 +176,12 @@ pub(crate) async fn respond(
             Ok(resume) => pause_consumer(&console, Pause { for_s: None, ..resume }).await,
             Err(refused) => refused,
         },
-        (Access::Read, "/api/dead-letters/replay" | "/api/dead-letters/delete" | "/api/consumers/pause" | "/api/consumers/resume") => {
-            error(StatusCode::METHOD_NOT_ALLOWED, "an action is a POST")
+        (
+            Access::Read,
+            "/api/dead-letters/replay" | "/api/dead-letters/delete" | "/api/consumers/pause" | "/api/consumers/resume",
+        ) => error(StatusCode::METHOD_NOT_ALLOWED, "an action is a POST"),
+        (Access::Act, "/api/fleet" | "/api/status" | "/api/dead-letters") => {
+            error(StatusCode::METHOD_NOT_ALLOWED, "a GET: it changes nothing")
         }
         _ => error(
             StatusCode::NOT_FOUND,
@@ -185,6 +204,10 @@ fn page() -> Reply {
         headers.insert(header::CONTENT_SECURITY_POLICY, policy);
     }
     headers.insert(header::X_FRAME_OPTIONS, header::HeaderValue::from_static("DENY"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
     headers.insert(header::REFERRER_POLICY, header::HeaderValue::from_static("no-referrer"));
     headers.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
     response
@@ -221,6 +244,16 @@ fn json(status: StatusCode, value: &impl Serialize) -> Reply {
         header::HeaderValue::from_static("application/json"),
     );
     headers.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    if status == StatusCode::UNAUTHORIZED {
+        headers.insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer realm=\"natty console\""),
+        );
+    }
     response
 }
 
@@ -235,7 +268,8 @@ async fn body<T: for<'de> Deserialize<'de>>(request: Request<Incoming>) -> Resul
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| value.starts_with("application/json"));
+        .and_then(|value| value.split(';').next())
+        .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"));
     if !is_json {
         return Err(error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -329,12 +363,14 @@ async fn list(console: &Console, query: &str) -> Reply {
         }
     }
     let js = console.client().jetstream();
-    match dead_letters::newest(js, &selection.filter(), LIST_LIMIT, LIST_SCAN).await {
-        Ok((letters, total)) => json(
+    let filter = selection.filter();
+    match dead_letters::newest(js, &filter, LIST_LIMIT, LIST_SCAN, console.dead_letters()).await {
+        Ok(found) => json(
             StatusCode::OK,
             &serde_json::json!({
-                "dead_letters": letters.iter().map(Listed::from).collect::<Vec<_>>(),
-                "total": total,
+                "dead_letters": found.letters.iter().map(Listed::from).collect::<Vec<_>>(),
+                "total": found.total,
+                "more": found.more,
             }),
         ),
         Err(e) => error(StatusCode::BAD_GATEWAY, &crate::error::chain(&e).to_string()),
@@ -372,7 +408,9 @@ enum Action {
     Delete,
 }
 
-/// Replays or deletes the dead letters `selection` takes.
+/// Replays or deletes the dead letters `selection` takes, oldest first, at most
+/// [`MAX_ACTED`] per request (the answer says whether more are left). It runs on its own task:
+/// a client that goes away does not cut it off halfway unlogged.
 async fn act_on_dead_letters(console: &Console, selection: Selection, action: Action) -> Reply {
     let filter = selection.filter();
     if !filter.is_narrowed() && !selection.all {
@@ -381,40 +419,49 @@ async fn act_on_dead_letters(console: &Console, selection: Selection, action: Ac
             "name a sequence or a filter (consumer, subject, reason), or say \"all\": true",
         );
     }
-    let js = console.client().jetstream();
-    let letters = match dead_letters::list(js, &filter).await {
-        Ok(letters) => letters,
-        Err(e) => return error(StatusCode::BAD_GATEWAY, &crate::error::chain(&e).to_string()),
-    };
-    if letters.is_empty() && filter.sequence.is_some() {
-        return error(StatusCode::NOT_FOUND, "no dead letter at that sequence");
-    }
-    let mut done = 0usize;
-    for letter in &letters {
-        let outcome = match action {
-            Action::Replay => dead_letters::replay(js, letter).await,
-            Action::Delete => dead_letters::delete(js, letter).await,
-        };
-        if let Err(e) = outcome {
-            let verb = match action {
-                Action::Replay => "replaying",
-                Action::Delete => "deleting",
-            };
-            let why = format!(
-                "{verb} dead letter {} failed after {done} done: {}",
-                letter.sequence,
-                crate::error::chain(&e)
-            );
-            return error(StatusCode::BAD_GATEWAY, &why);
-        }
-        done += 1;
-    }
+    let js = console.client().jetstream().clone();
     let (verb, past) = match action {
         Action::Replay => ("replay", "replayed"),
         Action::Delete => ("delete", "deleted"),
     };
-    tracing::info!(count = done, ?filter, "console: {verb} of dead letters");
-    json(StatusCode::OK, &serde_json::json!({ past: done }))
+    tracing::info!(?filter, "console: {verb} of dead letters asked");
+    let acting = tokio::spawn(async move {
+        let failed = |e: crate::Error| crate::error::chain(&e).to_string();
+        let mut scan = dead_letters::Scan::start(&js, &filter).await.map_err(failed)?;
+        let mut done = 0usize;
+        while done < MAX_ACTED {
+            let Some(letter) = scan.next(&filter).await.map_err(failed)? else {
+                return Ok((done, false));
+            };
+            let outcome = match action {
+                Action::Replay => dead_letters::replay(&js, &letter).await,
+                Action::Delete => dead_letters::delete(&js, &letter).await,
+            };
+            if let Err(error) = outcome {
+                let why = format!(
+                    "{verb} of dead letter {} failed after {done} done: {}",
+                    letter.sequence,
+                    crate::error::chain(&error)
+                );
+                tracing::warn!("console: {why}");
+                return Err(why);
+            }
+            done += 1;
+        }
+        let more = scan.next(&filter).await.map_err(failed)?.is_some();
+        Ok::<_, String>((done, more))
+    });
+    match acting.await {
+        Ok(Ok((0, _))) if selection.sequence.is_some() => {
+            error(StatusCode::NOT_FOUND, "no dead letter at that sequence")
+        }
+        Ok(Ok((done, more))) => {
+            tracing::info!(count = done, more, "console: {verb} of dead letters done");
+            json(StatusCode::OK, &serde_json::json!({ past: done, "more": more }))
+        }
+        Ok(Err(why)) => error(StatusCode::BAD_GATEWAY, &why),
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "the action's task failed"),
+    }
 }
 
 /// A consumer to pause (for `for_s` seconds) or resume (`for_s` absent).
@@ -440,7 +487,8 @@ async fn pause_consumer(console: &Console, pause: Pause) -> Reply {
     let until = match pause.for_s {
         None => None,
         Some(seconds) if seconds.is_finite() && seconds > 0.0 => {
-            let how_long = Duration::from_secs_f64(seconds).min(MAX_PAUSE);
+            // Clamped first: a `Duration` cannot hold every finite number of seconds.
+            let how_long = Duration::from_secs_f64(seconds.min(MAX_PAUSE.as_secs_f64()));
             match async_nats::datetime::add_std_duration(async_nats::datetime::now(), how_long) {
                 Ok(until) => Some((until, SystemTime::now() + how_long)),
                 Err(_) => return error(StatusCode::BAD_REQUEST, "for_s is too far off"),
@@ -528,6 +576,32 @@ mod tests {
             ),
             Err(StatusCode::FORBIDDEN)
         );
+    }
+
+    #[test]
+    fn a_request_through_a_proxy_or_naming_no_host_is_not_local() {
+        let mut proxied = headers("127.0.0.1:9090", None);
+        proxied.insert("x-forwarded-for", "203.0.113.9".parse().unwrap());
+        assert_eq!(
+            allowed(None, "127.0.0.1:5000", &proxied, Access::Read),
+            Err(StatusCode::FORBIDDEN)
+        );
+        let mut via = headers("localhost:9090", None);
+        via.insert("via", "1.1 nginx".parse().unwrap());
+        assert_eq!(
+            allowed(Some("secret"), "127.0.0.1:5000", &via, Access::Read),
+            Err(StatusCode::UNAUTHORIZED)
+        );
+        assert_eq!(
+            allowed(None, "127.0.0.1:5000", &HeaderMap::new(), Access::Read),
+            Err(StatusCode::FORBIDDEN)
+        );
+        // A token another service left in the page does not stop a local read.
+        let stale = headers("127.0.0.1:9090", Some("from-another-service"));
+        assert_eq!(allowed(None, "127.0.0.1:5000", &stale, Access::Read), Ok(()));
+        let mut lower = headers("127.0.0.1:9090", None);
+        lower.insert(header::AUTHORIZATION, "bearer secret".parse().unwrap());
+        assert_eq!(allowed(Some("secret"), "10.0.0.5:5000", &lower, Access::Act), Ok(()));
     }
 
     #[test]

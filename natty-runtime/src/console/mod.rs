@@ -11,7 +11,7 @@
 pub(crate) mod api;
 mod status;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -35,6 +35,10 @@ const WATCHED_FOR: Duration = Duration::from_secs(60);
 /// answer; and at most.
 const FLEET_QUIET: Duration = Duration::from_millis(300);
 const FLEET_DEADLINE: Duration = Duration::from_millis(1500);
+/// Instances shown at most: past that, answers are someone else's flood.
+const MAX_INSTANCES: usize = 256;
+/// Status requests an instance answers in a second at most.
+const MAX_ANSWERS_PER_SECOND: u32 = 20;
 
 /// One instance's console: what it declared, the history of its counts, and the fleet's
 /// status subject.
@@ -47,6 +51,10 @@ pub(crate) struct Console {
     history: Mutex<VecDeque<Sample>>,
     /// Unix seconds when the page last asked this instance for the fleet.
     watched_at: AtomicU64,
+    /// The dead letters last listed.
+    dead_letters: crate::dead_letters::NewestCache,
+    /// Each leader's lease holder, as last sampled.
+    leases: Mutex<HashMap<&'static str, Option<String>>>,
 }
 
 /// The status subject of a service: its name made one subject token.
@@ -92,6 +100,8 @@ impl Console {
             catalog: Catalog::new(declared),
             history: Mutex::new(VecDeque::with_capacity(SAMPLES + 1)),
             watched_at: AtomicU64::new(0),
+            dead_letters: crate::dead_letters::NewestCache::default(),
+            leases: Mutex::default(),
         })
     }
 
@@ -119,6 +129,7 @@ impl Console {
             }
         };
         let me = &self.client.telemetry().instance.id;
+        let mut window = (tokio::time::Instant::now(), 0u32);
         loop {
             let request = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -127,20 +138,49 @@ impl Console {
                     None => return,
                 },
             };
-            let Some(reply) = request.reply else { continue };
+            // Answered only to a requester's inbox: anything else would make every instance
+            // publish its status wherever a request said, with the service's permissions.
+            let Some(reply) = request.reply.filter(|reply| reply.starts_with("_INBOX.")) else {
+                continue;
+            };
             if serde_json::from_slice::<Ask>(&request.payload).is_ok_and(|ask| &ask.from == me) {
                 continue;
             }
+            // A few pages asking every 2 s is the use; a flood is not answered.
+            if window.0.elapsed() >= Duration::from_secs(1) {
+                window = (tokio::time::Instant::now(), 0);
+            }
+            window.1 += 1;
+            if window.1 > MAX_ANSWERS_PER_SECOND {
+                continue;
+            }
             let status = self.status(false).await;
-            match serde_json::to_vec(&status) {
-                Ok(body) => {
-                    if let Err(error) = self.client.nats().publish(reply, body.into()).await {
-                        tracing::debug!(error = %crate::error::chain(&error), "console: cannot answer a status request");
-                    }
-                }
-                Err(error) => tracing::warn!(%error, "console: cannot encode this instance's status"),
+            let body = match self.encode(status) {
+                Some(body) => body,
+                None => continue,
+            };
+            if let Err(error) = self.client.nats().publish(reply, body.into()).await {
+                tracing::debug!(error = %crate::error::chain(&error), "console: cannot answer a status request");
             }
         }
+    }
+
+    /// A status as sent over NATS: without its plots when they would not fit in a message.
+    fn encode(&self, mut status: Status) -> Option<Vec<u8>> {
+        let limit = self.client.nats().server_info().max_payload / 2;
+        let body = serde_json::to_vec(&status).ok()?;
+        if body.len() <= limit {
+            return Some(body);
+        }
+        tracing::warn!(
+            bytes = body.len(),
+            max_payload = limit * 2,
+            "console: this instance's status is too big for a message with its plots; sent without them"
+        );
+        for handler in &mut status.handlers {
+            handler.history.clear();
+        }
+        serde_json::to_vec(&status).ok()
     }
 
     /// Adds a point to the plots every [`SAMPLE_EVERY`].
@@ -158,6 +198,10 @@ impl Console {
             } else {
                 None
             };
+            let leases = self.catalog.leases(&self.client).await;
+            if let Ok(mut known) = self.leases.lock() {
+                *known = leases;
+            }
             let sample = self.catalog.sample(self.client.telemetry(), server.as_ref());
             if let Ok(mut history) = self.history.lock() {
                 history.push_back(sample);
@@ -180,7 +224,13 @@ impl Console {
             .lock()
             .map(|history| history.iter().cloned().collect())
             .unwrap_or_default();
-        let leases = self.catalog.leases(&self.client).await;
+        // Read now for the page's own instance; as last sampled for an answer over NATS, which
+        // does no I/O (a slow JetStream must not keep an instance out of the fleet).
+        let leases = if server {
+            self.catalog.leases(&self.client).await
+        } else {
+            self.leases.lock().map(|leases| leases.clone()).unwrap_or_default()
+        };
         self.catalog.status(
             &self.client,
             counts.as_ref(),
@@ -202,7 +252,8 @@ impl Console {
                 .client
                 .request_many::<Status>(self.subject.clone(), &ask)
                 .quiet(FLEET_QUIET)
-                .deadline(FLEET_DEADLINE);
+                .deadline(FLEET_DEADLINE)
+                .max_replies(MAX_INSTANCES);
             match request.await {
                 Ok(mut replies) => {
                     while let Some(reply) = replies.next().await {
@@ -231,6 +282,11 @@ impl Console {
             asked_at: rfc3339(SystemTime::now()),
             instances,
         }
+    }
+
+    /// The dead letters last listed, reused while nothing changed.
+    pub(crate) fn dead_letters(&self) -> &crate::dead_letters::NewestCache {
+        &self.dead_letters
     }
 
     /// The client the actions use.

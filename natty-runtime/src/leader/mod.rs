@@ -332,16 +332,26 @@ impl BoundConsumer {
             // them a block already holds: order does not matter to a capture.
             return started.run_until(cancel, hard_stop).await.map(|()| true);
         }
+        let owner = client.clone();
         let mut consumer = crate::consumer::Consumer::new(self.def, client, self.provision, self.stream).under(lease);
         if let Some(permits) = &self.permits {
             consumer = consumer.sharing(permits.clone());
         }
         // Bound first: the keep-alive follows the consumer's ack_wait as the server has it.
         let mut failures = 0;
-        if consumer.rebind(&cancel, &mut failures).await {
-            return consumer.run_drained(cancel, hard_stop).await;
+        let drained = if consumer.rebind(&cancel, &mut failures).await {
+            consumer.run_drained(cancel, hard_stop).await
+        } else {
+            Ok(true)
+        };
+        if self.def.partition.is_some() {
+            // A partition handed over is another instance's to report on.
+            owner
+                .telemetry()
+                .metrics
+                .unwatch(self.def.name, self.def.stream, self.def.durable);
         }
-        Ok(true)
+        drained
     }
 }
 

@@ -202,7 +202,7 @@ async fn refresh(telemetry: &Telemetry, nats: &async_nats::Client) {
     let js = &jetstream::new(nats.clone());
     // One CONSUMER.INFO request per consumer, a few at a time: a service with many consumers
     // must not send the server a burst per scrape.
-    futures_util::stream::iter(metrics.watched())
+    futures_util::stream::iter(metrics.watched().into_iter().filter(|watched| watched.scraped))
         .for_each_concurrent(CONCURRENT_INFO_REQUESTS, |watched| async move {
             let info = js
                 .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(&watched.consumer, watched.stream);

@@ -70,6 +70,8 @@ pub(crate) struct Watched {
     ack_pending: Gauge,
     redelivered: Gauge,
     pub(crate) counts: ConsumerMetrics,
+    /// Whether a scrape reads its server-side counts: while this instance runs it.
+    pub(crate) scraped: bool,
 }
 
 impl Watched {
@@ -391,6 +393,7 @@ impl Metrics {
             ack_pending: self.ack_pending.get_or_create_owned(&labels),
             redelivered: self.redelivered.get_or_create_owned(&labels),
             counts: counts.clone(),
+            scraped: true,
         };
         if let Ok(mut all) = self.consumers.lock() {
             // The newest instance of a handler's consumer replaces the one before it (an
@@ -486,6 +489,20 @@ impl Metrics {
     /// Counts a publish that failed. Not labelled by subject: subjects are unbounded.
     pub(crate) fn publish_failed(&self) {
         self.publish_failures.inc();
+    }
+
+    /// Stops reading the server's counts of a consumer this instance no longer runs (a
+    /// partition handed over: another instance reports them now); its counters still count in
+    /// the console's totals.
+    pub(crate) fn unwatch(&self, handler: &str, stream: &str, consumer: &str) {
+        if let Ok(mut all) = self.consumers.lock() {
+            for watched in all
+                .iter_mut()
+                .filter(|w| w.handler == handler && w.stream == stream && w.consumer == consumer)
+            {
+                watched.scraped = false;
+            }
+        }
     }
 
     /// The consumers to read server-side counts for.

@@ -91,7 +91,7 @@ pub(crate) struct Readiness {
     provisioned: bool,
     pub(crate) draining: bool,
     /// Handlers that are not running (stopped, or not started yet).
-    not_running: Vec<String>,
+    pub(crate) not_running: Vec<String>,
     handlers: usize,
 }
 
