@@ -252,9 +252,23 @@ async fn the_console_api_shows_the_fleet_and_acts_only_with_the_token() {
     // Refusals: no token, a wrong one, another site's name for loopback, a GET of an action,
     // an action that names nothing.
     let replay = format!(r#"{{"sequence":{}}}"#, letters[0]);
-    let (status, why) = call(one.addr, "POST", "/api/dead-letters/replay", &[], Some(&replay)).await;
-    assert_eq!(status, 401, "{why}");
-    assert!(why["error"].as_str().unwrap().contains("NATTY_CONSOLE_TOKEN"), "{why}");
+    let pause = r#"{"stream":"jobs","durable":"picky","for_s":60}"#;
+    let resume = r#"{"stream":"jobs","durable":"picky"}"#;
+    let every_action = [
+        ("/api/dead-letters/replay", replay.as_str()),
+        ("/api/dead-letters/delete", replay.as_str()),
+        ("/api/consumers/pause", pause),
+        ("/api/consumers/resume", resume),
+    ];
+    for (path, body) in every_action {
+        let (status, why) = call(one.addr, "POST", path, &[], Some(body)).await;
+        assert_eq!(status, 401, "{path} without the token: {why}");
+        assert!(why["error"].as_str().unwrap().contains("NATTY_CONSOLE_TOKEN"), "{why}");
+    }
+    assert!(
+        picky(one.addr).await["paused_until"].is_null(),
+        "not paused without the token"
+    );
     let wrong = [("Authorization", "Bearer not-the-token-at-all-0000")];
     assert_eq!(
         call(one.addr, "POST", "/api/dead-letters/replay", &wrong, Some(&replay))
@@ -359,15 +373,20 @@ async fn without_a_token_the_console_is_read_only_and_a_short_token_is_refused()
     let (status, page) = http_request(open.addr, "GET", "/", &[], None).await.unwrap();
     assert_eq!(status, 200);
     assert!(page.contains("<html"), "the page");
-    let body = r#"{"all":true}"#;
-    let (status, why) = call(open.addr, "POST", "/api/dead-letters/delete", &[], Some(body)).await;
-    assert_eq!(status, 403, "{why}");
-    assert!(why["error"].as_str().unwrap().contains("NATTY_CONSOLE_TOKEN"), "{why}");
-    assert_eq!(
-        act(open.addr, "/api/dead-letters/delete", body).await.0,
-        403,
-        "no token to match"
-    );
+    for (path, body) in [
+        ("/api/dead-letters/replay", r#"{"all":true}"#),
+        ("/api/dead-letters/delete", r#"{"all":true}"#),
+        (
+            "/api/consumers/pause",
+            r#"{"stream":"jobs","durable":"picky","for_s":60}"#,
+        ),
+        ("/api/consumers/resume", r#"{"stream":"jobs","durable":"picky"}"#),
+    ] {
+        let (status, why) = call(open.addr, "POST", path, &[], Some(body)).await;
+        assert_eq!(status, 403, "{path}: {why}");
+        assert!(why["error"].as_str().unwrap().contains("NATTY_CONSOLE_TOKEN"), "{why}");
+        assert_eq!(act(open.addr, path, body).await.0, 403, "{path}: no token to match");
+    }
     open.stop().await;
 
     let mut refused = spawn_service(Path::new(CONSOLE), Some(&url), &[("NATTY_CONSOLE_TOKEN", "short")]);

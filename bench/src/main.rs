@@ -588,8 +588,9 @@ async fn natty_consume(
     natty_consume_watched(server, js, handler, durable, count, false).await
 }
 
-/// [`natty_consume`], with the console served and, when `watched`, looked at the whole time as
-/// its page does (the fleet every 2 s, the dead letters every 5 s).
+/// [`natty_consume`], with the console served and, when `watched`, looked at the whole time
+/// eight times as often as its page does (the fleet every 250 ms, the dead letters every
+/// 1.25 s), so that a run of a second or two sees several requests.
 async fn natty_consume_watched(
     server: &NatsServer,
     js: &jetstream::Context,
@@ -645,12 +646,13 @@ async fn look_at_console(addr: std::net::SocketAddr) {
         if tick % 5 == 0 {
             get("/api/dead-letters").await;
         }
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
 /// What the console costs a consumer while its page is open: natty's default consume with no
-/// console served, then with the console served and asked every 2 s, alternating.
+/// console served, then with the console served and asked eight times as often as its page
+/// does, alternating.
 async fn scenario_console(server: &NatsServer, js: &jetstream::Context, args: &Args) {
     purge(js, "bench").await;
     fill(js, "bench.orders", args.messages).await;
@@ -659,7 +661,7 @@ async fn scenario_console(server: &NatsServer, js: &jetstream::Context, args: &A
         let open_first = round % 2 == 1;
         for watched in [open_first, !open_first] {
             let measured =
-                natty_consume_watched(server, js, "consume_default", "natty-console", args.messages, watched).await;
+                natty_consume_watched(server, js, "consume_default", "natty-default", args.messages, watched).await;
             let runs = if watched { &mut open } else { &mut closed };
             runs.push(rate(args.messages, measured));
         }

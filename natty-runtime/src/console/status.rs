@@ -359,7 +359,7 @@ impl Catalog {
     }
 
     /// This instance's counts of `entry`: summed over its consumers (a group's partitions).
-    fn local(entry: &Entry, watched: &[crate::telemetry::metrics::Watched]) -> Option<Local> {
+    fn local(entry: &Entry, watched: &[crate::telemetry::metrics::Watched], stored: &Stored) -> Option<Local> {
         let mut local: Option<Local> = None;
         for w in watched.iter().filter(|w| w.handler == entry.name) {
             let sum = local.get_or_insert_with(Local::default);
@@ -373,6 +373,10 @@ impl Catalog {
             if let Some(latency) = &c.handler_seconds {
                 sum.latency.add(&latency.snapshot());
             }
+        }
+        // A capture hands no message to a handler: what it delivers is what it stored.
+        if let Some(messages) = stored.get(entry.name).filter(|_| entry.kind == "capture") {
+            local.get_or_insert_with(Local::default).delivered += messages;
         }
         local
     }
@@ -395,11 +399,17 @@ impl Catalog {
     /// A point of every handler's plots, as of now.
     pub(crate) fn sample(&self, telemetry: &Telemetry, counts: Option<&Counts>) -> Sample {
         let watched = telemetry.metrics.watched();
+        let stored = telemetry
+            .metrics
+            .board
+            .lock()
+            .map(|board| stored(&board))
+            .unwrap_or_default();
         let handlers = self
             .entries
             .iter()
             .filter_map(|entry| {
-                let local = Catalog::local(entry, &watched)?;
+                let local = Catalog::local(entry, &watched, &stored)?;
                 let pending = counts
                     .and_then(|counts| Catalog::server(entry, counts, &watched))
                     .map(|server| server.pending);
@@ -427,6 +437,7 @@ impl Catalog {
         let watched = telemetry.metrics.watched();
         let board = telemetry.metrics.board.lock();
         let board = board.as_deref();
+        let stored = board.map(stored).unwrap_or_default();
         let now = SystemTime::now();
         let leading = |bucket: &str, key: &str| {
             board.is_ok_and(|board| {
@@ -451,7 +462,7 @@ impl Catalog {
             self.entries
                 .iter()
                 .map(|entry| {
-                    let local = Catalog::local(entry, &watched);
+                    let local = Catalog::local(entry, &watched, &stored);
                     let server = counts.and_then(|counts| Catalog::server(entry, counts, &watched));
                     let recent = local.as_ref().map(|local| {
                         match window_start.and_then(|sample| sample.handlers.get(entry.name)) {
@@ -572,6 +583,21 @@ impl Catalog {
             captures,
         }
     }
+}
+
+/// Messages each capture stored, by name (a partitioned capture's partitions summed).
+type Stored = HashMap<&'static str, u64>;
+
+fn stored(board: &crate::telemetry::metrics::Board) -> Stored {
+    #[allow(unused_mut)]
+    let mut stored = Stored::new();
+    #[cfg(feature = "capture")]
+    for (name, _, metrics) in &board.captures {
+        *stored.entry(*name).or_default() += metrics.messages.get();
+    }
+    #[cfg(not(feature = "capture"))]
+    let _ = board;
+    stored
 }
 
 /// This instance's counts of one handler.
