@@ -20,6 +20,21 @@ const WAIT: Duration = Duration::from_secs(30);
 const TOKEN: &str = "console-test-token-0123456789";
 const BEARER: &str = "Bearer console-test-token-0123456789";
 
+/// Every handler the service declares, by name.
+const HANDLERS: [&str; 5] = ["archive", "picky", "ping", "reaper", "tally"];
+
+/// The sorted `name`s of a list of handlers.
+fn names(handlers: &Value) -> Vec<&str> {
+    let mut names: Vec<&str> = handlers
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["name"].as_str().unwrap())
+        .collect();
+    names.sort_unstable();
+    names
+}
+
 /// One running instance of the service.
 struct Instance {
     child: tokio::process::Child,
@@ -171,14 +186,7 @@ async fn the_console_api_shows_the_fleet_and_acts_only_with_the_token() {
         "the holder is one of the instances: {fleet}"
     );
     for instance in fleet["instances"].as_array().unwrap() {
-        let mut names: Vec<&str> = instance["handlers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|h| h["name"].as_str().unwrap())
-            .collect();
-        names.sort_unstable();
-        assert_eq!(names, ["archive", "picky", "ping", "reaper", "tally"], "{instance}");
+        assert_eq!(names(&instance["handlers"]), HANDLERS, "{instance}");
     }
 
     // The group's partitions: each owned by one instance, the owners the instances, both
@@ -482,14 +490,7 @@ async fn the_page_in_chromium_shows_the_fleet_and_replays_a_dead_letter() {
         .collect();
     assert_eq!(instances.len(), 2, "{seen}");
     assert!(seen["self"].as_str().unwrap().contains(instances[0]), "{seen}");
-    let mut handlers: Vec<&str> = seen["handlers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| h["name"].as_str().unwrap())
-        .collect();
-    handlers.sort_unstable();
-    assert_eq!(handlers, ["archive", "picky", "ping", "reaper", "tally"], "{seen}");
+    assert_eq!(names(&seen["handlers"]), HANDLERS, "{seen}");
     let leader = &seen["leaders"][0];
     assert_eq!(leader["name"], "reaper", "{seen}");
     assert!(

@@ -59,16 +59,7 @@ pub(crate) struct Console {
 
 /// The status subject of a service: its name made one subject token.
 fn status_subject(service: &str) -> String {
-    let token: String = service
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let token = crate::telemetry::token(service);
     format!("natty.console.{token}.status")
 }
 

@@ -470,11 +470,17 @@ impl Catalog {
                             None => local.latency,
                         }
                     });
-                    let running = match (entry.while_leading, entry.partitions) {
-                        (Some((bucket, key)), _) => leading(bucket, key),
-                        (None, Some(_)) => owns(entry.name),
-                        (None, None) => !readiness.draining,
-                    };
+                    // A task stopped and waiting to be restarted is not running either.
+                    let stopped = readiness
+                        .not_running
+                        .iter()
+                        .any(|task| task.split_once(' ').is_some_and(|(_, name)| name == entry.name));
+                    let running = !stopped
+                        && match (entry.while_leading, entry.partitions) {
+                            (Some((bucket, key)), _) => leading(bucket, key),
+                            (None, Some(_)) => owns(entry.name),
+                            (None, None) => !readiness.draining,
+                        };
                     HandlerStatus {
                         name: entry.name.to_string(),
                         kind: entry.kind.to_string(),

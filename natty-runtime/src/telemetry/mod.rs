@@ -43,26 +43,37 @@ impl Default for Instance {
     fn default() -> Self {
         let host = hostname();
         let pid = std::process::id();
-        let token: String = host
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .take(40)
-            .collect();
-        // Six hex digits tell apart two services with one pid (containers) or one restart.
-        let suffix = &crate::consumer::unique_suffix()[6..];
+        // 48 random bits tell apart two services with one pid (containers: pid 1) and restarts.
+        let suffix = crate::consumer::unique_suffix();
         Instance {
-            id: format!("{token}-{pid}-{suffix}"),
+            id: instance_id(&host, pid, &suffix),
             host,
             pid,
             started: std::time::SystemTime::now(),
         }
     }
+}
+
+/// `<host>-<pid>-<suffix>`, the host made a token and cut to its last 40 characters: a pod's
+/// name ends with what tells it apart.
+fn instance_id(host: &str, pid: u32, suffix: &str) -> String {
+    let host = token(host);
+    let host = &host[host.len().saturating_sub(40)..];
+    format!("{host}-{pid}-{suffix}")
+}
+
+/// `text` as one NATS subject token and KV key token: letters, digits, `-` and `_` kept, any
+/// other character made `_`.
+pub(crate) fn token(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// The machine's name as the kernel has it (a pod's name under Kubernetes).
@@ -147,5 +158,19 @@ pub(crate) struct Running(Arc<AtomicBool>);
 impl Drop for Running {
     fn drop(&mut self) {
         self.0.store(false, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_instance_is_named_by_the_end_of_its_host_its_pid_and_a_random_suffix() {
+        assert_eq!(instance_id("web.example.com", 7, "abc"), "web_example_com-7-abc");
+        let pod = "orders-service-deployment-with-a-long-name-7d9f8c6b5-x2v4q";
+        assert!(instance_id(pod, 1, "s").ends_with("7d9f8c6b5-x2v4q-1-s"));
+        assert_eq!(instance_id(pod, 1, "s").len(), 40 + "-1-s".len());
+        assert_eq!(crate::consumer::unique_suffix().len(), 12, "48 bits");
     }
 }
