@@ -1,5 +1,6 @@
 //! The command line every binary built on [`crate::run`] answers: `--list`, `--check`,
-//! `--asyncapi`, `--dead-letters` and `--help`. With no argument, the service runs.
+//! `--asyncapi`, `--dead-letters`, `--pause`, `--resume`, `--reset-consumer` and `--help`.
+//! With no argument, the service runs.
 
 use std::ffi::OsString;
 use std::fmt::Write as _;
@@ -20,6 +21,24 @@ pub(crate) enum Command {
     AsyncApi,
     /// `--dead-letters list|replay|delete [filters]`.
     DeadLetters(DeadLetterAction, crate::dead_letters::Filter, bool),
+    /// `--pause`, `--resume` and `--reset-consumer` of a durable consumer.
+    Consumer(ConsumerAction),
+}
+
+/// What `--pause`, `--resume` or `--reset-consumer` does to which durable consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ConsumerAction {
+    durable: String,
+    stream: Option<String>,
+    act: Act,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Act {
+    /// Paused for this long.
+    Pause(std::time::Duration),
+    Resume,
+    Reset(crate::operate::Position),
 }
 
 /// What `--dead-letters` does with the dead letters its filters select.
@@ -49,6 +68,9 @@ impl Command {
             Some("--check") => Command::Check,
             Some("--asyncapi") => Command::AsyncApi,
             Some("--dead-letters") => return dead_letters_command(&args[1..]),
+            Some(verb @ ("--pause" | "--resume" | "--reset-consumer")) => {
+                return consumer_command(verb, &args[1..]).map(Command::Consumer)
+            }
             Some(_) => {
                 return Err(Error::Usage(format!(
                     "unknown argument `{}`; {}",
@@ -121,6 +143,85 @@ fn dead_letters_command(args: &[OsString]) -> Result<Command> {
         ));
     }
     Ok(Command::DeadLetters(action, filter, all))
+}
+
+/// Reads `--pause DURABLE --for DURATION|--until TIME`, `--resume DURABLE` or
+/// `--reset-consumer DURABLE --to SEQUENCE|TIME`, each with an optional `--stream NAME`.
+fn consumer_command(verb: &str, args: &[OsString]) -> Result<ConsumerAction> {
+    let usage = |why: String| {
+        Error::Usage(format!(
+            "{why}; usage: --pause DURABLE --for DURATION|--until TIME, --resume DURABLE, or \
+             --reset-consumer DURABLE --to SEQUENCE|TIME, each with [--stream NAME]"
+        ))
+    };
+    let text = |arg: &OsString| arg.to_str().map(str::to_owned);
+    let Some(durable) = args.first().and_then(text).filter(|d| !d.starts_with("--")) else {
+        return Err(usage(format!("{verb} needs the durable consumer's name")));
+    };
+    let (mut stream, mut pause, mut to) = (None, None, None);
+    let mut rest = args[1..].iter();
+    while let Some(flag) = rest.next() {
+        let flag = text(flag).unwrap_or_default();
+        let Some(value) = rest.next().and_then(text) else {
+            return Err(usage(format!("`{flag}` needs a value")));
+        };
+        match (verb, flag.as_str()) {
+            (_, "--stream") => stream = Some(value),
+            ("--pause", "--for") => {
+                pause = Some(humantime::parse_duration(&value).map_err(|e| usage(format!("`--for {value}`: {e}")))?);
+            }
+            ("--pause", "--until") => {
+                let until = humantime::parse_rfc3339_weak(&value)
+                    .map_err(|_| usage(format!("`--until {value}` is not a time like 2026-12-05T18:00:00Z")))?;
+                let left = until
+                    .duration_since(std::time::SystemTime::now())
+                    .map_err(|_| usage(format!("`--until {value}` has passed")))?;
+                pause = Some(left);
+            }
+            ("--reset-consumer", "--to") => to = Some(crate::operate::Position::parse(&value).map_err(usage)?),
+            _ => return Err(usage(format!("unknown option `{flag}` for {verb}"))),
+        }
+    }
+    let act = match verb {
+        "--pause" => Act::Pause(pause.ok_or_else(|| usage("--pause needs --for or --until".into()))?),
+        "--resume" => Act::Resume,
+        _ => Act::Reset(to.ok_or_else(|| usage("--reset-consumer needs --to".into()))?),
+    };
+    Ok(ConsumerAction { durable, stream, act })
+}
+
+/// Runs `--pause`, `--resume` or `--reset-consumer` against the server, printing what it did.
+pub(crate) async fn consumer(config: &Config, declared: &Declarations, action: &ConsumerAction) -> Result<()> {
+    let (stream, consumers, partitions) = crate::operate::durable(declared, &action.durable, action.stream.as_deref())?;
+    let client = connect_to_server(
+        config,
+        "this command acts on a server's consumer: set NATS_URL to the server",
+    )
+    .await?;
+    let named = format!("consumer `{}` on stream `{stream}`", action.durable);
+    match action.act {
+        Act::Pause(how_long) => {
+            if let Some(until) = crate::operate::pause(&client, &consumers, Some(how_long)).await? {
+                println!("paused {named} until {}", humantime::format_rfc3339_seconds(until));
+            }
+        }
+        Act::Resume => {
+            crate::operate::pause(&client, &consumers, None).await?;
+            println!("resumed {named}");
+        }
+        Act::Reset(to) => {
+            if partitions > 0 {
+                return Err(Error::Usage(format!(
+                    "{named} is a partitioned group: its partitions read a work-queue stream, which \
+                     keeps no message once acked, so there is nothing to reset them to"
+                )));
+            }
+            let (stream, durable) = &consumers[0];
+            let next = crate::operate::reset(&client, stream, durable, to).await?;
+            println!("reset {named}: it delivers again from stream sequence {next}");
+        }
+    }
+    Ok(())
 }
 
 /// Runs `--dead-letters`: lists the selected dead letters, or replays or deletes each,
@@ -211,6 +312,14 @@ Commands:
                list the dead letters (why, from where, a payload preview), replay them to the
                subject they were first published to, or delete them; replay and delete need a
                filter or --all
+  --pause DURABLE --for DURATION|--until TIME [--stream NAME]
+               pause a durable consumer (every partition of a group): messages wait in the
+               stream; needs nats-server 2.11
+  --resume DURABLE [--stream NAME]
+               resume it
+  --reset-consumer DURABLE --to SEQUENCE|TIME [--stream NAME]
+               deliver again from a stream sequence, or from the first message stored at or
+               after a time (2026-12-05T18:00:00Z); needs nats-server 2.14
   -h, --help   this text
 
 Settings come from the environment:

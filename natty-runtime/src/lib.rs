@@ -55,6 +55,7 @@ mod kv_bucket;
 pub mod kv_watch;
 pub mod leader;
 pub mod object_store;
+mod operate;
 pub mod partition;
 pub mod payload;
 pub mod publish;
@@ -145,6 +146,7 @@ async fn serve(builder: RuntimeBuilder) -> Result<()> {
         }
         Command::Check => runtime.check().await,
         Command::DeadLetters(action, filter, _all) => cli::dead_letters(runtime.config(), action, &filter).await,
+        Command::Consumer(action) => cli::consumer(runtime.config(), &runtime.declared, &action).await,
         Command::AsyncApi => {
             println!("{:#}", runtime.asyncapi());
             Ok(())

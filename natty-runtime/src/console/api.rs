@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full, Limited};
@@ -30,8 +30,6 @@ const LIST_SCAN: u64 = 5_000;
 const PREVIEW_CHARS: usize = 200;
 /// Dead letters one replay or delete request acts on at most.
 const MAX_ACTED: usize = 1_000;
-/// The longest pause the console sets.
-const MAX_PAUSE: Duration = Duration::from_secs(7 * 24 * 3600);
 
 type Reply = Response<Full<Bytes>>;
 
@@ -484,48 +482,24 @@ async fn pause_consumer(console: &Console, pause: Pause) -> Reply {
             ),
         );
     };
-    let until = match pause.for_s {
+    let how_long = match pause.for_s {
         None => None,
-        Some(seconds) if seconds.is_finite() && seconds > 0.0 => {
-            // Clamped first: a `Duration` cannot hold every finite number of seconds.
-            let how_long = Duration::from_secs_f64(seconds.min(MAX_PAUSE.as_secs_f64()));
-            match async_nats::datetime::add_std_duration(async_nats::datetime::now(), how_long) {
-                Ok(until) => Some((until, SystemTime::now() + how_long)),
-                Err(_) => return error(StatusCode::BAD_REQUEST, "for_s is too far off"),
-            }
-        }
+        // Clamped first: a `Duration` cannot hold every finite number of seconds.
+        Some(seconds) if seconds.is_finite() && seconds > 0.0 => Some(Duration::from_secs_f64(
+            seconds.min(crate::operate::MAX_PAUSE.as_secs_f64()),
+        )),
         Some(_) => return error(StatusCode::BAD_REQUEST, "for_s is a number of seconds above 0"),
     };
-    let js = console.client().jetstream();
-    for (stream, durable) in &consumers {
-        let outcome = async {
-            let stream = js.get_stream_no_info(stream).await?;
-            match until {
-                Some((until, _)) => stream.pause_consumer(durable, until).await.map(drop)?,
-                None => stream.resume_consumer(durable).await.map(drop)?,
-            }
-            Ok::<_, crate::BoxError>(())
-        };
-        if let Err(e) = outcome.await {
-            let verb = if until.is_some() { "pause" } else { "resume" };
-            return error(
-                StatusCode::BAD_GATEWAY,
-                &format!(
-                    "cannot {verb} consumer `{durable}` on stream `{stream}`: {}",
-                    crate::error::chain(&*e)
-                ),
-            );
-        }
-    }
-    match until {
-        Some((_, until)) => {
+    match crate::operate::pause(console.client(), &consumers, how_long).await {
+        Ok(Some(until)) => {
             tracing::info!(stream = %pause.stream, durable = %pause.durable, until = %rfc3339(until), "console: consumer paused");
             json(StatusCode::OK, &serde_json::json!({ "paused_until": rfc3339(until) }))
         }
-        None => {
+        Ok(None) => {
             tracing::info!(stream = %pause.stream, durable = %pause.durable, "console: consumer resumed");
             json(StatusCode::OK, &serde_json::json!({ "paused_until": null }))
         }
+        Err(e) => error(StatusCode::BAD_GATEWAY, &crate::error::chain(&e).to_string()),
     }
 }
 
