@@ -107,7 +107,8 @@ pub fn kv_watch(args: TokenStream, item: TokenStream) -> TokenStream {
 /// Keys: `name` and `subjects` (required), `retention` (`"limits"`, `"interest"`, `"workqueue"`),
 /// `max_age`, `max_bytes`, `max_messages`, `storage` (`"file"`, `"memory"`), `replicas`,
 /// `cluster` and `tags` (placement: the cluster, and server tags every replica's server must
-/// have), `duplicate_window`, `description`.
+/// have), `duplicate_window`, `description`, `counters` (every subject a counter: see
+/// `natty_runtime::Counter`; nats-server 2.12).
 #[proc_macro_attribute]
 pub fn stream(args: TokenStream, item: TokenStream) -> TokenStream {
     attr::start_expansion();

@@ -22,6 +22,10 @@ attr::args! {
         tags: Vec<LitStr> = "tags" => attr::tags;
         duplicate_window: u64 = "duplicate_window" => attr::duration;
         description: LitStr = "description" => attr::text;
+        counters: bool = "counters" => |meta| {
+            let lit: syn::LitBool = meta.value()?.parse()?;
+            Ok(Ok((lit.value, lit.span())))
+        };
     }
 }
 
@@ -83,6 +87,9 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     setters.extend(attr::placement(parsed.cluster, parsed.tags, &p));
     if let Some(lit) = parsed.description.take() {
         setters.push(quote!(.description(#lit)));
+    }
+    if let Some(on) = parsed.counters.take() {
+        setters.push(quote!(.counters(#on)));
     }
 
     declaration::emit(item, quote!(#p::StreamDef::new(#name, &[#(#subjects),*]) #(#setters)*))

@@ -154,6 +154,7 @@ pub struct StreamDef {
     pub(crate) placement: Option<Placement>,
     pub(crate) duplicate_window: Option<Duration>,
     pub(crate) description: Option<&'static str>,
+    pub(crate) counters: Option<bool>,
     pub(crate) location: Location,
 }
 
@@ -172,6 +173,7 @@ impl StreamDef {
             placement: None,
             duplicate_window: None,
             description: None,
+            counters: None,
             location: Location::UNKNOWN,
         }
     }
@@ -227,6 +229,14 @@ impl StreamDef {
     /// Human-readable description.
     pub const fn description(mut self, description: &'static str) -> Self {
         self.description = Some(description);
+        self
+    }
+
+    /// Makes every subject of the stream a counter (nats-server 2.12, ADR-49): a message adds
+    /// the number in its `Nats-Incr` header to the subject's total, which the server keeps in
+    /// the subject's last message. Read and add through [`crate::Counter`].
+    pub const fn counters(mut self, on: bool) -> Self {
+        self.counters = Some(on);
         self
     }
 
@@ -289,6 +299,9 @@ impl StreamDef {
         if let Some(value) = self.description {
             config.description = Some(value.to_string());
         }
+        if let Some(on) = self.counters {
+            config.allow_message_counter = on;
+        }
     }
 
     /// The first declared setting that differs from `actual`: (field, declared, actual).
@@ -315,6 +328,7 @@ impl StreamDef {
                     actual.description.as_deref().unwrap_or(""),
                 )
             })
+            .or_else(|| check("counters", self.counters, actual.allow_message_counter))
     }
 
     /// Brings the server in line with this declaration, or checks it, per `mode`.
