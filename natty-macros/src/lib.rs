@@ -108,7 +108,8 @@ pub fn kv_watch(args: TokenStream, item: TokenStream) -> TokenStream {
 /// `max_age`, `max_bytes`, `max_messages`, `storage` (`"file"`, `"memory"`), `replicas`,
 /// `cluster` and `tags` (placement: the cluster, and server tags every replica's server must
 /// have), `duplicate_window`, `description`, `counters` (every subject a counter: see
-/// `natty_runtime::Counter`; nats-server 2.12).
+/// `natty_runtime::Counter`; nats-server 2.12), `atomic_publish` (takes atomic batches: see
+/// `natty_runtime::AtomicBatch`; 2.12).
 #[proc_macro_attribute]
 pub fn stream(args: TokenStream, item: TokenStream) -> TokenStream {
     attr::start_expansion();

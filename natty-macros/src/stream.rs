@@ -22,11 +22,15 @@ attr::args! {
         tags: Vec<LitStr> = "tags" => attr::tags;
         duplicate_window: u64 = "duplicate_window" => attr::duration;
         description: LitStr = "description" => attr::text;
-        counters: bool = "counters" => |meta| {
-            let lit: syn::LitBool = meta.value()?.parse()?;
-            Ok(Ok((lit.value, lit.span())))
-        };
+        counters: bool = "counters" => flag;
+        atomic_publish: bool = "atomic_publish" => flag;
     }
+}
+
+/// `key = true` or `key = false`.
+fn flag(meta: &syn::meta::ParseNestedMeta) -> Parsed<bool> {
+    let lit: syn::LitBool = meta.value()?.parse()?;
+    Ok(Ok((lit.value, lit.span())))
 }
 
 /// `retention = "limits" | "interest" | "workqueue"`, as the `Retention` variant.
@@ -90,6 +94,9 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     }
     if let Some(on) = parsed.counters.take() {
         setters.push(quote!(.counters(#on)));
+    }
+    if let Some(on) = parsed.atomic_publish.take() {
+        setters.push(quote!(.atomic_publish(#on)));
     }
 
     declaration::emit(item, quote!(#p::StreamDef::new(#name, &[#(#subjects),*]) #(#setters)*))

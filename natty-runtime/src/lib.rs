@@ -87,7 +87,9 @@ pub use natty_macros::Payload;
 pub use natty_macros::{capture, consumer, kv_bucket, kv_watch, leader, object_store, service, stream, subscribe};
 pub use object_store::{ObjectStore, ObjectStoreDef, ObjectStoreError};
 pub use payload::{DecodeError, DecodePayload, EncodePayload, Format, Payload};
-pub use publish::{Client, PendingAck, Publish, PublishAck, PublishError};
+pub use publish::{
+    AtomicBatch, AtomicBatchAck, AtomicBatchError, Client, PendingAck, Publish, PublishAck, PublishError, MAX_BATCH,
+};
 pub use runtime::{Runtime, RuntimeBuilder, Shutdown};
 pub use service::{EndedBy, Replies, RequestError, RequestMany};
 pub use state::State;

@@ -155,6 +155,7 @@ pub struct StreamDef {
     pub(crate) duplicate_window: Option<Duration>,
     pub(crate) description: Option<&'static str>,
     pub(crate) counters: Option<bool>,
+    pub(crate) atomic_publish: Option<bool>,
     pub(crate) location: Location,
 }
 
@@ -174,6 +175,7 @@ impl StreamDef {
             duplicate_window: None,
             description: None,
             counters: None,
+            atomic_publish: None,
             location: Location::UNKNOWN,
         }
     }
@@ -240,6 +242,13 @@ impl StreamDef {
         self
     }
 
+    /// Lets the stream take atomic batches (nats-server 2.12, ADR-50): several messages stored
+    /// all together or not at all, sent with [`crate::Client::atomic_batch`].
+    pub const fn atomic_publish(mut self, on: bool) -> Self {
+        self.atomic_publish = Some(on);
+        self
+    }
+
     /// Records where the declaration was written (the macros set this).
     pub const fn at(mut self, location: Location) -> Self {
         self.location = location;
@@ -302,6 +311,9 @@ impl StreamDef {
         if let Some(on) = self.counters {
             config.allow_message_counter = on;
         }
+        if let Some(on) = self.atomic_publish {
+            config.allow_atomic_publish = on;
+        }
     }
 
     /// The first declared setting that differs from `actual`: (field, declared, actual).
@@ -329,6 +341,7 @@ impl StreamDef {
                 )
             })
             .or_else(|| check("counters", self.counters, actual.allow_message_counter))
+            .or_else(|| check("atomic_publish", self.atomic_publish, actual.allow_atomic_publish))
     }
 
     /// Brings the server in line with this declaration, or checks it, per `mode`.

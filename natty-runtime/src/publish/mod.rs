@@ -10,7 +10,10 @@ use tracing::Instrument;
 
 use crate::classify::{failure, Failure};
 
+mod atomic;
 mod durable;
+
+pub use atomic::{AtomicBatch, AtomicBatchAck, AtomicBatchError, MAX_BATCH};
 
 pub use crate::client::Client;
 pub(crate) use durable::publish_durably;
