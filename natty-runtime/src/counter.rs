@@ -100,6 +100,9 @@ impl Counter {
             subject: self.subject.clone(),
             source,
         };
+        if let Some(why) = crate::operate::too_old(self.client.nats(), 2, 12, "a counter") {
+            return Err(failed(why.into()));
+        }
         let mut headers = HeaderMap::new();
         headers.insert(INCREMENT, format!("{delta:+}").as_str());
         let ack = self

@@ -73,13 +73,15 @@ pub(crate) fn durable(
 ///
 /// [`Error::Usage`] naming `what`, the version it needs and the server's.
 pub(crate) fn needs_server(nats: &async_nats::Client, major: u64, minor: u64, what: &str) -> Result<()> {
+    too_old(nats, major, minor, what).map_or(Ok(()), |why| Err(Error::Usage(why)))
+}
+
+/// Why the connected server is too old for `what`, or `None` when it is recent enough (or
+/// says no version: let the server answer then).
+pub(crate) fn too_old(nats: &async_nats::Client, major: u64, minor: u64, what: &str) -> Option<String> {
     let version = nats.server_info().version;
-    if at_least(&version, major, minor) {
-        return Ok(());
-    }
-    Err(Error::Usage(format!(
-        "{what} needs nats-server {major}.{minor} or newer; the server is {version}"
-    )))
+    (!version.is_empty() && !at_least(&version, major, minor))
+        .then(|| format!("{what} needs nats-server {major}.{minor} or newer; the server is {version}"))
 }
 
 /// Whether the server version `version` (`2.15.1`, `2.14.0-beta.2`) is `major.minor` or newer.

@@ -216,6 +216,13 @@ impl AtomicBatch {
         let first = self.messages[0].0.clone();
         let id = nuid::next().to_string();
         let nats = self.client.nats();
+        if let Some(why) = crate::operate::too_old(nats, 2, 12, "an atomic batch") {
+            return Err(AtomicBatchError::Refused {
+                subject: first,
+                count,
+                reason: why,
+            });
+        }
         let refused = |reason: String| AtomicBatchError::Refused {
             subject: first.clone(),
             count,
