@@ -36,17 +36,7 @@ pub(crate) fn durable(
         }
         known.push(format!("{} (stream {})", def.durable, def.stream));
         if def.durable == durable && stream.is_none_or(|s| s == def.stream) {
-            let consumers = if def.partitions > 0 {
-                let group = Group::new(def)?;
-                (0..def.partitions)
-                    .map(|k| {
-                        let partition = group.consumer(k);
-                        (partition.stream.to_string(), partition.durable.to_string())
-                    })
-                    .collect()
-            } else {
-                vec![(def.stream.to_string(), def.durable.to_string())]
-            };
+            let consumers = server_consumers(&def, || Group::new(def))?;
             found.push((def.stream.to_string(), consumers, def.partitions));
         }
     }
@@ -65,6 +55,28 @@ pub(crate) fn durable(
             "several streams have a durable consumer `{durable}`: name one with --stream"
         ))),
     }
+}
+
+/// The consumers on the server a durable runs on: its own, or every partition's when it is a
+/// partitioned group (`group` makes that group).
+///
+/// # Errors
+///
+/// What `group` fails with.
+pub(crate) fn server_consumers(
+    def: &crate::consumer::ConsumerDef,
+    group: impl FnOnce() -> Result<crate::partition::group::Group>,
+) -> Result<Consumers> {
+    if def.partitions == 0 {
+        return Ok(vec![(def.stream.to_string(), def.durable.to_string())]);
+    }
+    let group = group()?;
+    Ok((0..def.partitions)
+        .map(|k| {
+            let partition = group.consumer(k);
+            (partition.stream.to_string(), partition.durable.to_string())
+        })
+        .collect())
 }
 
 /// Refuses an operation the connected server is too old for, naming the version needed.

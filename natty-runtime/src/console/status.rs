@@ -193,18 +193,8 @@ fn consumer_entry(
 ) -> Entry {
     let consumers = if def.ephemeral {
         Vec::new()
-    } else if def.partitions > 0 {
-        match group() {
-            Ok(group) => (0..def.partitions)
-                .map(|k| {
-                    let partition = group.consumer(k);
-                    (partition.stream.to_string(), partition.durable.to_string())
-                })
-                .collect(),
-            Err(_) => Vec::new(),
-        }
     } else {
-        vec![(def.stream.to_string(), def.durable.to_string())]
+        crate::operate::server_consumers(def, group).unwrap_or_default()
     };
     Entry {
         name: def.name,
