@@ -489,6 +489,24 @@ fn cpu_time() -> Duration {
     time(usage.ru_utime) + time(usage.ru_stime)
 }
 
+/// User time, system time and context switches (voluntary + involuntary) of this process so
+/// far, for `--only consume-raw` / `consume-natty`, which print them per message.
+#[allow(unsafe_code)] // getrusage has no safe wrapper in std
+fn usage() -> (Duration, Duration, i64) {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: as in `cpu_time`.
+    let usage = unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
+        usage.assume_init()
+    };
+    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    (
+        time(usage.ru_utime),
+        time(usage.ru_stime),
+        usage.ru_nvcsw + usage.ru_nivcsw,
+    )
+}
+
 /// One side's round: messages/s and CPU microseconds per message of this process and of the
 /// server (NaN where not measured).
 #[derive(Clone, Copy)]
@@ -777,6 +795,31 @@ async fn scenario_consume(server: &NatsServer, js: &jetstream::Context, args: &A
     let natty = report("consume (defaults)", &raw, &default, ">= 1.00x");
     report("consume (prefetch 1000)", &raw, &tuned, ">= 1.00x");
     natty
+}
+
+/// The consume scenario's raw loop or natty's defaults alone (`--only consume-raw` or
+/// `consume-natty`), to profile one side: `perf record -p` on this process then sees only it.
+async fn scenario_consume_alone(server: &NatsServer, js: &jetstream::Context, args: &Args, side: &str) {
+    purge(js, "bench").await;
+    fill(js, "bench.orders", args.messages).await;
+    for round in 0..args.rounds {
+        let before = usage();
+        let measured = match side {
+            "raw" => raw_consume(js, args.messages).await,
+            _ => natty_consume(server, js, "consume_default", "natty-default", args.messages).await,
+        };
+        let after = usage();
+        let run = rate(args.messages, measured);
+        let per = |d: Duration| d.as_secs_f64() * 1e6 / args.messages as f64;
+        eprintln!(
+            "  consume {side} alone, round {round}: {:.0} msg/s, {:.2} us cpu/msg ({:.2} user, {:.2} system), {:.3} context switches/msg",
+            run.rate,
+            run.cpu_us,
+            per(after.0 - before.0),
+            per(after.1 - before.1),
+            (after.2 - before.2) as f64 / args.messages as f64
+        );
+    }
 }
 
 /// Raw async-nats fetching batches of 500 (`fetch`), decoding each message and acking each, as
@@ -1714,6 +1757,17 @@ async fn main() {
     } else {
         Rates::NOT_RUN
     };
+    for side in ["raw", "natty"] {
+        // One side alone, only when named: for `perf record`, where the other side's samples
+        // would mix with it.
+        if args
+            .only
+            .as_ref()
+            .is_some_and(|only| only.iter().any(|o| *o == format!("consume-{side}")))
+        {
+            scenario_consume_alone(&server, &js, &args, side).await;
+        }
+    }
     if wants("confirmed") {
         scenario_confirmed(&server, &js, &args).await;
     }

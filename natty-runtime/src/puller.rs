@@ -74,14 +74,18 @@ pub(crate) struct Puller {
     outstanding: usize,
     /// The size of the last request sent: the one a `409 Exceeded MaxWaiting` turns away.
     last_batch: usize,
-    /// When the server was last heard from, as of the last wait (see `heard`).
+    /// When the server was last heard from, as of the last check (see `heard`).
     last_heard: Instant,
-    /// Something arrived since `last_heard` was set: the next wait starts the silence anew.
+    /// Something arrived since the last check: the silence starts anew.
     heard: bool,
     /// The connection's reconnect count when the outstanding requests were sent.
     connects: u64,
-    /// When the reconnect count was last looked at.
-    checked: Instant,
+    /// The one timer of the waits: stall and reconnect are looked at when it fires, every
+    /// `RECONNECT_CHECK` while credits are outstanding. Armed once and moved on only when it
+    /// fires: a wait is on a delivery's path whenever the consumer keeps up with the server,
+    /// and timers made per wait (each put into and taken out of the runtime's timer wheel)
+    /// cost more than the rest of it.
+    check: std::pin::Pin<Box<tokio::time::Sleep>>,
     /// How long each request waits on the server, and its idle heartbeat.
     expires: Duration,
     heartbeat: Duration,
@@ -106,7 +110,7 @@ impl Puller {
             last_heard: Instant::now(),
             heard: false,
             connects: client.statistics().connects.load(std::sync::atomic::Ordering::Relaxed),
-            checked: Instant::now(),
+            check: Box::pin(tokio::time::sleep(RECONNECT_CHECK)),
             expires: EXPIRES,
             heartbeat: HEARTBEAT,
         })
@@ -139,6 +143,8 @@ impl Puller {
         if self.outstanding == 0 {
             // The stall clock starts with the first credit, not with the last idle period.
             self.last_heard = Instant::now();
+            self.heard = false;
+            self.check.as_mut().reset(self.last_heard + RECONNECT_CHECK);
             self.connects = self.reconnects();
         }
         self.outstanding += batch;
@@ -229,38 +235,42 @@ impl Puller {
     /// Waits for the subscription's next message, watching for a stall and a reconnect while
     /// credits are outstanding.
     async fn wait(&mut self) -> Waited {
-        if std::mem::take(&mut self.heard) {
-            // Something came since the last wait: the silence starts now. Read here, once per
-            // wait, rather than once per message.
-            self.last_heard = Instant::now();
-        }
-        let stall_at = self.last_heard + STALL;
-        let check_at = self.last_heard.max(self.checked) + RECONNECT_CHECK;
         tokio::select! {
             biased;
             message = self.subscriber.next() => {
                 self.heard = true;
                 Waited::Message(message)
             }
-            _ = tokio::time::sleep_until(check_at), if self.outstanding > 0 => {
-                self.checked = Instant::now();
-                if self.reconnects() != self.connects {
-                    return Waited::Stalled("reconnected: the server may not know the pull requests");
-                }
-                Waited::Again
-            }
-            _ = tokio::time::sleep_until(stall_at), if self.outstanding > 0 => {
-                // Woken long after the stall deadline: this process was paused (SIGSTOP, a
-                // frozen VM), not the server silent. What it sent meanwhile may still be
-                // unread: give it a heartbeat's time to speak before judging, rather than
-                // dropping credits the server still holds and asking for them twice.
-                if Instant::now() > stall_at + PAUSED {
-                    self.last_heard = Instant::now();
-                    return Waited::Again;
-                }
-                Waited::Stalled("no message or heartbeat from the server")
-            }
+            () = self.check.as_mut(), if self.outstanding > 0 => self.checked(),
         }
+    }
+
+    /// What the check timer found: nothing wrong, or the requests likely gone.
+    fn checked(&mut self) -> Waited {
+        let now = Instant::now();
+        let late = now.saturating_duration_since(self.check.deadline());
+        self.check.as_mut().reset(now + RECONNECT_CHECK);
+        if std::mem::take(&mut self.heard) {
+            // Heard from since the last check (at most `RECONNECT_CHECK` ago): the silence, if
+            // any, starts about now.
+            self.last_heard = now;
+            return Waited::Again;
+        }
+        if late > PAUSED {
+            // Woken long after its time: this process was paused (SIGSTOP, a frozen VM), not
+            // the server silent. What it sent meanwhile may still be unread: give it a
+            // heartbeat's time to speak before judging, rather than dropping credits the
+            // server still holds and asking for them twice.
+            self.last_heard = now;
+            return Waited::Again;
+        }
+        if self.reconnects() != self.connects {
+            return Waited::Stalled("reconnected: the server may not know the pull requests");
+        }
+        if now >= self.last_heard + STALL {
+            return Waited::Stalled("no message or heartbeat from the server");
+        }
+        Waited::Again
     }
 
     /// Asks for nothing more and listens until every request sent has ended (its messages came
