@@ -10,4 +10,5 @@ fn ui() {
     t.compile_fail("ui/leader/fail/*.rs");
     t.compile_fail("ui/bucket/fail/*.rs");
     t.compile_fail("ui/capture/fail/*.rs");
+    t.compile_fail("ui/schedule/fail/*.rs");
 }

@@ -21,6 +21,7 @@ mod kv_watch;
 mod leader;
 mod object_store;
 mod payload;
+mod schedule;
 mod service;
 mod stream;
 mod subscribe;
@@ -109,7 +110,8 @@ pub fn kv_watch(args: TokenStream, item: TokenStream) -> TokenStream {
 /// `cluster` and `tags` (placement: the cluster, and server tags every replica's server must
 /// have), `duplicate_window`, `description`, `counters` (every subject a counter: see
 /// `natty_runtime::Counter`; nats-server 2.12), `atomic_publish` (takes atomic batches: see
-/// `natty_runtime::AtomicBatch`; 2.12).
+/// `natty_runtime::AtomicBatch`; 2.12), `schedules` (holds messages the server publishes
+/// later: delayed publishes and `#[schedule]`s, which set it on their stream themselves; 2.12).
 #[proc_macro_attribute]
 pub fn stream(args: TokenStream, item: TokenStream) -> TokenStream {
     attr::start_expansion();
@@ -165,6 +167,26 @@ pub fn kv_bucket(args: TokenStream, item: TokenStream) -> TokenStream {
 pub fn object_store(args: TokenStream, item: TokenStream) -> TokenStream {
     attr::start_expansion();
     object_store::expand(args.into(), item.into()).into()
+}
+
+/// Has the server publish what this function returns to `subject` on a cron expression or at
+/// an interval (nats-server 2.12; `time_zone` 2.14). Stored in the stream at start (again only
+/// when the declaration changes), so it fires whether or not the service runs.
+///
+/// ```ignore
+/// #[schedule(stream = "reports", subject = "reports.daily", cron = "0 0 6 * * *", time_zone = "Europe/Prague")]
+/// fn daily() -> ReportRequest { ReportRequest { period: "day".into() } }
+///
+/// #[schedule(stream = "reports", subject = "reports.tick", every = "5m")]
+/// fn tick() -> &'static str { "tick" }
+/// ```
+///
+/// Keys: `stream`, `subject` (required); `cron` (six fields, seconds first, or `@hourly`,
+/// `@daily`, …) or `every` (at least `1s`); `time_zone` (an IANA name, with `cron` only).
+#[proc_macro_attribute]
+pub fn schedule(args: TokenStream, item: TokenStream) -> TokenStream {
+    attr::start_expansion();
+    schedule::expand(args.into(), item.into()).into()
 }
 
 /// Runs this `async fn` in exactly one instance at a time, across every process of the service.

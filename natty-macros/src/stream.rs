@@ -24,6 +24,7 @@ attr::args! {
         description: LitStr = "description" => attr::text;
         counters: bool = "counters" => flag;
         atomic_publish: bool = "atomic_publish" => flag;
+        schedules: bool = "schedules" => flag;
     }
 }
 
@@ -97,6 +98,9 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     }
     if let Some(on) = parsed.atomic_publish.take() {
         setters.push(quote!(.atomic_publish(#on)));
+    }
+    if let Some(on) = parsed.schedules.take() {
+        setters.push(quote!(.schedules(#on)));
     }
 
     declaration::emit(item, quote!(#p::StreamDef::new(#name, &[#(#subjects),*]) #(#setters)*))

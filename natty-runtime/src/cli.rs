@@ -365,6 +365,16 @@ pub(crate) fn list(declared: &Declarations) -> String {
             store.location().to_string(),
         ));
     }
+    for schedule in &declared.schedules {
+        let what = format!("{} -> {}", schedule.spec().header(), schedule.subject());
+        rows.push(row(
+            "schedule",
+            schedule.name(),
+            what,
+            schedule.stream(),
+            schedule.location().to_string(),
+        ));
+    }
     for consumer in &declared.consumers {
         let durable = if consumer.ephemeral {
             "(ephemeral)".to_string()
@@ -452,6 +462,10 @@ pub(crate) async fn check(config: &Config, declared: &Declarations) -> Result<()
     for store in &declared.object_stores {
         let what = format!("object store `{}`", store.name());
         report.record(what, store.provision(&client, Provision::VerifyOnly).await);
+    }
+    for schedule in &declared.schedules {
+        let what = format!("schedule `{}` on stream `{}`", schedule.name(), schedule.stream());
+        report.record(what, schedule.provision(&client, Provision::VerifyOnly).await);
     }
     use crate::partition::group::Group;
     /// How to make a durable's group, if it is partitioned.

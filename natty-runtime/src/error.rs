@@ -223,6 +223,13 @@ pub enum Declared {
         /// Its durable name.
         consumer: String,
     },
+    /// A `#[schedule]`.
+    Schedule {
+        /// The stream holding it.
+        stream: String,
+        /// Its name.
+        name: String,
+    },
 }
 
 impl fmt::Display for Declared {
@@ -230,6 +237,7 @@ impl fmt::Display for Declared {
         match self {
             Declared::Stream(stream) => write!(f, "stream `{stream}`"),
             Declared::Consumer { stream, consumer } => write!(f, "consumer `{consumer}` on stream `{stream}`"),
+            Declared::Schedule { stream, name } => write!(f, "schedule `{name}` on stream `{stream}`"),
         }
     }
 }
@@ -316,6 +324,16 @@ pub enum PublishError {
         /// What the encoder reported.
         #[source]
         source: BoxError,
+    },
+    /// A delayed publish ([`Publish::at`](crate::Publish::at), [`Publish::after`](crate::Publish::after))
+    /// to a subject whose stream takes no scheduled messages, or against a server older than
+    /// 2.12. Nothing was sent.
+    #[error("cannot delay a message to `{subject}`: {reason}; nothing was sent")]
+    NoSchedules {
+        /// The target subject.
+        subject: String,
+        /// Why: the stream that captures it takes no schedules, or the server is too old.
+        reason: String,
     },
     /// The server did not ack the message (no stream for the subject, timeout, refused).
     #[error("publish to `{subject}` was not acknowledged")]

@@ -63,6 +63,7 @@ pub mod publish;
 mod puller;
 mod registry;
 mod runtime;
+pub mod schedule;
 mod schema;
 pub mod service;
 mod state;
@@ -84,13 +85,16 @@ pub use kv::{Kv, KvBucketDef, KvChanges, KvEntry, KvError};
 pub use kv_watch::{KvChange, KvOperation, KvWatchDef};
 pub use leader::{FencedError, LeaderDef, Lease};
 pub use natty_macros::Payload;
-pub use natty_macros::{capture, consumer, kv_bucket, kv_watch, leader, object_store, service, stream, subscribe};
+pub use natty_macros::{
+    capture, consumer, kv_bucket, kv_watch, leader, object_store, schedule, service, stream, subscribe,
+};
 pub use object_store::{ObjectStore, ObjectStoreDef, ObjectStoreError};
 pub use payload::{DecodeError, DecodePayload, EncodePayload, Format, Payload};
 pub use publish::{
     AtomicBatch, AtomicBatchAck, AtomicBatchError, Client, PendingAck, Publish, PublishAck, PublishError, MAX_BATCH,
 };
 pub use runtime::{Runtime, RuntimeBuilder, Shutdown};
+pub use schedule::{ScheduleDef, Spec};
 pub use service::{EndedBy, Replies, RequestError, RequestMany};
 pub use state::State;
 pub use stream::{Location, Placement, StreamDef};
@@ -102,8 +106,8 @@ pub use async_nats;
 /// What a service needs in scope: the macros, [`Context`] and [`Client`].
 pub mod prelude {
     pub use crate::{
-        capture, consumer, kv_bucket, kv_watch, leader, object_store, service, stream, subscribe, Batch, Client,
-        Context, Envelope, KvChange, Lease, Payload, Reject, State,
+        capture, consumer, kv_bucket, kv_watch, leader, object_store, schedule, service, stream, subscribe, Batch,
+        Client, Context, Envelope, KvChange, Lease, Payload, Publish, Reject, State,
     };
 }
 
@@ -235,6 +239,7 @@ pub mod __private {
         describe_payload, subject_token, DecodePayload, EncodePayload, Format, Payload, PayloadDescription,
     };
     pub use crate::publish::PublishError;
+    pub use crate::schedule::{body as schedule_body, ScheduleDef, Spec};
     pub use crate::schema::protobuf as protobuf_schema;
     pub use crate::service::IntoReply;
     pub use crate::state::{Need, NeedFn};

@@ -71,6 +71,7 @@ declarations! {
         streams: StreamDef,
         kv_buckets: KvBucketDef,
         object_stores: ObjectStoreDef,
+        schedules: crate::schedule::ScheduleDef,
     }
     handlers {
         consumers: ConsumerDef => |c: &ConsumerDef| Handler::new(c.name, c.location, c.needs),
@@ -195,6 +196,31 @@ impl Declarations {
             }
         }
         Ok(())
+    }
+
+    /// Gives every stream a `#[schedule]` targets the schedules setting, and the unfiltered
+    /// consumers of a stream with schedules the stream's declared subjects as their filter, so
+    /// that they never read what the server holds for later (`natty.schedules.<stream>.>`).
+    pub(crate) fn link_schedules(&mut self) {
+        let targeted: Vec<&str> = self.schedules.iter().map(|schedule| schedule.stream).collect();
+        for stream in &mut self.streams {
+            if stream.schedules.is_none() && targeted.contains(&stream.name) {
+                stream.schedules = Some(true);
+            }
+        }
+        let holding: Vec<StreamDef> = self
+            .streams
+            .iter()
+            .filter(|stream| stream.schedules == Some(true))
+            .copied()
+            .collect();
+        for consumer in &mut self.consumers {
+            if let Some(stream) = holding.iter().find(|stream| stream.name == consumer.stream) {
+                if consumer.subjects.is_empty() {
+                    consumer.subjects = stream.subjects;
+                }
+            }
+        }
     }
 
     /// The declared stream named `name`, if any.

@@ -312,6 +312,7 @@ impl RuntimeBuilder {
             }
             declared.extend(registered);
         }
+        declared.link_schedules();
         Ok(Runtime {
             config,
             metrics_listener: self.metrics_listener,
@@ -526,6 +527,9 @@ async fn provision(config: &Config, declared: &Declarations, client: &Client) ->
     let patience = config.stream_leader_timeout;
     for stream in &declared.streams {
         patiently(patience, || stream.provision(js, provision)).await?;
+    }
+    for schedule in &declared.schedules {
+        patiently(patience, || schedule.provision(client, provision)).await?;
     }
     let all_consumers = declared.all_consumers();
     // The streams handlers read, each once.

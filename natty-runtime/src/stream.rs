@@ -156,6 +156,7 @@ pub struct StreamDef {
     pub(crate) description: Option<&'static str>,
     pub(crate) counters: Option<bool>,
     pub(crate) atomic_publish: Option<bool>,
+    pub(crate) schedules: Option<bool>,
     pub(crate) location: Location,
 }
 
@@ -176,6 +177,7 @@ impl StreamDef {
             description: None,
             counters: None,
             atomic_publish: None,
+            schedules: None,
             location: Location::UNKNOWN,
         }
     }
@@ -249,10 +251,29 @@ impl StreamDef {
         self
     }
 
+    /// Lets the stream hold messages the server publishes later (nats-server 2.12, ADR-51):
+    /// `#[schedule]` declarations and delayed publishes ([`crate::Publish::after`]). natty
+    /// adds the subjects `natty.schedules.<name>.>` for what the server holds until then, and
+    /// filters the stream's unfiltered consumers to the declared subjects so that handlers
+    /// never see those. A stream a `#[schedule]` targets gets it without asking.
+    pub const fn schedules(mut self, on: bool) -> Self {
+        self.schedules = Some(on);
+        self
+    }
+
     /// Records where the declaration was written (the macros set this).
     pub const fn at(mut self, location: Location) -> Self {
         self.location = location;
         self
+    }
+
+    /// The subjects the server's config has: the declared ones, and the schedules' holders.
+    fn all_subjects(&self) -> Vec<String> {
+        let mut subjects: Vec<String> = self.subjects.iter().map(|s| s.to_string()).collect();
+        if self.schedules == Some(true) {
+            subjects.push(crate::schedule::space(self.name));
+        }
+        subjects
     }
 
     /// The stream's name.
@@ -282,7 +303,7 @@ impl StreamDef {
 
     /// Overwrites the declared settings in `config`, leaving the rest as the server has them.
     fn apply(&self, config: &mut StreamConfig) {
-        config.subjects = self.subjects.iter().map(|s| s.to_string()).collect();
+        config.subjects = self.all_subjects();
         if let Some(value) = self.retention {
             config.retention = value;
         }
@@ -314,11 +335,15 @@ impl StreamDef {
         if let Some(on) = self.atomic_publish {
             config.allow_atomic_publish = on;
         }
+        if let Some(on) = self.schedules {
+            config.allow_message_schedules = on;
+        }
     }
 
     /// The first declared setting that differs from `actual`: (field, declared, actual).
     pub(crate) fn drift(&self, actual: &StreamConfig) -> Option<(&'static str, String, String)> {
-        let mut subjects: Vec<&str> = self.subjects.to_vec();
+        let all = self.all_subjects();
+        let mut subjects: Vec<&str> = all.iter().map(String::as_str).collect();
         let mut server: Vec<&str> = actual.subjects.iter().map(String::as_str).collect();
         subjects.sort_unstable();
         server.sort_unstable();
@@ -341,6 +366,7 @@ impl StreamDef {
                 )
             })
             .or_else(|| check("counters", self.counters, actual.allow_message_counter))
+            .or_else(|| check("schedules", self.schedules, actual.allow_message_schedules))
             .or_else(|| check("atomic_publish", self.atomic_publish, actual.allow_atomic_publish))
     }
 

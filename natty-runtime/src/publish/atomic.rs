@@ -170,6 +170,15 @@ impl AtomicBatch {
                 }));
             return self;
         }
+        if options.at.is_some() {
+            // A batch is stored now, whole: a message of it cannot wait on a schedule.
+            self.error.get_or_insert(AtomicBatchError::Refused {
+                subject: subject.clone(),
+                count: self.messages.len() + 1,
+                reason: "a message of an atomic batch cannot be delayed (Publish::at / after)".to_string(),
+            });
+            return self;
+        }
         let target = async_nats::Subject::from(subject.as_str());
         match encode(&target, value) {
             Ok((payload, format)) => {

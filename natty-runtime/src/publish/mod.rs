@@ -109,10 +109,16 @@ impl Client {
             Some(_) => options,
             None => options.id(new_msg_id()),
         };
+        let (id, at) = (options.msg_id.clone().unwrap_or_default(), options.at);
         let mut headers = options.into_headers(format);
         let span = publish_span(&subject);
         crate::telemetry::trace::inject(&span, &mut headers);
-        let result = publish_durably(self, &subject, headers, payload)
+        // A delayed message goes to its holder subject, with the schedule in its headers.
+        let sent_to = match at {
+            Some(at) => crate::schedule::delay(self, &subject, &id, at, &mut headers).await?,
+            None => subject.clone(),
+        };
+        let result = publish_durably(self, &sent_to, headers, payload)
             .instrument(span.clone())
             .await;
         let metrics = &self.telemetry.metrics;
@@ -175,7 +181,13 @@ impl Client {
         // A `Subject` shares its bytes, so keeping it for the error costs no copy.
         let subject = checked_subject(subject.into())?;
         let (payload, format) = encode(&subject, value)?;
-        self.send_raw(&subject, options.into_headers(format), payload)
+        let (id, at) = (options.msg_id.clone().unwrap_or_else(new_msg_id), options.at);
+        let mut headers = options.into_headers(format);
+        let sent_to = match at {
+            Some(at) => crate::schedule::delay(self, &subject, &id, at, &mut headers).await?,
+            None => subject.clone(),
+        };
+        self.send_raw(&sent_to, headers, payload)
             .instrument(publish_span(&subject))
             .await
     }
@@ -330,6 +342,8 @@ fn checked_subject(subject: String) -> std::result::Result<async_nats::Subject, 
 pub struct Publish {
     msg_id: Option<String>,
     headers: Option<async_nats::HeaderMap>,
+    /// When the server is to publish the message (see [`Publish::at`]).
+    pub(super) at: Option<std::time::SystemTime>,
 }
 
 impl Publish {
@@ -390,6 +404,36 @@ impl Publish {
     /// Any other header.
     pub fn with_header(self, name: &str, value: impl AsRef<str>) -> Publish {
         self.header(name, value)
+    }
+
+    /// Has the server publish the message at `time` (rounded up to the second; at once if it
+    /// is past), not now (nats-server 2.12, ADR-51). The stream keeps it until then, so it
+    /// survives restarts of this service and of the server; the ack says it is kept.
+    ///
+    /// The subject's stream must take schedules (`#[stream(..., schedules = true)]`). The
+    /// message waits on a subject of its own, `natty.schedules.<stream>.at.<key>`, named after
+    /// its idempotency key: sent again with the same [`id`](Publish::id), it replaces itself
+    /// rather than coming twice. Headers set here (trace context, `Content-Type`, yours) come
+    /// with it.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo(client: natty_runtime::Client) -> Result<(), natty_runtime::PublishError> {
+    /// use std::time::{Duration, SystemTime};
+    /// use natty_runtime::Publish;
+    /// let remind = Publish::new().id("order-42-reminder").at(SystemTime::now() + Duration::from_secs(3600));
+    /// client.publish_with("orders.42.remind", &"unpaid", remind).await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn at(mut self, time: std::time::SystemTime) -> Publish {
+        self.at = Some(time);
+        self
+    }
+
+    /// Has the server publish the message `delay` from now (see [`at`](Publish::at)).
+    pub fn after(self, delay: std::time::Duration) -> Publish {
+        self.at(std::time::SystemTime::now() + delay)
     }
 
     /// The headers to send: the options' plus the payload's `Content-Type`.

@@ -1,0 +1,409 @@
+//! Messages the server publishes later (nats-server 2.12, ADR-51): `#[schedule]` declarations
+//! (a cron expression or an interval) and one-off delayed publishes
+//! ([`Publish::at`](crate::Publish::at), [`Publish::after`](crate::Publish::after)).
+//!
+//! The server keeps a schedule as a message (the "holder") on a subject of its own in the same
+//! stream as its target; it publishes the holder's body and headers to the target when due,
+//! and removes a one-off holder once it fired. Being stored, schedules survive restarts of the
+//! service and of the server.
+//!
+//! natty puts holders in a subject space of their own, `natty.schedules.<stream>.>`, which it
+//! adds to a stream that takes schedules (`#[stream(schedules = true)]`, or any stream a
+//! `#[schedule]` targets), and it gives that stream's unfiltered consumers the stream's own
+//! subjects as their filter: handlers see what a schedule publishes, never the holders.
+
+use std::time::{Duration, SystemTime};
+
+use async_nats::jetstream;
+use async_nats::HeaderMap;
+use bytes::Bytes;
+
+use crate::config::Provision;
+use crate::error::{Declared, Drift, Error, Result};
+use crate::payload::Format;
+use crate::publish::PublishError;
+use crate::stream::Location;
+
+/// The first tokens of every holder subject.
+pub(crate) const PREFIX: &str = "natty.schedules";
+
+/// The subjects holding stream `stream`'s schedules.
+pub(crate) fn space(stream: &str) -> String {
+    format!("{PREFIX}.{stream}.>")
+}
+
+/// The holder subject of the declared schedule `name` on `stream`.
+pub(crate) fn holder(stream: &str, name: &str) -> String {
+    format!("{PREFIX}.{stream}.{name}")
+}
+
+/// The holder subject of a one-off delayed message with idempotency key `id`: the same key
+/// gives the same holder, so a publish sent again replaces the holder rather than adding a
+/// second delayed message.
+pub(crate) fn one_off_holder(stream: &str, id: &str) -> String {
+    let token = if !id.is_empty()
+        && id.len() <= 64
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        id.to_string()
+    } else {
+        // A key that is not one plain token (dots, spaces, very long): its FNV-1a hash.
+        let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        format!("{hash:016x}")
+    };
+    format!("{PREFIX}.{stream}.at.{token}")
+}
+
+/// When a schedule fires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spec {
+    /// A cron expression in the server's six-field syntax (seconds first) or a predefined one
+    /// (`@hourly`, `@daily`, …).
+    Cron(&'static str),
+    /// At this interval (at least a second), from when the schedule was stored.
+    Every(Duration),
+}
+
+impl Spec {
+    /// The `Nats-Schedule` header's value.
+    pub(crate) fn header(&self) -> String {
+        match self {
+            Spec::Cron(expression) => expression.to_string(),
+            Spec::Every(every) => format!("@every {}", go_duration(*every)),
+        }
+    }
+}
+
+/// `every` as Go's `time.ParseDuration` reads it (the server's syntax), in the largest whole
+/// unit: `5m`, `90s`, `1500ms`.
+pub(crate) fn go_duration(every: Duration) -> String {
+    let millis = every.as_millis();
+    match millis {
+        m if m % 3_600_000 == 0 => format!("{}h", m / 3_600_000),
+        m if m % 60_000 == 0 => format!("{}m", m / 60_000),
+        m if m % 1_000 == 0 => format!("{}s", m / 1_000),
+        m => format!("{m}ms"),
+    }
+}
+
+/// Encodes a schedule's body: the value its declaring function returns.
+pub type BodyFn = fn() -> std::result::Result<(Bytes, Format), PublishError>;
+
+/// Encodes `value` as a schedule's body (what `#[schedule]` calls with its function's value).
+///
+/// # Errors
+///
+/// [`PublishError::Encode`] naming the schedule's `subject`.
+pub fn body<T: crate::EncodePayload + ?Sized>(
+    subject: &str,
+    value: &T,
+) -> std::result::Result<(Bytes, Format), PublishError> {
+    let bytes = value.to_bytes().map_err(|source| PublishError::Encode {
+        subject: subject.to_string(),
+        format: T::FORMAT,
+        source,
+    })?;
+    Ok((bytes, T::FORMAT))
+}
+
+/// A declared schedule: `#[schedule]` registers one.
+///
+/// The server publishes `body` to `subject` (a subject of `stream`) on `spec`. natty stores the
+/// schedule at start, and again only when the declaration changed (an interval is not restarted
+/// by a deploy); `--check` compares it with what the server holds.
+#[derive(Debug, Clone, Copy)]
+pub struct ScheduleDef {
+    pub(crate) name: &'static str,
+    pub(crate) stream: &'static str,
+    pub(crate) subject: &'static str,
+    pub(crate) spec: Spec,
+    pub(crate) time_zone: Option<&'static str>,
+    pub(crate) body: BodyFn,
+    pub(crate) location: Location,
+}
+
+impl ScheduleDef {
+    /// A schedule named `name` publishing what `body` encodes to `subject` of `stream`, on
+    /// `spec`.
+    pub const fn new(
+        name: &'static str,
+        stream: &'static str,
+        subject: &'static str,
+        spec: Spec,
+        body: BodyFn,
+    ) -> Self {
+        ScheduleDef {
+            name,
+            stream,
+            subject,
+            spec,
+            time_zone: None,
+            body,
+            location: Location::UNKNOWN,
+        }
+    }
+
+    /// The IANA time zone a cron expression is read in (UTC without one; nats-server 2.14).
+    pub const fn time_zone(mut self, zone: &'static str) -> Self {
+        self.time_zone = Some(zone);
+        self
+    }
+
+    /// Where it was declared (the macro sets it).
+    pub const fn at(mut self, location: Location) -> Self {
+        self.location = location;
+        self
+    }
+
+    /// The schedule's name (its declaring function's).
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The stream it is stored in.
+    pub fn stream(&self) -> &'static str {
+        self.stream
+    }
+
+    /// Where it publishes.
+    pub fn subject(&self) -> &'static str {
+        self.subject
+    }
+
+    /// When it fires.
+    pub fn spec(&self) -> Spec {
+        self.spec
+    }
+
+    /// Where it was declared.
+    pub fn location(&self) -> Location {
+        self.location
+    }
+
+    /// The holder message's headers.
+    fn headers(&self, format: Format) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(async_nats::header::NATS_SCHEDULE, self.spec.header().as_str());
+        headers.insert(async_nats::header::NATS_SCHEDULE_TARGET, self.subject);
+        if let Some(zone) = self.time_zone {
+            headers.insert(async_nats::header::NATS_SCHEDULE_TIME_ZONE, zone);
+        }
+        format.write_content_type(&mut headers);
+        headers
+    }
+
+    /// The first part of the stored holder that differs from this declaration: (field,
+    /// declared, stored).
+    fn drift(&self, stored: &HeaderMap, payload: &[u8], body: &[u8]) -> Option<(&'static str, String, String)> {
+        let read = |name: &str| {
+            stored
+                .get(name)
+                .map(|value| value.as_str().to_string())
+                .unwrap_or_default()
+        };
+        let wanted = [
+            ("schedule", self.spec.header()),
+            ("subject", self.subject.to_string()),
+            ("time_zone", self.time_zone.unwrap_or_default().to_string()),
+        ];
+        let headers = ["Nats-Schedule", "Nats-Schedule-Target", "Nats-Schedule-Time-Zone"];
+        for ((field, declared), header) in wanted.into_iter().zip(headers) {
+            let actual = read(header);
+            if declared != actual {
+                return Some((field, format!("{declared:?}"), format!("{actual:?}")));
+            }
+        }
+        (payload != body).then(|| {
+            let show = |bytes: &[u8]| format!("{:?}", String::from_utf8_lossy(&bytes[..bytes.len().min(80)]));
+            ("body", show(body), show(payload))
+        })
+    }
+
+    /// Stores the schedule when the server's holder is missing or differs (create-or-update),
+    /// or checks it (verify-only).
+    pub(crate) async fn provision(&self, client: &crate::Client, mode: Provision) -> Result<()> {
+        if mode == Provision::Off {
+            return Ok(());
+        }
+        let what = format!("schedule `{}` (declared at {})", self.name, self.location);
+        let (major, minor) = if self.time_zone.is_some() { (2, 14) } else { (2, 12) };
+        crate::operate::needs_server(client.nats(), major, minor, &what)?;
+        let failed = |action: &'static str, source: crate::error::BoxError| Error::Stream {
+            stream: self.stream.to_string(),
+            action,
+            source,
+        };
+        let (body, format) = (self.body)().map_err(|error| failed("encoding a schedule's body", Box::new(error)))?;
+        let js = client.jetstream();
+        let mut stream = js
+            .get_stream(self.stream)
+            .await
+            .map_err(|error| failed("looking up the stream of a schedule", Box::new(error)))?;
+        let config = stream
+            .info()
+            .await
+            .map_err(|error| failed("reading its info", Box::new(error)))?
+            .config
+            .clone();
+        let space = space(self.stream);
+        if !config.allow_message_schedules || !config.subjects.contains(&space) {
+            return Err(Error::config(
+                format!("#[schedule] `{}` at {}", self.name, self.location),
+                self.stream,
+                format!(
+                    "the stream takes no natty schedules (needs allow_msg_schedules and the subjects `{space}`): \
+                     declare it with #[stream(name = \"{}\", ..., schedules = true)], or let natty provision it",
+                    self.stream
+                ),
+            ));
+        }
+        let holder = holder(self.stream, self.name);
+        // Another instance starting at the same time may store it first: the expected last
+        // subject sequence makes one of the two writes fail, and the loser reads again.
+        for _ in 0..3 {
+            let stored = match stream.get_last_raw_message_by_subject(&holder).await {
+                Ok(message) => Some(message),
+                Err(error) if error.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => None,
+                Err(error) => return Err(failed("reading a schedule", Box::new(error))),
+            };
+            let (last, difference) = match &stored {
+                Some(message) => {
+                    let headers = message.headers.clone();
+                    (message.sequence, self.drift(&headers, &message.payload, &body))
+                }
+                None => (
+                    0,
+                    Some((
+                        "schedule",
+                        format!("{:?}", self.spec.header()),
+                        "none stored".to_string(),
+                    )),
+                ),
+            };
+            let Some((field, declared, actual)) = difference else {
+                return Ok(());
+            };
+            if mode == Provision::VerifyOnly {
+                return Err(Drift {
+                    declared_on: Declared::Schedule {
+                        stream: self.stream.to_string(),
+                        name: self.name.to_string(),
+                    },
+                    field,
+                    declared,
+                    actual,
+                    hint: " (provisioning is verify-only, so natty does not store it)".to_string(),
+                }
+                .into());
+            }
+            let mut headers = self.headers(format);
+            headers.insert(
+                async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                last.to_string().as_str(),
+            );
+            let stored = async {
+                js.publish_with_headers(holder.clone(), headers, body.clone())
+                    .await?
+                    .await
+            }
+            .await;
+            match stored {
+                Ok(_) => {
+                    tracing::info!(schedule = self.name, stream = self.stream, subject = self.subject,
+                        schedule_spec = %self.spec.header(), "stored the schedule");
+                    return Ok(());
+                }
+                Err(error) if error.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => continue,
+                Err(error) => return Err(failed("storing a schedule", Box::new(error))),
+            }
+        }
+        Err(failed(
+            "storing a schedule",
+            format!("`{holder}` kept changing while natty stored it").into(),
+        ))
+    }
+}
+
+inventory::collect!(ScheduleDef);
+
+/// Where and when a delayed publish goes: its holder's subject and headers.
+pub(crate) async fn delay(
+    client: &crate::Client,
+    subject: &async_nats::Subject,
+    id: &str,
+    at: SystemTime,
+    headers: &mut HeaderMap,
+) -> std::result::Result<async_nats::Subject, PublishError> {
+    let no_schedules = |reason: String| PublishError::NoSchedules {
+        subject: subject.to_string(),
+        reason,
+    };
+    if let Some(why) = crate::operate::too_old(client.nats(), 2, 12, "a delayed publish") {
+        return Err(no_schedules(why));
+    }
+    let js = client.jetstream();
+    let stream = js
+        .stream_by_subject(subject.as_str())
+        .await
+        .map_err(|_| PublishError::NoStream {
+            subject: subject.to_string(),
+        })?;
+    let config = js
+        .get_stream(&stream)
+        .await
+        .map_err(|_| PublishError::NoStream {
+            subject: subject.to_string(),
+        })?
+        .cached_info()
+        .config
+        .clone();
+    if !config.allow_message_schedules || !config.subjects.contains(&space(&stream)) {
+        return Err(no_schedules(format!(
+            "its stream `{stream}` takes no scheduled messages (declare it with #[stream(name = \"{stream}\", ..., schedules = true)])"
+        )));
+    }
+    // Whole seconds, rounded up: the message never comes earlier than asked.
+    let since = at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let rounded = if since.subsec_nanos() > 0 {
+        Duration::from_secs(since.as_secs() + 1)
+    } else {
+        since
+    };
+    let when = humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + rounded);
+    headers.insert(async_nats::header::NATS_SCHEDULE, format!("@at {when}").as_str());
+    headers.insert(async_nats::header::NATS_SCHEDULE_TARGET, subject.as_str());
+    Ok(one_off_holder(&stream, id).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intervals_read_as_go_durations() {
+        assert_eq!(go_duration(Duration::from_secs(300)), "5m");
+        assert_eq!(go_duration(Duration::from_secs(7200)), "2h");
+        assert_eq!(go_duration(Duration::from_secs(90)), "90s");
+        assert_eq!(go_duration(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(Spec::Every(Duration::from_secs(5)).header(), "@every 5s");
+        assert_eq!(Spec::Cron("0 0 6 * * *").header(), "0 0 6 * * *");
+    }
+
+    #[test]
+    fn one_off_holders_are_one_token_per_key() {
+        assert_eq!(
+            one_off_holder("orders", "order-42"),
+            "natty.schedules.orders.at.order-42"
+        );
+        let odd = one_off_holder("orders", "order.42 created");
+        assert!(odd.starts_with("natty.schedules.orders.at."));
+        assert_eq!(odd.split('.').count(), 5, "{odd}");
+        assert_eq!(
+            odd,
+            one_off_holder("orders", "order.42 created"),
+            "the same key, the same holder"
+        );
+    }
+}

@@ -1,0 +1,244 @@
+//! Scheduled and delayed messages (nats-server 2.12+, ADR-51) on a real nats-server 2.15,
+//! through `tests/bin/scheduled.rs`: a delayed message comes no earlier than asked, once, and
+//! survives a restart of the service; declared schedules fire as declared, are stored once (a
+//! restart does not store them again), and a changed declaration is drift for `--check` and
+//! replaces the stored schedule at the next start; handlers never see what the server holds;
+//! a stream that takes no schedules refuses a delayed publish clearly.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use natty_runtime::testing::NatsServer;
+use natty_runtime::{Publish, PublishError};
+use natty_tests::{collect_lines, collect_stderr, run_command, send_signal, spawn_service, wait_until};
+
+const SCHEDULED: &str = env!("CARGO_BIN_EXE_natty-test-scheduled");
+const WAIT: Duration = Duration::from_secs(60);
+
+type Lines = Arc<Mutex<Vec<String>>>;
+
+/// A running instance of the service, with its output.
+struct Service {
+    child: tokio::process::Child,
+    out: Lines,
+}
+
+impl Service {
+    async fn start(url: &str, env: &[(&str, &str)]) -> Service {
+        let mut child = spawn_service(Path::new(SCHEDULED), Some(url), env);
+        let (out, err) = (collect_lines(&mut child), collect_stderr(&mut child));
+        wait_until(WAIT, "the service running", || async {
+            err.lock().unwrap().iter().any(|line| line.contains("natty is running"))
+        })
+        .await;
+        Service { child, out }
+    }
+
+    /// `(unix ms, payload)` of every message handled on `subject`.
+    fn handled(&self, subject: &str) -> Vec<(u128, String)> {
+        let prefix = format!("handled {subject} ");
+        self.out
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|line| line.strip_prefix(&prefix))
+            .map(|rest| {
+                let (at, body) = rest.split_once(' ').expect("`<ms> <body>`");
+                (at.parse().expect("unix ms"), body.to_string())
+            })
+            .collect()
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.out.lock().unwrap().clone()
+    }
+
+    async fn stop(mut self) {
+        send_signal(self.child.id().unwrap(), "TERM");
+        let status = self.child.wait().await.unwrap();
+        assert!(status.success(), "{status:?}");
+    }
+}
+
+fn now_ms() -> u128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis()
+}
+
+/// The stream sequence of the last message on `subject` of `jobs`, if any.
+async fn last_sequence(js: &async_nats::jetstream::Context, subject: &str) -> Option<u64> {
+    let stream = js.get_stream("jobs").await.unwrap();
+    stream
+        .get_last_raw_message_by_subject(subject)
+        .await
+        .ok()
+        .map(|m| m.sequence)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_message_comes_once_no_earlier_than_asked_and_survives_a_restart() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let url = server.url();
+    let nats = server.client().await;
+    let js = async_nats::jetstream::new(nats.clone());
+    let first = Service::start(&url, &[]).await;
+
+    // Asked from outside the service, which then stops before the message is due.
+    let client = natty_runtime::Client::new(nats.clone());
+    let asked = now_ms();
+    let delay = Duration::from_secs(4);
+    let ack = client
+        .publish_with("jobs.later", &"later", Publish::new().id("later-1").after(delay))
+        .await
+        .expect("a delayed publish to a stream with schedules");
+    assert_eq!(ack.stream, "jobs");
+    // Sent again with the same key: it replaces itself rather than coming twice.
+    client
+        .publish_with("jobs.later", &"later", Publish::new().id("later-1").after(delay))
+        .await
+        .unwrap();
+    assert!(
+        last_sequence(&js, "natty.schedules.jobs.at.later-1").await.is_some(),
+        "the server holds it on its own subject"
+    );
+    first.stop().await;
+
+    let second = Service::start(&url, &[]).await;
+    wait_until(WAIT, "the delayed message handled", || async {
+        !second.handled("jobs.later").is_empty()
+    })
+    .await;
+    let (handled_at, body) = second.handled("jobs.later")[0].clone();
+    assert_eq!(body, "\"later\"");
+    assert!(
+        handled_at >= asked + delay.as_millis(),
+        "handled {} ms after it was asked, before the {} ms asked for",
+        handled_at - asked,
+        delay.as_millis()
+    );
+    // Once: the holder is gone once it fired, and later ticks show the consumer went on.
+    wait_until(WAIT, "the holder removed", || async {
+        last_sequence(&js, "natty.schedules.jobs.at.later-1").await.is_none()
+    })
+    .await;
+    let ticks = second.handled("jobs.tick").len();
+    wait_until(WAIT, "two more ticks", || async {
+        second.handled("jobs.tick").len() >= ticks + 2
+    })
+    .await;
+    assert_eq!(second.handled("jobs.later").len(), 1, "{:?}", second.lines());
+    // No handler ever saw what the server holds for later.
+    assert!(
+        !second.lines().iter().any(|line| line.contains("natty.schedules")),
+        "{:?}",
+        second.lines()
+    );
+    second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declared_schedules_fire_as_declared_and_are_stored_once() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let url = server.url();
+    let nats = server.client().await;
+    let js = async_nats::jetstream::new(nats.clone());
+    let service = Service::start(&url, &[]).await;
+
+    // The stream was given what schedules need; the consumer reads only the declared subjects.
+    let mut stream = js.get_stream("jobs").await.unwrap();
+    let config = stream.info().await.unwrap().config.clone();
+    assert!(config.allow_message_schedules);
+    assert!(
+        config.subjects.contains(&"natty.schedules.jobs.>".to_string()),
+        "{:?}",
+        config.subjects
+    );
+    let consumer = stream.consumer_info("jobs").await.unwrap();
+    let filters = [
+        consumer.config.filter_subjects.clone(),
+        vec![consumer.config.filter_subject.clone()],
+    ]
+    .concat();
+    assert!(filters.contains(&"jobs.>".to_string()), "{filters:?}");
+
+    // Every second, by interval and by a cron expression in a named time zone.
+    wait_until(WAIT, "four ticks and three crons", || async {
+        service.handled("jobs.tick").len() >= 4 && service.handled("jobs.cron").len() >= 3
+    })
+    .await;
+    let ticks = service.handled("jobs.tick");
+    assert!(ticks.iter().all(|(_, body)| body == "\"tick\""), "{ticks:?}");
+    let span = ticks.last().unwrap().0 - ticks[0].0;
+    assert!(
+        span >= 900 * (ticks.len() as u128 - 1),
+        "{} ticks within {span} ms: more often than every second",
+        ticks.len()
+    );
+
+    // A restart with the same declaration stores nothing again (an interval is not restarted).
+    let stored = last_sequence(&js, "natty.schedules.jobs.tick")
+        .await
+        .expect("the tick schedule");
+    service.stop().await;
+    let service = Service::start(&url, &[]).await;
+    assert_eq!(last_sequence(&js, "natty.schedules.jobs.tick").await, Some(stored));
+    let (code, out, err) = run_command(Path::new(SCHEDULED), Some(&url), &["--check"], WAIT).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("schedule `tick` on stream `jobs`"), "{out}");
+
+    // A changed declaration: drift for --check, stored anew at the next start.
+    let changed = [("TICK_BODY", "tock")];
+    let mut check = tokio::process::Command::new(SCHEDULED);
+    check
+        .arg("--check")
+        .env("NATS_URL", &url)
+        .env("TICK_BODY", "tock")
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(WAIT, check.output()).await.unwrap().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(!output.status.success(), "{text}");
+    assert!(
+        text.contains("schedule `tick` on stream `jobs`") && text.contains("body"),
+        "{text}"
+    );
+    service.stop().await;
+    let service = Service::start(&url, &changed).await;
+    assert_ne!(last_sequence(&js, "natty.schedules.jobs.tick").await, Some(stored));
+    wait_until(WAIT, "a tock", || async {
+        service.handled("jobs.tick").iter().any(|(_, body)| body == "\"tock\"")
+    })
+    .await;
+    assert!(!service.lines().iter().any(|line| line.contains("natty.schedules")));
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn a_stream_without_schedules_refuses_a_delayed_publish_clearly() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let nats = server.client().await;
+    let js = async_nats::jetstream::new(nats.clone());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "plain".into(),
+        subjects: vec!["plain.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let client = natty_runtime::Client::new(nats);
+    let refused = client
+        .publish_with("plain.one", &1, Publish::new().after(Duration::from_secs(1)))
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, PublishError::NoSchedules { .. }), "{refused:?}");
+    let message = refused.to_string();
+    assert!(
+        message.contains("plain.one") && message.contains("schedules = true"),
+        "{message}"
+    );
+    let mut stream = js.get_stream("plain").await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 0, "nothing was stored");
+}
