@@ -221,10 +221,63 @@ impl Declarations {
                 }
             }
         }
+        // A capture would write the holders into its files.
+        #[cfg(feature = "capture")]
+        for capture in &mut self.captures {
+            if let Some(stream) = holding.iter().find(|stream| stream.name == capture.stream) {
+                if capture.subjects.is_empty() {
+                    capture.subjects = stream.subjects;
+                }
+            }
+        }
     }
 
     /// The declared stream named `name`, if any.
     pub(crate) fn stream(&self, name: &str) -> Option<StreamDef> {
         self.streams.iter().find(|s| s.name == name).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schedule::{ScheduleDef, Spec};
+
+    fn handler(_: crate::handler::Delivery) -> futures_util::future::BoxFuture<'static, crate::handler::Outcome> {
+        Box::pin(async { crate::handler::Outcome::Ack })
+    }
+
+    fn body() -> std::result::Result<(bytes::Bytes, crate::Format), crate::PublishError> {
+        crate::schedule::body("jobs.tick", &"tick")
+    }
+
+    #[test]
+    fn a_scheduled_stream_takes_schedules_and_its_unfiltered_consumers_read_its_subjects_only() {
+        let mut declared = Declarations::default();
+        declared.streams.push(StreamDef::new("jobs", &["jobs.>"]));
+        declared.streams.push(StreamDef::new("other", &["other.>"]));
+        declared.schedules.push(ScheduleDef::new(
+            "tick",
+            "jobs",
+            "jobs.tick",
+            Spec::Every(std::time::Duration::from_secs(1)),
+            body,
+        ));
+        declared.consumers.push(ConsumerDef::new("all", "jobs", "all", handler));
+        declared
+            .consumers
+            .push(ConsumerDef::new("some", "jobs", "some", handler).subjects(&["jobs.some"]));
+        declared
+            .consumers
+            .push(ConsumerDef::new("elsewhere", "other", "elsewhere", handler));
+        declared.link_schedules();
+        assert_eq!(declared.streams[0].schedules, Some(true));
+        assert_eq!(declared.streams[1].schedules, None);
+        assert_eq!(declared.consumers[0].subjects, ["jobs.>"]);
+        assert_eq!(declared.consumers[1].subjects, ["jobs.some"], "a declared filter stays");
+        assert!(
+            declared.consumers[2].subjects.is_empty(),
+            "another stream's consumer is untouched"
+        );
     }
 }
