@@ -185,6 +185,10 @@ async fn declared_schedules_fire_as_declared_and_are_stored_once() {
     let (code, out, err) = run_command(Path::new(SCHEDULED), Some(&url), &["--check"], WAIT).await;
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("schedule `tick` on stream `jobs`"), "{out}");
+    let (code, out, err) = run_command(Path::new(SCHEDULED), None, &["--list"], WAIT).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("stream jobs, subject jobs.tick, @every 1s"), "{out}");
+    assert!(out.contains("stream jobs, subject jobs.cron, * * * * * *"), "{out}");
 
     // A changed declaration: drift for --check, stored anew at the next start.
     let changed = [("TICK_BODY", "tock")];

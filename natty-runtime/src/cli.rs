@@ -366,14 +366,13 @@ pub(crate) fn list(declared: &Declarations) -> String {
         ));
     }
     for schedule in &declared.schedules {
-        let what = format!("{} -> {}", schedule.spec().header(), schedule.subject());
-        rows.push(row(
-            "schedule",
-            schedule.name(),
-            what,
+        let what = format!(
+            "stream {}, subject {}, {}",
             schedule.stream(),
-            schedule.location().to_string(),
-        ));
+            schedule.subject(),
+            schedule.spec().header()
+        );
+        rows.push(row("schedule", schedule.name(), what, "", schedule.location().to_string()));
     }
     for consumer in &declared.consumers {
         let durable = if consumer.ephemeral {

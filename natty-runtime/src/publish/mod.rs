@@ -109,13 +109,13 @@ impl Client {
             Some(_) => options,
             None => options.id(new_msg_id()),
         };
-        let (id, at) = (options.msg_id.clone().unwrap_or_default(), options.at);
+        let delayed = options.delayed();
         let mut headers = options.into_headers(format);
         let span = publish_span(&subject);
         crate::telemetry::trace::inject(&span, &mut headers);
         // A delayed message goes to its holder subject, with the schedule in its headers.
-        let sent_to = match at {
-            Some(at) => crate::schedule::delay(self, &subject, &id, at, &mut headers).await?,
+        let sent_to = match delayed {
+            Some((at, id)) => crate::schedule::delay(self, &subject, &id, at, &mut headers).await?,
             None => subject.clone(),
         };
         let result = publish_durably(self, &sent_to, headers, payload)
@@ -181,10 +181,10 @@ impl Client {
         // A `Subject` shares its bytes, so keeping it for the error costs no copy.
         let subject = checked_subject(subject.into())?;
         let (payload, format) = encode(&subject, value)?;
-        let (id, at) = (options.msg_id.clone().unwrap_or_else(new_msg_id), options.at);
+        let delayed = options.delayed();
         let mut headers = options.into_headers(format);
-        let sent_to = match at {
-            Some(at) => crate::schedule::delay(self, &subject, &id, at, &mut headers).await?,
+        let sent_to = match delayed {
+            Some((at, id)) => crate::schedule::delay(self, &subject, &id, at, &mut headers).await?,
             None => subject.clone(),
         };
         self.send_raw(&sent_to, headers, payload)
@@ -414,7 +414,8 @@ impl Publish {
     /// message waits on a subject of its own, `natty.schedules.<stream>.at.<key>`, named after
     /// its idempotency key: sent again with the same [`id`](Publish::id), it replaces itself
     /// rather than coming twice. Headers set here (trace context, `Content-Type`, yours) come
-    /// with it.
+    /// with it. natty first asks the server which stream takes the subject and whether it
+    /// takes schedules: two requests more than a publish.
     ///
     /// # Examples
     ///
@@ -434,6 +435,13 @@ impl Publish {
     /// Has the server publish the message `delay` from now (see [`at`](Publish::at)).
     pub fn after(self, delay: std::time::Duration) -> Publish {
         self.at(std::time::SystemTime::now() + delay)
+    }
+
+    /// For a delayed publish, when, and the key that names its holder (made here when none
+    /// was given); nothing is made for the others, which are most publishes.
+    fn delayed(&self) -> Option<(std::time::SystemTime, String)> {
+        let at = self.at?;
+        Some((at, self.msg_id.clone().unwrap_or_else(new_msg_id)))
     }
 
     /// The headers to send: the options' plus the payload's `Content-Type`.
