@@ -372,7 +372,13 @@ pub(crate) fn list(declared: &Declarations) -> String {
             schedule.subject(),
             schedule.spec().header()
         );
-        rows.push(row("schedule", schedule.name(), what, "", schedule.location().to_string()));
+        rows.push(row(
+            "schedule",
+            schedule.name(),
+            what,
+            "",
+            schedule.location().to_string(),
+        ));
     }
     for consumer in &declared.consumers {
         let durable = if consumer.ephemeral {
