@@ -221,28 +221,71 @@ async fn declared_schedules_fire_as_declared_and_are_stored_once() {
 }
 
 #[tokio::test]
-async fn a_stream_without_schedules_refuses_a_delayed_publish_clearly() {
+async fn delayed_publishes_that_cannot_be_kept_are_refused_clearly() {
+    use async_nats::jetstream::stream::{Config, RetentionPolicy};
     let server = NatsServer::start().await.expect("nats-server");
     let nats = server.client().await;
     let js = async_nats::jetstream::new(nats.clone());
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: "plain".into(),
-        subjects: vec!["plain.>".into()],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let streams = [
+        // No schedules at all.
+        Config {
+            name: "plain".into(),
+            subjects: vec!["plain.>".into()],
+            ..Default::default()
+        },
+        // Interest retention: the server would drop the waiting copy no consumer reads.
+        Config {
+            name: "interest".into(),
+            subjects: vec!["interest.>".into(), "natty.schedules.interest.>".into()],
+            retention: RetentionPolicy::Interest,
+            allow_message_schedules: true,
+            ..Default::default()
+        },
+        // Messages removed after 2 s: a delay of 5 s would never come.
+        Config {
+            name: "brief".into(),
+            subjects: vec!["brief.>".into(), "natty.schedules.brief.>".into()],
+            max_age: Duration::from_secs(2),
+            allow_message_schedules: true,
+            ..Default::default()
+        },
+        Config {
+            name: "kept".into(),
+            subjects: vec!["kept.>".into(), "natty.schedules.kept.>".into()],
+            allow_message_schedules: true,
+            ..Default::default()
+        },
+    ];
+    for config in streams {
+        js.create_stream(config).await.unwrap();
+    }
     let client = natty_runtime::Client::new(nats);
-    let refused = client
-        .publish_with("plain.one", &1, Publish::new().after(Duration::from_secs(1)))
-        .await
-        .unwrap_err();
-    assert!(matches!(refused, PublishError::NoSchedules { .. }), "{refused:?}");
-    let message = refused.to_string();
-    assert!(
-        message.contains("plain.one") && message.contains("schedules = true"),
-        "{message}"
-    );
-    let mut stream = js.get_stream("plain").await.unwrap();
-    assert_eq!(stream.info().await.unwrap().state.messages, 0, "nothing was stored");
+    let later = || Publish::new().after(Duration::from_secs(5));
+    let cases = [
+        ("plain.one", later(), "schedules = true"),
+        ("interest.one", later(), "interest retention"),
+        ("brief.one", later(), "max_age"),
+        // An expectation would be checked against the waiting copy's subject.
+        (
+            "kept.one",
+            later().expected_last_subject_sequence(3),
+            "Nats-Expected-Last-Subject-Sequence",
+        ),
+        ("kept.one", later().with_header("Nats-TTL", "1s"), "Nats-TTL"),
+    ];
+    for (subject, options, named) in cases {
+        let refused = client.publish_with(subject, &1, options).await.unwrap_err();
+        assert!(
+            matches!(refused, PublishError::CannotDelay { .. }),
+            "{subject}: {refused:?}"
+        );
+        let message = refused.to_string();
+        assert!(message.contains(subject) && message.contains(named), "{message}");
+    }
+    for stream in ["plain", "interest", "brief", "kept"] {
+        let mut stream = js.get_stream(stream).await.unwrap();
+        assert_eq!(stream.info().await.unwrap().state.messages, 0, "nothing was stored");
+    }
+    // The same message without what was refused waits, on a stream that keeps it.
+    client.publish_with("kept.one", &1, later()).await.expect("kept");
 }

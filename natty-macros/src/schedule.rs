@@ -155,7 +155,11 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     let stream = parsed.stream.take().map(|lit| lit.value()).unwrap_or_default();
     let subject = parsed.subject.take().map(|lit| lit.value()).unwrap_or_default();
     let spec = match (parsed.cron.take(), parsed.every.take()) {
-        (Some(cron), _) => quote!(#p::Spec::Cron(#cron)),
+        (Some(cron), _) => {
+            // As the server stores it (header values are trimmed): compared at every start.
+            let cron = cron.value().split_whitespace().collect::<Vec<_>>().join(" ");
+            quote!(#p::Spec::Cron(#cron))
+        }
         (None, Some(nanos)) => {
             let duration = attr::duration_tokens(nanos);
             quote!(#p::Spec::Every(#duration))

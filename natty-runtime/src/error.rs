@@ -326,10 +326,12 @@ pub enum PublishError {
         source: BoxError,
     },
     /// A delayed publish ([`Publish::at`](crate::Publish::at), [`Publish::after`](crate::Publish::after))
-    /// to a subject whose stream takes no scheduled messages, or against a server older than
-    /// 2.12. Nothing was sent.
+    /// that cannot be kept: the subject's stream takes no scheduled messages, would remove the
+    /// message before it is due (`max_age`), or drops what no consumer reads (interest
+    /// retention); an expectation or `Nats-TTL` was set (they would apply to the waiting copy,
+    /// not to the message when published); or the server is older than 2.12. Nothing was sent.
     #[error("cannot delay a message to `{subject}`: {reason}; nothing was sent")]
-    NoSchedules {
+    CannotDelay {
         /// The target subject.
         subject: String,
         /// Why: the stream that captures it takes no schedules, or the server is too old.

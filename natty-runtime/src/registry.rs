@@ -184,6 +184,17 @@ impl Declarations {
                 });
             }
         }
+        // One holder per (stream, name): two alike would replace each other at every start.
+        let mut schedules: HashMap<(&str, &str), &crate::schedule::ScheduleDef> = HashMap::new();
+        for schedule in &self.schedules {
+            if let Some(first) = schedules.insert((schedule.stream, schedule.name), schedule) {
+                return Err(Error::Duplicate {
+                    what: format!("schedule `{}` on stream `{}`", schedule.name, schedule.stream),
+                    first: first.location.to_string(),
+                    second: schedule.location.to_string(),
+                });
+            }
+        }
         let consumers = self.all_consumers();
         let mut durables: HashMap<(&str, &str), &ConsumerDef> = HashMap::new();
         for consumer in consumers.iter().filter(|c| !c.ephemeral) {
@@ -279,5 +290,16 @@ mod tests {
             declared.consumers[2].subjects.is_empty(),
             "another stream's consumer is untouched"
         );
+
+        // Two schedules of one name on one stream would replace each other at every start.
+        declared.schedules.push(ScheduleDef::new(
+            "tick",
+            "jobs",
+            "jobs.other",
+            Spec::Cron("@hourly"),
+            body,
+        ));
+        let duplicate = declared.check().unwrap_err().to_string();
+        assert!(duplicate.contains("schedule `tick` on stream `jobs`"), "{duplicate}");
     }
 }

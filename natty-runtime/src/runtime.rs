@@ -380,6 +380,14 @@ impl Runtime {
         }
         provision(&config, &declared, &client).await?;
         let tasks = start(&config, &declared, &client).await?;
+        // After the consumers were bound, and so given their filters: an unfiltered durable
+        // that instances of an earlier version still read would otherwise get the holders.
+        for schedule in &declared.schedules {
+            patiently(config.stream_leader_timeout, || {
+                schedule.provision(&client, config.provision)
+            })
+            .await?;
+        }
         // Every instance answers the fleet's status requests, whether it serves a page or not.
         let console = crate::console::Console::new(&config, &declared, &client);
         let console_stop = CancellationToken::new();
@@ -528,8 +536,10 @@ async fn provision(config: &Config, declared: &Declarations, client: &Client) ->
     for stream in &declared.streams {
         patiently(patience, || stream.provision(js, provision)).await?;
     }
-    for schedule in &declared.schedules {
-        patiently(patience, || schedule.provision(client, provision)).await?;
+    if provision != Provision::Off {
+        for stream in declared.streams.iter().filter(|stream| stream.schedules.is_none()) {
+            crate::schedule::still_declared(js, stream).await?;
+        }
     }
     let all_consumers = declared.all_consumers();
     // The streams handlers read, each once.

@@ -79,12 +79,13 @@ impl Spec {
 /// `every` as Go's `time.ParseDuration` reads it (the server's syntax), in the largest whole
 /// unit: `5m`, `90s`, `1500ms`.
 pub(crate) fn go_duration(every: Duration) -> String {
-    let millis = every.as_millis();
-    match millis {
-        m if m % 3_600_000 == 0 => format!("{}h", m / 3_600_000),
-        m if m % 60_000 == 0 => format!("{}m", m / 60_000),
-        m if m % 1_000 == 0 => format!("{}s", m / 1_000),
-        m => format!("{m}ms"),
+    let nanos = every.as_nanos();
+    match nanos {
+        n if n % 3_600_000_000_000 == 0 => format!("{}h", n / 3_600_000_000_000),
+        n if n % 60_000_000_000 == 0 => format!("{}m", n / 60_000_000_000),
+        n if n % 1_000_000_000 == 0 => format!("{}s", n / 1_000_000_000),
+        n if n % 1_000_000 == 0 => format!("{}ms", n / 1_000_000),
+        n => format!("{n}ns"),
     }
 }
 
@@ -100,12 +101,7 @@ pub fn body<T: crate::EncodePayload + ?Sized>(
     subject: &str,
     value: &T,
 ) -> std::result::Result<(Bytes, Format), PublishError> {
-    let bytes = value.to_bytes().map_err(|source| PublishError::Encode {
-        subject: subject.to_string(),
-        format: T::FORMAT,
-        source,
-    })?;
-    Ok((bytes, T::FORMAT))
+    crate::publish::encode(subject, value)
 }
 
 /// A declared schedule: `#[schedule]` registers one.
@@ -196,19 +192,37 @@ impl ScheduleDef {
 
     /// The first part of the stored holder that differs from this declaration: (field,
     /// declared, stored).
-    fn drift(&self, stored: &HeaderMap, payload: &[u8], body: &[u8]) -> Option<(&'static str, String, String)> {
+    fn drift(
+        &self,
+        stored: &HeaderMap,
+        payload: &[u8],
+        body: &[u8],
+        format: Format,
+    ) -> Option<(&'static str, String, String)> {
         let read = |name: &str| {
             stored
                 .get(name)
                 .map(|value| value.as_str().to_string())
                 .unwrap_or_default()
         };
+        let mut content_type = HeaderMap::new();
+        format.write_content_type(&mut content_type);
+        let content_type = content_type
+            .get("Content-Type")
+            .map(|value| value.as_str().to_string())
+            .unwrap_or_default();
         let wanted = [
             ("schedule", self.spec.header()),
             ("subject", self.subject.to_string()),
             ("time_zone", self.time_zone.unwrap_or_default().to_string()),
+            ("format", content_type),
         ];
-        let headers = ["Nats-Schedule", "Nats-Schedule-Target", "Nats-Schedule-Time-Zone"];
+        let headers = [
+            "Nats-Schedule",
+            "Nats-Schedule-Target",
+            "Nats-Schedule-Time-Zone",
+            "Content-Type",
+        ];
         for ((field, declared), header) in wanted.into_iter().zip(headers) {
             let actual = read(header);
             if declared != actual {
@@ -259,6 +273,23 @@ impl ScheduleDef {
                 ),
             ));
         }
+        let refused = |why: String| {
+            Error::config(
+                format!("#[schedule] `{}` at {}", self.name, self.location),
+                self.stream,
+                why,
+            )
+        };
+        if let Some(why) = unkept(self.stream, &config) {
+            return Err(refused(why));
+        }
+        if !config.max_age.is_zero() {
+            return Err(refused(format!(
+                "the stream removes messages after {} (max_age), this schedule among them, and it would stop firing: \
+                 keep schedules in a stream without max_age",
+                humantime::format_duration(config.max_age)
+            )));
+        }
         let holder = holder(self.stream, self.name);
         // Another instance starting at the same time may store it first: the expected last
         // subject sequence makes one of the two writes fail, and the loser reads again.
@@ -271,7 +302,7 @@ impl ScheduleDef {
             let (last, difference) = match &stored {
                 Some(message) => {
                     let headers = message.headers.clone();
-                    (message.sequence, self.drift(&headers, &message.payload, &body))
+                    (message.sequence, self.drift(&headers, &message.payload, &body, format))
                 }
                 None => (
                     0,
@@ -328,6 +359,42 @@ impl ScheduleDef {
 
 inventory::collect!(ScheduleDef);
 
+/// Why a stream cannot keep schedules whatever the settings of one of them: with interest
+/// retention the server stores nothing no consumer reads, and the stream's consumers do not
+/// read the holders (ADR-51: keep schedules in a limits or work-queue stream).
+fn unkept(stream: &str, config: &jetstream::stream::Config) -> Option<String> {
+    (config.retention == jetstream::stream::RetentionPolicy::Interest).then(|| {
+        format!(
+            "its stream `{stream}` has interest retention: the server keeps no message that no consumer reads, \
+             so it would drop what waits (keep scheduled messages in a limits or work-queue stream)"
+        )
+    })
+}
+
+/// Refuses to start when `stream` holds natty's schedules on the server but no longer says so
+/// (its last `#[schedule]` removed, `schedules = true` dropped): its unfiltered consumers would
+/// get the holders that still fire, and its delayed publishes would be refused.
+pub(crate) async fn still_declared(js: &jetstream::Context, stream: &crate::StreamDef) -> Result<()> {
+    let Ok(mut found) = js.get_stream(stream.name).await else {
+        return Ok(());
+    };
+    let Ok(info) = found.info().await else {
+        return Ok(());
+    };
+    let space = space(stream.name);
+    if info.config.allow_message_schedules && info.config.subjects.contains(&space) {
+        return Err(Error::config(
+            format!("#[stream] `{}` at {}", stream.name, stream.location),
+            "schedules unset",
+            format!(
+                "the stream holds natty's schedules on the server (`{space}`), which keep firing: keep \
+                 `schedules = true` on it, or purge `{space}` and remove that subject from the stream first"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Where and when a delayed publish goes: its holder's subject and headers.
 pub(crate) async fn delay(
     client: &crate::Client,
@@ -336,7 +403,7 @@ pub(crate) async fn delay(
     at: SystemTime,
     headers: &mut HeaderMap,
 ) -> std::result::Result<async_nats::Subject, PublishError> {
-    let no_schedules = |reason: String| PublishError::NoSchedules {
+    let no_schedules = |reason: String| PublishError::CannotDelay {
         subject: subject.to_string(),
         reason,
     };
@@ -362,6 +429,29 @@ pub(crate) async fn delay(
     if !config.allow_message_schedules || !config.subjects.contains(&space(&stream)) {
         return Err(no_schedules(format!(
             "its stream `{stream}` takes no scheduled messages (declare it with #[stream(name = \"{stream}\", ..., schedules = true)])"
+        )));
+    }
+    if let Some(why) = unkept(&stream, &config) {
+        return Err(no_schedules(why));
+    }
+    let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
+    if !config.max_age.is_zero() && wait >= config.max_age {
+        return Err(no_schedules(format!(
+            "its stream `{stream}` removes messages after {} (max_age), before this one is due in {}",
+            humantime::format_duration(config.max_age),
+            humantime::format_duration(Duration::from_secs(wait.as_secs()))
+        )));
+    }
+    // They would apply to the copy that waits, not to the message when it is published (and
+    // the server drops them from it): an expectation checked now, a TTL that may remove the
+    // waiting copy before it is due.
+    if let Some((name, _)) = headers.iter().find(|(name, _)| {
+        let name: &str = name.as_ref();
+        name.starts_with("Nats-Expected") || name.eq_ignore_ascii_case("Nats-TTL")
+    }) {
+        let name: &str = name.as_ref();
+        return Err(no_schedules(format!(
+            "`{name}` cannot be set on a delayed message: it would apply to the copy that waits, not to the message when it is published"
         )));
     }
     // Whole seconds, rounded up: the message never comes earlier than asked.

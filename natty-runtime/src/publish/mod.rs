@@ -264,8 +264,9 @@ impl std::future::Future for PendingAck {
     }
 }
 
-fn encode<T: EncodePayload + ?Sized>(
-    subject: &async_nats::Subject,
+/// `value` in its payload format; an error names `subject`.
+pub(crate) fn encode<T: EncodePayload + ?Sized>(
+    subject: &str,
     value: &T,
 ) -> std::result::Result<(bytes::Bytes, Format), PublishError> {
     let bytes = value.to_bytes().map_err(|source| PublishError::Encode {
@@ -412,10 +413,12 @@ impl Publish {
     ///
     /// The subject's stream must take schedules (`#[stream(..., schedules = true)]`). The
     /// message waits on a subject of its own, `natty.schedules.<stream>.at.<key>`, named after
-    /// its idempotency key: sent again with the same [`id`](Publish::id), it replaces itself
-    /// rather than coming twice. Headers set here (trace context, `Content-Type`, yours) come
-    /// with it. natty first asks the server which stream takes the subject and whether it
-    /// takes schedules: two requests more than a publish.
+    /// its idempotency key: sent again with the same [`id`](Publish::id) while it waits, it
+    /// replaces itself rather than coming twice. Headers set here (trace context,
+    /// `Content-Type`, yours) come with it; expectations (`expected_*`) and `Nats-TTL` are
+    /// refused, since they would apply to the copy that waits. So is a delay past the stream's
+    /// `max_age`, and a stream with interest retention (it would drop what waits). natty first
+    /// asks the server which stream takes the subject and how: two requests more than a publish.
     ///
     /// # Examples
     ///
