@@ -9,8 +9,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use natty_runtime::prelude::*;
 use natty_runtime::testing::NatsServer;
-use natty_runtime::{Publish, PublishError};
+use natty_runtime::{PublishError, Runtime, StreamDef};
 use natty_tests::{collect_lines, collect_stderr, run_command, send_signal, spawn_service, wait_until};
 
 const SCHEDULED: &str = env!("CARGO_BIN_EXE_natty-test-scheduled");
@@ -218,6 +219,39 @@ async fn declared_schedules_fire_as_declared_and_are_stored_once() {
     .await;
     assert!(!service.lines().iter().any(|line| line.contains("natty.schedules")));
     service.stop().await;
+}
+
+/// A handler, so that a runtime built here has something to run.
+#[subscribe(subject = "schedules.noop")]
+async fn noop(_: serde_json::Value) {}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_still_holds_schedules_must_keep_declaring_them() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let url = server.url();
+    // The service stores its schedules in `jobs`, then goes.
+    Service::start(&url, &[]).await.stop().await;
+    // The same stream declared without schedules: its consumers would read the holders, which
+    // keep firing. Startup stops, naming the stream and what to do.
+    let runtime = Runtime::builder()
+        .url(url.clone())
+        .stream(StreamDef::new("jobs", &["jobs.>"]))
+        .build()
+        .unwrap();
+    let refused = tokio::time::timeout(WAIT, runtime.run_until(std::future::pending()))
+        .await
+        .expect("startup ends")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("jobs") && refused.contains("schedules = true") && refused.contains("natty.schedules.jobs.>"),
+        "{refused}"
+    );
+    // Refused before anything was changed: the holders' subjects are still the stream's.
+    let js = async_nats::jetstream::new(server.client().await);
+    let mut jobs = js.get_stream("jobs").await.unwrap();
+    let subjects = jobs.info().await.unwrap().config.subjects.clone();
+    assert!(subjects.contains(&"natty.schedules.jobs.>".to_string()), "{subjects:?}");
 }
 
 #[tokio::test]
