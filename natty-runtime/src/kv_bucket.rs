@@ -165,6 +165,7 @@ impl KvBucketDef {
             .provision(
                 js,
                 mode,
+                |_| Ok(()),
                 |actual| self.drift(actual),
                 |config| self.apply(config),
                 async {

@@ -218,10 +218,10 @@ pub(crate) async fn reset(client: &crate::Client, stream: &str, consumer: &str, 
 /// The sequence of the first message `stream` stored at or after `time` (the server's message
 /// get by start time).
 async fn first_at(js: &jetstream::Context, stream: &str, time: SystemTime) -> Result<u64> {
+    /// The server's answer: the message, or (any other answer) none at or after the time.
     #[derive(serde::Deserialize)]
     struct Found {
         message: Option<FoundMessage>,
-        error: Option<serde_json::Value>,
     }
     #[derive(serde::Deserialize)]
     struct FoundMessage {
@@ -237,9 +237,9 @@ async fn first_at(js: &jetstream::Context, stream: &str, time: SystemTime) -> Re
             action: "finding the first message at a time",
             source: e.into(),
         })?;
-    match (found.message, found.error) {
-        (Some(message), _) => Ok(message.seq),
-        (None, _) => Err(Error::Usage(format!(
+    match found.message {
+        Some(message) => Ok(message.seq),
+        None => Err(Error::Usage(format!(
             "stream `{stream}` holds no message stored at or after {when}"
         ))),
     }

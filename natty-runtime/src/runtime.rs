@@ -533,12 +533,6 @@ async fn provision(config: &Config, declared: &Declarations, client: &Client) ->
     let provision = config.provision;
     // How long provisioning rides through a cluster electing leaders.
     let patience = config.stream_leader_timeout;
-    // Before the streams are brought in line: an update would take the holders' subjects away.
-    if provision != Provision::Off {
-        for stream in declared.streams.iter().filter(|stream| stream.schedules.is_none()) {
-            crate::schedule::still_declared(js, stream).await?;
-        }
-    }
     for stream in &declared.streams {
         patiently(patience, || stream.provision(js, provision)).await?;
     }

@@ -371,18 +371,14 @@ fn unkept(stream: &str, config: &jetstream::stream::Config) -> Option<String> {
     })
 }
 
-/// Refuses to start when `stream` holds natty's schedules on the server but no longer says so
-/// (its last `#[schedule]` removed, `schedules = true` dropped): its unfiltered consumers would
-/// get the holders that still fire, and its delayed publishes would be refused.
-pub(crate) async fn still_declared(js: &jetstream::Context, stream: &crate::StreamDef) -> Result<()> {
-    let Ok(mut found) = js.get_stream(stream.name).await else {
-        return Ok(());
-    };
-    let Ok(info) = found.info().await else {
-        return Ok(());
-    };
+/// Refuses to bring `stream` in line when the server's stream (`actual`) holds natty's
+/// schedules but the declaration no longer says so (its last `#[schedule]` removed,
+/// `schedules = true` dropped): the update would take the holders' subjects away while they
+/// keep firing, its unfiltered consumers would get them, and its delayed publishes would be
+/// refused. Checked on the config provisioning reads anyway, before it changes anything.
+pub(crate) fn still_declared(stream: &crate::StreamDef, actual: &jetstream::stream::Config) -> Result<()> {
     let space = space(stream.name);
-    if info.config.allow_message_schedules && info.config.subjects.contains(&space) {
+    if stream.schedules.is_none() && actual.allow_message_schedules && actual.subjects.contains(&space) {
         return Err(Error::config(
             format!("#[stream] `{}` at {}", stream.name, stream.location),
             "schedules unset",

@@ -387,6 +387,7 @@ impl StreamDef {
             .provision(
                 js,
                 mode,
+                |actual| crate::schedule::still_declared(self, actual),
                 |actual| self.drift(actual),
                 |config| self.apply(config),
                 create,
@@ -418,11 +419,13 @@ pub(crate) struct Provisioned {
 
 impl Provisioned {
     /// Creates the stream with `create`, or compares and updates only the declared settings
-    /// (`drift`, `apply`), or checks them, per `mode`.
+    /// (`drift`, `apply`), or checks them, per `mode`; an existing stream `refuse` turns down
+    /// is left as it is.
     pub(crate) async fn provision(
         &self,
         js: &jetstream::Context,
         mode: Provision,
+        refuse: impl Fn(&StreamConfig) -> Result<()>,
         drift: impl Fn(&StreamConfig) -> Option<(&'static str, String, String)>,
         apply: impl Fn(&mut StreamConfig),
         create: impl std::future::Future<Output = std::result::Result<(), BoxError>>,
@@ -469,6 +472,7 @@ impl Provisioned {
                 Ok(())
             }
             (Some(actual), mode) => {
+                refuse(&actual)?;
                 let Some((field, declared, server)) = drift(&actual) else {
                     return Ok(());
                 };

@@ -156,6 +156,7 @@ impl ObjectStoreDef {
             .provision(
                 js,
                 mode,
+                |_| Ok(()),
                 |actual| self.drift(actual),
                 |config| self.apply(config),
                 async {
