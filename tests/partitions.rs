@@ -74,6 +74,35 @@ struct Run {
     end: Option<u128>,
 }
 
+/// Publishes and waits for the stream's ack, asking again while a cluster elects a stream
+/// leader (no responders, or no ack in time). The message id makes a retry of a publish that
+/// was stored after all one message, not two postings.
+async fn publish_patiently(js: &async_nats::jetstream::Context, subject: String, payload: bytes::Bytes) {
+    use async_nats::jetstream::context::PublishErrorKind;
+    let id = format!("{subject}-{}", String::from_utf8_lossy(&payload));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+        let sent = match js.publish_with_headers(subject.clone(), headers, payload.clone()).await {
+            Ok(ack) => ack.await,
+            Err(error) => Err(error),
+        };
+        match sent {
+            Ok(_) => return,
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    PublishErrorKind::StreamNotFound | PublishErrorKind::TimedOut
+                ) && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => panic!("publishing to {subject}: {error}"),
+        }
+    }
+}
+
 fn unix_nanos() -> u128 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos()
 }
@@ -193,12 +222,8 @@ async fn scenario(url: &str, nats: async_nats::Client, replicas: usize) {
                     key: i % KEYS,
                     n: i / KEYS + 1,
                 };
-                let payload = serde_json::to_vec(&posting).unwrap();
-                js.publish(format!("accounts.{}.posted", posting.key), payload.into())
-                    .await
-                    .unwrap()
-                    .await
-                    .unwrap();
+                let payload: bytes::Bytes = serde_json::to_vec(&posting).unwrap().into();
+                publish_patiently(&js, format!("accounts.{}.posted", posting.key), payload).await;
                 if i % 10 == 9 {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }

@@ -168,6 +168,7 @@ pub(crate) type Ownership = (Vec<u32>, Vec<Option<String>>);
 
 /// The last block a capture stored, for the console.
 #[derive(Clone, Debug)]
+#[cfg_attr(not(feature = "capture"), allow(dead_code))] // made only by a capture
 pub(crate) struct StoredBlock {
     pub(crate) path: String,
     pub(crate) bytes: u64,
