@@ -277,22 +277,37 @@ fn describe(error: &DecodeError) -> String {
 }
 
 /// Decodes `payload` as `T`, first checking the `Content-Type` header when there is one: a
-/// message without it is tried in `T`'s format (publishers other than natty rarely set it).
+/// message without it is tried in `T`'s format (natty sends JSON without it, and publishers
+/// other than natty rarely set it). One exception: a Protobuf type is not tried on a payload
+/// without the header that begins with `{` or `[`, as JSON does. Those bytes would begin a
+/// group (field 15 or 11), which proto3 does not have, and a decoder skipping an unknown group
+/// may well accept JSON text and hand the handler a message of defaults.
 ///
 /// # Errors
 ///
 /// [`DecodeError`] naming the type, the formats and the decoder's complaint.
 pub fn decode<T: DecodePayload>(headers: Option<&HeaderMap>, payload: &[u8]) -> Result<T, DecodeError> {
-    if let Some(found) = headers.and_then(|headers| headers.get(CONTENT_TYPE)) {
-        let found = found.as_str();
-        if Format::from_content_type(found) != Some(T::FORMAT) {
+    match headers.and_then(|headers| headers.get(CONTENT_TYPE)) {
+        Some(found) => {
+            let found = found.as_str();
+            if Format::from_content_type(found) != Some(T::FORMAT) {
+                return Err(DecodeError {
+                    type_name: std::any::type_name::<T>(),
+                    expected: T::FORMAT,
+                    content_type: Some(found.to_owned()),
+                    source: None,
+                });
+            }
+        }
+        None if T::FORMAT == Format::Protobuf && matches!(payload.first(), Some(b'{' | b'[')) => {
             return Err(DecodeError {
                 type_name: std::any::type_name::<T>(),
                 expected: T::FORMAT,
-                content_type: Some(found.to_owned()),
-                source: None,
+                content_type: None,
+                source: Some(Box::new(LooksLikeJson(payload[0] as char))),
             });
         }
+        None => {}
     }
     T::from_bytes(payload).map_err(|source| DecodeError {
         type_name: std::any::type_name::<T>(),
@@ -301,6 +316,11 @@ pub fn decode<T: DecodePayload>(headers: Option<&HeaderMap>, payload: &[u8]) -> 
         source: Some(source),
     })
 }
+
+/// Why a Protobuf type was not tried on a payload without a `Content-Type` (see [`decode`]).
+#[derive(Debug, thiserror::Error)]
+#[error("the payload has no Content-Type and begins with `{0}`: it is JSON (`application/json`, which natty sends without the header), not Protobuf")]
+struct LooksLikeJson(char);
 
 #[cfg(test)]
 mod tests {
