@@ -19,7 +19,7 @@ use std::time::Duration;
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::publish::PublishAck;
 use async_nats::jetstream::ErrorCode;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -160,6 +160,10 @@ impl Acks {
 
 /// Hands each answer to its waiter and fails the waiters whose time is up, until the client
 /// is dropped or the connection closed; then fails every waiter left.
+///
+/// Answers come about as fast as a publisher sends, so each wake hands over every answer
+/// already here under one lock, and the select (whose cancellation branch locks twice to
+/// register its waiter and again to drop it) runs once per wake, not once per answer.
 async fn dispatch(
     mut subscription: async_nats::Subscriber,
     prefix_len: usize,
@@ -168,19 +172,12 @@ async fn dispatch(
 ) {
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    // Reused from wake to wake: the answers just read, then their waiters.
+    let (mut arrived, mut handing) = (Vec::new(), Vec::new());
+    'dispatch: loop {
         tokio::select! {
             biased;
-            () = stop.cancelled() => break,
-            message = subscription.next() => {
-                let Some(message) = message else { break };
-                let id = message.subject.get(prefix_len..).and_then(|id| id.parse::<u64>().ok());
-                let waiter = id.and_then(|id| lock(&shared.waiting).by_id.remove(&id));
-                // No waiter: its time was up, or its publish was dropped unawaited.
-                if let Some(waiter) = waiter {
-                    let _ = waiter.answer.send(Ok(message));
-                }
-            }
+            // First, so that a steady stream of answers does not keep late waiters waiting.
             _ = sweep.tick() => {
                 let now = Instant::now();
                 let mut expired = Vec::new();
@@ -202,6 +199,35 @@ async fn dispatch(
                     let _ = answer.send(Err(PublishError::new(PublishErrorKind::TimedOut)));
                 }
             }
+            message = subscription.next() => {
+                let mut closed = message.is_none();
+                arrived.extend(message);
+                while let Some(next) = subscription.next().now_or_never() {
+                    match next {
+                        Some(message) => arrived.push(message),
+                        None => {
+                            closed = true;
+                            break;
+                        }
+                    }
+                }
+                {
+                    let mut waiting = lock(&shared.waiting);
+                    handing.extend(arrived.drain(..).filter_map(|message| {
+                        let id = message.subject.get(prefix_len..)?.parse::<u64>().ok()?;
+                        // No waiter: its time was up, or its publish was dropped unawaited.
+                        Some((waiting.by_id.remove(&id)?, message))
+                    }));
+                }
+                // Outside the lock, which every publish takes to make its waiter.
+                for (waiter, message) in handing.drain(..) {
+                    let _ = waiter.answer.send(Ok(message));
+                }
+                if closed {
+                    break 'dispatch;
+                }
+            }
+            () = stop.cancelled() => break,
         }
     }
     let left = {

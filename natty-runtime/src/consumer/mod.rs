@@ -352,9 +352,9 @@ impl Consumer {
                 }
             };
             let rebind = loop {
-                // Cancellation first: an atomic load, so that nothing more starts or is asked
-                // for once it came (a waiter is registered only when the loop is about to
-                // sleep: the branch comes last in the select below).
+                // Cancellation first (one uncontended lock of the token's node), so that nothing
+                // more starts or is asked for once it came (a waiter is registered only when
+                // the loop is about to sleep: the branch comes last in the select below).
                 if cancel.is_cancelled() {
                     break false;
                 }
