@@ -287,34 +287,22 @@ fn describe(error: &DecodeError) -> String {
 ///
 /// [`DecodeError`] naming the type, the formats and the decoder's complaint.
 pub fn decode<T: DecodePayload>(headers: Option<&HeaderMap>, payload: &[u8]) -> Result<T, DecodeError> {
-    match headers.and_then(|headers| headers.get(CONTENT_TYPE)) {
-        Some(found) => {
-            let found = found.as_str();
-            if Format::from_content_type(found) != Some(T::FORMAT) {
-                return Err(DecodeError {
-                    type_name: std::any::type_name::<T>(),
-                    expected: T::FORMAT,
-                    content_type: Some(found.to_owned()),
-                    source: None,
-                });
-            }
-        }
-        None if T::FORMAT == Format::Protobuf && matches!(payload.first(), Some(b'{' | b'[')) => {
-            return Err(DecodeError {
-                type_name: std::any::type_name::<T>(),
-                expected: T::FORMAT,
-                content_type: None,
-                source: Some(Box::new(LooksLikeJson(payload[0] as char))),
-            });
-        }
-        None => {}
-    }
-    T::from_bytes(payload).map_err(|source| DecodeError {
+    let refused = |content_type: Option<&str>, source: Option<BoxError>| DecodeError {
         type_name: std::any::type_name::<T>(),
         expected: T::FORMAT,
-        content_type: None,
-        source: Some(source),
-    })
+        content_type: content_type.map(str::to_owned),
+        source,
+    };
+    match headers.and_then(|headers| headers.get(CONTENT_TYPE)) {
+        Some(found) if Format::from_content_type(found.as_str()) != Some(T::FORMAT) => {
+            return Err(refused(Some(found.as_str()), None));
+        }
+        None if T::FORMAT == Format::Protobuf && matches!(payload.first(), Some(b'{' | b'[')) => {
+            return Err(refused(None, Some(Box::new(LooksLikeJson(payload[0] as char)))));
+        }
+        _ => {}
+    }
+    T::from_bytes(payload).map_err(|source| refused(None, Some(source)))
 }
 
 /// Why a Protobuf type was not tried on a payload without a `Content-Type` (see [`decode`]).

@@ -205,26 +205,24 @@ impl ScheduleDef {
                 .map(|value| value.as_str().to_string())
                 .unwrap_or_default()
         };
-        let mut content_type = HeaderMap::new();
-        format.write_content_type(&mut content_type);
-        let content_type = content_type
-            .get("Content-Type")
-            .map(|value| value.as_str().to_string())
-            .unwrap_or_default();
-        let wanted = [
-            ("schedule", self.spec.header()),
-            ("subject", self.subject.to_string()),
-            ("time_zone", self.time_zone.unwrap_or_default().to_string()),
-            ("format", content_type),
+        // The format as the stored body's `Content-Type` names it: none is JSON (natty writes
+        // none for JSON; holders stored before it stopped say `application/json`).
+        let stored_format = match stored.get(crate::payload::CONTENT_TYPE) {
+            None => Format::Json.to_string(),
+            Some(value) => Format::from_content_type(value.as_str())
+                .map_or_else(|| value.as_str().to_string(), |format| format.to_string()),
+        };
+        let compared = [
+            ("schedule", self.spec.header(), read("Nats-Schedule")),
+            ("subject", self.subject.to_string(), read("Nats-Schedule-Target")),
+            (
+                "time_zone",
+                self.time_zone.unwrap_or_default().to_string(),
+                read("Nats-Schedule-Time-Zone"),
+            ),
+            ("format", format.to_string(), stored_format),
         ];
-        let headers = [
-            "Nats-Schedule",
-            "Nats-Schedule-Target",
-            "Nats-Schedule-Time-Zone",
-            "Content-Type",
-        ];
-        for ((field, declared), header) in wanted.into_iter().zip(headers) {
-            let actual = read(header);
+        for (field, declared, actual) in compared {
             if declared != actual {
                 return Some((field, format!("{declared:?}"), format!("{actual:?}")));
             }
@@ -475,6 +473,31 @@ mod tests {
         assert_eq!(go_duration(Duration::from_millis(1500)), "1500ms");
         assert_eq!(Spec::Every(Duration::from_secs(5)).header(), "@every 5s");
         assert_eq!(Spec::Cron("0 0 6 * * *").header(), "0 0 6 * * *");
+    }
+
+    #[test]
+    fn a_holder_stored_as_application_json_is_the_json_declared() {
+        fn body() -> std::result::Result<(Bytes, Format), PublishError> {
+            unreachable!("not encoded here")
+        }
+        let def = ScheduleDef::new("tick", "s", "s.tick", Spec::Every(Duration::from_secs(5)), body);
+        let stored = |content_type: Option<&str>| {
+            let mut headers = def.headers(Format::Json);
+            if let Some(value) = content_type {
+                headers.insert(crate::payload::CONTENT_TYPE, value);
+            }
+            headers
+        };
+        // Stored before JSON went without the header, or after: the same declaration.
+        assert_eq!(def.drift(&stored(None), b"{}", b"{}", Format::Json), None);
+        assert_eq!(
+            def.drift(&stored(Some("application/json")), b"{}", b"{}", Format::Json),
+            None
+        );
+        assert_eq!(
+            def.drift(&stored(Some("application/protobuf")), b"{}", b"{}", Format::Json),
+            Some(("format", "\"JSON\"".to_string(), "\"Protobuf\"".to_string()))
+        );
     }
 
     #[test]
