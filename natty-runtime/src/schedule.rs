@@ -397,12 +397,12 @@ pub(crate) async fn delay(
     at: SystemTime,
     headers: &mut HeaderMap,
 ) -> std::result::Result<async_nats::Subject, PublishError> {
-    let no_schedules = |reason: String| PublishError::CannotDelay {
+    let cannot = |reason: String| PublishError::CannotDelay {
         subject: subject.to_string(),
         reason,
     };
     if let Some(why) = crate::operate::too_old(client.nats(), 2, 12, "a delayed publish") {
-        return Err(no_schedules(why));
+        return Err(cannot(why));
     }
     let js = client.jetstream();
     let stream = js
@@ -421,16 +421,16 @@ pub(crate) async fn delay(
         .config
         .clone();
     if !config.allow_message_schedules || !config.subjects.contains(&space(&stream)) {
-        return Err(no_schedules(format!(
+        return Err(cannot(format!(
             "its stream `{stream}` takes no scheduled messages (declare it with #[stream(name = \"{stream}\", ..., schedules = true)])"
         )));
     }
     if let Some(why) = unkept(&stream, &config) {
-        return Err(no_schedules(why));
+        return Err(cannot(why));
     }
     let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
     if !config.max_age.is_zero() && wait >= config.max_age {
-        return Err(no_schedules(format!(
+        return Err(cannot(format!(
             "its stream `{stream}` removes messages after {} (max_age), before this one is due in {}",
             humantime::format_duration(config.max_age),
             humantime::format_duration(Duration::from_secs(wait.as_secs()))
@@ -444,7 +444,7 @@ pub(crate) async fn delay(
         name.starts_with("Nats-Expected") || name.eq_ignore_ascii_case("Nats-TTL")
     }) {
         let name: &str = name.as_ref();
-        return Err(no_schedules(format!(
+        return Err(cannot(format!(
             "`{name}` cannot be set on a delayed message: it would apply to the copy that waits, not to the message when it is published"
         )));
     }

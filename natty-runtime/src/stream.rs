@@ -585,6 +585,25 @@ pub(crate) async fn wait_for_leader(js: &jetstream::Context, name: &str, timeout
     }
 }
 
+/// Looks up stream `name` just created (by this instance or another). In a cluster the
+/// server answering may not know of it yet for a moment (its assignment is still on its way
+/// from the meta leader; seen as "stream not found" right after a create that succeeded), so
+/// "not found" is asked again for a few seconds before it is believed.
+pub(crate) async fn read_back(
+    js: &jetstream::Context,
+    name: &str,
+) -> std::result::Result<jetstream::stream::Stream, jetstream::context::GetStreamError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match js.get_stream(name).await {
+            Err(error) if is_stream_not_found(&error) && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            answer => return answer,
+        }
+    }
+}
+
 /// Whether a JetStream API error is "stream not found" (10059).
 pub(crate) fn is_stream_not_found(error: &jetstream::context::GetStreamError) -> bool {
     matches!(

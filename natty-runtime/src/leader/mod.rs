@@ -376,25 +376,6 @@ pub(crate) async fn provision(def: &LeaderDef, js: &jetstream::Context, mode: Pr
     .await
 }
 
-/// Looks up stream `name` just created (by this instance or another). In a cluster the
-/// server answering may not know of it yet for a moment (its assignment is still on its way
-/// from the meta leader; seen as "stream not found" right after a create that succeeded), so
-/// "not found" is asked again for a few seconds before it is believed.
-async fn read_back(
-    js: &jetstream::Context,
-    name: &str,
-) -> std::result::Result<jetstream::stream::Stream, jetstream::context::GetStreamError> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        match js.get_stream(name).await {
-            Err(error) if crate::stream::is_stream_not_found(&error) && tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            answer => return answer,
-        }
-    }
-}
-
 /// Makes sure KV bucket `bucket` exists and accepts per-message TTLs (what elections and group
 /// memberships need), created with `replicas`; `user` names who needs it, in errors.
 pub(crate) async fn provision_ttl_bucket(
@@ -428,7 +409,7 @@ pub(crate) async fn provision_ttl_bucket(
                 .await;
             // Another instance starting at the same time may have created it (and already
             // allowed TTLs, so that this create sees a different configuration): use theirs.
-            match read_back(js, &stream_name).await {
+            match crate::stream::read_back(js, &stream_name).await {
                 Ok(stream) => stream,
                 Err(read) => {
                     let source: BoxError = match created {

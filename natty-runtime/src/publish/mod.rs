@@ -415,7 +415,7 @@ impl Publish {
     /// message waits on a subject of its own, `natty.schedules.<stream>.at.<key>`, named after
     /// its idempotency key: sent again with the same [`id`](Publish::id) while it waits, it
     /// replaces itself rather than coming twice. Headers set here (trace context,
-    /// `Content-Type`, yours) come with it; expectations (`expected_*`) and `Nats-TTL` are
+    /// a Protobuf `Content-Type`, yours) come with it; expectations (`expected_*`) and `Nats-TTL` are
     /// refused, since they would apply to the copy that waits. So is a delay past the stream's
     /// `max_age`, and a stream with interest retention (it would drop what waits). natty first
     /// asks the server which stream takes the subject and how: two requests more than a publish.
