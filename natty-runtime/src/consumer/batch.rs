@@ -178,7 +178,6 @@ impl Consumer {
         batch: BatchDef,
         readies: Vec<Ready>,
         permit: OwnedSemaphorePermit,
-        hard_stop: CancellationToken,
     ) {
         let def = &self.def;
         let count = readies.len();
@@ -220,7 +219,7 @@ impl Consumer {
         let outcome = tokio::select! {
             biased;
             outcome = handled.instrument(span.clone()) => Some(outcome),
-            _ = hard_stop.cancelled() => None,
+            _ = self.hard_stop.cancelled() => None,
         };
         let took = started.elapsed();
         self.metrics.handled_in(took);

@@ -31,7 +31,6 @@ impl Lanes {
         ready: Ready,
         permits: &Arc<Semaphore>,
         cancel: &CancellationToken,
-        hard_stop: &CancellationToken,
     ) {
         let mut tasks = self.0.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         while tasks.try_join_next().is_some() {}
@@ -52,7 +51,7 @@ impl Lanes {
             }
             queues.insert(key, VecDeque::new());
         }
-        let (lanes, permits, cancel, hard_stop) = (self.clone(), permits.clone(), cancel.clone(), hard_stop.clone());
+        let (lanes, permits, cancel) = (self.clone(), permits.clone(), cancel.clone());
         tasks.spawn(async move {
             let mut next = Some(ready);
             while let Some(ready) = next.take() {
@@ -65,7 +64,7 @@ impl Lanes {
                 lanes.0.waiting.fetch_sub(1, Ordering::Relaxed);
                 consumer.room.notify_one();
                 match permit {
-                    Some(permit) => consumer.clone().deliver(ready, permit, hard_stop.clone()).await,
+                    Some(permit) => consumer.clone().deliver(ready, permit).await,
                     None => consumer.give_back(ready).await,
                 }
                 let mut queues = lanes.0.queues.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

@@ -92,6 +92,10 @@ pub(crate) struct Consumer {
     shared_permits: Option<Arc<Semaphore>>,
     /// The lease a bound consumer runs under: nothing starts once it is no longer valid.
     lease: Option<crate::leader::Lease>,
+    /// When in-flight handlers are given up on (their messages naked): the token of the run
+    /// this consumer is in, kept here so that starting a delivery does not clone it (a clone
+    /// and its drop each lock the token's node).
+    hard_stop: CancellationToken,
 }
 
 impl Consumer {
@@ -129,6 +133,7 @@ impl Consumer {
             delivered_through: AtomicU64::new(0),
             shared_permits: None,
             lease: None,
+            hard_stop: CancellationToken::new(),
         }
     }
 
@@ -280,7 +285,8 @@ impl Consumer {
     /// [`run`](Consumer::run), telling whether the drain was clean: every message this instance
     /// held was settled, and for a partition's consumer the server confirmed it has what was
     /// given back (so a successor may start at once).
-    pub(crate) async fn run_drained(self, cancel: CancellationToken, hard_stop: CancellationToken) -> Result<bool> {
+    pub(crate) async fn run_drained(mut self, cancel: CancellationToken, hard_stop: CancellationToken) -> Result<bool> {
+        self.hard_stop = hard_stop.clone();
         let this = Arc::new(self);
         // Set once: a supervised restart runs under the same runtime and the same hard stop.
         let _ = this.shared.hard_stop.set(hard_stop.clone());
@@ -320,7 +326,7 @@ impl Consumer {
         macro_rules! dispatch {
             ($ready:expr) => {
                 match this.def.order_by {
-                    Some(order_by) => lanes.dispatch(this.clone(), order_by, $ready, &permits, &cancel, &hard_stop),
+                    Some(order_by) => lanes.dispatch(this.clone(), order_by, $ready, &permits, &cancel),
                     None => {
                         // Only a batch waits for its first message's age (a clock read
                         // per message otherwise).
@@ -371,18 +377,19 @@ impl Consumer {
                     };
                     let readies: Vec<Ready> = queue.drain(..queue.len().min(batch.size)).collect();
                     gathering = (!queue.is_empty()).then(tokio::time::Instant::now);
-                    tokio::spawn(this.clone().deliver_batch(batch, readies, permit, hard_stop.clone()));
+                    tokio::spawn(this.clone().deliver_batch(batch, readies, permit));
                 }
                 while batch.is_none() && !queue.is_empty() {
                     let Ok(permit) = permits.clone().try_acquire_owned() else {
                         break;
                     };
                     let ready = queue.pop_front().expect("the queue is not empty");
-                    let delivery = this.clone().deliver(ready, permit, hard_stop.clone());
+                    // Made in the call that takes it: built in a local first, the delivery's future
+                    // (800 bytes) was copied whole twice more per message on its way to its slot.
                     if concurrency == 1 {
-                        inline.start(delivery);
+                        inline.start(this.clone().deliver(ready, permit));
                     } else {
-                        tokio::spawn(delivery);
+                        tokio::spawn(this.clone().deliver(ready, permit));
                     }
                 }
                 // Credits cover the free handler slots plus the prefetch, less what was already
