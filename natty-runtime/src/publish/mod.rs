@@ -115,7 +115,8 @@ impl Client {
         crate::telemetry::trace::inject(&span, &mut headers);
         // A delayed message goes to its holder subject, with the schedule in its headers.
         let sent_to = match delayed {
-            Some((at, id)) => crate::schedule::delay(self, &subject, &id, at, &mut headers).await?,
+            // Boxed: a rare path, whose state would otherwise be part of every publish's future.
+            Some((at, id)) => Box::pin(crate::schedule::delay(self, &subject, &id, at, &mut headers)).await?,
             None => subject.clone(),
         };
         let result = publish_durably(self, &sent_to, headers, payload)
@@ -184,7 +185,8 @@ impl Client {
         let delayed = options.delayed();
         let mut headers = options.into_headers(format);
         let sent_to = match delayed {
-            Some((at, id)) => crate::schedule::delay(self, &subject, &id, at, &mut headers).await?,
+            // Boxed: a rare path, whose state would otherwise be part of every publish's future.
+            Some((at, id)) => Box::pin(crate::schedule::delay(self, &subject, &id, at, &mut headers)).await?,
             None => subject.clone(),
         };
         self.send_raw(&sent_to, headers, payload)
