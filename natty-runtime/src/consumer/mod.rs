@@ -189,8 +189,8 @@ impl Consumer {
             Err(error) if is_stream_not_found(&error) => match (&self.stream_def, self.provision) {
                 (Some(stream_def), Provision::CreateOrUpdate) => {
                     stream_def.provision(self.js(), self.provision).await?;
-                    self.js()
-                        .get_stream(def.stream)
+                    // Just created: on a cluster the server answering may not know of it yet.
+                    crate::stream::read_back(self.js(), def.stream)
                         .await
                         .map_err(|e| def.error(&self.name, "looking up its stream")(Box::new(e)))?
                 }
