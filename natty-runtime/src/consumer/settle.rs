@@ -26,10 +26,10 @@ impl Consumer {
         // The future is made in a block and awaited as it is: the block's locals end before
         // the await, so they take no place in this future (a local moved from keeps its place
         // until its scope ends). One future type whether or not there is a span (entering
-        // `Span::none()` is a branch), for the same reason. The settling's future (900 bytes)
+        // `Span::none()` is a branch), for the same reason. The settling's future (904 bytes)
         // is boxed: made on the stack, it was copied whole into the span's wrapper, then the
         // scope's, then this future, three copies per message against one into its box (memmove
-        // calls counted with a uprobe; client CPU per message 2.5% lower).
+        // calls counted with a uprobe; see bench/RESULTS.md, 2026-12-06 eighth session).
         let settled = {
             let Ready {
                 message,
