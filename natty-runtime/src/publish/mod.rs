@@ -113,12 +113,7 @@ impl Client {
         let mut headers = options.into_headers(format);
         let span = publish_span(&subject);
         crate::telemetry::trace::inject(&span, &mut headers);
-        // A delayed message goes to its holder subject, with the schedule in its headers.
-        let sent_to = match delayed {
-            // Boxed: a rare path, whose state would otherwise be part of every publish's future.
-            Some((at, id)) => Box::pin(crate::schedule::delay(self, &subject, &id, at, &mut headers)).await?,
-            None => subject.clone(),
-        };
+        let sent_to = destination(self, &subject, delayed, &mut headers).await?;
         let result = publish_durably(self, &sent_to, headers, payload)
             .instrument(span.clone())
             .await;
@@ -184,11 +179,7 @@ impl Client {
         let (payload, format) = encode(&subject, value)?;
         let delayed = options.delayed();
         let mut headers = options.into_headers(format);
-        let sent_to = match delayed {
-            // Boxed: a rare path, whose state would otherwise be part of every publish's future.
-            Some((at, id)) => Box::pin(crate::schedule::delay(self, &subject, &id, at, &mut headers)).await?,
-            None => subject.clone(),
-        };
+        let sent_to = destination(self, &subject, delayed, &mut headers).await?;
         self.send_raw(&sent_to, headers, payload)
             .instrument(publish_span(&subject))
             .await
@@ -263,6 +254,21 @@ impl std::future::Future for PendingAck {
         std::pin::Pin::new(&mut self.ack)
             .poll(cx)
             .map_err(|source| classify(&self.subject, source))
+    }
+}
+
+/// Where a publish to `subject` goes: there, or for a delayed one (`Publish::at`) its holder
+/// subject, with the schedule written into `headers`.
+async fn destination(
+    client: &Client,
+    subject: &async_nats::Subject,
+    delayed: Option<(std::time::SystemTime, String)>,
+    headers: &mut async_nats::HeaderMap,
+) -> std::result::Result<async_nats::Subject, PublishError> {
+    match delayed {
+        // Boxed: a rare path, whose state would otherwise be part of every publish's future.
+        Some((at, id)) => Box::pin(crate::schedule::delay(client, subject, &id, at, headers)).await,
+        None => Ok(subject.clone()),
     }
 }
 
