@@ -33,7 +33,7 @@ impl BlockKey {
 
 /// The open blocks of one capture, by stream incarnation, key and window.
 pub(super) struct Blocks {
-    pub(super) open: HashMap<(u64, BlockKey, u64), OpenBlock>,
+    pub(super) open: HashMap<(u64, BlockKey, u64), OpenBlock, FastHash>,
     /// The latest window any message came from, in nanoseconds since the epoch.
     pub(super) watermark: u64,
     /// Window length in nanoseconds.

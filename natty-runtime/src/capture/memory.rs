@@ -88,7 +88,14 @@ struct Block {
 #[derive(Default)]
 pub(crate) struct Remembered {
     blocks: VecDeque<Block>,
-    index: HashMap<MessageId, u64>,
+    /// Made at a lookup and kept up to date from then on, until every block remembered at the
+    /// last lookup is forgotten. Only a redelivery is looked up: a capture whose messages come
+    /// once (almost always) does not pay for an entry per message (two hash-table writes per
+    /// captured message, in a table of up to `max_ack_pending` entries, most of them cache
+    /// misses), and one that had a burst of redeliveries stops paying once it is long over.
+    index: Option<HashMap<MessageId, u64, super::FastHash>>,
+    /// `next` at the last lookup: the blocks numbered below it were remembered then.
+    looked_up: u64,
     next: u64,
     messages: u64,
 }
@@ -98,8 +105,10 @@ impl Remembered {
     pub(crate) fn push(&mut self, at: Instant, incarnation: u64, sequences: Vec<u64>) {
         let number = self.next;
         self.next += 1;
-        for sequence in &sequences {
-            self.index.insert((incarnation, *sequence), number);
+        if let Some(index) = &mut self.index {
+            for sequence in &sequences {
+                index.insert((incarnation, *sequence), number);
+            }
         }
         self.messages += sequences.len() as u64;
         self.blocks.push_back(Block {
@@ -111,8 +120,24 @@ impl Remembered {
     }
 
     /// Whether a remembered block holds the message.
-    pub(crate) fn contains(&self, id: MessageId) -> bool {
-        self.index.contains_key(&id)
+    pub(crate) fn contains(&mut self, id: MessageId) -> bool {
+        if self.blocks.is_empty() {
+            return false;
+        }
+        self.looked_up = self.next;
+        let blocks = &self.blocks;
+        self.index
+            .get_or_insert_with(|| {
+                // Oldest first: a message stored again in a later block maps to that block.
+                let mut index = HashMap::with_capacity_and_hasher(self.messages as usize, Default::default());
+                for block in blocks {
+                    for sequence in &block.sequences {
+                        index.insert((block.incarnation, *sequence), block.number);
+                    }
+                }
+                index
+            })
+            .contains_key(&id)
     }
 
     /// Forgets the oldest blocks while `forget(stored at, incarnation, last sequence)` says so,
@@ -124,18 +149,19 @@ impl Remembered {
                 break;
             }
             let Some(block) = self.blocks.pop_front() else { break };
-            for sequence in &block.sequences {
-                // A message stored again in a later block keeps that block's entry.
-                let id = (block.incarnation, *sequence);
-                if self.index.get(&id) == Some(&block.number) {
-                    self.index.remove(&id);
+            if let Some(index) = &mut self.index {
+                for sequence in &block.sequences {
+                    // A message stored again in a later block keeps that block's entry.
+                    let id = (block.incarnation, *sequence);
+                    if index.get(&id) == Some(&block.number) {
+                        index.remove(&id);
+                    }
                 }
             }
             self.messages -= block.sequences.len() as u64;
         }
-        if self.blocks.is_empty() {
-            // Give back what a burst grew the index to.
-            self.index.shrink_to_fit();
+        if self.blocks.front().is_none_or(|oldest| oldest.number >= self.looked_up) {
+            self.index = None;
         }
     }
 
@@ -175,7 +201,7 @@ mod tests {
         assert_eq!(remembered.messages(), 500);
         assert!(!remembered.contains((1, 499)));
         assert!(remembered.contains((1, 500)));
-        assert_eq!(remembered.index.len(), 500);
+        assert_eq!(remembered.index.as_ref().map(HashMap::len), Some(500));
         // Due blocks go, in order.
         remembered.forget_while(u64::MAX, |_, _, last| last.is_some_and(|last| last < 700));
         assert!(!remembered.contains((1, 699)));
@@ -192,6 +218,25 @@ mod tests {
         remembered.forget_while(2, |_, _, _| false);
         assert!(!remembered.contains((1, 1)));
         assert!(remembered.contains((1, 2)));
+        // The same with the index made before the blocks came, and kept up to date since.
+        let mut remembered = Remembered::default();
+        remembered.push(now, 1, vec![0]);
+        assert!(!remembered.contains((1, 1)));
+        remembered.push(now, 1, vec![1, 2]);
+        remembered.push(now, 1, vec![2, 3]);
+        remembered.forget_while(3, |_, _, _| false);
+        assert!(!remembered.contains((1, 0)));
+        assert!(!remembered.contains((1, 1)));
+        assert!(remembered.contains((1, 2)));
+        // Once the blocks remembered at the last lookup are gone, so is the index; a later
+        // lookup makes it again.
+        remembered.push(now, 1, vec![4]);
+        remembered.forget_while(u64::MAX, |_, _, _| false);
+        assert!(remembered.index.is_some(), "block [2, 3] was there at the last lookup");
+        remembered.forget_while(1, |_, _, _| false);
+        assert!(remembered.index.is_none(), "block [2, 3] is gone");
+        assert!(remembered.contains((1, 4)));
+        assert!(!remembered.contains((1, 2)));
     }
 
     #[test]

@@ -21,7 +21,7 @@ pub(super) struct Shared {
     /// The messages in open and storing blocks, and those waiting for the ledger. A message
     /// redelivered while its first delivery is still held (a keep-alive came too late) is not
     /// written twice: the first delivery's ack, after its block is stored, settles it.
-    pub(super) held_sequences: Mutex<std::collections::HashSet<MessageId>>,
+    pub(super) held_sequences: Mutex<std::collections::HashSet<MessageId, FastHash>>,
     /// Stored blocks whose acks the server has not yet been seen to take, with their stream
     /// incarnation and sorted sequences: a redelivery of one of them (the server sent it before
     /// it saw the ack, or the ack was lost in a leader election) is acked again instead of
@@ -200,7 +200,7 @@ impl Shared {
 
     /// Whether a message is in a block stored moments ago.
     pub(super) fn was_stored(&self, id: MessageId) -> bool {
-        self.recently_stored.lock().is_ok_and(|recent| recent.contains(id))
+        self.recently_stored.lock().is_ok_and(|mut recent| recent.contains(id))
     }
 
     /// Forgets messages whose block was stored or given up.
