@@ -991,6 +991,9 @@ async fn raw_capture(
         })
         .await
         .expect("consumer");
+    // As every other side: the previous side's leftovers (a deleted consumer's state, the
+    // store's flushes) are the server's work before the window, not in it.
+    quiet_server().await;
     let window = Window::start();
     let mut messages = consumer
         .stream()
@@ -1062,6 +1065,7 @@ async fn raw_capture(
 async fn natty_capture(server: &NatsServer, js: &jetstream::Context, case: &CaptureCase) -> Measured {
     let stream = js.get_stream("bench").await.expect("stream");
     let _ = stream.delete_consumer(case.durable).await;
+    quiet_server().await;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let runtime = natty_runtime::Runtime::builder()
         .url(server.url())
