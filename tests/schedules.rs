@@ -221,6 +221,54 @@ async fn declared_schedules_fire_as_declared_and_are_stored_once() {
     service.stop().await;
 }
 
+/// A stream that takes schedules but removes its oldest messages past a limit would drop what
+/// waits there (a delayed message, a schedule) without a word: startup refuses it, whether the
+/// declaration sets the limit (before the stream is made) or the server's stream has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_would_drop_waiting_schedules_is_refused_at_startup() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let js = async_nats::jetstream::new(server.client().await);
+    let refused = |stream: StreamDef| {
+        let url = server.url();
+        async move {
+            let runtime = Runtime::builder().url(url).stream(stream).build().unwrap();
+            tokio::time::timeout(WAIT, runtime.run_until(std::future::pending()))
+                .await
+                .expect("startup ends")
+                .unwrap_err()
+                .to_string()
+        }
+    };
+    let declared = refused(
+        StreamDef::new("bounded", &["bounded.>"])
+            .schedules(true)
+            .max_messages(1000),
+    )
+    .await;
+    assert!(
+        declared.contains("bounded") && declared.contains("schedules = true") && declared.contains("max_messages"),
+        "{declared}"
+    );
+    assert!(js.get_stream("bounded").await.is_err(), "refused before it was made");
+
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "sized".into(),
+        subjects: vec!["sized.>".into(), "natty.schedules.sized.>".into()],
+        max_bytes: 1 << 20,
+        allow_message_schedules: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let on_server = refused(StreamDef::new("sized", &["sized.>"]).schedules(true)).await;
+    assert!(
+        on_server.contains("sized") && on_server.contains("max_bytes"),
+        "{on_server}"
+    );
+    let mut sized = js.get_stream("sized").await.unwrap();
+    assert_eq!(sized.info().await.unwrap().config.max_bytes, 1 << 20, "left as it was");
+}
+
 /// A handler, so that a runtime built here has something to run.
 #[subscribe(subject = "schedules.noop")]
 async fn noop(_: serde_json::Value) {}
@@ -283,6 +331,22 @@ async fn delayed_publishes_that_cannot_be_kept_are_refused_clearly() {
             allow_message_schedules: true,
             ..Default::default()
         },
+        // The oldest messages removed past 100 (or 1 MiB), what waits among them: the server
+        // drops a waiting delayed message there without a word (nats-server 2.15).
+        Config {
+            name: "counted".into(),
+            subjects: vec!["counted.>".into(), "natty.schedules.counted.>".into()],
+            max_messages: 100,
+            allow_message_schedules: true,
+            ..Default::default()
+        },
+        Config {
+            name: "sized".into(),
+            subjects: vec!["sized.>".into(), "natty.schedules.sized.>".into()],
+            max_bytes: 1 << 20,
+            allow_message_schedules: true,
+            ..Default::default()
+        },
         Config {
             name: "kept".into(),
             subjects: vec!["kept.>".into(), "natty.schedules.kept.>".into()],
@@ -299,6 +363,8 @@ async fn delayed_publishes_that_cannot_be_kept_are_refused_clearly() {
         ("plain.one", later(), "schedules = true"),
         ("interest.one", later(), "interest retention"),
         ("brief.one", later(), "max_age"),
+        ("counted.one", later(), "max_messages"),
+        ("sized.one", later(), "max_bytes"),
         // An expectation would be checked against the waiting copy's subject.
         (
             "kept.one",
@@ -316,7 +382,7 @@ async fn delayed_publishes_that_cannot_be_kept_are_refused_clearly() {
         let message = refused.to_string();
         assert!(message.contains(subject) && message.contains(named), "{message}");
     }
-    for stream in ["plain", "interest", "brief", "kept"] {
+    for stream in ["plain", "interest", "brief", "counted", "sized", "kept"] {
         let mut stream = js.get_stream(stream).await.unwrap();
         assert_eq!(stream.info().await.unwrap().state.messages, 0, "nothing was stored");
     }

@@ -359,14 +359,29 @@ inventory::collect!(ScheduleDef);
 
 /// Why a stream cannot keep schedules whatever the settings of one of them: with interest
 /// retention the server stores nothing no consumer reads, and the stream's consumers do not
-/// read the holders (ADR-51: keep schedules in a limits or work-queue stream).
-fn unkept(stream: &str, config: &jetstream::stream::Config) -> Option<String> {
-    (config.retention == jetstream::stream::RetentionPolicy::Interest).then(|| {
-        format!(
+/// read the holders (ADR-51: keep schedules in a limits or work-queue stream); with a message
+/// or byte limit it removes its oldest messages to make room (a stream that takes schedules
+/// cannot discard new ones instead), waiting ones included: a delayed message never comes, a
+/// schedule stops firing, and nothing says so (seen on nats-server 2.15).
+pub(crate) fn unkept(stream: &str, config: &jetstream::stream::Config) -> Option<String> {
+    if config.retention == jetstream::stream::RetentionPolicy::Interest {
+        return Some(format!(
             "its stream `{stream}` has interest retention: the server keeps no message that no consumer reads, \
              so it would drop what waits (keep scheduled messages in a limits or work-queue stream)"
-        )
-    })
+        ));
+    }
+    let limit = if config.max_messages > 0 {
+        format!("{} messages (max_messages)", config.max_messages)
+    } else if config.max_bytes > 0 {
+        format!("{} bytes (max_bytes)", config.max_bytes)
+    } else {
+        return None;
+    };
+    Some(format!(
+        "its stream `{stream}` removes its oldest messages once it holds {limit}, and what waits there is \
+         among them: it would be lost without a word (bound a stream that keeps scheduled messages by \
+         max_age only, which natty checks each delay against)"
+    ))
 }
 
 /// Refuses to bring `stream` in line when the server's stream (`actual`) holds natty's

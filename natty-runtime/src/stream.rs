@@ -255,7 +255,9 @@ impl StreamDef {
     /// `#[schedule]` declarations and delayed publishes ([`crate::Publish::after`]). natty
     /// adds the subjects `natty.schedules.<name>.>` for what the server holds until then, and
     /// filters the stream's unfiltered consumers to the declared subjects so that handlers
-    /// never see those. A stream a `#[schedule]` targets gets it without asking.
+    /// never see those. A stream a `#[schedule]` targets gets it without asking. Startup
+    /// refuses it with interest retention, `max_messages` or `max_bytes`: the server would drop
+    /// what waits (bound it by `max_age`).
     pub const fn schedules(mut self, on: bool) -> Self {
         self.schedules = Some(on);
         self
@@ -370,8 +372,37 @@ impl StreamDef {
             .or_else(|| check("atomic_publish", self.atomic_publish, actual.allow_atomic_publish))
     }
 
+    /// Refuses a stream that takes schedules but would drop what waits there (see
+    /// `schedule::unkept`): as declared over `actual`, or over the server's defaults.
+    fn keeps_schedules(&self, actual: Option<&StreamConfig>) -> Result<()> {
+        if self.schedules != Some(true) {
+            return Ok(());
+        }
+        let config = match actual {
+            Some(actual) => {
+                let mut config = actual.clone();
+                self.apply(&mut config);
+                config
+            }
+            None => self.new_config(),
+        };
+        match crate::schedule::unkept(self.name, &config) {
+            Some(why) => Err(Error::config(
+                format!("#[stream] `{}` at {}", self.name, self.location),
+                "schedules = true",
+                why,
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Brings the server in line with this declaration, or checks it, per `mode`.
     pub(crate) async fn provision(&self, js: &jetstream::Context, mode: Provision) -> Result<()> {
+        // The declared limits hold whether the stream is created or updated; the server's
+        // own (not declared) are looked at once it is read.
+        if mode != Provision::Off {
+            self.keeps_schedules(None)?;
+        }
         let target = Provisioned {
             stream: self.name.to_string(),
             location: self.location,
@@ -387,7 +418,10 @@ impl StreamDef {
             .provision(
                 js,
                 mode,
-                |actual| crate::schedule::still_declared(self, actual),
+                |actual| {
+                    crate::schedule::still_declared(self, actual)?;
+                    self.keeps_schedules(Some(actual))
+                },
                 |actual| self.drift(actual),
                 |config| self.apply(config),
                 create,
