@@ -3,7 +3,9 @@
 //! survives a restart of the service; declared schedules fire as declared, are stored once (a
 //! restart does not store them again), and a changed declaration is drift for `--check` and
 //! replaces the stored schedule at the next start; handlers never see what the server holds;
-//! a stream that takes no schedules refuses a delayed publish clearly.
+//! a stream that takes no schedules refuses a delayed publish clearly; on a 3-node cluster, delayed
+//! messages published while the stream's leader is elected again and again each come once, none
+//! early.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -388,4 +390,122 @@ async fn delayed_publishes_that_cannot_be_kept_are_refused_clearly() {
     }
     // The same message without what was refused waits, on a stream that keeps it.
     client.publish_with("kept.one", &1, later()).await.expect("kept");
+}
+
+/// A delayed message on a replicated stream, published while its leader is elected again and
+/// again (3-node cluster, R3): each comes once, on its target subject, no earlier than asked,
+/// and a publish repeated with its key after an unclear answer does not make it come twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_messages_come_once_through_stream_leader_elections() {
+    use async_nats::jetstream::{consumer::pull, stream::Config};
+    use futures_util::StreamExt;
+    const MESSAGES: u64 = 40;
+    let cluster = natty_runtime::testing::NatsCluster::start(3).await.expect("cluster");
+    let nats = cluster.client().await;
+    let js = async_nats::jetstream::new(nats.clone());
+    js.create_stream(Config {
+        name: "later".into(),
+        subjects: vec!["later.>".into(), "natty.schedules.later.>".into()],
+        num_replicas: 3,
+        allow_message_schedules: true,
+        ..Default::default()
+    })
+    .await
+    .expect("an R3 stream that takes schedules");
+    let client = natty_runtime::Client::new(nats.clone());
+
+    // Elections every 400 ms while the messages are published and while they come due.
+    let electing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let elections = tokio::spawn({
+        let (nats, electing) = (nats.clone(), electing.clone());
+        async move {
+            let mut won = 0u32;
+            while electing.load(std::sync::atomic::Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                let answer = nats.request("$JS.API.STREAM.LEADER.STEPDOWN.later", "".into()).await;
+                // Refused while the previous election settles: asked again next time.
+                if answer.is_ok_and(|reply| String::from_utf8_lossy(&reply.payload).contains("\"success\":true")) {
+                    won += 1;
+                }
+            }
+            won
+        }
+    });
+    let mut due: std::collections::BTreeMap<u64, u128> = Default::default();
+    for n in 0..MESSAGES {
+        let delay = Duration::from_secs(2 + n % 3);
+        let asked = now_ms();
+        let options = || Publish::new().id(format!("job-{n}")).after(delay);
+        // Through an election a publish may end unconfirmed; the same key again replaces it.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match client.publish_with("later.due", &n, options()).await {
+                Ok(_) => break,
+                Err(error) if attempts < 20 => {
+                    eprintln!("job {n}, attempt {attempts}: {error}; again");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(error) => panic!("job {n} not published after {attempts} attempts: {error}"),
+            }
+        }
+        due.insert(n, asked + delay.as_millis());
+    }
+
+    // Every message on its target subject, read from the stream with the time it was stored.
+    let stream = js.get_stream("later").await.unwrap();
+    let reader = stream
+        .create_consumer(pull::Config {
+            durable_name: Some("reader".into()),
+            filter_subject: "later.due".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut messages = reader.messages().await.unwrap();
+    let mut came: std::collections::BTreeMap<u64, Vec<u128>> = Default::default();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while came.len() < MESSAGES as usize {
+        let message = tokio::time::timeout_at(deadline, messages.next())
+            .await
+            .unwrap_or_else(|_| {
+                let missing: Vec<_> = (0..MESSAGES).filter(|n| !came.contains_key(n)).collect();
+                panic!("not every delayed message came within {WAIT:?}: missing {missing:?}")
+            })
+            .expect("the consumer's messages")
+            .expect("a message");
+        let n: u64 = serde_json::from_slice(&message.payload).expect("the number published");
+        let stored = message.info().expect("JetStream metadata").published;
+        came.entry(n)
+            .or_default()
+            .push((stored.unix_timestamp_nanos() / 1_000_000) as u128);
+        message.ack().await.unwrap();
+    }
+    electing.store(false, std::sync::atomic::Ordering::Relaxed);
+    let won = elections.await.unwrap();
+    assert!(won >= 3, "only {won} elections took place");
+    // Anything doubled would have come by now: the longest delay is 4 s.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let info = stream.consumer_info("reader").await.unwrap();
+    assert_eq!(info.num_pending, 0, "a delayed message came twice: {came:?}");
+    for (n, times) in &came {
+        assert_eq!(times.len(), 1, "job {n} came {} times", times.len());
+        // Whole seconds, rounded up: the server fires at a second, never before it.
+        assert!(
+            times[0] + 1 >= due[n],
+            "job {n} stored {} ms before it was due",
+            due[n] - times[0]
+        );
+    }
+    // The server holds nothing for later any more.
+    for n in 0..MESSAGES {
+        assert!(
+            stream
+                .get_last_raw_message_by_subject(&format!("natty.schedules.later.at.job-{n}"))
+                .await
+                .is_err(),
+            "job {n}'s holder is still there"
+        );
+    }
+    eprintln!("{MESSAGES} delayed messages through {won} stream leader elections: each came once, none early");
 }
