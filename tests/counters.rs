@@ -1,7 +1,9 @@
 //! Counters (`#[stream(counters = true)]`, `Client::counter`) on a real nats-server 2.15:
 //! three processes adding at once sum exactly; a total reads back, goes down with a negative
 //! addition, and is 0 where nothing was added; a stream that keeps no counters refuses with a
-//! clear error; the declaration is provisioned and checked for drift.
+//! clear error; the declaration is provisioned and checked for drift; an addition repeated with
+//! its key counts once; on a 3-node cluster, additions made while the stream's leader is elected
+//! again and again all count, each once.
 
 use std::path::Path;
 use std::time::Duration;
@@ -106,4 +108,107 @@ async fn a_stream_without_counters_refuses_an_addition_and_is_drift() {
     assert_ne!(code, Some(0), "{out}{err}");
     assert!(out.contains("counters"), "{out}{err}");
     let _ = StreamDef::new("hits", &["hits.>"]).counters(true);
+}
+
+#[tokio::test]
+async fn an_addition_repeated_with_its_key_counts_once() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let nats = server.client().await;
+    let js = async_nats::jetstream::new(nats.clone());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "tally".into(),
+        subjects: vec!["tally.>".into()],
+        allow_message_counter: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let client = natty_runtime::Client::new(nats);
+    let seen = client.counter("tally.seen");
+    assert_eq!(seen.add_with_key("order-1", 5).await.unwrap(), 5);
+    assert_eq!(seen.add(2).await.unwrap(), 7);
+    // A redelivered message counted again with its key: not counted, and the answer is the
+    // total right after its first addition.
+    assert_eq!(seen.add_with_key("order-1", 5).await.unwrap(), 5);
+    assert_eq!(seen.get().await.unwrap(), 7);
+    assert_eq!(seen.add_with_key("order-2", 1).await.unwrap(), 8);
+}
+
+/// Additions on a replicated stream while its leader is elected again every 400 ms (3-node
+/// cluster, R3): every addition returns a total, and the final total counts each one once — an
+/// addition whose answer was lost is sent again with its key, never counted twice or dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn additions_through_stream_leader_elections_each_count_once() {
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use std::sync::Arc;
+    const ADDERS: u64 = 4;
+    /// Each adder adds at least this many times, and goes on until this many elections won.
+    const EACH: u64 = 60;
+    const ELECTIONS: u32 = 4;
+    let cluster = natty_runtime::testing::NatsCluster::start(3).await.expect("cluster");
+    let nats = cluster.client().await;
+    let js = async_nats::jetstream::new(nats.clone());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "tally".into(),
+        subjects: vec!["tally.>".into()],
+        num_replicas: 3,
+        allow_message_counter: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let client = natty_runtime::Client::new(nats.clone());
+    let electing = Arc::new(AtomicBool::new(true));
+    let won = Arc::new(AtomicU32::new(0));
+    let elections = tokio::spawn({
+        let (nats, electing, won) = (nats.clone(), electing.clone(), won.clone());
+        async move {
+            while electing.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                let answer = nats.request("$JS.API.STREAM.LEADER.STEPDOWN.tally", "".into()).await;
+                // Refused while the previous election settles: asked again next time.
+                if answer.is_ok_and(|reply| String::from_utf8_lossy(&reply.payload).contains("\"success\":true")) {
+                    won.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    });
+    let adders: Vec<_> = (0..ADDERS)
+        .map(|adder| {
+            let (counter, won) = (client.counter("tally.hits"), won.clone());
+            tokio::spawn(async move {
+                let mut added = 0u64;
+                while added < EACH || won.load(Ordering::Relaxed) < ELECTIONS {
+                    counter
+                        .add(1)
+                        .await
+                        .unwrap_or_else(|error| panic!("adder {adder}, addition {added}: {error}"));
+                    added += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                added
+            })
+        })
+        .collect();
+    let mut added = 0;
+    for adder in adders {
+        added += adder.await.unwrap();
+    }
+    electing.store(false, Ordering::Relaxed);
+    elections.await.unwrap();
+    let won = won.load(Ordering::Relaxed);
+    // A read right after the last step-down can time out while that election settles.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let total = loop {
+        match client.counter("tally.hits").get().await {
+            Ok(total) => break total,
+            Err(error) if tokio::time::Instant::now() < deadline => {
+                eprintln!("reading the total: {error}; again");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(error) => panic!("the total cannot be read: {error}"),
+        }
+    };
+    assert_eq!(total, i128::from(added), "each addition counted once");
+    eprintln!("{added} additions through {won} stream leader elections, each counted once");
 }

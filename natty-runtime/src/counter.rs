@@ -7,6 +7,10 @@
 //! A counter is a number that only changes by additions; a KV entry is a value replaced as a
 //! whole (with compare-and-set when writers race). Reach for a counter for tallies, quotas
 //! and statistics; for a KV entry for state.
+//!
+//! Every addition carries a key (`Nats-Msg-Id`), which the stream deduplicates within its
+//! `duplicate_window`, so an addition whose answer was lost (an election, a dropped
+//! connection) is sent again and counted once, as a publish is.
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
@@ -43,13 +47,26 @@ pub struct Counter {
 #[non_exhaustive]
 pub enum CounterError {
     /// The addition was not stored: no stream takes the subject, the stream does not keep
-    /// counters (declare it with `counters = true`), the server is older than 2.12, or the
-    /// connection failed. Not retried: an addition sent twice counts twice.
+    /// counters (declare it with `counters = true`), or the server is older than 2.12.
     #[error("cannot add to the counter `{subject}`: {source}")]
     Add {
         /// The counter's subject.
         subject: String,
         /// The server's or client's error.
+        #[source]
+        source: BoxError,
+    },
+    /// No answer came for the addition after natty sent it again for 20 seconds (no stream
+    /// leader, a lost connection): it may have been counted. Adding again with the same key
+    /// ([`Counter::add_with_key`]) within the stream's `duplicate_window` counts it at most
+    /// once.
+    #[error("the addition to the counter `{subject}` (key `{key}`) is unconfirmed: {source}")]
+    Unconfirmed {
+        /// The counter's subject.
+        subject: String,
+        /// The addition's key.
+        key: String,
+        /// The last error.
         #[source]
         source: BoxError,
     },
@@ -89,13 +106,28 @@ impl Counter {
     }
 
     /// Adds `delta` (negative to subtract) and returns the total right after this addition,
-    /// as the stream stored it.
+    /// as the stream stored it. Through a stream leader election or a lost answer the
+    /// addition is sent again with the key natty gave it, and counted once.
     ///
     /// # Errors
     ///
-    /// [`CounterError::Add`] when it was not stored; [`CounterError::Value`] for a total out
-    /// of range.
+    /// [`CounterError::Add`] when it was not stored; [`CounterError::Unconfirmed`] when no
+    /// answer came for 20 seconds; [`CounterError::Value`] for a total out of range.
     pub async fn add(&self, delta: i64) -> Result<i128, CounterError> {
+        self.add_with_key(&crate::publish::new_msg_id(), delta).await
+    }
+
+    /// Adds `delta` once for `key`: an addition repeated with the same key within the
+    /// stream's `duplicate_window` (two minutes by default) is not counted again — a handler
+    /// that counts what it handles passes
+    /// [`ctx.idempotency_key()`](crate::Context::idempotency_key), so a redelivered message
+    /// is not counted twice. Returns the total right after the addition that counted; for a
+    /// key counted before, that total when the stream still holds it, or else the total now.
+    ///
+    /// # Errors
+    ///
+    /// As [`Counter::add`].
+    pub async fn add_with_key(&self, key: &str, delta: i64) -> Result<i128, CounterError> {
         let failed = |source: BoxError| CounterError::Add {
             subject: self.subject.clone(),
             source,
@@ -103,18 +135,27 @@ impl Counter {
         if let Some(why) = crate::operate::too_old(self.client.nats(), 2, 12, "a counter") {
             return Err(failed(why.into()));
         }
+        let subject = crate::publish::checked_subject(self.subject.clone()).map_err(|e| failed(e.into()))?;
         let mut headers = HeaderMap::new();
         headers.insert(INCREMENT, format!("{delta:+}").as_str());
-        let ack = self
-            .client
-            .jetstream()
-            .publish_with_headers(self.subject.clone(), headers, Bytes::new())
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, key);
+        let ack = crate::publish::publish_durably(&self.client, &subject, headers, Bytes::new())
             .await
-            .map_err(|e| failed(e.into()))?
-            .await
-            .map_err(|e| failed(e.into()))?;
+            .map_err(|error| match error {
+                crate::PublishError::Unconfirmed { source, .. } => CounterError::Unconfirmed {
+                    subject: self.subject.clone(),
+                    key: key.to_string(),
+                    source: source.into(),
+                },
+                other => failed(other.into()),
+            })?;
         match ack.value {
             Some(value) => self.parse(value),
+            // Counted before, under this key: the total its own message holds.
+            None if ack.duplicate => match self.total_at(&ack.stream, ack.sequence).await {
+                Some(total) => total,
+                None => self.get().await,
+            },
             None => Err(failed(
                 format!(
                     "stream `{}` stored it without a total: it does not keep counters (declare it with counters = true)",
@@ -141,10 +182,6 @@ impl Counter {
     /// [`CounterError::Read`] when no stream takes the subject or the server cannot be asked;
     /// [`CounterError::Value`] when its last message holds no total.
     pub async fn get(&self) -> Result<i128, CounterError> {
-        #[derive(serde::Deserialize)]
-        struct Total {
-            val: String,
-        }
         let failed = |source: BoxError| CounterError::Read {
             subject: self.subject.clone(),
             source,
@@ -162,9 +199,27 @@ impl Counter {
             }
             Err(error) => return Err(failed(error.into())),
         };
-        let total: Total = serde_json::from_slice(&last.payload).map_err(|_| CounterError::Value {
+        self.total_in(&last.payload)
+    }
+
+    /// The total the counter's message at `sequence` holds, or `None` when that message is
+    /// gone (or the stream cannot be asked).
+    async fn total_at(&self, stream: &str, sequence: u64) -> Option<Result<i128, CounterError>> {
+        let js = self.client.jetstream();
+        let stream = js.get_stream_no_info(stream).await.ok()?;
+        let message = stream.get_raw_message(sequence).await.ok()?;
+        (message.subject.as_str() == self.subject).then(|| self.total_in(&message.payload))
+    }
+
+    /// The total a counter's message holds: `{"val": "<digits>"}`.
+    fn total_in(&self, payload: &[u8]) -> Result<i128, CounterError> {
+        #[derive(serde::Deserialize)]
+        struct Total {
+            val: String,
+        }
+        let total: Total = serde_json::from_slice(payload).map_err(|_| CounterError::Value {
             subject: self.subject.clone(),
-            value: String::from_utf8_lossy(&last.payload).into_owned(),
+            value: String::from_utf8_lossy(payload).into_owned(),
         })?;
         self.parse(total.val)
     }

@@ -337,7 +337,7 @@ pub fn publish_subject_problem(subject: &str) -> Option<&'static str> {
 }
 
 /// `subject`, checked (see [`publish_subject_problem`]).
-fn checked_subject(subject: String) -> std::result::Result<async_nats::Subject, PublishError> {
+pub(crate) fn checked_subject(subject: String) -> std::result::Result<async_nats::Subject, PublishError> {
     match publish_subject_problem(&subject) {
         None => Ok(async_nats::Subject::from(subject)),
         Some(problem) => Err(PublishError::InvalidSubject { subject, problem }),
