@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use natty_runtime::testing::NatsServer;
 use natty_runtime::{CounterError, StreamDef};
-use natty_tests::{collect_lines, collect_stderr, run_command, send_signal, spawn_service, wait_until};
+use natty_tests::{collect_lines, collect_stderr, run_command, send_signal, spawn_service, wait_until, Elections};
 
 const COUNTER: &str = env!("CARGO_BIN_EXE_natty-test-counter");
 const WAIT: Duration = Duration::from_secs(60);
@@ -139,8 +139,6 @@ async fn an_addition_repeated_with_its_key_counts_once() {
 /// addition whose answer was lost is sent again with its key, never counted twice or dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn additions_through_stream_leader_elections_each_count_once() {
-    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-    use std::sync::Arc;
     const ADDERS: u64 = 4;
     /// Each adder adds at least this many times, and goes on until this many elections won.
     const EACH: u64 = 60;
@@ -158,27 +156,13 @@ async fn additions_through_stream_leader_elections_each_count_once() {
     .await
     .unwrap();
     let client = natty_runtime::Client::new(nats.clone());
-    let electing = Arc::new(AtomicBool::new(true));
-    let won = Arc::new(AtomicU32::new(0));
-    let elections = tokio::spawn({
-        let (nats, electing, won) = (nats.clone(), electing.clone(), won.clone());
-        async move {
-            while electing.load(Ordering::Relaxed) {
-                tokio::time::sleep(Duration::from_millis(400)).await;
-                let answer = nats.request("$JS.API.STREAM.LEADER.STEPDOWN.tally", "".into()).await;
-                // Refused while the previous election settles: asked again next time.
-                if answer.is_ok_and(|reply| String::from_utf8_lossy(&reply.payload).contains("\"success\":true")) {
-                    won.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }
-    });
+    let elections = std::sync::Arc::new(Elections::start(nats.clone(), "tally", Duration::from_millis(400)));
     let adders: Vec<_> = (0..ADDERS)
         .map(|adder| {
-            let (counter, won) = (client.counter("tally.hits"), won.clone());
+            let (counter, elections) = (client.counter("tally.hits"), elections.clone());
             tokio::spawn(async move {
                 let mut added = 0u64;
-                while added < EACH || won.load(Ordering::Relaxed) < ELECTIONS {
+                while added < EACH || elections.won() < ELECTIONS {
                     counter
                         .add(1)
                         .await
@@ -194,9 +178,10 @@ async fn additions_through_stream_leader_elections_each_count_once() {
     for adder in adders {
         added += adder.await.unwrap();
     }
-    electing.store(false, Ordering::Relaxed);
-    elections.await.unwrap();
-    let won = won.load(Ordering::Relaxed);
+    let won = std::sync::Arc::into_inner(elections)
+        .expect("the adders are done")
+        .stop()
+        .await;
     // A read right after the last step-down can time out while that election settles.
     let deadline = tokio::time::Instant::now() + WAIT;
     let total = loop {

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use natty_runtime::prelude::*;
 use natty_runtime::testing::NatsServer;
 use natty_runtime::{PublishError, Runtime, StreamDef};
-use natty_tests::{collect_lines, collect_stderr, run_command, send_signal, spawn_service, wait_until};
+use natty_tests::{collect_lines, collect_stderr, run_command, send_signal, spawn_service, wait_until, Elections};
 
 const SCHEDULED: &str = env!("CARGO_BIN_EXE_natty-test-scheduled");
 const WAIT: Duration = Duration::from_secs(60);
@@ -415,22 +415,7 @@ async fn delayed_messages_come_once_through_stream_leader_elections() {
     let client = natty_runtime::Client::new(nats.clone());
 
     // Elections every 400 ms while the messages are published and while they come due.
-    let electing = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let elections = tokio::spawn({
-        let (nats, electing) = (nats.clone(), electing.clone());
-        async move {
-            let mut won = 0u32;
-            while electing.load(std::sync::atomic::Ordering::Relaxed) {
-                tokio::time::sleep(Duration::from_millis(400)).await;
-                let answer = nats.request("$JS.API.STREAM.LEADER.STEPDOWN.later", "".into()).await;
-                // Refused while the previous election settles: asked again next time.
-                if answer.is_ok_and(|reply| String::from_utf8_lossy(&reply.payload).contains("\"success\":true")) {
-                    won += 1;
-                }
-            }
-            won
-        }
-    });
+    let elections = Elections::start(nats.clone(), "later", Duration::from_millis(400));
     let mut due: std::collections::BTreeMap<u64, u128> = Default::default();
     for n in 0..MESSAGES {
         let delay = Duration::from_secs(2 + n % 3);
@@ -481,8 +466,7 @@ async fn delayed_messages_come_once_through_stream_leader_elections() {
             .push((stored.unix_timestamp_nanos() / 1_000_000) as u128);
         message.ack().await.unwrap();
     }
-    electing.store(false, std::sync::atomic::Ordering::Relaxed);
-    let won = elections.await.unwrap();
+    let won = elections.stop().await;
     assert!(won >= 3, "only {won} elections took place");
     // Anything doubled would have come by now: the longest delay is 4 s.
     tokio::time::sleep(Duration::from_secs(5)).await;

@@ -71,6 +71,47 @@ impl Reading {
     }
 }
 
+/// A stream's leader stepped down again and again, on a cluster, until [`Elections::stop`].
+pub struct Elections {
+    won: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Elections {
+    /// Asks the leader of `stream` to step down every `every`. A step-down asked while the
+    /// previous election settles is refused, and asked again next time.
+    pub fn start(nats: async_nats::Client, stream: &str, every: Duration) -> Elections {
+        let won = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let subject = format!("$JS.API.STREAM.LEADER.STEPDOWN.{stream}");
+        let task = tokio::spawn({
+            let won = won.clone();
+            async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let answer = nats.request(subject.clone(), "".into()).await;
+                    if answer.is_ok_and(|reply| String::from_utf8_lossy(&reply.payload).contains("\"success\":true")) {
+                        won.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+        Elections { won, task }
+    }
+
+    /// The step-downs the server accepted so far.
+    pub fn won(&self) -> u32 {
+        self.won.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stops asking; the step-downs the server accepted.
+    pub async fn stop(self) -> u32 {
+        let won = self.won();
+        self.task.abort();
+        let _ = self.task.await;
+        won
+    }
+}
+
 /// Polls `condition` every 25 ms until it holds; panics with `what` after `timeout`.
 pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut condition: F)
 where
