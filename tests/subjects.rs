@@ -1,7 +1,8 @@
 //! Subjects built from data are checked before anything is sent: a `#[derive(Payload)]` field
 //! whose value is not exactly one subject token, and a subject given to `publish` that no
 //! message can be published to, are refused at once with a typed error, never retried, and
-//! nothing reaches the server.
+//! nothing reaches the server. So are headers built from data (an idempotency key holding a
+//! line break, a header name that is not one): refused, not a panic.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -191,4 +192,64 @@ async fn a_subject_no_message_can_be_published_to_is_refused_at_once_and_nothing
 
     assert_eq!(nats.statistics().out_messages.load(Relaxed), sent, "nothing was sent");
     assert_eq!(stream.info().await.unwrap().state.messages, 1, "nothing was stored");
+}
+
+/// A header taken from data that cannot go on the wire: async-nats panics on it; natty refuses
+/// it at publish time, for every way of publishing, and sends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_that_cannot_be_sent_is_refused_and_nothing_is_stored() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let (client, mut stream, nats) = shop(&server).await;
+    let value = serde_json::json!({"total_cents": 1});
+    let sent = nats.statistics().out_messages.load(Relaxed);
+    let cases = [
+        (
+            Publish::new().id("order-1\r\nNats-Expected-Last-Sequence: 9"),
+            "Nats-Msg-Id",
+            "line break",
+        ),
+        (
+            Publish::new().with_header("X-Note", "two\nlines"),
+            "X-Note",
+            "line break",
+        ),
+        (
+            Publish::new().with_header("bad name", "v"),
+            "bad name",
+            "printable ASCII",
+        ),
+        (Publish::new().with_header("X:Y", "v"), "X:Y", "printable ASCII"),
+    ];
+    for (options, header, problem) in cases {
+        let check = |error: &PublishError| matches!(error, PublishError::InvalidHeader { header: h, problem: p, .. } if h == header && p.contains(problem));
+        let error = client
+            .publish_with("shop.s1.created", &value, options.clone())
+            .await
+            .unwrap_err();
+        assert!(check(&error), "publish_with, {header}: {error:?}");
+        let error = client
+            .send_with("shop.s1.created", &value, options.clone())
+            .await
+            .err()
+            .expect("send_with refuses it");
+        assert!(check(&error), "send_with, {header}: {error:?}");
+        let batch = client
+            .atomic_batch()
+            .add_with("shop.s1.created", &value, options)
+            .commit()
+            .await;
+        let error = batch.expect_err("an atomic batch refuses it");
+        assert!(
+            matches!(&error, natty_runtime::AtomicBatchError::Message(inner) if check(inner)),
+            "atomic batch, {header}: {error:?}"
+        );
+    }
+    // A counter's key too.
+    let error = client.counter("shop.hits").add_with_key("a\nb", 1).await.unwrap_err();
+    assert!(
+        matches!(error, natty_runtime::CounterError::Add { .. }) && error.to_string().contains("line break"),
+        "{error}"
+    );
+    assert_eq!(nats.statistics().out_messages.load(Relaxed), sent, "nothing was sent");
+    assert_eq!(stream.info().await.unwrap().state.messages, 0, "nothing was stored");
 }

@@ -295,6 +295,18 @@ pub enum PublishError {
         /// What is wrong with it.
         problem: &'static str,
     },
+    /// A header set on [`Publish`](crate::Publish) cannot be sent: a name that is not
+    /// printable ASCII without `:`, or a value (an idempotency key, say) holding a line break.
+    /// Refused before anything is sent.
+    #[error("cannot publish to {subject:?}: header `{header}`: {problem}; nothing was sent")]
+    InvalidHeader {
+        /// The subject given.
+        subject: String,
+        /// The header's name.
+        header: String,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
     /// A field of a [`Payload`](crate::Payload) fills a placeholder of its subject template with a value that
     /// is not exactly one subject token (empty, or holding `.`, `*`, `>`, whitespace or a control
     /// character): published, it would land on another subject than the template says.

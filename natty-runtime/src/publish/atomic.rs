@@ -170,6 +170,10 @@ impl AtomicBatch {
                 }));
             return self;
         }
+        if let Some(refused) = options.refusal(&subject) {
+            self.error.get_or_insert(AtomicBatchError::Message(refused));
+            return self;
+        }
         if options.at.is_some() {
             // A batch is stored now, whole: a message of it cannot wait on a schedule.
             self.error.get_or_insert(AtomicBatchError::Refused {

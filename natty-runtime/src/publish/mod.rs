@@ -90,7 +90,8 @@ impl Client {
     ///
     /// # Errors
     ///
-    /// [`PublishError::InvalidSubject`] at once for a subject no message can be published to;
+    /// [`PublishError::InvalidSubject`] at once for a subject no message can be published to,
+    /// [`PublishError::InvalidHeader`] for a header of `options` that cannot be sent;
     /// [`PublishError::Conflict`] when an expectation fails (not because of this call's own
     /// earlier attempt: that is looked up and its ack returned); [`PublishError::Unconfirmed`]
     /// when no ack came after the retries; [`PublishError::Encode`], [`PublishError::NoStream`]
@@ -102,6 +103,9 @@ impl Client {
         options: Publish,
     ) -> std::result::Result<PublishAck, PublishError> {
         let subject = checked_subject(subject.into())?;
+        if let Some(refused) = options.refusal(&subject) {
+            return Err(refused);
+        }
         let (payload, format) = encode(&subject, value)?;
         // The key that makes a retry after a lost ack safe: without it, a retry could store
         // the message twice, and not retrying could lose it.
@@ -176,6 +180,9 @@ impl Client {
     ) -> std::result::Result<PendingAck, PublishError> {
         // A `Subject` shares its bytes, so keeping it for the error costs no copy.
         let subject = checked_subject(subject.into())?;
+        if let Some(refused) = options.refusal(&subject) {
+            return Err(refused);
+        }
         let (payload, format) = encode(&subject, value)?;
         let delayed = options.delayed();
         let mut headers = options.into_headers(format);
@@ -311,6 +318,14 @@ fn classify(subject: &async_nats::Subject, source: jetstream::context::PublishEr
     }
 }
 
+/// Why `value` cannot be a header value, or `None`: a line break would end the header early
+/// on the wire (async-nats refuses it with a panic).
+pub(crate) fn header_value_problem(value: &str) -> Option<&'static str> {
+    value
+        .contains(['\r', '\n'])
+        .then_some("a header value holds no line break")
+}
+
 /// A fresh idempotency key, for a write whose caller gave none.
 pub(crate) fn new_msg_id() -> String {
     format!("natty-{}", nuid::next())
@@ -353,6 +368,10 @@ pub struct Publish {
     headers: Option<async_nats::HeaderMap>,
     /// When the server is to publish the message (see [`Publish::at`]).
     pub(super) at: Option<std::time::SystemTime>,
+    /// The first header that cannot go on the wire (its name, why), refused when the message
+    /// is published ([`PublishError::InvalidHeader`]): async-nats panics on it, and a key or a
+    /// value taken from a payload must not bring a handler down.
+    refused: Option<(String, &'static str)>,
 }
 
 impl Publish {
@@ -362,10 +381,27 @@ impl Publish {
     }
 
     fn header(mut self, name: impl async_nats::header::IntoHeaderName, value: impl AsRef<str>) -> Publish {
+        let name = name.into_header_name();
+        let value = value.as_ref();
+        if let Some(problem) = header_value_problem(value) {
+            self.refused.get_or_insert_with(|| (name.to_string(), problem));
+            return self;
+        }
         self.headers
             .get_or_insert_with(async_nats::HeaderMap::new)
-            .insert(name, value.as_ref());
+            .insert(name, value);
         self
+    }
+
+    /// [`PublishError::InvalidHeader`] for the first header that could not be set.
+    pub(crate) fn refusal(&self, subject: &str) -> Option<PublishError> {
+        self.refused
+            .as_ref()
+            .map(|(header, problem)| PublishError::InvalidHeader {
+                subject: subject.to_string(),
+                header: header.clone(),
+                problem,
+            })
     }
 
     /// Idempotency key (`Nats-Msg-Id`): the stream stores one message per key within its
@@ -411,7 +447,12 @@ impl Publish {
     }
 
     /// Any other header.
-    pub fn with_header(self, name: &str, value: impl AsRef<str>) -> Publish {
+    pub fn with_header(mut self, name: &str, value: impl AsRef<str>) -> Publish {
+        if name.is_empty() || name.contains(|c: char| !c.is_ascii_graphic() || c == ':') {
+            self.refused
+                .get_or_insert_with(|| (name.to_string(), "a header name is printable ASCII without `:`"));
+            return self;
+        }
         self.header(name, value)
     }
 
