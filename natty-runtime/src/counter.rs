@@ -135,13 +135,12 @@ impl Counter {
         if let Some(why) = crate::operate::too_old(self.client.nats(), 2, 12, "a counter") {
             return Err(failed(why.into()));
         }
-        if let Some(problem) = crate::publish::header_value_problem(key) {
-            return Err(failed(format!("its key {key:?}: {problem}").into()));
-        }
+        let key_value = crate::publish::header_value(key)
+            .map_err(|problem| failed(format!("its key {key:?}: {problem}").into()))?;
         let subject = crate::publish::checked_subject(self.subject.clone()).map_err(|e| failed(e.into()))?;
         let mut headers = HeaderMap::new();
         headers.insert(INCREMENT, format!("{delta:+}").as_str());
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, key);
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, key_value);
         let ack = crate::publish::publish_durably(&self.client, &subject, headers, Bytes::new())
             .await
             .map_err(|error| match error {

@@ -318,12 +318,11 @@ fn classify(subject: &async_nats::Subject, source: jetstream::context::PublishEr
     }
 }
 
-/// Why `value` cannot be a header value, or `None`: a line break would end the header early
-/// on the wire (async-nats refuses it with a panic).
-pub(crate) fn header_value_problem(value: &str) -> Option<&'static str> {
-    value
-        .contains(['\r', '\n'])
-        .then_some("a header value holds no line break")
+/// `value` as a header value, or why it cannot be one: async-nats' own check (a line break
+/// would end the header early on the wire), which its conversions from a string enforce with
+/// a panic.
+pub(crate) fn header_value(value: &str) -> std::result::Result<async_nats::HeaderValue, &'static str> {
+    value.parse().map_err(|_| "a header value holds no line break")
 }
 
 /// A fresh idempotency key, for a write whose caller gave none.
@@ -382,14 +381,15 @@ impl Publish {
 
     fn header(mut self, name: impl async_nats::header::IntoHeaderName, value: impl AsRef<str>) -> Publish {
         let name = name.into_header_name();
-        let value = value.as_ref();
-        if let Some(problem) = header_value_problem(value) {
-            self.refused.get_or_insert_with(|| (name.to_string(), problem));
-            return self;
+        match header_value(value.as_ref()) {
+            Ok(value) => self
+                .headers
+                .get_or_insert_with(async_nats::HeaderMap::new)
+                .insert(name, value),
+            Err(problem) => {
+                self.refused.get_or_insert_with(|| (name.to_string(), problem));
+            }
         }
-        self.headers
-            .get_or_insert_with(async_nats::HeaderMap::new)
-            .insert(name, value);
         self
     }
 
@@ -448,12 +448,16 @@ impl Publish {
 
     /// Any other header.
     pub fn with_header(mut self, name: &str, value: impl AsRef<str>) -> Publish {
-        if name.is_empty() || name.contains(|c: char| !c.is_ascii_graphic() || c == ':') {
-            self.refused
-                .get_or_insert_with(|| (name.to_string(), "a header name is printable ASCII without `:`"));
-            return self;
+        // async-nats' own check of a name (its conversion from a string panics on one it
+        // refuses); an empty name is refused here too.
+        match name.parse::<async_nats::HeaderName>() {
+            Ok(parsed) if !name.is_empty() => self.header(parsed, value),
+            _ => {
+                self.refused
+                    .get_or_insert_with(|| (name.to_string(), "a header name is printable ASCII without `:`"));
+                self
+            }
         }
-        self.header(name, value)
     }
 
     /// Has the server publish the message at `time` (rounded up to the second; at once if it
