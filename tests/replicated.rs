@@ -1,7 +1,7 @@
 //! Replicated declarations on a 3-node cluster: streams, consumers and buckets declared with
 //! replicas and a placement are created that way; a placement no server satisfies is a startup
 //! error naming the stream; startup waits for a consumed stream to have a leader, and fails
-//! clearly when it never gets one.
+//! clearly when it never gets one; KV writes, and KV and counter reads, ride through elections.
 //!
 //! Streams are declared by hand (not with `#[stream]`): every registered stream is provisioned by
 //! every runtime in this binary, and some of these must fail.
@@ -416,4 +416,70 @@ async fn missing(kv: &natty_runtime::Kv<u64>, writes: &Writes) -> Vec<String> {
         missing.push(format!("counter = {counter:?}, expected {:?}", writes.counter));
     }
     missing
+}
+
+/// Reads ride through elections as writes do: while the leaders of a replicated bucket's
+/// stream and of a counter's stream are stepped down every 400 ms, a reader keeps reading a
+/// KV value, listing the bucket's keys and reading the counter, and no read fails or answers
+/// wrong. (A counter is read from its stream's leader: before, a read during an election ran
+/// out of time and failed.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_and_counter_reads_ride_through_leader_elections() {
+    /// Reads go on until each stream saw this many elections, and at least this many rounds.
+    const ELECTIONS: u32 = 4;
+    const ROUNDS: u32 = 40;
+    let _serial = SERIAL.lock().await;
+    let cluster = NatsCluster::start(3).await.expect("a 3-node cluster");
+    let nats = cluster.client().await;
+    let client = natty_runtime::Client::new(nats.clone());
+    KvBucketDef::new("shelf")
+        .replicas(3)
+        .provision(&client, natty_runtime::Provision::CreateOrUpdate)
+        .await
+        .expect("the replicated bucket");
+    client
+        .jetstream()
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "tally".into(),
+            subjects: vec!["tally.>".into()],
+            num_replicas: 3,
+            allow_message_counter: true,
+            ..Default::default()
+        })
+        .await
+        .expect("the replicated counter stream");
+    let kv = client.kv::<u64>("shelf").await.expect("the bucket");
+    kv.put("apples", &7).await.expect("a value");
+    kv.put("pears", &3).await.expect("a value");
+    let counter = client.counter("tally.hits");
+    counter.add(42).await.expect("an addition");
+
+    let kv_elections = natty_tests::Elections::start(nats.clone(), "KV_shelf", Duration::from_millis(400));
+    let counter_elections = natty_tests::Elections::start(nats.clone(), "tally", Duration::from_millis(400));
+    let mut failures = Vec::new();
+    let mut rounds = 0;
+    while rounds < ROUNDS || kv_elections.won() < ELECTIONS || counter_elections.won() < ELECTIONS {
+        rounds += 1;
+        match kv.get("apples").await {
+            Ok(Some(entry)) if entry.value == 7 => {}
+            other => failures.push(format!("round {rounds}, get: {:?}", other.map(|e| e.map(|e| e.value)))),
+        }
+        match kv.keys().await {
+            Ok(keys) if keys == ["apples", "pears"] => {}
+            other => failures.push(format!("round {rounds}, keys: {other:?}")),
+        }
+        match counter.get().await {
+            Ok(42) => {}
+            other => failures.push(format!("round {rounds}, counter: {other:?}")),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (kv_won, counter_won) = (kv_elections.stop().await, counter_elections.stop().await);
+    assert!(
+        failures.is_empty(),
+        "{} of {rounds} rounds of reads failed through {kv_won} bucket and {counter_won} counter stream elections:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    eprintln!("{rounds} rounds of reads through {kv_won} bucket and {counter_won} counter stream elections");
 }

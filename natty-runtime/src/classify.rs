@@ -1,5 +1,5 @@
 //! What a failed NATS or JetStream request means for trying again. Every retry decision in
-//! natty (provisioning, binding, publishing, KV writes) asks this module, and it answers from
+//! natty (provisioning, binding, publishing, KV writes, reads) asks this module, and it answers from
 //! async-nats error kinds and the server's JetStream error codes, never from message text: a
 //! reworded message in a new async-nats or nats-server release must not turn a transient
 //! failure into a fatal one, or the other way round.
@@ -10,6 +10,8 @@
 //! (`JetStream(jetstream::Error)`) rather than as a source: those are unpacked too.
 
 use std::error::Error as StdError;
+use std::future::Future;
+use std::time::Duration;
 
 use async_nats::jetstream::{self, context, kv, stream, ErrorCode};
 
@@ -76,6 +78,34 @@ pub(crate) fn failure(error: &(dyn StdError + 'static)) -> Failure {
 /// temporarily unavailable" (10008).
 pub(crate) fn transient(error: &(dyn StdError + 'static)) -> bool {
     failure(error).is_transient()
+}
+
+/// Runs `step` again while it fails for a transient reason (see [`transient`]), with growing
+/// pauses (250 ms, doubling up to 2 s), for up to `timeout`; any other error, or the last one,
+/// is returned as it is. For what is safe to send again: provisioning (a replicated bucket
+/// created by several instances at once on a busy cluster, a stream looked up while its
+/// servers elect a leader) and reads, which a stream answers only while it has a leader.
+/// `what` names it in the log line of each retry.
+pub(crate) async fn patiently<T, E, F, Fut>(what: &str, timeout: Duration, mut step: F) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: StdError + 'static,
+{
+    let started = tokio::time::Instant::now();
+    let mut pause = Duration::from_millis(250);
+    let mut attempt = 1;
+    loop {
+        match step().await {
+            Err(error) if transient(&error) && started.elapsed() + pause < timeout => {
+                tracing::warn!(error = %crate::error::chain(&error), attempt, "{what} did not go through (the cluster may be electing leaders); trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// The JetStream error codes natty acts on.

@@ -179,11 +179,26 @@ impl Counter {
 
     /// The total now: 0 for a counter never added to (or purged).
     ///
+    /// Read from the stream's leader: while the stream elects one (or a server restarts), it
+    /// is asked again for up to 20 s, as an addition is sent again.
+    ///
     /// # Errors
     ///
     /// [`CounterError::Read`] when no stream takes the subject or the server cannot be asked;
     /// [`CounterError::Value`] when its last message holds no total.
     pub async fn get(&self) -> Result<i128, CounterError> {
+        // The stream's leader answers, so a read during its election is asked again, for as
+        // long as an addition would be.
+        let last =
+            crate::classify::patiently("reading a counter", crate::publish::PUBLISH_RETRY_FOR, || self.last()).await?;
+        match last {
+            Some(payload) => self.total_in(&payload),
+            None => Ok(0),
+        }
+    }
+
+    /// The payload of the counter's last message, `None` if it has none; asked once.
+    async fn last(&self) -> Result<Option<Bytes>, CounterError> {
         let failed = |source: BoxError| CounterError::Read {
             subject: self.subject.clone(),
             source,
@@ -194,14 +209,13 @@ impl Counter {
             .await
             .map_err(|e| failed(e.into()))?;
         let stream = js.get_stream_no_info(&stream).await.map_err(|e| failed(e.into()))?;
-        let last = match stream.get_last_raw_message_by_subject(&self.subject).await {
-            Ok(last) => last,
+        match stream.get_last_raw_message_by_subject(&self.subject).await {
+            Ok(last) => Ok(Some(last.payload)),
             Err(error) if error.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
-                return Ok(0)
+                Ok(None)
             }
-            Err(error) => return Err(failed(error.into())),
-        };
-        self.total_in(&last.payload)
+            Err(error) => Err(failed(error.into())),
+        }
     }
 
     /// The total the counter's message at `sequence` holds, or `None` when that message is

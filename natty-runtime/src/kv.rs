@@ -261,6 +261,9 @@ impl<T> Kv<T> {
 
     /// The current value of `key`, or `None` if it has none (never set, deleted or purged).
     ///
+    /// A read unanswered while the bucket's stream elects a leader is asked again, for up to
+    /// 20 s as a write is.
+    ///
     /// # Errors
     ///
     /// [`KvError::Decode`] when the stored value is not a `T`; [`KvError::InvalidKey`];
@@ -269,11 +272,15 @@ impl<T> Kv<T> {
     where
         T: DecodePayload,
     {
-        let entry = match self.store.entry(key).await {
-            Ok(entry) => entry,
-            Err(error) if error.kind() == kv::EntryErrorKind::InvalidKey => return Err(self.invalid_key(key)),
-            Err(error) => return Err(self.request(key, "reading")(Box::new(error))),
-        };
+        // A read during an election of the bucket's stream leader (no answer in time) is asked
+        // again, for as long as a write would be.
+        let read = || self.store.entry(key);
+        let entry =
+            match crate::classify::patiently("reading a KV entry", crate::publish::PUBLISH_RETRY_FOR, read).await {
+                Ok(entry) => entry,
+                Err(error) if error.kind() == kv::EntryErrorKind::InvalidKey => return Err(self.invalid_key(key)),
+                Err(error) => return Err(self.request(key, "reading")(Box::new(error))),
+            };
         let Some(entry) = entry.filter(|entry| entry.operation == kv::Operation::Put) else {
             return Ok(None);
         };
@@ -465,7 +472,8 @@ impl<T> Kv<T> {
     async fn latest(&self, key: &str) -> std::result::Result<Option<(u64, kv::Operation)>, KvError> {
         use jetstream::stream::LastRawMessageErrorKind as Kind;
         let subject = format!("{}{key}", self.store.prefix);
-        match self.store.stream.get_last_raw_message_by_subject(&subject).await {
+        let read = || self.store.stream.get_last_raw_message_by_subject(&subject);
+        match crate::classify::patiently("reading a KV entry", crate::publish::PUBLISH_RETRY_FOR, read).await {
             Ok(message) => {
                 let operation = match message.headers.get(KV_OPERATION).map(|value| value.as_str()) {
                     Some("DEL") => kv::Operation::Delete,
@@ -480,6 +488,8 @@ impl<T> Kv<T> {
     }
 
     /// The keys that have a value (not deleted or purged), in the order of their latest revision.
+    /// Listed again from the start if the listing is cut off by a transient failure (an
+    /// election), for up to 20 s.
     ///
     /// # Errors
     ///
@@ -490,8 +500,11 @@ impl<T> Kv<T> {
             action: "listing its keys",
             source,
         };
-        let keys = self.store.keys().await.map_err(|error| failed(Box::new(error)))?;
-        keys.try_collect().await.map_err(|error| failed(Box::new(error)))
+        let list = || async move {
+            let keys = self.store.keys().await.map_err(|error| failed(Box::new(error)))?;
+            keys.try_collect().await.map_err(|error| failed(Box::new(error)))
+        };
+        crate::classify::patiently("listing a bucket's keys", crate::publish::PUBLISH_RETRY_FOR, list).await
     }
 
     /// Every change of the keys matching `key` (`*` and `>` wildcards allowed) made from now on,

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::classify::transient;
+use crate::classify::{patiently, transient};
 use crate::config::{Auth, Config, Provision};
 use crate::consumer::{Consumer, ConsumerDef, DEAD_LETTER_STREAM};
 use crate::error::{Error, Result};
@@ -383,7 +383,7 @@ impl Runtime {
         // After the consumers were bound, and so given their filters: an unfiltered durable
         // that instances of an earlier version still read would otherwise get the holders.
         for schedule in &declared.schedules {
-            patiently(config.stream_leader_timeout, || {
+            patiently("provisioning", config.stream_leader_timeout, || {
                 schedule.provision(&client, config.provision)
             })
             .await?;
@@ -534,7 +534,7 @@ async fn provision(config: &Config, declared: &Declarations, client: &Client) ->
     // How long provisioning rides through a cluster electing leaders.
     let patience = config.stream_leader_timeout;
     for stream in &declared.streams {
-        patiently(patience, || stream.provision(js, provision)).await?;
+        patiently("provisioning", patience, || stream.provision(js, provision)).await?;
     }
     let all_consumers = declared.all_consumers();
     // The streams handlers read, each once.
@@ -561,17 +561,20 @@ async fn provision(config: &Config, declared: &Declarations, client: &Client) ->
         let dead_letters = StreamDef::new(DEAD_LETTER_STREAM, DEAD_LETTER_SUBJECTS)
             .replicas(replicas)
             .description("messages natty terminated or gave up on, with the reason in their headers");
-        patiently(patience, || dead_letters.provision(js, provision)).await?;
+        patiently("provisioning", patience, || dead_letters.provision(js, provision)).await?;
     }
     // Declared buckets first: a leader's bucket may be one of them (with its replicas).
     for bucket in &declared.kv_buckets {
-        patiently(patience, || bucket.provision(client, provision)).await?;
+        patiently("provisioning", patience, || bucket.provision(client, provision)).await?;
     }
     for store in &declared.object_stores {
-        patiently(patience, || store.provision(client, provision)).await?;
+        patiently("provisioning", patience, || store.provision(client, provision)).await?;
     }
     for leader in &declared.leaders {
-        patiently(patience, || crate::leader::provision(leader, js, provision)).await?;
+        patiently("provisioning", patience, || {
+            crate::leader::provision(leader, js, provision)
+        })
+        .await?;
     }
     // On a cluster a stream is usable only once its replicas have elected a leader: right
     // after creation, or while a quorum of its servers is restarting.
@@ -616,7 +619,10 @@ async fn start(config: &Config, declared: &Declarations, client: &Client) -> Res
             Some((_, consumers)) => consumers.push(leading),
             None => {
                 let leader = LeaderDef::new(def.name, bucket, key, Duration::from_secs(10), crate::leader::idle);
-                patiently(patience, || crate::leader::provision(&leader, js, provision)).await?;
+                patiently("provisioning", patience, || {
+                    crate::leader::provision(&leader, js, provision)
+                })
+                .await?;
                 elections.push((leader, vec![leading]));
             }
         }
@@ -630,18 +636,11 @@ async fn start(config: &Config, declared: &Declarations, client: &Client) -> Res
             continue;
         }
         let stream_def = declared.stream(def.stream());
-        let slot = std::sync::Mutex::new(None);
-        patiently(patience, || async {
-            let started = crate::capture::Capture::start(*def, client.clone(), provision, stream_def, config).await?;
-            *slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(started);
-            Ok(())
+        let started = patiently("provisioning", patience, || {
+            crate::capture::Capture::start(*def, client.clone(), provision, stream_def, config)
         })
         .await?;
-        tasks.extend(
-            slot.into_inner()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .map(crate::capture::Capture::task),
-        );
+        tasks.push(started.task());
     }
     for watch in &declared.kv_watches {
         tasks.push(crate::kv_watch::task(*watch, client.clone(), provision));
@@ -659,7 +658,10 @@ async fn start(config: &Config, declared: &Declarations, client: &Client) -> Res
 /// returns the group's task.
 async fn start_group(group: crate::partition::group::Group, config: &Config, client: &Client) -> Result<Task> {
     let js = client.jetstream();
-    patiently(config.stream_leader_timeout, || group.provision(js, config.provision)).await?;
+    patiently("provisioning", config.stream_leader_timeout, || {
+        group.provision(js, config.provision)
+    })
+    .await?;
     crate::stream::wait_for_leader(js, group.derived(), config.stream_leader_timeout).await?;
     Ok(group.task(client.clone(), config.provision, config))
 }
@@ -678,31 +680,6 @@ fn stop_grace(config: &Config, declared: &Declarations) -> Duration {
 const STOP_GRACE: Duration = Duration::from_secs(3);
 /// How long the last flush may take on shutdown.
 const FLUSH_WITHIN: Duration = Duration::from_secs(1);
-
-/// Runs a provisioning step again while it fails for a transient reason (see [`transient`]),
-/// with growing pauses, for up to `timeout`: a replicated bucket created by several instances at
-/// once on a busy cluster, or a stream looked up while its servers elect a leader, can take
-/// longer than one JetStream request allows. Any other error is returned at once.
-async fn patiently<F, Fut>(timeout: Duration, mut step: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<()>>,
-{
-    let started = tokio::time::Instant::now();
-    let mut pause = Duration::from_millis(250);
-    let mut attempt = 1;
-    loop {
-        match step().await {
-            Err(error) if transient(&error) && started.elapsed() + pause < timeout => {
-                tracing::warn!(error = %crate::error::chain(&error), attempt, "provisioning did not go through (the cluster may be electing leaders); trying again");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(2));
-                attempt += 1;
-            }
-            other => return other,
-        }
-    }
-}
 
 /// Binds `consumer`, whose stream was seen with a leader. A server that still believes it leads
 /// right after losing its quorum answers stream info but refuses the consumer request: such

@@ -16,8 +16,8 @@ mod durable;
 pub use atomic::{AtomicBatch, AtomicBatchAck, AtomicBatchError, MAX_BATCH};
 
 pub use crate::client::Client;
-pub(crate) use durable::publish_durably;
 use durable::send_once;
+pub(crate) use durable::{publish_durably, PUBLISH_RETRY_FOR};
 
 /// The span of one publish: a producer span whose context travels in the message's headers.
 /// None with natty's own subscriber and no exporter: nothing would record it, and the trace
