@@ -1,6 +1,7 @@
 //! Confirmed acks and exactly-once handling: a `#[consumer(ack = "confirmed")]` on a 3-node
 //! cluster whose consumer leader is made to step down again and again handles every message
-//! once (a lost fire-and-forget ack would bring its message back after `ack_wait`);
+//! once (a lost fire-and-forget ack would bring its message back after `ack_wait`), and so
+//! does a confirmed batch handler while the stream's and the consumer's leaders both step down;
 //! `ctx.ack()` reports a refused ack, and settles its message whatever the handler does next;
 //! the exactly-once recipe (an effect keyed by `ctx.idempotency_key()`, then a confirmed ack)
 //! holds across SIGKILLs between the effect and the ack.
@@ -17,7 +18,7 @@ use std::time::Duration;
 use natty_runtime::prelude::*;
 use natty_runtime::testing::{NatsCluster, NatsServer, RunningRuntime};
 use natty_runtime::{AckError, Runtime, StreamDef};
-use natty_tests::{collect_lines, collect_stderr, spawn_service, wait_until, Job};
+use natty_tests::{collect_lines, collect_stderr, spawn_service, wait_until, Elections, Job};
 
 const WAIT: Duration = Duration::from_secs(90);
 
@@ -42,6 +43,19 @@ async fn start(
     running
 }
 
+/// Clusters started side by side fight over two cores: one cluster test at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Whether consumer `durable` of `stream` has no message awaiting its ack; `false` while the
+/// cluster cannot say (an election settling).
+async fn nothing_unacked(js: &async_nats::jetstream::Context, stream: &str, durable: &str) -> bool {
+    let Ok(stream) = js.get_stream(stream).await else {
+        return false;
+    };
+    let info = stream.consumer_info(durable).await;
+    info.is_ok_and(|info| info.num_ack_pending == 0)
+}
+
 /// job id → how many times the confirmed handler ran for it.
 static CONFIRMED: Mutex<BTreeMap<u64, u32>> = Mutex::new(BTreeMap::new());
 
@@ -60,6 +74,7 @@ async fn confirmed(job: Job) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn confirmed_acks_survive_consumer_leader_elections() {
     const JOBS: u64 = 1000;
+    let _serial = SERIAL.lock().await;
     let cluster = NatsCluster::start(3).await.expect("a 3-node cluster");
     let runtime = Runtime::builder()
         .url(cluster.urls().join(","))
@@ -88,17 +103,12 @@ async fn confirmed_acks_survive_consumer_leader_elections() {
             }
         }
     });
-    let mut elections = 0;
-    while elections < 10 {
-        tokio::time::sleep(Duration::from_millis(700)).await;
-        let answer = nats
-            .request("$JS.API.CONSUMER.LEADER.STEPDOWN.acks.confirmed", "".into())
-            .await;
-        // Refused while the previous election is still settling: asked again next round.
-        if answer.is_ok_and(|reply| String::from_utf8_lossy(&reply.payload).contains("\"success\":true")) {
-            elections += 1;
-        }
-    }
+    let elections = Elections::of_consumer(nats.clone(), "acks", "confirmed", Duration::from_millis(700));
+    wait_until(WAIT, "ten consumer leader elections", || async {
+        elections.won() >= 10
+    })
+    .await;
+    elections.stop().await;
     publisher.await.unwrap();
     wait_until(WAIT, "every job handled", || async {
         CONFIRMED.lock().unwrap().len() as u64 == JOBS
@@ -108,9 +118,7 @@ async fn confirmed_acks_survive_consumer_leader_elections() {
     // twice that, until the server holds nothing unacked.
     let quiet_until = tokio::time::Instant::now() + Duration::from_secs(6);
     wait_until(WAIT, "nothing unacked, for two ack_waits", || async {
-        let stream = js.get_stream("acks").await.unwrap();
-        let info = stream.consumer_info("confirmed").await.unwrap();
-        info.num_ack_pending == 0 && tokio::time::Instant::now() >= quiet_until
+        nothing_unacked(&js, "acks", "confirmed").await && tokio::time::Instant::now() >= quiet_until
     })
     .await;
     let twice: Vec<(u64, u32)> = CONFIRMED
@@ -121,6 +129,94 @@ async fn confirmed_acks_survive_consumer_leader_elections() {
         .map(|(&id, &times)| (id, times))
         .collect();
     assert!(twice.is_empty(), "jobs handled more than once (job, times): {twice:?}");
+    running.stop().await.unwrap();
+}
+
+/// job id → how many times the confirmed batch handler saw it.
+static BULK: Mutex<BTreeMap<u64, u32>> = Mutex::new(BTreeMap::new());
+
+#[consumer(
+    stream = "bulk",
+    durable = "bulk",
+    ack = "confirmed",
+    replicas = 3,
+    batch = 20,
+    batch_wait = "50ms",
+    ack_wait = "3s",
+    max_ack_pending = 200
+)]
+async fn bulk(jobs: Vec<Job>) {
+    let mut seen = BULK.lock().unwrap();
+    for job in jobs {
+        *seen.entry(job.id).or_default() += 1;
+    }
+}
+
+/// A batch handler with confirmed acks on a replicated stream, while the stream's leader and
+/// the consumer's leader are each made to step down again and again and messages keep coming
+/// (published through natty, which rides through the stream's elections): every message is in
+/// exactly one handled batch, and nothing is left unacked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmed_batches_survive_stream_and_consumer_leader_elections() {
+    const JOBS: u64 = 1000;
+    const ELECTIONS: u32 = 5;
+    let _serial = SERIAL.lock().await;
+    let cluster = NatsCluster::start(3).await.expect("a 3-node cluster");
+    let runtime = Runtime::builder()
+        .url(cluster.urls().join(","))
+        .handlers(["bulk"])
+        .stream(StreamDef::new("bulk", &["bulk.>"]).replicas(3))
+        .build()
+        .unwrap();
+    let running = RunningRuntime::spawn(runtime);
+    let nats = cluster.client().await;
+    let js = async_nats::jetstream::new(nats.clone());
+    natty_tests::wait_for_consumer(&js, "bulk", "bulk", WAIT).await;
+
+    let publisher = tokio::spawn({
+        let client = natty_runtime::Client::new(nats.clone());
+        async move {
+            for id in 1..=JOBS {
+                client
+                    .publish(format!("bulk.{id}"), &Job { id })
+                    .await
+                    .expect("publish");
+                tokio::time::sleep(Duration::from_millis(8)).await;
+            }
+        }
+    });
+    let stream_elections = Elections::start(nats.clone(), "bulk", Duration::from_millis(900));
+    let consumer_elections = Elections::of_consumer(nats.clone(), "bulk", "bulk", Duration::from_millis(700));
+    wait_until(WAIT, "elections of both leaders", || async {
+        stream_elections.won() >= ELECTIONS && consumer_elections.won() >= ELECTIONS
+    })
+    .await;
+    let (stream_won, consumer_won) = (stream_elections.stop().await, consumer_elections.stop().await);
+    publisher.await.unwrap();
+    wait_until(WAIT, "every job handled", || async {
+        BULK.lock().unwrap().len() as u64 == JOBS
+    })
+    .await;
+    // A batch whose acks were lost would come back after ack_wait (3 s): watch for twice that.
+    let quiet_until = tokio::time::Instant::now() + Duration::from_secs(6);
+    wait_until(WAIT, "nothing unacked, for two ack_waits", || async {
+        nothing_unacked(&js, "bulk", "bulk").await && tokio::time::Instant::now() >= quiet_until
+    })
+    .await;
+    let twice: Vec<(u64, u32)> = BULK
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, &times)| times > 1)
+        .map(|(&id, &times)| (id, times))
+        .collect();
+    assert!(
+        twice.is_empty(),
+        "jobs handled more than once through {stream_won} stream and {consumer_won} consumer elections (job, times): {twice:?}"
+    );
+    eprintln!(
+        "{JOBS} jobs in batches, each once, through {stream_won} stream and {consumer_won} consumer leader elections"
+    );
     running.stop().await.unwrap();
 }
 

@@ -71,7 +71,8 @@ impl Reading {
     }
 }
 
-/// A stream's leader stepped down again and again, on a cluster, until [`Elections::stop`].
+/// A stream's or a consumer's leader stepped down again and again, on a cluster, until
+/// [`Elections::stop`].
 pub struct Elections {
     won: std::sync::Arc<std::sync::atomic::AtomicU32>,
     task: tokio::task::JoinHandle<()>,
@@ -81,8 +82,20 @@ impl Elections {
     /// Asks the leader of `stream` to step down every `every`. A step-down asked while the
     /// previous election settles is refused, and asked again next time.
     pub fn start(nats: async_nats::Client, stream: &str, every: Duration) -> Elections {
+        Elections::asking(nats, format!("$JS.API.STREAM.LEADER.STEPDOWN.{stream}"), every)
+    }
+
+    /// Asks the leader of consumer `consumer` of `stream` to step down every `every`.
+    pub fn of_consumer(nats: async_nats::Client, stream: &str, consumer: &str, every: Duration) -> Elections {
+        Elections::asking(
+            nats,
+            format!("$JS.API.CONSUMER.LEADER.STEPDOWN.{stream}.{consumer}"),
+            every,
+        )
+    }
+
+    fn asking(nats: async_nats::Client, subject: String, every: Duration) -> Elections {
         let won = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
-        let subject = format!("$JS.API.STREAM.LEADER.STEPDOWN.{stream}");
         let task = tokio::spawn({
             let won = won.clone();
             async move {
