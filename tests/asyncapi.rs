@@ -1,5 +1,6 @@
 //! `Runtime::asyncapi`: the document lists every subject a registered handler receives from,
-//! with the schema of its payload type, and it is valid AsyncAPI 3 by the official parser.
+//! and every subject a `#[schedule]` has the server publish to, with the schema of its payload
+//! type, and it is valid AsyncAPI 3 by the official parser.
 //!
 //! The validation runs `node` on the validator that `scripts/install-asyncapi-parser.sh`
 //! installs (`NATTY_ASYNCAPI_VALIDATOR`, or `.natty/asyncapi/validate-asyncapi.cjs`).
@@ -17,6 +18,21 @@ struct Shop;
 
 #[stream(name = "invoices", subjects = ["shop.invoices"])]
 struct Invoices;
+
+#[stream(name = "reminders", subjects = ["shop.reminders"], schedules = true)]
+struct Reminders;
+
+/// What the server publishes on the `remind` schedule.
+#[derive(Serialize, Deserialize)]
+struct Reminder {
+    text: String,
+}
+
+/// Sent by the server every hour, not received here.
+#[schedule(stream = "reminders", subject = "shop.reminders", every = "1h")]
+fn remind() -> Reminder {
+    Reminder { text: "restock".into() }
+}
 
 #[derive(Deserialize)]
 #[allow(dead_code)]
@@ -217,6 +233,7 @@ fn every_channel_is_listed_with_its_payload_schema() {
             "shop.prices.*",
             "shop.quote",
             "shop.refunds",
+            "shop.reminders",
         ]
     );
 
@@ -329,6 +346,23 @@ fn every_channel_is_listed_with_its_payload_schema() {
         "integer"
     );
     assert!(resolve(&document, &quote["reply"]["channel"])["address"].is_null());
+
+    // A schedule is sent (by the server, on the service's behalf) with its body's schema.
+    let remind = operation(&document, "remind");
+    assert_eq!(remind["action"], "send");
+    assert_eq!(resolve(&document, &remind["channel"])["address"], "shop.reminders");
+    let summary = remind["summary"].as_str().expect("a summary");
+    assert!(
+        summary.contains("schedule `remind` on stream `reminders`: the server publishes its body every 1h"),
+        "{summary}"
+    );
+    assert_eq!(remind["x-natty"]["schedule"], "@every 1h");
+    let reminder = resolve(&document, &remind["messages"][0]);
+    assert_eq!(reminder["name"], "Reminder");
+    assert_eq!(
+        resolve(&document, &reminder["payload"])["properties"]["text"],
+        json!({ "type": "string" })
+    );
 
     // Declared streams are described under the extension.
     let streams: Vec<&Value> = document["x-natty"]["streams"]

@@ -2,7 +2,7 @@
 //! (nats-server 2.12, ADR-51), its body what the function returns.
 
 use proc_macro2::TokenStream;
-use quote::{quote, quote_spanned};
+use quote::{quote, quote_spanned, ToTokens};
 use syn::spanned::Spanned;
 use syn::LitStr;
 
@@ -168,14 +168,49 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     };
     let zone = parsed.time_zone.take().map(|zone| quote!(.time_zone(#zone)));
     let body = quote_spanned!(function.sig.output.span()=> || #p::schedule_body(#subject, &#ident()));
+    // The body's type for the AsyncAPI document, through the runtime's probes: a type that is
+    // not a payload is reported once, by `body`, and described as unknown here.
+    let describe = match &function.sig.output {
+        syn::ReturnType::Type(_, ty) => {
+            // A type that borrows (`&'static str`) is never decoded, and the decoding probe
+            // would be picked for it anyway (lifetimes do not count when the impl is chosen)
+            // and then refused: such a type starts at the encoding probe.
+            let probe = match borrows(ty.to_token_stream()) {
+                true => quote!(&&#p::Probe::<#ty>::new()),
+                false => quote!(&&&#p::Probe::<#ty>::new()),
+            };
+            quote! {
+            #[automatically_derived]
+            // The borrows select the probe's impl (autoref specialization): none is needless.
+            #[allow(clippy::needless_borrow)]
+            fn describe() -> #p::PayloadDescription {
+                #[allow(unused_imports)]
+                use #p::{DescribeDecodedBody as _, DescribeEncodedBody as _, DescribeUnknownBody as _};
+                (#probe).describe_body()
+            }
+            }
+        }
+        syn::ReturnType::Default => unreachable!("checked above"),
+    };
     quote! {
         #function
         const _: () = {
+            #describe
             #p::inventory::submit! {
                 #p::ScheduleDef::new(#name, #stream, #subject, #spec, #body)
                     #zone
+                    .payload(describe)
                     .at(#p::Location { file: ::core::file!(), line: ::core::line!(), module: ::core::module_path!() })
             }
         };
     }
+}
+
+/// Whether a type's tokens hold a reference or a lifetime.
+fn borrows(tokens: TokenStream) -> bool {
+    tokens.into_iter().any(|token| match token {
+        proc_macro2::TokenTree::Punct(punct) => punct.as_char() == '&' || punct.as_char() == '\'',
+        proc_macro2::TokenTree::Group(group) => borrows(group.stream()),
+        _ => false,
+    })
 }

@@ -219,8 +219,8 @@ pub mod __private {
         TwoPayloads, ViaParts, ViaPayload,
     };
     pub use crate::asyncapi::{
-        ArgBatchItems, ArgDecoded, ArgKvValue, ArgOther, DescribeDecodedReply, DescribeEncodedReply,
-        DescribeUnknownReply,
+        ArgBatchItems, ArgDecoded, ArgKvValue, ArgOther, DescribeDecodedBody, DescribeDecodedReply,
+        DescribeEncodedBody, DescribeEncodedReply, DescribeUnknownBody, DescribeUnknownReply,
     };
     #[cfg(feature = "capture")]
     pub use crate::capture;

@@ -458,11 +458,13 @@ impl Runtime {
     ///   without a URL, the local development server natty would start.
     /// - `channels`: one per subject a handler receives from: a consumer's filter subjects
     ///   (its stream's subjects when it has none), a capture's likewise, a subscription's or
-    ///   service's subject, and `$KV.<bucket>.<key>` for a KV watch. A service's reply goes to
-    ///   a channel with a `null` address: the requester's inbox.
+    ///   service's subject, and `$KV.<bucket>.<key>` for a KV watch; and a schedule's target
+    ///   subject. A service's reply goes to a channel with a `null` address: the requester's
+    ///   inbox.
     /// - `operations`: one `receive` per handler (one per handler and subject when a handler
     ///   has several), keyed by the handler's name, summarised with its kind, stream, durable
-    ///   and where it was declared; a service's has a `reply`. Details are under `x-natty`.
+    ///   and where it was declared; a service's has a `reply`; one `send` per schedule, with
+    ///   when it fires. Details are under `x-natty`.
     /// - `components.messages`: one per payload type, with its `contentType` and its schema
     ///   as `payload`; `components.schemas`: the named types those schemas refer to.
     ///
@@ -475,8 +477,9 @@ impl Runtime {
     /// so. A Protobuf payload gets a schema naming the message and `application/protobuf`:
     /// AsyncAPI's Protobuf schema format wants `.proto` source, which prost types do not keep.
     /// A `#[service]`'s reply is described when its type is `Deserialize` too (otherwise the
-    /// reply's schema is empty and says why); declared streams and leader tasks are listed
-    /// under the document's `x-natty`.
+    /// reply's schema is empty and says why); a `#[schedule]` is a `send` operation on its
+    /// target subject with its body's type (the server publishes it for the service);
+    /// declared streams and leader tasks are listed under the document's `x-natty`.
     ///
     /// # Examples
     ///

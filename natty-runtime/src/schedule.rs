@@ -118,6 +118,8 @@ pub struct ScheduleDef {
     pub(crate) time_zone: Option<&'static str>,
     pub(crate) body: BodyFn,
     pub(crate) location: Location,
+    /// The body's type, for the AsyncAPI document.
+    pub(crate) payload: crate::payload::PayloadSource,
 }
 
 impl ScheduleDef {
@@ -138,6 +140,7 @@ impl ScheduleDef {
             time_zone: None,
             body,
             location: Location::UNKNOWN,
+            payload: crate::payload::PayloadSource::Unknown,
         }
     }
 
@@ -147,11 +150,7 @@ impl ScheduleDef {
         self
     }
 
-    /// Where it was declared (the macro sets it).
-    pub const fn at(mut self, location: Location) -> Self {
-        self.location = location;
-        self
-    }
+    crate::payload::handler_definition_setters!("the type of the body it publishes", "ReportRequest");
 
     /// The schedule's name (its declaring function's).
     pub fn name(&self) -> &'static str {
