@@ -46,14 +46,35 @@ async fn start(
 /// Clusters started side by side fight over two cores: one cluster test at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Whether consumer `durable` of `stream` has no message awaiting its ack; `false` while the
-/// cluster cannot say (an election settling).
-async fn nothing_unacked(js: &async_nats::jetstream::Context, stream: &str, durable: &str) -> bool {
-    let Ok(stream) = js.get_stream(stream).await else {
-        return false;
-    };
-    let info = stream.consumer_info(durable).await;
-    info.is_ok_and(|info| info.num_ack_pending == 0)
+/// Once jobs `1..=jobs` were all handled (`seen`: job id → times handled) and consumer
+/// `durable` of `stream` has held nothing unacked for two `ack_wait`s (3 s: a lost ack brings
+/// its message back after that), the jobs handled more than once, with how many times.
+async fn handled_twice_once_settled(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    durable: &str,
+    seen: &Mutex<BTreeMap<u64, u32>>,
+    jobs: u64,
+) -> Vec<(u64, u32)> {
+    wait_until(WAIT, "every job handled", || async {
+        seen.lock().unwrap().len() as u64 == jobs
+    })
+    .await;
+    let quiet_until = tokio::time::Instant::now() + Duration::from_secs(6);
+    wait_until(WAIT, "nothing unacked, for two ack_waits", || async {
+        // `false` while the cluster cannot say (an election settling).
+        let unacked = match js.get_stream(stream).await {
+            Ok(stream) => stream.consumer_info(durable).await.map(|info| info.num_ack_pending),
+            Err(_) => return false,
+        };
+        unacked.is_ok_and(|unacked| unacked == 0) && tokio::time::Instant::now() >= quiet_until
+    })
+    .await;
+    let seen = seen.lock().unwrap();
+    seen.iter()
+        .filter(|(_, &times)| times > 1)
+        .map(|(&id, &times)| (id, times))
+        .collect()
 }
 
 /// job id → how many times the confirmed handler ran for it.
@@ -110,24 +131,7 @@ async fn confirmed_acks_survive_consumer_leader_elections() {
     .await;
     elections.stop().await;
     publisher.await.unwrap();
-    wait_until(WAIT, "every job handled", || async {
-        CONFIRMED.lock().unwrap().len() as u64 == JOBS
-    })
-    .await;
-    // An ack lost at an election brings its message back after ack_wait (3 s): watch for
-    // twice that, until the server holds nothing unacked.
-    let quiet_until = tokio::time::Instant::now() + Duration::from_secs(6);
-    wait_until(WAIT, "nothing unacked, for two ack_waits", || async {
-        nothing_unacked(&js, "acks", "confirmed").await && tokio::time::Instant::now() >= quiet_until
-    })
-    .await;
-    let twice: Vec<(u64, u32)> = CONFIRMED
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(_, &times)| times > 1)
-        .map(|(&id, &times)| (id, times))
-        .collect();
+    let twice = handled_twice_once_settled(&js, "acks", "confirmed", &CONFIRMED, JOBS).await;
     assert!(twice.is_empty(), "jobs handled more than once (job, times): {twice:?}");
     running.stop().await.unwrap();
 }
@@ -193,23 +197,7 @@ async fn confirmed_batches_survive_stream_and_consumer_leader_elections() {
     .await;
     let (stream_won, consumer_won) = (stream_elections.stop().await, consumer_elections.stop().await);
     publisher.await.unwrap();
-    wait_until(WAIT, "every job handled", || async {
-        BULK.lock().unwrap().len() as u64 == JOBS
-    })
-    .await;
-    // A batch whose acks were lost would come back after ack_wait (3 s): watch for twice that.
-    let quiet_until = tokio::time::Instant::now() + Duration::from_secs(6);
-    wait_until(WAIT, "nothing unacked, for two ack_waits", || async {
-        nothing_unacked(&js, "bulk", "bulk").await && tokio::time::Instant::now() >= quiet_until
-    })
-    .await;
-    let twice: Vec<(u64, u32)> = BULK
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(_, &times)| times > 1)
-        .map(|(&id, &times)| (id, times))
-        .collect();
+    let twice = handled_twice_once_settled(&js, "bulk", "bulk", &BULK, JOBS).await;
     assert!(
         twice.is_empty(),
         "jobs handled more than once through {stream_won} stream and {consumer_won} consumer elections (job, times): {twice:?}"

@@ -145,16 +145,7 @@ async fn additions_through_stream_leader_elections_each_count_once() {
     const ELECTIONS: u32 = 4;
     let cluster = natty_runtime::testing::NatsCluster::start(3).await.expect("cluster");
     let nats = cluster.client().await;
-    let js = async_nats::jetstream::new(nats.clone());
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: "tally".into(),
-        subjects: vec!["tally.>".into()],
-        num_replicas: 3,
-        allow_message_counter: true,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    natty_tests::counter_stream(&async_nats::jetstream::new(nats.clone()), "tally", 3).await;
     let client = natty_runtime::Client::new(nats.clone());
     let elections = std::sync::Arc::new(Elections::start(nats.clone(), "tally", Duration::from_millis(400)));
     let adders: Vec<_> = (0..ADDERS)

@@ -437,17 +437,7 @@ async fn kv_and_counter_reads_ride_through_leader_elections() {
         .provision(&client, natty_runtime::Provision::CreateOrUpdate)
         .await
         .expect("the replicated bucket");
-    client
-        .jetstream()
-        .create_stream(async_nats::jetstream::stream::Config {
-            name: "tally".into(),
-            subjects: vec!["tally.>".into()],
-            num_replicas: 3,
-            allow_message_counter: true,
-            ..Default::default()
-        })
-        .await
-        .expect("the replicated counter stream");
+    natty_tests::counter_stream(client.jetstream(), "tally", 3).await;
     let kv = client.kv::<u64>("shelf").await.expect("the bucket");
     kv.put("apples", &7).await.expect("a value");
     kv.put("pears", &3).await.expect("a value");

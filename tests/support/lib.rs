@@ -125,6 +125,19 @@ impl Elections {
     }
 }
 
+/// Creates the stream `name`, taking `<name>.>`, with counters on and `replicas` replicas.
+pub async fn counter_stream(js: &async_nats::jetstream::Context, name: &str, replicas: usize) {
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: name.into(),
+        subjects: vec![format!("{name}.>")],
+        num_replicas: replicas,
+        allow_message_counter: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|error| panic!("the counter stream {name}: {error}"));
+}
+
 /// Polls `condition` every 25 ms until it holds; panics with `what` after `timeout`.
 pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut condition: F)
 where
