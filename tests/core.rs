@@ -30,6 +30,18 @@ async fn slow(n: Number) -> Result<Number, std::io::Error> {
     Ok(n)
 }
 
+/// Replies with `n.value` numbers: past the server's `max_payload` (1 MiB) for large ones.
+#[service(subject = "math.count")]
+async fn count(n: Number) -> Result<Vec<Number>, std::io::Error> {
+    Ok((0..n.value).map(|value| Number { value }).collect())
+}
+
+/// Fails with an error of `n.value` bytes.
+#[service(subject = "math.rant")]
+async fn rant(n: Number) -> Result<Number, std::io::Error> {
+    Err(std::io::Error::other("x".repeat(n.value as usize)))
+}
+
 /// job id → the connection (instance) that handled it.
 static HANDLED_BY: Mutex<BTreeMap<u64, Vec<u64>>> = Mutex::new(BTreeMap::new());
 
@@ -70,6 +82,30 @@ async fn request_reply_and_queue_groups() {
         matches!(&error, RequestError::Remote { message, .. } if message.contains("-1 is negative")),
         "{error}"
     );
+
+    // A reply larger than the server takes, and an error of 2 MB: the requester is told at
+    // once (well inside the request's 5 s timeout), not left to time out.
+    let started = std::time::Instant::now();
+    let error = client
+        .request::<_, Vec<Number>>("math.count", &Number { value: 200_000 })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, RequestError::Remote { message, .. } if message.contains("cannot send the reply")),
+        "{error}"
+    );
+    let error = client
+        .request::<_, Number>("math.rant", &Number { value: 2_000_000 })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, RequestError::Remote { message, .. } if message.starts_with("xxx") && message.len() <= 4096),
+        "{}",
+        &error.to_string()[..200]
+    );
+    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    let small: Vec<Number> = client.request("math.count", &Number { value: 3 }).await.expect("reply");
+    assert_eq!(small.len(), 3);
 
     // A slow service and a short timeout: a timeout error, not a hang.
     let error = client

@@ -316,14 +316,16 @@ async fn handle(def: SubscriptionDef, client: Client, message: async_nats::Messa
     let failure = match outcome {
         CoreOutcome::Done => return,
         CoreOutcome::Reply(body, format) => {
-            if let Some(reply) = reply {
-                let mut headers = HeaderMap::new();
-                format.write_content_type(&mut headers);
-                if let Err(error) = client.nats().publish_with_headers(reply, headers, body).await {
-                    tracing::warn!(handler = def.name, error = %crate::error::chain(&error), "cannot send the reply");
-                }
+            let Some(reply) = reply.clone() else { return };
+            let mut headers = HeaderMap::new();
+            format.write_content_type(&mut headers);
+            let size = body.len();
+            match client.nats().publish_with_headers(reply, headers, body).await {
+                Ok(()) => return,
+                // Most often larger than the server takes: the requester is told so, rather
+                // than left to time out.
+                Err(error) => format!("cannot send the reply ({size} bytes): {}", crate::error::chain(&error)),
             }
-            return;
         }
         CoreOutcome::Failed(error) => crate::error::chain(&*error).to_string(),
         CoreOutcome::Undecodable(error) => crate::error::chain(&error).to_string(),
@@ -331,9 +333,28 @@ async fn handle(def: SubscriptionDef, client: Client, message: async_nats::Messa
     tracing::warn!(handler = def.name, subject = def.subject, error = %failure, "handler failed");
     if let (CoreKind::Service, Some(reply)) = (def.kind, reply) {
         let mut headers = HeaderMap::new();
-        headers.insert(ERROR_HEADER, failure.replace(['\r', '\n'], " ").as_str());
+        headers.insert(ERROR_HEADER, error_header(&failure).as_str());
         if let Err(error) = client.nats().publish_with_headers(reply, headers, Bytes::new()).await {
             tracing::warn!(handler = def.name, error = %crate::error::chain(&error), "cannot send the error reply");
         }
     }
+}
+
+/// The longest error a reply's header carries, in bytes: far below any server's `max_payload`,
+/// so that the error itself always reaches the requester.
+const ERROR_HEADER_MAX: usize = 4096;
+
+/// `failure` as a header value: on one line, cut to [`ERROR_HEADER_MAX`] bytes (at a character
+/// boundary, marked `...`).
+fn error_header(failure: &str) -> String {
+    let mut line = failure.replace(['\r', '\n'], " ");
+    if line.len() > ERROR_HEADER_MAX {
+        let mut end = ERROR_HEADER_MAX - "...".len();
+        while !line.is_char_boundary(end) {
+            end -= 1;
+        }
+        line.truncate(end);
+        line.push_str("...");
+    }
+    line
 }
