@@ -1,5 +1,5 @@
-//! Object stores: provisioning, a 100 MiB object streamed in and out in bounded memory, typed
-//! metadata, list, delete and watch.
+//! Object stores: provisioning, a 100 MiB object streamed in and out in bounded memory, a read
+//! whose object is replaced or deleted under it, typed metadata, list, delete and watch.
 
 use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll};
@@ -144,6 +144,52 @@ async fn a_100_mib_object_round_trips_in_bounded_memory() {
         "peak RSS grew by {} KiB for a 100 MiB object",
         after_get - before
     );
+}
+
+/// An object replaced, or deleted, while it is read: the rest of the read is an error naming
+/// why, soon, not a read that waits forever for chunks that are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_replaced_or_deleted_while_read_ends_the_read_with_an_error() {
+    let server = NatsServer::start().await.expect("nats-server");
+    let client = Client::new(server.client().await);
+    let blobs = store(&client, ObjectStoreDef::new("moving")).await;
+    for replace in [true, false] {
+        blobs
+            .put("report.bin", PseudoRandom::new(1, 20 * MIB))
+            .await
+            .expect("put 20 MiB");
+        let mut object = blobs.get("report.bin").await.expect("get");
+        let mut buffer = vec![0; 64 * 1024];
+        let mut read = 0;
+        while read < MIB as usize {
+            read += object.read(&mut buffer).await.expect("the first MiB");
+        }
+        match replace {
+            true => drop(
+                blobs
+                    .put("report.bin", PseudoRandom::new(2, MIB))
+                    .await
+                    .expect("replace it"),
+            ),
+            false => blobs.delete("report.bin").await.expect("delete it"),
+        }
+        let rest = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                match object.read(&mut buffer).await {
+                    Ok(0) => return Ok(()),
+                    Ok(_) => continue,
+                    Err(error) => return Err(error),
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("the read (replaced: {replace}) still waits after 30 s"));
+        let error = rest.expect_err("the read cannot end well");
+        assert!(
+            error.to_string().contains("replaced or deleted while being read"),
+            "{error}"
+        );
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -202,7 +202,25 @@ impl Chunks {
                 }
             }
         };
-        Some(match messages.next().await {
+        // An object replaced or deleted while it is read loses its chunks (the new object's
+        // are under another subject): the consumer would wait for the rest forever. A chunk
+        // slow to come is a reason to look whether they are still there.
+        let next = loop {
+            match tokio::time::timeout(CHUNK_WAIT, messages.next()).await {
+                Ok(next) => break next,
+                Err(_) if chunks_gone(&self.js, &self.stream, &self.subject).await => {
+                    return Some(Err(std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!(
+                            "the object was replaced or deleted while being read: its chunks ({}) are gone, {} not read",
+                            self.subject, self.left
+                        ),
+                    )))
+                }
+                Err(_) => continue,
+            }
+        };
+        Some(match next {
             Some(Ok(message)) => {
                 self.left -= 1;
                 Ok(message.message.payload)
@@ -226,6 +244,21 @@ impl Chunks {
         })
         .boxed()
     }
+}
+
+/// How long a chunk may take before the reader looks whether the object's chunks are still
+/// there.
+const CHUNK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Whether the stream holds no message on `subject` any more (a failed request says nothing).
+async fn chunks_gone(js: &jetstream::Context, stream: &str, subject: &str) -> bool {
+    let Ok(stream) = js.get_stream_no_info(stream).await else {
+        return false;
+    };
+    stream
+        .get_last_raw_message_by_subject(subject)
+        .await
+        .is_err_and(|error| error.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound)
 }
 
 /// SHA-256, for the digest async-nats and the other NATS clients record with each object.
