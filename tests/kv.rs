@@ -423,3 +423,57 @@ async fn a_watch_sees_every_change_in_order_across_a_restart() {
     resumed_task.abort();
     assert_eq!(resumed.lock().unwrap()[..], seen[40..]);
 }
+
+/// A watched bucket created anew (here a memory bucket, gone with a server restart, then
+/// declared again; or an operator's delete and create) numbers its revisions from 1 again: the
+/// watch goes on with the new bucket's changes instead of waiting for its revisions to pass
+/// the old ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_goes_on_when_its_bucket_is_created_anew() {
+    let mut server = NatsServer::start().await.expect("nats-server");
+    let writer = client(&server).await;
+    let kv: Kv<Job> = bucket(&writer, "scratchpad", StorageType::Memory).await;
+    let watcher = client(&server).await.kv::<Job>("scratchpad").await.unwrap();
+    let (seen, task) = collect(watcher.watch(">").await.unwrap());
+    for id in 1..=5 {
+        kv.put(&format!("old.{id}"), &Job { id }).await.unwrap();
+    }
+    wait_until(Duration::from_secs(10), "the first bucket's changes", || async {
+        seen.lock().unwrap().len() == 5
+    })
+    .await;
+
+    server.restart().await.expect("restart");
+    // The memory bucket went with the server: declared again once the writer is back.
+    wait_until(Duration::from_secs(20), "the bucket declared again", || async {
+        KvBucketDef::new("scratchpad")
+            .history(64)
+            .storage(StorageType::Memory)
+            .provision(&writer, Provision::CreateOrUpdate)
+            .await
+            .is_ok()
+    })
+    .await;
+    for id in 1..=3 {
+        kv.put(&format!("new.{id}"), &Job { id: 100 + id }).await.unwrap();
+    }
+    wait_until(Duration::from_secs(30), "the new bucket's changes", || async {
+        seen.lock().unwrap().len() >= 8
+    })
+    .await;
+    task.abort();
+    let seen = seen.lock().unwrap().clone();
+    let new: Vec<(String, u64, Option<u64>)> = seen[5..]
+        .iter()
+        .map(|(key, revision, _, value)| (key.clone(), *revision, *value))
+        .collect();
+    assert_eq!(
+        new,
+        [
+            ("new.1".to_string(), 1, Some(101)),
+            ("new.2".to_string(), 2, Some(102)),
+            ("new.3".to_string(), 3, Some(103)),
+        ],
+        "the new bucket's changes, once each, from its first revision"
+    );
+}

@@ -509,7 +509,9 @@ impl<T> Kv<T> {
 
     /// Every change of the keys matching `key` (`*` and `>` wildcards allowed) made from now on,
     /// in revision order, each once. An interrupted watch (server restart, lost connection) is
-    /// set up again after the last revision delivered, so no change is lost or repeated.
+    /// set up again after the last revision delivered, so no change is lost or repeated; a
+    /// bucket created anew is watched from its first revision (see the
+    /// [guide](crate::guide::kv_and_objects)).
     ///
     /// # Examples
     ///

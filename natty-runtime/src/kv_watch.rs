@@ -257,6 +257,9 @@ pub(crate) enum WatchStart {
     Revision(u64),
 }
 
+/// How long a watch may see no change before it looks whether its bucket was created anew.
+const QUIET_CHECK: Duration = Duration::from_secs(10);
+
 /// Pause before setting a broken watch up again, so a server that is down is not hammered.
 const RESUME_DELAY: Duration = Duration::from_millis(250);
 
@@ -269,6 +272,10 @@ pub(crate) struct Entries {
     /// The next revision wanted; `None` until the first entry of a [`WatchStart::LastPerKey`] watch.
     next: Option<u64>,
     watch: Option<kv::Watch>,
+    /// When the bucket's stream was created, as last seen: a bucket deleted and created again
+    /// (an operator's doing, or a memory bucket after a server restart) numbers its revisions
+    /// from 1 again, and is watched from its start.
+    created: Option<String>,
 }
 
 impl Entries {
@@ -279,17 +286,15 @@ impl Entries {
         key: String,
         start: WatchStart,
     ) -> std::result::Result<Entries, kv::WatchError> {
+        let info = store
+            .stream
+            .get_info()
+            .await
+            .map_err(|error| kv::WatchError::with_source(kv::WatchErrorKind::Other, error))?;
         let next = match start {
             // A start revision rather than "new" makes the start point survive an interruption
             // before the first change: async-nats would otherwise replay the whole history.
-            WatchStart::New => {
-                let info = store
-                    .stream
-                    .get_info()
-                    .await
-                    .map_err(|error| kv::WatchError::with_source(kv::WatchErrorKind::Other, error))?;
-                Some(info.state.last_sequence + 1)
-            }
+            WatchStart::New => Some(info.state.last_sequence + 1),
             WatchStart::LastPerKey => None,
             WatchStart::Revision(revision) => Some(revision),
         };
@@ -298,6 +303,7 @@ impl Entries {
             key,
             next,
             watch: None,
+            created: Some(info.created.to_string()),
         };
         entries.watch = Some(Entries::watch(&entries.store, &entries.key, entries.next).await?);
         Ok(entries)
@@ -314,6 +320,10 @@ impl Entries {
     /// The next entry, waiting as long as it takes (setting the watch up again as needed).
     pub(crate) async fn next(&mut self) -> kv::Entry {
         loop {
+            if self.watch.is_none() {
+                // Set up again after an interruption: on the same bucket, or a new one.
+                self.check_incarnation().await;
+            }
             let watch = match &mut self.watch {
                 Some(watch) => watch,
                 None => match Entries::watch(&self.store, &self.key, self.next).await {
@@ -325,7 +335,20 @@ impl Entries {
                     }
                 },
             };
-            match watch.next().await {
+            // A bucket created anew goes unnoticed by the watch (async-nats sets its consumer up
+            // again on the new stream, from the old revisions on): a watch quiet for a while
+            // looks.
+            let next = tokio::select! {
+                next = watch.next() => Some(next),
+                _ = tokio::time::sleep(QUIET_CHECK) => None,
+            };
+            let Some(next) = next else {
+                if self.check_incarnation().await {
+                    self.watch = None;
+                }
+                continue;
+            };
+            match next {
                 Some(Ok(entry)) => {
                     // async-nats re-creates its consumer after a reconnect, from the beginning of
                     // the bucket if it had delivered nothing yet: skip what precedes the start.
@@ -345,6 +368,23 @@ impl Entries {
             self.watch = None;
             tokio::time::sleep(RESUME_DELAY).await;
         }
+    }
+
+    /// Whether the bucket was created anew since it was last seen; if so its revisions start
+    /// again at 1, and so does the watch. (A bucket that cannot be asked about is left to the
+    /// watch's own retries.)
+    async fn check_incarnation(&mut self) -> bool {
+        let Ok(info) = self.store.stream.get_info().await else {
+            return false;
+        };
+        let created = info.created.to_string();
+        let anew = self.created.as_ref().is_some_and(|seen| *seen != created);
+        if anew {
+            tracing::warn!(bucket = %self.store.name, key = %self.key, "the bucket was created anew; watching it from its first revision");
+            self.next = Some(1);
+        }
+        self.created = Some(created);
+        anew
     }
 
     pub(crate) fn into_stream(self) -> BoxStream<'static, kv::Entry> {
