@@ -257,7 +257,8 @@ pub(crate) enum WatchStart {
     Revision(u64),
 }
 
-/// How long a watch may see no change before it looks whether its bucket was created anew.
+/// How long a watch may see no change (10 to 20 s, as the timer falls) before it looks whether
+/// its bucket was created anew.
 const QUIET_CHECK: Duration = Duration::from_secs(10);
 
 /// Pause before setting a broken watch up again, so a server that is down is not hammered.
@@ -276,6 +277,11 @@ pub(crate) struct Entries {
     /// (an operator's doing, or a memory bucket after a server restart) numbers its revisions
     /// from 1 again, and is watched from its start.
     created: Option<String>,
+    /// Fires every [`QUIET_CHECK`]; a watch that heard nothing in between is quiet. One timer
+    /// for the watch, not one per change.
+    quiet: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// An entry came since the timer last fired.
+    heard: bool,
 }
 
 impl Entries {
@@ -304,6 +310,8 @@ impl Entries {
             next,
             watch: None,
             created: Some(info.created.to_string()),
+            quiet: Box::pin(tokio::time::sleep(QUIET_CHECK)),
+            heard: false,
         };
         entries.watch = Some(Entries::watch(&entries.store, &entries.key, entries.next).await?);
         Ok(entries)
@@ -340,14 +348,16 @@ impl Entries {
             // looks.
             let next = tokio::select! {
                 next = watch.next() => Some(next),
-                _ = tokio::time::sleep(QUIET_CHECK) => None,
+                () = self.quiet.as_mut() => None,
             };
             let Some(next) = next else {
-                if self.check_incarnation().await {
+                self.quiet.as_mut().reset(tokio::time::Instant::now() + QUIET_CHECK);
+                if !std::mem::take(&mut self.heard) && self.check_incarnation().await {
                     self.watch = None;
                 }
                 continue;
             };
+            self.heard = true;
             match next {
                 Some(Ok(entry)) => {
                     // async-nats re-creates its consumer after a reconnect, from the beginning of
