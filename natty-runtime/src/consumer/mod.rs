@@ -31,6 +31,7 @@ use crate::telemetry::{ConsumerMetrics, DeliveryScope};
 mod ack;
 mod batch;
 mod def;
+mod exhausted;
 mod held;
 mod lanes;
 mod settle;
@@ -302,6 +303,12 @@ impl Consumer {
         // is polled beside the pull, so messages keep being read, held and kept alive meanwhile.
         let mut inline = Inline::new();
         let keep_alive = tokio::spawn(this.clone().keep_alive());
+        // Messages the server gives up on (`max_deliver`) without this consumer settling them.
+        let exhausted = this
+            .def
+            .max_deliver
+            .is_some_and(|max| max > 0)
+            .then(|| tokio::spawn(this.clone().dead_letter_exhausted()));
         // A handler running in this task wakes the loop when it ends; spawned handlers and
         // lanes signal `room` instead.
         let batch = this.def.batch;
@@ -530,6 +537,9 @@ impl Consumer {
             }
         }
         keep_alive.abort();
+        if let Some(exhausted) = exhausted {
+            exhausted.abort();
+        }
         let left = this.held.sequences();
         if !left.is_empty() {
             clean = false;

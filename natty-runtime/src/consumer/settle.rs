@@ -288,6 +288,33 @@ impl Consumer {
         original: Original,
         reason: &str,
     ) -> Settled {
+        let sequence = original.stream_sequence;
+        let reason = reason.replace(['\r', '\n'], " ");
+        // Kept in progress between attempts.
+        let stored = self
+            .store_dead_letter(original, &reason, || settle.send(Bytes::from_static(b"+WPI")))
+            .await;
+        if stored {
+            settle.send(format!("+TERM {reason}").into()).await;
+            Settled::Terminated
+        } else {
+            tracing::error!(
+                stream = self.def.stream, consumer = &*self.name, sequence,
+                dead_letter = %self.dead_letter, %reason,
+                "cannot store the dead letter (is a stream capturing its subject?); the message stays in its stream, naked"
+            );
+            settle.nak(Duration::from_secs(30)).await;
+            Settled::Naked
+        }
+    }
+
+    /// Publishes `original`'s dead letter (see [`dead_letter_and_terminate`](Consumer::dead_letter_and_terminate)),
+    /// up to three attempts, `between` them; whether it was stored.
+    pub(crate) async fn store_dead_letter<F, Fut>(&self, original: Original, reason: &str, mut between: F) -> bool
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
         let def = &self.def;
         // Header values are single lines.
         let reason = reason.replace(['\r', '\n'], " ");
@@ -307,7 +334,6 @@ impl Consumer {
             .as_str(),
         );
         let mut payload = original.payload;
-        let mut stored = false;
         for attempt in 0..3u32 {
             let sent = self
                 .js()
@@ -315,10 +341,7 @@ impl Consumer {
                 .await;
             match sent {
                 Ok(ack) => match ack.await {
-                    Ok(_) => {
-                        stored = true;
-                        break;
-                    }
+                    Ok(_) => return true,
                     Err(error) => {
                         tracing::warn!(error = %crate::error::chain(&error), attempt, subject = %self.dead_letter, "dead letter not acked")
                     }
@@ -344,21 +367,10 @@ impl Consumer {
                     tracing::warn!(error = %crate::error::chain(&error), attempt, subject = %self.dead_letter, "cannot publish the dead letter")
                 }
             }
-            settle.send(Bytes::from_static(b"+WPI")).await;
+            between().await;
             tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
         }
-        if stored {
-            settle.send(format!("+TERM {reason}").into()).await;
-            Settled::Terminated
-        } else {
-            tracing::error!(
-                stream = def.stream, consumer = &*self.name, sequence = original.stream_sequence,
-                dead_letter = %self.dead_letter, %reason,
-                "cannot store the dead letter (is a stream capturing its subject?); the message stays in its stream, naked"
-            );
-            settle.nak(Duration::from_secs(30)).await;
-            Settled::Naked
-        }
+        false
     }
 }
 
