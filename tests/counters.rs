@@ -114,15 +114,7 @@ async fn a_stream_without_counters_refuses_an_addition_and_is_drift() {
 async fn an_addition_repeated_with_its_key_counts_once() {
     let server = NatsServer::start().await.expect("nats-server");
     let nats = server.client().await;
-    let js = async_nats::jetstream::new(nats.clone());
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: "tally".into(),
-        subjects: vec!["tally.>".into()],
-        allow_message_counter: true,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    natty_tests::counter_stream(&async_nats::jetstream::new(nats.clone()), "tally", 1).await;
     let client = natty_runtime::Client::new(nats);
     let seen = client.counter("tally.seen");
     assert_eq!(seen.add_with_key("order-1", 5).await.unwrap(), 5);

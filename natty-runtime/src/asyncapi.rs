@@ -323,23 +323,23 @@ struct Document {
 }
 
 impl Document {
-    fn add(&mut self, receive: Operation) {
-        let message = receive.payload.map(|payload| self.message(payload));
-        let reply = receive.reply.map(|describe| self.message(describe()));
-        let several = receive.addresses.len() > 1;
-        for address in &receive.addresses {
+    fn add(&mut self, declared: Operation) {
+        let message = declared.payload.map(|payload| self.message(payload));
+        let reply = declared.reply.map(|describe| self.message(describe()));
+        let several = declared.addresses.len() > 1;
+        for address in &declared.addresses {
             let channel = self.channel(address);
             let base = if several {
-                format!("{}_{channel}", receive.name)
+                format!("{}_{channel}", declared.name)
             } else {
-                receive.name.to_owned()
+                declared.name.to_owned()
             };
             let id = unique_key(&self.operations, &sanitize_key(&base));
             let mut operation = json!({
-                "action": receive.action,
+                "action": declared.action,
                 "channel": { "$ref": format!("#/channels/{channel}") },
-                "summary": receive.summary,
-                "x-natty": receive.natty,
+                "summary": declared.summary,
+                "x-natty": declared.natty,
             });
             if let Some(message) = &message {
                 self.channels[&channel]["messages"][message] =

@@ -75,16 +75,19 @@ impl Consumer {
         };
         let subject: async_nats::Subject = raw.subject.clone().into();
         let encoded = raw.payload.clone();
-        // Its headers as the client reads them; ones it cannot read are left out, and said so.
-        let (headers, unreadable) = match jetstream::message::StreamMessage::try_from(raw) {
-            Ok(message) => (Some(Arc::new(message.headers)), None),
-            Err(error) => (None, Some(crate::error::chain(&*error).to_string())),
-        };
-        let payload = {
-            use base64::Engine;
-            match base64::engine::general_purpose::STANDARD.decode(encoded) {
-                Ok(payload) => Bytes::from(payload),
-                Err(_) => Bytes::new(),
+        // As the client reads it; headers it cannot read are left out, and said so.
+        let (payload, headers, unreadable) = match jetstream::message::StreamMessage::try_from(raw) {
+            Ok(message) => (message.payload, Some(Arc::new(message.headers)), None),
+            Err(error) => {
+                use base64::Engine;
+                let payload = base64::engine::general_purpose::STANDARD
+                    .decode(encoded)
+                    .unwrap_or_default();
+                (
+                    Bytes::from(payload),
+                    None,
+                    Some(crate::error::chain(&*error).to_string()),
+                )
             }
         };
         let mut reason = format!(
